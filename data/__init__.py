@@ -1,0 +1,1 @@
+"""Datasets: readers for each release format, the prepared layout, transforms, synthetic data."""

@@ -1,0 +1,81 @@
+"""torch Datasets over a prepared dataset: images (and training targets) streamed from disk."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from data.layout import IGNORE_INDEX, PreparedDataset, read_index_png
+from data.transforms import normalize, train_augment
+
+
+class ClassificationDataset(Dataset):
+    """Augmented crops with the image-level multi-hot label (stage 1 training)."""
+
+    def __init__(self, dataset: PreparedDataset, ids: list[str], long_range, crop: int, seed: int = 0):
+        self.dataset, self.ids = dataset, list(ids)
+        self.long_range, self.crop, self.seed, self.epoch = tuple(long_range), crop, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image_id = self.ids[index]
+        image, _, _ = train_augment(rng, self.dataset.read_image(image_id), None, self.long_range, self.crop)
+        return {"image": normalize(image), "label": torch.from_numpy(self.dataset.label_vector(image_id))}
+
+
+class LabelMapDataset(Dataset):
+    """Augmented crops with a per-pixel training target read from `label_dir/<id>.png`.
+
+    Used for the IRN (seeds) and the segmenter (pseudo-labels); never for ground truth.
+    `label_stride` > 1 returns the target subsampled at that stride (IRN: 4).
+    """
+
+    def __init__(self, dataset: PreparedDataset, ids: list[str], label_dir: Path, long_range, crop: int,
+                 seed: int = 0, label_stride: int = 1):
+        self.dataset, self.ids, self.label_dir = dataset, list(ids), Path(label_dir)
+        self.long_range, self.crop, self.seed, self.epoch = tuple(long_range), crop, seed, 0
+        self.label_stride = label_stride
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image_id = self.ids[index]
+        label = read_index_png(self.label_dir / f"{image_id}.png")
+        image, label, _ = train_augment(rng, self.dataset.read_image(image_id), label,
+                                        self.long_range, self.crop, IGNORE_INDEX)
+        if self.label_stride > 1:
+            s = self.label_stride  # nearest neighbour: the centre pixel of every s x s cell
+            label = label[s // 2::s, s // 2::s]
+        return {"image": normalize(image), "label": torch.from_numpy(label.astype(np.int64))}
+
+
+class ImageDataset(Dataset):
+    """Whole images, unaugmented, one at a time (inference). Returns the uint8 image and its id."""
+
+    def __init__(self, dataset: PreparedDataset, ids: list[str]):
+        self.dataset, self.ids = dataset, list(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.ids[index]
+        return {"id": image_id, "image": self.dataset.read_image(image_id)}
+
+
+def first_item(batch: list[dict]) -> dict:
+    """collate_fn for batch size 1 that keeps numpy arrays as they are."""
+    return batch[0]

@@ -1,0 +1,181 @@
+"""Read a DICOM radiograph into the 8-bit grayscale image that the pipeline trains on.
+
+Conversion to 8 bits, in order:
+1. the stored values go through the Modality LUT (Rescale Slope/Intercept) when present;
+2. a VOI transform, when the file has one, sets the displayed range as the radiologist saw it:
+   a VOI LUT Sequence (its output is then stretched to 0-255) or else the first
+   Window Center/Width pair (the DICOM linear window, mapped to 0-255);
+3. without a VOI transform, an image stored in at most 8 bits (BitsStored <= 8, like the SIIM
+   JPEGs) keeps its values exactly; a deeper one (12 or 16 bits) is stretched from its own
+   minimum to its maximum, because many 12-bit images are stored in 16 bits and scaling the
+   nominal 0..2**BitsStored-1 range would leave them nearly black;
+4. MONOCHROME1 (0 = white) is inverted so that air is dark in every prepared image.
+
+Colour files (rare for radiographs) are converted to luminance; multi-frame files are refused.
+Every failure (not a DICOM, truncated, no pixel data, an undecodable codec) is a DataError
+naming the file.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from data.errors import DataError
+
+DICOM_MAGIC = b"DICM"
+_PREAMBLE = 128
+
+
+def is_dicom(path: str | Path) -> bool:
+    """True when the file has the DICOM Part 10 preamble and the "DICM" magic."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_PREAMBLE + len(DICOM_MAGIC))
+    except OSError:
+        return False
+    return head[_PREAMBLE:] == DICOM_MAGIC
+
+
+def read_dicom(path: str | Path) -> np.ndarray:
+    """The image of a single-frame DICOM file as uint8 HxW (see the module doc for the mapping)."""
+    # pydicom warns (instead of failing) about damaged files; the warnings explain a failure
+    # better than the error that follows, and are otherwise noise on the progress bar.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            dataset = _read_dataset(Path(path))
+            pixels = _decode_pixels(dataset, path)
+            return _mapped(pixels, dataset, path)
+        except DataError as error:
+            if caught:
+                raise DataError(f"{error} (pydicom: {str(caught[0].message).splitlines()[0]})") from None
+            raise
+
+
+def _mapped(pixels: np.ndarray, dataset, path) -> np.ndarray:
+    try:
+        return to_uint8(pixels, dataset)
+    except Exception as error:  # pydicom parses elements lazily: a damaged one fails here, any type
+        raise DataError(f"{path}: cannot map the pixel values to 8 bits ({_describe(error)})") from None
+
+
+def _read_dataset(path: Path):
+    import pydicom
+
+    if not path.is_file():
+        raise DataError(f"{path}: DICOM file not found")
+    try:
+        dataset = pydicom.dcmread(path)
+        has_pixels = "PixelData" in dataset
+    except Exception as error:  # pydicom raises many types for damaged headers; all mean the same
+        raise DataError(f"{path}: not a readable DICOM file ({_describe(error)})") from None
+    if not has_pixels:
+        raise DataError(f"{path}: the DICOM file has no pixel data")
+    return dataset
+
+
+def _decode_pixels(dataset, path) -> np.ndarray:
+    try:
+        pixels = dataset.pixel_array
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    except Exception as error:  # truncated data, codec errors, damaged elements: all unreadable
+        raise DataError(f"{path}: cannot decode the DICOM pixel data ({_describe(error)})") from None
+    if frames > 1:
+        raise DataError(f"{path}: multi-frame DICOM ({frames} frames) is not a radiograph")
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:
+        pixels = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    if pixels.ndim != 2 or 0 in pixels.shape:
+        raise DataError(f"{path}: expected a 2-D image, got pixel array of shape {pixels.shape}")
+    return pixels
+
+
+def _describe(error: Exception) -> str:
+    message = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def to_uint8(pixels: np.ndarray, dataset) -> np.ndarray:
+    """Map decoded pixel values to 0-255 following the module doc (exposed for tests)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = pixels
+    if "RescaleSlope" in dataset or "ModalityLUTSequence" in dataset:
+        values = apply_modality_lut(values, dataset)
+    if "VOILUTSequence" in dataset:
+        image = stretch_to_uint8(apply_voi_lut(values, dataset, prefer_lut=True))
+    elif "WindowCenter" in dataset and "WindowWidth" in dataset:
+        image = _window(values, _first(dataset.WindowCenter), _first(dataset.WindowWidth))
+    elif int(dataset.get("BitsStored", 8) or 8) <= 8 and values is pixels and pixels.min() >= 0:
+        image = np.clip(pixels, 0, 255).astype(np.uint8)
+    else:
+        image = stretch_to_uint8(values)
+    if str(dataset.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        image = 255 - image
+    return image
+
+
+def _first(value) -> float:
+    """Window Center/Width may hold several alternatives; the first is the default view."""
+    try:
+        return float(value[0])
+    except TypeError:
+        return float(value)
+
+
+def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 linear window, output 0-255."""
+    if width <= 1.0:  # a degenerate window is a threshold at its center
+        return np.where(values >= center, 255, 0).astype(np.uint8)
+    scaled = (values.astype(np.float64) - (center - 0.5)) / (width - 1.0) + 0.5
+    return np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def stretch_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Linear map of the image's own min..max to 0..255 (a constant image becomes 0)."""
+    values = values.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def write_dicom(path: str | Path, image: np.ndarray, photometric: str = "MONOCHROME2",
+                bits_stored: int | None = None, jpeg: bool = False,
+                window: tuple[float, float] | None = None, sop_instance_uid: str | None = None) -> None:
+    """Write a single-frame grayscale radiograph as a DICOM Part 10 file (tests and benchmarks).
+
+    ``jpeg`` stores an 8-bit image JPEG Baseline compressed (through Pillow), as Kaggle's SIIM
+    files are; otherwise the pixels are stored uncompressed. ``window`` = (center, width).
+    """
+    import io
+
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
+
+    image = np.asarray(image)
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    dataset.SOPClassUID = SecondaryCaptureImageStorage
+    dataset.Modality = "CR"
+    dataset.set_pixel_data(image, photometric, bits_stored or image.dtype.itemsize * 8,
+                           generate_instance_uid=True)
+    if sop_instance_uid:
+        dataset.SOPInstanceUID = sop_instance_uid
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    if window is not None:
+        dataset.WindowCenter, dataset.WindowWidth = float(window[0]), float(window[1])
+    if jpeg:
+        if image.dtype != np.uint8:
+            raise ValueError("JPEG Baseline stores 8-bit images only")
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+        dataset.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        dataset.PixelData = encapsulate([buffer.getvalue()])
+        dataset["PixelData"].VR = "OB"
+        dataset.PhotometricInterpretation = photometric
+    dataset.save_as(path, enforce_file_format=True)

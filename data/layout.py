@@ -1,0 +1,274 @@
+"""The prepared on-disk layout that every dataset is converted into and every stage reads.
+
+    <root>/dataset.json        {"name", "task": "binary"|"multiclass", "classes": [...],
+                                "palette": [[r, g, b], ...] for 0..C, "image_ext": ".png"}
+    <root>/labels.csv          image_id + one 0/1 column per foreground class
+    <root>/splits/<name>.txt   one image id per line
+    <root>/images/<id><ext>    8-bit grayscale or RGB images
+    <root>/masks/<id>.png      class indices (0 = background, 255 = ignore); evaluation only
+
+Readers stream from disk: nothing but the labels table is held in memory.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data.errors import DataError
+
+TASKS = ("binary", "multiclass")
+IGNORE_INDEX = 255
+
+
+def default_palette(n_colors: int) -> list[list[int]]:
+    """The PASCAL VOC colour map (bit-interleaved), extended to any number of classes."""
+    palette = []
+    for index in range(n_colors):
+        r = g = b = 0
+        c = index
+        for shift in range(7, -1, -1):
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette.append([r, g, b])
+    return palette
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    task: str
+    classes: list[str]
+    palette: list[list[int]] = field(default_factory=list)
+    image_ext: str = ".png"
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise DataError(f"dataset.json: task must be one of {TASKS}, got {self.task!r}")
+        if not self.classes:
+            raise DataError("dataset.json: 'classes' is empty")
+        if not self.palette:
+            self.palette = default_palette(len(self.classes) + 1)
+
+    @property
+    def num_classes(self) -> int:
+        """Foreground classes (the classifier's outputs)."""
+        return len(self.classes)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "task": self.task, "classes": list(self.classes),
+                "palette": self.palette, "image_ext": self.image_ext}
+
+
+def flat_palette(palette: list[list[int]]) -> list[int]:
+    flat = [v for rgb in palette for v in rgb]
+    flat += [0] * (768 - len(flat))
+    flat[255 * 3: 256 * 3] = [224, 224, 192]  # VOC's colour for the ignore index
+    return flat
+
+
+def write_index_png(path: Path, mask: np.ndarray, palette: list[list[int]]) -> None:
+    """Write a class-index mask as a palette PNG (viewable, and still the indices when read)."""
+    image = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
+    image.putpalette(flat_palette(palette))
+    atomic_save(image, path)
+
+
+def atomic_save(image: Image.Image, path: Path) -> None:
+    """Save through a temporary name so that a killed process never leaves half a PNG."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    image.save(tmp, format=_format_for(path))
+    os.replace(tmp, path)
+
+
+def _format_for(path: Path) -> str:
+    return {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}.get(path.suffix.lower(), "PNG")
+
+
+def read_index_png(path: Path) -> np.ndarray:
+    """Class indices of a palette or grayscale PNG, as uint8 HxW."""
+    with Image.open(path) as image:
+        if image.mode not in ("P", "L"):
+            raise DataError(f"{path}: expected a palette or grayscale mask PNG, got mode {image.mode}")
+        return np.array(image)
+
+
+class PreparedDataset:
+    """Read access to a prepared dataset directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"dataset directory not found: {self.root} (run `wss prepare ...` first)")
+        info_path = self.root / "dataset.json"
+        if not info_path.is_file():
+            raise DataError(f"{info_path} is missing: {self.root} is not a prepared dataset")
+        try:
+            raw = json.loads(info_path.read_text())
+            self.info = DatasetInfo(**raw)
+        except (json.JSONDecodeError, TypeError) as error:
+            raise DataError(f"{info_path}: {error}") from None
+        self.labels = read_labels(self.root / "labels.csv", self.info.classes)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def classes(self) -> list[str]:
+        return self.info.classes
+
+    @property
+    def task(self) -> str:
+        return self.info.task
+
+    def split(self, name: str) -> list[str]:
+        path = self.root / "splits" / f"{name}.txt"
+        if not path.is_file():
+            known = sorted(p.stem for p in (self.root / "splits").glob("*.txt"))
+            raise DataError(f"split {name!r} not found: {path} (splits here: {', '.join(known) or 'none'})")
+        ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not ids:
+            raise DataError(f"split {name!r} is empty: {path}")
+        missing = [i for i in ids if i not in self.labels]
+        if missing:
+            raise DataError(f"{path}: {len(missing)} ids have no row in labels.csv, e.g. {missing[0]!r}")
+        return ids
+
+    def label_vector(self, image_id: str) -> np.ndarray:
+        """Multi-hot float32 vector over the foreground classes."""
+        return self.labels[image_id]
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / "images" / f"{image_id}{self.info.image_ext}"
+
+    def mask_path(self, image_id: str) -> Path:
+        return self.root / "masks" / f"{image_id}.png"
+
+    def has_mask(self, image_id: str) -> bool:
+        return self.mask_path(image_id).is_file()
+
+    def read_image(self, image_id: str) -> np.ndarray:
+        """uint8 HxWx3 RGB (grayscale images are repeated over the three channels)."""
+        return read_rgb(self.image_path(image_id))
+
+    def read_mask(self, image_id: str) -> np.ndarray | None:
+        """Ground-truth class indices (evaluation only), or None when the image has no mask."""
+        path = self.mask_path(image_id)
+        return read_index_png(path) if path.is_file() else None
+
+    def fingerprint(self) -> str:
+        """Content hash of the metadata plus names and sizes of every image and mask.
+
+        Cheap enough for 10^5 files (one stat each) and changes whenever the data do.
+        """
+        digest = hashlib.sha256()
+        for meta in ["dataset.json", "labels.csv"]:
+            digest.update((self.root / meta).read_bytes())
+        for sub in ["splits", "images", "masks"]:
+            folder = self.root / sub
+            if not folder.is_dir():
+                continue
+            with os.scandir(folder) as entries:
+                for name, size in sorted((e.name, e.stat().st_size) for e in entries if e.is_file()):
+                    if name.startswith("."):
+                        continue
+                    digest.update(f"{sub}/{name}:{size}\n".encode())
+                    if sub == "splits":
+                        digest.update((folder / name).read_bytes())
+        return digest.hexdigest()
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    if not Path(path).is_file():
+        raise DataError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: cannot decode image ({error})") from None
+
+
+def read_labels(path: Path, classes: list[str]) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"{path} is missing")
+    labels: dict[str, np.ndarray] = {}
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None or header[0] != "image_id":
+            raise DataError(f"{path}: the header must start with 'image_id'")
+        unknown = [c for c in header[1:] if c not in classes]
+        if unknown:
+            raise DataError(f"{path}: unknown class column {unknown[0]!r} (classes: {', '.join(classes)})")
+        missing = [c for c in classes if c not in header[1:]]
+        if missing:
+            raise DataError(f"{path}: no column for class {missing[0]!r}")
+        order = [header.index(c) for c in classes]
+        for line_no, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path}:{line_no}: expected {len(header)} fields, got {len(row)}")
+            try:
+                values = np.array([float(row[i]) for i in order], dtype=np.float32)
+            except ValueError:
+                raise DataError(f"{path}:{line_no}: label values must be 0 or 1") from None
+            if not np.isin(values, (0.0, 1.0)).all():
+                raise DataError(f"{path}:{line_no}: label values must be 0 or 1")
+            if row[0] in labels:
+                raise DataError(f"{path}:{line_no}: duplicate image id {row[0]!r}")
+            labels[row[0]] = values
+    return labels
+
+
+class DatasetWriter:
+    """Writes the prepared layout; used by every `wss prepare` reader."""
+
+    def __init__(self, root: str | Path, info: DatasetInfo):
+        self.root = Path(root)
+        self.info = info
+        for sub in ["images", "masks", "splits"]:
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / "images" / f"{image_id}{self.info.image_ext}"
+
+    def mask_path(self, image_id: str) -> Path:
+        return self.root / "masks" / f"{image_id}.png"
+
+    def write_image(self, image_id: str, image: np.ndarray) -> None:
+        atomic_save(Image.fromarray(np.asarray(image, dtype=np.uint8)), self.image_path(image_id))
+
+    def write_mask(self, image_id: str, mask: np.ndarray) -> None:
+        write_index_png(self.mask_path(image_id), mask, self.info.palette)
+
+    def write_labels(self, labels: dict[str, np.ndarray | list[int]]) -> None:
+        path = self.root / "labels.csv"
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["image_id", *self.info.classes])
+            for image_id in sorted(labels):
+                writer.writerow([image_id, *[int(v) for v in labels[image_id]]])
+        os.replace(tmp, path)
+
+    def write_split(self, name: str, ids: list[str]) -> None:
+        path = self.root / "splits" / f"{name}.txt"
+        path.write_text("".join(f"{i}\n" for i in ids))
+
+    def write_info(self) -> None:
+        """Written last: a directory without dataset.json is not a prepared dataset."""
+        path = self.root / "dataset.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.info.to_json(), indent=1))
+        os.replace(tmp, path)

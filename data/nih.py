@@ -1,0 +1,338 @@
+"""NIH ChestX-ray14 -> the prepared layout, plus its bounding boxes for CAM localization.
+
+- Classes: the 14 findings in the order of the ChestX-ray14 paper (``FINDINGS``); the task is
+  multi-label classification, written as task "multiclass" with 14 classes and no masks.
+  "No Finding" is the all-zero label.
+- Images: every ``*.png`` under ``images_dir`` (the release spreads them over
+  ``images_001/images`` ... folders) that ``Data_Entry_2017*.csv(.gz)`` lists; only present
+  images are prepared, the other listed ones are counted. 8-bit grayscale PNGs are copied as
+  they are; the others (a few are RGBA) are converted to grayscale. Sizes are kept (1024 x
+  1024): the boxes are in those pixel coordinates.
+- Splits: ``test`` = every image of a patient that has a boxed image (the boxed images are for
+  localization, and no patient appears in two splits); the other patients are shuffled with
+  ``seed`` and ``val_fraction`` of them give ``val``, the rest ``train``. Empty splits are not
+  written.
+- Boxes: ``out/boxes.csv`` with ``image_id,finding,x,y,w,h`` (pixels of the original image,
+  x/y the top-left corner) for the prepared images; the release's "Infiltrate" is renamed
+  "Infiltration" to match the labels. :func:`read_boxes` reads the release file (whose
+  ``Bbox [x,y,w,h]`` header spans four columns) and the clean one.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data.dicom import stretch_to_uint8
+from data.errors import DataError
+from data.layout import DatasetInfo, DatasetWriter
+from data.prepare_report import PrepareReport, parallel_map, save_png
+
+FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+            "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
+            "Hernia"]
+NO_FINDING = "No Finding"
+FINDING_ALIASES = {"Infiltrate": "Infiltration", "Pleural Thickening": "Pleural_Thickening"}
+BOX_COLUMNS = ["image_id", "finding", "x", "y", "w", "h"]
+BOXES_NAME = "boxes.csv"
+
+
+# --------------------------------------------------------------------------------------------
+# Boxes
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Box:
+    """A finding's box in original image pixels: (x, y) top-left corner, w x h."""
+    image_id: str
+    finding: str
+    x: float
+    y: float
+    w: float
+    h: float
+
+
+def image_id_of(name: str) -> str:
+    """'00000032_037.png' -> '00000032_037' (the prepared id)."""
+    name = name.strip()
+    return name[:-4] if name.lower().endswith(".png") else name
+
+
+def canonical_finding(name: str) -> str:
+    name = name.strip()
+    return FINDING_ALIASES.get(name, name)
+
+
+def read_boxes(path: str | Path) -> list[Box]:
+    """Boxes of BBox_List_2017.csv or of a prepared boxes.csv (one header line either way).
+
+    The release's header is ``Image Index,Finding Label,Bbox [x,y,w,h],,,``: the last name
+    covers four columns, so columns are taken by position: id, finding, x, y, w, h (extra
+    empty columns are allowed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"box file not found: {path}")
+    boxes = []
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None or len(header) < 3:
+            raise DataError(f"{path}: expected a header such as 'Image Index,Finding Label,Bbox [x,y,w,h]'")
+        for line_no, row in enumerate(reader, start=2):
+            if any(cell.strip() for cell in row):
+                boxes.append(_box_of_row(row, f"{path}:{line_no}"))
+    return boxes
+
+
+def _box_of_row(row: list[str], where: str) -> Box:
+    cells = [cell.strip() for cell in row]
+    if len(cells) < 6 or any(cells[6:]):
+        raise DataError(f"{where}: expected image, finding, x, y, w, h; got {len(row)} fields")
+    finding = canonical_finding(cells[1])
+    if finding not in FINDINGS:
+        raise DataError(f"{where}: unknown finding {cells[1]!r}")
+    try:
+        x, y, w, h = (float(v) for v in cells[2:6])
+    except ValueError:
+        raise DataError(f"{where}: box coordinates must be numbers, got {cells[2:6]}") from None
+    if not all(np.isfinite([x, y, w, h])) or w <= 0 or h <= 0:
+        raise DataError(f"{where}: box needs finite coordinates and positive width and height")
+    return Box(image_id_of(cells[0]), finding, x, y, w, h)
+
+
+def write_boxes(path: str | Path, boxes: list[Box]) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(BOX_COLUMNS)
+        for box in boxes:
+            writer.writerow([box.image_id, box.finding, repr(box.x), repr(box.y), repr(box.w), repr(box.h)])
+    os.replace(tmp, path)
+
+
+def boxes_by_image(boxes: list[Box]) -> dict[str, list[Box]]:
+    grouped: dict[str, list[Box]] = defaultdict(list)
+    for box in boxes:
+        grouped[box.image_id].append(box)
+    return dict(grouped)
+
+
+# --------------------------------------------------------------------------------------------
+# Image-level labels
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Entry:
+    labels: list[int]
+    patient: str
+
+
+def read_data_entry(path: str | Path, report: PrepareReport, wanted: set[str] | None = None
+                    ) -> tuple[dict[str, Entry], set[str]]:
+    """(image id -> labels and patient, every id listed) from Data_Entry_2017(_v2020).csv[.gz].
+
+    Bad rows are reported. With ``wanted``, only those ids are parsed (the release lists
+    112,120 images; a partial download need not pay for all of them).
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data entry file not found: {path}")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as error:
+        raise DataError(f"{path}: not a readable CSV ({error})") from None
+    table.columns = [c.strip() for c in table.columns]
+    for column in ["Image Index", "Finding Labels"]:
+        if column not in table.columns:
+            raise DataError(f"{path}: no {column!r} column (columns: {', '.join(table.columns[:6])})")
+    ids = table["Image Index"].map(image_id_of)
+    listed = set(ids)
+    if wanted is not None:
+        table, ids = table[ids.isin(wanted)], ids[ids.isin(wanted)]
+    patients = table["Patient ID"] if "Patient ID" in table.columns else None
+    entries: dict[str, Entry] = {}
+    for row, image_id, findings in zip(table.index, ids, table["Finding Labels"]):
+        where = f"{path}:{row + 2}"
+        labels = _labels_of(findings, where, report)
+        if labels is None:
+            continue
+        if image_id in entries:
+            report.add_problem(where, f"duplicate image id {image_id!r}: skipped")
+            report.count("duplicate_ids")
+            continue
+        patient = patients[row].strip() if patients is not None else image_id.split("_")[0]
+        entries[image_id] = Entry(labels, patient)
+    return entries, listed
+
+
+def _labels_of(findings: str, where: str, report: PrepareReport) -> list[int] | None:
+    names = {canonical_finding(name) for name in findings.split("|") if name.strip()}
+    names.discard(NO_FINDING)
+    unknown = sorted(names - set(FINDINGS))
+    if unknown:
+        report.add_problem(where, f"unknown finding {unknown[0]!r}: row skipped")
+        report.count("bad_entry_rows")
+        return None
+    return [int(name in names) for name in FINDINGS]
+
+
+# --------------------------------------------------------------------------------------------
+# One image (runs in a worker process)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _ImageTask:
+    image_id: str
+    source: str
+    out: str
+
+
+@dataclass
+class _ImageResult:
+    image_id: str
+    status: str  # "converted" | "copied" | "resumed" | "failed"
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _prepare_image(task: _ImageTask) -> _ImageResult:
+    target = Path(task.out) / "images" / f"{task.image_id}.png"
+    if _readable(target):
+        return _ImageResult(task.image_id, "resumed")
+    try:
+        with Image.open(task.source) as image:
+            image.load()
+            if image.mode == "L":
+                _copy(Path(task.source), target)
+                return _ImageResult(task.image_id, "copied")
+            gray = to_grayscale(image)
+    except (OSError, ValueError, SyntaxError) as error:  # Pillow's errors for damaged files
+        return _ImageResult(task.image_id, "failed", [(task.source, f"not a readable image ({error})")])
+    save_png(Image.fromarray(gray), target)
+    return _ImageResult(task.image_id, "converted")
+
+
+def to_grayscale(image: Image.Image) -> np.ndarray:
+    """uint8 HxW: colour (RGB/RGBA/P) through luminance, deeper grayscale stretched to 8 bits."""
+    if image.mode in ("I", "I;16", "I;16B", "F"):
+        return stretch_to_uint8(np.array(image))
+    return np.array(image.convert("L"))
+
+
+def _readable(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _copy(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole dataset
+# --------------------------------------------------------------------------------------------
+
+def prepare_nih(images_dir: str | Path, data_entry_csv: str | Path, boxes_csv: str | Path,
+                out: str | Path, val_fraction: float = 0.1, seed: int = 0, workers: int = 1,
+                progress: bool = True) -> PrepareReport:
+    """Prepare ChestX-ray14 into ``out`` (images, labels, splits, boxes.csv); see the module doc.
+
+    Raises DataError (after writing the report) only when no image could be prepared.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if workers < 1:
+        raise DataError(f"--workers must be at least 1, got {workers}")
+    out = Path(out)
+    report = PrepareReport("nih", out)
+    present = find_pngs(images_dir, report)
+    entries, listed = read_data_entry(data_entry_csv, report, wanted=set(present))
+    boxes = read_boxes(boxes_csv)
+    report.count("listed_images", len(listed))
+    report.add_ids("images_without_labels", present.keys() - entries.keys())
+    report.id_counts["labels_without_images"] = len(listed - present.keys())  # ~10^5: counted, not listed
+
+    writer = DatasetWriter(out, DatasetInfo("nih", "multiclass", list(FINDINGS)))
+    tasks = [_ImageTask(i, str(present[i]), str(out)) for i in sorted(present.keys() & entries.keys())]
+    prepared: set[str] = set()
+    for result in parallel_map(_prepare_image, tasks, workers, progress, "nih"):
+        for where, message in result.problems:
+            report.add_problem(where, message)
+        report.count(result.status)
+        if result.status != "failed":
+            prepared.add(result.image_id)
+    report.counts["prepared"] = len(prepared)
+
+    kept = [box for box in boxes if box.image_id in prepared]
+    _count_boxes(report, boxes, kept, entries)
+    report.write()
+    if not report.ok:
+        raise DataError(f"no NIH image could be prepared from {images_dir}; see {report.path}")
+    writer.write_labels({i: entries[i].labels for i in prepared})
+    write_boxes(out / BOXES_NAME, kept)
+    for name, ids in patient_splits(prepared, entries, {b.image_id for b in kept}, val_fraction, seed).items():
+        report.counts[f"split_{name}"] = len(ids)
+        if ids:
+            writer.write_split(name, ids)
+    report.write()
+    writer.write_info()
+    return report
+
+
+def find_pngs(images_dir: str | Path, report: PrepareReport) -> dict[str, Path]:
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise DataError(f"image directory not found: {root}")
+    found: dict[str, Path] = {}
+    for folder, _, names in sorted(os.walk(root)):
+        for name in sorted(names):
+            if not name.lower().endswith(".png"):
+                continue
+            path = Path(folder) / name
+            image_id = image_id_of(name)
+            if image_id in found:
+                report.add_problem(path, f"duplicate image id {image_id!r} (also {found[image_id]}): skipped")
+                report.count("duplicate_ids")
+                continue
+            found[image_id] = path
+    report.count("images_found", len(found))
+    return found
+
+
+def _count_boxes(report: PrepareReport, boxes: list[Box], kept: list[Box], entries: dict[str, Entry]) -> None:
+    report.counts["boxes"] = len(kept)
+    report.counts["boxes_without_image"] = len(boxes) - len(kept)
+    index = {name: k for k, name in enumerate(FINDINGS)}
+    unlabelled = [b for b in kept if not entries[b.image_id].labels[index[b.finding]]]
+    report.counts["boxes_finding_not_in_labels"] = len(unlabelled)
+
+
+def patient_splits(prepared: set[str], entries: dict[str, Entry], boxed: set[str],
+                   val_fraction: float, seed: int) -> dict[str, list[str]]:
+    """train / val / test ids, whole patients per split (see the module doc)."""
+    test_patients = {entries[i].patient for i in boxed}
+    others = sorted({entries[i].patient for i in prepared} - test_patients)
+    order = np.random.default_rng(seed).permutation(len(others))
+    val_patients = {others[k] for k in order[: int(len(others) * val_fraction + 0.5)]}
+    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for image_id in sorted(prepared):
+        patient = entries[image_id].patient
+        name = "test" if patient in test_patients else "val" if patient in val_patients else "train"
+        splits[name].append(image_id)
+    return splits

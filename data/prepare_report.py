@@ -1,0 +1,135 @@
+"""What a `wss prepare` run did: counts, skipped inputs and why, written to prepare_report.json.
+
+Shared by the SIIM, VOC and NIH preparers, with the process fan-out they all use.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+import multiprocessing
+from pathlib import Path
+from typing import Any
+
+REPORT_NAME = "prepare_report.json"
+LISTED_IDS_LIMIT = 1000  # ids kept per category in the JSON; the count is always exact
+
+
+@dataclass
+class Problem:
+    """One skipped input: where (file, or file:line) and what was wrong with it."""
+    where: str
+    message: str
+
+
+@dataclass
+class PrepareReport:
+    """Counts and problems of one preparation; ``ok`` when something usable was produced."""
+    dataset: str
+    out: Path
+    counts: dict[str, int] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    id_lists: dict[str, list[str]] = field(default_factory=dict)
+    id_counts: dict[str, int] = field(default_factory=dict)
+
+    def add_problem(self, where: str | Path, message: str) -> None:
+        self.problems.append(Problem(str(where), message))
+
+    def add_error(self, where: str | Path, error: Exception) -> None:
+        """A DataError about ``where``; its message loses the ``where: `` prefix it may carry."""
+        message = str(error)
+        prefix = f"{where}: "
+        self.add_problem(where, message[len(prefix):] if message.startswith(prefix) else message)
+
+    def count(self, key: str, amount: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + amount
+
+    def add_ids(self, category: str, ids: Iterable[str]) -> None:
+        """Ids in a category such as "labels_without_images" (counted, the first ones listed)."""
+        ids = sorted(ids)
+        self.id_counts[category] = self.id_counts.get(category, 0) + len(ids)
+        listed = self.id_lists.setdefault(category, [])
+        listed.extend(ids[: max(0, LISTED_IDS_LIMIT - len(listed))])
+
+    @property
+    def ok(self) -> bool:
+        return self.counts.get("prepared", 0) > 0
+
+    @property
+    def path(self) -> Path:
+        return Path(self.out) / REPORT_NAME
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "ok": self.ok,
+            "counts": dict(sorted(self.counts.items())),
+            "id_counts": dict(sorted(self.id_counts.items())),
+            "ids": {key: value for key, value in sorted(self.id_lists.items())},
+            "problems": [{"where": p.where, "message": p.message} for p in self.problems],
+        }
+
+    def write(self) -> Path:
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        os.replace(tmp, path)
+        return path
+
+    def summary(self) -> str:
+        """A few lines for the terminal."""
+        lines = [f"{self.dataset}: prepared {self.counts.get('prepared', 0)} images into {self.out}"]
+        others = ", ".join(f"{key} {value}" for key, value in sorted(self.counts.items())
+                           if key != "prepared")
+        if others:
+            lines.append(f"  {others}")
+        for category, amount in sorted(self.id_counts.items()):
+            if amount:
+                example = self.id_lists[category][0] if self.id_lists.get(category) else ""
+                lines.append(f"  {category.replace('_', ' ')}: {amount}" + (f" (e.g. {example})" if example else ""))
+        if self.problems:
+            lines.append(f"  {len(self.problems)} inputs skipped, e.g. {self.problems[0].where}: "
+                         f"{self.problems[0].message}")
+        lines.append(f"  details: {self.path}")
+        return "\n".join(lines)
+
+
+def save_png(image, path: Path, compress_level: int = 1) -> None:
+    """Atomic PNG save, fast zlib level: 5x faster than Pillow's default for ~20% more bytes,
+    which matters when converting 10^4-10^5 radiographs (layout.atomic_save has no options)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    image.save(tmp, format="PNG", compress_level=compress_level)
+    os.replace(tmp, path)
+
+
+def parallel_map(function: Callable[[Any], Any], tasks: list, workers: int = 1,
+                 progress: bool = True, description: str = "", unit: str = "img",
+                 start_method: str | None = None) -> Iterator[Any]:
+    """Results of ``function`` over ``tasks`` (in any order) with a progress bar.
+
+    One worker runs in this process. Several use a process pool whose workers take small
+    chunks from an iterator, so memory holds a few images per worker whatever the dataset
+    size; results should be small (ids and messages, never pixels). `start_method="spawn"`
+    is for functions that use torch: a forked child of a process that ran OpenMP can hang.
+    """
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), desc=description, unit=unit, disable=not progress,
+               dynamic_ncols=True, smoothing=0.05)
+    try:
+        if workers <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                yield function(task)
+                bar.update()
+            return
+        chunk = max(1, min(16, len(tasks) // (workers * 8)))
+        context = multiprocessing.get_context(start_method)
+        with context.Pool(processes=workers, maxtasksperchild=2000) as pool:
+            for result in pool.imap_unordered(function, tasks, chunksize=chunk):
+                yield result
+                bar.update()
+    finally:
+        bar.close()

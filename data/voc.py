@@ -1,0 +1,260 @@
+"""PASCAL VOC 2012 (+ SBD SegmentationClassAug) -> the prepared layout.
+
+- Images: every ``JPEGImages/*.jpg``, copied byte for byte (``image_ext`` ".jpg"): re-encoding
+  would change the pixels the published results were measured on.
+- Masks: ``SegmentationClass/<id>.png`` (palette PNG whose indices are the classes, 255 the
+  ignore border) kept index for index; for ids without one, SBD's
+  ``SegmentationClassAug/<id>.png`` when ``sbd_root`` is given. A mask of another size than
+  its image, or with an index outside 0-20 and 255, is reported and its image skipped.
+- Image labels: the classes present in the mask; for images without a mask, every ``object``
+  of ``Annotations/<id>.xml`` including those marked difficult or truncated. That is how
+  IRNet built the ``cls_labels.npy`` that WSSS papers train on (all object names of the XML).
+- Splits: ``ImageSets/Segmentation/{train,val}.txt`` and ``train_aug`` (10,582 ids) from
+  ``train_aug.txt`` found in ``ImageSets/Segmentation`` or ``sbd_root``, or computed as
+  SBD train + SBD val + VOC train - VOC val when ``sbd_root`` holds SBD's own ``train.txt``
+  and ``val.txt``. Listed ids whose image is missing are counted and listed in the report.
+- ``dataset.json``: task multiclass, the 20 classes in the standard order, the VOC palette.
+
+``voc_root`` may be the ``VOC2012`` folder itself, ``VOCdevkit`` or the folder holding it;
+``sbd_root`` the folder holding ``SegmentationClassAug`` or that folder itself.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data.errors import DataError
+from data.layout import IGNORE_INDEX, DatasetInfo, DatasetWriter, default_palette, read_index_png, \
+    write_index_png
+from data.prepare_report import PrepareReport, parallel_map
+
+CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+           "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+           "train", "tvmonitor"]
+PALETTE = default_palette(len(CLASSES) + 1)  # the VOC colour map for indices 0-20
+SPLITS = ("train", "val")
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the inputs
+# --------------------------------------------------------------------------------------------
+
+def locate_voc(voc_root: str | Path) -> Path:
+    """The folder holding JPEGImages: voc_root, voc_root/VOC2012 or voc_root/VOCdevkit/VOC2012."""
+    root = Path(voc_root)
+    for candidate in [root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"]:
+        if (candidate / "JPEGImages").is_dir():
+            return candidate
+    raise DataError(f"no JPEGImages folder in {root} (expected VOCdevkit/VOC2012/JPEGImages)")
+
+
+def locate_sbd_masks(sbd_root: str | Path) -> Path:
+    root = Path(sbd_root)
+    for candidate in [root / "SegmentationClassAug", root]:
+        if candidate.is_dir() and next(candidate.glob("*.png"), None) is not None:
+            return candidate
+    raise DataError(f"no SegmentationClassAug PNGs in {root}")
+
+
+def read_id_list(path: Path) -> list[str]:
+    """Ids of an ImageSets list (first token of each line; blank lines ignored)."""
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def split_lists(voc: Path, sbd_root: Path | None) -> dict[str, list[str]]:
+    """Split name -> listed ids (train, val and, when it can be found, train_aug)."""
+    lists_dir = voc / "ImageSets" / "Segmentation"
+    lists = {name: read_id_list(lists_dir / f"{name}.txt") for name in SPLITS
+             if (lists_dir / f"{name}.txt").is_file()}
+    train_aug = _train_aug_list(lists_dir, sbd_root, lists)
+    if train_aug is not None:
+        lists["train_aug"] = train_aug
+    return lists
+
+
+def _train_aug_list(lists_dir: Path, sbd_root: Path | None, voc_lists: dict[str, list[str]]):
+    candidates = [lists_dir / "train_aug.txt"]
+    if sbd_root is not None:
+        candidates += [sbd_root / "train_aug.txt", sbd_root / "dataset" / "train_aug.txt"]
+    for path in candidates:
+        if path.is_file():
+            return read_id_list(path)
+    if sbd_root is None:
+        return None
+    for folder in [sbd_root, sbd_root / "dataset"]:
+        if (folder / "train.txt").is_file() and (folder / "val.txt").is_file():
+            ids = set(read_id_list(folder / "train.txt")) | set(read_id_list(folder / "val.txt"))
+            ids |= set(voc_lists.get("train", []))
+            return sorted(ids - set(voc_lists.get("val", [])))
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# One image (runs in a worker process)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _ImageTask:
+    image_id: str
+    jpeg: str
+    mask: str | None
+    xml: str | None
+    out: str
+
+
+@dataclass
+class _ImageResult:
+    image_id: str
+    labels: list[int] | None
+    has_mask: bool = False
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _prepare_image(task: _ImageTask) -> _ImageResult:
+    try:
+        size = _jpeg_size(task.jpeg)
+        mask = _read_mask(task.mask, size) if task.mask else None
+        labels = labels_from_mask(mask) if mask is not None else _labels_or_none(task.xml)
+    except DataError as error:
+        where, message = _split_message(str(error))
+        return _ImageResult(task.image_id, None, problems=[(where, message)])
+    if labels is None:
+        return _ImageResult(task.image_id, None,
+                            problems=[(task.jpeg, "no mask and no Annotations XML: no image label")])
+    out = Path(task.out)
+    _copy_if_changed(Path(task.jpeg), out / "images" / f"{task.image_id}.jpg")
+    if mask is not None:
+        write_index_png(out / "masks" / f"{task.image_id}.png", mask, PALETTE)
+    return _ImageResult(task.image_id, labels, has_mask=mask is not None)
+
+
+def _jpeg_size(path: str) -> tuple[int, int]:
+    """(width, height) from the JPEG header (the pixels are copied, never decoded)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not a readable image ({error})") from None
+
+
+def _read_mask(path: str, size: tuple[int, int]) -> np.ndarray:
+    try:
+        mask = read_index_png(Path(path))
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not a readable PNG ({error})") from None
+    if (mask.shape[1], mask.shape[0]) != size:
+        raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                        f"{size[0]}x{size[1]}")
+    bad = (mask > len(CLASSES)) & (mask != IGNORE_INDEX)
+    if bad.any():
+        raise DataError(f"{path}: class index {int(mask[bad][0])} is not 0-{len(CLASSES)} or 255")
+    return mask
+
+
+def labels_from_mask(mask: np.ndarray) -> list[int]:
+    """Multi-hot over the 20 classes: those with at least one pixel (0 and 255 are not classes)."""
+    present = set(np.unique(mask).tolist())
+    return [int(index in present) for index in range(1, len(CLASSES) + 1)]
+
+
+def labels_from_xml(path: str | Path) -> list[int]:
+    """Multi-hot over the 20 classes of every <object><name> in a VOC Annotations file,
+    difficult and truncated objects included (as IRNet's cls_labels.npy)."""
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (ElementTree.ParseError, OSError) as error:
+        raise DataError(f"{path}: not a readable VOC annotation ({error})") from None
+    names = {(obj.findtext("name") or "").strip() for obj in root.iter("object")}
+    return [int(name in names) for name in CLASSES]
+
+
+def _labels_or_none(xml: str | None) -> list[int] | None:
+    return labels_from_xml(xml) if xml else None
+
+
+def _copy_if_changed(source: Path, target: Path) -> None:
+    """Copy through a temporary name; an identical-size copy from an earlier run is kept."""
+    if target.is_file() and target.stat().st_size == source.stat().st_size:
+        return
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def _split_message(message: str) -> tuple[str, str]:
+    where, separator, what = message.partition(": ")
+    return (where, what) if separator else ("", message)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole dataset
+# --------------------------------------------------------------------------------------------
+
+def prepare_voc(voc_root: str | Path, out: str | Path, sbd_root: str | Path | None = None,
+                workers: int = 1, progress: bool = True) -> PrepareReport:
+    """Prepare VOC 2012 (+ SBD) into ``out``; see the module doc.
+
+    Raises DataError (after writing the report) only when no image could be prepared.
+    """
+    if workers < 1:
+        raise DataError(f"--workers must be at least 1, got {workers}")
+    voc = locate_voc(voc_root)
+    sbd = Path(sbd_root) if sbd_root is not None else None
+    sbd_masks = locate_sbd_masks(sbd) if sbd is not None else None
+    out = Path(out)
+    report = PrepareReport("voc", out)
+    writer = DatasetWriter(out, DatasetInfo("voc", "multiclass", list(CLASSES), PALETTE, ".jpg"))
+
+    tasks = [_task(voc, sbd_masks, path.stem, out) for path in sorted((voc / "JPEGImages").glob("*.jpg"))]
+    report.count("images_found", len(tasks))
+    labels: dict[str, list[int]] = {}
+    with_mask: set[str] = set()
+    for result in parallel_map(_prepare_image, tasks, workers, progress, "voc"):
+        for where, message in result.problems:
+            report.add_problem(where, message)
+        if result.labels is None:
+            report.count("failed")
+            continue
+        labels[result.image_id] = result.labels
+        if result.has_mask:
+            with_mask.add(result.image_id)
+    report.counts["prepared"] = len(labels)
+    report.counts["with_mask"] = len(with_mask)
+    report.write()
+    if not report.ok:
+        raise DataError(f"no VOC image could be prepared from {voc}; see {report.path}")
+
+    writer.write_labels(labels)
+    for name, ids in split_lists(voc, sbd).items():
+        _write_split(writer, report, name, ids, labels, with_mask)
+    report.write()
+    writer.write_info()
+    return report
+
+
+def _task(voc: Path, sbd_masks: Path | None, image_id: str, out: Path) -> _ImageTask:
+    mask = voc / "SegmentationClass" / f"{image_id}.png"
+    if not mask.is_file() and sbd_masks is not None:
+        mask = sbd_masks / f"{image_id}.png"
+    xml = voc / "Annotations" / f"{image_id}.xml"
+    return _ImageTask(image_id, str(voc / "JPEGImages" / f"{image_id}.jpg"),
+                      str(mask) if mask.is_file() else None, str(xml) if xml.is_file() else None,
+                      str(out))
+
+
+def _write_split(writer: DatasetWriter, report: PrepareReport, name: str, listed: list[str],
+                 labels: dict[str, list[int]], with_mask: set[str]) -> None:
+    """Keep the listed ids that were prepared; count the rest (and val ids without masks)."""
+    kept = [i for i in listed if i in labels]
+    report.add_ids(f"{name}_ids_not_prepared", [i for i in listed if i not in labels])
+    if name == "val":
+        report.add_ids("val_ids_without_mask", [i for i in kept if i not in with_mask])
+    report.counts[f"split_{name}"] = len(kept)
+    if kept:
+        writer.write_split(name, kept)

@@ -1,0 +1,1 @@
+"""Orchestration only: CLI, config, artifact cache, stage graph, report."""

@@ -1,0 +1,149 @@
+"""Content-addressed stage artifacts with atomic completion.
+
+    <workdir>/<dataset>/<stage>-<key12>/            a complete artifact (manifest.json inside)
+    <workdir>/<dataset>/.<stage>-<key12>.partial/   work in progress; never read as a result
+
+The key hashes what determines a stage's output: its config section, the prepared dataset's
+fingerprint, the upstream keys and the stage's code version. A stage writes into the partial
+directory; the manifest is written last and the directory renamed into place, so a crash or
+Ctrl-C leaves nothing that a later run would mistake for a result.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.errors import WssError
+
+MANIFEST = "manifest.json"
+
+
+class CacheError(WssError):
+    pass
+
+
+@dataclass
+class StageKey:
+    stage: str
+    parts: dict  # {"config": ..., "dataset": ..., "upstream": {...}, "code": ...}
+
+    @property
+    def digest(self) -> str:
+        blob = json.dumps({"stage": self.stage, **self.parts}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def short(self) -> str:
+        return self.digest[:12]
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def explain_difference(old: dict, new: dict, section: str) -> list[str]:
+    """Human reasons why the parts of an old key differ from the current ones."""
+    reasons = []
+    old_cfg, new_cfg = flatten(old.get("config", {})), flatten(new.get("config", {}))
+    for name in sorted(set(old_cfg) | set(new_cfg)):
+        if old_cfg.get(name, "<unset>") != new_cfg.get(name, "<unset>"):
+            reasons.append(f"{section}.{name}: {old_cfg.get(name, '<unset>')} -> {new_cfg.get(name, '<unset>')}")
+    if old.get("dataset") != new.get("dataset"):
+        reasons.append("the prepared dataset changed")
+    for name in sorted(set(old.get("upstream", {})) | set(new.get("upstream", {}))):
+        if old.get("upstream", {}).get(name) != new.get("upstream", {}).get(name):
+            reasons.append(f"upstream {name} changed")
+    if old.get("code") != new.get("code"):
+        reasons.append("the stage's code changed")
+    return reasons
+
+
+class ArtifactStore:
+    def __init__(self, workdir: str | Path, dataset_name: str):
+        self.root = Path(workdir) / dataset_name
+
+    def final_dir(self, key: StageKey) -> Path:
+        return self.root / f"{key.stage}-{key.short}"
+
+    def partial_dir(self, key: StageKey) -> Path:
+        return self.root / f".{key.stage}-{key.short}.partial"
+
+    def read_manifest(self, path: Path) -> dict | None:
+        try:
+            return json.loads((path / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def complete(self, key: StageKey) -> Path | None:
+        """The artifact directory for this exact key, if it is complete."""
+        path = self.final_dir(key)
+        manifest = self.read_manifest(path)
+        if manifest is not None and manifest.get("key") == key.digest:
+            return path
+        return None
+
+    def latest(self, stage: str) -> tuple[Path, dict] | None:
+        """The most recently completed artifact of a stage, whatever its key."""
+        found = []
+        for path in self.root.glob(f"{stage}-*"):
+            manifest = self.read_manifest(path)
+            if manifest is not None and manifest.get("stage") == stage:
+                found.append((manifest.get("finished", 0), path, manifest))
+        if not found:
+            return None
+        _, path, manifest = max(found, key=lambda item: item[0])
+        return path, manifest
+
+    @contextmanager
+    def writing(self, key: StageKey, resume: bool = False):
+        """Yield a partial directory to write into; fresh unless resuming. Holds a lock."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock_path = self.root / f".{key.stage}-{key.short}.lock"
+        with open(lock_path, "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CacheError(f"another wss process is computing {self.final_dir(key)} (lock {lock_path})") from None
+            partial = self.partial_dir(key)
+            if partial.exists() and not resume:
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True, exist_ok=True)
+            yield partial
+
+    def commit(self, key: StageKey, partial: Path, manifest: dict) -> Path:
+        """Write the manifest last, then move the directory into place."""
+        manifest = {**manifest, "stage": key.stage, "key": key.digest, "key_parts": key.parts,
+                    "finished": time.time()}
+        tmp = partial / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1, default=str))
+        os.replace(tmp, partial / MANIFEST)
+        final = self.final_dir(key)
+        if final.exists():
+            trash = final.with_name(f".{final.name}.old{os.getpid()}")
+            os.replace(final, trash)
+            os.replace(partial, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(partial, final)
+        return final
+
+    def update_manifest(self, path: Path, **changes) -> None:
+        """Atomically rewrite fields of a complete artifact's manifest (e.g. new metrics)."""
+        manifest = self.read_manifest(path) or {}
+        manifest.update(changes)
+        tmp = path / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1, default=str))
+        os.replace(tmp, path / MANIFEST)

@@ -1,0 +1,204 @@
+"""Run configuration: a YAML file plus dotted command-line overrides, validated into dataclasses.
+
+Each stage owns the dataclass of its section (stages/<name>/config.py); this module composes
+them, checks every key and type, and names the file and key in every error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from data.errors import WssError
+from stages.cam.config import CamConfig
+from stages.irn.config import IrnConfig
+from stages.seg.config import SegConfig
+
+
+class ConfigError(WssError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    root: str = "runs/data/synthetic"  # the prepared dataset directory (`wss prepare ...`)
+    train_split: str = "train"
+    val_split: str = "val"
+
+
+@dataclass
+class RunConfig:
+    """How to run, not what to compute: none of these enter a cache key."""
+    workdir: str = "runs"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    workers: int = -1  # data-loader and per-image worker processes; -1 = one per core, max 8
+    verbose: bool = False
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    irn: IrnConfig = field(default_factory=IrnConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+    def section(self, name: str) -> Any:
+        return getattr(self, name)
+
+    def to_dict(self) -> dict:
+        return {f.name: dataclasses.asdict(getattr(self, f.name))
+                for f in dataclasses.fields(self) if not f.metadata.get("internal")}
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read `path` (following `base:` chains), apply `key=value` overrides, validate."""
+    raw: dict = {}
+    where = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        raw = read_yaml_with_base(path)
+        where = str(path)
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value, where=f"override {item!r}")
+    config = build(Config, raw, where=where, prefix="")
+    config.source = where
+    return config
+
+
+def read_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A file may name `base: other.yaml` (relative to itself); its keys override the base's."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `base:` chain loops back on itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    merged = read_yaml_with_base(path.parent / base, seen + (path.resolve(),))
+    return deep_merge(merged, raw)
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def set_dotted(raw: dict, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build(cls: type, raw: Any, where: str, prefix: str) -> Any:
+    """Instantiate dataclass `cls` from a mapping, checking keys and types recursively."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
+    values = {}
+    for name, f in fields.items():
+        if name in raw:
+            values[name] = check_value(hints[name], raw[name], where, f"{prefix}{name}")
+    return cls(**values)
+
+
+def check_value(hint: Any, value: Any, where: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where, f"{key}.")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return check_value(option, value, where, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {key}: {value!r} fits none of {hint}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {key} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        item_hint = args[0] if args else Any
+        items = [check_value(item_hint, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        return {str(k): check_value(args[1], v, where, f"{key}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: {key}: unsupported type {hint}")

@@ -1,0 +1,163 @@
+"""The stage graph: resolve order, compute keys, skip what is up to date, run the rest."""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from data.errors import WssError
+from data.layout import PreparedDataset
+from pipeline.cache import ArtifactStore, StageKey, explain_difference
+from pipeline.config import Config
+from stages.base import StageInputError
+from stages.registry import STAGE_ORDER, all_stages
+
+log = logging.getLogger("wss")
+
+
+@dataclass
+class Outcome:
+    stage: str
+    state: str  # "cached" | "ran"
+    path: Path
+    seconds: float = 0.0
+    metrics: dict = field(default_factory=dict)
+    headline: str = ""
+    failures: list = field(default_factory=list)
+
+    @property
+    def headline_value(self) -> str:
+        value = self.metrics.get(self.headline)
+        return f"{self.headline}={value:.4f}" if isinstance(value, (int, float)) else ""
+
+
+@dataclass
+class StageStatus:
+    stage: str
+    state: str  # "up to date" | "stale" | "missing"
+    path: Path | None
+    reasons: list[str]
+
+
+def upstream_closure(name: str, stages: dict) -> list[str]:
+    """`name` and everything it needs, in run order."""
+    wanted = {name}
+    for stage_name in reversed(STAGE_ORDER):
+        if stage_name in wanted:
+            wanted.update(stages[stage_name].needs)
+    return [s for s in STAGE_ORDER if s in wanted]
+
+
+def software_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for package in ["wss", "torch", "torchvision", "segmentation-models-pytorch", "numpy", "pydensecrf2"]:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+class Pipeline:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.dataset = PreparedDataset(cfg.data.root)
+        self.store = ArtifactStore(cfg.run.workdir, self.dataset.name)
+        self.stages = all_stages()
+        self._fingerprint: str | None = None
+        self._keys: dict[tuple[str, int | None], StageKey] = {}
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = self.dataset.fingerprint()
+        return self._fingerprint
+
+    def stage(self, name: str):
+        if name not in self.stages:
+            raise WssError(f"unknown stage {name!r} (stages: {', '.join(STAGE_ORDER)})")
+        return self.stages[name]
+
+    def key(self, name: str, limit: int | None = None) -> StageKey:
+        if (name, limit) not in self._keys:
+            stage = self.stage(name)
+            config = stage.key_config(self.cfg)
+            config["data"] = {"train_split": self.cfg.data.train_split, "val_split": self.cfg.data.val_split}
+            if limit is not None:
+                config["limit"] = limit
+            parts = {"config": config, "dataset": self.fingerprint,
+                     "upstream": {need: self.key(need).digest for need in stage.needs},
+                     "code": stage.code_version()}
+            self._keys[(name, limit)] = StageKey(name, parts)
+        return self._keys[(name, limit)]
+
+    def artifact(self, name: str) -> Path | None:
+        return self.store.complete(self.key(name))
+
+    def require(self, name: str) -> Path:
+        """The complete, current artifact of an upstream stage, or an error that says why not."""
+        path = self.artifact(name)
+        if path is not None:
+            return path
+        status = self.status_of(name)
+        why = f" ({'; '.join(status.reasons)})" if status.reasons else ""
+        raise StageInputError(
+            f"{name}: no up-to-date artifact for this config; the latest is {status.state}{why}. "
+            f"Run `wss run-stage {name} -c {self.cfg.source}` or `wss run -c {self.cfg.source}`.")
+
+    def status_of(self, name: str) -> StageStatus:
+        key = self.key(name)
+        path = self.store.complete(key)
+        if path is not None:
+            return StageStatus(name, "up to date", path, [])
+        latest = self.store.latest(name)
+        if latest is None:
+            return StageStatus(name, "missing", None, [])
+        old_path, manifest = latest
+        reasons = explain_difference(manifest.get("key_parts", {}), key.parts, self.stage(name).section)
+        return StageStatus(name, "stale", old_path, reasons or ["key changed"])
+
+    def status(self) -> list[StageStatus]:
+        return [self.status_of(name) for name in STAGE_ORDER]
+
+    def run_stage(self, name: str, force: bool = False, resume: bool = False,
+                  limit: int | None = None) -> Outcome:
+        stage = self.stage(name)
+        key = self.key(name, limit)
+        done = self.store.complete(key)
+        if done is not None and not force:
+            manifest = self.store.read_manifest(done) or {}
+            log.info("%s: up to date (%s), skipping", name, done)
+            return Outcome(name, "cached", done, manifest.get("seconds", 0.0), manifest.get("metrics", {}),
+                           manifest.get("headline", ""))
+        inputs = {need: self.require(need) for need in stage.needs}
+        with self.store.writing(key, resume=resume) as partial:
+            handler = logging.FileHandler(partial / "log.txt")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+            logging.getLogger().addHandler(handler)
+            started = time.time()
+            try:
+                log.info("%s: computing %s", name, self.store.final_dir(key))
+                result = stage.run(self.cfg, self.dataset, inputs, partial, resume=resume, limit=limit)
+            finally:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
+            seconds = time.time() - started
+            manifest = {"config": self.cfg.to_dict(), "config_file": self.cfg.source,
+                        "inputs": {k: str(v) for k, v in inputs.items()},
+                        "dataset_root": str(self.cfg.data.root), "metrics": result.metrics,
+                        "headline": result.headline, "failures": result.failures,
+                        "started": started, "seconds": seconds, "versions": software_versions()}
+            final = self.store.commit(key, partial, manifest)
+        log.info("%s: done in %.1f s -> %s", name, seconds, final)
+        return Outcome(name, "ran", final, seconds, result.metrics, result.headline, result.failures)
+
+    def run(self, until: str | None = None, force: tuple[str, ...] = ()) -> list[Outcome]:
+        """Run the chain up to `until`; a forced stage forces everything after it too."""
+        last = until or STAGE_ORDER[-1]
+        order = upstream_closure(self.stage(last).name, self.stages)
+        forced_from = min((order.index(s) for s in force if s in order), default=len(order))
+        return [self.run_stage(name, force=i >= forced_from) for i, name in enumerate(order)]

@@ -1,0 +1,1 @@
+"""The science: one package per stage (cam, irn, seg) and the pieces they share (common)."""

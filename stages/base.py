@@ -1,0 +1,57 @@
+"""The stage contract: what the pipeline needs to know about a stage, and nothing more."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from data.errors import WssError
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+class StageInputError(WssError):
+    """An upstream artifact or an input file a stage needs is missing or unusable."""
+
+
+@dataclass
+class StageResult:
+    metrics: dict[str, float] = field(default_factory=dict)
+    headline: str = ""  # the metric the run summary shows, e.g. "cam_miou"
+    failures: list[str] = field(default_factory=list)  # per-image problems, listed at the end
+
+
+class Stage(Protocol):
+    name: str  # "cam" | "irn" | "pseudo" | "seg"
+    needs: tuple[str, ...]  # upstream stage names
+    section: str  # the config section it reads
+
+    def key_config(self, cfg: Any) -> dict: ...
+
+    def code_version(self) -> str: ...
+
+    def run(self, cfg: Any, dataset: Any, inputs: dict[str, Path], out: Path, *,
+            resume: bool = False, limit: int | None = None) -> StageResult: ...
+
+
+def section_dict(section: Any, only: set[str] | None = None, skip: set[str] | None = None) -> dict:
+    values = dataclasses.asdict(section)
+    if only is not None:
+        values = {k: v for k, v in values.items() if k in only}
+    if skip is not None:
+        values = {k: v for k, v in values.items() if k not in skip}
+    return values
+
+
+def source_hash(*relative_paths: str) -> str:
+    """Hash of the source files a stage's results depend on: editing them makes artifacts stale."""
+    digest = hashlib.sha256()
+    for rel in relative_paths:
+        path = PACKAGE_ROOT / rel
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for file in files:
+            digest.update(str(file.relative_to(PACKAGE_ROOT)).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]

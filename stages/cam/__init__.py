@@ -1,0 +1,1 @@
+"""Stage 1: a regularized classifier whose class activation maps say where the evidence is."""

@@ -1,0 +1,39 @@
+"""The `cam` section of a run config."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+Method = Literal["gap", "dropblock", "pcam", "pylon", "multiscale", "minmax"]
+
+
+@dataclass
+class CamConfig:
+    method: Method = "gap"
+    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
+    weights: Optional[str] = "imagenet"  # null | imagenet | /path/to/resnet.pth
+    loss: Literal["soft_margin", "bce"] = "soft_margin"
+    # training (IRNet's defaults)
+    epochs: int = 5
+    batch_size: int = 16
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1  # the backbone's learning rate; the new head gets lr * head_lr_mult
+    head_lr_mult: float = 10.0
+    momentum: float = 0.0
+    weight_decay: float = 1e-4
+    crop_size: int = 512
+    resize_long: list[int] = field(default_factory=lambda: [320, 640])
+    # method: dropblock (DropBlock after layer3 and layer4)
+    dropblock_prob: float = 0.1
+    dropblock_size: int = 5
+    # methods of the chest X-ray localization papers (see stages/cam/methods)
+    pylon_channels: int = 128
+    multiscale_stages: list[int] = field(default_factory=lambda: [2, 3, 4])
+    minmax_k: float = 10.0
+    minmax_entropy_weight: float = 1.0
+    # CAM inference
+    extract: Literal["cam", "gradcam++"] = "cam"
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
+    flip: bool = True
+    # evaluation: the background threshold is fixed, never tuned on the scored split
+    eval_bg_threshold: float = 0.15

@@ -1,0 +1,162 @@
+"""Stage `cam`: train the classifier, score it, write the CAMs of the train split."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from data.datasets import ClassificationDataset, ImageDataset, first_item
+from data.errors import WssError
+from data.layout import PreparedDataset
+from data.transforms import normalize
+from stages.base import StageResult, section_dict, source_hash
+from stages.cam.infer import cam_to_label, load_cam, multiscale_cam, save_cam, upsample_cam
+from stages.cam.methods import build_cam_net
+from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, classification_scores, format_table
+from stages.common.runtime import resolve_device, seed_everything, worker_count
+from stages.common.training import TrainSettings, fit, save_atomic
+
+log = logging.getLogger("wss.cam")
+MODEL_FILE = "model.pt"
+
+
+def train_settings(section, run, batch_size: int | None = None) -> TrainSettings:
+    return TrainSettings(epochs=section.epochs, batch_size=batch_size or section.batch_size, lr=section.lr,
+                         optimizer=section.optimizer, momentum=section.momentum,
+                         weight_decay=section.weight_decay, workers=worker_count(run.workers), seed=run.seed)
+
+
+def load_cam_net(artifact: Path, device: torch.device):
+    """The trained classifier of a cam artifact (used by this stage, irn, compare)."""
+    from stages.cam.config import CamConfig
+    state = torch.load(artifact / MODEL_FILE, map_location="cpu", weights_only=False)
+    cfg = CamConfig(**state["config"])
+    model = build_cam_net(cfg, len(state["classes"]), weights=None)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg, state["classes"]
+
+
+class CamStage:
+    name = "cam"
+    needs: tuple[str, ...] = ()
+    section = "cam"
+
+    def key_config(self, cfg) -> dict:
+        return section_dict(cfg.cam)
+
+    def code_version(self) -> str:
+        return source_hash("stages/cam", "stages/common", "stages/base.py", "data/layout.py",
+                           "data/transforms.py", "data/datasets.py")
+
+    def run(self, cfg, dataset: PreparedDataset, inputs: dict[str, Path], out: Path, *,
+            resume: bool = False, limit: int | None = None) -> StageResult:
+        section = cfg.cam
+        seed_everything(cfg.run.seed)
+        device = resolve_device(cfg.run.device)
+        train_ids = dataset.split(cfg.data.train_split)[:limit]
+        val_ids = dataset.split(cfg.data.val_split)[:limit]
+        log.info("cam: %s/%s on %d train images (%s), device %s", section.method, section.backbone,
+                 len(train_ids), dataset.name, device)
+
+        model = build_cam_net(section, dataset.info.num_classes)
+        train_set = ClassificationDataset(dataset, train_ids, section.resize_long, section.crop_size, cfg.run.seed)
+        settings = train_settings(section, cfg.run)
+        history = fit(model, train_set, model.param_groups(section.head_lr_mult), lambda m, b: m.loss(m(b["image"]), b["label"]),
+                      settings, device, out, resume=resume, desc="cam")
+        save_atomic({"model": model.state_dict(), "config": section_dict(section),
+                     "classes": dataset.classes}, out / MODEL_FILE)
+        model = model.to(memory_format=torch.contiguous_format).eval()
+
+        metrics = {"train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0}
+        metrics.update(self.classify_split(model, dataset, val_ids, device, cfg.run.workers))
+        failures = self.write_cams(model, section, dataset, train_ids, out / "cams", device, cfg.run.workers)
+        metrics.update(evaluate_cams(dataset, train_ids, out / "cams", section.eval_bg_threshold))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        log.info("cam metrics on split %r:\n%s", cfg.data.train_split, per_class_table(metrics, "cam_", dataset))
+        return StageResult(metrics=metrics, headline="cam_miou", failures=failures)
+
+    def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
+        ids = dataset.split(cfg.data.train_split)
+        ids = [i for i in ids if (artifact / "cams" / f"{i}.npz").is_file()]
+        return evaluate_cams(dataset, ids, artifact / "cams", cfg.cam.eval_bg_threshold)
+
+    @torch.no_grad()
+    def classify_split(self, model, dataset: PreparedDataset, ids: list[str], device, workers: int) -> dict:
+        """Image-level AUC / AP on a split, whole images at scale 1."""
+        scores, targets = [], []
+        loader = DataLoader(ImageDataset(dataset, ids), batch_size=1, collate_fn=first_item,
+                            num_workers=min(2, worker_count(workers)))
+        for item in tqdm(loader, desc="cam classify val", unit="img", leave=False):
+            x = normalize(item["image"]).unsqueeze(0).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(x)["logits"].float()
+            scores.append(torch.sigmoid(logits)[0].cpu().numpy())
+            targets.append(dataset.label_vector(item["id"]))
+        if not scores:
+            return {}
+        result = classification_scores(np.stack(scores), np.stack(targets), dataset.classes, prefix="cls_")
+        return {k: float(v) for k, v in result.items()}
+
+    def write_cams(self, model, section, dataset: PreparedDataset, ids: list[str], cam_dir: Path, device,
+                   workers: int) -> list[str]:
+        cam_dir.mkdir(parents=True, exist_ok=True)
+        failures = []
+        loader = DataLoader(_SafeImages(dataset, ids), batch_size=1, collate_fn=first_item,
+                            num_workers=min(2, worker_count(workers)))
+        for item in tqdm(loader, desc="cam inference", unit="img"):
+            if "error" in item:
+                failures.append(item["error"])
+                log.warning("cam: skipped %s", item["error"])
+                continue
+            keys = [int(k) for k in np.nonzero(dataset.label_vector(item["id"]))[0]]
+            image = item["image"]
+            cam = multiscale_cam(model, image, keys, section.scales, section.flip, device, section.extract)
+            save_cam(cam_dir / f"{item['id']}.npz", cam, keys, image.shape[:2])
+        return failures
+
+
+class _SafeImages(ImageDataset):
+    """An unreadable image becomes an error record instead of stopping the whole loop."""
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return super().__getitem__(index)
+        except WssError as error:
+            return {"id": self.ids[index], "error": str(error)}
+
+
+def evaluate_cams(dataset: PreparedDataset, ids: list[str], cam_dir: Path, bg_threshold: float) -> dict:
+    """CAM mIoU (and per-class IoU; binary: Dice) on the images of `ids` that have masks."""
+    matrix = ConfusionMatrix(dataset.info.num_classes + 1)
+    binary = BinarySegmentationScores() if dataset.task == "binary" else None
+    scored = 0
+    for image_id in tqdm(ids, desc="cam evaluate", unit="img", leave=False):
+        gt = dataset.read_mask(image_id)
+        path = cam_dir / f"{image_id}.npz"
+        if gt is None or not path.is_file():
+            continue
+        cam, keys, size = load_cam(path)
+        pred = cam_to_label(upsample_cam(cam, size), keys, bg_threshold)
+        matrix.update(pred, gt)
+        if binary is not None:
+            binary.update(pred, gt)
+        scored += 1
+    if not scored:
+        return {"cam_scored_images": 0}
+    metrics = {f"cam_{k}": float(v) for k, v in matrix.to_dict(["background", *dataset.classes]).items()}
+    if binary is not None:
+        metrics.update({f"cam_{k}": float(v) for k, v in binary.summary().items()})
+    metrics["cam_scored_images"] = scored
+    return metrics
+
+
+def per_class_table(metrics: dict, prefix: str, dataset: PreparedDataset) -> str:
+    rows = [{"class": name, "IoU": metrics.get(f"{prefix}iou/{name}", float("nan"))}
+            for name in ["background", *dataset.classes]]
+    rows.append({"class": "mean", "IoU": metrics.get(f"{prefix}miou", float("nan"))})
+    return format_table(rows, ["class", "IoU"])

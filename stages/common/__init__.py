@@ -1,0 +1,1 @@
+"""Pieces the stages share: backbones, training loop, metrics, CRF, parallel map."""

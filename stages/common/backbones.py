@@ -1,0 +1,91 @@
+"""torchvision ResNets as stride-16 feature extractors, with honest weight loading.
+
+`weights` is None (random init), "imagenet" (torchvision's download: needs internet once) or
+a path to a local state dict (.pth) of the same torchvision architecture.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+from data.errors import WssError
+
+RESNETS = {"resnet18": models.resnet18, "resnet34": models.resnet34, "resnet50": models.resnet50}
+IMAGENET_WEIGHTS = {"resnet18": models.ResNet18_Weights.IMAGENET1K_V1,
+                    "resnet34": models.ResNet34_Weights.IMAGENET1K_V1,
+                    "resnet50": models.ResNet50_Weights.IMAGENET1K_V1}
+
+
+class WeightsError(WssError):
+    pass
+
+
+def stage_channels(name: str) -> list[int]:
+    """Output channels of [stem, layer1, layer2, layer3, layer4]."""
+    expansion = 4 if name == "resnet50" else 1
+    return [64] + [c * expansion for c in (64, 128, 256, 512)]
+
+
+def load_state_dict(name: str, weights: str | None) -> dict | None:
+    if weights is None:
+        return None
+    if weights == "imagenet":
+        try:
+            return IMAGENET_WEIGHTS[name].get_state_dict(progress=False)
+        except Exception as error:  # urllib/ssl/socket errors differ by platform
+            url = IMAGENET_WEIGHTS[name].url
+            raise WeightsError(
+                f"could not download ImageNet weights for {name} ({type(error).__name__}: {error}). "
+                f"Offline? Download {url} elsewhere and set `weights: /path/to/{url.rsplit('/', 1)[-1]}` "
+                f"(or `-o <stage>.weights=/path`), or `weights: null` to train from scratch.") from None
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path} (expected a torchvision {name} state dict)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsError(f"{path}: not a readable PyTorch state dict ({error})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return state
+
+
+class ResNetFeatures(nn.Module):
+    """ResNet trunk, output stride 16: layer4 keeps stride 1 and dilates its 3x3 convs by 2."""
+
+    def __init__(self, name: str = "resnet50", weights: str | None = None):
+        super().__init__()
+        if name not in RESNETS:
+            raise WssError(f"unknown backbone {name!r} (choose from {', '.join(RESNETS)})")
+        net = RESNETS[name](weights=None)
+        state = load_state_dict(name, weights)
+        if state is not None:
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            trunk_missing = [k for k in missing if not k.startswith("fc.")]
+            if trunk_missing:
+                raise WeightsError(f"weights {weights} do not fit {name}: missing {trunk_missing[:3]}...")
+        for module in net.layer4.modules():
+            if isinstance(module, nn.Conv2d):
+                if module.kernel_size == (3, 3):
+                    module.stride, module.dilation, module.padding = (1, 1), (2, 2), (2, 2)
+                elif module.stride == (2, 2):
+                    module.stride = (1, 1)
+        self.name = name
+        self.channels = stage_channels(name)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[stem (s4), layer1 (s4), layer2 (s8), layer3 (s16), layer4 (s16)]."""
+        x0 = self.stem(x)
+        x1 = self.layer1(x0)
+        x2 = self.layer2(x1)
+        x3 = self.layer3(x2)
+        x4 = self.layer4(x3)
+        return [x0, x1, x2, x3, x4]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_stages(x)[-1]

@@ -1,0 +1,36 @@
+"""Where and how a stage runs: device, seeding, worker counts."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from data.errors import WssError
+        raise WssError(f"run.device is {name!r} but no CUDA GPU is available (use run.device=cpu or auto)")
+    return device
+
+
+def worker_count(requested: int) -> int:
+    """-1 means one per core (at most 8); 0 means work in the main process."""
+    if requested >= 0:
+        return requested
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU bf16 is slower than fp32 on most CPUs)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -1,0 +1,148 @@
+"""The one training loop every stage uses: poly LR, AMP, checkpoints each epoch, resume.
+
+A stage supplies a model, a dataset, parameter groups with LR multipliers and a `step`
+function (model, batch) -> (loss, logs). The loop owns everything else, so that resume,
+mixed precision and progress reporting behave the same in every stage.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from stages.common.runtime import autocast
+
+log = logging.getLogger("wss.train")
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainSettings:
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    workers: int = 0
+    seed: int = 0
+
+
+def make_optimizer(groups: list[tuple[list, float]], settings: TrainSettings) -> torch.optim.Optimizer:
+    """groups: (parameters, LR multiplier). The multiplier is kept for the poly schedule."""
+    param_groups = [{"params": [p for p in params if p.requires_grad], "lr": settings.lr * mult,
+                     "lr_mult": mult} for params, mult in groups]
+    param_groups = [g for g in param_groups if g["params"]]
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.SGD(param_groups, lr=settings.lr, momentum=settings.momentum,
+                           weight_decay=settings.weight_decay)
+
+
+def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, total: int, power: float) -> float:
+    factor = (1 - step / max(1, total)) ** power
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * group["lr_mult"] * factor
+    return base_lr * factor
+
+
+def make_loader(dataset: Dataset, settings: TrainSettings, device: torch.device, shuffle: bool,
+                epoch: int = 0, drop_last: bool = True) -> DataLoader:
+    """Shuffling is seeded by (seed, epoch), so a resumed run sees the same batches."""
+    generator = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
+    workers = settings.workers
+    return DataLoader(dataset, batch_size=settings.batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=workers, pin_memory=device.type == "cuda", generator=generator,
+                      persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if channels_last and value.dim() == 4 and value.is_floating_point():
+                value = value.contiguous(memory_format=torch.channels_last)
+        out[key] = value
+    return out
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float]],
+        step: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]], settings: TrainSettings,
+        device: torch.device, out: Path, resume: bool = False, desc: str = "train") -> list[dict]:
+    """Train for settings.epochs, checkpointing into out/checkpoint.pt after every epoch."""
+    channels_last = device.type == "cuda"
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(groups, settings)
+    steps_per_epoch = len(dataset) // settings.batch_size
+    if steps_per_epoch == 0:
+        from data.errors import WssError
+        raise WssError(f"{desc}: {len(dataset)} training images is fewer than one batch "
+                       f"(batch_size {settings.batch_size}); lower the batch size")
+    total_steps = steps_per_epoch * settings.epochs
+    start_epoch, history = 0, []
+    checkpoint_path = out / CHECKPOINT
+    if resume and checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        log.info("%s: resumed after epoch %d of %d", desc, start_epoch, settings.epochs)
+    metrics_log = out / "metrics.jsonl"
+    for epoch in range(start_epoch, settings.epochs):
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        model.train()
+        loader = make_loader(dataset, settings, device, shuffle=True, epoch=epoch)
+        sums: dict[str, float] = {}
+        started, seen = time.time(), 0
+        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{settings.epochs}", unit="batch", leave=False)
+        for i, batch in enumerate(bar):
+            lr = set_poly_lr(optimizer, settings.lr, epoch * steps_per_epoch + i, total_steps, settings.poly_power)
+            batch = to_device(batch, device, channels_last)
+            with autocast(device):
+                loss, logs = step(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1} step {i}; "
+                                         f"lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(next(iter(batch.values())))
+            for key, value in {"loss": loss.detach(), **logs}.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.4f}", lr=f"{lr:.2g}")
+        seconds = time.time() - started
+        record = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()},
+                  "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
+        history.append(record)
+        with open(metrics_log, "a") as handle:
+            handle.write(json.dumps({"stage_step": desc, **record}) + "\n")
+        log.info("%s epoch %d/%d: loss %.4f, %.1f img/s", desc, epoch + 1, settings.epochs,
+                 record["loss"], record["images_per_s"])
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "epoch": epoch, "history": history}, checkpoint_path)
+    model.eval()
+    return history
+
+
+def finite_or_nan(value: float) -> float:
+    return value if math.isfinite(value) else float("nan")

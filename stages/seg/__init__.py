@@ -1,0 +1,1 @@
+"""Stage 3: a fully supervised segmenter trained on the pseudo-labels."""

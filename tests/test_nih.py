@@ -1,0 +1,129 @@
+"""NIH ChestX-ray14: the box list's header quirk, labels, grayscale conversion, patient splits."""
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from data.errors import DataError
+from data.layout import PreparedDataset
+from data.nih import FINDINGS, Box, Entry, patient_splits, prepare_nih, read_boxes, write_boxes
+
+SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "samples" / "nih"
+
+
+def need_samples():
+    if not (SAMPLES / "images").is_dir():
+        pytest.skip(f"NIH samples not found: {SAMPLES}")
+
+
+def test_release_box_list_parses():
+    need_samples()
+    assert (SAMPLES / "BBox_List_2017.csv").read_text().splitlines()[0] == \
+        "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+    boxes = read_boxes(SAMPLES / "BBox_List_2017.csv")
+    assert len(boxes) == 984 and len({b.image_id for b in boxes}) == 880
+    assert {b.finding for b in boxes} <= set(FINDINGS) and "Infiltration" in {b.finding for b in boxes}
+    first = boxes[0]
+    assert first == Box("00013118_008", "Atelectasis", 225.084745762712, 547.019216763771,
+                        86.7796610169491, 79.1864406779661)
+
+
+def test_47_boxes_for_the_40_sample_images():
+    need_samples()
+    present = {p.stem for p in (SAMPLES / "images").glob("*.png")}
+    assert len(present) == 40
+    boxes = [b for b in read_boxes(SAMPLES / "BBox_List_2017.csv") if b.image_id in present]
+    assert len(boxes) == 47
+    assert sorted(boxes, key=repr) == sorted(read_boxes(SAMPLES / "BBox_samples.csv"), key=repr)
+
+
+def test_clean_box_file_round_trips(tmp_path):
+    boxes = [Box("00000001_000", "Mass", 1.5, 2.25, 30.0, 40.125), Box("x", "Infiltration", 0.1, 0.2, 0.3, 0.4)]
+    write_boxes(tmp_path / "boxes.csv", boxes)
+    assert (tmp_path / "boxes.csv").read_text().splitlines()[0] == "image_id,finding,x,y,w,h"
+    assert read_boxes(tmp_path / "boxes.csv") == boxes
+
+
+@pytest.mark.parametrize("row, message", [
+    ("a.png,Mass,1,2,3", "expected image"), ("a.png,Mass,1,2,3,4,5", "expected image"),
+    ("a.png,Unicorn,1,2,3,4", "unknown finding"), ("a.png,Mass,1,2,x,4", "numbers"),
+    ("a.png,Mass,1,2,0,4", "positive")])
+def test_bad_box_rows_name_the_line(tmp_path, row, message):
+    path = tmp_path / "b.csv"
+    path.write_text(f"Image Index,Finding Label,Bbox [x,y,w,h],,,\nok.png,Mass,1,2,3,4\n{row}\n")
+    with pytest.raises(DataError, match=f"b.csv:3: .*{message}"):
+        read_boxes(path)
+
+
+def test_samples_prepare(tmp_path):
+    need_samples()
+    report = prepare_nih(SAMPLES / "images", SAMPLES / "Data_Entry_2017_v2020.csv.gz",
+                         SAMPLES / "BBox_List_2017.csv", tmp_path / "out", progress=False)
+    assert report.ok and report.counts["prepared"] == 40 and report.counts["boxes"] == 47
+    assert report.id_counts["labels_without_images"] == 112120 - 40
+    dataset = PreparedDataset(tmp_path / "out")
+    assert dataset.classes == FINDINGS and dataset.task == "multiclass"
+    assert len(read_boxes(tmp_path / "out" / "boxes.csv")) == 47
+    assert sorted(dataset.split("test")) == sorted(dataset.labels)  # every sample image is boxed
+    table = pd.read_csv(SAMPLES / "Data_Entry_2017_v2020.csv.gz", usecols=["Image Index", "Finding Labels"])
+    findings = dict(zip(table["Image Index"].str[:-4], table["Finding Labels"]))
+    for image_id in dataset.labels:
+        expected = set(findings[image_id].split("|")) - {"No Finding"}
+        assert {FINDINGS[i] for i in np.flatnonzero(dataset.label_vector(image_id))} == expected
+        assert dataset.read_mask(image_id) is None
+    image_id = next(iter(dataset.labels))
+    assert np.array_equal(np.array(Image.open(dataset.image_path(image_id))),
+                          np.array(Image.open(SAMPLES / "images" / f"{image_id}.png")))
+
+
+def write_entries(path: Path, rows: list[tuple[str, str, str]]) -> None:
+    lines = ["Image Index,Finding Labels,Follow-up #,Patient ID"]
+    lines += [f"{name},{labels},0,{patient}" for name, labels, patient in rows]
+    path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+
+
+def test_conversion_bad_images_and_unknown_rows(tmp_path):
+    images = tmp_path / "images_001" / "images"
+    images.mkdir(parents=True)
+    gray = (np.arange(20 * 30).reshape(20, 30) % 256).astype(np.uint8)
+    rgba = np.dstack([gray, gray, gray, np.full_like(gray, 255)])
+    Image.fromarray(rgba).save(images / "00000001_000.png")
+    Image.fromarray(gray.astype(np.uint16) * 200).save(images / "00000001_001.png")
+    (images / "00000002_000.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.fromarray(gray).save(images / "00000003_000.png")
+    Image.fromarray(gray).save(images / "00000009_000.png")  # not in the data entry
+    write_entries(tmp_path / "entry.csv.gz", [
+        ("00000001_000.png", "Mass|Nodule", "1"), ("00000001_001.png", "No Finding", "1"),
+        ("00000002_000.png", "Hernia", "2"), ("00000003_000.png", "Unicorn", "3"),
+        ("00000004_000.png", "Edema", "4")])
+    (tmp_path / "boxes.csv").write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+                                        "00000001_000.png,Mass,1,2,3,4\n00000004_000.png,Edema,1,2,3,4\n")
+    report = prepare_nih(tmp_path, tmp_path / "entry.csv.gz", tmp_path / "boxes.csv", tmp_path / "out",
+                         progress=False)
+    dataset = PreparedDataset(tmp_path / "out")
+    assert sorted(dataset.labels) == ["00000001_000", "00000001_001"]
+    converted = np.array(Image.open(dataset.image_path("00000001_000")))
+    assert converted.dtype == np.uint8 and converted.ndim == 2 and np.array_equal(converted, gray)
+    deep = np.array(Image.open(dataset.image_path("00000001_001")))
+    assert deep.dtype == np.uint8 and np.array_equal(deep, gray)  # 16-bit min..max stretched back
+    wheres = " ".join(p.where + " " + p.message for p in report.problems)
+    assert "00000002_000.png" in wheres and "Unicorn" in wheres
+    assert report.id_lists["images_without_labels"] == ["00000003_000", "00000009_000"]  # bad row, none
+    assert report.counts["boxes"] == 1 and report.counts["boxes_without_image"] == 1
+    assert report.id_counts["labels_without_images"] == 1  # 00000004_000
+    assert dataset.split("test") == ["00000001_000", "00000001_001"]  # the boxed patient, whole
+
+
+def test_patient_splits_keep_patients_whole():
+    entries = {f"{p:08d}_{k:03d}": Entry([0] * 14, str(p)) for p in range(50) for k in range(3)}
+    boxed = {"00000007_001", "00000011_000"}
+    splits = patient_splits(set(entries), entries, boxed, val_fraction=0.2, seed=1)
+    assert splits == patient_splits(set(entries), entries, boxed, val_fraction=0.2, seed=1)
+    patients = {name: {entries[i].patient for i in ids} for name, ids in splits.items()}
+    assert patients["test"] == {"7", "11"}
+    assert len(patients["val"]) == 10 and len(patients["train"]) == 38
+    assert not (patients["train"] & patients["val"]) and not (patients["val"] & patients["test"])
+    assert sum(len(ids) for ids in splits.values()) == 150

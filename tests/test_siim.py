@@ -1,0 +1,351 @@
+"""SIIM preparation and DICOM reading: the Kaggle samples to the pixel, CSV quirks, bad inputs."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import data.siim as siim
+from data.dicom import is_dicom, read_dicom, write_dicom
+from data.errors import DataError
+from data.layout import PreparedDataset
+from data.prepare_report import PrepareReport
+from data.rle import siim_rle_encode
+from data.siim import prepare_siim, read_rle_csv, stratified_split
+
+SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "samples" / "siim"
+
+
+def need_samples():
+    if not (SAMPLES / "dicom").is_dir():
+        pytest.skip(f"SIIM samples not found: {SAMPLES}")
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic inputs
+# --------------------------------------------------------------------------------------------
+
+def make_case(folder: Path, ids_and_masks: dict, size=(32, 24), nested=False, jpeg=False) -> tuple[Path, Path]:
+    """DICOMs (one per id, a gradient image) and an RLE CSV with Kaggle's header."""
+    dicoms = folder / "dicom"
+    lines = ["ImageId, EncodedPixels"]
+    for k, (image_id, mask) in enumerate(ids_and_masks.items()):
+        target = dicoms / f"study{k}" / "series" if nested else dicoms
+        target.mkdir(parents=True, exist_ok=True)
+        image = ((np.arange(size[0] * size[1]).reshape(size) * 7 + k) % 256).astype(np.uint8)
+        write_dicom(target / f"{image_id}.dcm", image, jpeg=jpeg)
+        lines.append(f"{image_id},{siim_rle_encode(mask) if mask is not None else '-1'}")
+    csv_path = folder / "train-rle.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    return dicoms, csv_path
+
+
+def block_mask(size=(32, 24), top=4, left=3, height=6, width=5):
+    mask = np.zeros(size, dtype=np.uint8)
+    mask[top:top + height, left:left + width] = 1
+    return mask
+
+
+def report_json(out: Path) -> dict:
+    return json.loads((out / "prepare_report.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# The Kaggle samples
+# --------------------------------------------------------------------------------------------
+
+def test_sample_dicoms_and_csv_prepare_to_the_reference_masks(tmp_path):
+    """BOM, no header, CRLF, ' -1': the 10 samples give masks identical to samples/siim/masks."""
+    need_samples()
+    raw = (SAMPLES / "train-rle-sample.csv").read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf") and b"\r\n" in raw  # the quirks are really there
+    report = prepare_siim(SAMPLES / "dicom", SAMPLES / "train-rle-sample.csv", tmp_path / "out",
+                          progress=False)
+    assert report.ok and report.counts["prepared"] == 10 and report.counts["positive"] == 5
+    assert not report.problems
+    dataset = PreparedDataset(tmp_path / "out")
+    assert dataset.task == "binary" and dataset.classes == ["pneumothorax"]
+    for reference in sorted((SAMPLES / "masks").glob("*.png")):
+        expected = np.array(Image.open(reference))
+        assert set(np.unique(expected)) <= {0, 255}
+        prepared = dataset.read_mask(reference.stem)
+        assert set(np.unique(prepared)) <= {0, 1}
+        assert np.array_equal(prepared, (expected == 255).astype(np.uint8)), reference.name
+        assert dataset.label_vector(reference.stem)[0] == float(expected.any())
+    image_id = reference.stem
+    assert np.array_equal(np.array(Image.open(dataset.image_path(image_id))),
+                          pydicom.dcmread(SAMPLES / "dicom" / f"{image_id}.dcm").pixel_array)
+    assert sorted(dataset.split("train") + dataset.split("val")) == sorted(dataset.labels)
+
+
+def test_full_label_file_with_its_header(tmp_path):
+    """Header 'ImageId, EncodedPixels' (.gz): same masks; the other 12,037 ids are counted."""
+    need_samples()
+    report = prepare_siim(SAMPLES / "dicom", SAMPLES / "train-rle.csv.gz", tmp_path / "out",
+                          progress=False)
+    assert report.counts["prepared"] == 10
+    assert report.id_counts["labels_without_images"] == 12037
+    assert report.id_counts["images_without_labels"] == 0
+    for reference in (SAMPLES / "masks").glob("*.png"):
+        prepared = np.array(Image.open(tmp_path / "out" / "masks" / reference.name))
+        assert np.array_equal(prepared * 255, np.array(Image.open(reference)))
+
+
+def test_read_dicom_matches_pydicom_on_the_jpeg_samples():
+    need_samples()
+    path = next((SAMPLES / "dicom").glob("*.dcm"))
+    assert is_dicom(path)
+    image = read_dicom(path)
+    assert image.dtype == np.uint8 and image.shape == (1024, 1024)
+    assert np.array_equal(image, pydicom.dcmread(path).pixel_array)
+
+
+# --------------------------------------------------------------------------------------------
+# DICOM conversions
+# --------------------------------------------------------------------------------------------
+
+def test_monochrome1_is_inverted(tmp_path):
+    image = (np.arange(20 * 30).reshape(20, 30) % 256).astype(np.uint8)
+    write_dicom(tmp_path / "m1.dcm", image, photometric="MONOCHROME1")
+    assert np.array_equal(read_dicom(tmp_path / "m1.dcm"), 255 - image)
+
+
+def test_twelve_bit_without_window_is_stretched(tmp_path):
+    image = np.linspace(100, 3100, 20 * 30).reshape(20, 30).astype(np.uint16)
+    write_dicom(tmp_path / "b12.dcm", image, bits_stored=12)
+    result = read_dicom(tmp_path / "b12.dcm")
+    expected = np.round((image.astype(float) - 100) * 255 / 3000).astype(np.uint8)
+    assert np.array_equal(result, expected)
+
+
+def test_sixteen_bit_window_is_applied(tmp_path):
+    image = np.linspace(0, 60000, 40 * 50).reshape(40, 50).astype(np.uint16)
+    write_dicom(tmp_path / "b16.dcm", image, bits_stored=16, window=(30000, 20001))
+    result = read_dicom(tmp_path / "b16.dcm")
+    assert np.all(result[image <= 20000] == 0) and np.all(result[image >= 40000] == 255)
+    middle = (image > 21000) & (image < 39000)
+    assert np.all(np.diff(result[middle].astype(int)) >= 0) and 100 < result[image == image[20, 25]][0] < 160
+
+
+def test_truncated_dicom_is_a_data_error(tmp_path):
+    need_samples()
+    source = next((SAMPLES / "dicom").glob("*.dcm")).read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(source[: len(source) // 2])
+    with pytest.raises(DataError, match="truncated.dcm"):
+        read_dicom(truncated)
+
+
+def test_dicom_without_pixel_data_is_a_data_error(tmp_path):
+    path = tmp_path / "nopixels.dcm"
+    write_dicom(path, np.zeros((4, 4), np.uint8))
+    dataset = pydicom.dcmread(path)
+    del dataset.PixelData
+    dataset.save_as(path)
+    with pytest.raises(DataError, match="no pixel data"):
+        read_dicom(path)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.binary(max_size=600), with_magic=st.booleans())
+def test_random_bytes_as_dicom_give_a_data_error(tmp_path, body, with_magic):
+    path = tmp_path / "random.dcm"
+    path.write_bytes((b"\0" * 128 + b"DICM" if with_magic else b"") + body)
+    with pytest.raises(DataError, match="random.dcm"):
+        read_dicom(path)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(0, 10_000), flips=st.lists(st.tuples(st.integers(128, 10_000), st.integers(0, 255)),
+                                                   max_size=6), kind=st.sampled_from(["raw", "jpeg", "window"]))
+def test_damaged_dicoms_read_or_give_a_data_error(tmp_path, cut, flips, kind):
+    """A valid file, truncated and with bytes overwritten: an image or a DataError, nothing else."""
+    source = tmp_path / f"{kind}.dcm"
+    if not source.exists():
+        image = (np.arange(16 * 16).reshape(16, 16) % 256).astype(np.uint8)
+        if kind == "window":
+            write_dicom(source, image.astype(np.uint16) * 16, bits_stored=12, window=(2000, 1000))
+        else:
+            write_dicom(source, image, jpeg=kind == "jpeg")
+    damaged = bytearray(source.read_bytes())
+    for position, value in flips:
+        damaged[position % len(damaged)] = value
+    damaged = damaged[: max(132, len(damaged) - cut % len(damaged))]
+    path = tmp_path / "damaged.dcm"
+    path.write_bytes(bytes(damaged))
+    try:
+        image = read_dicom(path)
+    except DataError as error:
+        assert str(path) in str(error)
+    else:
+        assert image.dtype == np.uint8 and image.ndim == 2
+
+
+# --------------------------------------------------------------------------------------------
+# The label CSV
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", [
+    b"ImageId, EncodedPixels\na,1 2\nb,-1\na,5 1\n",
+    b"ImageId,EncodedPixels\r\na,1 2\r\nb,-1\r\na,5 1\r\n",
+    b"\xef\xbb\xbfa, 1 2\r\nb, -1\r\na, 5 1",
+    b"EncodedPixels,ImageId\n1 2,a\n-1,b\n5 1,a\n",
+    b'"ImageId","EncodedPixels"\n"a","1 2"\n"b","-1"\n\n"a","5 1"\n',
+])
+def test_csv_variants_read_alike(tmp_path, content):
+    path = tmp_path / "labels.csv"
+    path.write_bytes(content)
+    report = PrepareReport("siim", tmp_path)
+    rows = read_rle_csv(path, report)
+    assert not report.problems
+    assert sorted(rows) == ["a", "b"]
+    assert [r.text.strip() for r in rows["a"]] == ["1 2", "5 1"]
+    assert [r.text.strip() for r in rows["b"]] == ["-1"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(row=st.binary(max_size=80))
+def test_random_bytes_as_csv_row_are_reported_never_a_crash(tmp_path, row):
+    case = tmp_path / "case"
+    if not case.exists():
+        make_case(case, {"image-0001": block_mask()})
+    bad = tmp_path / "bad.csv"
+    one_line = row.replace(b"\n", b" ").replace(b"\r", b" ")
+    bad.write_bytes((case / "train-rle.csv").read_bytes() + one_line + b"\n")
+    out = tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    report = prepare_siim(case / "dicom", bad, out, size=None, progress=False)
+    assert report.ok and report.counts["prepared"] == 1  # the good image survives anything
+    assert np.array_equal(np.array(Image.open(out / "masks" / "image-0001.png")), block_mask())
+    for problem in report.problems:
+        assert problem.where == f"{bad}:3"
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs in a preparation
+# --------------------------------------------------------------------------------------------
+
+def test_bad_inputs_are_reported_and_skipped(tmp_path):
+    masks = {"good": block_mask(), "odd": None, "overflow": None, "trunc": None, "nopix": None,
+             "neg": None}
+    dicoms, csv_path = make_case(tmp_path, masks, nested=True)
+    lines = csv_path.read_text().splitlines()
+    lines[2] = "odd,1 2 3"                  # line 3
+    lines[3] = "overflow,700 100"           # line 4: 32*24 = 768 pixels
+    lines.append("good,-1")                 # line 8: a second row for "good", a union
+    lines.append("ghost,-1")                # line 9: a label without an image
+    csv_path.write_text("\n".join(lines) + "\n")
+    truncated = next(dicoms.rglob("trunc.dcm"))
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    no_pixels = next(dicoms.rglob("nopix.dcm"))
+    dataset = pydicom.dcmread(no_pixels)
+    del dataset.PixelData
+    dataset.save_as(no_pixels)
+    duplicate = dicoms / "elsewhere" / "good.dcm"   # a second file with the same id
+    duplicate.parent.mkdir()
+    shutil.copy(next(dicoms.rglob("good.dcm")), duplicate)
+    (dicoms / "unlabelled.dcm").write_bytes(duplicate.read_bytes())
+
+    report = prepare_siim(dicoms, csv_path, tmp_path / "out", size=16, val_fraction=0.0, progress=False)
+    saved = report_json(tmp_path / "out")
+    wheres = {p["where"]: p["message"] for p in saved["problems"]}
+    assert report.counts["prepared"] == 2  # good and neg
+    assert "odd number" in wheres[f"{csv_path}:3"]
+    assert "beyond" in wheres[f"{csv_path}:4"]
+    assert str(truncated) in wheres and str(no_pixels) in wheres
+    assert "no pixel data" in wheres[str(no_pixels)]
+    duplicates = [w for w, m in wheres.items() if "duplicate image id 'good'" in m]
+    assert len(duplicates) == 1 and Path(duplicates[0]).name == "good.dcm"
+    assert saved["ids"]["labels_without_images"] == ["ghost"]
+    assert saved["ids"]["images_without_labels"] == ["unlabelled"]
+    prepared = PreparedDataset(tmp_path / "out")
+    assert sorted(prepared.labels) == ["good", "neg"]
+    assert prepared.label_vector("good")[0] == 1 and prepared.label_vector("neg")[0] == 0
+    assert prepared.read_mask("good").shape == (16, 16)
+    assert set(np.unique(prepared.read_mask("good"))) == {0, 1}  # nearest neighbour only
+
+
+def test_nothing_usable_raises_after_writing_the_report(tmp_path):
+    dicoms, csv_path = make_case(tmp_path, {"a": block_mask()})
+    csv_path.write_text("ImageId, EncodedPixels\na,1 2 3\n")
+    with pytest.raises(DataError, match="prepare_report.json"):
+        prepare_siim(dicoms, csv_path, tmp_path / "out", progress=False)
+    assert report_json(tmp_path / "out")["ok"] is False
+    assert not (tmp_path / "out" / "dataset.json").exists()
+
+
+def test_missing_inputs_are_data_errors(tmp_path):
+    with pytest.raises(DataError, match="DICOM directory"):
+        prepare_siim(tmp_path / "nope", tmp_path / "x.csv", tmp_path / "out", progress=False)
+    (tmp_path / "d").mkdir()
+    with pytest.raises(DataError, match="label file"):
+        prepare_siim(tmp_path / "d", tmp_path / "x.csv", tmp_path / "out", progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Resizing, resuming, workers, splits
+# --------------------------------------------------------------------------------------------
+
+def test_resize_uses_nearest_for_masks_and_keeps_labels(tmp_path):
+    tiny = np.zeros((32, 24), np.uint8)
+    tiny[5, 5] = 1  # one pixel: may vanish at 8x8, the label must not
+    dicoms, csv_path = make_case(tmp_path, {"big": block_mask(height=20, width=12), "tiny": tiny})
+    prepare_siim(dicoms, csv_path, tmp_path / "out", size=8, progress=False)
+    dataset = PreparedDataset(tmp_path / "out")
+    big = dataset.read_mask("big")
+    expected = np.array(Image.fromarray(block_mask(height=20, width=12)).resize((8, 8), Image.NEAREST))
+    assert np.array_equal(big, expected)
+    assert dataset.read_image("big").shape == (8, 8, 3)
+    assert dataset.label_vector("tiny")[0] == 1
+
+
+def test_rerun_resumes_and_redoes_wrong_size_outputs(tmp_path, monkeypatch):
+    dicoms, csv_path = make_case(tmp_path, {"a": block_mask(), "b": None, "c": block_mask(top=10)})
+    out = tmp_path / "out"
+    first = prepare_siim(dicoms, csv_path, out, size=16, progress=False)
+    assert first.counts["converted"] == 3
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(out / "masks" / "c.png")  # wrong size
+    calls = []
+    original = siim.read_dicom
+    monkeypatch.setattr(siim, "read_dicom", lambda path: calls.append(path) or original(path))
+    second = prepare_siim(dicoms, csv_path, out, size=16, progress=False)
+    assert second.counts["resumed"] == 2 and second.counts["converted"] == 1
+    assert [Path(p).stem for p in calls] == ["c"]
+    assert Image.open(out / "masks" / "c.png").size == (16, 16)
+    assert (out / "labels.csv").read_text() == "image_id,pneumothorax\na,1\nb,0\nc,1\n"
+
+
+def test_workers_give_the_same_result(tmp_path):
+    masks = {f"id{k:02d}": (block_mask(top=k % 20) if k % 3 else None) for k in range(12)}
+    dicoms, csv_path = make_case(tmp_path, masks, jpeg=True)
+    one = prepare_siim(dicoms, csv_path, tmp_path / "one", workers=1, progress=False)
+    two = prepare_siim(dicoms, csv_path, tmp_path / "two", workers=2, progress=False)
+    assert one.counts == two.counts
+    for sub in ["labels.csv", "splits/train.txt", "splits/val.txt"]:
+        assert (tmp_path / "one" / sub).read_text() == (tmp_path / "two" / sub).read_text()
+    for image_id in masks:
+        for sub in ["images", "masks"]:
+            a = np.array(Image.open(tmp_path / "one" / sub / f"{image_id}.png"))
+            b = np.array(Image.open(tmp_path / "two" / sub / f"{image_id}.png"))
+            assert np.array_equal(a, b)
+
+
+def test_stratified_split_is_deterministic_and_stratified():
+    labels = {f"p{k:03d}": [1] for k in range(40)} | {f"n{k:03d}": [0] for k in range(160)}
+    train, val = stratified_split(labels, 0.1, seed=3)
+    assert (train, val) == stratified_split(labels, 0.1, seed=3)
+    assert stratified_split(labels, 0.1, seed=4)[1] != val
+    assert sum(i.startswith("p") for i in val) == 4 and sum(i.startswith("n") for i in val) == 16
+    assert sorted(train + val) == sorted(labels) and not set(train) & set(val)
+
+
+def test_corrupt_gzip_label_file_is_a_data_error(tmp_path):
+    path = tmp_path / "labels.csv.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+    with pytest.raises(DataError, match="labels.csv.gz"):
+        read_rle_csv(path, PrepareReport("siim", tmp_path))
