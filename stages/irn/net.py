@@ -1,0 +1,88 @@
+"""The Inter-pixel Relation Network's boundary branch (IRNet, Ahn et al. 2019).
+
+Features of the five backbone stages each pass a 1x1 conv + GroupNorm + ReLU, are brought to
+stride 4 and fused by a 1x1 conv into one boundary map (sigmoid). Affinities between pixels
+are derived from it (stages/irn/affinity.py), so the boundary map is all the network learns.
+The displacement branch (instance segmentation) is not part of wss.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.common.backbones import ResNetFeatures
+
+BRANCH_CHANNELS = 32
+
+
+def boundary_block(in_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, BRANCH_CHANNELS, 1, bias=False),
+                         nn.GroupNorm(4, BRANCH_CHANNELS), nn.ReLU(inplace=True))
+
+
+class BoundaryNet(nn.Module):
+    """ResNet trunk (frozen or fine-tuned) + boundary branch; forward -> logits (B, 1, H/4, W/4)."""
+
+    def __init__(self, backbone: ResNetFeatures, freeze_backbone: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.freeze_backbone = freeze_backbone
+        # the stem (64 channels) and the four layers
+        self.branches = nn.ModuleList(boundary_block(c) for c in [64, *backbone.channels[1:]])
+        self.fuse = nn.Conv2d(BRANCH_CHANNELS * len(self.branches), 1, 1, bias=True)
+        if freeze_backbone:
+            for parameter in self.backbone.parameters():
+                parameter.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()  # a frozen trunk keeps its BatchNorm statistics
+        return self
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.branches, self.fuse]
+
+    def param_groups(self, head_lr_mult: float = 10.0) -> list[tuple[list, float]]:
+        head = [p for m in self.head_modules() for p in m.parameters()]
+        trunk = [] if self.freeze_backbone else list(self.backbone.parameters())
+        return [(trunk, 1.0), (head, head_lr_mult)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.freeze_backbone:
+            with torch.no_grad():
+                stages = self.backbone.forward_stages(x)
+        else:
+            stages = self.backbone.forward_stages(x)
+        size = stages[0].shape[-2:]  # stride 4
+        fused = []
+        for branch, feature in zip(self.branches, stages):
+            out = branch(feature.detach() if self.freeze_backbone else feature)
+            if out.shape[-2:] != size:
+                out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+            fused.append(out)
+        return self.fuse(torch.cat(fused, dim=1))
+
+    @torch.no_grad()
+    def boundary(self, x: torch.Tensor) -> torch.Tensor:
+        """Boundary probabilities (H/4, W/4) of one image (1, 3, H, W), averaged with its mirror."""
+        both = torch.cat([x, x.flip(-1)])
+        prob = torch.sigmoid(self(both).float())
+        return (prob[0, 0] + prob[1, 0].flip(-1)) / 2
+
+
+def build_backbone(name: str, init: str, cam_artifact: Path | None, weights: str | None) -> ResNetFeatures:
+    """The IRN trunk: `init` cam (the stage-1 classifier's trunk), imagenet (`weights`), or none."""
+    if init == "cam":
+        from stages.cam.stage import MODEL_FILE
+        backbone = ResNetFeatures(name, weights=None)
+        state = torch.load(Path(cam_artifact) / MODEL_FILE, map_location="cpu", weights_only=False)["model"]
+        trunk = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        backbone.load_state_dict(trunk)
+        return backbone
+    if init == "imagenet":
+        return ResNetFeatures(name, weights=weights or "imagenet")
+    return ResNetFeatures(name, weights=None)

@@ -1,0 +1,146 @@
+"""Stage `pseudo`: boundary maps from the trained IRN, random walk of the CAMs, pseudo-labels.
+
+Its key holds only the walk and threshold settings (the `pseudo` fields of the irn section) plus
+the irn and cam keys, so `wss pseudo-labels -o irn.sem_seg_bg_threshold=0.3` regenerates the
+labels from the cached IRN without retraining. Artifact: `pseudo_labels/<id>.png`,
+`boundaries/<id>.png` (8-bit, stride 4, for looking at), `metrics.json`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from data.datasets import first_item
+from data.layout import PreparedDataset, atomic_save, write_index_png
+from data.transforms import normalize
+from stages.base import StageInputError, StageResult, source_hash
+from stages.cam.infer import CAM_STRIDE, load_cam
+from stages.cam.stage import _SafeImages
+from stages.common.crf import crf_prob
+from stages.common.runtime import resolve_device, worker_count
+from stages.irn.random_walk import random_walk
+from stages.irn.stage import crf_params, evaluate_labels, irn_fields, load_boundary_net
+
+log = logging.getLogger("wss.pseudo")
+
+
+def walk_to_label(walked: torch.Tensor, keys: np.ndarray, size: tuple[int, int], bg_threshold: float) -> np.ndarray:
+    """Walked CAMs (K, h, w) at stride 4 -> class-index label (H, W), IRNet's rule.
+
+    Upsample x4 and crop, divide by the overall maximum, add a constant background plane at
+    `bg_threshold`, take the argmax over background + the labelled classes only.
+    """
+    planes = label_planes(walked, size, bg_threshold)
+    lookup = np.concatenate([[0], np.asarray(keys) + 1]).astype(np.uint8)
+    return lookup[planes.argmax(0)]
+
+
+def label_planes(walked: torch.Tensor, size: tuple[int, int], bg_threshold: float) -> np.ndarray:
+    """(1 + K, H, W): the background plane and the normalised walked CAMs at full resolution."""
+    up = F.interpolate(walked[None].float(), scale_factor=CAM_STRIDE, mode="bilinear", align_corners=False)[0]
+    up = up[:, :size[0], :size[1]]
+    up = up / up.max().clamp_min(1e-5)
+    return torch.cat([torch.full((1, *size), bg_threshold, dtype=up.dtype, device=up.device), up]).cpu().numpy()
+
+
+def refine_with_crf(image: np.ndarray, planes: np.ndarray, keys: np.ndarray, params) -> np.ndarray:
+    probs = planes / planes.sum(0, keepdims=True).clip(1e-5)
+    refined = crf_prob(image, probs, params)
+    lookup = np.concatenate([[0], np.asarray(keys) + 1]).astype(np.uint8)
+    return lookup[refined.argmax(0)]
+
+
+def fit_edge(edge: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The boundary map on the CAM grid (they agree for any image size; this guards odd cases)."""
+    if tuple(edge.shape) == tuple(shape):
+        return edge
+    return F.interpolate(edge[None, None], size=shape, mode="bilinear", align_corners=False)[0, 0]
+
+
+class PseudoLabelStage:
+    name = "pseudo"
+    needs: tuple[str, ...] = ("cam", "irn")
+    section = "irn"
+
+    def key_config(self, cfg) -> dict:
+        return irn_fields(cfg.irn, pseudo=True)
+
+    def code_version(self) -> str:
+        return source_hash("stages/irn/pseudo.py", "stages/irn/random_walk.py", "stages/irn/net.py",
+                           "stages/common/crf.py", "stages/cam/infer.py", "data/layout.py")
+
+    def run(self, cfg, dataset: PreparedDataset, inputs: dict[str, Path], out: Path, *,
+            resume: bool = False, limit: int | None = None) -> StageResult:
+        section = cfg.irn
+        device = resolve_device(cfg.run.device)
+        ids = dataset.split(cfg.data.train_split)[:limit]
+        cam_dir = inputs["cam"] / "cams"
+        if not cam_dir.is_dir():
+            raise StageInputError(f"pseudo: the cam artifact has no cams/ directory ({cam_dir})")
+        model = load_boundary_net(inputs["irn"], device)
+        label_dir, edge_dir = out / "pseudo_labels", out / "boundaries"
+        label_dir.mkdir(parents=True, exist_ok=True)
+        edge_dir.mkdir(exist_ok=True)
+        refine = crf_params(section.refine_crf_params) if section.refine_crf else None
+
+        failures, walk_seconds = [], []
+        loader = DataLoader(_SafeImages(dataset, ids), batch_size=1, collate_fn=first_item,
+                            num_workers=min(2, worker_count(cfg.run.workers)))
+        for item in tqdm(loader, desc="pseudo-labels", unit="img"):
+            image_id = item["id"]
+            if "error" in item:
+                failures.append(item["error"])
+                continue
+            cam_path = cam_dir / f"{image_id}.npz"
+            if not cam_path.is_file():
+                failures.append(f"{image_id}: no CAM file {cam_path}")
+                log.warning("pseudo: skipped %s (no CAM)", image_id)
+                continue
+            try:
+                label = self.label_image(model, item["image"], cam_path, edge_dir / f"{image_id}.png",
+                                         section, refine, device, walk_seconds)
+            except Exception as error:  # a CRF failure on one image does not stop the others
+                failures.append(f"{image_id}: {type(error).__name__}: {error}")
+                log.warning("pseudo: skipped %s (%s)", image_id, error)
+                continue
+            write_index_png(label_dir / f"{image_id}.png", label, dataset.info.palette)
+
+        metrics = evaluate_labels(dataset, ids, label_dir, "pseudo_", ignore_pred=False)
+        metrics["pseudo_images"] = sum(1 for _ in label_dir.glob("*.png"))
+        if walk_seconds:
+            metrics["walk_seconds_per_image"] = float(np.mean(walk_seconds))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        return StageResult(metrics=metrics, headline="pseudo_miou", failures=failures)
+
+    @torch.no_grad()
+    def label_image(self, model, image: np.ndarray, cam_path: Path, edge_path: Path, section, refine,
+                    device: torch.device, walk_seconds: list) -> np.ndarray:
+        import time
+        cam, keys, size = load_cam(cam_path)
+        if len(keys) == 0:  # an image without a labelled class is all background
+            return np.zeros(size, np.uint8)
+        x = normalize(image).unsqueeze(0).to(device)
+        edge = fit_edge(model.boundary(x), cam.shape[1:])
+        atomic_save(Image.fromarray((edge.cpu().numpy() * 255).round().astype(np.uint8)), edge_path)
+        started = time.perf_counter()
+        walked = random_walk(torch.from_numpy(cam).to(device), edge, section.walk_radius, section.beta,
+                             section.exp_times)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        walk_seconds.append(time.perf_counter() - started)
+        if refine is None:
+            return walk_to_label(walked, keys, size, section.sem_seg_bg_threshold)
+        planes = label_planes(walked, size, section.sem_seg_bg_threshold)
+        return refine_with_crf(image, planes, keys, refine)
+
+    def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
+        ids = dataset.split(cfg.data.train_split)
+        return evaluate_labels(dataset, ids, artifact / "pseudo_labels", "pseudo_", ignore_pred=False)

@@ -1,0 +1,206 @@
+"""Stage `irn`: seeds from the CAMs (CRF), then the boundary network trained on their affinities.
+
+The artifact holds `seeds/<id>.png` (0 background, k+1 class k, 255 ignored), `model.pt` and
+`metrics.json` (seed mIoU ignoring 255, seed coverage). Pseudo-labels are a separate stage
+(stages/irn/pseudo.py) so that their thresholds can change without retraining.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.datasets import LabelMapDataset
+from data.errors import WssError
+from data.layout import PreparedDataset, read_index_png, write_index_png
+from data.prepare_report import parallel_map
+from stages.base import StageInputError, StageResult, section_dict, source_hash
+from stages.cam.infer import CAM_STRIDE, load_cam, upsample_cam
+from stages.common.crf import CrfParams
+from stages.common.metrics import ConfusionMatrix
+from stages.common.runtime import resolve_device, seed_everything, worker_count
+from stages.common.training import TrainSettings, fit, save_atomic
+from stages.irn.affinity import affinity_labels, affinity_loss, edge_to_affinity
+from stages.irn.config import PSEUDO, IrnConfig
+from stages.irn.net import BoundaryNet, build_backbone
+from stages.irn.seeds import make_seeds
+
+log = logging.getLogger("wss.irn")
+MODEL_FILE = "model.pt"
+
+
+def irn_fields(section: IrnConfig, pseudo: bool) -> dict:
+    """The fields of the irn section that belong to the IRN (pseudo=False) or to the pseudo-labels."""
+    import dataclasses
+    names = {f.name for f in dataclasses.fields(section) if bool(f.metadata.get("pseudo")) == pseudo}
+    return section_dict(section, only=names)
+
+
+def crf_params(section) -> CrfParams:
+    return CrfParams(**section_dict(section))
+
+
+def training_ids(dataset: PreparedDataset, ids: list[str], positive_only: bool) -> list[str]:
+    if not positive_only:
+        return list(ids)
+    return [i for i in ids if dataset.label_vector(i).any()]
+
+
+def write_seed(image_id: str, root: str, cam_dir: str, seed_dir: str, fg: float, bg: float,
+               crf: CrfParams | None) -> tuple[str, str | None]:
+    """One image's seeds (runs in a worker process); returns (id, error message or None)."""
+    torch.set_num_threads(1)
+    try:
+        dataset = PreparedDataset(root)
+        cam_path = Path(cam_dir) / f"{image_id}.npz"
+        if not cam_path.is_file():
+            return image_id, f"{image_id}: no CAM file {cam_path}"
+        cam, keys, size = load_cam(cam_path)
+        image = dataset.read_image(image_id) if crf is not None and len(keys) else None
+        seeds = make_seeds(upsample_cam(cam, size), keys, image, fg, bg, crf)
+        write_index_png(Path(seed_dir) / f"{image_id}.png", seeds, dataset.info.palette)
+        return image_id, None
+    except Exception as error:  # one bad image (or CRF failure) must not stop the others
+        return image_id, f"{image_id}: {type(error).__name__}: {error}"
+
+
+def evaluate_labels(dataset: PreparedDataset, ids: list[str], label_dir: Path, prefix: str,
+                    ignore_pred: bool) -> dict:
+    """mIoU (+ per-class IoU, coverage) of label PNGs against the masks that exist (evaluation only)."""
+    from stages.common.metrics import BinarySegmentationScores
+    matrix = ConfusionMatrix(dataset.info.num_classes + 1)
+    binary = BinarySegmentationScores() if dataset.task == "binary" and not ignore_pred else None
+    scored = 0
+    for image_id in ids:
+        path = label_dir / f"{image_id}.png"
+        gt = dataset.read_mask(image_id)
+        if gt is None or not path.is_file():
+            continue
+        pred = read_index_png(path)
+        matrix.update(pred, gt, ignore_pred=ignore_pred)
+        if binary is not None:
+            binary.update(pred, gt)
+        scored += 1
+    if not scored:
+        return {f"{prefix}scored_images": 0}
+    metrics = {f"{prefix}{k}": float(v) for k, v in matrix.to_dict(["background", *dataset.classes]).items()}
+    if ignore_pred:
+        metrics[f"{prefix}coverage"] = float(matrix.coverage())
+    if binary is not None:
+        metrics.update({f"{prefix}{k}": float(v) for k, v in binary.summary().items()})
+    metrics[f"{prefix}scored_images"] = scored
+    return metrics
+
+
+def affinity_step(radius: int):
+    def step(model: BoundaryNet, batch: dict) -> tuple[torch.Tensor, dict]:
+        edge = torch.sigmoid(model(batch["image"]).float())
+        label = batch["label"]
+        if edge.shape[-2:] != label.shape[-2:]:
+            raise WssError(f"irn: boundary map {tuple(edge.shape[-2:])} and stride-4 seeds "
+                           f"{tuple(label.shape[-2:])} differ; irn.crop_size must be a multiple of 4")
+        aff = edge_to_affinity(edge, radius)
+        bg_pos, fg_pos, neg = affinity_labels(label, radius, dtype=torch.bool)
+        loss = affinity_loss(aff, bg_pos, fg_pos, neg)
+        return loss.total, {"bg_pos": loss.bg_pos.detach(), "fg_pos": loss.fg_pos.detach(),
+                            "neg": loss.neg.detach()}
+    return step
+
+
+def load_boundary_net(artifact: Path, device: torch.device) -> BoundaryNet:
+    state = torch.load(Path(artifact) / MODEL_FILE, map_location="cpu", weights_only=False)
+    from stages.common.backbones import ResNetFeatures
+    model = BoundaryNet(ResNetFeatures(state["backbone"], weights=None), freeze_backbone=False)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+class IrnStage:
+    name = "irn"
+    needs: tuple[str, ...] = ("cam",)
+    section = "irn"
+
+    def key_config(self, cfg) -> dict:
+        return irn_fields(cfg.irn, pseudo=False)
+
+    def code_version(self) -> str:
+        return source_hash("stages/irn/stage.py", "stages/irn/net.py", "stages/irn/seeds.py",
+                           "stages/irn/affinity.py", "stages/common", "stages/base.py", "data/layout.py",
+                           "data/transforms.py", "data/datasets.py")
+
+    def run(self, cfg, dataset: PreparedDataset, inputs: dict[str, Path], out: Path, *,
+            resume: bool = False, limit: int | None = None) -> StageResult:
+        section = cfg.irn
+        seed_everything(cfg.run.seed)
+        device = resolve_device(cfg.run.device)
+        ids = dataset.split(cfg.data.train_split)[:limit]
+        cam_dir = inputs["cam"] / "cams"
+        seed_dir = out / "seeds"
+        seed_dir.mkdir(parents=True, exist_ok=True)
+
+        failures = self.write_seeds(dataset, ids, cam_dir, seed_dir, section, cfg.run.workers)
+        seeded = [i for i in ids if (seed_dir / f"{i}.png").is_file()]
+        train_ids = training_ids(dataset, seeded, section.positive_only)
+        if not train_ids:
+            raise StageInputError(f"irn: no image of split {cfg.data.train_split!r} got seeds "
+                                  f"({len(failures)} failures, first: {failures[:1]})")
+        metrics = evaluate_labels(dataset, seeded, seed_dir, "seed_", ignore_pred=True)
+        log.info("irn: seeds for %d images (mIoU %.4f ignoring 255, coverage %.3f); training on %d",
+                 len(seeded), metrics.get("seed_miou", float("nan")), metrics.get("seed_coverage", float("nan")),
+                 len(train_ids))
+
+        cam_backbone = _cam_backbone_name(inputs["cam"])
+        backbone = build_backbone(cam_backbone, section.backbone_init, inputs["cam"], cfg.cam.weights)
+        model = BoundaryNet(backbone, section.freeze_backbone)
+        if section.crop_size % CAM_STRIDE:
+            raise WssError(f"irn.crop_size must be a multiple of {CAM_STRIDE}, got {section.crop_size}")
+        train_set = LabelMapDataset(dataset, train_ids, seed_dir, section.resize_long, section.crop_size,
+                                    cfg.run.seed, label_stride=CAM_STRIDE)
+        settings = TrainSettings(epochs=section.epochs, batch_size=min(section.batch_size, len(train_ids)),
+                                 lr=section.lr, optimizer=section.optimizer, momentum=section.momentum,
+                                 weight_decay=section.weight_decay, workers=worker_count(cfg.run.workers),
+                                 seed=cfg.run.seed)
+        history = fit(model, train_set, model.param_groups(section.head_lr_mult), affinity_step(section.radius),
+                      settings, device, out, resume=resume, desc="irn")
+        save_atomic({"model": model.to(memory_format=torch.contiguous_format).state_dict(),
+                     "backbone": cam_backbone, "config": irn_fields(section, pseudo=False)}, out / MODEL_FILE)
+        if history:
+            metrics["irn_final_loss"] = float(history[-1]["loss"])
+            metrics["train_images_per_s"] = float(np.mean([h["images_per_s"] for h in history]))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        return StageResult(metrics=metrics, headline="seed_miou", failures=failures)
+
+    def write_seeds(self, dataset: PreparedDataset, ids: list[str], cam_dir: Path, seed_dir: Path,
+                    section: IrnConfig, workers: int) -> list[str]:
+        if not cam_dir.is_dir():
+            raise StageInputError(f"irn: the cam artifact has no cams/ directory ({cam_dir})")
+        job = functools.partial(write_seed, root=str(dataset.root), cam_dir=str(cam_dir), seed_dir=str(seed_dir),
+                                fg=section.conf_fg_threshold, bg=section.conf_bg_threshold,
+                                crf=crf_params(section.crf) if section.use_crf else None)
+        todo = [i for i in ids if not (seed_dir / f"{i}.png").is_file()]
+        failures = []
+        for image_id, error in parallel_map(job, todo, worker_count(workers), True, "irn seeds",
+                                            start_method="spawn"):
+            if error:
+                failures.append(error)
+                log.warning("irn: skipped %s", error)
+        return failures
+
+    def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
+        ids = dataset.split(cfg.data.train_split)
+        return evaluate_labels(dataset, ids, artifact / "seeds", "seed_", ignore_pred=True)
+
+
+def _cam_backbone_name(cam_artifact: Path) -> str:
+    from stages.cam.stage import MODEL_FILE as CAM_MODEL
+    path = Path(cam_artifact) / CAM_MODEL
+    if not path.is_file():
+        raise StageInputError(f"irn: the cam artifact {cam_artifact} has no {CAM_MODEL}")
+    return torch.load(path, map_location="cpu", weights_only=False)["config"]["backbone"]
+
+
+__all__ = ["IrnStage", "irn_fields", "evaluate_labels", "load_boundary_net", "PSEUDO"]
