@@ -40,14 +40,15 @@ def setup_logging(verbose: bool = False) -> None:
 def config_options(func):
     func = click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
                         help="Override a config value, e.g. -o cam.epochs=3 (repeatable).")(func)
-    func = click.option("-c", "--config", "config_path", required=True,
-                        type=click.Path(dir_okay=False, path_type=Path), help="YAML run config.")(func)
+    func = click.option("-c", "--config", "config_path", required=True, multiple=True,
+                        type=click.Path(dir_okay=False, path_type=Path),
+                        help="YAML run config; repeat to layer a preset over it.")(func)
     return func
 
 
-def load(config_path: Path, overrides: tuple[str, ...]):
+def load(config_path: tuple[Path, ...], overrides: tuple[str, ...]):
     from pipeline.config import load_config
-    cfg = load_config(config_path, overrides)
+    cfg = load_config(list(config_path), overrides)
     setup_logging(cfg.run.verbose)
     return cfg
 
@@ -102,6 +103,80 @@ def prepare_synthetic(out: Path, n: int, size: int, seed: int, variant: str, for
     click.echo(f"wrote {n} images to {out}")
 
 
+def finish_prepare(report) -> None:
+    """Print the preparation summary; fail only when nothing usable was produced."""
+    click.echo(report.summary())
+    if not report.ok:
+        raise click.ClickException("nothing usable was prepared (see the report above)")
+
+
+@prepare.command("siim")
+@click.option("--dicom-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder searched recursively for .dcm files.")
+@click.option("--rle-csv", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="train-rle.csv (with or without header, BOM and CRLF accepted).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--size", default=1024, show_default=True, help="Image side after resizing (0 keeps it).")
+@click.option("--val-fraction", default=0.1, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", default=1, show_default=True, help="Worker processes.")
+def prepare_siim_command(dicom_dir: Path, rle_csv: Path, out: Path, size: int, val_fraction: float, seed: int,
+                         workers: int):
+    """SIIM-ACR Pneumothorax: DICOMs + RLE CSV -> prepared layout (resumable).
+
+    \b
+    Example:
+      wss prepare siim --dicom-dir siim/dicom-images-train --rle-csv siim/train-rle.csv \\
+          --out runs/data/siim --size 1024 --workers 8
+    """
+    from data.siim import prepare_siim
+    setup_logging()
+    finish_prepare(prepare_siim(dicom_dir, rle_csv, out, size or None, val_fraction, seed, workers))
+
+
+@prepare.command("voc")
+@click.option("--voc-root", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="VOCdevkit/VOC2012 (or a folder that contains it).")
+@click.option("--sbd-root", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder with SegmentationClassAug (adds the 10,582-image train_aug split).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--workers", default=1, show_default=True, help="Worker processes.")
+def prepare_voc_command(voc_root: Path, sbd_root: Path | None, out: Path, workers: int):
+    """PASCAL VOC 2012 (+ SBD) -> prepared layout.
+
+    \b
+    Example:
+      wss prepare voc --voc-root VOCdevkit/VOC2012 --sbd-root SBD --out runs/data/voc --workers 8
+    """
+    from data.voc import prepare_voc
+    setup_logging()
+    finish_prepare(prepare_voc(voc_root, out, sbd_root, workers))
+
+
+@prepare.command("nih")
+@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data-entry", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Data_Entry_2017.csv (image-level findings).")
+@click.option("--boxes", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="BBox_List_2017.csv (localization boxes, evaluation only).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--val-fraction", default=0.1, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", default=1, show_default=True, help="Worker processes.")
+def prepare_nih_command(images_dir: Path, data_entry: Path, boxes: Path, out: Path, val_fraction: float,
+                        seed: int, workers: int):
+    """NIH ChestX-ray14: images + findings + boxes -> prepared layout.
+
+    \b
+    Example:
+      wss prepare nih --images nih/images --data-entry nih/Data_Entry_2017.csv \\
+          --boxes nih/BBox_List_2017.csv --out runs/data/nih
+    """
+    from data.nih import prepare_nih
+    setup_logging()
+    finish_prepare(prepare_nih(images_dir, data_entry, boxes, out, val_fraction, seed, workers))
+
+
 # ---------------------------------------------------------------------------------- run stages
 @main.command("run-stage")
 @click.argument("stage")
@@ -109,7 +184,7 @@ def prepare_synthetic(out: Path, n: int, size: int, seed: int, variant: str, for
 @click.option("--force", is_flag=True, help="Recompute even if an up-to-date artifact exists.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted training from its last checkpoint.")
 @click.option("--limit", type=int, default=None, help="Use only the first N images of each split (quick tries).")
-def run_stage(stage: str, config_path: Path, overrides, force: bool, resume: bool, limit: int | None):
+def run_stage(stage: str, config_path: tuple[Path, ...], overrides, force: bool, resume: bool, limit: int | None):
     """Run one stage (its inputs must be up to date).
 
     \b
@@ -128,7 +203,7 @@ def run_stage(stage: str, config_path: Path, overrides, force: bool, resume: boo
 @config_options
 @click.option("--until", default=None, help="Last stage to run.")
 @click.option("--force", "force", multiple=True, help="Recompute this stage and everything after it (repeatable).")
-def run(config_path: Path, overrides, until: str | None, force: tuple[str, ...]):
+def run(config_path: tuple[Path, ...], overrides, until: str | None, force: tuple[str, ...]):
     """Run the whole chain, skipping stages whose artifact is up to date.
 
     \b
@@ -136,7 +211,7 @@ def run(config_path: Path, overrides, until: str | None, force: tuple[str, ...])
       wss run -c configs/demo.yaml
       wss run -c configs/demo.yaml --until cam --force cam
     """
-    from pipeline.report import print_outcomes
+    from pipeline.report import print_outcomes, write_run_report
     from pipeline.runner import Pipeline
     cfg = load(config_path, overrides)
     pipeline = Pipeline(cfg)
@@ -144,11 +219,80 @@ def run(config_path: Path, overrides, until: str | None, force: tuple[str, ...])
         pipeline.stage(name)
     outcomes = pipeline.run(until=until, force=force)
     print_outcomes(outcomes)
+    grids = {}
+    grid_stage = GRID_FOR_STAGE[outcomes[-1].stage]
+    try:
+        grids[grid_stage] = overlay_grid(cfg, pipeline, grid_stage, n=8)
+    except Exception as error:  # a picture must never cost the user the run's results
+        log.warning("could not draw the overlay grid: %s", error)
+    report = write_run_report(pipeline.store.root, cfg.source, outcomes,
+                              {"train": cfg.data.train_split, "val": cfg.data.val_split}, grids)
+    click.echo(f"\nreport: {report}" + (f"  overlays: {grids[grid_stage]}" if grids else ""))
+
+
+GRID_FOR_STAGE = {"cam": "cam", "irn": "irn", "pseudo": "irn", "seg": "seg"}
+
+
+def overlay_grid(cfg, pipeline, stage: str, n: int) -> Path:
+    from pipeline.visualize import draw_grid, grid_ids
+    from stages.common.runtime import resolve_device
+    artifacts = {name: path for name in pipeline.stages if (path := pipeline.artifact(name)) is not None}
+    ids = grid_ids(pipeline.dataset, pipeline.dataset.split(cfg.data.train_split), n)
+    out = pipeline.store.root / f"overlays-{stage}.png"
+    return draw_grid(pipeline.dataset, artifacts, stage, ids, out, resolve_device(cfg.run.device),
+                     cfg.seg.threshold)
+
+
+@main.command("pseudo-labels")
+@config_options
+@click.option("--force", is_flag=True, help="Regenerate even if up to date.")
+def pseudo_labels(config_path: tuple[Path, ...], overrides, force: bool):
+    """Regenerate pseudo-labels from the cached IRN (walk and threshold options only; no retraining).
+
+    \b
+    Example:
+      wss pseudo-labels -c configs/demo.yaml -o irn.sem_seg_bg_threshold=0.3
+    """
+    from pipeline.report import print_outcomes
+    from pipeline.runner import Pipeline
+    cfg = load(config_path, overrides)
+    pipeline = Pipeline(cfg)
+    outcomes = pipeline.run(until="pseudo", force=("pseudo",) if force else ())
+    print_outcomes(outcomes)
+
+
+@main.command("visualize")
+@config_options
+@click.option("--stage", type=click.Choice(["cam", "irn", "seg"]), default="seg", show_default=True,
+              help="How far along the chain the columns go.")
+@click.option("--n", default=16, show_default=True, help="Number of images (rows).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG to write (default: <workdir>/<dataset>/overlays-<stage>.png).")
+def visualize(config_path: tuple[Path, ...], overrides, stage: str, n: int, out: Path | None):
+    """A grid PNG: image, CAM heatmap, seeds, boundary, pseudo-label, prediction, ground truth.
+
+    \b
+    Example:
+      wss visualize -c configs/demo.yaml --stage irn --n 16
+    """
+    from pipeline.runner import Pipeline
+    from pipeline.visualize import draw_grid, grid_ids
+    from stages.common.runtime import resolve_device
+    cfg = load(config_path, overrides)
+    pipeline = Pipeline(cfg)
+    artifacts = {name: path for name in pipeline.stages if (path := pipeline.artifact(name)) is not None}
+    if "cam" not in artifacts:
+        raise WssError("no up-to-date cam artifact for this config: run `wss run` first (see `wss status`)")
+    ids = grid_ids(pipeline.dataset, pipeline.dataset.split(cfg.data.train_split), n)
+    out = out or pipeline.store.root / f"overlays-{stage}.png"
+    path = draw_grid(pipeline.dataset, artifacts, stage, ids, out, resolve_device(cfg.run.device),
+                     cfg.seg.threshold)
+    click.echo(f"wrote {path} ({len(ids)} images)")
 
 
 @main.command("status")
 @config_options
-def status(config_path: Path, overrides):
+def status(config_path: tuple[Path, ...], overrides):
     """Show every stage as up to date, stale (and why) or missing.
 
     \b
@@ -167,7 +311,7 @@ def status(config_path: Path, overrides):
 @main.command("evaluate")
 @config_options
 @click.option("--stage", "which", default="all", show_default=True, help="all, or one stage name.")
-def evaluate(config_path: Path, overrides, which: str):
+def evaluate(config_path: tuple[Path, ...], overrides, which: str):
     """Score the up-to-date artifacts where ground truth exists; write evaluation.csv/json.
 
     \b
@@ -187,7 +331,7 @@ def config():
 
 @config.command("show")
 @config_options
-def config_show(config_path: Path, overrides):
+def config_show(config_path: tuple[Path, ...], overrides):
     """Print the resolved config (file + base + overrides, with every default).
 
     \b

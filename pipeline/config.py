@@ -62,19 +62,24 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read `path` (following `base:` chains), apply `key=value` overrides, validate."""
+def load_config(path: str | Path | list | tuple | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read `path` (following `base:` chains), apply `key=value` overrides, validate.
+
+    `path` may be a list: later files are layered over earlier ones (e.g. a dataset config and
+    then a method preset). Each file is checked on its own first, so errors name the file.
+    """
+    paths = [] if path is None else [Path(p) for p in (path if isinstance(path, (list, tuple)) else [path])]
     raw: dict = {}
-    where = "<defaults>"
-    if path is not None:
-        path = Path(path)
-        raw = read_yaml_with_base(path)
-        where = str(path)
+    for one in paths:
+        layer = read_yaml_with_base(one)
+        build(Config, layer, where=str(one), prefix="")
+        raw = deep_merge(raw, layer)
+    where = " + ".join(str(p) for p in paths) or "<defaults>"
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value, where=f"override {item!r}")
     config = build(Config, raw, where=where, prefix="")
-    config.source = where
+    config.source = " -c ".join(str(p) for p in paths) or "<defaults>"
     return config
 
 

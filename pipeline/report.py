@@ -31,30 +31,59 @@ def print_outcomes(outcomes) -> None:
             click.echo(f"  {o.stage}: {failure}", err=True)
 
 
+# Where each stage's metrics come from: (split, key prefix). Ground truth is read only here.
+SCORED = {"cam": [("train", "cam_")], "irn": [("train", "seed_")], "pseudo": [("train", "pseudo_")],
+          "seg": [("val", "seg_val_"), ("train", "seg_train_")]}
+SUMMARY_METRICS = ["miou", "coverage", "kaggle_dice", "dice_pos", "iou_pos", "point_accuracy"]
+
+
+def metric_rows(stage: str, metrics: dict, splits: dict[str, str]) -> list[dict]:
+    """One row per (stage, split) with the summary metrics and the per-class IoU."""
+    rows = []
+    for split_role, prefix in SCORED.get(stage, []):
+        values = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+        if not any(name in values for name in SUMMARY_METRICS):
+            continue
+        row = {"stage": stage, "split": splits.get(split_role, split_role)}
+        row.update({name: values[name] for name in SUMMARY_METRICS if name in values})
+        row.update({k: v for k, v in values.items() if k.startswith("iou/")})
+        rows.append(row)
+    return rows
+
+
+def print_metric_table(rows: list[dict]) -> list[str]:
+    """Print the summary and per-class tables; returns the column order used."""
+    summary = [c for c in SUMMARY_METRICS if any(c in r for r in rows)]
+    per_class = sorted({k for r in rows for k in r if k.startswith("iou/")}, key=lambda k: k != "iou/background")
+    click.echo(format_table(rows, ["stage", "split", *summary]))
+    if per_class:
+        click.echo("")
+        click.echo(format_table(rows, ["stage", "split", *per_class]))
+    return ["stage", "split", *summary, *per_class]
+
+
 def evaluate_artifacts(cfg, which: str) -> list[dict]:
     """Re-score each up-to-date artifact against ground truth; one table, CSV + JSON on disk."""
     from pipeline.runner import Pipeline
     from stages.registry import STAGE_ORDER
     pipeline = Pipeline(cfg)
     names = STAGE_ORDER if which == "all" else [pipeline.stage(which).name]
+    splits = {"train": cfg.data.train_split, "val": cfg.data.val_split}
     rows = []
     for name in names:
         path = pipeline.artifact(name)
         if path is None:
             click.echo(f"{name}: no up-to-date artifact, skipped (see `wss status`)", err=True)
             continue
-        stage = pipeline.stage(name)
-        metrics = stage.evaluate(cfg, pipeline.dataset, path)
+        metrics = pipeline.stage(name).evaluate(cfg, pipeline.dataset, path)
         pipeline.store.update_manifest(path, evaluation=metrics)
-        rows.append({"stage": name, **metrics})
+        stage_rows = metric_rows(name, metrics, splits)
+        if not stage_rows:
+            click.echo(f"{name}: no ground-truth masks to score against", err=True)
+        rows.extend(stage_rows)
     if not rows:
         return rows
-    columns = ["stage"] + sorted({k for r in rows for k in r if k != "stage"}, key=_metric_order)
-    click.echo(format_table(rows, columns[:1] + [c for c in columns[1:] if "/" not in c]))
-    per_class = [c for c in columns if "/" in c]
-    if per_class:
-        click.echo("")
-        click.echo(format_table(rows, ["stage"] + per_class))
+    columns = print_metric_table(rows)
     out = pipeline.store.root
     out.mkdir(parents=True, exist_ok=True)
     write_table(out / "evaluation.csv", rows, columns)
@@ -63,8 +92,42 @@ def evaluate_artifacts(cfg, which: str) -> list[dict]:
     return rows
 
 
-def _metric_order(name: str) -> tuple:
-    return ("/" in name, name)
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "" if math.isnan(value) else f"{value:.4f}"
+        return "" if value is None else str(value)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_run_report(root: Path, config_source: str, outcomes, splits: dict[str, str],
+                     grids: dict[str, Path]) -> Path:
+    """report.md + report.json in the dataset's workdir: stage table, metric table, grid links."""
+    stage_rows = outcome_rows(outcomes)
+    metric_table = [row for o in outcomes for row in metric_rows(o.stage, o.metrics, splits)]
+    summary = [c for c in SUMMARY_METRICS if any(c in r for r in metric_table)]
+    per_class = sorted({k for r in metric_table for k in r if k.startswith("iou/")},
+                       key=lambda k: k != "iou/background")
+    lines = [f"# wss run report", "", f"Config: `{config_source}`", "", "## Stages", "",
+             markdown_table(stage_rows, ["stage", "state", "seconds", "metric", "value", "failures", "artifact"]),
+             "", "## Metrics (ground truth used for scoring only)", "",
+             markdown_table(metric_table, ["stage", "split", *summary]), ""]
+    if per_class:
+        lines += [markdown_table(metric_table, ["stage", "split", *per_class]), ""]
+    if grids:
+        lines += ["## Overlay grids", ""]
+        lines += [f"- {stage}: [{path.name}]({path.name})" for stage, path in grids.items()]
+    failures = [f"- {o.stage}: {f}" for o in outcomes for f in o.failures]
+    if failures:
+        lines += ["", "## Failures", "", *failures]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "report.md").write_text("\n".join(lines) + "\n")
+    (root / "report.json").write_text(json.dumps({"config": config_source, "stages": stage_rows,
+                                                  "metrics": metric_table,
+                                                  "grids": {k: str(v) for k, v in grids.items()}}, indent=1))
+    return root / "report.md"
 
 
 def write_table(path: Path, rows: list[dict], columns: list[str]) -> None:

@@ -1,0 +1,144 @@
+"""Overlay grids a person can look at: one row per image, one column per step of the chain.
+
+Columns depend on how far the chain goes: image | CAM | seeds | boundary | pseudo-label |
+prediction | ground truth. Label maps are drawn in the dataset palette over the image; the CAM
+is a heatmap of the labelled classes' maximum. Images are the first `n` of the train split
+that have a labelled class (where the CAMs, seeds and pseudo-labels exist).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from data.layout import PreparedDataset, read_index_png
+from data.transforms import resize_to
+
+log = logging.getLogger("wss.visualize")
+TILE = 192
+COLUMNS_UNTIL = {"cam": ["image", "CAM", "ground truth"],
+                 "irn": ["image", "CAM", "seeds", "boundary", "pseudo-label", "ground truth"],
+                 "seg": ["image", "CAM", "seeds", "boundary", "pseudo-label", "prediction", "ground truth"]}
+STAGE_FOR_COLUMN = {"CAM": "cam", "seeds": "irn", "boundary": "pseudo", "pseudo-label": "pseudo",
+                    "prediction": "seg"}
+
+
+def blend(image: np.ndarray, mask: np.ndarray | None, palette: list[list[int]], alpha: float = 0.5) -> np.ndarray:
+    """The image with the label colours laid over it (background and 255 left clear)."""
+    rgb = image.astype(np.float32)
+    if mask is None:
+        return image
+    colours = np.zeros((256, 3), np.float32)
+    colours[:len(palette)] = palette[:256]
+    colours[255] = (255, 255, 255)
+    painted = (mask > 0)[..., None]
+    out = np.where(painted, (1 - alpha) * rgb + alpha * colours[mask], rgb)
+    ignored = (mask == 255)[..., None]
+    out = np.where(ignored, 0.5 * rgb + 0.5 * 255, out)
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def heatmap(image: np.ndarray, values: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    from matplotlib import colormaps
+    colours = colormaps["jet"](np.clip(values, 0, 1))[..., :3] * 255
+    return ((1 - alpha) * image + alpha * colours).clip(0, 255).astype(np.uint8)
+
+
+def tile(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    height, width = array.shape[:2]
+    scale = TILE / max(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    out = np.full((TILE, TILE, 3), 255, np.uint8)
+    out[:size[0], :size[1]] = resize_to(array, size, nearest=True)
+    return out
+
+
+class Columns:
+    """Reads each column's picture for one image from the artifacts that exist."""
+
+    def __init__(self, dataset: PreparedDataset, artifacts: dict[str, Path], device, seg_threshold: float):
+        self.dataset, self.artifacts, self.device = dataset, artifacts, device
+        self.seg_threshold = seg_threshold
+        self._segmenter = None
+
+    def picture(self, column: str, image_id: str, image: np.ndarray) -> np.ndarray | None:
+        palette = self.dataset.info.palette
+        if column == "image":
+            return image
+        if column == "ground truth":
+            return blend(image, self.dataset.read_mask(image_id), palette)
+        if column == "CAM":
+            return self.cam(image_id, image)
+        folder = {"seeds": ("irn", "seeds"), "pseudo-label": ("pseudo", "pseudo_labels"),
+                  "boundary": ("pseudo", "boundaries")}.get(column)
+        if folder is not None:
+            path = self.artifacts.get(folder[0], Path("/nonexistent")) / folder[1] / f"{image_id}.png"
+            if not path.is_file():
+                return None
+            if column == "boundary":
+                edge = read_index_png(path).astype(np.float32) / 255
+                return heatmap(image, resize_to(edge, image.shape[:2]), alpha=0.6)
+            return blend(image, read_index_png(path), palette)
+        if column == "prediction":
+            return blend(image, self.prediction(image), palette)
+        raise ValueError(column)
+
+    def cam(self, image_id: str, image: np.ndarray) -> np.ndarray | None:
+        from stages.cam.infer import load_cam, upsample_cam
+        path = self.artifacts.get("cam", Path("/nonexistent")) / "cams" / f"{image_id}.npz"
+        if not path.is_file():
+            return None
+        cam, keys, size = load_cam(path)
+        values = upsample_cam(cam, size).max(axis=0) if len(keys) else np.zeros(size, np.float32)
+        return heatmap(image, values)
+
+    def prediction(self, image: np.ndarray) -> np.ndarray:
+        from stages.seg.model import load_segmenter, predict_probabilities, probabilities_to_mask
+        if self._segmenter is None:
+            self._segmenter = load_segmenter(self.artifacts["seg"], self.device)
+        model, meta = self._segmenter
+        probs = predict_probabilities(model, image, meta["task"], meta["long_side"], self.device)
+        return probabilities_to_mask(probs, meta["task"], self.seg_threshold)
+
+
+def grid_ids(dataset: PreparedDataset, ids: list[str], n: int) -> list[str]:
+    positives = [i for i in ids if dataset.label_vector(i).any()]
+    return (positives or ids)[:n]
+
+
+def draw_grid(dataset: PreparedDataset, artifacts: dict[str, Path], until: str, ids: list[str], out: Path,
+              device, seg_threshold: float = 0.5) -> Path:
+    """Write the grid PNG for the stages up to `until` and return its path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [c for c in COLUMNS_UNTIL[until] if STAGE_FOR_COLUMN.get(c, "cam") in artifacts or c == "image"
+               or c == "ground truth"]
+    reader = Columns(dataset, artifacts, device, seg_threshold)
+    figure, axes = plt.subplots(len(ids), len(columns), figsize=(2 * len(columns), 2 * len(ids)), squeeze=False)
+    for row, image_id in enumerate(ids):
+        image = dataset.read_image(image_id)
+        names = [dataset.classes[k] for k in np.nonzero(dataset.label_vector(image_id))[0]]
+        for col, column in enumerate(columns):
+            axis = axes[row, col]
+            picture = reader.picture(column, image_id, image)
+            axis.imshow(tile(picture) if picture is not None else np.full((TILE, TILE, 3), 235, np.uint8))
+            if picture is None:
+                axis.text(TILE / 2, TILE / 2, "missing", ha="center", va="center", fontsize=8)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(column, fontsize=9)
+            if col == 0:
+                axis.set_ylabel(f"{image_id}\n{', '.join(names) or 'no finding'}", fontsize=7)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    figure.savefig(tmp, dpi=80)
+    plt.close(figure)
+    tmp.replace(out)
+    return out
