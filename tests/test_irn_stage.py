@@ -1,0 +1,170 @@
+"""Stage irn + pseudo: the network, the label rule, and the stages through the CLI and the cache."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DEMO_CONFIG
+from data.layout import PreparedDataset, read_index_png
+from stages.common.backbones import ResNetFeatures
+from stages.irn.net import BoundaryNet
+from stages.irn.pseudo import walk_to_label
+
+FAST_IRN = {"irn.epochs": "1", "irn.batch_size": "8", "irn.crop_size": "64", "irn.resize_long": "[56,72]",
+            "irn.lr": "0.05", "irn.exp_times": "4"}
+
+
+def irn_overrides(demo_overrides, root, workdir, **extra):
+    args = demo_overrides(root, workdir)
+    for key, value in {**FAST_IRN, **extra}.items():
+        args += ["-o", f"{key}={value}"]
+    return args
+
+
+# ----------------------------------------------------------------------------------- network
+def test_boundary_net_is_stride_4_and_trains_only_its_branch():
+    torch.manual_seed(0)
+    net = BoundaryNet(ResNetFeatures("resnet18"), freeze_backbone=True).train()
+    x = torch.randn(2, 3, 72, 56)
+    out = net(x)
+    assert out.shape == (2, 1, 18, 14)
+    out.sigmoid().mean().backward()
+    assert all(p.grad is None for p in net.backbone.parameters())
+    assert all(p.grad is not None for p in net.branches.parameters())
+    assert net.fuse.weight.grad is not None
+    assert not net.backbone.training  # frozen BatchNorm statistics
+
+
+def test_boundary_net_fine_tuned_backbone_gets_gradients():
+    net = BoundaryNet(ResNetFeatures("resnet18"), freeze_backbone=False).train()
+    net(torch.randn(2, 3, 64, 64)).mean().backward()
+    assert net.backbone.layer4[0].conv1.weight.grad is not None
+    trunk, head = net.param_groups(1.0)
+    assert len(trunk[0]) == len(list(net.backbone.parameters()))
+
+
+def test_boundary_is_mirror_averaged_probability():
+    net = BoundaryNet(ResNetFeatures("resnet18")).eval()
+    x = torch.randn(1, 3, 64, 64)
+    edge = net.boundary(x)
+    assert edge.shape == (16, 16)
+    assert float(edge.min()) >= 0 and float(edge.max()) <= 1
+    torch.testing.assert_close(edge, net.boundary(x.flip(-1)).flip(-1), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- label rule
+def test_walk_to_label_known_answer():
+    # two classes (keys 1 and 2) on a 2x3 stride-4 grid -> 8x12 image, cropped to 7x10
+    walked = torch.tensor([[[4.0, 4.0, 0.0], [0.0, 0.0, 0.0]],
+                           [[0.0, 0.0, 0.0], [0.0, 2.0, 2.0]]])
+    label = walk_to_label(walked, np.array([1, 2]), (7, 10), bg_threshold=0.25)
+    assert label.shape == (7, 10)
+    assert set(np.unique(label)) == {0, 2, 3}  # background, class 1 -> 2, class 2 -> 3
+    assert label[0, 0] == 2 and label[6, 9] == 3 and label[0, 9] == 0
+    # the overall maximum normalises: class 2 peaks at 0.5, still above the 0.25 background
+    assert (label == 3).sum() > 0
+
+
+def test_walk_to_label_only_uses_labelled_classes():
+    walked = torch.rand(1, 5, 5)
+    label = walk_to_label(walked, np.array([7]), (20, 20), bg_threshold=0.0)
+    assert set(np.unique(label)) <= {0, 8}
+
+
+# ----------------------------------------------------------------------------------- stages
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, synthetic_dataset):
+    """A cam -> irn -> pseudo run on the tiny synthetic set, shared by the tests below."""
+    from click.testing import CliRunner
+
+    from conftest import FAST_CAM
+    from pipeline.cli import main
+    root = synthetic_dataset()
+    workdir = tmp_path_factory.mktemp("irn-runs")
+    args = ["-o", f"data.root={root}", "-o", f"run.workdir={workdir}"]
+    for key, value in {**FAST_CAM, **FAST_IRN}.items():
+        args += ["-o", f"{key}={value}"]
+    result = CliRunner().invoke(main, ["run", "-c", str(DEMO_CONFIG), "--until", "pseudo", *args])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    return root, workdir, args
+
+
+def artifact(workdir: Path, stage: str) -> Path:
+    found = sorted((workdir / "synthetic").glob(f"{stage}-*"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_chain_writes_seeds_and_pseudo_labels_for_every_train_image(chain):
+    root, workdir, _ = chain
+    dataset = PreparedDataset(root)
+    ids = dataset.split("train")
+    irn, pseudo = artifact(workdir, "irn"), artifact(workdir, "pseudo")
+    for image_id in ids:
+        seeds = read_index_png(irn / "seeds" / f"{image_id}.png")
+        label = read_index_png(pseudo / "pseudo_labels" / f"{image_id}.png")
+        allowed = {0} | {int(k) + 1 for k in np.nonzero(dataset.label_vector(image_id))[0]}
+        assert set(np.unique(label)) <= allowed, image_id
+        assert set(np.unique(seeds)) <= allowed | {255}, image_id
+        assert label.shape == dataset.read_image(image_id).shape[:2]
+    metrics = json.loads((pseudo / "metrics.json").read_text())
+    assert 0 <= metrics["pseudo_miou"] <= 1 and metrics["pseudo_images"] == len(ids)
+    seed_metrics = json.loads((irn / "metrics.json").read_text())
+    assert 0 < seed_metrics["seed_coverage"] <= 1
+    assert (workdir / "synthetic" / "report.md").is_file()
+    assert (workdir / "synthetic" / "overlays-irn.png").is_file()
+
+
+def test_pseudo_threshold_change_reuses_the_trained_irn(chain, cli):
+    root, workdir, args = chain
+    irn_before = artifact(workdir, "irn")
+    result = cli("pseudo-labels", "-c", DEMO_CONFIG, *args, "-o", "irn.sem_seg_bg_threshold=0.5")
+    assert result.exit_code == 0, result.output
+    assert "irn: up to date" in result.output or "cache hit" in result.output
+    assert artifact(workdir, "irn") == irn_before
+    assert len(list((workdir / "synthetic").glob("pseudo-*"))) == 2
+    # a higher background threshold can only shrink the foreground
+    low, high = sorted((workdir / "synthetic").glob("pseudo-*"), key=lambda p: p.stat().st_mtime)
+    fg_low = sum((read_index_png(p) > 0).sum() for p in (low / "pseudo_labels").glob("*.png"))
+    fg_high = sum((read_index_png(p) > 0).sum() for p in (high / "pseudo_labels").glob("*.png"))
+    assert fg_high <= fg_low
+
+
+def test_stale_cam_is_named_not_used(chain, cli):
+    root, workdir, args = chain
+    result = cli("run-stage", "irn", "-c", DEMO_CONFIG, *args, "-o", "cam.eval_bg_threshold=0.2")
+    assert result.exit_code != 0
+    assert "cam" in result.output and "eval_bg_threshold" in result.output
+    status = cli("status", "-c", DEMO_CONFIG, *args, "-o", "irn.conf_fg_threshold=0.4")
+    assert "irn" in status.output and "stale" in status.output and "conf_fg_threshold" in status.output
+
+
+def test_image_without_cam_is_reported_and_skipped(chain, cli, tmp_path):
+    root, workdir, args = chain
+    workdir2 = tmp_path / "runs"
+    shutil.copytree(workdir, workdir2)
+    cam = artifact(workdir2, "cam")
+    missing = sorted((cam / "cams").glob("*.npz"))[0]
+    missing.unlink()
+    args2 = [a.replace(str(workdir), str(workdir2)) for a in args]
+    result = cli("run-stage", "irn", "-c", DEMO_CONFIG, *args2, "--force")
+    assert result.exit_code == 0, result.output
+    assert missing.stem in result.output and "no CAM file" in result.output
+
+
+def test_negative_images_get_all_background_pseudo_labels(synthetic_dataset, tmp_path, demo_overrides, cli):
+    root = synthetic_dataset(n=24, variant="binary")
+    args = irn_overrides(demo_overrides, root, tmp_path, **{"irn.positive_only": "true"})
+    result = cli("run", "-c", DEMO_CONFIG, *args, "--until", "pseudo")
+    assert result.exit_code == 0, result.output + str(result.exception)
+    dataset = PreparedDataset(root)
+    pseudo = sorted((tmp_path / dataset.name).glob("pseudo-*"))[0]
+    negatives = [i for i in dataset.split("train") if not dataset.label_vector(i).any()]
+    assert negatives
+    for image_id in negatives:
+        assert not read_index_png(pseudo / "pseudo_labels" / f"{image_id}.png").any()
