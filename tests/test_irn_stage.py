@@ -168,3 +168,19 @@ def test_negative_images_get_all_background_pseudo_labels(synthetic_dataset, tmp
     assert negatives
     for image_id in negatives:
         assert not read_index_png(pseudo / "pseudo_labels" / f"{image_id}.png").any()
+
+
+@pytest.mark.parametrize("workers", ["2", "0"])  # the pool computes, the second is a cache hit
+def test_crf_refinement_in_process_and_in_workers(chain, cli, workers):
+    root, workdir, args = chain
+    result = cli("pseudo-labels", "-c", DEMO_CONFIG, *args, "-o", "irn.refine_crf=true",
+                 "-o", f"run.workers={workers}", "-o", "irn.sem_seg_bg_threshold=0.2")
+    assert result.exit_code == 0, result.output + str(result.exception)
+    dataset = PreparedDataset(root)
+    refined = [p for p in (workdir / "synthetic").glob("pseudo-*")
+               if json.loads((p / "manifest.json").read_text())["config"]["irn"]["refine_crf"]]
+    assert len(refined) == 1  # the worker count is not part of the key: the second run is a cache hit
+    for image_id in dataset.split("train"):
+        label = read_index_png(refined[0] / "pseudo_labels" / f"{image_id}.png")
+        allowed = {0} | {int(k) + 1 for k in np.nonzero(dataset.label_vector(image_id))[0]}
+        assert set(np.unique(label)) <= allowed

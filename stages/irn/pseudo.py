@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,7 @@ def walk_to_label(walked: torch.Tensor, keys: np.ndarray, size: tuple[int, int],
     Upsample x4 and crop, divide by the overall maximum, add a constant background plane at
     `bg_threshold`, take the argmax over background + the labelled classes only.
     """
-    planes = label_planes(walked, size, bg_threshold)
-    lookup = np.concatenate([[0], np.asarray(keys) + 1]).astype(np.uint8)
-    return lookup[planes.argmax(0)]
+    return planes_to_label(label_planes(walked, size, bg_threshold), keys)
 
 
 def label_planes(walked: torch.Tensor, size: tuple[int, int], bg_threshold: float) -> np.ndarray:
@@ -51,11 +50,64 @@ def label_planes(walked: torch.Tensor, size: tuple[int, int], bg_threshold: floa
     return torch.cat([torch.full((1, *size), bg_threshold, dtype=up.dtype, device=up.device), up]).cpu().numpy()
 
 
-def refine_with_crf(image: np.ndarray, planes: np.ndarray, keys: np.ndarray, params) -> np.ndarray:
-    probs = planes / planes.sum(0, keepdims=True).clip(1e-5)
-    refined = crf_prob(image, probs, params)
+def planes_to_label(planes: np.ndarray, keys: np.ndarray) -> np.ndarray:
     lookup = np.concatenate([[0], np.asarray(keys) + 1]).astype(np.uint8)
-    return lookup[refined.argmax(0)]
+    return lookup[planes.argmax(0)]
+
+
+def refine_and_write(image_id: str, image: np.ndarray, planes: np.ndarray, keys: np.ndarray, params,
+                     target: Path, palette) -> str | None:
+    """CRF-refined label PNG of one image (runs in a worker process); an error message or None."""
+    try:
+        torch.set_num_threads(1)
+        probs = planes / planes.sum(0, keepdims=True).clip(1e-5)
+        write_index_png(target, planes_to_label(crf_prob(image, probs, params), keys), palette)
+        return None
+    except Exception as error:
+        return f"{image_id}: CRF refinement failed: {type(error).__name__}: {error}"
+
+
+class CrfPool:
+    """Refines pseudo-labels in worker processes while the main process walks the next images.
+
+    At most 2 x workers images wait at a time, so memory stays bounded; `workers=0` refines
+    in this process.
+    """
+
+    def __init__(self, workers: int):
+        self.workers, self.pending, self.errors = workers, [], []
+        self.pool = None
+
+    def __enter__(self):
+        if self.workers > 0:
+            import multiprocessing
+            self.pool = multiprocessing.get_context("spawn").Pool(self.workers)
+        return self
+
+    def submit(self, *job) -> None:
+        if self.pool is None:
+            self._record(refine_and_write(*job))
+            return
+        self.pending.append(self.pool.apply_async(refine_and_write, job))
+        while len(self.pending) > 2 * self.workers:
+            self._record(self.pending.pop(0).get())
+
+    def _record(self, error: str | None) -> None:
+        if error:
+            log.warning("pseudo: %s", error)
+            self.errors.append(error)
+
+    def finish(self) -> list[str]:
+        for result in self.pending:
+            self._record(result.get())
+        self.pending = []
+        return self.errors
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.terminate() if exc[0] else self.pool.close()
+            self.pool.join()
+        return False
 
 
 def fit_edge(edge: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -94,24 +146,30 @@ class PseudoLabelStage:
         failures, walk_seconds = [], []
         loader = DataLoader(_SafeImages(dataset, ids), batch_size=1, collate_fn=first_item,
                             num_workers=min(2, worker_count(cfg.run.workers)))
-        for item in tqdm(loader, desc="pseudo-labels", unit="img"):
-            image_id = item["id"]
-            if "error" in item:
-                failures.append(item["error"])
-                continue
-            cam_path = cam_dir / f"{image_id}.npz"
-            if not cam_path.is_file():
-                failures.append(f"{image_id}: no CAM file {cam_path}")
-                log.warning("pseudo: skipped %s (no CAM)", image_id)
-                continue
-            try:
-                label = self.label_image(model, item["image"], cam_path, edge_dir / f"{image_id}.png",
-                                         section, refine, device, walk_seconds)
-            except Exception as error:  # a CRF failure on one image does not stop the others
-                failures.append(f"{image_id}: {type(error).__name__}: {error}")
-                log.warning("pseudo: skipped %s (%s)", image_id, error)
-                continue
-            write_index_png(label_dir / f"{image_id}.png", label, dataset.info.palette)
+        with CrfPool(worker_count(cfg.run.workers) if refine else 0) as crf_pool:
+            for item in tqdm(loader, desc="pseudo-labels", unit="img"):
+                image_id = item["id"]
+                if "error" in item:
+                    failures.append(item["error"])
+                    continue
+                cam_path = cam_dir / f"{image_id}.npz"
+                if not cam_path.is_file():
+                    failures.append(f"{image_id}: no CAM file {cam_path}")
+                    log.warning("pseudo: skipped %s (no CAM)", image_id)
+                    continue
+                target = label_dir / f"{image_id}.png"
+                try:
+                    planes, keys = self.walk_image(model, item["image"], cam_path, edge_dir / f"{image_id}.png",
+                                                   section, device, walk_seconds)
+                except Exception as error:  # one bad image does not stop the others
+                    failures.append(f"{image_id}: {type(error).__name__}: {error}")
+                    log.warning("pseudo: skipped %s (%s)", image_id, error)
+                    continue
+                if refine is None or not len(keys):
+                    write_index_png(target, planes_to_label(planes, keys), dataset.info.palette)
+                else:
+                    crf_pool.submit(image_id, item["image"], planes, keys, refine, target, dataset.info.palette)
+            failures += crf_pool.finish()
 
         metrics = evaluate_labels(dataset, ids, label_dir, "pseudo_", ignore_pred=False)
         metrics["pseudo_images"] = sum(1 for _ in label_dir.glob("*.png"))
@@ -121,12 +179,12 @@ class PseudoLabelStage:
         return StageResult(metrics=metrics, headline="pseudo_miou", failures=failures)
 
     @torch.no_grad()
-    def label_image(self, model, image: np.ndarray, cam_path: Path, edge_path: Path, section, refine,
-                    device: torch.device, walk_seconds: list) -> np.ndarray:
-        import time
+    def walk_image(self, model, image: np.ndarray, cam_path: Path, edge_path: Path, section,
+                   device: torch.device, walk_seconds: list) -> tuple[np.ndarray, np.ndarray]:
+        """(planes (1 + K, H, W), keys): background plane + walked, normalised CAMs at full size."""
         cam, keys, size = load_cam(cam_path)
         if len(keys) == 0:  # an image without a labelled class is all background
-            return np.zeros(size, np.uint8)
+            return np.ones((1, *size), np.float32), keys
         x = normalize(image).unsqueeze(0).to(device)
         edge = fit_edge(model.boundary(x), cam.shape[1:])
         atomic_save(Image.fromarray((edge.cpu().numpy() * 255).round().astype(np.uint8)), edge_path)
@@ -136,10 +194,7 @@ class PseudoLabelStage:
         if device.type == "cuda":
             torch.cuda.synchronize()
         walk_seconds.append(time.perf_counter() - started)
-        if refine is None:
-            return walk_to_label(walked, keys, size, section.sem_seg_bg_threshold)
-        planes = label_planes(walked, size, section.sem_seg_bg_threshold)
-        return refine_with_crf(image, planes, keys, refine)
+        return label_planes(walked, size, section.sem_seg_bg_threshold), keys
 
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
         ids = dataset.split(cfg.data.train_split)
