@@ -107,13 +107,15 @@ def save_png(image, path: Path, compress_level: int = 1) -> None:
 
 def parallel_map(function: Callable[[Any], Any], tasks: list, workers: int = 1,
                  progress: bool = True, description: str = "", unit: str = "img",
-                 start_method: str | None = None) -> Iterator[Any]:
+                 start_method: str | None = None, initializer: Callable[[], None] | None = None
+                 ) -> Iterator[Any]:
     """Results of ``function`` over ``tasks`` (in any order) with a progress bar.
 
     One worker runs in this process. Several use a process pool whose workers take small
     chunks from an iterator, so memory holds a few images per worker whatever the dataset
     size; results should be small (ids and messages, never pixels). `start_method="spawn"`
-    is for functions that use torch: a forked child of a process that ran OpenMP can hang.
+    is for functions that use torch: a forked child of a process that ran OpenMP can hang;
+    `initializer` runs once in each worker process (e.g. to limit its threads).
     """
     from tqdm import tqdm
 
@@ -127,7 +129,7 @@ def parallel_map(function: Callable[[Any], Any], tasks: list, workers: int = 1,
             return
         chunk = max(1, min(16, len(tasks) // (workers * 8)))
         context = multiprocessing.get_context(start_method)
-        with context.Pool(processes=workers, maxtasksperchild=2000) as pool:
+        with context.Pool(processes=workers, maxtasksperchild=2000, initializer=initializer) as pool:
             for result in pool.imap_unordered(function, tasks, chunksize=chunk):
                 yield result
                 bar.update()

@@ -28,7 +28,7 @@ from stages.cam.stage import _SafeImages
 from stages.common.crf import crf_prob
 from stages.common.runtime import resolve_device, worker_count
 from stages.irn.random_walk import random_walk
-from stages.irn.stage import crf_params, evaluate_labels, irn_fields, load_boundary_net
+from stages.irn.stage import crf_params, single_threaded_worker, evaluate_labels, irn_fields, load_boundary_net
 
 log = logging.getLogger("wss.pseudo")
 
@@ -59,7 +59,6 @@ def refine_and_write(image_id: str, image: np.ndarray, planes: np.ndarray, keys:
                      target: Path, palette) -> str | None:
     """CRF-refined label PNG of one image (runs in a worker process); an error message or None."""
     try:
-        torch.set_num_threads(1)
         probs = planes / planes.sum(0, keepdims=True).clip(1e-5)
         write_index_png(target, planes_to_label(crf_prob(image, probs, params), keys), palette)
         return None
@@ -81,7 +80,7 @@ class CrfPool:
     def __enter__(self):
         if self.workers > 0:
             import multiprocessing
-            self.pool = multiprocessing.get_context("spawn").Pool(self.workers)
+            self.pool = multiprocessing.get_context("spawn").Pool(self.workers, initializer=single_threaded_worker)
         return self
 
     def submit(self, *job) -> None:

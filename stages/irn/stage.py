@@ -50,10 +50,14 @@ def training_ids(dataset: PreparedDataset, ids: list[str], positive_only: bool) 
     return [i for i in ids if dataset.label_vector(i).any()]
 
 
+def single_threaded_worker() -> None:
+    """Worker processes share the cores: one torch thread each, no oversubscription."""
+    torch.set_num_threads(1)
+
+
 def write_seed(image_id: str, root: str, cam_dir: str, seed_dir: str, fg: float, bg: float,
                crf: CrfParams | None) -> tuple[str, str | None]:
     """One image's seeds (runs in a worker process); returns (id, error message or None)."""
-    torch.set_num_threads(1)
     try:
         dataset = PreparedDataset(root)
         cam_path = Path(cam_dir) / f"{image_id}.npz"
@@ -184,7 +188,8 @@ class IrnStage:
         todo = [i for i in ids if not (seed_dir / f"{i}.png").is_file()]
         failures = []
         for image_id, error in parallel_map(job, todo, worker_count(workers), True, "irn seeds",
-                                            start_method="spawn"):
+                                            start_method="spawn",
+                                            initializer=single_threaded_worker):
             if error:
                 failures.append(error)
                 log.warning("irn: skipped %s", error)
