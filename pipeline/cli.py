@@ -342,5 +342,13 @@ def config_show(config_path: tuple[Path, ...], overrides):
     click.echo(cfg.dump(), nl=False)
 
 
+def register_commands() -> None:
+    """Commands that live in their own modules."""
+    from pipeline.compare import compare_command
+    main.add_command(compare_command)
+
+
+register_commands()
+
 if __name__ == "__main__":
     main()

@@ -26,11 +26,13 @@ class CamConfig:
     # method: dropblock (DropBlock after layer3 and layer4)
     dropblock_prob: float = 0.1
     dropblock_size: int = 5
-    # methods of the chest X-ray localization papers (see stages/cam/methods)
-    pylon_channels: int = 128
-    multiscale_stages: list[int] = field(default_factory=lambda: [2, 3, 4])
-    minmax_k: float = 10.0
-    minmax_entropy_weight: float = 1.0
+    # methods of the chest X-ray localization papers (stages/cam/pcam.py, pylon.py, multiscale.py,
+    # minmax.py; presets with their defaults in configs/methods/)
+    pylon_channels: int = 128  # decoder width
+    multiscale_stages: list[int] = field(default_factory=lambda: [2, 3, 4])  # 0 stem, 1..4 layer1..4
+    minmax_k: float = 10.0  # soft-mask sharpness: M = sigmoid(k (S - 0.5))
+    minmax_entropy_weight: float = 1.0  # weight of the max-entropy term on x*(1-M)
+    minmax_erase_steps: int = 0  # recursive erasing: extra localizer passes on the erased image
     # CAM inference
     extract: Literal["cam", "gradcam++"] = "cam"
     scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])

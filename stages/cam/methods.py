@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 from stages.cam.config import CamConfig
+from stages.cam.minmax import MinMaxNet
+from stages.cam.multiscale import MultiscaleNet
 from stages.cam.nets import CamNet, GapNet
+from stages.cam.pcam import PcamNet
+from stages.cam.pylon import PylonNet
 
 
 def build_gap(cfg: CamConfig, num_classes: int, weights: str | None) -> CamNet:
@@ -13,9 +17,30 @@ def build_dropblock(cfg: CamConfig, num_classes: int, weights: str | None) -> Ca
     return GapNet(num_classes, cfg.backbone, weights, cfg.loss, cfg.dropblock_prob, cfg.dropblock_size)
 
 
+def build_pcam(cfg: CamConfig, num_classes: int, weights: str | None) -> CamNet:
+    return PcamNet(num_classes, cfg.backbone, weights, cfg.loss)
+
+
+def build_pylon(cfg: CamConfig, num_classes: int, weights: str | None) -> CamNet:
+    return PylonNet(num_classes, cfg.backbone, weights, cfg.loss, cfg.pylon_channels)
+
+
+def build_multiscale(cfg: CamConfig, num_classes: int, weights: str | None) -> CamNet:
+    return MultiscaleNet(num_classes, cfg.backbone, weights, cfg.loss, cfg.multiscale_stages)
+
+
+def build_minmax(cfg: CamConfig, num_classes: int, weights: str | None) -> CamNet:
+    return MinMaxNet(num_classes, cfg.backbone, weights, cfg.loss, cfg.minmax_k, cfg.minmax_entropy_weight,
+                     cfg.minmax_erase_steps)
+
+
 METHODS = {
     "gap": build_gap,
     "dropblock": build_dropblock,
+    "pcam": build_pcam,
+    "pylon": build_pylon,
+    "multiscale": build_multiscale,
+    "minmax": build_minmax,
 }
 
 

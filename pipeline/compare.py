@@ -1,0 +1,227 @@
+"""`wss compare`: stage-1 methods side by side on the same data, through the same cache.
+
+For each method: the run config(s), then configs/methods/<method>.yaml when it exists, then
+the -o overrides, then cam.method=<method>. Stage cam runs through the Pipeline (so a second
+compare reuses every artifact); the extra scores (val-tuned threshold, point localization,
+parameter count) are cached in <out>/cache/ under the artifact's name, which holds its key.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import platform
+import shlex
+from pathlib import Path
+
+import click
+import numpy as np
+
+from data.errors import WssError
+from stages.base import PACKAGE_ROOT
+
+log = logging.getLogger("wss.compare")
+PRESETS = PACKAGE_ROOT / "configs" / "methods"
+DEFAULT_METHODS = "gap,dropblock,pcam,pylon,multiscale,minmax"
+COLUMNS = ["method", "state", "cls_mean_auc", "cls_mean_ap", "cam_miou", "tuned_threshold", "cam_miou_tuned",
+           "point_acc", "train_images_per_s", "parameters"]
+GLOSSARY = {
+    "state": "ran now, or reused from the cache",
+    "cls_mean_auc / cls_mean_ap": "image classification on the val split (mean over classes)",
+    "cam_miou": "CAM mIoU on the train split at the config's fixed cam.eval_bg_threshold",
+    "tuned_threshold / cam_miou_tuned": "background threshold with the best CAM mIoU on the val split's "
+                                        "masks, and the train split's mIoU at that threshold",
+    "point_acc": "point localization accuracy against boxes (NIH boxes.csv; '-' without boxes)",
+    "train_images_per_s": "training throughput of stage cam",
+    "parameters": "trainable and frozen parameters of the cam model",
+    "pseudo_miou": "mIoU of the pseudo-labels (stage pseudo) on the train split",
+}
+
+
+def method_config(paths: list[Path], overrides: list[str], method: str):
+    preset = PRESETS / f"{method}.yaml"
+    files = [*paths, preset] if preset.is_file() else list(paths)
+    from pipeline.config import load_config
+    return load_config(files, [*overrides, f"cam.method={method}"])
+
+
+def parse_methods(text: str) -> list[str]:
+    from stages.cam.methods import METHODS
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise WssError(f"--methods: unknown method {unknown[0] if unknown else '(none)'!r} "
+                       f"(available: {', '.join(METHODS)})")
+    return list(dict.fromkeys(methods))
+
+
+def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict:
+    """Scores `wss compare` adds to the stage's own metrics; cached per artifact."""
+    from stages.cam.scoring import count_parameters, point_localization, tuned_miou, write_cams
+    from stages.common.runtime import resolve_device
+    cfg, dataset = pipeline.cfg, pipeline.dataset
+    name = artifact.name + (f"-limit{limit}" if limit is not None else "")
+    cache = out / "cache" / f"{name}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    device = resolve_device(cfg.run.device)
+    work = out / "cache" / name
+    val_ids = [i for i in dataset.split(cfg.data.val_split)[:limit] if dataset.has_mask(i)]
+    train_ids = dataset.split(cfg.data.train_split)[:limit]
+    scores = {"parameters": count_parameters(artifact)}
+    if val_ids:
+        write_cams(artifact, dataset, val_ids, work / "val_cams", device)
+        threshold, miou = tuned_miou(dataset, val_ids, work / "val_cams", train_ids, artifact / "cams")
+        scores.update(tuned_threshold=threshold, cam_miou_tuned=miou)
+    boxes = boxes_of(dataset, limit)
+    if boxes:
+        write_cams(artifact, dataset, list(boxes), work / "boxed_cams", device)
+        localization = point_localization(dataset, boxes, work / "boxed_cams")
+        scores["point_acc"] = localization.get("point/mean", float("nan"))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(scores, indent=1))
+    return scores
+
+
+def boxes_of(dataset, limit: int | None) -> dict[str, list]:
+    """{image id: boxes} of the prepared images, when the dataset has a boxes.csv (NIH)."""
+    from data.nih import BOXES_NAME, boxes_by_image, read_boxes
+    path = dataset.root / BOXES_NAME
+    if not path.is_file():
+        return {}
+    grouped = boxes_by_image(read_boxes(path))
+    ids = sorted(i for i in grouped if i in dataset.labels)[:limit]
+    return {i: grouped[i] for i in ids}
+
+
+def compare_method(cfg, method: str, through: str, out: Path, limit: int | None) -> dict:
+    from pipeline.runner import Pipeline
+    pipeline = Pipeline(cfg)
+    outcome = pipeline.run_stage("cam", limit=limit)
+    row = {"method": method, "state": outcome.state, "artifact": str(outcome.path)}
+    for key in ["cls_mean_auc", "cls_mean_ap", "cam_miou", "train_images_per_s"]:
+        row[key] = outcome.metrics.get(key, float("nan"))
+    row.update(extra_scores(pipeline, outcome.path, out, limit))
+    for key in ["tuned_threshold", "cam_miou_tuned", "point_acc"]:  # no val masks / no boxes
+        row.setdefault(key, float("nan"))
+    if through == "irn":
+        outcomes = pipeline.run(until="pseudo")
+        row["pseudo_miou"] = outcomes[-1].metrics.get("pseudo_miou", float("nan"))
+        if any(o.state == "ran" for o in outcomes):
+            row["state"] = "ran"
+    return row
+
+
+def overlay_grid(rows: list[dict], dataset, train_ids: list[str], path: Path, n: int = 8, cell: int = 160) -> None:
+    """The same `n` train images (rows) under each method (columns): the CAM of the image's first
+    labelled class as a heatmap over the image. Reads the stage's stride-4 CAM files."""
+    import matplotlib
+    from PIL import Image, ImageDraw
+
+    from stages.cam.infer import load_cam, upsample_cam
+    artifacts = [Path(r["artifact"]) for r in rows]
+    ids = [i for i in train_ids if dataset.label_vector(i).any()
+           and all((a / "cams" / f"{i}.npz").is_file() for a in artifacts)][:n]
+    if not ids:
+        return
+    colormap = matplotlib.colormaps["jet"]
+    header = 18
+    grid = Image.new("RGB", (cell * (len(rows) + 1), header + cell * len(ids)), "white")
+    draw = ImageDraw.Draw(grid)
+    for col, title in enumerate(["image"] + [r["method"] for r in rows]):
+        draw.text((col * cell + 4, 3), title, fill="black")
+    for row_index, image_id in enumerate(ids):
+        image = dataset.read_image(image_id)
+        top = header + row_index * cell
+        first_class = int(np.nonzero(dataset.label_vector(image_id))[0][0])
+        grid.paste(Image.fromarray(image).resize((cell, cell)), (0, top))
+        for col, artifact in enumerate(artifacts, start=1):
+            cam, keys, size = load_cam(artifact / "cams" / f"{image_id}.npz")
+            heat = upsample_cam(cam, size)[list(keys).index(first_class)]
+            colored = (colormap(np.clip(heat, 0, 1))[..., :3] * 255).astype(np.float32)
+            blend = (0.5 * image.astype(np.float32) + 0.5 * colored).astype(np.uint8)
+            grid.paste(Image.fromarray(blend).resize((cell, cell)), (col * cell, top))
+        draw.text((4, top + 3), f"{image_id} ({dataset.classes[first_class]})", fill="yellow")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    grid.save(tmp)
+    tmp.replace(path)
+
+
+def cell_text(value) -> str:
+    if isinstance(value, float):
+        return "-" if np.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell_text(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(rows: list[dict], columns: list[str], out: Path, cfg, argv: list[str], has_grid: bool) -> None:
+    with open(out / "compare.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    machine = f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, run.device={cfg.run.device}"
+    parts = [f"# Stage-1 methods on `{cfg.data.root}`", "",
+             f"Command: `{' '.join(shlex.quote(a) for a in argv)}`", "", f"Machine: {machine}", "",
+             markdown_table(rows, columns), ""]
+    parts += [f"- **{name}**: {text}" for name, text in GLOSSARY.items()
+              if any(c in name.split(" / ") for c in columns)]
+    if has_grid:
+        parts += ["", "![CAMs of the same train images under each method](overlays.png)"]
+    (out / "compare.md").write_text("\n".join(parts) + "\n")
+
+
+@click.command("compare")
+@click.option("-c", "--config", "config_paths", multiple=True, required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="YAML run config (repeatable: later files win).")
+@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value for every method, e.g. -o cam.epochs=3 (repeatable).")
+@click.option("--methods", default=DEFAULT_METHODS, show_default=True, help="Comma-separated cam.method values.")
+@click.option("--through", type=click.Choice(["cam", "irn"]), default="cam", show_default=True,
+              help="irn: also run stage 2 up to the pseudo-labels and report their mIoU.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default <workdir>/<dataset>/compare).")
+@click.option("--limit", type=int, default=None, help="Use only the first N images of each split (quick tries).")
+def compare_command(config_paths, overrides, methods: str, through: str, out: Path | None, limit: int | None):
+    """Run stage 1 with each method (cached like any stage) and tabulate them side by side.
+
+    \b
+    Example:
+      wss compare -c configs/demo.yaml --methods gap,pcam,pylon,multiscale,minmax
+      wss compare -c configs/siim.yaml --methods gap,pylon --through irn
+    """
+    from pipeline.cli import setup_logging
+    from stages.common.metrics import format_table
+    if through == "irn" and limit is not None:
+        raise WssError("--limit works with --through cam only (stage 2 reads the full cam artifact)")
+    names = parse_methods(methods)
+    configs = {m: method_config(list(config_paths), list(overrides), m) for m in names}
+    first = configs[names[0]]
+    setup_logging(first.run.verbose)
+    from pipeline.runner import Pipeline
+    dataset = Pipeline(first).dataset
+    out = out or Path(first.run.workdir) / dataset.name / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method in names:
+        log.info("compare: method %s", method)
+        rows.append(compare_method(configs[method], method, through, out, limit))
+    columns = COLUMNS + (["pseudo_miou"] if through == "irn" else [])
+    overlay_grid(rows, dataset, dataset.split(first.data.train_split)[:limit], out / "overlays.png")
+    has_grid = (out / "overlays.png").is_file()
+    argv = ["wss", "compare", *_argv_of(config_paths, overrides, methods, through, limit)]
+    write_report(rows, columns, out, first, argv, has_grid)
+    click.echo(format_table(rows, columns))
+    click.echo(f"wrote {out / 'compare.md'}, {out / 'compare.csv'}" + (f", {out / 'overlays.png'}" if has_grid else ""))
+
+
+def _argv_of(config_paths, overrides, methods, through, limit) -> list[str]:
+    args = [a for p in config_paths for a in ("-c", str(p))] + [a for o in overrides for a in ("-o", o)]
+    args += ["--methods", methods] + (["--through", through] if through != "cam" else [])
+    return args + (["--limit", str(limit)] if limit is not None else [])
