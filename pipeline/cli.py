@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+
+# Before torch is imported: idle OpenMP threads sleep instead of spinning, which on a small
+# CPU shared with data-loader workers made training steps 2x and inference 15x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import click
@@ -345,7 +350,9 @@ def config_show(config_path: tuple[Path, ...], overrides):
 def register_commands() -> None:
     """Commands that live in their own modules."""
     from pipeline.compare import compare_command
+    from pipeline.predict import predict_command
     main.add_command(compare_command)
+    main.add_command(predict_command)
 
 
 register_commands()

@@ -83,7 +83,9 @@ class Columns:
                 return heatmap(image, resize_to(edge, image.shape[:2]), alpha=0.6)
             return blend(image, read_index_png(path), palette)
         if column == "prediction":
-            return blend(image, self.prediction(image), palette)
+            saved = self.artifacts["seg"] / "predictions" / f"{image_id}.png"
+            mask = read_index_png(saved) if saved.is_file() else self.prediction(image)
+            return blend(image, mask, palette)
         raise ValueError(column)
 
     def cam(self, image_id: str, image: np.ndarray) -> np.ndarray | None:

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 
 @dataclass
 class SegConfig:
     arch: str = "Unet"  # any segmentation_models_pytorch architecture name
     encoder: str = "resnet34"  # any smp encoder name
-    encoder_weights: Optional[str] = "imagenet"  # null | imagenet | /path/to/encoder.pth
+    encoder_weights: Optional[str] = "imagenet"  # null | imagenet | /path/to/encoder.pth or .safetensors
+    # extra keyword arguments of the smp architecture, e.g. {decoder_channels: [64, 32, 16, 16, 16]}
+    # for a lighter Unet decoder on a CPU
+    arch_options: dict[str, Any] = field(default_factory=dict)
     losses: dict[str, float] = field(default_factory=lambda: {"ce": 1.0, "dice": 1.0})  # ce, dice, lovasz, focal
     epochs: int = 20
     batch_size: int = 16

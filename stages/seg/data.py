@@ -1,0 +1,95 @@
+"""What the segmenter trains on: images with their pseudo-labels (never the ground truth)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from data.errors import DataError
+from data.layout import IGNORE_INDEX, PreparedDataset, read_index_png
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_augment
+
+
+def pseudo_label_items(dataset: PreparedDataset, ids: list[str], label_dir: Path
+                       ) -> tuple[list[tuple[str, Path | None]], list[str]]:
+    """(id, pseudo-label path or None) to train on, and the ids left out with the reason.
+
+    None means "all background": in a binary dataset an image labelled negative has no
+    pseudo-label because there is nothing to find in it. Any other image without one is skipped.
+    """
+    items, failures = [], []
+    for image_id in ids:
+        path = label_dir / f"{image_id}.png"
+        if path.is_file():
+            items.append((image_id, path))
+        elif dataset.task == "binary" and not dataset.label_vector(image_id).any():
+            items.append((image_id, None))
+        else:
+            failures.append(f"{image_id}: no pseudo-label at {path}; skipped")
+    return items, failures
+
+
+def read_pseudo_label(path: Path | None, shape: tuple[int, int], num_classes: int) -> np.ndarray:
+    """Class indices (0..num_classes, 255) of a pseudo-label, all zeros for None; checked values."""
+    if path is None:
+        return np.zeros(shape, np.uint8)
+    label = read_index_png(path)
+    if label.shape != tuple(shape):
+        raise DataError(f"{path}: pseudo-label is {label.shape[1]}x{label.shape[0]} but its image is "
+                        f"{shape[1]}x{shape[0]}")
+    bad = (label > num_classes) & (label != IGNORE_INDEX)
+    if bad.any():
+        raise DataError(f"{path}: pseudo-label holds value {int(label[bad][0])}, not a class index "
+                        f"0..{num_classes} nor {IGNORE_INDEX}")
+    return label
+
+
+class PseudoLabelDataset(Dataset):
+    """Augmented crops (resize-long in range, flip, pad-crop) with their pseudo-label crops.
+
+    Items are uint8: "image" (H, W, 3) for normalize_batch, "label" (H, W) class indices / 255.
+
+    `on_new_epoch(epoch)` is called when the training loop starts epoch `epoch` (> 0), i.e.
+    right after epoch `epoch - 1` was trained and checkpointed: the stage hooks the held-out
+    scoring there. It is dropped when the dataset is pickled into loader workers.
+    """
+
+    def __init__(self, dataset: PreparedDataset, items: list[tuple[str, Path | None]], long_range, crop: int,
+                 seed: int = 0):
+        self.dataset, self.items = dataset, list(items)
+        self.long_range, self.crop, self.seed, self.epoch = tuple(long_range), crop, seed, 0
+        self.on_new_epoch = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.on_new_epoch is not None and epoch > 0:
+            self.on_new_epoch(epoch)
+        self.epoch = epoch
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "on_new_epoch": None}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image_id, path = self.items[index]
+        image = self.dataset.read_image(image_id)
+        label = read_pseudo_label(path, image.shape[:2], self.dataset.info.num_classes)
+        image, label, _ = train_augment(rng, image, label, self.long_range, self.crop, IGNORE_INDEX)
+        # uint8 out of the workers: a quarter of the bytes to pin and copy, and normalize_batch
+        # does the float work on the device
+        return {"image": torch.from_numpy(np.ascontiguousarray(image)), "label": torch.from_numpy(label)}
+
+
+def normalize_batch(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> ImageNet-normalised float (N, 3, H, W), as data.transforms.normalize.
+
+    The result is channels_last in memory on CUDA (what the AMP loop wants), plain NCHW elsewhere.
+    """
+    mean = torch.as_tensor(IMAGENET_MEAN * 255, device=images.device)
+    std = torch.as_tensor(IMAGENET_STD * 255, device=images.device)
+    x = ((images.float() - mean) / std).permute(0, 3, 1, 2)
+    return x.contiguous(memory_format=torch.channels_last if x.is_cuda else torch.contiguous_format)

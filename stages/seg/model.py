@@ -1,0 +1,187 @@
+"""The segmenter: an smp model, its weights, whole-image inference, and the saved model file.
+
+The task mode decides the head everywhere: "binary" is one sigmoid channel (foreground
+probability), "multiclass" is a softmax over background + the dataset's classes.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+
+from data.errors import WssError
+from data.transforms import normalize, resize_long
+from stages.common.runtime import autocast
+from stages.common.training import save_atomic
+
+MODEL_FILE = "model.pt"
+PAD_MULTIPLE = 32  # smp encoders downsample 5 times: inputs must be divisible by 32
+
+
+class SegModelError(WssError):
+    """A model file or encoder weights that cannot be used as asked."""
+
+
+def output_channels(task: str, num_classes: int) -> int:
+    return 1 if task == "binary" else num_classes + 1
+
+
+def build_segmenter(arch: str, encoder: str, encoder_weights: str | None, channels: int,
+                    options: dict | None = None) -> torch.nn.Module:
+    """smp.create_model with user errors (unknown names, offline ImageNet) as one-line WssErrors."""
+    options = dict(options or {})
+    _check_options(arch, encoder, options)
+    download = None
+    if encoder_weights == "imagenet":
+        download = True if encoder.startswith("tu-") else "imagenet"
+    try:
+        model = smp.create_model(arch, encoder_name=encoder, encoder_weights=download, classes=channels, **options)
+    except KeyError as error:  # smp names the known architectures / encoders / weights itself
+        raise SegModelError(f"seg: {error.args[0] if error.args else error}") from None
+    except TypeError as error:  # an option the architecture does not take
+        raise SegModelError(f"seg.arch_options: {arch} does not accept them ({error})") from None
+    except Exception as error:  # hub, network and file errors differ by platform
+        if download is None:
+            raise
+        repo = _hub_repo(encoder)
+        raise SegModelError(
+            f"seg: could not download ImageNet weights for encoder {encoder} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Offline? On a machine with internet run "
+            f"`hf download {repo} model.safetensors`, copy the file here and set "
+            f"`seg.encoder_weights: /path/to/model.safetensors` (a .pth state dict of the encoder works too), "
+            f"or `seg.encoder_weights: null` to train from scratch.") from None
+    if encoder_weights not in (None, "imagenet"):
+        load_encoder_weights(model, Path(encoder_weights).expanduser(), encoder)
+    return model
+
+
+def _check_options(arch: str, encoder: str, options: dict) -> None:
+    """smp passes unknown keywords on to the encoder, which ignores them unless it is a timm one."""
+    model_class = smp.MODEL_ARCHITECTURES_MAPPING.get(arch.lower())
+    if model_class is None or not options:
+        return
+    set_here = {"encoder_name", "encoder_weights", "classes", "in_channels"}
+    known = set(inspect.signature(model_class.__init__).parameters) - {"self", "kwargs"} - set_here
+    unknown = [key for key in options if key not in known]
+    if unknown and not encoder.startswith("tu-"):
+        raise SegModelError(f"seg.arch_options: {arch} has no option {unknown[0]!r} "
+                            f"(options: {', '.join(sorted(known))})")
+
+
+def _hub_repo(encoder: str) -> str:
+    from segmentation_models_pytorch.encoders import encoders
+
+    settings = encoders.get(encoder, {}).get("pretrained_settings", {}).get("imagenet", {})
+    return settings.get("repo_id", f"<the Hugging Face repo of {encoder}>")
+
+
+def load_encoder_weights(model: torch.nn.Module, path: Path, encoder: str) -> None:
+    """A local encoder state dict (.safetensors, or .pth/.pt; classifier `fc.*` keys are dropped)."""
+    if not path.is_file():
+        raise SegModelError(f"seg.encoder_weights: file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise SegModelError(f"seg.encoder_weights: {path} is not a readable state dict ({error})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing = sorted(set(model.encoder.state_dict()) - set(state))
+    if missing:
+        raise SegModelError(f"seg.encoder_weights: {path} does not fit encoder {encoder}: "
+                            f"missing {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+    try:
+        model.encoder.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # same names, other shapes
+        raise SegModelError(f"seg.encoder_weights: {path} does not fit encoder {encoder}: "
+                            f"{str(error).splitlines()[-1].strip()}") from None
+
+
+def inference_long_side(section) -> int:
+    """The long side images are resized to for prediction: as set, or the middle of training's range."""
+    if section.predict_size:
+        return int(section.predict_size)
+    low, high = section.resize_long
+    return int(round((low + high) / 2))
+
+
+@torch.no_grad()
+def predict_probabilities(model: torch.nn.Module, image: np.ndarray, task: str, long_side: int | None,
+                          device: torch.device) -> torch.Tensor:
+    """(C, H, W) float32 probabilities on the CPU at the image's own size.
+
+    The image (uint8 HxWx3) is resized to `long_side`, zero-padded (the ImageNet mean after
+    normalisation) to a multiple of 32, and the output is cropped and resized back.
+    """
+    height, width = image.shape[:2]
+    resized = resize_long(image, long_side) if long_side else image
+    x = normalize(resized).unsqueeze(0)
+    h, w = x.shape[-2:]
+    x = F.pad(x, (0, -w % PAD_MULTIPLE, 0, -h % PAD_MULTIPLE)).to(device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device):
+        logits = model(x)
+    logits = logits[..., :h, :w].float()
+    if (h, w) != (height, width):
+        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+    probs = torch.sigmoid(logits) if task == "binary" else torch.softmax(logits, dim=1)
+    return probs[0].cpu()
+
+
+def probabilities_to_mask(probs: torch.Tensor | np.ndarray, task: str, threshold: float) -> np.ndarray:
+    """uint8 class indices: binary foreground where p > threshold, multiclass the arg-max."""
+    probs = torch.as_tensor(probs)
+    if task == "binary":
+        return (probs[0] > threshold).to(torch.uint8).numpy()
+    return probs.argmax(dim=0).to(torch.uint8).numpy()
+
+
+def save_segmenter(model: torch.nn.Module, path: Path, section, dataset_info) -> None:
+    """Weights plus everything `load_segmenter` needs to rebuild the model and check it fits."""
+    save_atomic({
+        "model": {k: v.cpu() for k, v in model.state_dict().items()},
+        "arch": section.arch, "encoder": section.encoder, "arch_options": dict(section.arch_options),
+        "task": dataset_info.task, "classes": list(dataset_info.classes),
+        "channels": output_channels(dataset_info.task, dataset_info.num_classes),
+        "palette": dataset_info.palette, "threshold": section.threshold,
+        "long_side": inference_long_side(section),
+    }, path)
+
+
+def load_segmenter(path: Path, device: torch.device, classes: list[str] | None = None,
+                   task: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """The model of a seg artifact (eval mode) and its metadata; checks the classes when given."""
+    path = Path(path)
+    file = path / MODEL_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise SegModelError(f"no segmenter model at {file} (run `wss run-stage seg` first)")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+        meta = {k: v for k, v in state.items() if k != "model"}
+        channels, weights = int(meta["channels"]), state["model"]
+    except Exception as error:
+        raise SegModelError(f"{file}: not a segmenter model file ({type(error).__name__}: {error})") from None
+    if classes is not None and list(classes) != list(meta["classes"]):
+        raise SegModelError(f"{file}: the model was trained for classes {meta['classes']} but the config's "
+                            f"dataset has {list(classes)}; use the seg artifact of this config")
+    if task is not None and task != meta["task"]:
+        raise SegModelError(f"{file}: the model is {meta['task']} but the config's dataset is {task}")
+    model = build_segmenter(meta["arch"], meta["encoder"], None, channels, meta.get("arch_options"))
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise SegModelError(f"{file}: weights do not fit {meta['arch']}/{meta['encoder']} with {channels} "
+                            f"outputs ({str(error).splitlines()[0]})") from None
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, meta

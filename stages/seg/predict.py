@@ -1,0 +1,160 @@
+"""Apply a trained segmenter to new files: image files, folders of them, and DICOMs.
+
+Outputs in `out_dir`, named by each input's file stem:
+    masks/<stem>.png          class indices as a palette PNG, at the input's own size
+    overlays/<stem>.png       the image with the classes' palette colours blended in
+    probabilities/<stem>.npy  float16 (C, H, W) when asked (binary: C = 1, the foreground)
+    submission.csv            binary models: `ImageId,EncodedPixels` (SIIM RLE, -1 when empty)
+A file that cannot be read is reported and skipped; the others are still processed.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from data.datasets import first_item
+from data.dicom import is_dicom, read_dicom
+from data.errors import WssError
+from data.layout import atomic_save, read_rgb, write_index_png
+from data.rle import siim_rle_encode
+from stages.common.runtime import resolve_device
+from stages.seg.model import load_segmenter, predict_probabilities, probabilities_to_mask
+
+log = logging.getLogger("wss.predict")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
+OVERLAY_ALPHA = 0.5
+
+
+@dataclass
+class PredictReport:
+    written: list[str] = field(default_factory=list)  # stems of the inputs that got outputs
+    failures: list[str] = field(default_factory=list)  # one line per input that did not
+    submission: Path | None = None
+
+
+def collect_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
+    """Files to predict (folders searched recursively for image/DICOM suffixes) and input errors."""
+    files, failures = [], []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not p.name.startswith("."))
+            if not found:
+                failures.append(f"{item}: folder holds no image or DICOM files "
+                                f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files += found
+        elif item.is_file():
+            files.append(item)
+        else:
+            failures.append(f"{item}: no such file or folder")
+    return files, failures
+
+
+def read_input(path: Path) -> np.ndarray:
+    """uint8 HxWx3 of an image file or a DICOM (by magic or suffix); WssError naming the file."""
+    if path.suffix.lower() in (".dcm", ".dicom") or is_dicom(path):
+        gray = read_dicom(path)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return read_rgb(path)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, palette: list[list[int]], alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """The image with every non-background pixel blended towards its class colour."""
+    colours = np.zeros((256, 3), np.float32)
+    colours[: len(palette)] = np.asarray(palette, np.float32)
+    blended = image.astype(np.float32)
+    shown = (mask > 0) & (mask < len(palette))
+    blended[shown] = (1 - alpha) * blended[shown] + alpha * colours[mask[shown]]
+    return np.round(blended).astype(np.uint8)
+
+
+class InputFiles(Dataset):
+    """Decoded inputs for a DataLoader (reading and decoding in workers); errors become records."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.files[index]
+        try:
+            return {"path": path, "image": read_input(path)}
+        except WssError as error:
+            return {"path": path, "error": str(error) if str(path) in str(error) else f"{path}: {error}"}
+        except Exception as error:  # decoders raise many types for damaged files
+            return {"path": path, "error": f"{path}: cannot read ({type(error).__name__}: {error})"}
+
+
+def predict_inputs(artifact_dir: Path, inputs: list[str | Path], out_dir: Path, *, probabilities: bool = False,
+                   device: str = "auto", classes: list[str] | None = None, task: str | None = None,
+                   threshold: float | None = None, long_side: int | None = None, workers: int = 0) -> PredictReport:
+    """Predict every input with the model of `artifact_dir` (a seg artifact or its model.pt).
+
+    `classes` / `task`, when given (the config's dataset), must match the model's: a model of
+    another config is refused as a whole (WssError). `threshold` and `long_side` default to
+    the model's own; `workers` processes read and decode the files.
+    """
+    torch_device = resolve_device(device)
+    model, meta = load_segmenter(Path(artifact_dir), torch_device, classes, task)
+    threshold = meta["threshold"] if threshold is None else threshold
+    long_side = meta["long_side"] if long_side is None else long_side
+    files, failures = collect_inputs(inputs)
+    unique: dict[str, Path] = {}
+    for path in files:
+        if path.stem in unique:
+            failures.append(f"{path}: same name as {unique[path.stem]}; outputs are named by file stem, skipped")
+        else:
+            unique[path.stem] = path
+    report = PredictReport(failures=failures)
+    out_dir = Path(out_dir)
+    for sub in ["masks", "overlays"] + (["probabilities"] if probabilities else []):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    rows = []
+    loader = DataLoader(InputFiles(list(unique.values())), batch_size=1, collate_fn=first_item, num_workers=workers)
+    for item in tqdm(loader, desc="predict", unit="file", leave=False):
+        if "error" in item:
+            report.failures.append(item["error"])
+            continue
+        image, stem = item["image"], item["path"].stem
+        probs = predict_probabilities(model, image, meta["task"], long_side, torch_device)
+        mask = probabilities_to_mask(probs, meta["task"], threshold)
+        write_index_png(out_dir / "masks" / f"{stem}.png", mask, meta["palette"])
+        atomic_save(Image.fromarray(overlay(image, mask, meta["palette"])), out_dir / "overlays" / f"{stem}.png")
+        if probabilities:
+            save_npy(out_dir / "probabilities" / f"{stem}.npy", probs.numpy().astype(np.float16))
+        if meta["task"] == "binary":
+            rows.append((stem, siim_rle_encode(mask)))
+        report.written.append(stem)
+    if meta["task"] == "binary" and rows:
+        report.submission = write_submission(out_dir / "submission.csv", rows)
+    for line in report.failures:
+        log.warning("predict: %s", line)
+    return report
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
+    os.replace(tmp, path)
+
+
+def write_submission(path: Path, rows: list[tuple[str, str]]) -> Path:
+    """Kaggle SIIM submission: one row per image, ImageId = file stem (the SOPInstanceUID)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ImageId", "EncodedPixels"])
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path

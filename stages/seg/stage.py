@@ -1,0 +1,258 @@
+"""Stage `seg`: train an smp segmenter on the pseudo-labels, predict and score val and train.
+
+Ground truth is read only after training, to score the finished model. The checkpoint is the
+last epoch, or (`checkpoint: pseudo_holdout`) the epoch that best fits the pseudo-labels of a
+held-out part of the train split.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from data.datasets import first_item
+from data.errors import WssError
+from data.layout import PreparedDataset, read_index_png, write_index_png
+from stages.base import StageInputError, StageResult, section_dict, source_hash
+from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, format_table
+from stages.common.runtime import resolve_device, seed_everything, worker_count
+from stages.common.training import TrainSettings, fit, save_atomic
+from stages.seg.data import PseudoLabelDataset, normalize_batch, pseudo_label_items, read_pseudo_label
+from stages.seg.losses import SegLoss
+from stages.seg.model import (MODEL_FILE, build_segmenter, inference_long_side, output_channels,
+                              predict_probabilities, probabilities_to_mask, save_segmenter)
+
+log = logging.getLogger("wss.seg")
+PREDICTIONS = "predictions"
+IMAGE_SCORES = "image_scores.json"  # binary: each image's largest foreground probability (for AUC)
+HOLDOUT_FILE = "holdout_best.pt"
+
+
+class SegStage:
+    name = "seg"
+    needs: tuple[str, ...] = ("pseudo",)
+    section = "seg"
+
+    def key_config(self, cfg) -> dict:
+        return section_dict(cfg.seg)
+
+    def code_version(self) -> str:
+        return source_hash("stages/seg", "stages/common", "stages/base.py", "data/layout.py",
+                           "data/transforms.py")
+
+    def run(self, cfg, dataset: PreparedDataset, inputs: dict[str, Path], out: Path, *,
+            resume: bool = False, limit: int | None = None) -> StageResult:
+        section = cfg.seg
+        seed_everything(cfg.run.seed)
+        device = resolve_device(cfg.run.device)
+        label_dir = Path(inputs["pseudo"]) / "pseudo_labels"
+        if not label_dir.is_dir():
+            raise StageInputError(f"seg: the pseudo artifact has no pseudo_labels/ folder: {label_dir}")
+        train_ids = dataset.split(cfg.data.train_split)[:limit]
+        val_ids = dataset.split(cfg.data.val_split)[:limit]
+        items, failures = pseudo_label_items(dataset, train_ids, label_dir)
+        if not items:
+            raise StageInputError(f"seg: none of the {len(train_ids)} train images has a pseudo-label in {label_dir}")
+        holdout = []
+        if section.checkpoint == "pseudo_holdout":
+            items, holdout = split_holdout(items, section.holdout_fraction, cfg.run.seed)
+        log.info("seg: %s/%s (%s) on %d images with pseudo-labels (%d held out, %d skipped), device %s",
+                 section.arch, section.encoder, dataset.task, len(items), len(holdout), len(failures), device)
+
+        model = build_segmenter(section.arch, section.encoder, section.encoder_weights,
+                                output_channels(dataset.task, dataset.info.num_classes), section.arch_options)
+        train_set = PseudoLabelDataset(dataset, items, section.resize_long, section.crop_size, cfg.run.seed)
+        tracker = None
+        if holdout:
+            tracker = HoldoutTracker(model, dataset, holdout, section, device, out / HOLDOUT_FILE)
+            train_set.on_new_epoch = lambda epoch: tracker.score_epoch(epoch - 1)
+        loss = SegLoss(section.losses, dataset.task)
+        settings = TrainSettings(epochs=section.epochs, batch_size=section.batch_size, lr=section.lr,
+                                 optimizer=section.optimizer, momentum=section.momentum,
+                                 weight_decay=section.weight_decay, workers=worker_count(cfg.run.workers),
+                                 seed=cfg.run.seed)
+        history = fit(model, train_set, [(list(model.parameters()), 1.0)],
+                      lambda m, batch: loss(m(normalize_batch(batch["image"])), batch["label"].long()),
+                      settings, device, out, resume=resume, desc="seg")
+        metrics = {"train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0,
+                   "seg_trained_images": len(items), "seg_skipped_images": len(failures)}
+        if tracker is not None:
+            tracker.score_epoch(section.epochs - 1)
+            metrics.update(tracker.choose(model))
+        model.eval()  # still channels_last on CUDA, as predict_probabilities feeds it
+        save_segmenter(model, out / MODEL_FILE, section, dataset.info)
+
+        # Only now, with the model fixed, is the ground truth read: to score it.
+        for split, ids in (("val", val_ids), ("train", train_ids)):
+            split_metrics, split_failures = self.predict_split(model, section, dataset, ids, out, device,
+                                                               cfg.run.workers, split)
+            metrics.update(split_metrics)
+            failures += split_failures
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        log.info("seg metrics on split %r:\n%s", cfg.data.val_split, per_class_table(metrics, "seg_val_", dataset))
+        return StageResult(metrics=metrics, headline=headline_metric(dataset.task), failures=failures)
+
+    def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
+        """Re-score the saved predictions of a finished artifact against the masks."""
+        pred_dir = Path(artifact) / PREDICTIONS
+        scores_path = Path(artifact) / IMAGE_SCORES
+        image_scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
+        metrics = {}
+        for split, name in (("val", cfg.data.val_split), ("train", cfg.data.train_split)):
+            scorer = SplitScorer(dataset)
+            for image_id in dataset.split(name):
+                path = pred_dir / f"{image_id}.png"
+                if path.is_file():
+                    scorer.update(read_index_png(path), dataset.read_mask(image_id), image_scores.get(image_id))
+            metrics.update(scorer.metrics(f"seg_{split}_"))
+        return metrics
+
+    @torch.no_grad()
+    def predict_split(self, model, section, dataset: PreparedDataset, ids: list[str], out: Path, device,
+                      workers: int, split: str) -> tuple[dict, list[str]]:
+        """Predict whole images, write predictions/<id>.png, score where masks exist."""
+        pred_dir = out / PREDICTIONS
+        pred_dir.mkdir(parents=True, exist_ok=True)
+        scores_path = out / IMAGE_SCORES
+        image_scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
+        scorer, failures = SplitScorer(dataset), []
+        long_side = inference_long_side(section)
+        loader = DataLoader(_SafeImages(dataset, ids), batch_size=1, collate_fn=first_item,
+                            num_workers=min(2, worker_count(workers)))
+        for item in tqdm(loader, desc=f"seg predict {split}", unit="img", leave=False):
+            if "error" in item:
+                failures.append(item["error"])
+                log.warning("seg: skipped %s", item["error"])
+                continue
+            probs = predict_probabilities(model, item["image"], dataset.task, long_side, device)
+            pred = probabilities_to_mask(probs, dataset.task, section.threshold)
+            write_index_png(pred_dir / f"{item['id']}.png", pred, dataset.info.palette)
+            score = float(probs.max()) if dataset.task == "binary" else None
+            if score is not None:
+                image_scores[item["id"]] = score
+            scorer.update(pred, dataset.read_mask(item["id"]), score)
+        if dataset.task == "binary":
+            scores_path.write_text(json.dumps(image_scores))
+        return scorer.metrics(f"seg_{split}_"), failures
+
+
+def headline_metric(task: str) -> str:
+    return "seg_val_kaggle_dice" if task == "binary" else "seg_val_miou"
+
+
+def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out): a seeded random `fraction` of the items (at least one) is held out."""
+    if not 0 < fraction < 1:
+        raise WssError(f"seg.holdout_fraction must lie between 0 and 1, got {fraction}")
+    if len(items) < 2:
+        raise WssError(f"seg.checkpoint pseudo_holdout needs at least 2 images with pseudo-labels, got {len(items)}")
+    count = min(len(items) - 1, max(1, round(fraction * len(items))))
+    order = np.random.default_rng(seed).permutation(len(items))
+    held = set(order[:count].tolist())
+    return ([it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held])
+
+
+class HoldoutTracker:
+    """Scores each epoch's model on held-out pseudo-labels (mIoU) and keeps the best weights.
+
+    The scores and the best weights live in one file beside the checkpoint, so a resumed run
+    still knows the epochs scored before it was interrupted.
+    """
+
+    def __init__(self, model, dataset: PreparedDataset, items: list, section, device, path: Path):
+        self.model, self.dataset, self.items, self.section = model, dataset, items, section
+        self.device, self.path = device, path
+        self.state = {"scores": {}, "best_epoch": None, "best_model": None}
+        if path.is_file():
+            self.state = torch.load(path, map_location="cpu", weights_only=False)
+
+    @torch.no_grad()
+    def score_epoch(self, epoch: int) -> None:
+        """Score the model as it is after (0-based) `epoch`; a no-op for an epoch scored before."""
+        if epoch in self.state["scores"]:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        matrix = ConfusionMatrix(self.dataset.info.num_classes + 1)
+        long_side = inference_long_side(self.section)
+        for image_id, path in self.items:
+            image = self.dataset.read_image(image_id)
+            target = read_pseudo_label(path, image.shape[:2], self.dataset.info.num_classes)
+            probs = predict_probabilities(self.model, image, self.dataset.task, long_side, self.device)
+            matrix.update(probabilities_to_mask(probs, self.dataset.task, self.section.threshold), target)
+        self.model.train(was_training)
+        score = matrix.miou()
+        best = self.state["best_epoch"]
+        self.state["scores"][epoch] = score
+        if math.isfinite(score) and (best is None or score > self.state["scores"][best]):
+            self.state["best_epoch"] = epoch
+            self.state["best_model"] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        save_atomic(self.state, self.path)
+        log.info("seg: epoch %d held-out pseudo-label mIoU %.4f", epoch + 1, score)
+
+    def choose(self, model) -> dict:
+        """Load the best epoch's weights into `model`; metrics saying which epoch and how it scored."""
+        best = self.state["best_epoch"]
+        if best is None:
+            log.warning("seg: no epoch had a finite held-out score; keeping the last epoch")
+            return {}
+        model.load_state_dict(self.state["best_model"])
+        return {"seg_holdout_epoch": best + 1, "seg_holdout_miou": float(self.state["scores"][best]),
+                "seg_holdout_images": len(self.items)}
+
+
+class SplitScorer:
+    """mIoU / per-class IoU of a split, plus the Kaggle SIIM scores for a binary dataset."""
+
+    def __init__(self, dataset: PreparedDataset):
+        self.classes = ["background", *dataset.classes]
+        self.matrix = ConfusionMatrix(len(self.classes))
+        self.binary = BinarySegmentationScores() if dataset.task == "binary" else None
+        self.images = 0
+
+    def update(self, pred: np.ndarray, gt: np.ndarray | None, score: float | None = None) -> None:
+        if gt is None:
+            return
+        self.matrix.update(pred, gt)
+        if self.binary is not None:
+            self.binary.update(pred, gt, score)
+        self.images += 1
+
+    def metrics(self, prefix: str) -> dict:
+        if not self.images:
+            return {f"{prefix}scored_images": 0}
+        result = {k: float(v) for k, v in self.matrix.to_dict(self.classes, prefix).items()}
+        if self.binary is not None:
+            result.update({k: float(v) for k, v in self.binary.summary(prefix).items()})
+        result[f"{prefix}scored_images"] = self.images
+        return result
+
+
+class _SafeImages(Dataset):
+    """Whole images by id; an unreadable one becomes an error record instead of stopping the loop."""
+
+    def __init__(self, dataset: PreparedDataset, ids: list[str]):
+        self.dataset, self.ids = dataset, list(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.ids[index]
+        try:
+            return {"id": image_id, "image": self.dataset.read_image(image_id)}
+        except WssError as error:
+            return {"id": image_id, "error": str(error)}
+
+
+def per_class_table(metrics: dict, prefix: str, dataset: PreparedDataset) -> str:
+    rows = [{"class": name, "IoU": metrics.get(f"{prefix}iou/{name}", float("nan"))}
+            for name in ["background", *dataset.classes]]
+    rows.append({"class": "mean", "IoU": metrics.get(f"{prefix}miou", float("nan"))})
+    return format_table(rows, ["class", "IoU"])

@@ -1,0 +1,214 @@
+"""`wss predict`: masks, overlays, probabilities and the Kaggle CSV for files, folders and DICOMs."""
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from data.dicom import write_dicom
+from data.layout import IGNORE_INDEX, PreparedDataset, read_index_png, write_index_png
+from data.rle import siim_rle_decode
+from pipeline.config import load_config
+from pipeline.predict import predict_command
+from stages.seg.model import SegModelError
+from stages.seg.predict import collect_inputs, overlay, predict_inputs
+from stages.seg.stage import SegStage
+
+REPO = Path(__file__).resolve().parents[1]
+SIIM_DICOMS = REPO.parent / "shared" / "samples" / "siim" / "dicom"
+TRAIN = ["seg.encoder=resnet18", "seg.encoder_weights=null", "seg.epochs=1", "seg.batch_size=4",
+         "seg.arch_options={decoder_channels: [64, 32, 16, 16, 16]}",
+         "seg.crop_size=32", "seg.resize_long=[32,48]", "run.device=cpu", "run.workers=0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """On a shared, loaded CPU two OpenMP threads wait on each other: one is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_tiny(root: Path, base: Path) -> Path:
+    """One epoch on 8 images: a model to predict with, not a good one."""
+    dataset = PreparedDataset(root)
+    labels = base / "pseudo" / "pseudo_labels"
+    labels.mkdir(parents=True)
+    for image_id in dataset.split("train"):
+        write_index_png(labels / f"{image_id}.png", dataset.read_mask(image_id), dataset.info.palette)
+    cfg = load_config(None, [f"data.root={root}", *TRAIN])
+    out = base / "seg"
+    out.mkdir()
+    SegStage().run(cfg, dataset, {"pseudo": base / "pseudo"}, out, limit=8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def binary_model(synthetic_dataset, tmp_path_factory):
+    root = synthetic_dataset(n=24, size=64, variant="binary")
+    return root, train_tiny(root, tmp_path_factory.mktemp("pred-bin"))
+
+
+@pytest.fixture(scope="module")
+def multiclass_model(synthetic_dataset, tmp_path_factory):
+    root = synthetic_dataset(n=24, size=64)
+    return root, train_tiny(root, tmp_path_factory.mktemp("pred-mc"))
+
+
+def read_submission(path: Path) -> dict[str, str]:
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["ImageId", "EncodedPixels"]
+    return {image_id: rle for image_id, rle in rows[1:]}
+
+
+@pytest.mark.skipif(not SIIM_DICOMS.is_dir(), reason=f"SIIM samples not found at {SIIM_DICOMS}")
+def test_predict_siim_dicoms_writes_masks_and_a_csv_that_decodes_back(binary_model, tmp_path):
+    root, artifact = binary_model
+    dicoms = sorted(SIIM_DICOMS.glob("*.dcm"))
+    first = predict_inputs(artifact, [dicoms[0]], tmp_path / "first", probabilities=True, device="cpu")
+    assert not first.failures and first.written == [dicoms[0].stem]
+    probs = np.load(tmp_path / "first" / "probabilities" / f"{dicoms[0].stem}.npy")
+    assert probs.dtype == np.float16 and probs.shape == (1, 1024, 1024)
+    # an untrained model's masks may all be empty: cut at a quantile so that the RLE has work to do
+    threshold = float(np.quantile(probs.astype(np.float32), 0.7))
+    report = predict_inputs(artifact, [SIIM_DICOMS], tmp_path / "out", device="cpu", threshold=threshold)
+    assert not report.failures and sorted(report.written) == sorted(p.stem for p in dicoms)
+    rows = read_submission(report.submission)
+    assert sorted(rows) == sorted(p.stem for p in dicoms)  # ImageId = DICOM file stem
+    non_empty = 0
+    for image_id, rle in rows.items():
+        mask = read_index_png(tmp_path / "out" / "masks" / f"{image_id}.png")
+        assert mask.shape == (1024, 1024) and set(np.unique(mask)) <= {0, 1}
+        np.testing.assert_array_equal(siim_rle_decode(rle, 1024, 1024), mask)
+        assert (rle == "-1") == (not mask.any())
+        non_empty += bool(mask.any())
+        with Image.open(tmp_path / "out" / "overlays" / f"{image_id}.png") as shown:
+            assert shown.size == (1024, 1024) and shown.mode == "RGB"
+    assert non_empty >= 1
+
+
+def test_predict_files_and_nested_folders(multiclass_model, tmp_path):
+    root, artifact = multiclass_model
+    dataset = PreparedDataset(root)
+    ids = dataset.split("val")[:3]
+    nested = tmp_path / "in" / "a" / "b"
+    nested.mkdir(parents=True)
+    image = dataset.read_image(ids[0])
+    Image.fromarray(image).save(nested / "deep.jpg")
+    Image.fromarray(dataset.read_image(ids[1])[:, :, 0]).save(tmp_path / "in" / "gray.png")  # grayscale
+    (tmp_path / "in" / "notes.txt").write_text("not an image, not picked from a folder")
+    wide = np.concatenate([dataset.read_image(ids[2])] * 2, axis=1)  # 64x128: not square
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    report = predict_inputs(artifact, [tmp_path / "in", tmp_path / "wide.png"], tmp_path / "out",
+                            probabilities=True, device="cpu")
+    assert not report.failures and sorted(report.written) == ["deep", "gray", "wide"]
+    assert report.submission is None and not (tmp_path / "out" / "submission.csv").exists()
+    mask = read_index_png(tmp_path / "out" / "masks" / "wide.png")
+    probs = np.load(tmp_path / "out" / "probabilities" / "wide.npy").astype(np.float32)
+    assert mask.shape == (64, 128) and probs.shape == (4, 64, 128)
+    np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=5e-3)
+    agree = (probs.argmax(axis=0) == mask).mean()  # float16 ties aside, the mask is the arg-max
+    assert agree > 0.99
+    with Image.open(tmp_path / "out" / "overlays" / "deep.png") as shown:
+        assert shown.size == (64, 64)
+
+
+def test_predict_bad_inputs_are_reported_and_the_rest_processed(multiclass_model, tmp_path):
+    root, artifact = multiclass_model
+    dataset = PreparedDataset(root)
+    good = tmp_path / "good.png"
+    Image.fromarray(dataset.read_image(dataset.split("val")[0])).save(good)
+    fake = tmp_path / "fake.png"
+    fake.write_text("this is not a PNG")
+    dicom = tmp_path / "full.dcm"
+    write_dicom(dicom, np.full((32, 32), 100, np.uint8))
+    truncated = tmp_path / "broken.dcm"
+    truncated.write_bytes(dicom.read_bytes()[:200])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "dup").mkdir()
+    shutil.copy(good, tmp_path / "dup" / "good.png")
+    inputs = [good, fake, truncated, empty, tmp_path / "missing.png", tmp_path / "dup", dicom]
+    report = predict_inputs(artifact, inputs, tmp_path / "out", device="cpu", workers=2)  # errors cross processes
+    assert sorted(report.written) == ["full", "good"]
+    assert len(report.failures) == 5
+    for needle in ["fake.png", "broken.dcm", "empty", "missing.png", "dup/good.png"]:
+        assert sum(needle in line for line in report.failures) == 1, (needle, report.failures)
+    assert (tmp_path / "out" / "masks" / "good.png").is_file()
+    assert (tmp_path / "out" / "masks" / "full.png").is_file()
+
+
+def test_model_of_another_config_is_refused(multiclass_model, binary_model, tmp_path):
+    _, artifact = multiclass_model
+    with pytest.raises(SegModelError, match="trained for classes"):
+        predict_inputs(artifact, [tmp_path], tmp_path / "out", device="cpu", classes=["finding"])
+    with pytest.raises(SegModelError, match="is multiclass but the config's dataset is binary"):
+        predict_inputs(artifact, [tmp_path], tmp_path / "out", device="cpu", task="binary")
+    broken = tmp_path / "model.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(SegModelError, match="not a segmenter model file"):
+        predict_inputs(broken, [tmp_path], tmp_path / "out", device="cpu")
+    state = torch.load(artifact / "model.pt", weights_only=False)
+    state["channels"] = 7  # claims another class count than its weights have
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(SegModelError, match="weights do not fit"):
+        predict_inputs(tmp_path / "odd.pt", [tmp_path], tmp_path / "out", device="cpu")
+
+
+def test_overlay_known_answer():
+    image = np.full((1, 3, 3), 100, np.uint8)
+    mask = np.array([[0, 1, IGNORE_INDEX]], np.uint8)
+    palette = [[0, 0, 0], [200, 0, 50]]
+    shown = overlay(image, mask, palette, alpha=0.5)
+    assert shown[0, 0].tolist() == [100, 100, 100]  # background untouched
+    assert shown[0, 1].tolist() == [150, 50, 75]
+    assert shown[0, 2].tolist() == [100, 100, 100]  # ignore / out-of-palette untouched
+
+
+def test_collect_inputs(tmp_path):
+    (tmp_path / "x" / "y").mkdir(parents=True)
+    for name in ["x/a.PNG", "x/y/b.dcm", "x/.hidden.png", "x/readme.md"]:
+        (tmp_path / name).write_bytes(b"")
+    files, failures = collect_inputs([tmp_path / "x", tmp_path / "nope"])
+    assert [p.name for p in files] == ["a.PNG", "b.dcm"]
+    assert len(failures) == 1 and "nope" in failures[0]
+
+
+def write_config(path: Path, root: Path) -> Path:
+    path.write_text(f"data:\n  root: {root}\nrun:\n  device: cpu\n  workers: 0\n")
+    return path
+
+
+def test_predict_command_exit_codes(binary_model, multiclass_model, tmp_path):
+    root, artifact = binary_model
+    config = write_config(tmp_path / "run.yaml", root)
+    dataset = PreparedDataset(root)
+    good = tmp_path / "scan.png"
+    Image.fromarray(dataset.read_image(dataset.split("val")[0])).save(good)
+    runner = CliRunner()
+
+    result = runner.invoke(predict_command, ["-c", str(config), str(good), "--out", str(tmp_path / "ok"),
+                                             "--artifact", str(artifact)])
+    assert result.exit_code == 0, result.output
+    assert read_submission(tmp_path / "ok" / "submission.csv").keys() == {"scan"}
+
+    bad = tmp_path / "bad.png"
+    bad.write_text("nope")
+    result = runner.invoke(predict_command, ["-c", str(config), str(good), str(bad), "--out", str(tmp_path / "mixed"),
+                                             "--artifact", str(artifact), "--probabilities"])
+    assert result.exit_code == 1
+    assert "bad.png" in result.output and (tmp_path / "mixed" / "probabilities" / "scan.npy").is_file()
+
+    mc_root, mc_artifact = multiclass_model  # the binary config's dataset does not fit this model
+    result = runner.invoke(predict_command, ["-c", str(config), str(good), "--out", str(tmp_path / "x"),
+                                             "--artifact", str(mc_artifact)])
+    assert result.exit_code == 2 and "error:" in result.output and "trained for classes" in result.output
+    assert "Traceback" not in result.output
