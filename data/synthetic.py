@@ -30,13 +30,15 @@ class SyntheticSpec:
     variant: str = "multiclass"  # multiclass | binary
     val_fraction: float = 0.2
     positive_fraction: float = 0.5  # binary variant: images with a finding
+    mark_scale: float = 1.0  # size of the class marks relative to the default
+    rib_contrast: float = 0.03  # amplitude of the rib-like background bands
 
     @property
     def classes(self) -> list[str]:
         return BINARY_CLASSES if self.variant == "binary" else MULTICLASS_CLASSES
 
 
-def xray_background(rng: np.random.Generator, size: int) -> np.ndarray:
+def xray_background(rng: np.random.Generator, size: int, rib_contrast: float = 0.03) -> np.ndarray:
     """Smooth multi-scale noise, a vertical exposure gradient and faint rib-like bands."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     coarse = ndimage.gaussian_filter(rng.standard_normal((size, size)), size / 10)
@@ -45,7 +47,7 @@ def xray_background(rng: np.random.Generator, size: int) -> np.ndarray:
     fine /= fine.std() + 1e-8
     phase = rng.uniform(0, 2 * np.pi)
     ribs = np.sin(2 * np.pi * (yy * rng.uniform(5, 8) + 0.15 * np.sin(2 * np.pi * xx)) + phase)
-    image = 0.35 + 0.12 * yy + 0.05 * coarse + 0.025 * fine + 0.03 * ribs
+    image = 0.35 + 0.12 * yy + 0.05 * coarse + 0.025 * fine + rib_contrast * ribs
     return image
 
 
@@ -94,10 +96,17 @@ def place_centers(rng: np.random.Generator, count: int, size: int, radius: float
 
 def generate_image(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One (image uint8 HxW, mask uint8 HxW of class indices, multi-hot label) triple."""
+    scene = generate_scene(spec, index)
+    return scene["image"], scene["mask"], scene["label"]
+
+
+def generate_scene(spec: SyntheticSpec, index: int) -> dict[str, np.ndarray]:
+    """The image, its ground truth, and what tests and benchmarks may want to know besides:
+    `bodies` (every body, distractors included, numbered from 1) and `marks` (bool)."""
     rng = np.random.default_rng([spec.seed, index])
     size = spec.size
     scale = size / 128
-    image = xray_background(rng, size)
+    image = xray_background(rng, size, spec.rib_contrast)
     mask = np.zeros((size, size), np.uint8)
     label = np.zeros(len(spec.classes), np.float32)
 
@@ -112,24 +121,29 @@ def generate_image(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndar
     centers = place_centers(rng, len(marked) + n_distractors, size, radius)
     marked = marked[: len(centers)]
 
+    bodies = np.zeros((size, size), np.uint8)
+    marks = np.zeros((size, size), bool)
     texture = ndimage.gaussian_filter(rng.standard_normal((size, size)), 1.5)
     texture /= texture.std() + 1e-8
     for i, center in enumerate(centers):
         body = body_mask(rng, size, center, radius * rng.uniform(0.85, 1.15))
         soft = ndimage.gaussian_filter(body.astype(np.float64), 1.0)
         image += soft * (rng.uniform(0.14, 0.2) + 0.03 * texture)
+        bodies[body] = i + 1
         if i < len(marked):
             cls = int(marked[i])
             mask[body] = cls + 1
             label[cls] = 1
-            inner = ndimage.binary_erosion(body, iterations=int(8 * scale))
+            inner = ndimage.binary_erosion(body, iterations=int(8 * scale * spec.mark_scale))
             ys, xs = np.nonzero(inner)
             pick = rng.integers(len(ys)) if len(ys) else None
             spot = (ys[pick], xs[pick]) if pick is not None else center
-            mark = ndimage.gaussian_filter(mark_mask(spec.classes[cls], size, spot, scale).astype(np.float64), 0.6)
-            image += 0.28 * mark
+            shape = mark_mask(spec.classes[cls], size, spot, scale * spec.mark_scale)
+            image += 0.28 * ndimage.gaussian_filter(shape.astype(np.float64), 0.6)
+            marks |= shape
     image += 0.015 * rng.standard_normal((size, size))
-    return (np.clip(image, 0, 1) * 255).astype(np.uint8), mask, label
+    return {"image": (np.clip(image, 0, 1) * 255).astype(np.uint8), "mask": mask, "label": label,
+            "bodies": bodies, "marks": marks}
 
 
 def write_synthetic(out: str | Path, spec: SyntheticSpec, progress=None) -> Path:

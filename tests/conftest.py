@@ -4,7 +4,7 @@
         a prepared synthetic dataset; identical requests share one directory, so treat it as
         read-only (copy it with shutil.copytree before changing files in it).
     tiny_synthetic        the default one above (32 images of 64 px, 3 classes)
-    cli(*args)            invoke `wss ...` in-process; returns click's Result
+    cli(*args)            invoke `wss ...` in-process; returns click's Result (also invoke_cli)
     demo_overrides(root, workdir)   `-o` pairs that point configs/demo.yaml at a tiny, fast run
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as pipeline/cli.py: no spinning threads
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -56,16 +57,23 @@ def tiny_synthetic(synthetic_dataset) -> Path:
     return synthetic_dataset()
 
 
-@pytest.fixture
-def cli():
+def invoke_cli(*args):
+    """`wss *args` in-process; stdout, stderr and log lines all land in result.output."""
+    import logging
+
     from click.testing import CliRunner
 
     from pipeline.cli import main
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_wss", False)]:
+        # the CLI's log handler holds the stderr of the invocation that made it: start afresh
+        root.removeHandler(handler)
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
 
-    def invoke(*args: str):
-        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
 
-    return invoke
+@pytest.fixture
+def cli():
+    return invoke_cli
 
 
 def overrides(values: dict) -> list[str]:

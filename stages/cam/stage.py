@@ -73,8 +73,9 @@ class CamStage:
         model = model.to(memory_format=torch.contiguous_format).eval()
 
         metrics = {"train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0}
-        metrics.update(self.classify_split(model, dataset, val_ids, device, cfg.run.workers))
-        failures = self.write_cams(model, section, dataset, train_ids, out / "cams", device, cfg.run.workers)
+        failures: list[str] = []
+        metrics.update(self.classify_split(model, dataset, val_ids, device, cfg.run.workers, failures))
+        failures += self.write_cams(model, section, dataset, train_ids, out / "cams", device, cfg.run.workers)
         metrics.update(evaluate_cams(dataset, train_ids, out / "cams", section.eval_bg_threshold))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         log.info("cam metrics on split %r:\n%s", cfg.data.train_split, per_class_table(metrics, "cam_", dataset))
@@ -86,12 +87,19 @@ class CamStage:
         return evaluate_cams(dataset, ids, artifact / "cams", cfg.cam.eval_bg_threshold)
 
     @torch.no_grad()
-    def classify_split(self, model, dataset: PreparedDataset, ids: list[str], device, workers: int) -> dict:
-        """Image-level AUC / AP on a split, whole images at scale 1."""
+    def classify_split(self, model, dataset: PreparedDataset, ids: list[str], device, workers: int,
+                       failures: list[str] | None = None) -> dict:
+        """Image-level AUC / AP on a split, whole images at scale 1. Unreadable images are
+        skipped and listed in `failures`."""
         scores, targets = [], []
-        loader = DataLoader(ImageDataset(dataset, ids), batch_size=1, collate_fn=first_item,
+        loader = DataLoader(_SafeImages(dataset, ids), batch_size=1, collate_fn=first_item,
                             num_workers=min(2, worker_count(workers)))
         for item in tqdm(loader, desc="cam classify val", unit="img", leave=False):
+            if "error" in item:
+                log.warning("cam: skipped %s", item["error"])
+                if failures is not None:
+                    failures.append(item["error"])
+                continue
             x = normalize(item["image"]).unsqueeze(0).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(x)["logits"].float()

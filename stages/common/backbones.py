@@ -63,7 +63,11 @@ class ResNetFeatures(nn.Module):
         net = RESNETS[name](weights=None)
         state = load_state_dict(name, weights)
         if state is not None:
-            missing, unexpected = net.load_state_dict(state, strict=False)
+            try:
+                missing, unexpected = net.load_state_dict(state, strict=False)
+            except RuntimeError as error:  # tensor shapes differ: another architecture
+                first = str(error).strip().splitlines()[-1].strip()
+                raise WeightsError(f"weights {weights} do not fit {name}: {first}") from None
             trunk_missing = [k for k in missing if not k.startswith("fc.")]
             if trunk_missing:
                 raise WeightsError(f"weights {weights} do not fit {name}: missing {trunk_missing[:3]}...")

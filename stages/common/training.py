@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from data.errors import WssError
 from stages.common.runtime import autocast
 
 log = logging.getLogger("wss.train")
@@ -36,6 +37,7 @@ class TrainSettings:
     poly_power: float = 0.9
     workers: int = 0
     seed: int = 0
+    log_every: int = 10  # steps between progress-bar updates (each one waits for the GPU)
 
 
 def make_optimizer(groups: list[tuple[list, float]], settings: TrainSettings) -> torch.optim.Optimizer:
@@ -77,6 +79,29 @@ def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
     return out
 
 
+def loader_batches(loader: DataLoader):
+    """Iterate a loader; a user error raised in a worker process comes back as its own one-line
+    message instead of DataLoader's re-raise, which embeds the worker's whole traceback."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except WssError as error:
+            raise type(error)(worker_message(str(error))) from None
+        yield batch
+
+
+def worker_message(text: str) -> str:
+    """The original message from DataLoader's wrapped one, whose last line is `module.Error: message`."""
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    name, sep, message = last.partition(": ")
+    return message if sep and "Error" in name and " " not in name else last
+
+
 def save_atomic(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
@@ -94,7 +119,6 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
     optimizer = make_optimizer(groups, settings)
     steps_per_epoch = len(dataset) // settings.batch_size
     if steps_per_epoch == 0:
-        from data.errors import WssError
         raise WssError(f"{desc}: {len(dataset)} training images is fewer than one batch "
                        f"(batch_size {settings.batch_size}); lower the batch size")
     total_steps = steps_per_epoch * settings.epochs
@@ -112,26 +136,31 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
             dataset.set_epoch(epoch)
         model.train()
         loader = make_loader(dataset, settings, device, shuffle=True, epoch=epoch)
-        sums: dict[str, float] = {}
+        # running sums stay on the device: reading them (a GPU sync) only every `log_every` steps
+        # lets the host queue the next step while the GPU still works on this one
+        sums: dict[str, torch.Tensor | float] = {}
         started, seen = time.time(), 0
-        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{settings.epochs}", unit="batch", leave=False)
+        bar = tqdm(loader_batches(loader), total=steps_per_epoch, unit="batch", leave=False,
+                   desc=f"{desc} epoch {epoch + 1}/{settings.epochs}")
         for i, batch in enumerate(bar):
             lr = set_poly_lr(optimizer, settings.lr, epoch * steps_per_epoch + i, total_steps, settings.poly_power)
             batch = to_device(batch, device, channels_last)
             with autocast(device):
                 loss, logs = step(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1} step {i}; "
-                                         f"lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             seen += len(next(iter(batch.values())))
-            for key, value in {"loss": loss.detach(), **logs}.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.4f}", lr=f"{lr:.2g}")
+            for key, value in {"loss": loss.detach().float(), **logs}.items():
+                sums[key] = sums.get(key, 0.0) + (value.detach().float() if torch.is_tensor(value) else value)
+            if (i + 1) % settings.log_every == 0 or i + 1 == steps_per_epoch:
+                mean_loss = float(sums["loss"]) / (i + 1)
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"{desc}: loss became {mean_loss} in epoch {epoch + 1} "
+                                             f"(by step {i + 1}); lower the learning rate")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2g}")
         seconds = time.time() - started
-        record = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()},
+        record = {"epoch": epoch + 1, **{k: float(v) / steps_per_epoch for k, v in sums.items()},
                   "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
         history.append(record)
         with open(metrics_log, "a") as handle:

@@ -1,0 +1,154 @@
+"""Stage-1 speed: the real training loop against the bare model step, and CAM inference.
+
+    python bench/stage_cam.py [--device auto|cpu|cuda] [--size PX] [--batch B] [--backbone NAME]
+                              [--steps N] [--workers W] [--method gap|dropblock]
+
+- bare step: forward + loss + backward + optimizer step on one batch already on the device
+  (AMP bf16 + channels_last on CUDA, as in the loop), after warm-up steps; CUDA synchronised;
+- real loop: stages.common.training.fit for one epoch of N batches over the real
+  ClassificationDataset (PNG decode, augmentation, DataLoader workers, host->device copies,
+  progress bar, per-epoch checkpoint excluded) at the same batch and crop size;
+- CAM inference: stages.cam.infer.multiscale_cam per image, at --cam-scales with flip.
+
+The images are a few synthetic ones written to a temporary prepared dataset and listed
+repeatedly, so the loader decodes real PNG files of the requested size. Defaults: on a CPU
+resnet18 at 128 px, batch 16; on CUDA resnet50 at 512 px, batch 32 (bf16).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.datasets import ClassificationDataset  # noqa: E402
+from data.layout import PreparedDataset  # noqa: E402
+from data.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
+from stages.cam.config import CamConfig  # noqa: E402
+from stages.cam.infer import multiscale_cam  # noqa: E402
+from stages.cam.methods import build_cam_net  # noqa: E402
+from stages.common.metrics import format_table  # noqa: E402
+from stages.common.runtime import autocast, resolve_device, seed_everything, worker_count  # noqa: E402
+from stages.common.training import TrainSettings, fit, make_optimizer  # noqa: E402
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_step_rate(model, cfg: CamConfig, device, batch: int, size: int, steps: int, warmup: int) -> float:
+    """Images/s of forward+backward+step on tensors already on the device."""
+    channels_last = device.type == "cuda"
+    model.to(device).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model.param_groups(cfg.head_lr_mult),
+                               TrainSettings(epochs=1, batch_size=batch, lr=cfg.lr, optimizer=cfg.optimizer))
+    x = torch.randn(batch, 3, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(batch, model.classifier.out_channels, device=device) > 0.5).float()
+
+    def step():
+        with autocast(device):
+            loss, _ = model.loss(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def loop_rate(model, cfg: CamConfig, data: PreparedDataset, device, batch: int, size: int, steps: int,
+              workers: int, out: Path) -> float:
+    """Images/s of one epoch of the real training loop (steps batches)."""
+    ids = data.split("train")
+    ids = (ids * math.ceil(batch * steps / len(ids)))[:batch * steps]
+    dataset = ClassificationDataset(data, ids, (size, size), size)
+    settings = TrainSettings(epochs=1, batch_size=batch, lr=cfg.lr, optimizer=cfg.optimizer,
+                             weight_decay=cfg.weight_decay, workers=workers)
+    history = fit(model, dataset, model.param_groups(cfg.head_lr_mult),
+                  lambda m, b: m.loss(m(b["image"]), b["label"]), settings, device, out, desc="bench")
+    return history[-1]["images_per_s"]
+
+
+def cam_rate(model, cfg: CamConfig, data: PreparedDataset, device, count: int) -> float:
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    ids = data.split("train")
+    images = [data.read_image(ids[i % len(ids)]) for i in range(count)]
+    keys = [0, 1]
+    multiscale_cam(model, images[0], keys, cfg.scales, cfg.flip, device, cfg.extract)  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    for image in images:
+        multiscale_cam(model, image, keys, cfg.scales, cfg.flip, device, cfg.extract)
+    synchronize(device)
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--size", type=int, default=None, help="crop / image side (CPU 128, CUDA 512)")
+    parser.add_argument("--batch", type=int, default=None, help="CPU 16, CUDA 32")
+    parser.add_argument("--backbone", default=None, help="CPU resnet18, CUDA resnet50")
+    parser.add_argument("--steps", type=int, default=None, help="timed batches (CPU 8, CUDA 60)")
+    parser.add_argument("--workers", type=int, default=-1, help="loader workers (-1: one per core, max 8)")
+    parser.add_argument("--method", default="gap")
+    parser.add_argument("--cam-images", type=int, default=None, help="CPU 8, CUDA 50")
+    parser.add_argument("--cam-scales", default="1.0,0.5,1.5,2.0")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    size = args.size or (512 if cuda else 128)
+    batch = args.batch or (32 if cuda else 16)
+    backbone = args.backbone or ("resnet50" if cuda else "resnet18")
+    steps = args.steps or (60 if cuda else 8)
+    cam_images = args.cam_images or (50 if cuda else 8)
+    workers = worker_count(args.workers)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    cfg = CamConfig(method=args.method, backbone=backbone, weights=None, optimizer="sgd", lr=0.01,
+                    scales=[float(s) for s in args.cam_scales.split(",")], flip=True)
+    seed_everything(0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        data = PreparedDataset(write_synthetic(Path(tmp) / "data", SyntheticSpec(n=40, size=size, seed=0)))
+        print(f"wrote 40 synthetic {size}px images in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        model = build_cam_net(cfg, len(data.classes))
+        bare = bare_step_rate(model, cfg, device, batch, size, steps, warmup=3 if cuda else 1)
+        loop = loop_rate(model, cfg, data, device, batch, size, steps, workers, Path(tmp))
+        cams = cam_rate(model, cfg, data, device, cam_images)
+
+    rows = [
+        {"measure": "bare model step (train)", "images/s": f"{bare:.1f}", "vs bare": "100%"},
+        {"measure": f"real loop ({workers} workers)", "images/s": f"{loop:.1f}",
+         "vs bare": f"{100 * loop / bare:.0f}%"},
+        {"measure": f"CAM inference (scales {args.cam_scales}, flip)", "images/s": f"{cams:.2f}", "vs bare": "-"},
+    ]
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {len(os.sched_getaffinity(0))} cores, " \
+        f"{torch.get_num_threads()} torch threads"
+    print(f"{args.method}/{backbone} OS16, {size}x{size}, batch {batch}, {steps} steps, "
+          f"{'bf16 + channels_last' if cuda else 'fp32'} on {name}; load average {os.getloadavg()[0]:.1f}")
+    print(format_table(rows, ["measure", "images/s", "vs bare"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""ResNet trunks at output stride 16, and weight loading that never downloads in tests."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision import models
+
+from data.errors import WssError
+from stages.common.backbones import IMAGENET_WEIGHTS, ResNetFeatures, WeightsError, stage_channels
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+def test_output_stride_16_and_channels(name):
+    net = ResNetFeatures(name).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        maps = net.forward_stages(x)
+    strides = [64 // m.shape[2] for m in maps]
+    assert strides == [4, 4, 8, 16, 16]
+    assert [m.shape[3] for m in maps] == [24, 24, 12, 6, 6]
+    assert [m.shape[1] for m in maps] == stage_channels(name) == net.channels
+    # layer4 keeps the resolution by dilating its 3x3 convolutions
+    dilated = [m for m in net.layer4.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert dilated and all(m.dilation == (2, 2) and m.stride == (1, 1) for m in dilated)
+
+
+def test_odd_input_sizes_round_up():
+    with torch.no_grad():
+        out = ResNetFeatures("resnet18").eval()(torch.randn(1, 3, 65, 70))
+    assert out.shape[2:] == (5, 5)
+
+
+def test_unknown_backbone_is_a_user_error():
+    with pytest.raises(WssError, match="unknown backbone 'resnet99'"):
+        ResNetFeatures("resnet99")
+
+
+def test_imagenet_offline_fails_fast_naming_the_local_alternative(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached download can answer instead
+
+    def offline(self, *args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(type(IMAGENET_WEIGHTS["resnet18"]), "get_state_dict", offline)
+    with pytest.raises(WeightsError) as info:
+        ResNetFeatures("resnet18", "imagenet")
+    message = str(info.value)
+    assert "resnet18" in message and "name resolution" in message
+    assert "weights: /path/to/resnet18-" in message and ".pth" in message
+    assert "weights: null" in message
+    assert "\n" not in message
+
+
+def saved_resnet(tmp_path, name: str = "resnet18", wrap: bool = False):
+    torch.manual_seed(1)
+    net = getattr(models, name)(weights=None)
+    state = net.state_dict()
+    path = tmp_path / f"{name}.pth"
+    torch.save({"state_dict": state} if wrap else state, path)
+    return path, state
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_weights_from_a_local_file(tmp_path, wrap):
+    path, state = saved_resnet(tmp_path, wrap=wrap)
+    net = ResNetFeatures("resnet18", str(path))
+    assert torch.equal(net.stem[0].weight, state["conv1.weight"])
+    assert torch.equal(net.stem[1].running_var, state["bn1.running_var"])
+    assert torch.equal(net.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+
+
+def test_weights_file_errors(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        ResNetFeatures("resnet18", str(tmp_path / "absent.pth"))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="not a readable PyTorch state dict"):
+        ResNetFeatures("resnet18", str(garbage))
+    path, _ = saved_resnet(tmp_path, "resnet18")
+    with pytest.raises(WssError):  # resnet18 weights do not fit resnet50
+        ResNetFeatures("resnet50", str(path))

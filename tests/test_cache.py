@@ -1,0 +1,240 @@
+"""The artifact cache: which inputs change a stage's key, and atomic completion.
+
+A stage is replaced by a fake here (no training), so these tests exercise only the runner and
+the store: a run that raises or is killed must leave nothing that a later run would reuse.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pipeline.cache import ArtifactStore, CacheError, StageKey
+from pipeline.config import load_config
+from pipeline.runner import Pipeline
+from stages.base import StageResult
+from tests.conftest import DEMO_CONFIG, REPO
+
+
+def make_pipeline(root, workdir, *overrides: str) -> Pipeline:
+    return Pipeline(load_config(DEMO_CONFIG, [f"data.root={root}", f"run.workdir={workdir}", *overrides]))
+
+
+class FakeCam:
+    """Stands in for the cam stage: writes one file, optionally raises half way."""
+    name, needs, section = "cam", (), "cam"
+
+    def __init__(self, fail: BaseException | None = None):
+        self.fail, self.calls = fail, 0
+
+    def key_config(self, cfg) -> dict:
+        from stages.base import section_dict
+        return section_dict(cfg.cam)
+
+    def code_version(self) -> str:
+        return "fake-1"
+
+    def run(self, cfg, dataset, inputs, out, *, resume=False, limit=None) -> StageResult:
+        self.calls += 1
+        (out / f"half-{self.calls}.txt").write_text("written before the failure point")
+        if self.fail is not None:
+            (out / "from-failed-run.txt").write_text("must never reach an artifact")
+            raise self.fail
+        (out / "result.txt").write_text("done")
+        return StageResult(metrics={"cam_miou": 0.5}, headline="cam_miou")
+
+
+def with_stage(pipeline: Pipeline, stage) -> Pipeline:
+    pipeline.stages = {**pipeline.stages, "cam": stage}
+    pipeline._keys.clear()
+    return pipeline
+
+
+# ----------------------------------------------------------------------------------- key parts
+
+def test_same_config_same_key(tiny_synthetic, tmp_path):
+    first = make_pipeline(tiny_synthetic, tmp_path).key("cam")
+    second = make_pipeline(tiny_synthetic, tmp_path).key("cam")
+    assert first.digest == second.digest
+    assert len(first.short) == 12
+
+
+@pytest.mark.parametrize("override", ["run.workers=7", "run.device=cpu", "run.verbose=true",
+                                      "run.workdir=/elsewhere"])
+def test_how_to_run_does_not_change_the_key(tiny_synthetic, tmp_path, override):
+    base = make_pipeline(tiny_synthetic, tmp_path).key("cam").digest
+    assert make_pipeline(tiny_synthetic, tmp_path, override).key("cam").digest == base
+
+
+@pytest.mark.parametrize("override", ["cam.eval_bg_threshold=0.3", "cam.epochs=99", "cam.scales=[1.0]",
+                                      "data.train_split=val"])
+def test_what_to_compute_changes_the_key(tiny_synthetic, tmp_path, override):
+    base = make_pipeline(tiny_synthetic, tmp_path).key("cam").digest
+    assert make_pipeline(tiny_synthetic, tmp_path, override).key("cam").digest != base
+
+
+def test_dataset_change_changes_the_key(tiny_synthetic, tmp_path):
+    root = shutil.copytree(tiny_synthetic, tmp_path / "data")
+    before = make_pipeline(root, tmp_path).key("cam").digest
+    split = root / "splits" / "train.txt"
+    split.write_text("".join(split.read_text().splitlines(keepends=True)[:-1]))
+    assert make_pipeline(root, tmp_path).key("cam").digest != before
+
+
+def test_limit_is_part_of_the_key(tiny_synthetic, tmp_path):
+    pipeline = make_pipeline(tiny_synthetic, tmp_path)
+    assert pipeline.key("cam", limit=8).digest != pipeline.key("cam").digest
+
+
+def test_artifact_directory_layout(tiny_synthetic, tmp_path):
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), FakeCam())
+    outcome = pipeline.run_stage("cam")
+    key = pipeline.key("cam")
+    assert outcome.path == tmp_path / "synthetic" / f"cam-{key.short}"
+    manifest = json.loads((outcome.path / "manifest.json").read_text())
+    assert manifest["key"] == key.digest and manifest["metrics"] == {"cam_miou": 0.5}
+    assert manifest["config"]["cam"]["backbone"] == "resnet18"
+
+
+# ------------------------------------------------------------------------------ atomic commits
+
+def test_a_stage_that_raises_leaves_only_a_partial_dir(tiny_synthetic, tmp_path):
+    failing = FakeCam(fail=RuntimeError("boom"))
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        pipeline.run_stage("cam")
+    key = pipeline.key("cam")
+    assert pipeline.artifact("cam") is None
+    assert not pipeline.store.final_dir(key).exists()
+    assert (pipeline.store.partial_dir(key) / "from-failed-run.txt").is_file()
+    assert pipeline.status_of("cam").state == "missing"
+
+    good = FakeCam()
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), good)
+    outcome = pipeline.run_stage("cam")
+    assert outcome.state == "ran" and good.calls == 1
+    # a fresh start: nothing of the failed attempt was carried into the result
+    assert sorted(p.name for p in outcome.path.iterdir()) == ["half-1.txt", "log.txt", "manifest.json",
+                                                              "result.txt"]
+    assert not pipeline.store.partial_dir(key).exists()
+
+
+def test_keyboard_interrupt_leaves_nothing_reusable(tiny_synthetic, tmp_path):
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), FakeCam(fail=KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_stage("cam")
+    assert pipeline.artifact("cam") is None
+    again = with_stage(make_pipeline(tiny_synthetic, tmp_path), FakeCam())
+    assert again.run_stage("cam").state == "ran"
+
+
+def test_complete_artifact_is_reused_and_force_recomputes(tiny_synthetic, tmp_path):
+    stage = FakeCam()
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), stage)
+    first = pipeline.run_stage("cam")
+    second = pipeline.run_stage("cam")
+    assert (first.state, second.state, stage.calls) == ("ran", "cached", 1)
+    assert second.metrics == {"cam_miou": 0.5} and second.path == first.path
+    forced = pipeline.run_stage("cam", force=True)
+    assert forced.state == "ran" and stage.calls == 2
+    assert (forced.path / "half-2.txt").is_file() and not (forced.path / "half-1.txt").exists()
+
+
+def test_manifest_with_another_key_is_not_reused(tiny_synthetic, tmp_path):
+    stage = FakeCam()
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), stage)
+    path = pipeline.run_stage("cam").path
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["key"] = "0" * 64
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert pipeline.artifact("cam") is None
+    assert pipeline.run_stage("cam").state == "ran" and stage.calls == 2
+
+
+def test_status_names_what_changed(tiny_synthetic, tmp_path):
+    with_stage(make_pipeline(tiny_synthetic, tmp_path), FakeCam()).run_stage("cam")
+    status = with_stage(make_pipeline(tiny_synthetic, tmp_path), FakeCam()).status_of("cam")
+    assert status.state == "up to date"
+    changed = with_stage(make_pipeline(tiny_synthetic, tmp_path, "cam.eval_bg_threshold=0.3"), FakeCam())
+    status = changed.status_of("cam")
+    assert status.state == "stale"
+    assert status.reasons == [f"cam.eval_bg_threshold: {load_config(DEMO_CONFIG).cam.eval_bg_threshold} -> 0.3"]
+    missing = with_stage(make_pipeline(tiny_synthetic, tmp_path / "other"), FakeCam()).status_of("cam")
+    assert missing.state == "missing"
+
+
+# ------------------------------------------------------------------------ the store on its own
+
+def key(stage: str = "cam", value: int = 1) -> StageKey:
+    return StageKey(stage, {"config": {"x": value}, "dataset": "d", "upstream": {}, "code": "c"})
+
+
+def test_store_commit_writes_manifest_last_and_renames(tmp_path):
+    store = ArtifactStore(tmp_path, "ds")
+    k = key()
+    with store.writing(k) as partial:
+        (partial / "a.txt").write_text("a")
+        assert store.complete(k) is None
+        final = store.commit(k, partial, {"metrics": {}})
+    assert final == tmp_path / "ds" / f"cam-{k.short}" and store.complete(k) == final
+    assert not partial.exists()
+    assert store.latest("cam")[0] == final
+
+
+def test_resume_keeps_the_partial_dir_and_fresh_start_clears_it(tmp_path):
+    store = ArtifactStore(tmp_path, "ds")
+    k = key()
+    with store.writing(k) as partial:
+        (partial / "checkpoint.pt").write_text("epoch 3")
+    with store.writing(k, resume=True) as partial:
+        assert (partial / "checkpoint.pt").read_text() == "epoch 3"
+    with store.writing(k) as partial:
+        assert list(partial.iterdir()) == []
+
+
+def test_two_writers_of_one_key_are_refused(tmp_path):
+    store = ArtifactStore(tmp_path, "ds")
+    with store.writing(key()):
+        with pytest.raises(CacheError, match="another wss process"):
+            with store.writing(key()):
+                pass
+        with store.writing(key(value=2)):  # another key is independent
+            pass
+
+
+def test_killed_writer_leaves_nothing_reusable(tmp_path):
+    """SIGKILL mid-write (no cleanup code runs): the next run starts fresh and can take the lock."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from pipeline.cache import ArtifactStore, StageKey
+        store = ArtifactStore({str(tmp_path)!r}, "ds")
+        key = StageKey("cam", {{"config": {{"x": 1}}, "dataset": "d", "upstream": {{}}, "code": "c"}})
+        with store.writing(key) as partial:
+            (partial / "cams").mkdir()
+            (partial / "cams" / "a.npz").write_text("half")
+            print("ready", flush=True)
+            time.sleep(60)
+            store.commit(key, partial, {{}})
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    store = ArtifactStore(tmp_path, "ds")
+    k = key()
+    assert store.complete(k) is None and store.latest("cam") is None
+    assert (store.partial_dir(k) / "cams" / "a.npz").is_file()
+    with store.writing(k) as partial:
+        assert list(partial.iterdir()) == []
+        store.commit(k, partial, {})
+    assert store.complete(k) is not None

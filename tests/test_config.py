@@ -1,0 +1,168 @@
+"""Config loading: YAML + base chains + dotted overrides into typed dataclasses, and its errors."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config
+from tests.conftest import DEMO_CONFIG
+
+
+def write(path, text: str):
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_demo_config_loads_with_its_values():
+    cfg = load_config(DEMO_CONFIG)
+    assert cfg.cam.backbone == "resnet18"
+    assert cfg.cam.weights is None
+    assert cfg.source == str(DEMO_CONFIG)
+    # untouched sections keep their defaults
+    assert cfg.run.workdir == "runs"
+
+
+def test_defaults_without_a_file():
+    cfg = load_config(None)
+    assert cfg.cam.eval_bg_threshold == 0.15
+    assert cfg.cam.scales == [1.0, 0.5, 1.5, 2.0]
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path):
+    path = write(tmp_path / "typo.yaml", """
+        cam:
+          epoch: 3
+    """)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "'cam.epoch'" in message
+    assert "did you mean 'cam.epochs'" in message
+    assert "\n" not in message
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    path = write(tmp_path / "c.yaml", "camm: {epochs: 3}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'camm' \(did you mean 'cam'\?\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text, key, kind", [
+    ("cam: {epochs: three}", "cam.epochs", "integer"),
+    ("cam: {epochs: 2.5}", "cam.epochs", "integer"),
+    ("cam: {lr: fast}", "cam.lr", "number"),
+    ("cam: {flip: 1}", "cam.flip", "true or false"),
+    ("cam: {scales: 1.0}", "cam.scales", "list"),
+    ("cam: {scales: [1.0, big]}", "cam.scales[1]", "number"),
+    ("cam: {backbone: resnet99}", "cam.backbone", "one of"),
+    ("cam: {epochs: true}", "cam.epochs", "integer"),
+    ("cam: 3", "cam", "mapping"),
+])
+def test_wrong_types_name_file_and_key(tmp_path, text, key, kind):
+    path = write(tmp_path / "bad.yaml", text + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and key in message and kind in message
+
+
+def test_floats_in_any_yaml_spelling(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-4 as a string; the loader must still make it a float
+    path = write(tmp_path / "f.yaml", """
+        cam:
+          lr: 1e-4
+          weight_decay: 5.0e-3
+          eval_bg_threshold: 1
+    """)
+    cfg = load_config(path)
+    assert cfg.cam.lr == pytest.approx(1e-4) and isinstance(cfg.cam.lr, float)
+    assert cfg.cam.weight_decay == pytest.approx(5e-3)
+    assert cfg.cam.eval_bg_threshold == 1.0 and isinstance(cfg.cam.eval_bg_threshold, float)
+    cfg = load_config(path, ["cam.lr=3e-3"])
+    assert cfg.cam.lr == pytest.approx(3e-3)
+
+
+def test_base_chain_later_files_win(tmp_path):
+    write(tmp_path / "root.yaml", """
+        cam: {epochs: 1, lr: 0.5, scales: [1.0, 2.0]}
+        run: {seed: 7}
+    """)
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub" / "middle.yaml", """
+        base: ../root.yaml
+        cam: {epochs: 2}
+    """)
+    top = write(tmp_path / "sub" / "top.yaml", """
+        base: middle.yaml
+        cam: {batch_size: 4}
+    """)
+    cfg = load_config(top)
+    assert (cfg.cam.epochs, cfg.cam.lr, cfg.cam.batch_size, cfg.run.seed) == (2, 0.5, 4, 7)
+    assert cfg.cam.scales == [1.0, 2.0]
+
+
+def test_base_loop_and_missing_base(tmp_path):
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "a.yaml")
+    write(tmp_path / "c.yaml", "base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_dotted_overrides_parse_yaml_values():
+    cfg = load_config(DEMO_CONFIG, ["cam.epochs=3", "cam.scales=[1.0, 0.5]", "cam.weights=null",
+                                    "run.device=cpu", "cam.flip=false", "data.root=/x/y"])
+    assert cfg.cam.epochs == 3
+    assert cfg.cam.scales == [1.0, 0.5]
+    assert cfg.cam.weights is None
+    assert cfg.run.device == "cpu"
+    assert cfg.cam.flip is False
+    assert cfg.data.root == "/x/y"
+
+
+def test_override_errors_name_the_override():
+    with pytest.raises(ConfigError, match=r"unknown key 'cam.epochz'.*did you mean 'cam.epochs'"):
+        load_config(DEMO_CONFIG, ["cam.epochz=3"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(DEMO_CONFIG, ["cam.epochs"])
+    with pytest.raises(ConfigError, match="cam.epochs must be an integer"):
+        load_config(DEMO_CONFIG, ["cam.epochs=many"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = write(tmp_path / "bad.yaml", "cam: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    top_list = write(tmp_path / "list.yaml", "- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(top_list)
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(DEMO_CONFIG, ["cam.epochs=3", "cam.lr=1e-4"])
+    dumped = write(tmp_path / "dumped.yaml", cfg.dump())
+    again = load_config(dumped)
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_config_show_cli(cli):
+    result = cli("config", "show", "-c", DEMO_CONFIG, "-o", "cam.epochs=3")
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.output)
+    assert shown["cam"]["epochs"] == 3
+    assert {"data", "run", "cam"} <= set(shown)
+
+
+def test_config_typo_on_the_cli_is_one_line(cli):
+    result = cli("config", "show", "-c", DEMO_CONFIG, "-o", "cam.epoch=3")
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "did you mean 'cam.epochs'" in lines[0]

@@ -1,0 +1,109 @@
+"""The synthetic benchmark: deterministic, labels agree with masks, marks are small evidence
+inside large bodies, and the binary variant has negatives."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from data.layout import PreparedDataset
+from data.synthetic import SyntheticSpec, generate_image, generate_scene, write_synthetic
+
+
+def tree_digest(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes(synthetic_dataset, tmp_path):
+    first = synthetic_dataset(n=12, size=64, seed=3)
+    second = write_synthetic(tmp_path / "again", SyntheticSpec(n=12, size=64, seed=3))
+    assert tree_digest(first) == tree_digest(second)
+    assert len(tree_digest(first)) == 12 * 2 + 4  # images, masks, labels, 2 splits, dataset.json
+
+
+def test_image_depends_only_on_seed_and_index():
+    # the 5th image is the same whether 5 or 50 images are generated
+    small = generate_image(SyntheticSpec(n=5, size=64, seed=1), 4)
+    large = generate_image(SyntheticSpec(n=50, size=64, seed=1), 4)
+    for a, b in zip(small, large):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_different_seed_differs():
+    a = generate_image(SyntheticSpec(size=64, seed=0), 0)[0]
+    b = generate_image(SyntheticSpec(size=64, seed=1), 0)[0]
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 5
+
+
+def test_layout_labels_agree_with_masks(tiny_synthetic):
+    data = PreparedDataset(tiny_synthetic)
+    assert data.task == "multiclass" and data.classes == ["ring", "cross", "square"]
+    train, val = data.split("train"), data.split("val")
+    assert not set(train) & set(val) and len(train) + len(val) == 32
+    assert len(val) == round(32 * 0.2)
+    for image_id in train + val:
+        image, mask = data.read_image(image_id), data.read_mask(image_id)
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+        assert mask is not None and mask.shape == (64, 64)
+        present = sorted(int(v) for v in np.unique(mask) if v != 0)
+        labelled = [int(i) + 1 for i in np.nonzero(data.label_vector(image_id))[0]]
+        assert present == labelled, image_id
+        assert labelled, f"{image_id}: every multiclass image has an object"
+
+
+def test_all_classes_occur(synthetic_dataset):
+    data = PreparedDataset(synthetic_dataset(n=40, size=64))
+    counts = np.sum([data.label_vector(i) for i in data.split("train")], axis=0)
+    assert (counts >= 3).all(), counts
+
+
+def test_marks_are_small_evidence_inside_large_bodies():
+    """The image is brighter where a mark is; the mark covers a small part of its body."""
+    spec = SyntheticSpec(size=128, seed=0)
+    for index in range(6):
+        image, mask, _ = generate_image(spec, index)
+        body = mask > 0
+        # the object occupies a sizeable part of the image...
+        assert body.mean() > 0.05
+        # ... and its brightest pixels (the marks) are a small fraction of it
+        bright = image > np.percentile(image[body], 97)
+        assert (bright & body).sum() < 0.1 * body.sum()
+
+
+def test_binary_variant_has_negatives_and_empty_masks(synthetic_dataset):
+    data = PreparedDataset(synthetic_dataset(n=40, size=64, variant="binary"))
+    assert data.task == "binary" and data.classes == ["finding"] and data.name == "synthetic-binary"
+    ids = data.split("train") + data.split("val")
+    positive = [i for i in ids if data.label_vector(i)[0] == 1]
+    negative = [i for i in ids if data.label_vector(i)[0] == 0]
+    assert 0.25 < len(positive) / len(ids) < 0.75
+    for image_id in negative:
+        assert data.read_mask(image_id).max() == 0
+    for image_id in positive:
+        assert set(np.unique(data.read_mask(image_id))) == {0, 1}
+
+
+@pytest.mark.parametrize("variant", ["multiclass", "binary"])
+def test_distractors_are_unmarked_bodies(variant):
+    """Some bodies carry no mark and are not in the ground truth; marked bodies are."""
+    spec = SyntheticSpec(size=64, seed=0, variant=variant)
+    distractors = 0
+    for index in range(20):
+        scene = generate_scene(spec, index)
+        for body in range(1, scene["bodies"].max() + 1):
+            region = scene["bodies"] == body
+            marked = (scene["marks"] & region).any()
+            assert marked == (scene["mask"][region] > 0).all()
+            distractors += not marked
+    assert distractors >= 5
+
+
+def test_binary_negatives_still_show_bodies():
+    spec = SyntheticSpec(size=64, seed=0, variant="binary")
+    for index in range(10):
+        scene = generate_scene(spec, index)
+        assert scene["bodies"].max() >= 1
+        if scene["label"][0] == 0:
+            assert not scene["marks"].any() and scene["mask"].max() == 0
