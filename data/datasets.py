@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from data.errors import WssError
 from data.layout import IGNORE_INDEX, PreparedDataset, read_index_png
 from data.transforms import normalize, train_augment
 
@@ -74,6 +75,16 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
         return {"id": image_id, "image": self.dataset.read_image(image_id)}
+
+
+class SafeImageDataset(ImageDataset):
+    """ImageDataset where an unreadable image becomes {"id", "error"} instead of stopping the loop."""
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return super().__getitem__(index)
+        except WssError as error:
+            return {"id": self.ids[index], "error": str(error)}
 
 
 def first_item(batch: list[dict]) -> dict:

@@ -32,10 +32,22 @@ class WssGroup(click.Group):
             ctx.exit(130)
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (CliRunner and notebooks swap it between runs)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     root = logging.getLogger()
     if not any(getattr(h, "_wss", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._wss = True
         root.addHandler(handler)

@@ -110,7 +110,7 @@ def write_run_report(root: Path, config_source: str, outcomes, splits: dict[str,
     summary = [c for c in SUMMARY_METRICS if any(c in r for r in metric_table)]
     per_class = sorted({k for r in metric_table for k in r if k.startswith("iou/")},
                        key=lambda k: k != "iou/background")
-    lines = [f"# wss run report", "", f"Config: `{config_source}`", "", "## Stages", "",
+    lines = ["# wss run report", "", f"Config: `{config_source}`", "", "## Stages", "",
              markdown_table(stage_rows, ["stage", "state", "seconds", "metric", "value", "failures", "artifact"]),
              "", "## Metrics (ground truth used for scoring only)", "",
              markdown_table(metric_table, ["stage", "split", *summary]), ""]

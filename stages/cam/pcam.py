@@ -9,7 +9,6 @@ the configured loss (the preset uses BCE). The heatmap is p itself: no extra par
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stages.cam.nets import CamNet

@@ -10,14 +10,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data.datasets import ClassificationDataset, ImageDataset, first_item
-from data.errors import WssError
+from data.datasets import ClassificationDataset, SafeImageDataset, first_item
 from data.layout import PreparedDataset
 from data.transforms import normalize
 from stages.base import StageResult, section_dict, source_hash
 from stages.cam.infer import cam_to_label, load_cam, multiscale_cam, save_cam, upsample_cam
 from stages.cam.methods import build_cam_net
-from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, classification_scores, format_table
+from stages.common.metrics import (BinarySegmentationScores, ConfusionMatrix, classification_scores,
+                                   per_class_table)
 from stages.common.runtime import resolve_device, seed_everything, worker_count
 from stages.common.training import TrainSettings, fit, save_atomic
 
@@ -92,7 +92,7 @@ class CamStage:
         """Image-level AUC / AP on a split, whole images at scale 1. Unreadable images are
         skipped and listed in `failures`."""
         scores, targets = [], []
-        loader = DataLoader(_SafeImages(dataset, ids), batch_size=1, collate_fn=first_item,
+        loader = DataLoader(SafeImageDataset(dataset, ids), batch_size=1, collate_fn=first_item,
                             num_workers=min(2, worker_count(workers)))
         for item in tqdm(loader, desc="cam classify val", unit="img", leave=False):
             if "error" in item:
@@ -114,7 +114,7 @@ class CamStage:
                    workers: int) -> list[str]:
         cam_dir.mkdir(parents=True, exist_ok=True)
         failures = []
-        loader = DataLoader(_SafeImages(dataset, ids), batch_size=1, collate_fn=first_item,
+        loader = DataLoader(SafeImageDataset(dataset, ids), batch_size=1, collate_fn=first_item,
                             num_workers=min(2, worker_count(workers)))
         for item in tqdm(loader, desc="cam inference", unit="img"):
             if "error" in item:
@@ -126,16 +126,6 @@ class CamStage:
             cam = multiscale_cam(model, image, keys, section.scales, section.flip, device, section.extract)
             save_cam(cam_dir / f"{item['id']}.npz", cam, keys, image.shape[:2])
         return failures
-
-
-class _SafeImages(ImageDataset):
-    """An unreadable image becomes an error record instead of stopping the whole loop."""
-
-    def __getitem__(self, index: int) -> dict:
-        try:
-            return super().__getitem__(index)
-        except WssError as error:
-            return {"id": self.ids[index], "error": str(error)}
 
 
 def evaluate_cams(dataset: PreparedDataset, ids: list[str], cam_dir: Path, bg_threshold: float) -> dict:
@@ -161,10 +151,3 @@ def evaluate_cams(dataset: PreparedDataset, ids: list[str], cam_dir: Path, bg_th
         metrics.update({f"cam_{k}": float(v) for k, v in binary.summary().items()})
     metrics["cam_scored_images"] = scored
     return metrics
-
-
-def per_class_table(metrics: dict, prefix: str, dataset: PreparedDataset) -> str:
-    rows = [{"class": name, "IoU": metrics.get(f"{prefix}iou/{name}", float("nan"))}
-            for name in ["background", *dataset.classes]]
-    rows.append({"class": "mean", "IoU": metrics.get(f"{prefix}miou", float("nan"))})
-    return format_table(rows, ["class", "IoU"])

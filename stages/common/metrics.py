@@ -395,3 +395,11 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
     lines = [render([str(c) for c in columns]), "  ".join("-" * w for w in widths)]
     lines += [render(line) for line in cells]
     return "\n".join(lines)
+
+
+def per_class_table(metrics: dict, prefix: str, dataset) -> str:
+    """The IoU of every class (and the mean) of metrics named `<prefix>iou/<class>`, as text."""
+    rows = [{"class": name, "IoU": metrics.get(f"{prefix}iou/{name}", float("nan"))}
+            for name in ["background", *dataset.classes]]
+    rows.append({"class": "mean", "IoU": metrics.get(f"{prefix}miou", float("nan"))})
+    return format_table(rows, ["class", "IoU"])

@@ -19,12 +19,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data.datasets import first_item
+from data.datasets import SafeImageDataset, first_item
 from data.layout import PreparedDataset, atomic_save, write_index_png
 from data.transforms import normalize
 from stages.base import StageInputError, StageResult, source_hash
 from stages.cam.infer import CAM_STRIDE, load_cam
-from stages.cam.stage import _SafeImages
 from stages.common.crf import crf_prob
 from stages.common.runtime import resolve_device, worker_count
 from stages.irn.random_walk import random_walk
@@ -143,7 +142,7 @@ class PseudoLabelStage:
         refine = crf_params(section.refine_crf_params) if section.refine_crf else None
 
         failures, walk_seconds = [], []
-        loader = DataLoader(_SafeImages(dataset, ids), batch_size=1, collate_fn=first_item,
+        loader = DataLoader(SafeImageDataset(dataset, ids), batch_size=1, collate_fn=first_item,
                             num_workers=min(2, worker_count(cfg.run.workers)))
         with CrfPool(worker_count(cfg.run.workers) if refine else 0) as crf_pool:
             for item in tqdm(loader, desc="pseudo-labels", unit="img"):

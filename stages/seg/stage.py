@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data.datasets import first_item
+from data.datasets import SafeImageDataset, first_item
 from data.errors import WssError
 from data.layout import PreparedDataset, read_index_png, write_index_png
 from stages.base import StageInputError, StageResult, section_dict, source_hash
-from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, format_table
+from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, per_class_table
 from stages.common.runtime import resolve_device, seed_everything, worker_count
 from stages.common.training import TrainSettings, fit, save_atomic
 from stages.seg.data import PseudoLabelDataset, normalize_batch, pseudo_label_items, read_pseudo_label
@@ -123,7 +123,7 @@ class SegStage:
         image_scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
         scorer, failures = SplitScorer(dataset), []
         long_side = inference_long_side(section)
-        loader = DataLoader(_SafeImages(dataset, ids), batch_size=1, collate_fn=first_item,
+        loader = DataLoader(SafeImageDataset(dataset, ids), batch_size=1, collate_fn=first_item,
                             num_workers=min(2, worker_count(workers)))
         for item in tqdm(loader, desc=f"seg predict {split}", unit="img", leave=False):
             if "error" in item:
@@ -232,27 +232,3 @@ class SplitScorer:
             result.update({k: float(v) for k, v in self.binary.summary(prefix).items()})
         result[f"{prefix}scored_images"] = self.images
         return result
-
-
-class _SafeImages(Dataset):
-    """Whole images by id; an unreadable one becomes an error record instead of stopping the loop."""
-
-    def __init__(self, dataset: PreparedDataset, ids: list[str]):
-        self.dataset, self.ids = dataset, list(ids)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> dict:
-        image_id = self.ids[index]
-        try:
-            return {"id": image_id, "image": self.dataset.read_image(image_id)}
-        except WssError as error:
-            return {"id": image_id, "error": str(error)}
-
-
-def per_class_table(metrics: dict, prefix: str, dataset: PreparedDataset) -> str:
-    rows = [{"class": name, "IoU": metrics.get(f"{prefix}iou/{name}", float("nan"))}
-            for name in ["background", *dataset.classes]]
-    rows.append({"class": "mean", "IoU": metrics.get(f"{prefix}miou", float("nan"))})
-    return format_table(rows, ["class", "IoU"])
