@@ -84,7 +84,9 @@ class CamStage:
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
         ids = dataset.split(cfg.data.train_split)
         ids = [i for i in ids if (artifact / "cams" / f"{i}.npz").is_file()]
-        return evaluate_cams(dataset, ids, artifact / "cams", cfg.cam.eval_bg_threshold)
+        metrics = evaluate_cams(dataset, ids, artifact / "cams", cfg.cam.eval_bg_threshold)
+        metrics.update(localization_metrics(dataset, ids, artifact / "cams"))
+        return metrics
 
     @torch.no_grad()
     def classify_split(self, model, dataset: PreparedDataset, ids: list[str], device, workers: int,
@@ -151,3 +153,20 @@ def evaluate_cams(dataset: PreparedDataset, ids: list[str], cam_dir: Path, bg_th
         metrics.update({f"cam_{k}": float(v) for k, v in binary.summary().items()})
     metrics["cam_scored_images"] = scored
     return metrics
+
+
+def localization_metrics(dataset: PreparedDataset, ids: list[str], cam_dir: Path) -> dict:
+    """Point localization / IoBB of the CAMs against the dataset's boxes.csv (NIH), when it has one."""
+    from data.nih import BOXES_NAME, read_boxes
+    from stages.cam.scoring import point_localization
+    path = dataset.root / BOXES_NAME
+    if not path.is_file():
+        return {}
+    wanted = set(ids)
+    boxes_by_id: dict[str, list] = {}
+    for box in read_boxes(path):
+        if box.image_id in wanted:
+            boxes_by_id.setdefault(box.image_id, []).append(box)
+    scores = point_localization(dataset, boxes_by_id, cam_dir)
+    renamed = {"cam_point_accuracy" if k == "point/mean" else f"cam_{k}": v for k, v in scores.items()}
+    return {k: float(v) for k, v in renamed.items()}
