@@ -28,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import images_per_second, synchronize, training_step  # noqa: E402
+
 from data.datasets import ClassificationDataset  # noqa: E402
 from data.layout import PreparedDataset  # noqa: E402
 from data.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
@@ -35,13 +37,8 @@ from stages.cam.config import CamConfig  # noqa: E402
 from stages.cam.infer import multiscale_cam  # noqa: E402
 from stages.cam.methods import build_cam_net  # noqa: E402
 from stages.common.metrics import format_table  # noqa: E402
-from stages.common.runtime import autocast, resolve_device, seed_everything, worker_count  # noqa: E402
+from stages.common.runtime import resolve_device, seed_everything, worker_count  # noqa: E402
 from stages.common.training import TrainSettings, fit, make_optimizer  # noqa: E402
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bare_step_rate(model, cfg: CamConfig, device, batch: int, size: int, steps: int, warmup: int) -> float:
@@ -57,21 +54,8 @@ def bare_step_rate(model, cfg: CamConfig, device, batch: int, size: int, steps: 
         x = x.contiguous(memory_format=torch.channels_last)
     y = (torch.rand(batch, model.classifier.out_channels, device=device) > 0.5).float()
 
-    def step():
-        with autocast(device):
-            loss, _ = model.loss(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return batch * steps / (time.perf_counter() - start)
+    step = training_step(model, optimizer, lambda: model.loss(model(x), y)[0], device)
+    return images_per_second(step, batch, steps, warmup, device)
 
 
 def loop_rate(model, cfg: CamConfig, data: PreparedDataset, device, batch: int, size: int, steps: int,

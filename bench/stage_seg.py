@@ -28,21 +28,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import images_per_second, synchronize, training_step  # noqa: E402
+
 from data.layout import PreparedDataset  # noqa: E402
 from data.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
 from stages.common.metrics import format_table  # noqa: E402
-from stages.common.runtime import autocast, resolve_device, seed_everything, worker_count  # noqa: E402
+from stages.common.runtime import resolve_device, seed_everything, worker_count  # noqa: E402
 from stages.common.training import TrainSettings, fit, make_optimizer  # noqa: E402
 from stages.seg.data import PseudoLabelDataset, normalize_batch  # noqa: E402
 from stages.seg.losses import SegLoss  # noqa: E402
 from stages.seg.model import build_segmenter, output_channels, predict_probabilities  # noqa: E402
 
 LOSSES = {"ce": 1.0, "dice": 1.0}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_data(tmp: Path, size: int, distinct: int) -> tuple[PreparedDataset, list]:
@@ -70,21 +67,8 @@ def bare_rate(model, loss, device, batch: int, size: int, steps: int, warmup: in
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 4, (batch, size, size), device=device)
 
-    def step():
-        with autocast(device):
-            value, _ = loss(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        optimizer.step()
-
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return batch * steps / (time.perf_counter() - started)
+    step = training_step(model, optimizer, lambda: loss(model(x), y)[0], device)
+    return images_per_second(step, batch, steps, warmup, device)
 
 
 def loop_rate(model, loss, dataset, items, device, batch: int, size: int, steps: int, workers: int,

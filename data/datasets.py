@@ -12,8 +12,9 @@ from data.layout import IGNORE_INDEX, PreparedDataset, read_index_png
 from data.transforms import normalize, train_augment
 
 
-class ClassificationDataset(Dataset):
-    """Augmented crops with the image-level multi-hot label (stage 1 training)."""
+class AugmentedDataset(Dataset):
+    """Training crops whose augmentation is seeded by (seed, epoch, index): reproducible, and a
+    resumed run sees the same batches."""
 
     def __init__(self, dataset: PreparedDataset, ids: list[str], long_range, crop: int, seed: int = 0):
         self.dataset, self.ids = dataset, list(ids)
@@ -25,14 +26,21 @@ class ClassificationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+
+class ClassificationDataset(AugmentedDataset):
+    """Augmented crops with the image-level label vector (stage 1)."""
+
     def __getitem__(self, index: int) -> dict:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
         image_id = self.ids[index]
-        image, _, _ = train_augment(rng, self.dataset.read_image(image_id), None, self.long_range, self.crop)
+        image, _, _ = train_augment(self.rng(index), self.dataset.read_image(image_id), None, self.long_range,
+                                    self.crop)
         return {"image": normalize(image), "label": torch.from_numpy(self.dataset.label_vector(image_id))}
 
 
-class LabelMapDataset(Dataset):
+class LabelMapDataset(AugmentedDataset):
     """Augmented crops with a per-pixel training target read from `label_dir/<id>.png`.
 
     Used for the IRN (seeds) and the segmenter (pseudo-labels); never for ground truth.
@@ -41,21 +49,13 @@ class LabelMapDataset(Dataset):
 
     def __init__(self, dataset: PreparedDataset, ids: list[str], label_dir: Path, long_range, crop: int,
                  seed: int = 0, label_stride: int = 1):
-        self.dataset, self.ids, self.label_dir = dataset, list(ids), Path(label_dir)
-        self.long_range, self.crop, self.seed, self.epoch = tuple(long_range), crop, seed, 0
-        self.label_stride = label_stride
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.ids)
+        super().__init__(dataset, ids, long_range, crop, seed)
+        self.label_dir, self.label_stride = Path(label_dir), label_stride
 
     def __getitem__(self, index: int) -> dict:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
         image_id = self.ids[index]
         label = read_index_png(self.label_dir / f"{image_id}.png")
-        image, label, _ = train_augment(rng, self.dataset.read_image(image_id), label,
+        image, label, _ = train_augment(self.rng(index), self.dataset.read_image(image_id), label,
                                         self.long_range, self.crop, IGNORE_INDEX)
         if self.label_stride > 1:
             s = self.label_stride  # nearest neighbour: the centre pixel of every s x s cell

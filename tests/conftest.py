@@ -92,3 +92,14 @@ def demo_overrides():
         return overrides(values)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """On a shared, loaded CPU two OpenMP threads wait on each other: one is several times faster.
+    Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

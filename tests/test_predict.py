@@ -27,13 +27,7 @@ TRAIN = ["seg.encoder=resnet18", "seg.encoder_weights=null", "seg.epochs=1", "se
          "seg.crop_size=32", "seg.resize_long=[32,48]", "run.device=cpu", "run.workers=0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a shared, loaded CPU two OpenMP threads wait on each other: one is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train_tiny(root: Path, base: Path) -> Path:

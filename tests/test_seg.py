@@ -28,13 +28,7 @@ FAST_SEG = ["seg.arch=Unet", "seg.encoder=resnet18", "seg.encoder_weights=null",
             "seg.losses={ce: 1.0, dice: 0.5}", "run.device=cpu", "run.workers=0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a shared, loaded CPU two OpenMP threads wait on each other: one is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_pseudo(root: Path, dest: Path, drop_negatives: bool = False, missing: tuple[str, ...] = ()) -> Path:
