@@ -23,7 +23,7 @@ class CrfUnavailable(WssError):
 
 @dataclass(frozen=True)
 class CrfParams:
-    """CRF settings; the defaults are IRNet's seed CRF (fields match `stages.irn.config.CrfConfig`)."""
+    """CRF settings (also the `irn.crf` config section); the defaults are IRNet's seed CRF."""
 
     gt_prob: float = 0.7
     gauss_sxy: float = 3

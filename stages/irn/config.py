@@ -4,18 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from stages.common.crf import CrfParams
+
 PSEUDO = {"pseudo": True}  # fields that only change the pseudo-labels, not the trained IRN
-
-
-@dataclass
-class CrfConfig:
-    gt_prob: float = 0.7
-    gauss_sxy: float = 3.0
-    gauss_compat: float = 3.0
-    bilateral_sxy: float = 50.0
-    bilateral_srgb: float = 5.0
-    bilateral_compat: float = 10.0
-    iterations: int = 10
 
 
 @dataclass
@@ -23,7 +14,7 @@ class IrnConfig:
     # seeds (IR labels)
     conf_fg_threshold: float = 0.30
     conf_bg_threshold: float = 0.05
-    crf: CrfConfig = field(default_factory=CrfConfig)
+    crf: CrfParams = field(default_factory=CrfParams)
     use_crf: bool = True  # false: seeds straight from the thresholds (faster, coarser)
     positive_only: bool = False  # train the IRN on images with a labelled class only
     # network and training
@@ -45,4 +36,4 @@ class IrnConfig:
     exp_times: int = field(default=8, metadata=PSEUDO)
     sem_seg_bg_threshold: float = field(default=0.25, metadata=PSEUDO)
     refine_crf: bool = field(default=False, metadata=PSEUDO)
-    refine_crf_params: CrfConfig = field(default_factory=lambda: CrfConfig(gt_prob=0.7), metadata=PSEUDO)
+    refine_crf_params: CrfParams = field(default_factory=lambda: CrfParams(), metadata=PSEUDO)

@@ -27,7 +27,7 @@ from stages.cam.infer import CAM_STRIDE, load_cam
 from stages.common.crf import crf_prob
 from stages.common.runtime import resolve_device, worker_count
 from stages.irn.random_walk import random_walk
-from stages.irn.stage import crf_params, single_threaded_worker, evaluate_labels, irn_fields, load_boundary_net
+from stages.irn.stage import evaluate_labels, irn_fields, load_boundary_net, single_threaded_worker
 
 log = logging.getLogger("wss.pseudo")
 
@@ -139,7 +139,7 @@ class PseudoLabelStage:
         label_dir, edge_dir = out / "pseudo_labels", out / "boundaries"
         label_dir.mkdir(parents=True, exist_ok=True)
         edge_dir.mkdir(exist_ok=True)
-        refine = crf_params(section.refine_crf_params) if section.refine_crf else None
+        refine = section.refine_crf_params if section.refine_crf else None
 
         failures, walk_seconds = [], []
         loader = DataLoader(SafeImageDataset(dataset, ids), batch_size=1, collate_fn=first_item,

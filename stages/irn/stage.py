@@ -40,10 +40,6 @@ def irn_fields(section: IrnConfig, pseudo: bool) -> dict:
     return section_dict(section, only=names)
 
 
-def crf_params(section) -> CrfParams:
-    return CrfParams(**section_dict(section))
-
-
 def training_ids(dataset: PreparedDataset, ids: list[str], positive_only: bool) -> list[str]:
     if not positive_only:
         return list(ids)
@@ -184,7 +180,7 @@ class IrnStage:
             raise StageInputError(f"irn: the cam artifact has no cams/ directory ({cam_dir})")
         job = functools.partial(write_seed, root=str(dataset.root), cam_dir=str(cam_dir), seed_dir=str(seed_dir),
                                 fg=section.conf_fg_threshold, bg=section.conf_bg_threshold,
-                                crf=crf_params(section.crf) if section.use_crf else None)
+                                crf=section.crf if section.use_crf else None)
         todo = [i for i in ids if not (seed_dir / f"{i}.png").is_file()]
         failures = []
         for image_id, error in parallel_map(job, todo, worker_count(workers), True, "irn seeds",
