@@ -1,0 +1,68 @@
+"""`wss run` over the whole chain: caching across stages, evaluate, visualize."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import DEMO_CONFIG, FAST_CAM
+
+FAST_CHAIN = {**FAST_CAM, "irn.epochs": "1", "irn.batch_size": "8", "irn.crop_size": "64",
+              "irn.resize_long": "[56,72]", "irn.exp_times": "4", "seg.epochs": "1", "seg.batch_size": "8",
+              "seg.crop_size": "64", "seg.resize_long": "[56,72]"}
+
+
+@pytest.fixture(scope="module")
+def chain_args(tmp_path_factory, synthetic_dataset):
+    root = synthetic_dataset()
+    workdir = tmp_path_factory.mktemp("chain")
+    args = ["-c", str(DEMO_CONFIG), "-o", f"data.root={root}", "-o", f"run.workdir={workdir}"]
+    for key, value in FAST_CHAIN.items():
+        args += ["-o", f"{key}={value}"]
+    return args, workdir
+
+
+def states(output: str) -> dict[str, str]:
+    """stage -> 'ran' | 'cache hit' from the run table."""
+    found = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("cam", "irn", "pseudo", "seg") and len(parts) > 2:
+            if parts[1] == "ran" or parts[1:3] == ["cache", "hit"]:
+                found[parts[0]] = "ran" if parts[1] == "ran" else "cache hit"
+    return found
+
+
+def test_run_twice_then_change_seg_then_change_irn(cli, chain_args):
+    args, workdir = chain_args
+    first = cli("run", *args)
+    assert first.exit_code == 0, first.output + str(first.exception)
+    assert states(first.output) == dict.fromkeys(["cam", "irn", "pseudo", "seg"], "ran")
+    report = workdir / "synthetic" / "report.md"
+    assert "seg_val_miou" in report.read_text() and (workdir / "synthetic" / "overlays-seg.png").is_file()
+
+    second = cli("run", *args)
+    assert states(second.output) == dict.fromkeys(["cam", "irn", "pseudo", "seg"], "cache hit")
+
+    seg_changed = cli("run", *args, "-o", "seg.lr=0.0005")
+    assert states(seg_changed.output) == {"cam": "cache hit", "irn": "cache hit", "pseudo": "cache hit",
+                                          "seg": "ran"}
+
+    irn_changed = cli("run", *args, "-o", "irn.conf_fg_threshold=0.5")
+    assert states(irn_changed.output) == {"cam": "cache hit", "irn": "ran", "pseudo": "ran", "seg": "ran"}
+
+
+def test_evaluate_and_visualize_the_finished_chain(cli, chain_args):
+    args, workdir = chain_args
+    assert cli("run", *args).exit_code == 0
+    result = cli("evaluate", *args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((workdir / "synthetic" / "evaluation.json").read_text())
+    assert {(r["stage"], r["split"]) for r in rows} == {("cam", "train"), ("irn", "train"), ("pseudo", "train"),
+                                                        ("seg", "val"), ("seg", "train")}
+    assert all(0.0 <= r["miou"] <= 1.0 for r in rows)
+    out = workdir / "grid.png"
+    shown = cli("visualize", *args, "--stage", "seg", "--n", "3", "--out", out)
+    assert shown.exit_code == 0, shown.output
+    from PIL import Image
+    assert Image.open(out).size[0] > Image.open(out).size[1]  # 7 columns, 3 rows
