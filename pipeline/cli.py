@@ -250,12 +250,15 @@ def run(config_path: tuple[Path, ...], overrides, until: str | None, force: tupl
 GRID_FOR_STAGE = {"cam": "cam", "irn": "irn", "pseudo": "irn", "seg": "seg"}
 
 
-def overlay_grid(cfg, pipeline, stage: str, n: int) -> Path:
+def overlay_grid(cfg, pipeline, stage: str, n: int, out: Path | None = None) -> Path:
+    """The overlay grid of the first `n` train images over every up-to-date artifact."""
     from pipeline.visualize import draw_grid, grid_ids
     from stages.common.runtime import resolve_device
     artifacts = {name: path for name in pipeline.stages if (path := pipeline.artifact(name)) is not None}
+    if "cam" not in artifacts:
+        raise WssError("no up-to-date cam artifact for this config: run `wss run` first (see `wss status`)")
     ids = grid_ids(pipeline.dataset, pipeline.dataset.split(cfg.data.train_split), n)
-    out = pipeline.store.root / f"overlays-{stage}.png"
+    out = out or pipeline.store.root / f"overlays-{stage}.png"
     return draw_grid(pipeline.dataset, artifacts, stage, ids, out, resolve_device(cfg.run.device),
                      cfg.seg.threshold)
 
@@ -293,18 +296,9 @@ def visualize(config_path: tuple[Path, ...], overrides, stage: str, n: int, out:
       wss visualize -c configs/demo.yaml --stage irn --n 16
     """
     from pipeline.runner import Pipeline
-    from pipeline.visualize import draw_grid, grid_ids
-    from stages.common.runtime import resolve_device
     cfg = load(config_path, overrides)
-    pipeline = Pipeline(cfg)
-    artifacts = {name: path for name in pipeline.stages if (path := pipeline.artifact(name)) is not None}
-    if "cam" not in artifacts:
-        raise WssError("no up-to-date cam artifact for this config: run `wss run` first (see `wss status`)")
-    ids = grid_ids(pipeline.dataset, pipeline.dataset.split(cfg.data.train_split), n)
-    out = out or pipeline.store.root / f"overlays-{stage}.png"
-    path = draw_grid(pipeline.dataset, artifacts, stage, ids, out, resolve_device(cfg.run.device),
-                     cfg.seg.threshold)
-    click.echo(f"wrote {path} ({len(ids)} images)")
+    path = overlay_grid(cfg, Pipeline(cfg), stage, n, out)
+    click.echo(f"wrote {path}")
 
 
 @main.command("status")

@@ -116,16 +116,15 @@ def compare_method(cfg, method: str, through: str, out: Path, limit: int | None)
 def overlay_grid(rows: list[dict], dataset, train_ids: list[str], path: Path, n: int = 8, cell: int = 160) -> None:
     """The same `n` train images (rows) under each method (columns): the CAM of the image's first
     labelled class as a heatmap over the image. Reads the stage's stride-4 CAM files."""
-    import matplotlib
     from PIL import Image, ImageDraw
 
+    from pipeline.visualize import heatmap
     from stages.cam.infer import load_cam, upsample_cam
     artifacts = [Path(r["artifact"]) for r in rows]
     ids = [i for i in train_ids if dataset.label_vector(i).any()
            and all((a / "cams" / f"{i}.npz").is_file() for a in artifacts)][:n]
     if not ids:
         return
-    colormap = matplotlib.colormaps["jet"]
     header = 18
     grid = Image.new("RGB", (cell * (len(rows) + 1), header + cell * len(ids)), "white")
     draw = ImageDraw.Draw(grid)
@@ -139,9 +138,7 @@ def overlay_grid(rows: list[dict], dataset, train_ids: list[str], path: Path, n:
         for col, artifact in enumerate(artifacts, start=1):
             cam, keys, size = load_cam(artifact / "cams" / f"{image_id}.npz")
             heat = upsample_cam(cam, size)[list(keys).index(first_class)]
-            colored = (colormap(np.clip(heat, 0, 1))[..., :3] * 255).astype(np.float32)
-            blend = (0.5 * image.astype(np.float32) + 0.5 * colored).astype(np.uint8)
-            grid.paste(Image.fromarray(blend).resize((cell, cell)), (col * cell, top))
+            grid.paste(Image.fromarray(heatmap(image, heat)).resize((cell, cell)), (col * cell, top))
         draw.text((4, top + 3), f"{image_id} ({dataset.classes[first_class]})", fill="yellow")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -51,10 +51,16 @@ def metric_rows(stage: str, metrics: dict, splits: dict[str, str]) -> list[dict]
     return rows
 
 
-def print_metric_table(rows: list[dict]) -> list[str]:
-    """Print the summary and per-class tables; returns the column order used."""
+def metric_columns(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """(summary metrics present in the rows, per-class IoU columns with background first)."""
     summary = [c for c in SUMMARY_METRICS if any(c in r for r in rows)]
     per_class = sorted({k for r in rows for k in r if k.startswith("iou/")}, key=lambda k: k != "iou/background")
+    return summary, per_class
+
+
+def print_metric_table(rows: list[dict]) -> list[str]:
+    """Print the summary and per-class tables; returns the column order used."""
+    summary, per_class = metric_columns(rows)
     click.echo(format_table(rows, ["stage", "split", *summary]))
     if per_class:
         click.echo("")
@@ -107,9 +113,7 @@ def write_run_report(root: Path, config_source: str, outcomes, splits: dict[str,
     """report.md + report.json in the dataset's workdir: stage table, metric table, grid links."""
     stage_rows = outcome_rows(outcomes)
     metric_table = [row for o in outcomes for row in metric_rows(o.stage, o.metrics, splits)]
-    summary = [c for c in SUMMARY_METRICS if any(c in r for r in metric_table)]
-    per_class = sorted({k for r in metric_table for k in r if k.startswith("iou/")},
-                       key=lambda k: k != "iou/background")
+    summary, per_class = metric_columns(metric_table)
     lines = ["# wss run report", "", f"Config: `{config_source}`", "", "## Stages", "",
              markdown_table(stage_rows, ["stage", "state", "seconds", "metric", "value", "failures", "artifact"]),
              "", "## Metrics (ground truth used for scoring only)", "",

@@ -24,19 +24,16 @@ STAGE_FOR_COLUMN = {"CAM": "cam", "seeds": "irn", "boundary": "pseudo", "pseudo-
                     "prediction": "seg"}
 
 
-def blend(image: np.ndarray, mask: np.ndarray | None, palette: list[list[int]], alpha: float = 0.5) -> np.ndarray:
-    """The image with the label colours laid over it (background and 255 left clear)."""
-    rgb = image.astype(np.float32)
+def blend(image: np.ndarray, mask: np.ndarray | None, palette: list[list[int]]) -> np.ndarray:
+    """The image with the label colours laid over it (as `wss predict` draws them), and
+    ignored pixels (255, e.g. between seeds) whitened."""
+    from stages.seg.predict import overlay
     if mask is None:
         return image
-    colours = np.zeros((256, 3), np.float32)
-    colours[:len(palette)] = palette[:256]
-    colours[255] = (255, 255, 255)
-    painted = (mask > 0)[..., None]
-    out = np.where(painted, (1 - alpha) * rgb + alpha * colours[mask], rgb)
-    ignored = (mask == 255)[..., None]
-    out = np.where(ignored, 0.5 * rgb + 0.5 * 255, out)
-    return out.clip(0, 255).astype(np.uint8)
+    out = overlay(image, mask, palette).astype(np.float32)
+    ignored = mask == 255
+    out[ignored] = 0.5 * out[ignored] + 0.5 * 255
+    return out.astype(np.uint8)
 
 
 def heatmap(image: np.ndarray, values: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -41,13 +41,22 @@ def load_state_dict(name: str, weights: str | None) -> dict | None:
                 f"could not download ImageNet weights for {name} ({type(error).__name__}: {error}). "
                 f"Offline? Download {url} elsewhere and set `weights: /path/to/{url.rsplit('/', 1)[-1]}` "
                 f"(or `-o <stage>.weights=/path`), or `weights: null` to train from scratch.") from None
-    path = Path(weights).expanduser()
+    return read_weights_file(Path(weights).expanduser(), f"a torchvision {name} state dict")
+
+
+def read_weights_file(path: Path, expected: str, error: type[WssError] = WeightsError) -> dict:
+    """A state dict from a local .pth / .pt (torch) or .safetensors file, unwrapped from a
+    {"state_dict": ...} checkpoint; a missing or unreadable file raises `error` naming it."""
     if not path.is_file():
-        raise WeightsError(f"weights file not found: {path} (expected a torchvision {name} state dict)")
+        raise error(f"weights file not found: {path} (expected {expected})")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise WeightsError(f"{path}: not a readable PyTorch state dict ({error})") from None
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as reason:
+        raise error(f"{path}: not a readable PyTorch state dict ({reason})") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     return state

@@ -77,9 +77,13 @@ class BoundaryNet(nn.Module):
 def build_backbone(name: str, init: str, cam_artifact: Path | None, weights: str | None) -> ResNetFeatures:
     """The IRN trunk: `init` cam (the stage-1 classifier's trunk), imagenet (`weights`), or none."""
     if init == "cam":
+        from stages.base import StageInputError
         from stages.cam.stage import MODEL_FILE
+        path = Path(cam_artifact) / MODEL_FILE
+        if not path.is_file():
+            raise StageInputError(f"irn: the cam artifact {cam_artifact} has no {MODEL_FILE}")
         backbone = ResNetFeatures(name, weights=None)
-        state = torch.load(Path(cam_artifact) / MODEL_FILE, map_location="cpu", weights_only=False)["model"]
+        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
         trunk = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         backbone.load_state_dict(trunk)
         return backbone

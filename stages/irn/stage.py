@@ -153,7 +153,7 @@ class IrnStage:
                  len(seeded), metrics.get("seed_miou", float("nan")), metrics.get("seed_coverage", float("nan")),
                  len(train_ids))
 
-        cam_backbone = _cam_backbone_name(inputs["cam"])
+        cam_backbone = cfg.cam.backbone  # the cam artifact is current for this config, so it is this trunk
         backbone = build_backbone(cam_backbone, section.backbone_init, inputs["cam"], cfg.cam.weights)
         model = BoundaryNet(backbone, section.freeze_backbone)
         if section.crop_size % CAM_STRIDE:
@@ -194,14 +194,6 @@ class IrnStage:
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
         ids = dataset.split(cfg.data.train_split)
         return evaluate_labels(dataset, ids, artifact / "seeds", "seed_", ignore_pred=True)
-
-
-def _cam_backbone_name(cam_artifact: Path) -> str:
-    from stages.cam.stage import MODEL_FILE as CAM_MODEL
-    path = Path(cam_artifact) / CAM_MODEL
-    if not path.is_file():
-        raise StageInputError(f"irn: the cam artifact {cam_artifact} has no {CAM_MODEL}")
-    return torch.load(path, map_location="cpu", weights_only=False)["config"]["backbone"]
 
 
 __all__ = ["IrnStage", "irn_fields", "evaluate_labels", "load_boundary_net", "PSEUDO"]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from data.errors import WssError
 from data.transforms import normalize, resize_long
+from stages.common.backbones import read_weights_file
 from stages.common.runtime import autocast
 from stages.common.training import save_atomic
 
@@ -81,18 +82,7 @@ def _hub_repo(encoder: str) -> str:
 
 def load_encoder_weights(model: torch.nn.Module, path: Path, encoder: str) -> None:
     """A local encoder state dict (.safetensors, or .pth/.pt; classifier `fc.*` keys are dropped)."""
-    if not path.is_file():
-        raise SegModelError(f"seg.encoder_weights: file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise SegModelError(f"seg.encoder_weights: {path} is not a readable state dict ({error})") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
+    state = read_weights_file(path, f"seg.encoder_weights: a state dict of encoder {encoder}", SegModelError)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing = sorted(set(model.encoder.state_dict()) - set(state))
     if missing:
