@@ -30,7 +30,10 @@ class SyntheticSpec:
     variant: str = "multiclass"  # multiclass | binary
     val_fraction: float = 0.2
     positive_fraction: float = 0.5  # binary variant: images with a finding
-    mark_scale: float = 1.0  # size of the class marks relative to the default
+    # Size of the class marks (1.0: a 9 px ring, cross or square). At 1.0 a ResNet-18 trained
+    # from scratch on 320 images for 14 CPU epochs localises only ~half of them; at 1.5 it finds
+    # ~90% (measured on a development set, seed 1), which gives stage 2 CAMs worth refining.
+    mark_scale: float = 1.5
     rib_contrast: float = 0.03  # amplitude of the rib-like background bands
 
     @property

@@ -94,8 +94,10 @@ def prepare():
 @click.option("--seed", default=0, show_default=True)
 @click.option("--variant", type=click.Choice(["multiclass", "binary"]), default="multiclass", show_default=True,
               help="binary mimics SIIM: one finding class, many negative images.")
+@click.option("--mark-scale", default=1.5, show_default=True,
+              help="Size of the class marks; smaller is harder for the classifier.")
 @click.option("--force", is_flag=True, help="Rewrite even if an identical dataset is already there.")
-def prepare_synthetic(out: Path, n: int, size: int, seed: int, variant: str, force: bool):
+def prepare_synthetic(out: Path, n: int, size: int, seed: int, variant: str, mark_scale: float, force: bool):
     """Generate the synthetic benchmark (deterministic in --seed).
 
     \b
@@ -108,7 +110,7 @@ def prepare_synthetic(out: Path, n: int, size: int, seed: int, variant: str, for
 
     from data.synthetic import SyntheticSpec, write_synthetic
     setup_logging()
-    spec = SyntheticSpec(n=n, size=size, seed=seed, variant=variant)
+    spec = SyntheticSpec(n=n, size=size, seed=seed, variant=variant, mark_scale=mark_scale)
     stamp = out / "synthetic.json"
     wanted = json.dumps(spec.__dict__, sort_keys=True)
     if not force and stamp.is_file() and stamp.read_text() == wanted and (out / "dataset.json").is_file():

@@ -71,7 +71,7 @@ def test_how_to_run_does_not_change_the_key(tiny_synthetic, tmp_path, override):
     assert make_pipeline(tiny_synthetic, tmp_path, override).key("cam").digest == base
 
 
-@pytest.mark.parametrize("override", ["cam.eval_bg_threshold=0.3", "cam.epochs=99", "cam.scales=[1.0]",
+@pytest.mark.parametrize("override", ["cam.eval_bg_threshold=0.3", "cam.epochs=99", "cam.scales=[1.0,0.5]",
                                       "data.train_split=val"])
 def test_what_to_compute_changes_the_key(tiny_synthetic, tmp_path, override):
     base = make_pipeline(tiny_synthetic, tmp_path).key("cam").digest
