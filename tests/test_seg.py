@@ -350,6 +350,30 @@ def test_encoder_weights_from_a_local_file(tmp_path, suffix):
         build_segmenter("Unet", "resnet34", str(path), 2)
 
 
+def test_encoder_weights_from_the_stage1_classifier(tmp_path):
+    """`encoder_weights: cam`: every trunk tensor of the cam model lands in smp's encoder, and the
+    encoder then computes what the classifier's trunk computes up to its (dilated) layer4."""
+    from stages.cam.nets import GapNet
+    from stages.cam.stage import MODEL_FILE
+    from stages.seg.model import load_cam_encoder
+    torch.manual_seed(3)
+    classifier = GapNet(3, "resnet18").eval()
+    torch.save({"model": classifier.state_dict(), "config": {"backbone": "resnet18"}}, tmp_path / MODEL_FILE)
+    model = build_segmenter("Unet", "resnet18", "cam", 4).eval()
+    load_cam_encoder(model, tmp_path, "resnet18")
+    assert torch.equal(model.encoder.conv1.weight, classifier.backbone.stem[0].weight)
+    assert torch.equal(model.encoder.bn1.running_var, classifier.backbone.stem[1].running_var)
+    assert torch.equal(model.encoder.layer4[1].conv2.weight, classifier.backbone.layer4[1].conv2.weight)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.encoder(x)[4], classifier.backbone.layer3(classifier.backbone.layer2(
+            classifier.backbone.layer1(classifier.backbone.stem(x)))), atol=1e-5)
+    with pytest.raises(SegModelError, match=r"classifier's backbone \(resnet18\), got resnet34"):
+        load_cam_encoder(build_segmenter("Unet", "resnet34", "cam", 4), tmp_path, "resnet34")
+    with pytest.raises(SegModelError, match="has no model.pt"):
+        load_cam_encoder(model, tmp_path / "elsewhere", "resnet18")
+
+
 def test_unknown_arch_or_encoder_is_a_user_error():
     with pytest.raises(SegModelError, match="Wrong architecture"):
         build_segmenter("NoSuchNet", "resnet18", None, 2)
@@ -385,7 +409,7 @@ def test_missing_pseudo_folder_is_an_input_error(synthetic_dataset, tmp_path):
 def test_stage_contract():
     stage = SegStage()
     cfg = load_config(None, FAST_SEG)
-    assert stage.name == "seg" and stage.needs == ("pseudo",) and stage.section == "seg"
+    assert stage.name == "seg" and stage.needs == ("cam", "pseudo") and stage.section == "seg"
     assert stage.key_config(cfg)["encoder"] == "resnet18"
     assert len(stage.code_version()) == 16
     assert seg_stage.headline_metric("binary") == "seg_val_kaggle_dice"

@@ -9,7 +9,8 @@ from typing import Any, Literal, Optional
 class SegConfig:
     arch: str = "Unet"  # any segmentation_models_pytorch architecture name
     encoder: str = "resnet34"  # any smp encoder name
-    encoder_weights: Optional[str] = "imagenet"  # null | imagenet | /path/to/encoder.pth or .safetensors
+    # null | imagenet | cam (the stage-1 classifier's trunk; same ResNet) | /path/to/encoder.pth or .safetensors
+    encoder_weights: Optional[str] = "imagenet"
     # extra keyword arguments of the smp architecture, e.g. {decoder_channels: [64, 32, 16, 16, 16]}
     # for a lighter Unet decoder on a CPU
     arch_options: dict[str, Any] = field(default_factory=dict)

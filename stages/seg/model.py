@@ -55,9 +55,42 @@ def build_segmenter(arch: str, encoder: str, encoder_weights: str | None, channe
             f"`hf download {repo} model.safetensors`, copy the file here and set "
             f"`seg.encoder_weights: /path/to/model.safetensors` (a .pth state dict of the encoder works too), "
             f"or `seg.encoder_weights: null` to train from scratch.") from None
-    if encoder_weights not in (None, "imagenet"):
+    if encoder_weights not in (None, "imagenet", "cam"):  # "cam" is loaded by the stage: it needs the artifact
         load_encoder_weights(model, Path(encoder_weights).expanduser(), encoder)
     return model
+
+
+def load_cam_encoder(model: torch.nn.Module, cam_artifact: Path, encoder: str) -> None:
+    """Start the encoder from the stage-1 classifier's trunk (`seg.encoder_weights: cam`).
+
+    Without ImageNet weights the segmenter would have to learn from scratch what the classifier
+    already knows (which evidence tells the classes apart). The classifier's ResNet has the
+    same parameters as smp's ResNet encoder of that depth; only its layer4 runs dilated instead
+    of strided, which changes no weight shape.
+    """
+    from stages.cam.stage import MODEL_FILE
+    path = Path(cam_artifact) / MODEL_FILE
+    if not path.is_file():
+        raise SegModelError(f"seg.encoder_weights: cam, but the cam artifact {cam_artifact} has no {MODEL_FILE}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    backbone = state["config"].get("backbone")
+    if backbone != encoder:
+        raise SegModelError(f"seg.encoder_weights: cam needs seg.encoder to be the classifier's backbone "
+                            f"({backbone}), got {encoder}")
+    renamed = {"stem.0.": "conv1.", "stem.1.": "bn1."}
+    trunk = {}
+    for key, value in state["model"].items():
+        if key.startswith("backbone."):
+            key = key[len("backbone."):]
+            for old, new in renamed.items():
+                key = new + key[len(old):] if key.startswith(old) else key
+            trunk[key] = value
+    wanted = set(model.encoder.state_dict())
+    missing, unexpected = sorted(wanted - set(trunk)), sorted(set(trunk) - wanted)
+    if missing or unexpected:
+        raise SegModelError(f"seg.encoder_weights: cam: the classifier's {backbone} trunk does not fit encoder "
+                            f"{encoder} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.encoder.load_state_dict(trunk)  # smp's ResNet encoder returns nothing here
 
 
 def _check_options(arch: str, encoder: str, options: dict) -> None:

@@ -25,7 +25,7 @@ from stages.common.runtime import resolve_device, seed_everything, worker_count
 from stages.common.training import TrainSettings, fit, save_atomic
 from stages.seg.data import PseudoLabelDataset, normalize_batch, pseudo_label_items, read_pseudo_label
 from stages.seg.losses import SegLoss
-from stages.seg.model import (MODEL_FILE, build_segmenter, inference_long_side, output_channels,
+from stages.seg.model import (MODEL_FILE, build_segmenter, inference_long_side, load_cam_encoder, output_channels,
                               predict_probabilities, probabilities_to_mask, save_segmenter)
 
 log = logging.getLogger("wss.seg")
@@ -36,7 +36,7 @@ HOLDOUT_FILE = "holdout_best.pt"
 
 class SegStage:
     name = "seg"
-    needs: tuple[str, ...] = ("pseudo",)
+    needs: tuple[str, ...] = ("cam", "pseudo")  # cam: for `encoder_weights: cam`
     section = "seg"
 
     def key_config(self, cfg) -> dict:
@@ -67,6 +67,8 @@ class SegStage:
 
         model = build_segmenter(section.arch, section.encoder, section.encoder_weights,
                                 output_channels(dataset.task, dataset.info.num_classes), section.arch_options)
+        if section.encoder_weights == "cam":
+            load_cam_encoder(model, inputs["cam"], section.encoder)
         train_set = PseudoLabelDataset(dataset, items, section.resize_long, section.crop_size, cfg.run.seed)
         tracker = None
         if holdout:
