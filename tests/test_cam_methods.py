@@ -174,12 +174,42 @@ def test_minmax_masks_are_complementary_and_erasing_only_adds():
         kept, rest = split_image(x, mask)
         assert torch.allclose(kept + rest, x, atol=1e-6)
         heat = torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1)
-        assert torch.allclose(net.soft_mask(heat), torch.sigmoid(torch.tensor(net.k * 0.5)))
+        assert torch.allclose(net.soft_mask(heat), torch.sigmoid(net.k * (heat - 0.5)))
         plain = net.cam_maps(x)
         assert (plain >= 0).all() and (plain <= 1).all()
         net.erase_steps = 2
         erased = net.cam_maps(x)
         assert (erased >= plain - 1e-6).all()
+
+
+def test_minmax_maps_are_rescaled_per_image_and_weighted_by_class_probability():
+    from stages.cam.minmax import rescale
+    maps = torch.tensor([[[[2.0, 4.0], [6.0, 10.0]], [[-1.0, -1.0], [-1.0, -1.0]]]])
+    scaled = rescale(maps)
+    assert torch.allclose(scaled[0, 0], torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
+    assert torch.all(scaled[0, 1] == 0)  # a flat map has no extent, not a division by zero
+    net = tiny_net("minmax")
+    # one class the image surely has, one it surely has not: the mask follows the first only
+    logit_map = torch.zeros(1, 3, 2, 2)
+    logit_map[0, 0] = torch.tensor([[20.0, 30.0], [40.0, 50.0]])
+    logit_map[0, 1] = torch.tensor([[-90.0, -50.0], [-90.0, -90.0]])
+    expected = torch.tensor([[0.0, 1 / 3], [2 / 3, 1.0]])
+    assert torch.allclose(net.mask_map(logit_map)[0, 0], expected, atol=1e-4)
+
+
+def test_minmax_mask_does_not_train_the_localizer_head():
+    """As in the authors' code the mask is detached: the x*M / x*(1-M) terms train the shared
+    trunk and the classifier head; the localizer head learns from its own classification loss."""
+    net = tiny_net("minmax").train()
+    labels = torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.float32)
+    out = net(torch.randn(2, 3, 64, 64))
+    from stages.cam.minmax import max_entropy_loss
+    from stages.cam.nets import classification_loss
+    masked = classification_loss(out["fg_logits"], labels, net.loss_kind) + max_entropy_loss(out["bg_logits"])
+    masked.backward()
+    assert net.localizer.weight.grad is None or not net.localizer.weight.grad.any()
+    assert net.classifier_fc.weight.grad.abs().sum() > 0
+    assert net.backbone.layer1[0].conv1.weight.grad.abs().sum() > 0
 
 
 def test_minmax_loss_is_the_sum_of_its_terms():
