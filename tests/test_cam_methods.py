@@ -270,7 +270,8 @@ def test_point_localization_hits_where_the_peak_is_inside_the_box(tmp_path):
 # ------------------------------------------------------------------------------ training + compare
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
-TRAIN = {"cam.epochs": 3}  # on top of conftest's FAST_CAM
+# On top of conftest's FAST_CAM: 96 px, so that the stride-16 maps have some extent (6 x 6).
+TRAIN = {"cam.epochs": 6, "cam.crop_size": 96, "cam.resize_long": "[84,108]"}
 
 
 def preset_overrides(method: str) -> dict:
@@ -283,9 +284,11 @@ def preset_overrides(method: str) -> dict:
 
 @pytest.fixture(scope="module")
 def learnable(tmp_path_factory):
-    """A tiny set whose class marks are big enough to learn in a few CPU epochs from scratch."""
+    """A tiny set a from-scratch classifier learns in a few CPU epochs: the binary variant (is
+    there a marked body?) with big marks. 48 images of 96 px, 38 for training, 17 positive."""
     from data.synthetic import SyntheticSpec, write_synthetic
-    return write_synthetic(tmp_path_factory.mktemp("methods-syn"), SyntheticSpec(n=48, size=64, seed=0, mark_scale=4.0))
+    spec = SyntheticSpec(n=48, size=96, seed=0, variant="binary", mark_scale=3.0)
+    return write_synthetic(tmp_path_factory.mktemp("methods-syn"), spec)
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +316,7 @@ def trained_metrics(cli, demo_overrides, learnable, workdir, method) -> dict:
                  *demo_overrides(learnable, workdir, **{**preset_overrides(method), "cam__method": method},
                                  **{k.replace(".", "__"): v for k, v in TRAIN.items()}))
     assert result.exit_code == 0, result.output
-    artifacts = [p for p in (workdir / "synthetic").glob("cam-*")
+    artifacts = [p for p in workdir.glob("*/cam-*")
                  if json.loads((p / "manifest.json").read_text())["config"]["cam"]["method"] == method]
     assert len(artifacts) == 1
     return json.loads((artifacts[0] / "manifest.json").read_text())["metrics"] | {"artifact": artifacts[0]}
@@ -332,16 +335,26 @@ def test_method_trains_through_the_cam_stage(cli, demo_overrides, learnable, wor
     for image_id in ids:
         cam, keys, size = load_cam(metrics["artifact"] / "cams" / f"{image_id}.npz")
         assert list(keys) == list(np.nonzero(dataset.label_vector(image_id))[0])
-        assert cam.shape == (len(keys), 16, 16) and size == (64, 64)
-        peaks = cam.reshape(len(keys), -1).max(axis=1)  # 0 where a class never fires (all ReLU'd away)
+        assert cam.shape == (len(keys), 24, 24) and size == (96, 96)
+        peaks = cam.max(axis=(1, 2))  # 0 where a class never fires (all ReLU'd away); none on negatives
         assert np.all(np.isclose(peaks, 1.0, atol=1e-2) | (peaks == 0)), peaks
 
 
+MISSES_THE_BODIES = (
+    "on this 6-epoch, 38-image set {} fits the labels (val AUC 1.0) but its map does not cover the marked "
+    "body: CAM mIoU {} at the fixed threshold and {} at the val-tuned one, against 0.481 for all background. "
+    "On the demo-sized benchmark {} (README, wss compare)")
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "from-scratch classifiers trained for 3 CPU epochs on 38 images of 64 px barely learn the marks "
-    "(val AUC 0.43-0.60), so their CAMs do not beat the all-background baseline; measured in the issue note"))
-@pytest.mark.parametrize("method", NEW_METHODS)
+@pytest.mark.parametrize("method", [
+    pytest.param("pcam", marks=pytest.mark.xfail(strict=False, reason=MISSES_THE_BODIES.format(
+        "PCAM", 0.407, 0.441, "it clears both baselines: 0.327 against 0.218"))),
+    pytest.param("pylon", marks=pytest.mark.xfail(strict=False, reason=MISSES_THE_BODIES.format(
+        "PYLON", 0.472, 0.479, "it clears them only at its tuned threshold: 0.263 against 0.218"))),
+    "multiscale",
+    "minmax",
+])
 def test_method_beats_trivial_baselines(cli, demo_overrides, learnable, workdir, method):
     from data.layout import PreparedDataset
     metrics = trained_metrics(cli, demo_overrides, learnable, workdir, method)
