@@ -343,15 +343,26 @@ def test_method_trains_through_the_cam_stage(cli, demo_overrides, learnable, wor
 MISSES_THE_BODIES = (
     "on this 6-epoch, 38-image set {} fits the labels (val AUC 1.0) but its map does not cover the marked "
     "body: CAM mIoU {} at the fixed threshold and {} at the val-tuned one, against 0.481 for all background. "
-    "On the demo-sized benchmark {} (README, wss compare)")
+    "Why (measured on the same set drawn with --seed 1): {}. On the demo-sized benchmark {} (README, wss compare)")
+PCAM_WHY = (
+    "its probability map is ~0 on the marked body and peaks 50-65 px from the mark (12 epochs); every cell "
+    "of a from-scratch trunk sees the whole 96 px image and the p-weighted pooling needs only a few high-p "
+    "cells anywhere. The reference code's N(0, 0.01) classifier init puts the 12-epoch peak on the body "
+    "(14 of 15 images) but spreads p over 78% of the image, and it underfits the demo-sized dev set "
+    "(CAM mIoU 0.252 against 0.347), so the default init stays")
+PYLON_WHY = (
+    "the one cell that global max pooling trains sits 20-50 px beside the mark, in a direction fixed per "
+    "run in the network's own frame (rotating the input rotates the offset; random 90-degree rotations in "
+    "training, align_corners=True upsampling or no pyramid attention leave it there): nothing but a "
+    "pretrained, local trunk ties the peak to the evidence")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [
     pytest.param("pcam", marks=pytest.mark.xfail(strict=False, reason=MISSES_THE_BODIES.format(
-        "PCAM", 0.407, 0.441, "it clears both baselines: 0.327 against 0.218"))),
+        "PCAM", 0.407, 0.441, PCAM_WHY, "it clears both baselines: 0.327 against 0.218"))),
     pytest.param("pylon", marks=pytest.mark.xfail(strict=False, reason=MISSES_THE_BODIES.format(
-        "PYLON", 0.472, 0.479, "it clears them only at its tuned threshold: 0.263 against 0.218"))),
+        "PYLON", 0.472, 0.479, PYLON_WHY, "it clears them only at its tuned threshold: 0.263 against 0.218"))),
     "multiscale",
     "minmax",
 ])
