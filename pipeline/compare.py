@@ -98,18 +98,18 @@ def boxes_of(dataset, limit: int | None) -> dict[str, list]:
 def compare_method(cfg, method: str, through: str, out: Path, limit: int | None) -> dict:
     from pipeline.runner import Pipeline
     pipeline = Pipeline(cfg)
-    outcome = pipeline.run_stage("cam", limit=limit)
-    row = {"method": method, "state": outcome.state, "artifact": str(outcome.path)}
+    # one pass over the chain, so each stage is checked (and logged) once
+    outcomes = pipeline.run(until="pseudo") if through == "irn" else [pipeline.run_stage("cam", limit=limit)]
+    cam = next(o for o in outcomes if o.stage == "cam")
+    row = {"method": method, "state": "ran" if any(o.state == "ran" for o in outcomes) else cam.state,
+           "artifact": str(cam.path)}
     for key in ["cls_mean_auc", "cls_mean_ap", "cam_miou", "train_images_per_s"]:
-        row[key] = outcome.metrics.get(key, float("nan"))
-    row.update(extra_scores(pipeline, outcome.path, out, limit))
+        row[key] = cam.metrics.get(key, float("nan"))
+    row.update(extra_scores(pipeline, cam.path, out, limit))
     for key in ["tuned_threshold", "cam_miou_tuned", "point_acc"]:  # no val masks / no boxes
         row.setdefault(key, float("nan"))
     if through == "irn":
-        outcomes = pipeline.run(until="pseudo")
         row["pseudo_miou"] = outcomes[-1].metrics.get("pseudo_miou", float("nan"))
-        if any(o.state == "ran" for o in outcomes):
-            row["state"] = "ran"
     return row
 
 

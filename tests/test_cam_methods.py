@@ -403,6 +403,30 @@ def test_compare_writes_the_table_and_reuses_the_cache(demo_overrides, learnable
     assert list(csv.DictReader(open(out / "compare.csv")))[0]["cam_miou_tuned"] == rows[0]["cam_miou_tuned"]
 
 
+@pytest.mark.slow  # one IRN epoch on top of the multiscale cam the tests above trained
+def test_compare_through_irn_adds_pseudo_label_miou_and_checks_each_stage_once(
+        demo_overrides, learnable, workdir, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from pipeline.compare import compare_command
+    from pipeline.runner import Pipeline
+    checked = []
+    original = Pipeline.run_stage
+    monkeypatch.setattr(Pipeline, "run_stage", lambda self, name, **kw: checked.append(name) or original(self, name, **kw))
+    train = {k.replace(".", "__"): v for k, v in TRAIN.items()}
+    irn = {"irn__epochs": 1, "irn__crop_size": 96, "irn__resize_long": "[84,108]"}
+    args = ["-c", str(DEMO), *[str(a) for a in demo_overrides(learnable, workdir, **train, **irn)],
+            "--methods", "multiscale", "--through", "irn", "--out", str(tmp_path / "cmp")]
+    for state in ["ran", "cached"]:
+        checked.clear()
+        result = CliRunner().invoke(compare_command, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        row, = csv.DictReader(open(tmp_path / "cmp" / "compare.csv"))
+        assert checked == ["cam", "irn", "pseudo"]
+        assert 0.0 <= float(row["pseudo_miou"]) <= 1.0 and 0.0 <= float(row["cam_miou"]) <= 1.0
+        assert row["state"] == state
+
+
 def test_compare_rejects_an_unknown_method(learnable, tmp_path):
     from click.testing import CliRunner
 
