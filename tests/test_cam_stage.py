@@ -226,13 +226,9 @@ def test_cam_miou_beats_the_whole_image_baseline(trained):
     assert cam_miou > whole_image + 0.02, (cam_miou, whole_image)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "a 4-epoch from-scratch resnet18 on 38 images of 64 px does not learn the marks (val AUC ~0.5) and its "
-    "CAMs cover most of the image; the demo-sized run of tests/test_stage2_quality.py (400 images, 14 "
-    "epochs) is where the CAMs beat the baselines"))
-def test_cam_miou_beats_the_all_background_baseline(trained):
-    cam_miou, all_background, _ = scored_against_baselines(trained)
-    assert cam_miou > all_background + 0.02, (cam_miou, all_background)
+# Against the all-background baseline this 4-epoch, 64 px, multi-class run does not learn the marks
+# (val AUC ~0.5); tests/test_cam_methods.py::test_method_beats_trivial_baselines trains every method,
+# gap included, through `run-stage cam` on a tiny set it can learn and checks both baselines there.
 
 
 def test_second_run_is_up_to_date_and_skips(trained, monkeypatch, caplog):
