@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.cam.config import CamConfig
-from stages.cam.infer import cam_to_label, multiscale_cam
+from stages.cam.infer import multiscale_cam
 from stages.cam.methods import METHODS, build_cam_net
-from stages.common.metrics import ConfusionMatrix
+from tests.test_cam_stage import trivial_baselines
 
 NEW_METHODS = ["pcam", "pylon", "multiscale", "minmax"]
 NUM_CLASSES = 3
@@ -298,19 +298,6 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("methods-work")
 
 
-def trivial_baselines(root: Path, ids: list[str]) -> tuple[float, float]:
-    """mIoU of all background, and of the whole image given to the labelled class(es)."""
-    from data.layout import PreparedDataset
-    dataset = PreparedDataset(root)
-    background, whole = (ConfusionMatrix(dataset.info.num_classes + 1) for _ in range(2))
-    for image_id in ids:
-        gt = dataset.read_mask(image_id)
-        keys = np.nonzero(dataset.label_vector(image_id))[0]
-        background.update(np.zeros_like(gt), gt)
-        whole.update(cam_to_label(np.ones((len(keys), *gt.shape), np.float32), keys, 0.15), gt)
-    return background.miou(), whole.miou()
-
-
 def trained_metrics(cli, demo_overrides, learnable, workdir, method) -> dict:
     """Train `method` through `wss run-stage cam` (cached across the tests of this module)."""
     result = cli("run-stage", "cam", "-c", DEMO,
@@ -372,7 +359,8 @@ PYLON_WHY = (
 def test_method_beats_trivial_baselines(cli, demo_overrides, learnable, workdir, method):
     from data.layout import PreparedDataset
     metrics = trained_metrics(cli, demo_overrides, learnable, workdir, method)
-    background, whole = trivial_baselines(learnable, PreparedDataset(learnable).split("train"))
+    dataset = PreparedDataset(learnable)
+    background, whole = trivial_baselines(dataset, dataset.split("train"))
     assert metrics["cam_miou"] > max(background, whole) + 0.02, (metrics["cam_miou"], background, whole)
 
 
