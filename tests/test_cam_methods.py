@@ -273,6 +273,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
 # On top of conftest's FAST_CAM: 96 px, so that the stride-16 maps have some extent (6 x 6).
 TRAIN = {"cam.epochs": 6, "cam.crop_size": 96, "cam.resize_long": "[84,108]"}
+TRAIN_KW = {k.replace(".", "__"): v for k, v in TRAIN.items()}  # as demo_overrides takes them
 
 
 def preset_overrides(method: str) -> dict:
@@ -302,7 +303,7 @@ def trained_metrics(cli, demo_overrides, learnable, workdir, method) -> dict:
     """Train `method` through `wss run-stage cam` (cached across the tests of this module)."""
     result = cli("run-stage", "cam", "-c", DEMO,
                  *demo_overrides(learnable, workdir, **{**preset_overrides(method), "cam__method": method},
-                                 **{k.replace(".", "__"): v for k, v in TRAIN.items()}))
+                                 **TRAIN_KW))
     assert result.exit_code == 0, result.output
     artifacts = [p for p in workdir.glob("*/cam-*")
                  if json.loads((p / "manifest.json").read_text())["config"]["cam"]["method"] == method]
@@ -369,8 +370,7 @@ def test_compare_writes_the_table_and_reuses_the_cache(demo_overrides, learnable
     from click.testing import CliRunner
 
     from pipeline.compare import compare_command
-    train = {k.replace(".", "__"): v for k, v in TRAIN.items()}
-    args = ["-c", str(DEMO), *[str(a) for a in demo_overrides(learnable, workdir, **train)],
+    args = ["-c", str(DEMO), *[str(a) for a in demo_overrides(learnable, workdir, **TRAIN_KW)],
             "--methods", "pcam,multiscale", "--out", str(tmp_path / "cmp")]
     first = CliRunner().invoke(compare_command, args, catch_exceptions=False)
     assert first.exit_code == 0, first.output
@@ -404,9 +404,8 @@ def test_compare_through_irn_adds_pseudo_label_miou_and_checks_each_stage_once(
     checked = []
     original = Pipeline.run_stage
     monkeypatch.setattr(Pipeline, "run_stage", lambda self, name, **kw: checked.append(name) or original(self, name, **kw))
-    train = {k.replace(".", "__"): v for k, v in TRAIN.items()}
     irn = {"irn__epochs": 1, "irn__crop_size": 96, "irn__resize_long": "[84,108]"}
-    args = ["-c", str(DEMO), *[str(a) for a in demo_overrides(learnable, workdir, **train, **irn)],
+    args = ["-c", str(DEMO), *[str(a) for a in demo_overrides(learnable, workdir, **TRAIN_KW, **irn)],
             "--methods", "multiscale", "--through", "irn", "--out", str(tmp_path / "cmp")]
     for state in ["ran", "cached"]:
         checked.clear()
