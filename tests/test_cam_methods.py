@@ -79,6 +79,16 @@ def test_gradients_reach_every_trainable_parameter(method):
     assert groups[1][1] == 10.0 and len(groups[1][0]) > 0
 
 
+def test_dropblock_trains_on_maps_smaller_than_its_block():
+    """A 5-block on the 4x4 map of a 64 px crop (3x5, 3x3, 1x1 too) shrinks to an odd size that fits."""
+    net = tiny_net("dropblock", dropblock_prob=0.3, dropblock_size=5).train()
+    for height, width in [(64, 64), (48, 80), (33, 47), (16, 16)]:
+        assert net(torch.randn(2, 3, height, width))["logits"].shape == (2, NUM_CLASSES)
+    torch.manual_seed(0)
+    dropped = net.drop4(torch.ones(8, 16, 4, 4))
+    assert (dropped == 0).any() and (dropped > 0).any() and torch.isfinite(dropped).all()
+
+
 def test_every_method_is_registered():
     assert set(NEW_METHODS) <= set(METHODS)
     for method in NEW_METHODS:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import DropBlock2d
+from torchvision.ops import DropBlock2d, drop_block2d
 
 from stages.common.backbones import ResNetFeatures
 
@@ -42,6 +42,17 @@ class CamNet(nn.Module):
         return [(trunk, 1.0), (head, head_lr_mult)]
 
 
+class FittingDropBlock2d(DropBlock2d):
+    """torchvision's DropBlock2d with the block shrunk to the largest odd size that fits the map:
+    torchvision clips the block to the map side and then refuses an even result (a 5-block on
+    the 4x4 map of a 64 px crop at output stride 16)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = min(self.block_size, x.shape[-2], x.shape[-1])
+        size -= 1 - size % 2
+        return drop_block2d(x, self.p, size, self.inplace, self.eps, self.training)
+
+
 class GapNet(CamNet):
     """IRNet's classifier: ResNet (stride 16) -> GAP -> bias-free 1x1 conv.
 
@@ -57,8 +68,8 @@ class GapNet(CamNet):
         self.loss_kind = loss
         self.classifier = nn.Conv2d(self.backbone.channels[-1], num_classes, 1, bias=False)
         if dropblock_prob > 0:
-            self.drop3 = DropBlock2d(dropblock_prob, dropblock_size)
-            self.drop4 = DropBlock2d(dropblock_prob, dropblock_size)
+            self.drop3 = FittingDropBlock2d(dropblock_prob, dropblock_size)
+            self.drop4 = FittingDropBlock2d(dropblock_prob, dropblock_size)
         else:
             self.drop3 = self.drop4 = nn.Identity()
 
