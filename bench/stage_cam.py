@@ -67,7 +67,7 @@ def loop_rate(model, cfg: CamConfig, data: PreparedDataset, device, batch: int, 
     settings = TrainSettings(epochs=1, batch_size=batch, lr=cfg.lr, optimizer=cfg.optimizer,
                              weight_decay=cfg.weight_decay, workers=workers)
     history = fit(model, dataset, model.param_groups(cfg.head_lr_mult),
-                  lambda m, b: m.loss(m(b["image"]), b["label"]), settings, device, out, desc="bench")
+                  lambda net, b: model.loss(net(b["image"]), b["label"]), settings, device, out, desc="bench")
     return history[-1]["images_per_s"]
 
 

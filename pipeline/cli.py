@@ -8,6 +8,10 @@ import sys
 # Before torch is imported: idle OpenMP threads sleep instead of spinning, which on a small
 # CPU shared with data-loader workers made training steps 2x and inference 15x slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under torchrun (several processes, one job) only rank 0 draws progress bars; tqdm reads this
+# when it is imported.
+if int(os.environ.get("RANK", "0")) > 0:
+    os.environ.setdefault("TQDM_DISABLE", "1")
 from pathlib import Path
 
 import click
@@ -52,6 +56,8 @@ def setup_logging(verbose: bool = False) -> None:
         handler._wss = True
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 tells the story, the others only warn
+        root.setLevel(logging.WARNING)
 
 
 def config_options(func):
@@ -70,15 +76,42 @@ def load(config_path: tuple[Path, ...], overrides: tuple[str, ...]):
     return cfg
 
 
+# The commands that run as several processes under torchrun (training data-parallel,
+# per-image work sharded by rank); every other command is one process's job.
+TORCHRUN_COMMANDS = ("run", "run-stage", "pseudo-labels")
+
+
 @click.group(cls=WssGroup, context_settings={"help_option_names": ["-h", "--help"]})
-def main():
+@click.pass_context
+def main(ctx):
     """wss: weakly supervised semantic segmentation, from image-level labels to pixel masks.
 
     \b
     Quick start:
       wss prepare synthetic --out runs/data/synthetic
       wss run -c configs/demo.yaml
+
+    \b
+    Several GPUs (or processes):
+      torchrun --nproc_per_node=4 --no-python wss run -c configs/siim.yaml
     """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and ctx.invoked_subcommand not in TORCHRUN_COMMANDS:
+        raise WssError(f"`wss {ctx.invoked_subcommand}` runs in one process; under torchrun ({world} processes) "
+                       f"only {', '.join(TORCHRUN_COMMANDS)} do")
+
+
+def start_processes(cfg) -> bool:
+    """Join torchrun's process group (a no-op without torchrun); True on the rank that reports.
+    The command calls `finish_processes` when its work is done."""
+    from stages.common import distributed
+    distributed.init_from_env(cfg.run.device)
+    return distributed.is_main()
+
+
+def finish_processes() -> None:
+    from stages.common import distributed
+    distributed.finish()
 
 
 # ------------------------------------------------------------------------------------ prepare
@@ -213,9 +246,12 @@ def run_stage(stage: str, config_path: tuple[Path, ...], overrides, force: bool,
     from pipeline.report import print_outcomes
     from pipeline.runner import Pipeline
     cfg = load(config_path, overrides)
+    reports = start_processes(cfg)
     pipeline = Pipeline(cfg)
     outcome = pipeline.run_stage(stage, force=force, resume=resume, limit=limit)
-    print_outcomes([outcome])
+    if reports:
+        print_outcomes([outcome])
+    finish_processes()
 
 
 @main.command("run")
@@ -230,13 +266,21 @@ def run(config_path: tuple[Path, ...], overrides, until: str | None, force: tupl
       wss run -c configs/demo.yaml
       wss run -c configs/demo.yaml --until cam --force cam
     """
-    from pipeline.report import print_outcomes, write_run_report
     from pipeline.runner import Pipeline
     cfg = load(config_path, overrides)
+    reports = start_processes(cfg)
     pipeline = Pipeline(cfg)
     for name in force:
         pipeline.stage(name)
     outcomes = pipeline.run(until=until, force=force)
+    if reports:
+        print_run_report(cfg, pipeline, outcomes)
+    finish_processes()
+
+
+def print_run_report(cfg, pipeline, outcomes) -> None:
+    """The stage table, the overlay grid of the last stage and report.md."""
+    from pipeline.report import print_outcomes, write_run_report
     print_outcomes(outcomes)
     grids = {}
     grid_stage = GRID_FOR_STAGE[outcomes[-1].stage]
@@ -278,9 +322,12 @@ def pseudo_labels(config_path: tuple[Path, ...], overrides, force: bool):
     from pipeline.report import print_outcomes
     from pipeline.runner import Pipeline
     cfg = load(config_path, overrides)
+    reports = start_processes(cfg)
     pipeline = Pipeline(cfg)
     outcomes = pipeline.run(until="pseudo", force=("pseudo",) if force else ())
-    print_outcomes(outcomes)
+    if reports:
+        print_outcomes(outcomes)
+    finish_processes()
 
 
 @main.command("visualize")

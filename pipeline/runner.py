@@ -13,6 +13,7 @@ from data.layout import PreparedDataset
 from pipeline.cache import ArtifactStore, StageKey, explain_difference
 from pipeline.config import Config
 from stages.base import StageInputError
+from stages.common import distributed
 from stages.registry import STAGE_ORDER, all_stages
 
 log = logging.getLogger("wss")
@@ -127,14 +128,17 @@ class Pipeline:
                   limit: int | None = None) -> Outcome:
         stage = self.stage(name)
         key = self.key(name, limit)
-        done = self.store.complete(key)
+        done = distributed.broadcast(self.store.complete(key) if distributed.is_main() else None)
         if done is not None and not force:
             manifest = self.store.read_manifest(done) or {}
             log.info("%s: up to date (%s), skipping", name, done)
             return Outcome(name, "cached", done, manifest.get("seconds", 0.0), manifest.get("metrics", {}),
                            manifest.get("headline", ""))
         inputs = {need: self.require(need) for need in stage.needs}
+        if not distributed.is_main():
+            return self.run_beside_rank0(stage, inputs, resume, limit)
         with self.store.writing(key, resume=resume) as partial:
+            distributed.broadcast(partial)
             handler = logging.FileHandler(partial / "log.txt")
             handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
             logging.getLogger().addHandler(handler)
@@ -152,8 +156,19 @@ class Pipeline:
                         "headline": result.headline, "failures": result.failures,
                         "started": started, "seconds": seconds, "versions": software_versions()}
             final = self.store.commit(key, partial, manifest)
+        distributed.broadcast(final)
         log.info("%s: done in %.1f s -> %s", name, seconds, final)
         return Outcome(name, "ran", final, seconds, result.metrics, result.headline, result.failures)
+
+    def run_beside_rank0(self, stage, inputs: dict[str, Path], resume: bool, limit: int | None) -> Outcome:
+        """A rank > 0 under torchrun: compute its share in the partial directory rank 0 opened
+        (rank 0 alone holds the lock, writes the manifest and commits)."""
+        partial = distributed.broadcast()
+        started = time.time()
+        result = stage.run(self.cfg, self.dataset, inputs, partial, resume=resume, limit=limit)
+        final = distributed.broadcast()
+        return Outcome(stage.name, "ran", final, time.time() - started, result.metrics, result.headline,
+                       result.failures)
 
     def run(self, until: str | None = None, force: tuple[str, ...] = ()) -> list[Outcome]:
         """Run the chain up to `until`; a forced stage forces everything after it too."""

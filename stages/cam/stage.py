@@ -16,6 +16,7 @@ from data.transforms import normalize
 from stages.base import StageResult, section_dict, source_hash
 from stages.cam.infer import cam_to_label, load_cam, multiscale_cam, save_cam, upsample_cam
 from stages.cam.methods import build_cam_net
+from stages.common import distributed
 from stages.common.metrics import (BinarySegmentationScores, ConfusionMatrix, classification_scores,
                                    per_class_table)
 from stages.common.runtime import resolve_device, seed_everything, worker_count
@@ -66,20 +67,25 @@ class CamStage:
         model = build_cam_net(section, dataset.info.num_classes)
         train_set = ClassificationDataset(dataset, train_ids, section.resize_long, section.crop_size, cfg.run.seed)
         settings = train_settings(section, cfg.run)
-        history = fit(model, train_set, model.param_groups(section.head_lr_mult), lambda m, b: m.loss(m(b["image"]), b["label"]),
+        history = fit(model, train_set, model.param_groups(section.head_lr_mult),
+                      lambda net, b: model.loss(net(b["image"]), b["label"]),
                       settings, device, out, resume=resume, desc="cam")
-        save_atomic({"model": model.state_dict(), "config": section_dict(section),
-                     "classes": dataset.classes}, out / MODEL_FILE)
+        if distributed.is_main():
+            save_atomic({"model": model.state_dict(), "config": section_dict(section),
+                         "classes": dataset.classes}, out / MODEL_FILE)
         model = model.to(memory_format=torch.contiguous_format).eval()
 
         metrics = {"train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0}
         failures: list[str] = []
         metrics.update(self.classify_split(model, dataset, val_ids, device, cfg.run.workers, failures))
-        failures += self.write_cams(model, section, dataset, train_ids, out / "cams", device, cfg.run.workers)
-        metrics.update(evaluate_cams(dataset, train_ids, out / "cams", section.eval_bg_threshold))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        log.info("cam metrics on split %r:\n%s", cfg.data.train_split, per_class_table(metrics, "cam_", dataset))
-        return StageResult(metrics=metrics, headline="cam_miou", failures=failures)
+        failures += self.write_cams(model, section, dataset, distributed.shard(train_ids), out / "cams", device,
+                                    cfg.run.workers)
+        failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its CAMs
+        if distributed.is_main():
+            metrics.update(evaluate_cams(dataset, train_ids, out / "cams", section.eval_bg_threshold))
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            log.info("cam metrics on split %r:\n%s", cfg.data.train_split, per_class_table(metrics, "cam_", dataset))
+        return StageResult(metrics=distributed.broadcast(metrics), headline="cam_miou", failures=failures)
 
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
         ids = dataset.split(cfg.data.train_split)
@@ -92,9 +98,9 @@ class CamStage:
     def classify_split(self, model, dataset: PreparedDataset, ids: list[str], device, workers: int,
                        failures: list[str] | None = None) -> dict:
         """Image-level AUC / AP on a split, whole images at scale 1. Unreadable images are
-        skipped and listed in `failures`."""
+        skipped and listed in `failures`. Under torchrun each rank scores its share."""
         scores, targets = [], []
-        loader = DataLoader(SafeImageDataset(dataset, ids), batch_size=1, collate_fn=first_item,
+        loader = DataLoader(SafeImageDataset(dataset, distributed.shard(ids)), batch_size=1, collate_fn=first_item,
                             num_workers=min(2, worker_count(workers)))
         for item in tqdm(loader, desc="cam classify val", unit="img", leave=False):
             if "error" in item:
@@ -107,6 +113,7 @@ class CamStage:
                 logits = model(x)["logits"].float()
             scores.append(torch.sigmoid(logits)[0].cpu().numpy())
             targets.append(dataset.label_vector(item["id"]))
+        scores, targets = distributed.all_ranks_list(scores), distributed.all_ranks_list(targets)
         if not scores:
             return {}
         result = classification_scores(np.stack(scores), np.stack(targets), dataset.classes, prefix="cls_")

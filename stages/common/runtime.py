@@ -9,13 +9,15 @@ import torch
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of `run.device`; under torchrun on GPUs, this process's own GPU."""
+    from stages.common.distributed import local_device
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         from data.errors import WssError
         raise WssError(f"run.device is {name!r} but no CUDA GPU is available (use run.device=cpu or auto)")
-    return device
+    return local_device(device)
 
 
 def worker_count(requested: int) -> int:

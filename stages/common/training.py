@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from data.errors import WssError
+from stages.common import distributed
 from stages.common.runtime import autocast
 
 log = logging.getLogger("wss.train")
@@ -60,12 +62,30 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, tot
 
 def make_loader(dataset: Dataset, settings: TrainSettings, device: torch.device, shuffle: bool,
                 epoch: int = 0, drop_last: bool = True) -> DataLoader:
-    """Shuffling is seeded by (seed, epoch), so a resumed run sees the same batches."""
+    """Shuffling is seeded by (seed, epoch), so a resumed run sees the same batches. Under
+    torchrun each process loads its own share of every epoch, `per_process_batch` at a time."""
     generator = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
     workers = settings.workers
-    return DataLoader(dataset, batch_size=settings.batch_size, shuffle=shuffle, drop_last=drop_last,
-                      num_workers=workers, pin_memory=device.type == "cuda", generator=generator,
+    sampler = None
+    if distributed.active():
+        sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                     shuffle=shuffle, seed=settings.seed, drop_last=drop_last)
+        sampler.set_epoch(epoch)
+        shuffle = False
+    return DataLoader(dataset, batch_size=per_process_batch(settings.batch_size), shuffle=shuffle,
+                      sampler=sampler, drop_last=drop_last, num_workers=workers,
+                      pin_memory=device.type == "cuda", generator=generator,
                       persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+def per_process_batch(batch_size: int) -> int:
+    """The configured batch is the global one: under torchrun each process takes an equal part,
+    so the optimisation (and the cache key) does not depend on the number of processes."""
+    world = distributed.world_size()
+    if batch_size % world:
+        raise WssError(f"batch_size {batch_size} does not split evenly over {world} processes; "
+                       f"choose a multiple of {world}")
+    return batch_size // world
 
 
 def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
@@ -111,13 +131,17 @@ def save_atomic(obj, path: Path) -> None:
 def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float]],
         step: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]], settings: TrainSettings,
         device: torch.device, out: Path, resume: bool = False, desc: str = "train") -> list[dict]:
-    """Train for settings.epochs, checkpointing into out/checkpoint.pt after every epoch."""
+    """Train for settings.epochs, checkpointing into out/checkpoint.pt after every epoch.
+
+    `step` gets the model to call (wrapped in DistributedDataParallel under torchrun, so call
+    it for the forward pass and reach other methods through the unwrapped model)."""
     channels_last = device.type == "cuda"
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(groups, settings)
-    steps_per_epoch = len(dataset) // settings.batch_size
+    world = distributed.world_size()
+    steps_per_epoch = len(dataset) // world // per_process_batch(settings.batch_size)
     if steps_per_epoch == 0:
         raise WssError(f"{desc}: {len(dataset)} training images is fewer than one batch "
                        f"(batch_size {settings.batch_size}); lower the batch size")
@@ -130,6 +154,9 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         log.info("%s: resumed after epoch %d of %d", desc, start_epoch, settings.epochs)
+    net = model
+    if distributed.active():  # DDP starts every rank from rank 0's weights, resumed or not
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     metrics_log = out / "metrics.jsonl"
     for epoch in range(start_epoch, settings.epochs):
         if hasattr(dataset, "set_epoch"):
@@ -146,11 +173,11 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
             lr = set_poly_lr(optimizer, settings.lr, epoch * steps_per_epoch + i, total_steps, settings.poly_power)
             batch = to_device(batch, device, channels_last)
             with autocast(device):
-                loss, logs = step(model, batch)
+                loss, logs = step(net, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            seen += len(next(iter(batch.values())))
+            seen += len(next(iter(batch.values()))) * world
             for key, value in {"loss": loss.detach().float(), **logs}.items():
                 sums[key] = sums.get(key, 0.0) + (value.detach().float() if torch.is_tensor(value) else value)
             if (i + 1) % settings.log_every == 0 or i + 1 == steps_per_epoch:
@@ -160,15 +187,19 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
                                              f"(by step {i + 1}); lower the learning rate")
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2g}")
         seconds = time.time() - started
+        sums = distributed.mean_over_ranks(sums, device)  # the epoch's loss over all images
         record = {"epoch": epoch + 1, **{k: float(v) / steps_per_epoch for k, v in sums.items()},
                   "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
         history.append(record)
-        with open(metrics_log, "a") as handle:
-            handle.write(json.dumps({"stage_step": desc, **record}) + "\n")
-        log.info("%s epoch %d/%d: loss %.4f, %.1f img/s", desc, epoch + 1, settings.epochs,
-                 record["loss"], record["images_per_s"])
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "epoch": epoch, "history": history}, checkpoint_path)
+        if distributed.is_main():
+            with open(metrics_log, "a") as handle:
+                handle.write(json.dumps({"stage_step": desc, **record}) + "\n")
+            log.info("%s epoch %d/%d: loss %.4f, %.1f img/s", desc, epoch + 1, settings.epochs,
+                     record["loss"], record["images_per_s"])
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "epoch": epoch, "history": history}, checkpoint_path)
+    if distributed.active():
+        distributed.sync_module(model)  # BatchNorm statistics differ per rank: keep rank 0's
     model.eval()
     return history
 

@@ -24,6 +24,7 @@ from data.layout import PreparedDataset, atomic_save, write_index_png
 from data.transforms import normalize
 from stages.base import StageInputError, StageResult, source_hash
 from stages.cam.infer import CAM_STRIDE, load_cam
+from stages.common import distributed
 from stages.common.crf import crf_prob
 from stages.common.runtime import resolve_device, worker_count
 from stages.irn.random_walk import random_walk
@@ -142,7 +143,7 @@ class PseudoLabelStage:
         refine = section.refine_crf_params if section.refine_crf else None
 
         failures, walk_seconds = [], []
-        loader = DataLoader(SafeImageDataset(dataset, ids), batch_size=1, collate_fn=first_item,
+        loader = DataLoader(SafeImageDataset(dataset, distributed.shard(ids)), batch_size=1, collate_fn=first_item,
                             num_workers=min(2, worker_count(cfg.run.workers)))
         with CrfPool(worker_count(cfg.run.workers) if refine else 0) as crf_pool:
             for item in tqdm(loader, desc="pseudo-labels", unit="img"):
@@ -169,12 +170,16 @@ class PseudoLabelStage:
                     crf_pool.submit(image_id, item["image"], planes, keys, refine, target, dataset.info.palette)
             failures += crf_pool.finish()
 
-        metrics = evaluate_labels(dataset, ids, label_dir, "pseudo_", ignore_pred=False)
-        metrics["pseudo_images"] = sum(1 for _ in label_dir.glob("*.png"))
-        if walk_seconds:
-            metrics["walk_seconds_per_image"] = float(np.mean(walk_seconds))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        return StageResult(metrics=metrics, headline="pseudo_miou", failures=failures)
+        failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its labels
+        walk_seconds = distributed.all_ranks_list(walk_seconds)
+        metrics = {}
+        if distributed.is_main():
+            metrics = evaluate_labels(dataset, ids, label_dir, "pseudo_", ignore_pred=False)
+            metrics["pseudo_images"] = sum(1 for _ in label_dir.glob("*.png"))
+            if walk_seconds:
+                metrics["walk_seconds_per_image"] = float(np.mean(walk_seconds))
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        return StageResult(metrics=distributed.broadcast(metrics), headline="pseudo_miou", failures=failures)
 
     @torch.no_grad()
     def walk_image(self, model, image: np.ndarray, cam_path: Path, edge_path: Path, section,

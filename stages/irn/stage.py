@@ -20,6 +20,7 @@ from data.layout import PreparedDataset, read_index_png, write_index_png
 from data.prepare_report import parallel_map
 from stages.base import StageInputError, StageResult, section_dict, source_hash
 from stages.cam.infer import CAM_STRIDE, load_cam, upsample_cam
+from stages.common import distributed
 from stages.common.crf import CrfParams
 from stages.common.metrics import ConfusionMatrix
 from stages.common.runtime import resolve_device, seed_everything, worker_count
@@ -142,13 +143,17 @@ class IrnStage:
         seed_dir = out / "seeds"
         seed_dir.mkdir(parents=True, exist_ok=True)
 
-        failures = self.write_seeds(dataset, ids, cam_dir, seed_dir, section, cfg.run.workers)
+        failures = self.write_seeds(dataset, distributed.shard(ids), cam_dir, seed_dir, section, cfg.run.workers)
+        failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its seeds
         seeded = [i for i in ids if (seed_dir / f"{i}.png").is_file()]
         train_ids = training_ids(dataset, seeded, section.positive_only)
         if not train_ids:
             raise StageInputError(f"irn: no image of split {cfg.data.train_split!r} got seeds "
                                   f"({len(failures)} failures, first: {failures[:1]})")
-        metrics = evaluate_labels(dataset, seeded, seed_dir, "seed_", ignore_pred=True)
+        metrics = {}
+        if distributed.is_main():
+            metrics = evaluate_labels(dataset, seeded, seed_dir, "seed_", ignore_pred=True)
+        metrics = distributed.broadcast(metrics)
         log.info("irn: seeds for %d images (mIoU %.4f ignoring 255, coverage %.3f); training on %d",
                  len(seeded), metrics.get("seed_miou", float("nan")), metrics.get("seed_coverage", float("nan")),
                  len(train_ids))
@@ -166,12 +171,14 @@ class IrnStage:
                                  seed=cfg.run.seed)
         history = fit(model, train_set, model.param_groups(section.head_lr_mult), affinity_step(section.radius),
                       settings, device, out, resume=resume, desc="irn")
-        save_atomic({"model": model.to(memory_format=torch.contiguous_format).state_dict(),
-                     "backbone": cam_backbone, "config": irn_fields(section, pseudo=False)}, out / MODEL_FILE)
         if history:
             metrics["irn_final_loss"] = float(history[-1]["loss"])
             metrics["train_images_per_s"] = float(np.mean([h["images_per_s"] for h in history]))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        if distributed.is_main():
+            save_atomic({"model": model.to(memory_format=torch.contiguous_format).state_dict(),
+                         "backbone": cam_backbone, "config": irn_fields(section, pseudo=False)}, out / MODEL_FILE)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        metrics = distributed.broadcast(metrics)
         return StageResult(metrics=metrics, headline="seed_miou", failures=failures)
 
     def write_seeds(self, dataset: PreparedDataset, ids: list[str], cam_dir: Path, seed_dir: Path,
@@ -183,7 +190,7 @@ class IrnStage:
                                 crf=section.crf if section.use_crf else None)
         todo = [i for i in ids if not (seed_dir / f"{i}.png").is_file()]
         failures = []
-        for image_id, error in parallel_map(job, todo, worker_count(workers), True, "irn seeds",
+        for image_id, error in parallel_map(job, todo, worker_count(workers), distributed.is_main(), "irn seeds",
                                             start_method="spawn",
                                             initializer=single_threaded_worker):
             if error:

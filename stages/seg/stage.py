@@ -20,6 +20,7 @@ from data.datasets import SafeImageDataset, first_item
 from data.errors import WssError
 from data.layout import PreparedDataset, read_index_png, write_index_png
 from stages.base import StageInputError, StageResult, section_dict, source_hash
+from stages.common import distributed
 from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, per_class_table
 from stages.common.runtime import resolve_device, seed_everything, worker_count
 from stages.common.training import TrainSettings, fit, save_atomic
@@ -71,7 +72,7 @@ class SegStage:
             load_cam_encoder(model, inputs["cam"], section.encoder)
         train_set = PseudoLabelDataset(dataset, items, section.resize_long, section.crop_size, cfg.run.seed)
         tracker = None
-        if holdout:
+        if holdout and distributed.is_main():  # under torchrun rank 0 scores the epochs and chooses
             tracker = HoldoutTracker(model, dataset, holdout, section, device, out / HOLDOUT_FILE)
             train_set.on_new_epoch = lambda epoch: tracker.score_epoch(epoch - 1)
         loss = SegLoss(section.losses, dataset.task)
@@ -87,8 +88,10 @@ class SegStage:
         if tracker is not None:
             tracker.score_epoch(section.epochs - 1)
             metrics.update(tracker.choose(model))
+        distributed.sync_module(model)  # every rank predicts with the weights rank 0 chose
         model.eval()  # still channels_last on CUDA, as predict_probabilities feeds it
-        save_segmenter(model, out / MODEL_FILE, section, dataset.info)
+        if distributed.is_main():
+            save_segmenter(model, out / MODEL_FILE, section, dataset.info)
 
         # Only now, with the model fixed, is the ground truth read: to score it.
         for split, ids in (("val", val_ids), ("train", train_ids)):
@@ -96,36 +99,28 @@ class SegStage:
                                                                cfg.run.workers, split)
             metrics.update(split_metrics)
             failures += split_failures
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        log.info("seg metrics on split %r:\n%s", cfg.data.val_split, per_class_table(metrics, "seg_val_", dataset))
+        if distributed.is_main():
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            log.info("seg metrics on split %r:\n%s", cfg.data.val_split, per_class_table(metrics, "seg_val_", dataset))
         return StageResult(metrics=metrics, headline=headline_metric(dataset.task), failures=failures)
 
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
         """Re-score the saved predictions of a finished artifact against the masks."""
-        pred_dir = Path(artifact) / PREDICTIONS
-        scores_path = Path(artifact) / IMAGE_SCORES
-        image_scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
         metrics = {}
         for split, name in (("val", cfg.data.val_split), ("train", cfg.data.train_split)):
-            scorer = SplitScorer(dataset)
-            for image_id in dataset.split(name):
-                path = pred_dir / f"{image_id}.png"
-                if path.is_file():
-                    scorer.update(read_index_png(path), dataset.read_mask(image_id), image_scores.get(image_id))
-            metrics.update(scorer.metrics(f"seg_{split}_"))
+            metrics.update(score_predictions(dataset, dataset.split(name), Path(artifact), f"seg_{split}_"))
         return metrics
 
     @torch.no_grad()
     def predict_split(self, model, section, dataset: PreparedDataset, ids: list[str], out: Path, device,
                       workers: int, split: str) -> tuple[dict, list[str]]:
-        """Predict whole images, write predictions/<id>.png, score where masks exist."""
+        """Predict whole images (under torchrun, this rank's share) into predictions/<id>.png,
+        then score the split from those files where masks exist."""
         pred_dir = out / PREDICTIONS
         pred_dir.mkdir(parents=True, exist_ok=True)
-        scores_path = out / IMAGE_SCORES
-        image_scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
-        scorer, failures = SplitScorer(dataset), []
+        image_scores, failures = {}, []
         long_side = inference_long_side(section)
-        loader = DataLoader(SafeImageDataset(dataset, ids), batch_size=1, collate_fn=first_item,
+        loader = DataLoader(SafeImageDataset(dataset, distributed.shard(ids)), batch_size=1, collate_fn=first_item,
                             num_workers=min(2, worker_count(workers)))
         for item in tqdm(loader, desc=f"seg predict {split}", unit="img", leave=False):
             if "error" in item:
@@ -135,13 +130,30 @@ class SegStage:
             probs = predict_probabilities(model, item["image"], dataset.task, long_side, device)
             pred = probabilities_to_mask(probs, dataset.task, section.threshold)
             write_index_png(pred_dir / f"{item['id']}.png", pred, dataset.info.palette)
-            score = float(probs.max()) if dataset.task == "binary" else None
-            if score is not None:
-                image_scores[item["id"]] = score
-            scorer.update(pred, dataset.read_mask(item["id"]), score)
-        if dataset.task == "binary":
-            scores_path.write_text(json.dumps(image_scores))
-        return scorer.metrics(f"seg_{split}_"), failures
+            if dataset.task == "binary":
+                image_scores[item["id"]] = float(probs.max())
+        failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its share
+        image_scores = {k: v for part in distributed.gather(image_scores) for k, v in part.items()}
+        metrics = {}
+        if distributed.is_main():
+            if dataset.task == "binary":
+                scores_path = out / IMAGE_SCORES
+                saved = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
+                scores_path.write_text(json.dumps({**saved, **image_scores}))
+            metrics = score_predictions(dataset, ids, out, f"seg_{split}_")
+        return distributed.broadcast(metrics), failures
+
+
+def score_predictions(dataset: PreparedDataset, ids: list[str], artifact: Path, prefix: str) -> dict:
+    """Scores of the predictions/<id>.png of `ids` that exist, against the masks that exist."""
+    scores_path = artifact / IMAGE_SCORES
+    image_scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
+    scorer = SplitScorer(dataset)
+    for image_id in ids:
+        path = artifact / PREDICTIONS / f"{image_id}.png"
+        if path.is_file():
+            scorer.update(read_index_png(path), dataset.read_mask(image_id), image_scores.get(image_id))
+    return scorer.metrics(prefix)
 
 
 def headline_metric(task: str) -> str:

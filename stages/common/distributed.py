@@ -1,0 +1,121 @@
+"""Several processes, one job: the helpers for `torchrun` runs.
+
+Under `torchrun --nproc_per_node=N wss run ...` every process runs the same command. Training
+is data-parallel (DistributedDataParallel, stages/common/training.py); per-image inference
+writes its share of the images (`shard`); rank 0 alone owns the artifact cache, the logs and
+the metrics, which it computes from the files every rank wrote and hands to the others.
+Without torchrun (WORLD_SIZE unset or 1) every helper is a no-op and nothing is initialised.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+# Rank 0 may score a whole split while the others wait at a barrier: far longer than the
+# default collective timeout.
+BARRIER_TIMEOUT = datetime.timedelta(hours=6)
+
+
+def launched_world_size() -> int:
+    """How many processes torchrun started (1 when it did not)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def init_from_env(device_name: str) -> None:
+    """Join the process group torchrun describes (NCCL on GPUs, Gloo on CPUs); once per process."""
+    if launched_world_size() <= 1 or dist.is_initialized():
+        return
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=BARRIER_TIMEOUT)
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_device(device: torch.device) -> torch.device:
+    """This process's GPU (LOCAL_RANK) when the run is on CUDA; the device unchanged otherwise."""
+    if device.type == "cuda" and active():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def shard(items: list) -> list:
+    """This rank's share of a list: every world_size-th item from its rank on."""
+    return list(items)[rank()::world_size()]
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def broadcast(value=None):
+    """Rank 0's `value`, on every rank (a picklable object)."""
+    if not active():
+        return value
+    box = [value if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not active():
+        return [value]
+    out = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def all_ranks_list(items: list) -> list:
+    """The concatenation of every rank's list (failures, ids written...)."""
+    return [item for part in gather(items) for item in part]
+
+
+@torch.no_grad()
+def sync_module(module: torch.nn.Module) -> None:
+    """Copy rank 0's parameters and buffers into every rank's module, in place."""
+    if not active():
+        return
+    for tensor in module.state_dict().values():
+        dist.broadcast(tensor, src=0)
+
+
+def mean_over_ranks(values: dict, device: torch.device) -> dict:
+    """{name: number}, each averaged over the ranks (floats; unchanged in one process)."""
+    if not active():
+        return values
+    names = sorted(values)
+    stacked = torch.tensor([float(values[name]) for name in names], dtype=torch.float64, device=device)
+    dist.all_reduce(stacked)
+    return dict(zip(names, (stacked / world_size()).tolist()))
+
+
+def finish() -> None:
+    """Wait for every rank, then leave the process group (a rank that exits while another
+    still holds the group open can abort in the group's destructor)."""
+    if active():
+        dist.barrier()
+        dist.destroy_process_group()
