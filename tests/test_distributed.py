@@ -79,6 +79,18 @@ def test_single_process_commands_refuse_torchrun(cli, monkeypatch, tmp_path):
     assert "`wss status` runs in one process" in result.output and "run, run-stage, pseudo-labels" in result.output
 
 
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    from data.errors import WssError
+    from stages.common import distributed
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(WssError, match="process 2 on this machine but it has 2 GPU.*--nproc_per_node=2"):
+        distributed.init_from_env("auto")
+    assert not distributed.active()
+
+
 def test_global_batch_must_split_evenly(monkeypatch):
     from data.errors import WssError
     from stages.common import distributed

@@ -34,7 +34,12 @@ def init_from_env(device_name: str) -> None:
         return
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= gpus:
+            from data.errors import WssError
+            raise WssError(f"torchrun started process {local_rank} on this machine but it has {gpus} GPU(s): "
+                           f"use --nproc_per_node={gpus} (or run.device=cpu)")
+        torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=BARRIER_TIMEOUT)
 
 
