@@ -19,18 +19,9 @@ import torch.distributed as dist
 BARRIER_TIMEOUT = datetime.timedelta(hours=6)
 
 
-def launched_world_size() -> int:
-    """How many processes torchrun started (1 when it did not)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def launched_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def init_from_env(device_name: str) -> None:
     """Join the process group torchrun describes (NCCL on GPUs, Gloo on CPUs); once per process."""
-    if launched_world_size() <= 1 or dist.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if use_cuda:
@@ -69,11 +60,6 @@ def local_device(device: torch.device) -> torch.device:
 def shard(items: list) -> list:
     """This rank's share of a list: every world_size-th item from its rank on."""
     return list(items)[rank()::world_size()]
-
-
-def barrier() -> None:
-    if active():
-        dist.barrier()
 
 
 def broadcast(value=None):
