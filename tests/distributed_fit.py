@@ -46,6 +46,7 @@ def train(out: Path) -> None:
                   torch.device("cpu"), work, desc="ddp-check")
     if distributed.is_main():
         torch.save({"model": model.state_dict(), "history": history}, out)
+    distributed.finish()  # as the CLI does: no rank leaves while another still uses the group
 
 
 if __name__ == "__main__":
