@@ -198,8 +198,7 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
                      record["loss"], record["images_per_s"])
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "epoch": epoch, "history": history}, checkpoint_path)
-    if distributed.active():
-        distributed.sync_module(model)  # BatchNorm statistics differ per rank: keep rank 0's
+    distributed.sync_module(model)  # under torchrun BatchNorm statistics differ per rank: keep rank 0's
     model.eval()
     return history
 
