@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean gpu-check device-wheels
 
 $(BIN)/.installed: requirements.txt setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,14 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
+
+# On a machine with a CUDA GPU: the CUDA tests and the benches at GPU settings (bench/gpu_check.sh).
+gpu-check:
+	bash bench/gpu_check.sh
+
+# The packages a bare Python 3.12 GPU machine lacks, as wheels in the git-ignored .whl/.
+device-wheels:
+	mkdir -p .whl && cp ../shared/wheels-py312/*.whl .whl/
 
 clean:
 	rm -rf runs .pytest_cache

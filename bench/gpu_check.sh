@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Every GPU check in one command, for a machine with a CUDA GPU: the CUDA tests (tests/test_cuda.py)
+# and the benches at their GPU settings (512 px, ResNet-50 / Unet-ResNet34, bf16; walk at 128x128).
+#
+#   make gpu-check                  # logs in runs/gpu-check/, or in $OUT when it is set
+#
+# It runs with the `python3` that holds torch (PYTHON=... to choose another). Packages that machine
+# lacks are installed from .whl/ when that folder has wheels (`make device-wheels` fills it from
+# ../shared/wheels-py312 for a Python 3.12 machine). Each step has its own time limit; a failing
+# step is reported and the others still run; the exit code says whether any failed.
+set -uo pipefail
+
+OUT=${OUT:-runs/gpu-check}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/wss-site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/wss-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+
+failed=()
+step() {  # step NAME SECONDS COMMAND...: the output goes to the screen and to $OUT/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($(date +%T), limit ${limit}s): $*"
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || { echo "== $name FAILED (exit $rc)"; failed+=("$name"); }
+}
+
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; \
+print('torch', torch.__version__, 'on', torch.cuda.get_device_name())" || exit 1
+step tests 240 "$PY" -m pytest tests/test_cuda.py -m cuda -rs -p no:cacheprovider
+step walk 120 "$PY" bench/random_walk.py --device cuda
+step cam 150 "$PY" bench/stage_cam.py --device cuda
+step seg 150 "$PY" bench/stage_seg.py --device cuda
+step irn 120 "$PY" bench/stage_irn.py --device cuda --size 512 --images 32 --backbone resnet50 \
+    --crf-workers none,8
+
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "gpu-check: failed: ${failed[*]} (logs in $OUT)"
+    exit 1
+fi
+echo "gpu-check: all steps passed (logs in $OUT)"

@@ -1,0 +1,103 @@
+"""On a CUDA GPU: the paths the CPU suite cannot reach (bf16 autocast and channels_last in every
+stage's training and inference, the sparse walk on cuSPARSE, a GPU-trained model used on a CPU).
+
+Skipped without a GPU. `make gpu-check` runs this file and the benches on a machine with one.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DEMO_CONFIG, FAST_CAM
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="needs a CUDA GPU (`make gpu-check` runs these on a machine with one)")]
+
+CUDA_CHAIN = {**FAST_CAM, "run.device": "cuda", "run.workers": "2", "cam.epochs": "2",
+              "irn.epochs": "1", "irn.batch_size": "8", "irn.crop_size": "64", "irn.resize_long": "[56,72]",
+              "irn.exp_times": "4", "seg.epochs": "2", "seg.batch_size": "8", "seg.crop_size": "64",
+              "seg.resize_long": "[56,72]"}
+
+
+def random_inputs(height: int, width: int, channels: int, dtype: torch.dtype, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    cams = torch.rand(channels, height, width, generator=generator, dtype=torch.float64)
+    edge = torch.rand(height, width, generator=generator, dtype=torch.float64) ** 3
+    return cams.to("cuda", dtype), edge.to("cuda", dtype)
+
+
+def test_sparse_walk_on_cuda_equals_the_dense_walk_and_the_cpu():
+    from stages.irn.random_walk import random_walk, random_walk_dense
+    cams, edge = random_inputs(12, 17, 3, torch.float64)
+    sparse = random_walk(cams, edge, radius=5, beta=10.0, exp_times=8)
+    dense = random_walk_dense(cams, edge, radius=5, beta=10.0, exp_times=8)
+    assert sparse.device.type == "cuda"
+    assert ((sparse - dense).norm() / dense.norm()).item() < 1e-5
+
+    cams32, edge32 = random_inputs(40, 52, 4, torch.float32, seed=1)
+    on_gpu = random_walk(cams32, edge32).cpu().double()
+    on_cpu = random_walk(cams32.cpu().double(), edge32.cpu().double())
+    assert ((on_gpu - on_cpu).norm() / on_cpu.norm()).item() < 1e-4
+
+
+def peak_walk_memory(side: int, classes: int) -> int:
+    from stages.irn.random_walk import random_walk
+    cams, edge = random_inputs(side, side, classes, torch.float32)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    random_walk(cams, edge, exp_times=8)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def test_sparse_walk_memory_grows_linearly_with_the_pixels():
+    small, large = peak_walk_memory(64, 21), peak_walk_memory(128, 21)
+    # 4x the pixels: linear memory is ~4x, the dense N x N transition would be 16x (1 GiB at 128x128)
+    assert large < 6 * small, (small, large)
+    assert large < 256 * 2**20, large
+
+
+def test_multiscale_cam_on_cuda_in_bf16_matches_the_cpu():
+    from stages.cam.infer import multiscale_cam
+    from stages.cam.nets import GapNet
+    torch.manual_seed(0)
+    model = GapNet(3, "resnet18", None).eval()
+    image = np.random.default_rng(0).integers(0, 256, (72, 88, 3), dtype=np.uint8)
+    args = dict(keys=[0, 2], scales=[1.0, 0.5, 1.5], flip=True)
+    on_cpu = multiscale_cam(model, image, device=torch.device("cpu"), **args)
+    on_gpu = multiscale_cam(model.to("cuda", memory_format=torch.channels_last), image,
+                            device=torch.device("cuda"), **args)
+    assert on_gpu.shape == on_cpu.shape == (2, 18, 22)
+    for cpu_map, gpu_map in zip(on_cpu, on_gpu):  # bf16 moves values a little, not the picture
+        assert np.isclose(gpu_map.max(), 1.0, atol=1e-3)
+        assert np.corrcoef(cpu_map.ravel(), gpu_map.ravel())[0, 1] > 0.98
+
+
+def test_whole_chain_trains_on_cuda_and_its_model_predicts_on_the_cpu(cli, synthetic_dataset, tmp_path):
+    from data.layout import PreparedDataset, read_index_png
+    from stages.seg.predict import predict_inputs
+    root = synthetic_dataset()
+    args = ["-c", str(DEMO_CONFIG), "-o", f"data.root={root}", "-o", f"run.workdir={tmp_path / 'runs'}"]
+    for key, value in CUDA_CHAIN.items():
+        args += ["-o", f"{key}={value}"]
+    result = cli("run", *args)
+    assert result.exit_code == 0, result.output + str(result.exception)
+    report = json.loads((tmp_path / "runs" / "synthetic" / "report.json").read_text())
+    assert [(s["stage"], s["state"]) for s in report["stages"]] == [(n, "ran") for n in ("cam", "irn", "pseudo", "seg")]
+    scored = {(row["stage"], row["split"]): row["miou"] for row in report["metrics"]}
+    assert set(scored) >= {("cam", "train"), ("irn", "train"), ("pseudo", "train"), ("seg", "val")}
+    assert all(0.0 <= miou <= 1.0 for miou in scored.values()), scored
+
+    artifact = next((tmp_path / "runs" / "synthetic").glob("seg-*/"))
+    images = [root / "images" / f"{i}.png" for i in PreparedDataset(root).split("val")[:4]]
+    masks = {}
+    for device in ["cuda", "cpu"]:
+        done = predict_inputs(artifact, images, tmp_path / device, device=device)
+        assert not done.failures and len(done.written) == len(images), done.failures
+        masks[device] = np.stack([read_index_png(tmp_path / device / "masks" / f"{p.stem}.png") for p in images])
+    assert (masks["cuda"] == masks["cpu"]).mean() > 0.9
