@@ -298,14 +298,14 @@ GRID_FOR_STAGE = {"cam": "cam", "irn": "irn", "pseudo": "irn", "seg": "seg"}
 
 def overlay_grid(cfg, pipeline, stage: str, n: int, out: Path | None = None) -> Path:
     """The overlay grid of the first `n` train images over every up-to-date artifact."""
-    from pipeline.visualize import draw_grid, grid_ids
+    from pipeline.visualize import draw_grid, grid_images
     from stages.common.runtime import resolve_device
     artifacts = {name: path for name in pipeline.stages if (path := pipeline.artifact(name)) is not None}
     if "cam" not in artifacts:
         raise WssError("no up-to-date cam artifact for this config: run `wss run` first (see `wss status`)")
-    ids = grid_ids(pipeline.dataset, pipeline.dataset.split(cfg.data.train_split), n)
+    images = grid_images(pipeline.dataset, pipeline.dataset.split(cfg.data.train_split), n)
     out = out or pipeline.store.root / f"overlays-{stage}.png"
-    return draw_grid(pipeline.dataset, artifacts, stage, ids, out, resolve_device(cfg.run.device),
+    return draw_grid(pipeline.dataset, artifacts, stage, images, out, resolve_device(cfg.run.device),
                      cfg.seg.threshold)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.errors import DataError
 from data.layout import PreparedDataset, read_index_png
 from data.transforms import resize_to
 
@@ -103,14 +104,26 @@ class Columns:
         return probabilities_to_mask(probs, meta["task"], self.seg_threshold)
 
 
-def grid_ids(dataset: PreparedDataset, ids: list[str], n: int) -> list[str]:
+def grid_images(dataset: PreparedDataset, ids: list[str], n: int) -> list[tuple[str, np.ndarray]]:
+    """The first `n` images with a labelled class (any, if none has one) that decode; the others
+    are named in a warning and passed over, so one bad file does not cost the picture."""
     positives = [i for i in ids if dataset.label_vector(i).any()]
-    return (positives or ids)[:n]
+    chosen = []
+    for image_id in positives or ids:
+        if len(chosen) == n:
+            break
+        try:
+            chosen.append((image_id, dataset.read_image(image_id)))
+        except DataError as error:
+            log.warning("overlay grid: passed over %s", error)
+    return chosen
 
 
-def draw_grid(dataset: PreparedDataset, artifacts: dict[str, Path], until: str, ids: list[str], out: Path,
-              device, seg_threshold: float = 0.5) -> Path:
-    """Write the grid PNG for the stages up to `until` and return its path."""
+def draw_grid(dataset: PreparedDataset, artifacts: dict[str, Path], until: str,
+              images: list[tuple[str, np.ndarray]], out: Path, device, seg_threshold: float = 0.5) -> Path:
+    """Write the grid PNG of (image id, image) rows for the stages up to `until`; return its path."""
+    if not images:
+        raise DataError("no image to draw: none of the split's images could be read")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -118,9 +131,9 @@ def draw_grid(dataset: PreparedDataset, artifacts: dict[str, Path], until: str, 
     columns = [c for c in COLUMNS_UNTIL[until] if STAGE_FOR_COLUMN.get(c, "cam") in artifacts or c == "image"
                or c == "ground truth"]
     reader = Columns(dataset, artifacts, device, seg_threshold)
-    figure, axes = plt.subplots(len(ids), len(columns), figsize=(2 * len(columns), 2 * len(ids)), squeeze=False)
-    for row, image_id in enumerate(ids):
-        image = dataset.read_image(image_id)
+    figure, axes = plt.subplots(len(images), len(columns), figsize=(2 * len(columns), 2 * len(images)),
+                                squeeze=False)
+    for row, (image_id, image) in enumerate(images):
         names = [dataset.classes[k] for k in np.nonzero(dataset.label_vector(image_id))[0]]
         for col, column in enumerate(columns):
             axis = axes[row, col]

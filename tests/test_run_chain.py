@@ -66,3 +66,20 @@ def test_evaluate_and_visualize_the_finished_chain(cli, chain_args):
     assert shown.exit_code == 0, shown.output
     from PIL import Image
     assert Image.open(out).size[0] > Image.open(out).size[1]  # 7 columns, 3 rows
+
+
+def test_overlay_grid_passes_over_an_image_that_does_not_decode(synthetic_dataset, tmp_path, caplog):
+    import shutil
+
+    from data.layout import PreparedDataset
+    from pipeline.visualize import grid_images
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_dataset(), root)
+    dataset = PreparedDataset(root)
+    ids = dataset.split("train")
+    positives = [i for i in ids if dataset.label_vector(i).any()]
+    dataset.image_path(positives[1]).write_bytes(b"not a png")
+    chosen = grid_images(dataset, ids, 3)
+    assert [image_id for image_id, _ in chosen] == [positives[0], *positives[2:4]]
+    assert all(image.shape == (64, 64, 3) for _, image in chosen)
+    assert positives[1] in caplog.text
