@@ -110,7 +110,11 @@ class ArtifactStore:
     @contextmanager
     def writing(self, key: StageKey, resume: bool = False):
         """Yield a partial directory to write into; fresh unless resuming. Holds a lock."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CacheError(f"cannot create the artifact folder {self.root} ({error.strerror}): "
+                             f"set run.workdir to a folder you can write to") from None
         lock_path = self.root / f".{key.stage}-{key.short}.lock"
         with open(lock_path, "w") as lock:
             try:

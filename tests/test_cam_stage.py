@@ -375,6 +375,12 @@ def test_unknown_class_column(tiny_synthetic, tmp_path):
     assert "unknown class column 'sqare'" in line
 
 
+def test_workdir_that_cannot_be_created(tiny_synthetic, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    line = one_line_error(run_cli(*stage_args(tiny_synthetic, tmp_path / "a-file" / "runs")))
+    assert "cannot create the artifact folder" in line and "run.workdir" in line
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_undecodable_training_image(tiny_synthetic, tmp_path, workers):
     root = shutil.copytree(tiny_synthetic, tmp_path / "data")
