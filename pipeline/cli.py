@@ -315,6 +315,9 @@ def overlay_grid(cfg, pipeline, stage: str, n: int, out: Path | None = None) -> 
 def pseudo_labels(config_path: tuple[Path, ...], overrides, force: bool):
     """Regenerate pseudo-labels from the cached IRN (walk and threshold options only; no retraining).
 
+    The cam and irn artifacts must be up to date: an option that would retrain them is an error
+    naming it (use `wss run --until pseudo` for that).
+
     \b
     Example:
       wss pseudo-labels -c configs/demo.yaml -o irn.sem_seg_bg_threshold=0.3
@@ -324,9 +327,9 @@ def pseudo_labels(config_path: tuple[Path, ...], overrides, force: bool):
     cfg = load(config_path, overrides)
     reports = start_processes(cfg)
     pipeline = Pipeline(cfg)
-    outcomes = pipeline.run(until="pseudo", force=("pseudo",) if force else ())
+    outcome = pipeline.run_stage("pseudo", force=force)
     if reports:
-        print_outcomes(outcomes)
+        print_outcomes([outcome])
     finish_processes()
 
 

@@ -127,7 +127,6 @@ def test_pseudo_threshold_change_reuses_the_trained_irn(chain, cli):
     for threshold in ["0.3", "0.6"]:
         result = cli("pseudo-labels", "-c", DEMO_CONFIG, *args, "-o", f"irn.sem_seg_bg_threshold={threshold}")
         assert result.exit_code == 0, result.output
-        assert "irn: up to date" in result.output or "cache hit" in result.output
         made = [p for p in (workdir / "synthetic").glob("pseudo-*")
                 if str(json.loads((p / "manifest.json").read_text())["config"]["irn"]["sem_seg_bg_threshold"])
                 == threshold]
@@ -135,6 +134,16 @@ def test_pseudo_threshold_change_reuses_the_trained_irn(chain, cli):
         foreground[threshold] = sum((read_index_png(p) > 0).sum() for p in (made[0] / "pseudo_labels").glob("*.png"))
     assert artifact(workdir, "irn") == irn_before
     assert foreground["0.6"] <= foreground["0.3"]  # a higher background threshold can only shrink the foreground
+
+
+def test_pseudo_labels_refuses_an_option_that_would_retrain_the_irn(chain, cli):
+    root, workdir, args = chain
+    before = sorted((workdir / "synthetic").iterdir())
+    result = cli("pseudo-labels", "-c", DEMO_CONFIG, *args, "-o", "irn.epochs=2")
+    assert result.exit_code == 2, result.output
+    assert "irn: no up-to-date artifact" in result.output and "epochs" in result.output
+    assert "Traceback" not in result.output
+    assert sorted((workdir / "synthetic").iterdir()) == before  # nothing trained, nothing started
 
 
 def test_stale_cam_is_named_not_used(chain, cli):
