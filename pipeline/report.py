@@ -75,18 +75,23 @@ def evaluate_artifacts(cfg, which: str) -> list[dict]:
     pipeline = Pipeline(cfg)
     names = STAGE_ORDER if which == "all" else [pipeline.stage(which).name]
     splits = {"train": cfg.data.train_split, "val": cfg.data.val_split}
-    rows = []
+    rows, found = [], 0
     for name in names:
         path = pipeline.artifact(name)
         if path is None:
             click.echo(f"{name}: no up-to-date artifact, skipped (see `wss status`)", err=True)
             continue
+        found += 1
         metrics = pipeline.stage(name).evaluate(cfg, pipeline.dataset, path)
         pipeline.store.update_manifest(path, evaluation=metrics)
         stage_rows = metric_rows(name, metrics, splits)
         if not stage_rows:
             click.echo(f"{name}: no ground-truth masks to score against", err=True)
         rows.extend(stage_rows)
+    if not found:
+        from data.errors import WssError
+        raise WssError(f"nothing to evaluate: no {'stage' if which == 'all' else which} artifact is up to date "
+                       f"for this config (run `wss run -c {cfg.source}`; `wss status` says why)")
     if not rows:
         return rows
     columns = print_metric_table(rows)

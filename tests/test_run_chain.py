@@ -83,3 +83,10 @@ def test_overlay_grid_passes_over_an_image_that_does_not_decode(synthetic_datase
     assert [image_id for image_id, _ in chosen] == [positives[0], *positives[2:4]]
     assert all(image.shape == (64, 64, 3) for _, image in chosen)
     assert positives[1] in caplog.text
+
+
+def test_evaluate_with_nothing_up_to_date_is_an_error(cli, synthetic_dataset, tmp_path):
+    result = cli("evaluate", "-c", str(DEMO_CONFIG), "-o", f"data.root={synthetic_dataset()}",
+                 "-o", f"run.workdir={tmp_path}", "--stage", "seg")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "nothing to evaluate: no seg artifact is up to date" in result.output
