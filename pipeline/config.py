@@ -151,7 +151,45 @@ def build(cls: type, raw: Any, where: str, prefix: str) -> Any:
     for name, f in fields.items():
         if name in raw:
             values[name] = check_value(hints[name], raw[name], where, f"{prefix}{name}")
+            check_range(name, values[name], where, f"{prefix}{name}")
     return cls(**values)
+
+
+# Allowed values by key name, in whichever section the key appears, so that `lr=-1`, `epochs=0`
+# or a threshold of 30 (meant 0.30) fail when the config loads, not hours into a run.
+# (low, high) inclusive, None = open; keys in ABOVE_LOW must be strictly greater than low.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "epochs": (1, None), "batch_size": (1, None), "crop_size": (16, None), "resize_long": (16, None),
+    "predict_size": (16, None), "lr": (0, None), "head_lr_mult": (0, None), "momentum": (0, 1),
+    "weight_decay": (0, None), "dropblock_prob": (0, 1), "dropblock_size": (1, None),
+    "pylon_channels": (1, None), "multiscale_stages": (0, 4), "minmax_k": (0, None),
+    "minmax_entropy_weight": (0, None), "minmax_erase_steps": (0, None), "scales": (0, None),
+    "eval_bg_threshold": (0, 1), "conf_fg_threshold": (0, 1), "conf_bg_threshold": (0, 1),
+    "sem_seg_bg_threshold": (0, 1), "threshold": (0, 1), "holdout_fraction": (0, 0.9),
+    "radius": (1, None), "walk_radius": (1, None), "beta": (0, None), "exp_times": (0, 16),
+    "gt_prob": (0, 0.99), "gauss_sxy": (0, None), "bilateral_sxy": (0, None), "bilateral_srgb": (0, None),
+    "gauss_compat": (0, None), "bilateral_compat": (0, None), "iterations": (1, None), "workers": (-1, None),
+}
+ABOVE_LOW = {"lr", "head_lr_mult", "minmax_k", "scales", "beta", "gt_prob", "gauss_sxy", "bilateral_sxy",
+             "bilateral_srgb"}
+DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
+
+
+def check_range(name: str, value: Any, where: str, key: str) -> None:
+    if name == "device" and not (value in ("auto", "cpu", "cuda") or
+                                 (str(value).startswith("cuda:") and str(value)[5:].isdigit())):
+        raise ConfigError(f"{where}: {key} must be {DEVICE_NAMES}, got {value!r}")
+    if name == "resize_long" and (len(value) != 2 or value[0] > value[1]):
+        raise ConfigError(f"{where}: {key} must be [shortest, longest] long side, got {value!r}")
+    if name not in RANGES or value is None:
+        return
+    low, high = RANGES[name]
+    for item in value if isinstance(value, list) else [value]:
+        below = low is not None and (item <= low if name in ABOVE_LOW else item < low)
+        if below or (high is not None and item > high):
+            bound = (f"> {low}" if name in ABOVE_LOW else f">= {low}") if high is None else \
+                f"in {'(' if name in ABOVE_LOW else '['}{low}, {high}]"
+            raise ConfigError(f"{where}: {key} must be {bound}, got {item!r}")
 
 
 def check_value(hint: Any, value: Any, where: str, key: str) -> Any:

@@ -134,6 +134,28 @@ def test_override_errors_name_the_override():
         load_config(DEMO_CONFIG, ["cam.epochs=many"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("cam.lr=-1", "cam.lr must be > 0, got -1.0"),
+    ("seg.epochs=0", "seg.epochs must be >= 1, got 0"),
+    ("irn.conf_fg_threshold=30", r"irn.conf_fg_threshold must be in \[0, 1\], got 30.0"),
+    ("irn.crf.gt_prob=1", r"irn.crf.gt_prob must be in \(0, 0.99\], got 1.0"),
+    ("cam.scales=[1.0, 0]", "cam.scales must be > 0, got 0.0"),
+    ("cam.multiscale_stages=[2, 5]", r"cam.multiscale_stages must be in \[0, 4\], got 5"),
+    ("irn.resize_long=[640, 320]", r"irn.resize_long must be \[shortest, longest\] long side"),
+    ("run.device=gpu", "run.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("run.workers=-3", "run.workers must be >= -1"),
+])
+def test_values_out_of_range_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEMO_CONFIG, [override])
+
+
+def test_values_at_the_edges_of_their_ranges_load():
+    cfg = load_config(DEMO_CONFIG, ["irn.conf_bg_threshold=0", "seg.threshold=1", "run.device=cuda:3",
+                                    "run.workers=-1", "cam.resize_long=[128, 128]", "irn.exp_times=0"])
+    assert cfg.run.device == "cuda:3" and cfg.irn.exp_times == 0
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.yaml")
