@@ -175,4 +175,8 @@ class Pipeline:
         last = until or STAGE_ORDER[-1]
         order = upstream_closure(self.stage(last).name, self.stages)
         forced_from = min((order.index(s) for s in force if s in order), default=len(order))
+        for i, name in enumerate(order):
+            preflight = getattr(self.stage(name), "preflight", None)
+            if preflight is not None and (i >= forced_from or self.store.complete(self.key(name)) is None):
+                preflight(self.cfg, self.dataset)
         return [self.run_stage(name, force=i >= forced_from) for i, name in enumerate(order)]

@@ -35,6 +35,11 @@ class Stage(Protocol):
     def run(self, cfg: Any, dataset: Any, inputs: dict[str, Path], out: Path, *,
             resume: bool = False, limit: int | None = None) -> StageResult: ...
 
+    # Optional: `preflight(cfg, dataset) -> None` checks the stage's options cheaply (names a
+    # library must know, files that must exist) and raises WssError; `wss run` calls it for every
+    # stage it is about to compute before the first one starts, so that a typo in the last stage
+    # does not surface after hours of the first ones.
+
 
 def section_dict(section: Any, only: set[str] | None = None, skip: set[str] | None = None) -> dict:
     values = dataclasses.asdict(section)

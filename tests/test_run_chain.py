@@ -90,3 +90,18 @@ def test_evaluate_with_nothing_up_to_date_is_an_error(cli, synthetic_dataset, tm
                  "-o", f"run.workdir={tmp_path}", "--stage", "seg")
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "nothing to evaluate: no seg artifact is up to date" in result.output
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seg.arch=Unett", "Wrong architecture type `Unett`"),
+    ("seg.losses={dise: 1.0}", "seg.losses: unknown loss 'dise'"),
+    ("seg.encoder_weights=/no/such/encoder.pth", "seg.encoder_weights: file not found"),
+])
+def test_a_seg_typo_stops_the_run_before_the_first_stage_computes(cli, synthetic_dataset, tmp_path, override, message):
+    args = ["-c", str(DEMO_CONFIG), "-o", f"data.root={synthetic_dataset()}", "-o", f"run.workdir={tmp_path}"]
+    for key, value in FAST_CHAIN.items():
+        args += ["-o", f"{key}={value}"]
+    result = cli("run", *args, "-o", override)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert message in result.output
+    assert not list(tmp_path.glob("*/cam-*")) and not list(tmp_path.glob("*/.cam-*"))

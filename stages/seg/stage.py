@@ -26,8 +26,8 @@ from stages.common.runtime import resolve_device, seed_everything, worker_count
 from stages.common.training import TrainSettings, fit, save_atomic
 from stages.seg.data import PseudoLabelDataset, normalize_batch, pseudo_label_items, read_pseudo_label
 from stages.seg.losses import SegLoss
-from stages.seg.model import (MODEL_FILE, build_segmenter, inference_long_side, load_cam_encoder, output_channels,
-                              predict_probabilities, probabilities_to_mask, save_segmenter)
+from stages.seg.model import (MODEL_FILE, SegModelError, build_segmenter, inference_long_side, load_cam_encoder,
+                              output_channels, predict_probabilities, probabilities_to_mask, save_segmenter)
 
 log = logging.getLogger("wss.seg")
 PREDICTIONS = "predictions"
@@ -46,6 +46,19 @@ class SegStage:
     def code_version(self) -> str:
         return source_hash("stages/seg", "stages/common", "stages/base.py", "data/layout.py",
                            "data/transforms.py")
+
+    def preflight(self, cfg, dataset: PreparedDataset) -> None:
+        """Architecture, encoder, options and loss names exist; the encoder weights can be found."""
+        section = cfg.seg
+        SegLoss(section.losses, dataset.task)
+        build_segmenter(section.arch, section.encoder, None, output_channels(dataset.task, dataset.info.num_classes),
+                        section.arch_options)
+        if section.encoder_weights == "cam" and section.encoder != cfg.cam.backbone:
+            raise SegModelError(f"seg.encoder_weights: cam needs seg.encoder to be the classifier's backbone "
+                                f"(cam.backbone {cfg.cam.backbone}), got {section.encoder}")
+        if section.encoder_weights not in (None, "imagenet", "cam") and \
+                not Path(section.encoder_weights).expanduser().is_file():
+            raise SegModelError(f"seg.encoder_weights: file not found: {section.encoder_weights}")
 
     def run(self, cfg, dataset: PreparedDataset, inputs: dict[str, Path], out: Path, *,
             resume: bool = False, limit: int | None = None) -> StageResult:
