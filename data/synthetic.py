@@ -162,7 +162,7 @@ def write_synthetic(out: str | Path, spec: SyntheticSpec, progress=None) -> Path
         writer.write_image(image_id, image)
         writer.write_mask(image_id, mask)
         labels[image_id] = label
-    n_val = int(round(spec.n * spec.val_fraction))
+    n_val = min(spec.n - 1, max(1, int(round(spec.n * spec.val_fraction))))  # neither split empty
     order = np.random.default_rng([spec.seed, 10**9]).permutation(spec.n)
     val = sorted(ids[i] for i in order[:n_val])
     train = sorted(ids[i] for i in order[n_val:])

@@ -122,12 +122,14 @@ def prepare():
 
 @prepare.command("synthetic")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--n", default=400, show_default=True, help="Number of images.")
-@click.option("--size", default=128, show_default=True, help="Image side in pixels.")
+@click.option("--n", default=400, show_default=True, type=click.IntRange(min=2),
+              help="Number of images (a fifth of them form the val split).")
+@click.option("--size", default=128, show_default=True, type=click.IntRange(min=32),
+              help="Image side in pixels (at least 32: room for a body and its mark).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--variant", type=click.Choice(["multiclass", "binary"]), default="multiclass", show_default=True,
               help="binary mimics SIIM: one finding class, many negative images.")
-@click.option("--mark-scale", default=1.5, show_default=True,
+@click.option("--mark-scale", default=1.5, show_default=True, type=click.FloatRange(min=0.1),
               help="Size of the class marks; smaller is harder for the classifier.")
 @click.option("--force", is_flag=True, help="Rewrite even if an identical dataset is already there.")
 def prepare_synthetic(out: Path, n: int, size: int, seed: int, variant: str, mark_scale: float, force: bool):

@@ -107,3 +107,15 @@ def test_binary_negatives_still_show_bodies():
         assert scene["bodies"].max() >= 1
         if scene["label"][0] == 0:
             assert not scene["marks"].any() and scene["mask"].max() == 0
+
+
+def test_smallest_dataset_has_both_splits(tmp_path):
+    dataset = PreparedDataset(write_synthetic(tmp_path / "two", SyntheticSpec(n=2, size=32)))
+    assert len(dataset.split("train")) == 1 and len(dataset.split("val")) == 1
+
+
+@pytest.mark.parametrize("option, value", [("--n", "0"), ("--size", "8"), ("--mark-scale", "0")])
+def test_prepare_synthetic_refuses_sizes_that_make_no_dataset(cli, tmp_path, option, value):
+    result = cli("prepare", "synthetic", "--out", tmp_path / "out", option, value)
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
+    assert not (tmp_path / "out").exists()
