@@ -157,6 +157,26 @@ class PreparedDataset:
     def has_mask(self, image_id: str) -> bool:
         return self.mask_path(image_id).is_file()
 
+    def check_images_open(self, ids: list[str]) -> None:
+        """Raise DataError naming the first of `ids` whose file is missing or not an image.
+
+        Reads headers only (about 0.1 ms an image), so that training stops on a bad file before
+        its first epoch rather than epochs later when the sampler reaches it. A file whose header
+        is fine but whose data are cut short still fails later, when it is decoded.
+        """
+        bad = []
+        for image_id in ids:
+            path = self.image_path(image_id)
+            try:
+                with Image.open(path):
+                    pass
+            except (OSError, ValueError) as error:
+                reason = "file not found" if not path.is_file() else f"cannot decode image ({error})"
+                bad.append(f"{path}: {reason}")
+        if bad:
+            more = f" (and {len(bad) - 1} more images)" if len(bad) > 1 else ""
+            raise DataError(f"{bad[0]}{more}; repair or remove them, or take them out of the split")
+
     def read_image(self, image_id: str) -> np.ndarray:
         """uint8 HxWx3 RGB (grayscale images are repeated over the three channels)."""
         return read_rgb(self.image_path(image_id))

@@ -387,6 +387,9 @@ def test_undecodable_training_image(tiny_synthetic, tmp_path, workers):
     data = PreparedDataset(root)
     bad = data.image_path(data.split("train")[0])
     bad.write_bytes(b"garbage")
-    line = one_line_error(run_cli(*stage_args(root, tmp_path / "w", run__workers=workers)))
-    assert str(bad) in line and "cannot decode" in line
+    data.image_path(data.split("train")[1]).unlink()
+    result = run_cli(*stage_args(root, tmp_path / "w", run__workers=workers))
+    line = one_line_error(result)
+    assert str(bad) in line and "cannot decode" in line and "and 1 more" in line
+    assert "cam epoch" not in result.output  # found before training, not when the sampler reaches it
     assert not [p for p in (tmp_path / "w" / "synthetic").iterdir() if p.name.startswith("cam-")]

@@ -64,6 +64,7 @@ class CamStage:
         log.info("cam: %s/%s on %d train images (%s), device %s", section.method, section.backbone,
                  len(train_ids), dataset.name, device)
 
+        dataset.check_images_open(train_ids)
         model = build_cam_net(section, dataset.info.num_classes)
         train_set = ClassificationDataset(dataset, train_ids, section.resize_long, section.crop_size, cfg.run.seed)
         settings = train_settings(section, cfg.run)
