@@ -160,7 +160,7 @@ class PreparedDataset:
     def check_images_open(self, ids: list[str]) -> None:
         """Raise DataError naming the first of `ids` whose file is missing or not an image.
 
-        Reads headers only (about 0.1 ms an image), so that training stops on a bad file before
+        Reads headers only (about 0.2 ms an image here), so that training stops on a bad file before
         its first epoch rather than epochs later when the sampler reaches it. A file whose header
         is fine but whose data are cut short still fails later, when it is decoded.
         """
