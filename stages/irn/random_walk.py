@@ -93,8 +93,10 @@ def _csr_from_table(values: torch.Tensor, columns: torch.Tensor, valid: torch.Te
     crow[1:] = counts.cumsum(dim=0)
     col = columns.flatten(1).T[by_row]
     val = values.flatten(1).T[by_row]
-    with warnings.catch_warnings():  # torch warns once that CSR support is "beta"; it is what we want
+    with warnings.catch_warnings():  # torch warns that CSR support is "beta" and (torch 2.11) that the
+        # invariant checks are off: they are, on purpose, for a table built valid by construction
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
         return torch.sparse_csr_tensor(crow, col, val, size=(n, n), check_invariants=False)
 
 
