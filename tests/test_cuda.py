@@ -41,7 +41,8 @@ def test_sparse_walk_on_cuda_equals_the_dense_walk_and_the_cpu():
     cams32, edge32 = random_inputs(40, 52, 4, torch.float32, seed=1)
     on_gpu = random_walk(cams32, edge32).cpu().double()
     on_cpu = random_walk(cams32.cpu().double(), edge32.cpu().double())
-    assert ((on_gpu - on_cpu).norm() / on_cpu.norm()).item() < 1e-4
+    # float32 over 256 steps against float64: 1.5e-5 on the CPU; a wrong kernel would be off by O(1)
+    assert ((on_gpu - on_cpu).norm() / on_cpu.norm()).item() < 1e-3
 
 
 def peak_walk_memory(side: int, classes: int) -> int:
