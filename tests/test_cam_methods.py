@@ -154,6 +154,18 @@ def test_multiscale_weights_are_convex_and_the_cam_is_their_weighted_sum():
         assert torch.allclose(net(x)["logits"], expected.mean(dim=(2, 3)), atol=1e-5)
 
 
+def test_multiscale_without_the_deep_stages_trains_every_parameter_it_leaves_unfrozen():
+    """Stages [1, 2] never run layer3/layer4: they are frozen, and every parameter left
+    trainable gets a gradient (multi-process training stops on any that does not)."""
+    net = tiny_net("multiscale", multiscale_stages=[1, 2]).train()
+    assert net.cam_stride == 4
+    loss, _ = net.loss(net(torch.randn(2, 3, 64, 64)), torch.tensor([[1.0, 0, 1], [0, 1, 0]]))
+    loss.backward()
+    trainable = {name: p for name, p in net.named_parameters() if p.requires_grad}
+    assert not any(name.startswith(("backbone.layer3", "backbone.layer4")) for name in trainable)
+    assert [name for name, p in trainable.items() if p.grad is None] == []
+
+
 def test_multiscale_rejects_bad_stages():
     from data.errors import WssError
     with pytest.raises(WssError, match="multiscale_stages"):

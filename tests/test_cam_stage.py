@@ -59,6 +59,8 @@ def test_multiscale_cam_flip_makes_it_mirror_equivariant(gap_net):
 class BrightnessCam(nn.Module):
     """Toy CamNet: the class-c map is the mean brightness of channel c over 16x16 cells."""
 
+    cam_stride = 16
+
     def cam_maps(self, x):
         return F.relu(F.avg_pool2d(x, 16, ceil_mode=True))
 
@@ -70,6 +72,35 @@ def test_multiscale_cam_sums_scales_at_stride_4():
     assert cam.shape == (16, 16)
     assert cam[12:, 12:].min() > 0.5 and cam[:6, :6].max() < 0.01
     assert np.unravel_index(cam.argmax(), cam.shape)[0] >= 8
+
+
+class BlobCam(nn.Module):
+    """An ideal stride-16 CAM: the mean positive evidence over each 16x16 cell."""
+
+    cam_stride = 16
+
+    def cam_maps(self, x):
+        return F.avg_pool2d(F.relu(x), 16, ceil_mode=True)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("scale, tolerance", [(1.0, 0.5), (1.5, 0.5), (2.0, 0.5), (0.5, 2.0)])
+def test_multiscale_cam_stays_on_the_object_when_sizes_do_not_divide_the_stride(scale, tolerance, flip):
+    """A 118 x 202 image: at every scale the stride-16 map spans more pixels than the image
+    (ceil), and stretching it over the image moved this blob's CAM centroid by up to 11 px.
+    The CAM centroid (cell i's centre at 4i + 2) must sit on the blob's centre; scale 0.5 has a
+    looser bound only because 16 px cells sample its 9 px blob coarsely."""
+    height, width, centre_y, centre_x = 118, 202, 57.0, 131.0
+    yy, xx = np.mgrid[:height, :width] + 0.5
+    blob = np.exp(-((yy - centre_y) ** 2 + (xx - centre_x) ** 2) / (2 * 18.0 ** 2))
+    image = np.zeros((height, width, 3), np.uint8)
+    image[..., 0] = np.round(255 * blob)
+    cam = multiscale_cam(BlobCam(), image, [0], [scale], flip, CPU)[0]
+    weights = cam / cam.sum()
+    cell_centres_y = np.arange(cam.shape[0]) * 4 + 2.0
+    cell_centres_x = np.arange(cam.shape[1]) * 4 + 2.0
+    assert (weights.sum(1) * cell_centres_y).sum() == pytest.approx(centre_y, abs=tolerance)
+    assert (weights.sum(0) * cell_centres_x).sum() == pytest.approx(centre_x, abs=tolerance)
 
 
 def test_save_load_round_trip(tmp_path):

@@ -48,11 +48,45 @@ def class_maps(model, x: torch.Tensor, keys: list[int], extract: str) -> torch.T
     return F.relu(model.cam_maps(x)[:, keys].float())
 
 
+def stride4_grid(map_size: tuple[int, int], stride: int, scaled_size: tuple[int, int],
+                 image_size: tuple[int, int], flipped: bool) -> torch.Tensor:
+    """grid_sample coordinates (1, H4, W4, 2) that read a map of the scaled image at the centres
+    of the image's stride-4 cells.
+
+    A stride-s network turns h pixels into ceil(h / s) cells, and cell n covers pixels
+    [s n, s n + s): the map spans s * ceil(h / s) >= h pixels, so stretching it over the image
+    would shift and magnify each scale (and the flipped copy) differently. Cell i of the output
+    covers image pixels [4i, 4i + 4); its centre is mapped into the scaled image, mirrored for
+    the flipped copy, and then into the map's own extent.
+    """
+    (map_h, map_w), (scaled_h, scaled_w), (height, width) = map_size, scaled_size, image_size
+    out_h, out_w = strided_size(height, width)
+    y = (torch.arange(out_h, dtype=torch.float64) + 0.5) * CAM_STRIDE * scaled_h / height
+    x = (torch.arange(out_w, dtype=torch.float64) + 0.5) * CAM_STRIDE * scaled_w / width
+    if flipped:
+        x = scaled_w - x
+    y_norm = 2 * y / (map_h * stride) - 1
+    x_norm = 2 * x / (map_w * stride) - 1
+    grid = torch.stack(torch.meshgrid(x_norm, y_norm, indexing="xy"), dim=-1)
+    return grid[None].float()
+
+
+def to_stride4(maps: torch.Tensor, stride: int, scaled_size: tuple[int, int],
+               image_size: tuple[int, int], flipped: bool) -> torch.Tensor:
+    """(B, K, h, w) maps of the scaled image -> (B, K, ceil(H/4), ceil(W/4)), bilinear."""
+    grid = stride4_grid(tuple(maps.shape[-2:]), stride, scaled_size, image_size, flipped)
+    grid = grid.to(maps.device).expand(maps.shape[0], -1, -1, -1)
+    return F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 @torch.no_grad()
 def multiscale_cam(model, image: np.ndarray, keys: list[int], scales: list[float], flip: bool,
                    device: torch.device, extract: str = "cam") -> np.ndarray:
     """(K, ceil(H/4), ceil(W/4)) float32 in [0, 1]: the sum over scales (and flips), each
-    upsampled to stride 4, then divided per class by its maximum."""
+    resampled onto the image's stride-4 grid, then divided per class by its maximum.
+
+    `model.cam_stride` is the stride of its maps (and of the features Grad-CAM++ reads).
+    """
     height, width = image.shape[:2]
     out_size = strided_size(height, width)
     if not keys:
@@ -68,10 +102,9 @@ def multiscale_cam(model, image: np.ndarray, keys: list[int], scales: list[float
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             maps = class_maps(model, x, keys, extract).float()
-        maps = F.interpolate(maps, size=out_size, mode="bilinear", align_corners=False)
+        total += to_stride4(maps[:1], model.cam_stride, size, (height, width), flipped=False)[0]
         if flip:
-            maps = maps[:1] + maps[1:].flip(-1)
-        total += maps[0]
+            total += to_stride4(maps[1:], model.cam_stride, size, (height, width), flipped=True)[0]
     total /= total.flatten(1).amax(dim=1).clamp_min(1e-5)[:, None, None]
     return total.cpu().numpy()
 

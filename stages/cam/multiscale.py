@@ -14,7 +14,7 @@ from torch import nn
 
 from data.errors import WssError
 from stages.cam.nets import CamNet
-from stages.common.backbones import ResNetFeatures
+from stages.common.backbones import STAGE_NAMES, ResNetFeatures
 
 STAGE_STRIDES = [4, 4, 8, 16, 16]  # stem, layer1, layer2, layer3, layer4 (layer4 is dilated)
 
@@ -40,6 +40,10 @@ class MultiscaleNet(CamNet):
         self.backbone = ResNetFeatures(backbone, weights)
         self.loss_kind = loss
         self.stages = sorted(stages)
+        for name in STAGE_NAMES[self.stages[-1] + 1:]:
+            # never run, so frozen: no loss reaches them (multi-process training refuses such
+            # parameters), and the trunk handed to stage 2 keeps their initial weights
+            getattr(self.backbone, name).requires_grad_(False)
         self.cam_stride = min(STAGE_STRIDES[s] for s in self.stages)
         self.splits = [self.backbone.channels[s] for s in self.stages]
         self.classifiers = nn.ModuleList(nn.Conv2d(c, num_classes, 1, bias=False) for c in self.splits)
@@ -53,7 +57,7 @@ class MultiscaleNet(CamNet):
         return torch.softmax(self.mixer.logits.float(), dim=1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        all_stages = self.backbone.forward_stages(x)
+        all_stages = self.backbone.forward_stages(x, last=self.stages[-1])
         chosen = [all_stages[s] for s in self.stages]
         size = chosen[0].shape[-2:]  # sorted: the first is (one of) the finest
         chosen = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)

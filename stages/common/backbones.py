@@ -62,6 +62,9 @@ def read_weights_file(path: Path, expected: str, error: type[WssError] = Weights
     return state
 
 
+STAGE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
 class ResNetFeatures(nn.Module):
     """ResNet trunk, output stride 16: layer4 keeps stride 1 and dilates its 3x3 convs by 2."""
 
@@ -91,14 +94,13 @@ class ResNetFeatures(nn.Module):
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """[stem (s4), layer1 (s4), layer2 (s8), layer3 (s16), layer4 (s16)]."""
-        x0 = self.stem(x)
-        x1 = self.layer1(x0)
-        x2 = self.layer2(x1)
-        x3 = self.layer3(x2)
-        x4 = self.layer4(x3)
-        return [x0, x1, x2, x3, x4]
+    def forward_stages(self, x: torch.Tensor, last: int = 4) -> list[torch.Tensor]:
+        """[stem (s4), layer1 (s4), layer2 (s8), layer3 (s16), layer4 (s16)], up to index `last`."""
+        outputs = []
+        for name in STAGE_NAMES[:last + 1]:
+            x = getattr(self, name)(x)
+            outputs.append(x)
+        return outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_stages(x)[-1]

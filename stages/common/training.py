@@ -128,6 +128,23 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def rewrite_epoch_log(path: Path, desc: str, history: list[dict]) -> None:
+    """metrics.jsonl's `desc` epochs as the checkpoint has them: a run stopped between the
+    checkpoint and the log line neither loses nor repeats an epoch."""
+    def other_step(line: str) -> bool:  # a line cut short by the kill is dropped too
+        try:
+            return json.loads(line).get("stage_step") != desc
+        except ValueError:
+            return False
+
+    lines = path.read_text().splitlines() if path.is_file() else []
+    kept = [line for line in lines if line.strip() and other_step(line)]
+    kept += [json.dumps({"stage_step": desc, **record}) for record in history]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float]],
         step: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]], settings: TrainSettings,
         device: torch.device, out: Path, resume: bool = False, desc: str = "train") -> list[dict]:
@@ -154,6 +171,8 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         log.info("%s: resumed after epoch %d of %d", desc, start_epoch, settings.epochs)
+        if distributed.is_main():
+            rewrite_epoch_log(out / "metrics.jsonl", desc, history)
     net = model
     if distributed.active():  # DDP starts every rank from rank 0's weights, resumed or not
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -162,6 +181,9 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         model.train()
+        # the model's own randomness (DropBlock) is seeded per (epoch, process): a resumed run
+        # continues exactly as the uninterrupted one, and processes drop different blocks
+        torch.manual_seed(settings.seed * 1000 + epoch + 100_003 * distributed.rank())
         loader = make_loader(dataset, settings, device, shuffle=True, epoch=epoch)
         # running sums stay on the device: reading them (a GPU sync) only every `log_every` steps
         # lets the host queue the next step while the GPU still works on this one
@@ -191,13 +213,13 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
         record = {"epoch": epoch + 1, **{k: float(v) / steps_per_epoch for k, v in sums.items()},
                   "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
         history.append(record)
-        if distributed.is_main():
+        if distributed.is_main():  # checkpoint first: a resumed run never logs an epoch twice
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "epoch": epoch, "history": history}, checkpoint_path)
             with open(metrics_log, "a") as handle:
                 handle.write(json.dumps({"stage_step": desc, **record}) + "\n")
             log.info("%s epoch %d/%d: loss %.4f, %.1f img/s", desc, epoch + 1, settings.epochs,
                      record["loss"], record["images_per_s"])
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch, "history": history}, checkpoint_path)
     distributed.sync_module(model)  # under torchrun BatchNorm statistics differ per rank: keep rank 0's
     model.eval()
     return history
