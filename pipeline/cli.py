@@ -238,7 +238,7 @@ def prepare_nih_command(images_dir: Path, data_entry: Path, boxes: Path, out: Pa
 @config_options
 @click.option("--force", is_flag=True, help="Recompute even if an up-to-date artifact exists.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted training from its last checkpoint.")
-@click.option("--limit", type=int, default=None, help="Use only the first N images of each split (quick tries).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images of each split (quick tries).")
 def run_stage(stage: str, config_path: tuple[Path, ...], overrides, force: bool, resume: bool, limit: int | None):
     """Run one stage (its inputs must be up to date).
 
@@ -340,7 +340,7 @@ def pseudo_labels(config_path: tuple[Path, ...], overrides, force: bool):
 @config_options
 @click.option("--stage", type=click.Choice(["cam", "irn", "seg"]), default="seg", show_default=True,
               help="How far along the chain the columns go.")
-@click.option("--n", default=16, show_default=True, help="Number of images (rows).")
+@click.option("--n", default=16, show_default=True, type=click.IntRange(min=1), help="Number of images (rows).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="PNG to write (default: <workdir>/<dataset>/overlays-<stage>.png).")
 def visualize(config_path: tuple[Path, ...], overrides, stage: str, n: int, out: Path | None):

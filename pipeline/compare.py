@@ -8,6 +8,7 @@ parameter count) are cached in <out>/cache/ under the artifact's name, which hol
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -63,8 +64,10 @@ def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict
     cfg, dataset = pipeline.cfg, pipeline.dataset
     name = artifact.name + (f"-limit{limit}" if limit is not None else "")
     cache = out / "cache" / f"{name}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
+    made_by = hashlib.sha256((artifact / "manifest.json").read_bytes()).hexdigest()[:16]
+    cached = read_cached_scores(cache, made_by)
+    if cached is not None:
+        return cached
     device = resolve_device(cfg.run.device)
     work = out / "cache" / name
     val_ids = [i for i in dataset.split(cfg.data.val_split)[:limit] if dataset.has_mask(i)]
@@ -80,8 +83,22 @@ def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict
         localization = point_localization(dataset, boxes, work / "boxed_cams")
         scores["point_acc"] = localization.get("point/mean", float("nan"))
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(scores, indent=1))
+    tmp = cache.with_name(f".{cache.name}.tmp")
+    tmp.write_text(json.dumps({"artifact_manifest": made_by, "scores": scores}, indent=1))
+    os.replace(tmp, cache)
     return scores
+
+
+def read_cached_scores(cache: Path, made_by: str) -> dict | None:
+    """The cached scores if they were computed from this very artifact (`--force` rewrites an
+    artifact under the same name, and its manifest with it); anything unreadable is recomputed."""
+    try:
+        cached = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cached, dict) or cached.get("artifact_manifest") != made_by:
+        return None
+    return cached.get("scores")
 
 
 def boxes_of(dataset, limit: int | None) -> dict[str, list]:
@@ -184,7 +201,7 @@ def write_report(rows: list[dict], columns: list[str], out: Path, cfg, argv: lis
               help="irn: also run stage 2 up to the pseudo-labels and report their mIoU.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default <workdir>/<dataset>/compare).")
-@click.option("--limit", type=int, default=None, help="Use only the first N images of each split (quick tries).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images of each split (quick tries).")
 def compare_command(config_paths, overrides, methods: str, through: str, out: Path | None, limit: int | None):
     """Run stage 1 with each method (cached like any stage) and tabulate them side by side.
 
@@ -204,7 +221,10 @@ def compare_command(config_paths, overrides, methods: str, through: str, out: Pa
     from pipeline.runner import Pipeline
     dataset = Pipeline(first).dataset
     out = out or Path(first.run.workdir) / dataset.name / "compare"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise WssError(f"cannot create the output folder {out}: {error.strerror or error}") from None
     rows = []
     for method in names:
         log.info("compare: method %s", method)

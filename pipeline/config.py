@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import shlex
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,6 +52,7 @@ class Config:
     irn: IrnConfig = field(default_factory=IrnConfig)
     seg: SegConfig = field(default_factory=SegConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
+    overrides: tuple[str, ...] = field(default=(), metadata={"internal": True})
 
     def section(self, name: str) -> Any:
         return getattr(self, name)
@@ -57,6 +60,10 @@ class Config:
     def to_dict(self) -> dict:
         return {f.name: dataclasses.asdict(getattr(self, f.name))
                 for f in dataclasses.fields(self) if not f.metadata.get("internal")}
+
+    def cli_args(self) -> str:
+        """`-c FILE -o key=value ...` of this config, for commands that an error message suggests."""
+        return " ".join([f"-c {self.source}", *(f"-o {shlex.quote(item)}" for item in self.overrides)])
 
     def dump(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -75,11 +82,13 @@ def load_config(path: str | Path | list | tuple | None, overrides: list[str] | t
         build(Config, layer, where=str(one), prefix="")
         raw = deep_merge(raw, layer)
     where = " + ".join(str(p) for p in paths) or "<defaults>"
-    for item in overrides:
+    config = build(Config, raw, where=where, prefix="")
+    for item in overrides:  # one at a time, so that an error names the override, not the file
         key, value = parse_override(item)
         set_dotted(raw, key, value, where=f"override {item!r}")
-    config = build(Config, raw, where=where, prefix="")
+        config = build(Config, raw, where=f"override {item!r}", prefix="")
     config.source = " -c ".join(str(p) for p in paths) or "<defaults>"
+    config.overrides = tuple(overrides)
     return config
 
 
@@ -102,11 +111,17 @@ def read_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return deep_merge(merged, raw)
 
 
-def deep_merge(base: dict, top: dict) -> dict:
+def deep_merge(base: dict, top: dict, cls: type = None) -> dict:
+    """`top` over `base`: sections and nested sections (dataclasses) merge key by key; any other
+    value, a mapping-valued setting such as `seg.losses` included, is replaced whole, as `-o`
+    replaces it (a base's `{ce: 1, dice: 1}` under `{lovasz: 1}` is lovasz alone)."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
     out = dict(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        hint = hints.get(key)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and dataclasses.is_dataclass(hint):
+            out[key] = deep_merge(out[key], value, hint)
         else:
             out[key] = value
     return out
@@ -169,9 +184,11 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "radius": (1, None), "walk_radius": (1, None), "beta": (0, None), "exp_times": (0, 16),
     "gt_prob": (0, 0.99), "gauss_sxy": (0, None), "bilateral_sxy": (0, None), "bilateral_srgb": (0, None),
     "gauss_compat": (0, None), "bilateral_compat": (0, None), "iterations": (1, None), "workers": (-1, None),
+    "losses": (0, None),  # the weight of each loss
 }
 ABOVE_LOW = {"lr", "head_lr_mult", "minmax_k", "scales", "beta", "gt_prob", "gauss_sxy", "bilateral_sxy",
              "bilateral_srgb"}
+NOT_EMPTY = {"scales", "multiscale_stages", "losses"}
 DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
 
 
@@ -181,10 +198,13 @@ def check_range(name: str, value: Any, where: str, key: str) -> None:
         raise ConfigError(f"{where}: {key} must be {DEVICE_NAMES}, got {value!r}")
     if name == "resize_long" and (len(value) != 2 or value[0] > value[1]):
         raise ConfigError(f"{where}: {key} must be [shortest, longest] long side, got {value!r}")
+    if name in NOT_EMPTY and not value:
+        raise ConfigError(f"{where}: {key} must not be empty")
     if name not in RANGES or value is None:
         return
     low, high = RANGES[name]
-    for item in value if isinstance(value, list) else [value]:
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+    for item in items:
         below = low is not None and (item <= low if name in ABOVE_LOW else item < low)
         if below or (high is not None and item > high):
             bound = (f"> {low}" if name in ABOVE_LOW else f">= {low}") if high is None else \
@@ -226,11 +246,13 @@ def check_value(hint: Any, value: Any, where: str, key: str) -> Any:
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -91,7 +91,7 @@ def evaluate_artifacts(cfg, which: str) -> list[dict]:
     if not found:
         from data.errors import WssError
         raise WssError(f"nothing to evaluate: no {'stage' if which == 'all' else which} artifact is up to date "
-                       f"for this config (run `wss run -c {cfg.source}`; `wss status` says why)")
+                       f"for this config (run `wss run {cfg.cli_args()}`; `wss status` says why)")
     if not rows:
         return rows
     columns = print_metric_table(rows)

@@ -107,7 +107,7 @@ class Pipeline:
         why = f" ({'; '.join(status.reasons)})" if status.reasons else ""
         raise StageInputError(
             f"{name}: no up-to-date artifact for this config; the latest is {status.state}{why}. "
-            f"Run `wss run-stage {name} -c {self.cfg.source}` or `wss run -c {self.cfg.source}`.")
+            f"Run `wss run-stage {name} {self.cfg.cli_args()}` or `wss run {self.cfg.cli_args()}`.")
 
     def status_of(self, name: str) -> StageStatus:
         key = self.key(name)

@@ -447,3 +447,21 @@ def test_compare_rejects_an_unknown_method(learnable, tmp_path):
     result = CliRunner().invoke(compare_command, ["-c", str(DEMO), "-o", f"data.root={learnable}",
                                                   "--methods", "gap,nope"])
     assert isinstance(result.exception, WssError) and "nope" in str(result.exception)
+
+
+def test_compare_score_cache_is_used_only_for_the_artifact_that_made_it(tmp_path):
+    from pipeline.compare import read_cached_scores
+    cache = tmp_path / "cam-abc.json"
+    assert read_cached_scores(cache, "m1") is None  # absent
+    cache.write_text('{"artifact_manifest": "m1", "scores": {"point_acc": 0.5}}')
+    assert read_cached_scores(cache, "m1") == {"point_acc": 0.5}
+    assert read_cached_scores(cache, "m2") is None  # the artifact was recomputed (--force)
+    cache.write_text('{"artifact_manifest": "m1", "sco')  # cut short
+    assert read_cached_scores(cache, "m1") is None
+
+
+def test_limit_must_be_positive(cli):
+    for args in (["compare", "-c", "configs/demo.yaml", "--methods", "gap", "--limit", "0"],
+                 ["run-stage", "cam", "-c", "configs/demo.yaml", "--limit", "-5"]):
+        result = cli(*args)
+        assert result.exit_code == 2 and "--limit" in result.output

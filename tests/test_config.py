@@ -130,8 +130,8 @@ def test_override_errors_name_the_override():
         load_config(DEMO_CONFIG, ["cam.epochz=3"])
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(DEMO_CONFIG, ["cam.epochs"])
-    with pytest.raises(ConfigError, match="cam.epochs must be an integer"):
-        load_config(DEMO_CONFIG, ["cam.epochs=many"])
+    with pytest.raises(ConfigError, match=r"^override 'cam.epochs=many': cam.epochs must be an integer"):
+        load_config(DEMO_CONFIG, ["cam.epochs=3", "cam.epochs=many"])
 
 
 @pytest.mark.parametrize("override, message", [
@@ -144,10 +144,38 @@ def test_override_errors_name_the_override():
     ("irn.resize_long=[640, 320]", r"irn.resize_long must be \[shortest, longest\] long side"),
     ("run.device=gpu", "run.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     ("run.workers=-3", "run.workers must be >= -1"),
+    ("cam.lr=nan", "cam.lr must be a finite number, got nan"),
+    ("cam.lr=.inf", "cam.lr must be a finite number, got inf"),
+    ("cam.scales=[]", "cam.scales must not be empty"),
+    ("seg.losses={}", "seg.losses must not be empty"),
+    ("seg.losses={ce: -1.0}", "seg.losses must be >= 0, got -1.0"),
 ])
 def test_values_out_of_range_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(DEMO_CONFIG, [override])
+
+
+def test_mapping_settings_are_replaced_whole_and_sections_merge(tmp_path):
+    """A file over its base, or a second -c file, replaces `seg.losses` whole (as -o does), and
+    merges sections and nested sections (irn.crf) key by key."""
+    base = write(tmp_path / "base.yaml", """
+        seg: {losses: {ce: 1.0, dice: 1.0}, epochs: 3}
+        irn: {crf: {gauss_sxy: 2, bilateral_sxy: 13}}
+    """)
+    layer = """
+        seg: {losses: {lovasz: 1.0}}
+        irn: {crf: {gauss_sxy: 4}}
+    """
+    top = write(tmp_path / "top.yaml", "base: base.yaml\n" + textwrap.dedent(layer))
+    for cfg in (load_config(top), load_config([base, write(tmp_path / "layer.yaml", layer)])):
+        assert cfg.seg.losses == {"lovasz": 1.0} and cfg.seg.epochs == 3
+        assert cfg.irn.crf.gauss_sxy == 4 and cfg.irn.crf.bilateral_sxy == 13
+    assert load_config(top, ["seg.losses={focal: 2}"]).seg.losses == {"focal": 2.0}
+
+
+def test_suggested_commands_carry_the_overrides():
+    cfg = load_config(DEMO_CONFIG, ["irn.conf_fg_threshold=0.3", "run.workdir=my runs"])
+    assert cfg.cli_args() == f"-c {DEMO_CONFIG} -o irn.conf_fg_threshold=0.3 -o 'run.workdir=my runs'"
 
 
 def test_values_at_the_edges_of_their_ranges_load():

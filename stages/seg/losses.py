@@ -49,6 +49,9 @@ class SegLoss:
         unknown = [name for name in weights if name not in LOSSES]
         if unknown:
             raise WssError(f"seg.losses: unknown loss {unknown[0]!r} (choose from {', '.join(LOSSES)})")
+        negative = [name for name, w in weights.items() if w < 0]
+        if negative:
+            raise WssError(f"seg.losses: the weight of {negative[0]!r} must be >= 0, got {weights[negative[0]]}")
         if not weights or not any(w for w in weights.values()):
             raise WssError("seg.losses: give at least one loss with a non-zero weight, e.g. {ce: 1.0}")
         self.task = task
