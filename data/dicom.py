@@ -101,12 +101,13 @@ def to_uint8(pixels: np.ndarray, dataset) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     values = pixels
-    if "RescaleSlope" in dataset or "ModalityLUTSequence" in dataset:
+    if _has_modality_transform(dataset):
         values = apply_modality_lut(values, dataset)
+    window = _window_tags(dataset)
     if "VOILUTSequence" in dataset:
         image = stretch_to_uint8(apply_voi_lut(values, dataset, prefer_lut=True))
-    elif "WindowCenter" in dataset and "WindowWidth" in dataset:
-        image = _window(values, _first(dataset.WindowCenter), _first(dataset.WindowWidth))
+    elif window is not None:
+        image = _window(values, *window)
     elif int(dataset.get("BitsStored", 8) or 8) <= 8 and values is pixels and pixels.min() >= 0:
         image = np.clip(pixels, 0, 255).astype(np.uint8)
     else:
@@ -114,6 +115,33 @@ def to_uint8(pixels: np.ndarray, dataset) -> np.ndarray:
     if str(dataset.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         image = 255 - image
     return image
+
+
+def _has_modality_transform(dataset) -> bool:
+    """A Modality LUT, or a rescale other than the identity (slope 1, intercept 0).
+
+    Many 8-bit files carry an identity rescale; applying it would make them look rescaled and
+    lose the "8-bit values are kept" rule. Empty tags count as their defaults.
+    """
+    if "ModalityLUTSequence" in dataset:
+        return True
+    slope, intercept = dataset.get("RescaleSlope"), dataset.get("RescaleIntercept")
+    return not (_empty(slope) or float(slope) == 1.0) or not (_empty(intercept) or float(intercept) == 0.0)
+
+
+def _window_tags(dataset) -> tuple[float, float] | None:
+    """(center, width) of the first Window Center/Width pair, or None when either tag is absent
+    or empty (some writers leave them blank: that is no window, not a broken file)."""
+    center, width = dataset.get("WindowCenter"), dataset.get("WindowWidth")
+    if _empty(center) or _empty(width):
+        return None
+    return _first(center), _first(width)
+
+
+def _empty(value) -> bool:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return True
+    return not isinstance(value, (int, float, str)) and (len(value) == 0 or _empty(value[0]))
 
 
 def _first(value) -> float:

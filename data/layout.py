@@ -12,6 +12,7 @@ Readers stream from disk: nothing but the labels table is held in memory.
 from __future__ import annotations
 
 import csv
+import filecmp
 import hashlib
 import json
 import os
@@ -87,7 +88,17 @@ def atomic_save(image: Image.Image, path: Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     image.save(tmp, format=_format_for(path))
-    os.replace(tmp, path)
+    replace_if_changed(tmp, path)
+
+
+def replace_if_changed(tmp: Path, path: Path) -> None:
+    """Move `tmp` over `path`, unless `path` already holds the same bytes: re-preparing the same
+    data then keeps every file's mtime, which the dataset fingerprint reads, and so every
+    stage stays up to date."""
+    if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
+        tmp.unlink()
+    else:
+        os.replace(tmp, path)
 
 
 def _format_for(path: Path) -> str:
@@ -187,9 +198,11 @@ class PreparedDataset:
         return read_index_png(path) if path.is_file() else None
 
     def fingerprint(self) -> str:
-        """Content hash of the metadata plus names and sizes of every image and mask.
+        """Hash of the metadata and splits (content) plus name, size and mtime of every image
+        and mask.
 
-        Cheap enough for 10^5 files (one stat each) and changes whenever the data do.
+        Cheap enough for 10^5 files (one stat each). The mtime catches an image replaced by one
+        of the same size; a copy that does not keep times only makes the stages recompute.
         """
         digest = hashlib.sha256()
         for meta in ["dataset.json", "labels.csv"]:
@@ -199,12 +212,13 @@ class PreparedDataset:
             if not folder.is_dir():
                 continue
             with os.scandir(folder) as entries:
-                for name, size in sorted((e.name, e.stat().st_size) for e in entries if e.is_file()):
-                    if name.startswith("."):
-                        continue
-                    digest.update(f"{sub}/{name}:{size}\n".encode())
-                    if sub == "splits":
-                        digest.update((folder / name).read_bytes())
+                files = sorted((e.name, e.stat()) for e in entries if e.is_file() and not e.name.startswith("."))
+            for name, stat in files:
+                if sub == "splits":  # rewritten by every prepare: hash the content, not the time
+                    digest.update(f"{sub}/{name}:{stat.st_size}\n".encode())
+                    digest.update((folder / name).read_bytes())
+                else:
+                    digest.update(f"{sub}/{name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
         return digest.hexdigest()
 
 
@@ -257,8 +271,11 @@ class DatasetWriter:
     def __init__(self, root: str | Path, info: DatasetInfo):
         self.root = Path(root)
         self.info = info
-        for sub in ["images", "masks", "splits"]:
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ["images", "masks", "splits"]:
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # e.g. --out names a file, or a folder below one
+            raise DataError(f"cannot create the output folder {self.root}: {error.strerror or error}") from None
 
     def image_path(self, image_id: str) -> Path:
         return self.root / "images" / f"{image_id}{self.info.image_ext}"
@@ -283,7 +300,12 @@ class DatasetWriter:
         os.replace(tmp, path)
 
     def write_split(self, name: str, ids: list[str]) -> None:
+        """Write the split; an empty one removes its file, since readers refuse empty splits and
+        a file left from an earlier preparation would hold stale ids."""
         path = self.root / "splits" / f"{name}.txt"
+        if not ids:
+            path.unlink(missing_ok=True)
+            return
         path.write_text("".join(f"{i}\n" for i in ids))
 
     def write_info(self) -> None:

@@ -10,8 +10,8 @@
   1024): the boxes are in those pixel coordinates.
 - Splits: ``test`` = every image of a patient that has a boxed image (the boxed images are for
   localization, and no patient appears in two splits); the other patients are shuffled with
-  ``seed`` and ``val_fraction`` of them give ``val``, the rest ``train``. Empty splits are not
-  written.
+  ``seed`` and ``val_fraction`` of them give ``val``, the rest ``train``. Empty splits have no
+  file (one left by an earlier run is removed: readers refuse empty splits).
 - Boxes: ``out/boxes.csv`` with ``image_id,finding,x,y,w,h`` (pixels of the original image,
   x/y the top-left corner) for the prepared images; the release's "Infiltrate" is renamed
   "Infiltration" to match the labels. :func:`read_boxes` reads the release file (whose
@@ -229,12 +229,14 @@ def to_grayscale(image: Image.Image) -> np.ndarray:
 
 
 def _readable(path: Path) -> bool:
+    """The file decodes completely: a valid header with cut-short data must be redone."""
     if not path.is_file():
         return False
     try:
-        with Image.open(path):
+        with Image.open(path) as image:
+            image.load()
             return True
-    except (OSError, ValueError):
+    except (OSError, ValueError, SyntaxError):  # Pillow's errors for damaged files
         return False
 
 
@@ -288,8 +290,7 @@ def prepare_nih(images_dir: str | Path, data_entry_csv: str | Path, boxes_csv: s
     write_boxes(out / BOXES_NAME, kept)
     for name, ids in patient_splits(prepared, entries, {b.image_id for b in kept}, val_fraction, seed).items():
         report.counts[f"split_{name}"] = len(ids)
-        if ids:
-            writer.write_split(name, ids)
+        writer.write_split(name, ids)  # an empty split removes the file of an earlier run
     report.write()
     writer.write_info()
     return report

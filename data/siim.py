@@ -13,15 +13,17 @@
   to val), a seeded shuffle of the sorted ids, so the same inputs and seed give the same split.
 - Robustness: a bad DICOM, a bad RLE row (reported as ``csv:line``) or a duplicate image id
   skips that image and is listed in ``prepare_report.json``; only an empty result is an error.
-- Resumable and streaming: an image whose image and mask PNGs already exist with the right
-  size is not decoded again (resuming assumes the same inputs: use a new ``out`` after
-  changing the CSV); images fan out over ``workers`` processes that return only
-  small results, so memory does not grow with the number of files.
+- Resumable and streaming: an image whose image and mask PNGs already exist, decode completely
+  and have the right size is not converted again. ``size`` is recorded in ``out/siim.json``
+  and a rerun with another size is refused (use a new ``out``); resuming also assumes the
+  same inputs: use a new ``out`` after changing the CSV. Images fan out over ``workers``
+  processes that return only small results, so memory does not grow with the number of files.
 """
 from __future__ import annotations
 
 import csv
 import gzip
+import json
 import os
 import re
 import zlib
@@ -40,6 +42,7 @@ from data.rle import siim_rle_decode, siim_rle_is_empty
 CLASSES = ["pneumothorax"]
 PALETTE = default_palette(len(CLASSES) + 1)
 _RLE_CHARACTERS = re.compile(r"^[-\d\s]*$")
+STAMP_NAME = "siim.json"  # the options that shape the pixels, recorded for resuming
 
 
 @dataclass(frozen=True)
@@ -213,14 +216,17 @@ def _rows_positive(task: _ImageTask) -> bool:
 
 
 def _finished(image_path: Path, mask_path: Path, size: int | None) -> bool:
-    """Both outputs exist, are readable PNGs and have the expected (same) size."""
+    """Both outputs exist, decode completely (a cut-short PNG has a valid header) and have the
+    expected (same) size."""
     if not (image_path.is_file() and mask_path.is_file()):
         return False
     try:
         with Image.open(image_path) as image, Image.open(mask_path) as mask:
+            image.load()
+            mask.load()
             sizes_agree = image.size == mask.size
             return sizes_agree and (size is None or image.size == (size, size))
-    except (OSError, ValueError):
+    except (OSError, ValueError, SyntaxError):  # Pillow's errors for damaged files
         return False
 
 
@@ -266,6 +272,7 @@ def prepare_siim(dicom_dir: str | Path, rle_csv: str | Path, out: str | Path, si
 
     info = DatasetInfo(name="siim", task="binary", classes=list(CLASSES), palette=PALETTE)
     writer = DatasetWriter(out, info)
+    _check_stamp(out, size)
     tasks = [_ImageTask(i, str(dicoms[i]), tuple(rows[i]), str(rle_csv), str(out), size)
              for i in sorted(dicoms.keys() & rows.keys())]
     labels: dict[str, list[int]] = {}
@@ -290,6 +297,25 @@ def _check_options(size, val_fraction, workers) -> None:
         raise DataError(f"--workers must be at least 1, got {workers}")
 
 
+def _check_stamp(out: Path, size: int | None) -> None:
+    """Record the options that shape the pixels in ``out/siim.json``, or refuse a run whose options
+    differ from the recorded ones: resuming would keep images made with the old ones."""
+    path = out / STAMP_NAME
+    wanted = {"size": size or 0}
+    if not path.is_file():
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(wanted))
+        os.replace(tmp, path)
+        return
+    try:
+        before = json.loads(path.read_text()).get("size", "unknown")
+    except (OSError, ValueError, AttributeError):
+        before = "unknown"
+    if before != wanted["size"]:
+        raise DataError(f"{out} was prepared with --size {before}, this run asks for --size {wanted['size']} "
+                        f"(0 = native): use a fresh --out, or delete {out} to redo it")
+
+
 def _finish(writer: DatasetWriter, labels: dict[str, list[int]], val_fraction: float, seed: int,
             report: PrepareReport) -> None:
     report.write()
@@ -298,8 +324,7 @@ def _finish(writer: DatasetWriter, labels: dict[str, list[int]], val_fraction: f
     train, val = stratified_split(labels, val_fraction, seed)
     writer.write_labels(labels)
     writer.write_split("train", train)
-    if val:
-        writer.write_split("val", val)
+    writer.write_split("val", val)  # empty (--val-fraction 0): removes an earlier val.txt
     writer.write_info()
 
 

@@ -13,6 +13,7 @@
   ``train_aug.txt`` found in ``ImageSets/Segmentation`` or ``sbd_root``, or computed as
   SBD train + SBD val + VOC train - VOC val when ``sbd_root`` holds SBD's own ``train.txt``
   and ``val.txt``. Listed ids whose image is missing are counted and listed in the report.
+  A split that is empty or not found has no file (one left by an earlier run is removed).
 - ``dataset.json``: task multiclass, the 20 classes in the standard order, the VOC palette.
 
 ``voc_root`` may be the ``VOC2012`` folder itself, ``VOCdevkit`` or the folder holding it;
@@ -20,6 +21,7 @@
 """
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 import xml.etree.ElementTree as ElementTree
@@ -179,8 +181,9 @@ def _labels_or_none(xml: str | None) -> list[int] | None:
 
 
 def _copy_if_changed(source: Path, target: Path) -> None:
-    """Copy through a temporary name; an identical-size copy from an earlier run is kept."""
-    if target.is_file() and target.stat().st_size == source.stat().st_size:
+    """Copy through a temporary name; an identical copy from an earlier run is kept (and with
+    it its mtime, which the dataset fingerprint reads)."""
+    if target.is_file() and filecmp.cmp(source, target, shallow=False):
         return
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     shutil.copyfile(source, tmp)
@@ -231,8 +234,11 @@ def prepare_voc(voc_root: str | Path, out: str | Path, sbd_root: str | Path | No
         raise DataError(f"no VOC image could be prepared from {voc}; see {report.path}")
 
     writer.write_labels(labels)
-    for name, ids in split_lists(voc, sbd).items():
+    lists = split_lists(voc, sbd)
+    for name, ids in lists.items():
         _write_split(writer, report, name, ids, labels, with_mask)
+    for name in sorted({*SPLITS, "train_aug"} - lists.keys()):  # not found this time: remove an old file
+        writer.write_split(name, [])
     report.write()
     writer.write_info()
     return report
@@ -256,5 +262,4 @@ def _write_split(writer: DatasetWriter, report: PrepareReport, name: str, listed
     if name == "val":
         report.add_ids("val_ids_without_mask", [i for i in kept if i not in with_mask])
     report.counts[f"split_{name}"] = len(kept)
-    if kept:
-        writer.write_split(name, kept)
+    writer.write_split(name, kept)  # an empty split removes the file

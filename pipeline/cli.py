@@ -152,7 +152,10 @@ def prepare_synthetic(out: Path, n: int, size: int, seed: int, variant: str, mar
     if not force and stamp.is_file() and stamp.read_text() == wanted and (out / "dataset.json").is_file():
         click.echo(f"synthetic dataset already prepared in {out} (same spec), skipping")
         return
-    (out / "dataset.json").unlink(missing_ok=True)
+    try:
+        (out / "dataset.json").unlink(missing_ok=True)  # until rewritten, it is not a dataset
+    except OSError as error:  # e.g. --out below a regular file
+        raise WssError(f"cannot create the output folder {out}: {error.strerror or error}") from None
     write_synthetic(out, spec, progress=lambda ids: tqdm(ids, desc="synthetic", unit="img"))
     stamp.write_text(wanted)
     click.echo(f"wrote {n} images to {out}")

@@ -127,3 +127,39 @@ def test_patient_splits_keep_patients_whole():
     assert len(patients["val"]) == 10 and len(patients["train"]) == 38
     assert not (patients["train"] & patients["val"]) and not (patients["val"] & patients["test"])
     assert sum(len(ids) for ids in splits.values()) == 150
+
+
+def small_release(tmp_path: Path, patients: int = 6) -> tuple[Path, Path, Path]:
+    images = tmp_path / "images"
+    images.mkdir()
+    gray = (np.arange(20 * 30).reshape(20, 30) % 256).astype(np.uint8)
+    rows = []
+    for p in range(patients):
+        Image.fromarray(gray).save(images / f"{p:08d}_000.png")
+        rows.append((f"{p:08d}_000.png", "Mass" if p % 2 else "No Finding", str(p)))
+    write_entries(tmp_path / "entry.csv.gz", rows)
+    (tmp_path / "boxes.csv").write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n")
+    return images, tmp_path / "entry.csv.gz", tmp_path / "boxes.csv"
+
+
+def test_truncated_output_png_is_redone(tmp_path):
+    images, entry, boxes = small_release(tmp_path, patients=2)
+    out = tmp_path / "out"
+    prepare_nih(images, entry, boxes, out, progress=False)
+    target = out / "images" / "00000000_000.png"
+    target.write_bytes(target.read_bytes()[:60])  # the header still opens, the pixels are cut
+    with Image.open(target) as header_only:
+        assert header_only.size == (30, 20)
+    report = prepare_nih(images, entry, boxes, out, progress=False)
+    assert report.counts["copied"] == 1 and report.counts["resumed"] == 1
+    assert target.read_bytes() == (images / "00000000_000.png").read_bytes()
+
+
+def test_val_fraction_zero_removes_an_old_val_split(tmp_path):
+    images, entry, boxes = small_release(tmp_path)
+    out = tmp_path / "out"
+    prepare_nih(images, entry, boxes, out, val_fraction=0.5, progress=False)
+    assert len(PreparedDataset(out).split("val")) == 3
+    prepare_nih(images, entry, boxes, out, val_fraction=0.0, progress=False)
+    assert not (out / "splits" / "val.txt").exists() and not (out / "splits" / "test.txt").exists()
+    assert len(PreparedDataset(out).split("train")) == 6

@@ -349,3 +349,74 @@ def test_corrupt_gzip_label_file_is_a_data_error(tmp_path):
     path.write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
     with pytest.raises(DataError, match="labels.csv.gz"):
         read_rle_csv(path, PrepareReport("siim", tmp_path))
+
+
+def test_rerun_with_another_size_is_refused_naming_both(tmp_path):
+    dicoms, csv_path = make_case(tmp_path, {"a": block_mask(), "b": None})
+    out = tmp_path / "out"
+    prepare_siim(dicoms, csv_path, out, size=16, progress=False)
+    for other, shown in [(None, 0), (8, 8)]:
+        with pytest.raises(DataError, match=f"--size 16, this run asks for --size {shown} .*fresh --out"):
+            prepare_siim(dicoms, csv_path, out, size=other, progress=False)
+    assert Image.open(out / "images" / "a.png").size == (16, 16)
+    assert prepare_siim(dicoms, csv_path, out, size=16, progress=False).counts["resumed"] == 2
+
+
+def test_native_size_outputs_are_not_resumed_at_a_fixed_size(tmp_path):
+    dicoms, csv_path = make_case(tmp_path, {"a": block_mask()}, size=(16, 16))
+    out = tmp_path / "out"
+    prepare_siim(dicoms, csv_path, out, size=None, progress=False)  # native 16x16
+    with pytest.raises(DataError, match="--size 0, this run asks for --size 16"):
+        prepare_siim(dicoms, csv_path, out, size=16, progress=False)
+
+
+def test_truncated_output_png_is_redone(tmp_path):
+    dicoms, csv_path = make_case(tmp_path, {"a": block_mask(), "b": None})
+    out = tmp_path / "out"
+    prepare_siim(dicoms, csv_path, out, size=16, progress=False)
+    image = out / "images" / "a.png"
+    expected = np.array(Image.open(image))
+    image.write_bytes(image.read_bytes()[:60])  # the header still opens, the pixels are cut
+    with Image.open(image) as header_only:
+        assert header_only.size == (16, 16)
+    second = prepare_siim(dicoms, csv_path, out, size=16, progress=False)
+    assert second.counts["converted"] == 1 and second.counts["resumed"] == 1
+    assert np.array_equal(np.array(Image.open(image)), expected)
+
+
+def test_val_fraction_zero_removes_an_old_val_split(tmp_path):
+    dicoms, csv_path = make_case(tmp_path, {f"i{k}": (block_mask() if k % 2 else None) for k in range(6)})
+    out = tmp_path / "out"
+    prepare_siim(dicoms, csv_path, out, size=16, val_fraction=0.4, progress=False)
+    assert (out / "splits" / "val.txt").is_file()
+    prepare_siim(dicoms, csv_path, out, size=16, val_fraction=0.0, progress=False)
+    assert not (out / "splits" / "val.txt").exists()
+    assert len(PreparedDataset(out).split("train")) == 6
+
+
+def test_out_below_a_regular_file_is_a_one_line_cli_error(cli, tmp_path):
+    dicoms, csv_path = make_case(tmp_path, {"a": block_mask()})
+    (tmp_path / "file").write_text("x")
+    result = cli("prepare", "siim", "--dicom-dir", dicoms, "--rle-csv", csv_path,
+                 "--out", tmp_path / "file" / "out")
+    assert result.exit_code == 2, result.exception  # a user error, not an uncaught exception
+    assert f"error: cannot create the output folder {tmp_path / 'file' / 'out'}" in result.output
+
+
+def test_eight_bit_with_identity_rescale_keeps_its_values(tmp_path):
+    image = np.linspace(50, 200, 20 * 30).reshape(20, 30).astype(np.uint8)
+    write_dicom(tmp_path / "plain.dcm", image)
+    dataset = pydicom.dcmread(tmp_path / "plain.dcm")
+    dataset.RescaleSlope, dataset.RescaleIntercept = 1, 0
+    dataset.save_as(tmp_path / "rescale.dcm")
+    assert np.array_equal(read_dicom(tmp_path / "rescale.dcm"), image)
+
+
+@pytest.mark.parametrize("empty", [None, ""])
+def test_empty_window_tags_count_as_no_window(tmp_path, empty):
+    image = np.linspace(50, 200, 20 * 30).reshape(20, 30).astype(np.uint8)
+    write_dicom(tmp_path / "plain.dcm", image)
+    dataset = pydicom.dcmread(tmp_path / "plain.dcm")
+    dataset.WindowCenter, dataset.WindowWidth = empty, empty
+    dataset.save_as(tmp_path / "window.dcm")
+    assert np.array_equal(read_dicom(tmp_path / "window.dcm"), image)

@@ -119,3 +119,10 @@ def test_prepare_synthetic_refuses_sizes_that_make_no_dataset(cli, tmp_path, opt
     result = cli("prepare", "synthetic", "--out", tmp_path / "out", option, value)
     assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_prepare_synthetic_into_a_path_below_a_file_is_one_line(cli, tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = cli("prepare", "synthetic", "--out", tmp_path / "file" / "out", "--n", "4")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"cannot create the output folder {tmp_path / 'file' / 'out'}" in result.output

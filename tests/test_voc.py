@@ -220,5 +220,21 @@ def test_rerun_gives_the_same_dataset(tmp_path):
     shutil.copytree(SAMPLES / "VOCdevkit", tmp_path / "VOCdevkit")
     first = prepare_voc(tmp_path, tmp_path / "out", progress=False)
     labels = (tmp_path / "out" / "labels.csv").read_text()
+    fingerprint = PreparedDataset(tmp_path / "out").fingerprint()
     second = prepare_voc(tmp_path, tmp_path / "out", workers=2, progress=False)
     assert first.counts == second.counts and (tmp_path / "out" / "labels.csv").read_text() == labels
+    assert PreparedDataset(tmp_path / "out").fingerprint() == fingerprint  # nothing rewritten: stages stay current
+
+
+def test_rerun_without_a_split_removes_its_old_file(tmp_path):
+    ids = ["a", "b", "c"]
+    voc = make_tree(tmp_path / "voc", ids, {"a": class_mask(1), "b": class_mask(2), "c": class_mask(3)},
+                    {"train": ["a", "b"], "val": ["c"], "train_aug": ["a", "b"]}, {})
+    out = tmp_path / "out"
+    prepare_voc(voc, out, progress=False)
+    assert PreparedDataset(out).split("train_aug") == ["a", "b"]
+    (voc / "ImageSets" / "Segmentation" / "train_aug.txt").unlink()
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("gone\n")  # lists no prepared image
+    report = prepare_voc(voc, out, progress=False)
+    assert sorted(p.name for p in (out / "splits").iterdir()) == ["train.txt"]
+    assert report.counts["split_val"] == 0 and "split_train_aug" not in report.counts

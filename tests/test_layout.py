@@ -1,0 +1,66 @@
+"""The prepared layout: the fingerprint sees replaced images, empty splits leave no file, and an
+output path that cannot be a folder is a one-line error."""
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.errors import DataError
+from data.layout import DatasetInfo, DatasetWriter, PreparedDataset
+
+
+def write_dataset(root, n=3):
+    writer = DatasetWriter(root, DatasetInfo("t", "binary", ["thing"]))
+    for k in range(n):
+        writer.write_image(f"i{k}", np.full((8, 8), 10 * k, np.uint8))
+        writer.write_mask(f"i{k}", np.zeros((8, 8), np.uint8))
+    writer.write_labels({f"i{k}": [k % 2] for k in range(n)})
+    writer.write_split("train", [f"i{k}" for k in range(n)])
+    writer.write_info()
+    return writer
+
+
+def test_fingerprint_changes_when_an_image_is_replaced_by_one_of_the_same_size(tmp_path):
+    write_dataset(tmp_path)
+    path = tmp_path / "images" / "i1.png"
+    before = PreparedDataset(tmp_path).fingerprint()
+    old_size, old_mtime = path.stat().st_size, path.stat().st_mtime_ns
+    Image.fromarray(np.full((8, 8), 77, np.uint8)).save(path)
+    assert path.stat().st_size == old_size  # same byte size: names and sizes alone miss it
+    os.utime(path, ns=(old_mtime + 10**9, old_mtime + 10**9))  # replaced later (coarse clocks)
+    assert PreparedDataset(tmp_path).fingerprint() != before
+
+
+def test_fingerprint_is_stable_when_nothing_changes_and_splits_are_rewritten(tmp_path):
+    writer = write_dataset(tmp_path)
+    before = PreparedDataset(tmp_path).fingerprint()
+    writer.write_split("train", ["i0", "i1", "i2"])  # a re-prepare rewrites the same split
+    assert PreparedDataset(tmp_path).fingerprint() == before
+
+
+def test_empty_split_removes_an_old_file(tmp_path):
+    writer = write_dataset(tmp_path)
+    writer.write_split("val", ["i2"])
+    writer.write_split("val", [])
+    assert not (tmp_path / "splits" / "val.txt").exists()
+    writer.write_split("val", [])  # nothing to remove: fine
+
+
+@pytest.mark.parametrize("below", [True, False])
+def test_out_under_a_regular_file_is_a_data_error_naming_it(tmp_path, below):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "out" if below else tmp_path / "file"
+    with pytest.raises(DataError, match=re.escape(f"cannot create the output folder {out}")):
+        DatasetWriter(out, DatasetInfo("t", "binary", ["thing"]))
+
+
+def test_writing_the_same_dataset_again_keeps_the_fingerprint(tmp_path):
+    """Re-preparing unchanged data rewrites nothing, so no stage becomes stale."""
+    write_dataset(tmp_path)
+    before = PreparedDataset(tmp_path).fingerprint()
+    mtime = (tmp_path / "images" / "i1.png").stat().st_mtime_ns
+    write_dataset(tmp_path)
+    assert (tmp_path / "images" / "i1.png").stat().st_mtime_ns == mtime
+    assert PreparedDataset(tmp_path).fingerprint() == before
