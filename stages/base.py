@@ -50,6 +50,18 @@ def section_dict(section: Any, only: set[str] | None = None, skip: set[str] | No
     return values
 
 
+def weights_file_stamp(weights: str | None) -> str | None:
+    """Size and mtime of a local weights file, for the cache key: a file overwritten in place
+    under the same path (a re-trained encoder) makes the stage stale. None for null/imagenet."""
+    if weights in (None, "imagenet"):
+        return None
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        return "missing"  # the stage itself reports it when it runs
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def source_hash(*relative_paths: str) -> str:
     """Hash of the source files a stage's results depend on: editing them makes artifacts stale."""
     digest = hashlib.sha256()

@@ -6,6 +6,7 @@ the store: a run that raises or is killed must leave nothing that a later run wo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -84,6 +85,16 @@ def test_dataset_change_changes_the_key(tiny_synthetic, tmp_path):
     split = root / "splits" / "train.txt"
     split.write_text("".join(split.read_text().splitlines(keepends=True)[:-1]))
     assert make_pipeline(root, tmp_path).key("cam").digest != before
+
+
+def test_a_weights_file_overwritten_in_place_changes_the_key(tiny_synthetic, tmp_path):
+    weights = tmp_path / "resnet18.pth"
+    weights.write_bytes(b"first")
+    before = make_pipeline(tiny_synthetic, tmp_path, f"cam.weights={weights}").key("cam").digest
+    assert make_pipeline(tiny_synthetic, tmp_path, f"cam.weights={weights}").key("cam").digest == before
+    weights.write_bytes(b"other")  # same path and size, retrained
+    os.utime(weights, ns=(weights.stat().st_mtime_ns + 10**9,) * 2)
+    assert make_pipeline(tiny_synthetic, tmp_path, f"cam.weights={weights}").key("cam").digest != before
 
 
 def test_limit_is_part_of_the_key(tiny_synthetic, tmp_path):

@@ -64,3 +64,12 @@ def test_writing_the_same_dataset_again_keeps_the_fingerprint(tmp_path):
     write_dataset(tmp_path)
     assert (tmp_path / "images" / "i1.png").stat().st_mtime_ns == mtime
     assert PreparedDataset(tmp_path).fingerprint() == before
+
+
+def test_fingerprint_reads_the_boxes_the_cam_stage_scores_against(tmp_path):
+    write_dataset(tmp_path)
+    before = PreparedDataset(tmp_path).fingerprint()
+    (tmp_path / "boxes.csv").write_text("image_id,finding,x,y,w,h\ni0,thing,1,1,4,4\n")
+    with_boxes = PreparedDataset(tmp_path).fingerprint()
+    (tmp_path / "boxes.csv").write_text("image_id,finding,x,y,w,h\ni0,thing,2,1,4,4\n")
+    assert len({before, with_boxes, PreparedDataset(tmp_path).fingerprint()}) == 3

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from data.datasets import ClassificationDataset, SafeImageDataset, first_item
 from data.layout import PreparedDataset
 from data.transforms import normalize
-from stages.base import StageResult, section_dict, source_hash
+from stages.base import StageResult, section_dict, source_hash, weights_file_stamp
 from stages.cam.infer import cam_to_label, load_cam, multiscale_cam, save_cam, upsample_cam
 from stages.cam.methods import build_cam_net
 from stages.common import distributed
@@ -48,7 +48,7 @@ class CamStage:
     section = "cam"
 
     def key_config(self, cfg) -> dict:
-        return section_dict(cfg.cam)
+        return {**section_dict(cfg.cam), "weights_file": weights_file_stamp(cfg.cam.weights)}
 
     def code_version(self) -> str:
         return source_hash("stages/cam", "stages/common", "stages/base.py", "data/layout.py",
