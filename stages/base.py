@@ -52,8 +52,9 @@ def section_dict(section: Any, only: set[str] | None = None, skip: set[str] | No
 
 def weights_file_stamp(weights: str | None) -> str | None:
     """Size and mtime of a local weights file, for the cache key: a file overwritten in place
-    under the same path (a re-trained encoder) makes the stage stale. None for null/imagenet."""
-    if weights in (None, "imagenet"):
+    under the same path (a re-trained encoder) makes the stage stale. None for null, imagenet
+    and seg's `cam` (the cam stage's key covers that)."""
+    if weights in (None, "imagenet", "cam"):
         return None
     path = Path(weights).expanduser()
     if not path.is_file():

@@ -95,6 +95,9 @@ def test_a_weights_file_overwritten_in_place_changes_the_key(tiny_synthetic, tmp
     weights.write_bytes(b"other")  # same path and size, retrained
     os.utime(weights, ns=(weights.stat().st_mtime_ns + 10**9,) * 2)
     assert make_pipeline(tiny_synthetic, tmp_path, f"cam.weights={weights}").key("cam").digest != before
+    seg = make_pipeline(tiny_synthetic, tmp_path, f"seg.encoder_weights={weights}").key("seg").digest
+    os.utime(weights, ns=(weights.stat().st_mtime_ns + 10**9,) * 2)
+    assert make_pipeline(tiny_synthetic, tmp_path, f"seg.encoder_weights={weights}").key("seg").digest != seg
 
 
 def test_limit_is_part_of_the_key(tiny_synthetic, tmp_path):

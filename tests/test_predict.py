@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import csv
+import logging
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -11,13 +13,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from data.dicom import write_dicom
+from data.dicom import stretch_to_uint8, write_dicom
 from data.layout import IGNORE_INDEX, PreparedDataset, read_index_png, write_index_png
 from data.rle import siim_rle_decode
 from pipeline.config import load_config
 from pipeline.predict import predict_command
 from stages.seg.model import SegModelError
-from stages.seg.predict import collect_inputs, overlay, predict_inputs
+from stages.seg.predict import collect_inputs, overlay, predict_inputs, read_input
 from stages.seg.stage import SegStage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,9 +202,63 @@ def test_predict_command_exit_codes(binary_model, multiclass_model, tmp_path):
                                              "--artifact", str(artifact), "--probabilities"])
     assert result.exit_code == 1
     assert "bad.png" in result.output and (tmp_path / "mixed" / "probabilities" / "scan.npy").is_file()
+    assert read_submission(tmp_path / "mixed" / "submission.csv") == {"scan": mock.ANY, "bad": "-1"}
 
     mc_root, mc_artifact = multiclass_model  # the binary config's dataset does not fit this model
     result = runner.invoke(predict_command, ["-c", str(config), str(good), "--out", str(tmp_path / "x"),
                                              "--artifact", str(mc_artifact)])
     assert result.exit_code == 2 and "error:" in result.output and "trained for classes" in result.output
     assert "Traceback" not in result.output
+
+
+def test_read_input_stretches_deep_grayscale_and_drops_alpha(tmp_path):
+    ramp = np.arange(12 * 16).reshape(12, 16)
+    deep = {"i16.png": Image.fromarray((ramp * 300).astype(np.uint16)),  # mode I;16, up to 57000
+            "i16b.tif": Image.fromarray((ramp * 300).astype(">u2")),   # mode I;16B
+            "i32.tif": Image.fromarray((ramp * 1000 - 5000).astype(np.int32)),  # mode I
+            "float.tif": Image.fromarray((ramp / ramp.max()).astype(np.float32))}  # mode F in [0, 1]
+    for name, image in deep.items():
+        image.save(tmp_path / name)
+        got = read_input(tmp_path / name)
+        assert got.shape == (12, 16, 3) and got.dtype == np.uint8, name
+        np.testing.assert_array_equal(got[:, :, 0], stretch_to_uint8(ramp), err_msg=name)
+        assert (got == got[:, :, :1]).all(), name
+    rgba = np.zeros((4, 5, 4), np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 3] = 200, 50, 0  # fully transparent: alpha is dropped
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    assert read_input(tmp_path / "rgba.png")[0, 0].tolist() == [200, 50, 0]
+
+
+def test_exif_orientation_is_applied(multiclass_model, tmp_path):
+    _, artifact = multiclass_model
+    stored = np.zeros((20, 40, 3), np.uint8)  # stored 40 wide, 20 high
+    stored[:, :10] = 255  # a bright left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(stored).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    shown = read_input(tmp_path / "turned.jpg")
+    assert shown.shape == (40, 20, 3)
+    assert shown[:5].mean() > 200 and shown[-5:].mean() < 50  # the left edge is now the top
+    report = predict_inputs(artifact, [tmp_path / "turned.jpg"], tmp_path / "out", device="cpu")
+    assert report.written == ["turned"]
+    assert read_index_png(tmp_path / "out" / "masks" / "turned.png").shape == (40, 20)
+
+
+def test_submission_has_placeholder_rows_and_full_dicom_uids(binary_model, tmp_path, caplog):
+    _, artifact = binary_model
+    uid = "1.2.276.0.7230010.3.1.4.8323329.5597.1517875190.762693"
+    write_dicom(tmp_path / uid, np.full((32, 32), 100, np.uint8))  # no suffix: found by its DICM magic
+    write_dicom(tmp_path / "scan.dcm", np.full((32, 32), 90, np.uint8))
+    bad = tmp_path / "1.2.276.0.7230010.3.1.4.8323329.9999.1517875190.111.dcm"
+    bad.write_bytes(b"not a dicom")
+    with caplog.at_level(logging.WARNING, logger="wss.predict"):
+        report = predict_inputs(artifact, [tmp_path / uid, bad, tmp_path / "scan.dcm"], tmp_path / "out",
+                                device="cpu")
+    assert report.written == [uid, "scan"] and len(report.failures) == 1
+    assert (tmp_path / "out" / "masks" / f"{uid}.png").is_file()
+    assert (tmp_path / "out" / "overlays" / f"{uid}.png").is_file()
+    rows = read_submission(report.submission)
+    assert list(rows) == [uid, bad.stem, "scan"]  # one row per input, in input order
+    assert rows[bad.stem] == "-1"
+    warning = [r.getMessage() for r in caplog.records if "placeholder" in r.getMessage()]
+    assert len(warning) == 1 and bad.stem in warning[0]

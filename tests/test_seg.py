@@ -413,3 +413,14 @@ def test_stage_contract():
     assert stage.key_config(cfg)["encoder"] == "resnet18"
     assert len(stage.code_version()) == 16
     assert seg_stage.headline_metric("binary") == "seg_val_kaggle_dice"
+
+
+@pytest.mark.parametrize("arch, crop, nearest", [("FPN", 48, "32 or 64"), ("UnetPlusPlus", 20, "use 32"),
+                                                 ("DeepLabV3Plus", 40, "32 or 48")])
+def test_preflight_refuses_a_crop_the_architecture_cannot_take(synthetic_dataset, arch, crop, nearest):
+    dataset = PreparedDataset(synthetic_dataset(n=24, size=64))
+    cfg = load_config(None, [*FAST_SEG, f"seg.arch={arch}", f"seg.crop_size={crop}"])
+    with pytest.raises(SegModelError, match=rf"seg\.crop_size.*{arch}.*{nearest}"):
+        SegStage().preflight(cfg, dataset)
+    # smp 0.6's Unet states (requires_divisible_input_shape = False) that it takes any size
+    SegStage().preflight(load_config(None, [*FAST_SEG, "seg.crop_size=40"]), dataset)

@@ -60,6 +60,14 @@ def build_segmenter(arch: str, encoder: str, encoder_weights: str | None, channe
     return model
 
 
+def input_multiple(model: torch.nn.Module) -> int:
+    """The multiple that the model's input sides must be, as smp's own `check_input_shape` decides it:
+    the encoder's output stride, or 1 where the architecture says it takes any size."""
+    if not getattr(model, "requires_divisible_input_shape", True):
+        return 1
+    return int(getattr(model.encoder, "output_stride", PAD_MULTIPLE))
+
+
 def load_cam_encoder(model: torch.nn.Module, cam_artifact: Path, encoder: str) -> None:
     """Start the encoder from the stage-1 classifier's trunk (`seg.encoder_weights: cam`).
 

@@ -1,11 +1,14 @@
 """Apply a trained segmenter to new files: image files, folders of them, and DICOMs.
 
-Outputs in `out_dir`, named by each input's file stem:
-    masks/<stem>.png          class indices as a palette PNG, at the input's own size
-    overlays/<stem>.png       the image with the classes' palette colours blended in
-    probabilities/<stem>.npy  float16 (C, H, W) when asked (binary: C = 1, the foreground)
-    submission.csv            binary models: `ImageId,EncodedPixels` (SIIM RLE, -1 when empty)
-A file that cannot be read is reported and skipped; the others are still processed.
+Outputs in `out_dir`, named by each input's id (see `image_id`):
+    masks/<id>.png          class indices as a palette PNG, at the size and orientation the image
+                            is displayed in (EXIF orientation applied)
+    overlays/<id>.png       the image with the classes' palette colours blended in
+    probabilities/<id>.npy  float16 (C, H, W) when asked (binary: C = 1, the foreground)
+    submission.csv          binary models: `ImageId,EncodedPixels` (SIIM RLE, -1 when empty)
+A file that cannot be read is reported and skipped; the others are still processed. Kaggle wants
+a row for every ImageId, so such a file still gets a submission row: a placeholder -1 (no
+finding), which is a guess, not a prediction; a warning names those files.
 """
 from __future__ import annotations
 
@@ -16,14 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from data.datasets import first_item
 from data.dicom import is_dicom, read_dicom
-from data.errors import WssError
-from data.layout import atomic_save, read_rgb, write_index_png
+from data.errors import DataError, WssError
+from data.layout import atomic_save, write_index_png
+from data.nih import to_grayscale
 from data.rle import siim_rle_encode
 from stages.common.runtime import resolve_device
 from stages.seg.model import load_segmenter, predict_probabilities, probabilities_to_mask
@@ -35,9 +39,10 @@ OVERLAY_ALPHA = 0.5
 
 @dataclass
 class PredictReport:
-    written: list[str] = field(default_factory=list)  # stems of the inputs that got outputs
+    written: list[str] = field(default_factory=list)  # ids of the inputs that got outputs
     failures: list[str] = field(default_factory=list)  # one line per input that did not
     submission: Path | None = None
+    placeholders: list[str] = field(default_factory=list)  # ids given a -1 row because they could not be read
 
 
 def collect_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
@@ -58,12 +63,32 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
     return files, failures
 
 
+def image_id(path: Path) -> str:
+    """The name outputs and submission rows go by: the stem when the suffix is an image/DICOM one,
+    else the whole name, so that a suffix-less DICOM named by its SOPInstanceUID keeps the UID's last part."""
+    return path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
+
+
 def read_input(path: Path) -> np.ndarray:
-    """uint8 HxWx3 of an image file or a DICOM (by magic or suffix); WssError naming the file."""
+    """uint8 HxWx3 of an image file or a DICOM (by magic or suffix); WssError naming the file.
+
+    Images are turned as they are displayed (EXIF orientation), so the masks are in that
+    orientation too. Grayscale deeper than 8 bits (16-bit PNG, integer or float TIFF) is
+    stretched from its own minimum to maximum, as NIH preparation does (`to_grayscale`); RGB
+    conversion would clip it at 255 or round [0, 1] floats to black. Alpha (RGBA, LA) is
+    dropped, not composited: the colour under it is what was imaged.
+    """
     if path.suffix.lower() in (".dcm", ".dicom") or is_dicom(path):
         gray = read_dicom(path)
         return np.repeat(gray[:, :, None], 3, axis=2)
-    return read_rgb(path)
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if len(image.getbands()) == 1 and image.mode != "P":
+                return np.repeat(to_grayscale(image)[:, :, None], 3, axis=2)
+            return np.array(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as error:  # Pillow's errors for damaged files
+        raise DataError(f"{path}: cannot decode image ({error})") from None
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, palette: list[list[int]], alpha: float = OVERLAY_ALPHA) -> np.ndarray:
@@ -111,10 +136,10 @@ def predict_inputs(artifact_dir: Path, inputs: list[str | Path], out_dir: Path, 
     files, failures = collect_inputs(inputs)
     unique: dict[str, Path] = {}
     for path in files:
-        if path.stem in unique:
-            failures.append(f"{path}: same name as {unique[path.stem]}; outputs are named by file stem, skipped")
+        if image_id(path) in unique:
+            failures.append(f"{path}: same name as {unique[image_id(path)]}; outputs are named by it, skipped")
         else:
-            unique[path.stem] = path
+            unique[image_id(path)] = path
     report = PredictReport(failures=failures)
     out_dir = Path(out_dir)
     for sub in ["masks", "overlays"] + (["probabilities"] if probabilities else []):
@@ -122,10 +147,14 @@ def predict_inputs(artifact_dir: Path, inputs: list[str | Path], out_dir: Path, 
     rows = []
     loader = DataLoader(InputFiles(list(unique.values())), batch_size=1, collate_fn=first_item, num_workers=workers)
     for item in tqdm(loader, desc="predict", unit="file", leave=False):
+        stem = image_id(item["path"])
         if "error" in item:
             report.failures.append(item["error"])
+            if meta["task"] == "binary":
+                rows.append((stem, "-1"))
+                report.placeholders.append(stem)
             continue
-        image, stem = item["image"], item["path"].stem
+        image = item["image"]
         probs = predict_probabilities(model, image, meta["task"], long_side, torch_device)
         mask = probabilities_to_mask(probs, meta["task"], threshold)
         write_index_png(out_dir / "masks" / f"{stem}.png", mask, meta["palette"])
@@ -139,6 +168,10 @@ def predict_inputs(artifact_dir: Path, inputs: list[str | Path], out_dir: Path, 
         report.submission = write_submission(out_dir / "submission.csv", rows)
     for line in report.failures:
         log.warning("predict: %s", line)
+    if report.placeholders:
+        log.warning("predict: %s has %d placeholder row(s) with EncodedPixels -1 for inputs that could not be "
+                    "read; they are not predictions: %s", report.submission, len(report.placeholders),
+                    ", ".join(report.placeholders))
     return report
 
 
@@ -150,7 +183,7 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def write_submission(path: Path, rows: list[tuple[str, str]]) -> Path:
-    """Kaggle SIIM submission: one row per image, ImageId = file stem (the SOPInstanceUID)."""
+    """Kaggle SIIM submission: one row per image, ImageId = `image_id` (the SOPInstanceUID)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)

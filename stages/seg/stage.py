@@ -19,15 +19,16 @@ from tqdm.auto import tqdm
 from data.datasets import SafeImageDataset, first_item
 from data.errors import WssError
 from data.layout import PreparedDataset, read_index_png, write_index_png
-from stages.base import StageInputError, StageResult, section_dict, source_hash
+from stages.base import StageInputError, StageResult, section_dict, source_hash, weights_file_stamp
 from stages.common import distributed
 from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, per_class_table
 from stages.common.runtime import resolve_device, seed_everything, worker_count
 from stages.common.training import TrainSettings, fit, save_atomic
 from stages.seg.data import PseudoLabelDataset, normalize_batch, pseudo_label_items, read_pseudo_label
 from stages.seg.losses import SegLoss
-from stages.seg.model import (MODEL_FILE, SegModelError, build_segmenter, inference_long_side, load_cam_encoder,
-                              output_channels, predict_probabilities, probabilities_to_mask, save_segmenter)
+from stages.seg.model import (MODEL_FILE, SegModelError, build_segmenter, inference_long_side, input_multiple,
+                              load_cam_encoder, output_channels, predict_probabilities, probabilities_to_mask,
+                              save_segmenter)
 
 log = logging.getLogger("wss.seg")
 PREDICTIONS = "predictions"
@@ -41,18 +42,21 @@ class SegStage:
     section = "seg"
 
     def key_config(self, cfg) -> dict:
-        return section_dict(cfg.seg)
+        return {**section_dict(cfg.seg), "weights_file": weights_file_stamp(cfg.seg.encoder_weights)}
 
     def code_version(self) -> str:
         return source_hash("stages/seg", "stages/common", "stages/base.py", "data/layout.py",
                            "data/transforms.py")
 
     def preflight(self, cfg, dataset: PreparedDataset) -> None:
-        """Architecture, encoder, options and loss names exist; the encoder weights can be found."""
+        """Architecture, encoder, options and loss names exist; the crop fits the model; the encoder
+        weights can be found. seg.predict_size needs no check: prediction pads to a multiple of 32,
+        which every smp output stride (8, 16, 32) divides."""
         section = cfg.seg
         SegLoss(section.losses, dataset.task)
-        build_segmenter(section.arch, section.encoder, None, output_channels(dataset.task, dataset.info.num_classes),
-                        section.arch_options)
+        model = build_segmenter(section.arch, section.encoder, None,
+                                output_channels(dataset.task, dataset.info.num_classes), section.arch_options)
+        check_crop_size(section, input_multiple(model))
         if section.encoder_weights == "cam" and section.encoder != cfg.cam.backbone:
             raise SegModelError(f"seg.encoder_weights: cam needs seg.encoder to be the classifier's backbone "
                                 f"(cam.backbone {cfg.cam.backbone}), got {section.encoder}")
@@ -155,6 +159,16 @@ class SegStage:
                 scores_path.write_text(json.dumps({**saved, **image_scores}))
             metrics = score_predictions(dataset, ids, out, f"seg_{split}_")
         return distributed.broadcast(metrics), failures
+
+
+def check_crop_size(section, multiple: int) -> None:
+    """Fail before training, not at its first batch, when smp would refuse the crops."""
+    crop = section.crop_size
+    if crop % multiple:
+        low = crop // multiple * multiple
+        nearest = f"{low} or {low + multiple}" if low else f"{multiple}"
+        raise SegModelError(f"seg.crop_size: {section.arch}/{section.encoder} takes only multiples of {multiple}, "
+                            f"got {crop}; use {nearest}")
 
 
 def score_predictions(dataset: PreparedDataset, ids: list[str], artifact: Path, prefix: str) -> dict:
