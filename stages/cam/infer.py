@@ -28,8 +28,10 @@ def gradcam_pp_maps(model, x: torch.Tensor, keys: list[int]) -> torch.Tensor:
     g = dS/dA (the exponential-score form), and the map is ReLU(sum_k w_k A_k) with
     w_k = sum(alpha * ReLU(g)) over space.
     """
+    with torch.no_grad():  # the trunk's activations are not needed for these gradients
+        features = model.features(x)
+    features = features.detach().float().requires_grad_(True)
     with torch.enable_grad():
-        features = model.features(x).detach().float().requires_grad_(True)
         logits = model.classify(features)
         maps = []
         for key in keys:
