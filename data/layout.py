@@ -83,6 +83,14 @@ def write_index_png(path: Path, mask: np.ndarray, palette: list[list[int]]) -> N
     atomic_save(image, path)
 
 
+def create_folder(path: Path) -> None:
+    """mkdir -p, with a one-line error when it cannot be (e.g. --out names a file, or a folder below one)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"cannot create the output folder {path}: {error.strerror or error}") from None
+
+
 def atomic_save(image: Image.Image, path: Path) -> None:
     """Save through a temporary name so that a killed process never leaves half a PNG."""
     path = Path(path)
@@ -274,11 +282,9 @@ class DatasetWriter:
     def __init__(self, root: str | Path, info: DatasetInfo):
         self.root = Path(root)
         self.info = info
-        try:
-            for sub in ["images", "masks", "splits"]:
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
-        except OSError as error:  # e.g. --out names a file, or a folder below one
-            raise DataError(f"cannot create the output folder {self.root}: {error.strerror or error}") from None
+        create_folder(self.root)
+        for sub in ["images", "masks", "splits"]:
+            create_folder(self.root / sub)
 
     def image_path(self, image_id: str) -> Path:
         return self.root / "images" / f"{image_id}{self.info.image_ext}"

@@ -144,6 +144,7 @@ def prepare_synthetic(out: Path, n: int, size: int, seed: int, variant: str, mar
 
     from tqdm.auto import tqdm
 
+    from data.layout import create_folder
     from data.synthetic import SyntheticSpec, write_synthetic
     setup_logging()
     spec = SyntheticSpec(n=n, size=size, seed=seed, variant=variant, mark_scale=mark_scale)
@@ -152,10 +153,8 @@ def prepare_synthetic(out: Path, n: int, size: int, seed: int, variant: str, mar
     if not force and stamp.is_file() and stamp.read_text() == wanted and (out / "dataset.json").is_file():
         click.echo(f"synthetic dataset already prepared in {out} (same spec), skipping")
         return
-    try:
-        (out / "dataset.json").unlink(missing_ok=True)  # until rewritten, it is not a dataset
-    except OSError as error:  # e.g. --out below a regular file
-        raise WssError(f"cannot create the output folder {out}: {error.strerror or error}") from None
+    create_folder(out)
+    (out / "dataset.json").unlink(missing_ok=True)  # until rewritten, it is not a dataset
     write_synthetic(out, spec, progress=lambda ids: tqdm(ids, desc="synthetic", unit="img"))
     stamp.write_text(wanted)
     click.echo(f"wrote {n} images to {out}")

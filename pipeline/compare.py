@@ -20,6 +20,7 @@ import click
 import numpy as np
 
 from data.errors import WssError
+from data.layout import create_folder
 from stages.base import PACKAGE_ROOT
 
 log = logging.getLogger("wss.compare")
@@ -221,10 +222,7 @@ def compare_command(config_paths, overrides, methods: str, through: str, out: Pa
     from pipeline.runner import Pipeline
     dataset = Pipeline(first).dataset
     out = out or Path(first.run.workdir) / dataset.name / "compare"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise WssError(f"cannot create the output folder {out}: {error.strerror or error}") from None
+    create_folder(out)
     rows = []
     for method in names:
         log.info("compare: method %s", method)
