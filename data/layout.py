@@ -91,6 +91,14 @@ def create_folder(path: Path) -> None:
         raise DataError(f"cannot create the output folder {path}: {error.strerror or error}") from None
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a hidden temporary name and rename: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def atomic_save(image: Image.Image, path: Path) -> None:
     """Save through a temporary name so that a killed process never leaves half a PNG."""
     path = Path(path)
@@ -319,7 +327,4 @@ class DatasetWriter:
 
     def write_info(self) -> None:
         """Written last: a directory without dataset.json is not a prepared dataset."""
-        path = self.root / "dataset.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.info.to_json(), indent=1))
-        os.replace(tmp, path)
+        write_text_atomic(self.root / "dataset.json", json.dumps(self.info.to_json(), indent=1))

@@ -12,6 +12,8 @@ import multiprocessing
 from pathlib import Path
 from typing import Any
 
+from data.layout import write_text_atomic
+
 REPORT_NAME = "prepare_report.json"
 LISTED_IDS_LIMIT = 1000  # ids kept per category in the JSON; the count is always exact
 
@@ -73,9 +75,7 @@ class PrepareReport:
     def write(self) -> Path:
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(self.to_json(), indent=1))
         return path
 
     def summary(self) -> str:

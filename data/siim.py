@@ -35,7 +35,7 @@ from PIL import Image
 
 from data.dicom import read_dicom
 from data.errors import DataError
-from data.layout import DatasetInfo, DatasetWriter, default_palette, write_index_png
+from data.layout import DatasetInfo, DatasetWriter, default_palette, write_index_png, write_text_atomic
 from data.prepare_report import PrepareReport, parallel_map, save_png
 from data.rle import siim_rle_decode, siim_rle_is_empty
 
@@ -303,9 +303,7 @@ def _check_stamp(out: Path, size: int | None) -> None:
     path = out / STAMP_NAME
     wanted = {"size": size or 0}
     if not path.is_file():
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(wanted))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(wanted))
         return
     try:
         before = json.loads(path.read_text()).get("size", "unknown")

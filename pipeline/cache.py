@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.errors import WssError
+from data.layout import write_text_atomic
 
 MANIFEST = "manifest.json"
 
@@ -131,9 +132,7 @@ class ArtifactStore:
         """Write the manifest last, then move the directory into place."""
         manifest = {**manifest, "stage": key.stage, "key": key.digest, "key_parts": key.parts,
                     "finished": time.time()}
-        tmp = partial / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1, default=str))
-        os.replace(tmp, partial / MANIFEST)
+        write_text_atomic(partial / MANIFEST, json.dumps(manifest, indent=1, default=str))
         final = self.final_dir(key)
         if final.exists():
             trash = final.with_name(f".{final.name}.old{os.getpid()}")
@@ -148,6 +147,4 @@ class ArtifactStore:
         """Atomically rewrite fields of a complete artifact's manifest (e.g. new metrics)."""
         manifest = self.read_manifest(path) or {}
         manifest.update(changes)
-        tmp = path / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1, default=str))
-        os.replace(tmp, path / MANIFEST)
+        write_text_atomic(path / MANIFEST, json.dumps(manifest, indent=1, default=str))

@@ -20,7 +20,7 @@ import click
 import numpy as np
 
 from data.errors import WssError
-from data.layout import create_folder
+from data.layout import create_folder, write_text_atomic
 from stages.base import PACKAGE_ROOT
 
 log = logging.getLogger("wss.compare")
@@ -84,9 +84,7 @@ def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict
         localization = point_localization(dataset, boxes, work / "boxed_cams")
         scores["point_acc"] = localization.get("point/mean", float("nan"))
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.tmp")
-    tmp.write_text(json.dumps({"artifact_manifest": made_by, "scores": scores}, indent=1))
-    os.replace(tmp, cache)
+    write_text_atomic(cache, json.dumps({"artifact_manifest": made_by, "scores": scores}, indent=1))
     return scores
 
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from data.errors import WssError
+from data.layout import write_text_atomic
 from stages.common import distributed
 from stages.common.runtime import autocast
 
@@ -140,9 +141,7 @@ def rewrite_epoch_log(path: Path, desc: str, history: list[dict]) -> None:
     lines = path.read_text().splitlines() if path.is_file() else []
     kept = [line for line in lines if line.strip() and other_step(line)]
     kept += [json.dumps({"stage_step": desc, **record}) for record in history]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float]],
