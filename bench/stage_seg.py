@@ -7,8 +7,9 @@
   batch already on the device, AMP bf16 + channels_last on CUDA as in the loop, after warm-up;
 - real loop: stages.common.training.fit over the stage's PseudoLabelDataset (PNG decode of
   image and pseudo-label, resize-long in [0.625, 1.25] x size, flip, pad-crop to size,
-  DataLoader workers, pinned uint8 host->device copies, normalisation on the device); two epochs of N batches, the second is
-  reported (the first pays for worker start-up and cuDNN autotuning);
+  DataLoader workers, pinned uint8 host->device copies, normalisation on the device); two
+  epochs of N batches, both reported: the first pays for worker start-up and cuDNN autotuning,
+  the second is the steady state (fit keeps its workers between epochs);
 - inference: whole-image predict_probabilities (batch 1, pad to 32, upsample) per image.
 
 Images: K synthetic ones of the requested size written to a temporary prepared dataset
@@ -32,10 +33,11 @@ from bench.timing import images_per_second, synchronize, training_step  # noqa: 
 
 from data.layout import PreparedDataset  # noqa: E402
 from data.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
+from data.transforms import normalize_batch  # noqa: E402
 from stages.common.metrics import format_table  # noqa: E402
 from stages.common.runtime import resolve_device, seed_everything, worker_count  # noqa: E402
 from stages.common.training import TrainSettings, fit, make_optimizer  # noqa: E402
-from stages.seg.data import PseudoLabelDataset, normalize_batch  # noqa: E402
+from stages.seg.data import PseudoLabelDataset  # noqa: E402
 from stages.seg.losses import SegLoss  # noqa: E402
 from stages.seg.model import build_segmenter, output_channels, predict_probabilities  # noqa: E402
 

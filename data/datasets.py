@@ -9,12 +9,18 @@ from torch.utils.data import Dataset
 
 from data.errors import WssError
 from data.layout import IGNORE_INDEX, PreparedDataset, read_index_png
-from data.transforms import normalize, train_augment
+from data.transforms import train_augment, uint8_tensor
 
 
 class AugmentedDataset(Dataset):
     """Training crops whose augmentation is seeded by (seed, epoch, index): reproducible, and a
-    resumed run sees the same batches."""
+    resumed run sees the same batches.
+
+    `item(index, epoch)` is the item as augmented in `epoch`: the training loop's persistent
+    loader workers call it with the epoch each index travels with (their copy of the dataset
+    never sees `set_epoch`). `dataset[index]` is `item(index, <the epoch set last>)`.
+    Images are uint8 (H, W, 3), normalised on the device by data.transforms.normalize_batch.
+    """
 
     def __init__(self, dataset: PreparedDataset, ids: list[str], long_range, crop: int, seed: int = 0):
         self.dataset, self.ids = dataset, list(ids)
@@ -26,18 +32,24 @@ class AugmentedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, index])
+    def __getitem__(self, index: int) -> dict:
+        return self.item(index, self.epoch)
+
+    def item(self, index: int, epoch: int) -> dict:
+        raise NotImplementedError
+
+    def rng(self, index: int, epoch: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, index])
 
 
 class ClassificationDataset(AugmentedDataset):
     """Augmented crops with the image-level label vector (stage 1)."""
 
-    def __getitem__(self, index: int) -> dict:
+    def item(self, index: int, epoch: int) -> dict:
         image_id = self.ids[index]
-        image, _, _ = train_augment(self.rng(index), self.dataset.read_image(image_id), None, self.long_range,
-                                    self.crop)
-        return {"image": normalize(image), "label": torch.from_numpy(self.dataset.label_vector(image_id))}
+        image, _, _ = train_augment(self.rng(index, epoch), self.dataset.read_image(image_id), None,
+                                    self.long_range, self.crop)
+        return {"image": uint8_tensor(image), "label": torch.from_numpy(self.dataset.label_vector(image_id))}
 
 
 class LabelMapDataset(AugmentedDataset):
@@ -52,15 +64,15 @@ class LabelMapDataset(AugmentedDataset):
         super().__init__(dataset, ids, long_range, crop, seed)
         self.label_dir, self.label_stride = Path(label_dir), label_stride
 
-    def __getitem__(self, index: int) -> dict:
+    def item(self, index: int, epoch: int) -> dict:
         image_id = self.ids[index]
         label = read_index_png(self.label_dir / f"{image_id}.png")
-        image, label, _ = train_augment(self.rng(index), self.dataset.read_image(image_id), label,
+        image, label, _ = train_augment(self.rng(index, epoch), self.dataset.read_image(image_id), label,
                                         self.long_range, self.crop, IGNORE_INDEX)
         if self.label_stride > 1:
             s = self.label_stride  # nearest neighbour: the centre pixel of every s x s cell
             label = label[s // 2::s, s // 2::s]
-        return {"image": normalize(image), "label": torch.from_numpy(label.astype(np.int64))}
+        return {"image": uint8_tensor(image), "label": torch.from_numpy(label.astype(np.int64))}
 
 
 class ImageDataset(Dataset):

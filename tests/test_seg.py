@@ -153,14 +153,15 @@ def test_binary_negative_without_pseudo_label_is_background(synthetic_dataset, t
 
 
 def test_normalize_batch_matches_the_per_image_normalize():
-    from data.transforms import normalize
-    from stages.seg.data import normalize_batch
+    """The training steps normalise uint8 batches on the device; inference uses `normalize`."""
+    from data.transforms import normalize, normalize_batch
 
-    images = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (3, 17, 23, 3), dtype=np.uint8)
+    images[0, 0, :3] = [[0, 0, 0], [255, 255, 255], [128, 64, 32]]
     batch = normalize_batch(torch.from_numpy(images))
-    assert batch.shape == (2, 3, 5, 7) and batch.dtype == torch.float32
+    assert batch.shape == (3, 3, 17, 23) and batch.dtype == torch.float32
     for image, normalized in zip(images, batch):
-        torch.testing.assert_close(normalized, normalize(image), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(normalized, normalize(image), rtol=0, atol=1e-6)
 
 
 def test_resume_continues_to_the_same_model(synthetic_dataset, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """The shared training loop: an interrupted and resumed run ends where the uninterrupted one
-does, randomness of the model (dropout, DropBlock) included, and logs every epoch once."""
+does, randomness of the model (dropout, DropBlock) included, and logs every epoch once; the
+batches do not depend on the number of (persistent) loader workers."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,10 @@ import torch
 from torch import nn
 
 import stages.common.training as training
-from stages.common.training import TrainSettings, fit
+from data.datasets import ClassificationDataset
+from data.layout import PreparedDataset
+from data.transforms import normalize_batch
+from stages.common.training import TrainSettings, fit, make_loader
 from tests.distributed_fit import NoisySquares
 
 EPOCHS = 3
@@ -51,3 +55,57 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_run(tmp_path, monkey
         torch.testing.assert_close(resumed[name], weights, rtol=0, atol=0, msg=name)
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+class CountingEpochs(ClassificationDataset):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.set_epochs = []
+
+    def set_epoch(self, epoch):
+        self.set_epochs.append(epoch)
+        super().set_epoch(epoch)
+
+
+def training_batches(dataset, workers, out):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    settings = TrainSettings(epochs=2, batch_size=4, lr=0.01, workers=workers)
+    batches = []
+
+    def step(net, batch):
+        batches.append({key: value.clone() for key, value in batch.items()})
+        logits = net(normalize_batch(batch["image"]))
+        return nn.functional.binary_cross_entropy_with_logits(logits, batch["label"].float()), {}
+
+    out.mkdir(parents=True)
+    fit(model, dataset, [(list(model.parameters()), 1.0)], step, settings, torch.device("cpu"), out,
+        desc="workers-check")
+    return batches
+
+
+def test_batches_do_not_depend_on_persistent_workers_and_change_per_epoch(synthetic_dataset, tmp_path):
+    data = PreparedDataset(synthetic_dataset())
+    ids = data.split("train")[:12]
+    runs = {}
+    for workers in (0, 2):
+        dataset = CountingEpochs(data, ids, (48, 80), 64, seed=3)
+        runs[workers] = training_batches(dataset, workers, tmp_path / str(workers))
+        assert dataset.set_epochs == [0, 1]  # once per epoch, in the main process
+    assert make_loader(dataset, TrainSettings(epochs=2, batch_size=4, lr=0.01, workers=2),
+                       torch.device("cpu")).persistent_workers
+    assert len(runs[0]) == len(runs[2]) == 6  # 3 batches of 4 per epoch
+    for zero, two in zip(runs[0], runs[2]):
+        assert zero.keys() == two.keys()
+        for key in zero:
+            assert zero[key].dtype == two[key].dtype and torch.equal(zero[key], two[key]), key
+    assert runs[0][0]["image"].dtype == torch.uint8 and runs[0][0]["image"].shape == (4, 64, 64, 3)
+
+    # each epoch's images are exactly the items augmented for that epoch, and they differ
+    def image_set(batches):
+        return {bytes(image.numpy()) for batch in batches for image in batch["image"]}
+
+    epoch1, epoch2 = image_set(runs[2][:3]), image_set(runs[2][3:])
+    assert epoch1 == {bytes(dataset.item(i, 0)["image"].numpy()) for i in range(len(ids))}
+    assert epoch2 == {bytes(dataset.item(i, 1)["image"].numpy()) for i in range(len(ids))}
+    assert epoch1 != epoch2

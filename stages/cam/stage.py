@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from data.datasets import ClassificationDataset, SafeImageDataset, first_item
 from data.layout import PreparedDataset
-from data.transforms import normalize
+from data.transforms import normalize, normalize_batch
 from stages.base import StageResult, section_dict, source_hash, weights_file_stamp
 from stages.cam.infer import cam_to_label, load_cam, multiscale_cam, save_cam, upsample_cam
 from stages.cam.methods import build_cam_net
@@ -69,7 +69,7 @@ class CamStage:
         train_set = ClassificationDataset(dataset, train_ids, section.resize_long, section.crop_size, cfg.run.seed)
         settings = train_settings(section, cfg.run)
         history = fit(model, train_set, model.param_groups(section.head_lr_mult),
-                      lambda net, b: model.loss(net(b["image"]), b["label"]),
+                      lambda net, b: model.loss(net(normalize_batch(b["image"])), b["label"]),
                       settings, device, out, resume=resume, desc="cam")
         if distributed.is_main():
             save_atomic({"model": model.state_dict(), "config": section_dict(section),

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
 from data.errors import WssError
@@ -61,22 +61,71 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, tot
     return base_lr * factor
 
 
-def make_loader(dataset: Dataset, settings: TrainSettings, device: torch.device, shuffle: bool,
-                epoch: int = 0, drop_last: bool = True) -> DataLoader:
-    """Shuffling is seeded by (seed, epoch), so a resumed run sees the same batches. Under
-    torchrun each process loads its own share of every epoch, `per_process_batch` at a time."""
-    generator = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
+class EpochSampler(Sampler):
+    """Yields (epoch, index): the loader's persistent workers keep their own copy of the dataset,
+    so the epoch travels with every index instead of through `dataset.set_epoch`.
+
+    Each epoch is a permutation drawn from a generator seeded by (seed, epoch), so a resumed run
+    sees the same batches; under torchrun DistributedSampler (seeded by seed + epoch) gives each
+    process its share. `set_epoch` is called in the main process before each epoch."""
+
+    def __init__(self, dataset: Dataset, seed: int, drop_last: bool = True):
+        self.size, self.seed, self.epoch = len(dataset), seed, 0
+        self.shard = None
+        if distributed.active():
+            self.shard = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                            shuffle=True, seed=seed, drop_last=drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.shard is not None:
+            self.shard.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.shard) if self.shard is not None else self.size
+
+    def __iter__(self):
+        epoch = self.epoch
+        if self.shard is not None:
+            indices = list(self.shard)
+        else:
+            generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+            indices = torch.randperm(self.size, generator=generator).tolist()
+        return iter([(epoch, index) for index in indices])
+
+
+class EpochItems(Dataset):
+    """`EpochItems(dataset)[(epoch, index)]`: the item as augmented in `epoch`, through the
+    dataset's `item(index, epoch)`. It never calls `set_epoch` (which may fire main-process
+    hooks); a dataset without `item` must not depend on the epoch."""
+
+    def __init__(self, dataset: Dataset):
+        if hasattr(dataset, "set_epoch") and not hasattr(dataset, "item"):
+            raise TypeError(f"{type(dataset).__name__} has set_epoch but no item(index, epoch): "
+                            f"loader workers could not see the epoch")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        if hasattr(self.dataset, "item"):
+            return self.dataset.item(index, epoch)
+        return self.dataset[index]
+
+
+def make_loader(dataset: Dataset, settings: TrainSettings, device: torch.device, drop_last: bool = True
+                ) -> DataLoader:
+    """One loader for all the epochs of a fit, its workers kept between epochs (no start-up per
+    epoch). Call `loader.sampler.set_epoch(epoch)` before iterating each epoch. Under torchrun
+    each process loads its own share of every epoch, `per_process_batch` at a time."""
     workers = settings.workers
-    sampler = None
-    if distributed.active():
-        sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
-                                     shuffle=shuffle, seed=settings.seed, drop_last=drop_last)
-        sampler.set_epoch(epoch)
-        shuffle = False
-    return DataLoader(dataset, batch_size=per_process_batch(settings.batch_size), shuffle=shuffle,
-                      sampler=sampler, drop_last=drop_last, num_workers=workers,
-                      pin_memory=device.type == "cuda", generator=generator,
-                      persistent_workers=False, prefetch_factor=4 if workers else None)
+    return DataLoader(EpochItems(dataset), batch_size=per_process_batch(settings.batch_size),
+                      sampler=EpochSampler(dataset, settings.seed, drop_last), drop_last=drop_last,
+                      num_workers=workers, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(settings.seed),  # worker seeds; global RNG untouched
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
 
 
 def per_process_batch(batch_size: int) -> int:
@@ -176,14 +225,15 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
     if distributed.active():  # DDP starts every rank from rank 0's weights, resumed or not
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     metrics_log = out / "metrics.jsonl"
+    loader = make_loader(dataset, settings, device)
     for epoch in range(start_epoch, settings.epochs):
-        if hasattr(dataset, "set_epoch"):
+        if hasattr(dataset, "set_epoch"):  # main process only (hooks such as seg's held-out scoring)
             dataset.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)  # the workers get the epoch with each index
         model.train()
         # the model's own randomness (DropBlock) is seeded per (epoch, process): a resumed run
         # continues exactly as the uninterrupted one, and processes drop different blocks
         torch.manual_seed(settings.seed * 1000 + epoch + 100_003 * distributed.rank())
-        loader = make_loader(dataset, settings, device, shuffle=True, epoch=epoch)
         # running sums stay on the device: reading them (a GPU sync) only every `log_every` steps
         # lets the host queue the next step while the GPU still works on this one
         sums: dict[str, torch.Tensor | float] = {}

@@ -18,6 +18,7 @@ from data.datasets import LabelMapDataset
 from data.errors import WssError
 from data.layout import PreparedDataset, read_index_png, write_index_png
 from data.prepare_report import parallel_map
+from data.transforms import normalize_batch
 from stages.base import StageInputError, StageResult, section_dict, source_hash
 from stages.cam.infer import CAM_STRIDE, load_cam, upsample_cam
 from stages.common import distributed
@@ -99,7 +100,7 @@ def evaluate_labels(dataset: PreparedDataset, ids: list[str], label_dir: Path, p
 
 def affinity_step(radius: int):
     def step(model: BoundaryNet, batch: dict) -> tuple[torch.Tensor, dict]:
-        edge = torch.sigmoid(model(batch["image"]).float())
+        edge = torch.sigmoid(model(normalize_batch(batch["image"])).float())
         label = batch["label"]
         if edge.shape[-2:] != label.shape[-2:]:
             raise WssError(f"irn: boundary map {tuple(edge.shape[-2:])} and stride-4 seeds "

@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from data.errors import DataError
 from data.layout import IGNORE_INDEX, PreparedDataset, read_index_png
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_augment
+from data.transforms import train_augment, uint8_tensor
 
 
 def pseudo_label_items(dataset: PreparedDataset, ids: list[str], label_dir: Path
@@ -49,7 +49,9 @@ def read_pseudo_label(path: Path | None, shape: tuple[int, int], num_classes: in
 class PseudoLabelDataset(Dataset):
     """Augmented crops (resize-long in range, flip, pad-crop) with their pseudo-label crops.
 
-    Items are uint8: "image" (H, W, 3) for normalize_batch, "label" (H, W) class indices / 255.
+    Items are uint8: "image" (H, W, 3) for data.transforms.normalize_batch, "label" (H, W) class
+    indices / 255. `item(index, epoch)` is the item as augmented in `epoch` (what the training
+    loop's persistent workers call; it fires no hook); `dataset[index]` uses the epoch set last.
 
     `on_new_epoch(epoch)` is called when the training loop starts epoch `epoch` (> 0), i.e.
     right after epoch `epoch - 1` was trained and checkpointed: the stage hooks the held-out
@@ -74,22 +76,12 @@ class PseudoLabelDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return self.item(index, self.epoch)
+
+    def item(self, index: int, epoch: int) -> dict:
+        rng = np.random.default_rng([self.seed, epoch, index])
         image_id, path = self.items[index]
         image = self.dataset.read_image(image_id)
         label = read_pseudo_label(path, image.shape[:2], self.dataset.info.num_classes)
         image, label, _ = train_augment(rng, image, label, self.long_range, self.crop, IGNORE_INDEX)
-        # uint8 out of the workers: a quarter of the bytes to pin and copy, and normalize_batch
-        # does the float work on the device
-        return {"image": torch.from_numpy(np.ascontiguousarray(image)), "label": torch.from_numpy(label)}
-
-
-def normalize_batch(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> ImageNet-normalised float (N, 3, H, W), as data.transforms.normalize.
-
-    The result is channels_last in memory on CUDA (what the AMP loop wants), plain NCHW elsewhere.
-    """
-    mean = torch.as_tensor(IMAGENET_MEAN * 255, device=images.device)
-    std = torch.as_tensor(IMAGENET_STD * 255, device=images.device)
-    x = ((images.float() - mean) / std).permute(0, 3, 1, 2)
-    return x.contiguous(memory_format=torch.channels_last if x.is_cuda else torch.contiguous_format)
+        return {"image": uint8_tensor(image), "label": torch.from_numpy(label)}

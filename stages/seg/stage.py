@@ -19,12 +19,13 @@ from tqdm.auto import tqdm
 from data.datasets import SafeImageDataset, first_item
 from data.errors import WssError
 from data.layout import PreparedDataset, read_index_png, write_index_png
+from data.transforms import normalize_batch
 from stages.base import StageInputError, StageResult, section_dict, source_hash, weights_file_stamp
 from stages.common import distributed
 from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, per_class_table
 from stages.common.runtime import resolve_device, seed_everything, worker_count
 from stages.common.training import TrainSettings, fit, save_atomic
-from stages.seg.data import PseudoLabelDataset, normalize_batch, pseudo_label_items, read_pseudo_label
+from stages.seg.data import PseudoLabelDataset, pseudo_label_items, read_pseudo_label
 from stages.seg.losses import SegLoss
 from stages.seg.model import (MODEL_FILE, SegModelError, build_segmenter, inference_long_side, input_multiple,
                               load_cam_encoder, output_channels, predict_probabilities, probabilities_to_mask,
