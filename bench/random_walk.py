@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.irn.random_walk import random_walk, random_walk_dense, transition_csr  # noqa: E402
+from stages.irn import walk_kernel  # noqa: E402
+from stages.irn.random_walk import random_walk, random_walk_dense, transition_csr, transition_stencil  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -81,8 +82,9 @@ def measure_one(method: str, size: int, args: argparse.Namespace) -> dict:
         peak = resident_bytes("VmHWM") - before
     result = {"seconds": seconds, "peak_bytes": max(peak, 0)}
     if method == "sparse":
-        result["build_seconds"] = timed(lambda: transition_csr(edge, args.radius, args.beta, transpose=True),
-                                        device, args.repeats)
+        build = (transition_stencil if walk_kernel.available(device)
+                 else lambda *a: transition_csr(*a, transpose=True))
+        result["build_seconds"] = timed(lambda: build(edge, args.radius, args.beta), device, args.repeats)
     return result
 
 
@@ -125,8 +127,10 @@ def main() -> None:
         sys.exit("--device cuda asked for, but no CUDA GPU is available")
     dense_limit = args.dense_max_pixels or (16384 if args.device.startswith("cuda") else 4096)
     threads = f", {torch.get_num_threads()} threads" if args.device == "cpu" else f", {torch.cuda.get_device_name()}"
+    path = "Triton stencil kernel" if walk_kernel.available(torch.device(args.device)) else "CSR torch.sparse.mm"
     print(f"random walk: {args.classes} classes, radius {args.radius}, beta {args.beta:g}, "
-          f"{2 ** args.exp_times} steps; device {args.device}{threads}; torch {torch.__version__}")
+          f"{2 ** args.exp_times} steps; device {args.device}{threads}; torch {torch.__version__}; "
+          f"sparse walk: {path}")
     header = (f"{'grid':>8} {'sparse s':>10} {'build s':>9} {'sparse MB':>10} {'dense s':>9} {'dense MB':>9} "
               f"{'speed-up':>9} {'rel err':>9}")
     print(header)

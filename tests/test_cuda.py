@@ -1,5 +1,5 @@
 """On a CUDA GPU: the paths the CPU suite cannot reach (bf16 autocast and channels_last in every
-stage's training and inference, the sparse walk on cuSPARSE, a GPU-trained model used on a CPU).
+stage's training and inference, the random walk's Triton kernel, a GPU-trained model used on a CPU).
 
 Skipped without a GPU. `make gpu-check` runs this file and the benches on a machine with one.
 """
@@ -30,8 +30,10 @@ def random_inputs(height: int, width: int, channels: int, dtype: torch.dtype, se
     return cams.to("cuda", dtype), edge.to("cuda", dtype)
 
 
-def test_sparse_walk_on_cuda_equals_the_dense_walk_and_the_cpu():
+def test_walk_kernel_on_cuda_equals_the_dense_walk_and_the_cpu():
+    from stages.irn import walk_kernel
     from stages.irn.random_walk import random_walk, random_walk_dense
+    assert walk_kernel.available(torch.device("cuda")), "Triton missing: the GPU walk would fall back to cuSPARSE"
     cams, edge = random_inputs(12, 17, 3, torch.float64)
     sparse = random_walk(cams, edge, radius=5, beta=10.0, exp_times=8)
     dense = random_walk_dense(cams, edge, radius=5, beta=10.0, exp_times=8)
@@ -43,6 +45,12 @@ def test_sparse_walk_on_cuda_equals_the_dense_walk_and_the_cpu():
     on_cpu = random_walk(cams32.cpu().double(), edge32.cpu().double())
     # float32 over 256 steps against float64: 1.5e-5 on the CPU; a wrong kernel would be off by O(1)
     assert ((on_gpu - on_cpu).norm() / on_cpu.norm()).item() < 1e-3
+
+    for classes in (1, 40):  # one class; more classes than one program takes (two class blocks)
+        cams, edge = random_inputs(23, 9, classes, torch.float64, seed=classes)
+        on_gpu = random_walk(cams, edge, radius=4, exp_times=5).cpu()
+        on_cpu = random_walk(cams.cpu(), edge.cpu(), radius=4, exp_times=5)
+        assert ((on_gpu - on_cpu).norm() / on_cpu.norm()).item() < 1e-12
 
 
 def peak_walk_memory(side: int, classes: int) -> int:

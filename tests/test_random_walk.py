@@ -2,6 +2,11 @@
 a closed boundary keeps the walk inside."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +19,8 @@ from stages.irn.random_walk import (
     transition_csr,
     walk_offsets,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def random_inputs(height: int, width: int, channels: int = 3, seed: int = 0):
@@ -128,3 +135,30 @@ def test_float32_edge_cases_and_errors():
     assert random_walk(torch.zeros(0, 12, 17), edge.float()).shape == (0, 12, 17)
     with pytest.raises(ValueError, match="same H, W"):
         random_walk(cams, edge[:-1])
+
+
+TRITON_WALK = """
+import torch
+from stages.irn.random_walk import _neighbour_table, random_walk, walk_offsets
+from stages.irn import walk_kernel
+for classes, (height, width), radius in ((3, (12, 17), 5), (1, (9, 6), 3), (40, (7, 11), 4)):
+    generator = torch.Generator().manual_seed(classes)
+    cams = torch.rand(classes, height, width, generator=generator, dtype=torch.float64)
+    edge = torch.rand(height, width, generator=generator, dtype=torch.float64) ** 3
+    weights, _, _ = _neighbour_table(edge, radius, 10.0)
+    kernel = walk_kernel.stencil_walk(cams * (1 - edge), weights / weights.sum(0), walk_offsets(radius), 16)
+    csr = random_walk(cams, edge, radius, 10.0, exp_times=4)
+    error = ((kernel - csr).norm() / csr.norm()).item()
+    assert error < 1e-12, (classes, radius, error)
+print("ok")
+"""
+
+
+def test_gpu_walk_kernel_equals_the_csr_walk_under_the_triton_interpreter():
+    """The GPU path's Triton kernel, run by Triton's CPU interpreter: one class, 3 and 40 classes
+    (more than one program's block), radii 3-5, non-square grids. tests/test_cuda.py runs it compiled."""
+    pytest.importorskip("triton", reason="this torch build comes without Triton (the GPU walk kernel)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", TRITON_WALK], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

@@ -9,19 +9,23 @@ entries per column (P half-plane neighbour offsets), and x @ T is applied 2^exp_
 Because A is symmetric, (x @ T)_j = sum_i A_ji x_i / s_j: each step replaces a pixel's value by
 the A^beta-weighted mean over its neighbours, so memory stays linear in N.
 
-The steps are torch.sparse.mm of T^T in CSR with the (N, C) matrix of all classes. Measured on
-2 CPU cores at 128x128, 21 classes, radius 5, 256 steps: 0.43 s, against 11 s for a gather
-stencil (neighbour table (N, K), y_j = sum_k w_jk x_nbr(j,k)) and 30 s for its (C, N) variant;
-the dense walk takes 6 s at 64x64 already (bench/random_walk.py).
+On the CPU the steps are torch.sparse.mm of T^T in CSR with the (N, C) matrix of all classes.
+Measured on 2 CPU cores at 128x128, 21 classes, radius 5, 256 steps: 0.43 s, against 11 s for a
+gather stencil (neighbour table (N, K), y_j = sum_k w_jk x_nbr(j,k)) and 30 s for its (C, N)
+variant; the dense walk takes 6 s at 64x64 already (bench/random_walk.py). On a CUDA GPU each
+step is one Triton kernel over the (K, H, W) weights instead (stages/irn/walk_kernel.py):
+cuSPARSE's product took 61 us a step there.
 """
 from __future__ import annotations
 
 import warnings
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
-from stages.irn.affinity import edge_to_affinity, neighbour_offsets
+from stages.irn import walk_kernel
+from stages.irn.affinity import neighbour_offsets, path_offsets
 
 
 def walk_offsets(radius: int) -> list[tuple[int, int]]:
@@ -30,12 +34,44 @@ def walk_offsets(radius: int) -> list[tuple[int, int]]:
     return sorted([(0, 0), *half, *[(-dy, -dx) for dy, dx in half]])
 
 
-def _shift(plane: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """out[y, x] = plane[y - dy, x - dx], 0 where that falls outside."""
-    height, width = plane.shape[-2:]
-    padded = F.pad(plane, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)))
-    top, left = max(-dy, 0), max(-dx, 0)
-    return padded[..., top:top + height, left:left + width]
+@lru_cache(maxsize=None)
+def _path_rows(radius: int) -> torch.Tensor:
+    """(K, L): for each of `walk_offsets(radius)`, the path pixels of the pair as rows of the
+    (2r - 1)^2 unfolded window around a pixel; rows padded by repeating a path pixel (no max changes).
+
+    A pair seen from its second pixel, offset (dy, dx) = -e with e in the half plane, has the path
+    of e from the partner: the same pixels, hence the same affinity, as IRNet's pair (partner, pixel).
+    """
+    margin, window = radius - 1, 2 * radius - 1
+    half = set(neighbour_offsets(radius))
+    rows = []
+    for dy, dx in walk_offsets(radius):
+        if (dy, dx) == (0, 0) or (dy, dx) in half:
+            path = path_offsets(dy, dx)
+        else:
+            path = [(dy + py, dx + px) for py, px in path_offsets(-dy, -dx)]
+        rows.append([(py + margin) * window + px + margin for py, px in path])
+    longest = max(map(len, rows))
+    return torch.tensor([row + row[:1] * (longest - len(row)) for row in rows], dtype=torch.long)
+
+
+def _path_max_edge(edge: torch.Tensor, radius: int) -> torch.Tensor:
+    """(K, H, W): the strongest boundary on the path of each pixel's pair with each walk offset.
+
+    The same maxima as `edge_to_affinity` takes, for all offsets at once and without autograd:
+    the map is padded with 1 (a partner outside the image gets affinity 0) and unfolded into the
+    window around every pixel, and each path step is one row selection of that (3-5x faster
+    than per-offset slices on the CPU, and few kernels on a GPU).
+    """
+    height, width = edge.shape
+    margin = radius - 1  # |dy|, |dx| < radius: every path pixel lies in the window
+    padded = F.pad(edge, (margin, margin, margin, margin), value=1.0)
+    window = F.unfold(padded[None, None], 2 * margin + 1)[0]  # (window^2, H * W)
+    rows = _path_rows(radius).to(edge.device)
+    strongest = window[rows[:, 0]]
+    for step in range(1, rows.shape[1]):
+        torch.maximum(strongest, window[rows[:, step]], out=strongest)
+    return strongest.view(-1, height, width)
 
 
 def _neighbour_table(edge: torch.Tensor, radius: int, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,19 +81,11 @@ def _neighbour_table(edge: torch.Tensor, radius: int, beta: float) -> tuple[torc
     (partner outside the image) have weight 0 and point at the pixel itself.
     """
     height, width = edge.shape
-    half = {offset: plane for offset, plane in zip(neighbour_offsets(radius),
-                                                    edge_to_affinity(edge[None, None], radius)[0])}
-    planes = []
-    for dy, dx in walk_offsets(radius):
-        if (dy, dx) == (0, 0):
-            planes.append(torch.ones_like(edge))
-        elif (dy, dx) in half:
-            planes.append(half[(dy, dx)])
-        else:  # the same pair seen from the other end: offset (-dy, -dx) starting at the partner
-            planes.append(_shift(half[(-dy, -dx)], -dy, -dx))  # plane[y + dy, x + dx]
-    weights = torch.stack(planes).clamp_min(0).pow(beta)
+    offsets = walk_offsets(radius)
+    weights = (1 - _path_max_edge(edge, radius)).clamp_min(0).pow(beta)
+    weights[offsets.index((0, 0))] = 1.0  # A_ii = 1
 
-    offsets = torch.tensor(walk_offsets(radius), device=edge.device).view(-1, 2, 1, 1)
+    offsets = torch.tensor(offsets, device=edge.device).view(-1, 2, 1, 1)
     ys = torch.arange(height, device=edge.device).view(1, height, 1)
     xs = torch.arange(width, device=edge.device).view(1, 1, width)
     partner_y, partner_x = ys + offsets[:, 0], xs + offsets[:, 1]
@@ -79,6 +107,13 @@ def transition_csr(edge: torch.Tensor, radius: int = 5, beta: float = 10.0, tran
     else:  # T[i, j] = A_ij / s_j, with j the partner of i
         values = weights / colsum.flatten()[partner]
     return _csr_from_table(values, partner, valid)
+
+
+def transition_stencil(edge: torch.Tensor, radius: int = 5, beta: float = 10.0) -> torch.Tensor:
+    """T^T as (K, H, W): plane k at pixel j is T^T[j, j + walk_offsets(radius)[k]] (0 off the image),
+    the GPU kernel's operand; the same values as `transition_csr(..., transpose=True)`."""
+    weights, _, _ = _neighbour_table(edge, radius, beta)
+    return weights / weights.sum(dim=0)
 
 
 def _csr_from_table(values: torch.Tensor, columns: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -111,13 +146,16 @@ def random_walk(cams: torch.Tensor, edge: torch.Tensor, radius: int = 5, beta: f
     """Propagate CAMs (C, H, W) within the regions closed by the boundary map `edge` (H, W); (C, H, W).
 
     Same result as `random_walk_dense` (IRNet's propagate_to_edge) with memory linear in H * W:
-    2^exp_times sparse products with T^T, all classes at once as the columns of one (N, C)
-    matrix. Runs on the device and in the dtype of `cams`.
+    2^exp_times sparse products with T^T for all classes at once, as CSR products on the CPU and
+    as a stencil kernel on a CUDA GPU. Runs on the device and in the dtype of `cams`.
     """
     _check_inputs(cams, edge)
     channels, height, width = cams.shape
     edge = edge.to(device=cams.device, dtype=cams.dtype)
     with torch.no_grad():
+        if walk_kernel.available(cams.device):
+            return walk_kernel.stencil_walk(cams * (1 - edge), transition_stencil(edge, radius, beta),
+                                            walk_offsets(radius), 2 ** exp_times)
         step = transition_csr(edge, radius, beta, transpose=True)
         walk = (cams * (1 - edge)).reshape(channels, height * width).T.contiguous()  # (N, C)
         for _ in range(2 ** exp_times):
