@@ -6,6 +6,7 @@ mixed precision and progress reporting behave the same in every stage.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -62,36 +63,38 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, tot
 
 
 class EpochSampler(Sampler):
-    """Yields (epoch, index): the loader's persistent workers keep their own copy of the dataset,
-    so the epoch travels with every index instead of through `dataset.set_epoch`.
+    """Yields (epoch, index) for every batch of epochs `first`..`epochs - 1`, in one stream.
 
-    Each epoch is a permutation drawn from a generator seeded by (seed, epoch), so a resumed run
-    sees the same batches; under torchrun DistributedSampler (seeded by seed + epoch) gives each
-    process its share. `set_epoch` is called in the main process before each epoch."""
+    The loader's persistent workers keep their own copy of the dataset, so the epoch travels
+    with every index instead of through `dataset.set_epoch`; and because one iterator spans
+    all the epochs, the workers prefetch the next epoch's first batches while the current one
+    ends (a fresh iterator per epoch would leave the GPU waiting for a whole batch each epoch).
+    Each epoch is a permutation drawn from a generator seeded by (seed, epoch), cut to
+    `per_epoch` indices (whole batches): a resumed run sees the same batches. Under torchrun
+    DistributedSampler (seeded by seed + epoch) gives each process its share first."""
 
-    def __init__(self, dataset: Dataset, seed: int, drop_last: bool = True):
-        self.size, self.seed, self.epoch = len(dataset), seed, 0
+    def __init__(self, dataset: Dataset, seed: int, first: int, epochs: int, per_epoch: int):
+        self.size, self.seed, self.first, self.epochs, self.per_epoch = len(dataset), seed, first, epochs, per_epoch
         self.shard = None
         if distributed.active():
             self.shard = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
-                                            shuffle=True, seed=seed, drop_last=drop_last)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if self.shard is not None:
-            self.shard.set_epoch(epoch)
+                                            shuffle=True, seed=seed, drop_last=True)
 
     def __len__(self) -> int:
-        return len(self.shard) if self.shard is not None else self.size
+        return (self.epochs - self.first) * self.per_epoch
 
-    def __iter__(self):
-        epoch = self.epoch
+    def epoch_indices(self, epoch: int) -> list[int]:
         if self.shard is not None:
+            self.shard.set_epoch(epoch)
             indices = list(self.shard)
         else:
             generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
             indices = torch.randperm(self.size, generator=generator).tolist()
-        return iter([(epoch, index) for index in indices])
+        return indices[:self.per_epoch]
+
+    def __iter__(self):
+        for epoch in range(self.first, self.epochs):
+            yield from ((epoch, index) for index in self.epoch_indices(epoch))
 
 
 class EpochItems(Dataset):
@@ -115,17 +118,24 @@ class EpochItems(Dataset):
         return self.dataset[index]
 
 
-def make_loader(dataset: Dataset, settings: TrainSettings, device: torch.device, drop_last: bool = True
+def make_loader(dataset: Dataset, settings: TrainSettings, device: torch.device, first_epoch: int = 0
                 ) -> DataLoader:
-    """One loader for all the epochs of a fit, its workers kept between epochs (no start-up per
-    epoch). Call `loader.sampler.set_epoch(epoch)` before iterating each epoch. Under torchrun
-    each process loads its own share of every epoch, `per_process_batch` at a time."""
+    """One loader for epochs `first_epoch`.. of a fit, its workers kept throughout: iterate it
+    once and take `steps_per_epoch(...)` batches per epoch. Under torchrun each process loads
+    its own share of every epoch, `per_process_batch` at a time."""
     workers = settings.workers
-    return DataLoader(EpochItems(dataset), batch_size=per_process_batch(settings.batch_size),
-                      sampler=EpochSampler(dataset, settings.seed, drop_last), drop_last=drop_last,
+    batch = per_process_batch(settings.batch_size)
+    per_epoch = steps_per_epoch(dataset, settings) * batch
+    return DataLoader(EpochItems(dataset), batch_size=batch,
+                      sampler=EpochSampler(dataset, settings.seed, first_epoch, settings.epochs, per_epoch),
                       num_workers=workers, pin_memory=device.type == "cuda",
                       generator=torch.Generator().manual_seed(settings.seed),  # worker seeds; global RNG untouched
                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+
+
+def steps_per_epoch(dataset: Dataset, settings: TrainSettings) -> int:
+    """Whole batches per epoch and process (the remainder of each epoch's permutation is dropped)."""
+    return len(dataset) // distributed.world_size() // per_process_batch(settings.batch_size)
 
 
 def per_process_batch(batch_size: int) -> int:
@@ -206,11 +216,11 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(groups, settings)
     world = distributed.world_size()
-    steps_per_epoch = len(dataset) // world // per_process_batch(settings.batch_size)
-    if steps_per_epoch == 0:
+    steps = steps_per_epoch(dataset, settings)
+    if steps == 0:
         raise WssError(f"{desc}: {len(dataset)} training images is fewer than one batch "
                        f"(batch_size {settings.batch_size}); lower the batch size")
-    total_steps = steps_per_epoch * settings.epochs
+    total_steps = steps * settings.epochs
     start_epoch, history = 0, []
     checkpoint_path = out / CHECKPOINT
     if resume and checkpoint_path.is_file():
@@ -225,11 +235,10 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
     if distributed.active():  # DDP starts every rank from rank 0's weights, resumed or not
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     metrics_log = out / "metrics.jsonl"
-    loader = make_loader(dataset, settings, device)
+    batches = loader_batches(make_loader(dataset, settings, device, first_epoch=start_epoch))
     for epoch in range(start_epoch, settings.epochs):
-        if hasattr(dataset, "set_epoch"):  # main process only (hooks such as seg's held-out scoring)
-            dataset.set_epoch(epoch)
-        loader.sampler.set_epoch(epoch)  # the workers get the epoch with each index
+        if hasattr(dataset, "set_epoch"):  # main process only (hooks such as seg's held-out scoring);
+            dataset.set_epoch(epoch)  # the workers get the epoch with each index
         model.train()
         # the model's own randomness (DropBlock) is seeded per (epoch, process): a resumed run
         # continues exactly as the uninterrupted one, and processes drop different blocks
@@ -238,10 +247,10 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
         # lets the host queue the next step while the GPU still works on this one
         sums: dict[str, torch.Tensor | float] = {}
         started, seen = time.time(), 0
-        bar = tqdm(loader_batches(loader), total=steps_per_epoch, unit="batch", leave=False,
+        bar = tqdm(itertools.islice(batches, steps), total=steps, unit="batch", leave=False,
                    desc=f"{desc} epoch {epoch + 1}/{settings.epochs}")
         for i, batch in enumerate(bar):
-            lr = set_poly_lr(optimizer, settings.lr, epoch * steps_per_epoch + i, total_steps, settings.poly_power)
+            lr = set_poly_lr(optimizer, settings.lr, epoch * steps + i, total_steps, settings.poly_power)
             batch = to_device(batch, device, channels_last)
             with autocast(device):
                 loss, logs = step(net, batch)
@@ -251,7 +260,7 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
             seen += len(next(iter(batch.values()))) * world
             for key, value in {"loss": loss.detach().float(), **logs}.items():
                 sums[key] = sums.get(key, 0.0) + (value.detach().float() if torch.is_tensor(value) else value)
-            if (i + 1) % settings.log_every == 0 or i + 1 == steps_per_epoch:
+            if (i + 1) % settings.log_every == 0 or i + 1 == steps:
                 mean_loss = float(sums["loss"]) / (i + 1)
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(f"{desc}: loss became {mean_loss} in epoch {epoch + 1} "
@@ -259,7 +268,7 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2g}")
         seconds = time.time() - started
         sums = distributed.mean_over_ranks(sums, device)  # the epoch's loss over all images
-        record = {"epoch": epoch + 1, **{k: float(v) / steps_per_epoch for k, v in sums.items()},
+        record = {"epoch": epoch + 1, **{k: float(v) / steps for k, v in sums.items()},
                   "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
         history.append(record)
         if distributed.is_main():  # checkpoint first: a resumed run never logs an epoch twice
