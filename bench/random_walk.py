@@ -68,7 +68,8 @@ def measure_one(method: str, size: int, args: argparse.Namespace) -> dict:
     edge = (torch.rand(size, size, generator=generator) ** 3).to(device)
     walk = random_walk if method == "sparse" else random_walk_dense
     run = lambda: walk(cams, edge, radius=args.radius, beta=args.beta, exp_times=args.exp_times)  # noqa: E731
-    # page in the code (MKL; on CUDA the context and the compiled Triton kernel) on a tiny grid, so they do not count
+    # page in the code (MKL; on CUDA the context and the compiled Triton kernel) on a tiny grid,
+    # so that they do not count as memory
     walk(cams[:, :8, :8].contiguous(), edge[:8, :8].contiguous(), radius=args.radius, beta=args.beta, exp_times=1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -43,7 +43,8 @@ if triton is not None:
         tl.store(target + planes + centre[None, :], total, mask=both_ok)
 
 
-def stencil_walk(start: torch.Tensor, weights: torch.Tensor, offsets: list[tuple[int, int]], steps: int) -> torch.Tensor:
+def stencil_walk(start: torch.Tensor, weights: torch.Tensor, offsets: list[tuple[int, int]],
+                 steps: int) -> torch.Tensor:
     """Apply `steps` times x <- T^T x to `start` (C, H, W), with T^T[j, j + offsets[k]] = weights[k, j].
 
     `weights` (K, H, W) is 0 where the partner falls outside the image; |dy|, |dx| of every
