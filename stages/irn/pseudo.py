@@ -125,7 +125,8 @@ class PseudoLabelStage:
         return irn_fields(cfg.irn, pseudo=True)
 
     def code_version(self) -> str:
-        return source_hash("stages/irn/pseudo.py", "stages/irn/random_walk.py", "stages/irn/net.py",
+        return source_hash("stages/irn/pseudo.py", "stages/irn/random_walk.py", "stages/irn/walk_kernel.py",
+                           "stages/irn/affinity.py", "stages/irn/net.py",
                            "stages/common/crf.py", "stages/cam/infer.py", "data/layout.py")
 
     def run(self, cfg, dataset: PreparedDataset, inputs: dict[str, Path], out: Path, *,
