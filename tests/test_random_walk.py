@@ -162,3 +162,27 @@ def test_gpu_walk_kernel_equals_the_csr_walk_under_the_triton_interpreter():
     done = subprocess.run([sys.executable, "-c", TRITON_WALK], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_a_failing_gpu_kernel_falls_back_to_the_csr_walk_once(monkeypatch, caplog):
+    """Where Triton cannot build or launch the kernel (no C compiler, say), the walk still runs."""
+    from stages.irn import walk_kernel
+    cams, edge = random_inputs(12, 17)
+    expected = random_walk(cams, edge, exp_times=4)  # on the CPU: the CSR walk
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(walk_kernel, "_failure", None)
+    monkeypatch.setattr(walk_kernel, "available", lambda device: walk_kernel._failure is None)  # as on a GPU
+    monkeypatch.setattr(walk_kernel, "stencil_walk", broken)
+    with caplog.at_level("WARNING", logger="wss.walk"):
+        first = random_walk(cams, edge, exp_times=4)
+        second = random_walk(cams, edge, exp_times=4)
+    assert len(calls) == 1  # tried once, then the CSR walk for the rest of the process
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert [r.getMessage() for r in caplog.records] == [
+        "random walk: the Triton kernel failed (RuntimeError: Failed to find C compiler. Please specify via CC "
+        "environment variable.); using the slower CSR walk instead"]

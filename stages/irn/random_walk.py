@@ -154,8 +154,11 @@ def random_walk(cams: torch.Tensor, edge: torch.Tensor, radius: int = 5, beta: f
     edge = edge.to(device=cams.device, dtype=cams.dtype)
     with torch.no_grad():
         if walk_kernel.available(cams.device):
-            return walk_kernel.stencil_walk(cams * (1 - edge), transition_stencil(edge, radius, beta),
-                                            walk_offsets(radius), 2 ** exp_times)
+            try:
+                return walk_kernel.stencil_walk(cams * (1 - edge), transition_stencil(edge, radius, beta),
+                                                walk_offsets(radius), 2 ** exp_times)
+            except Exception as error:  # noqa: BLE001 - any failure to build or launch it: the CSR walk runs anywhere
+                walk_kernel.disable(error)
         step = transition_csr(edge, radius, beta, transpose=True)
         walk = (cams * (1 - edge)).reshape(channels, height * width).T.contiguous()  # (N, C)
         for _ in range(2 ** exp_times):

@@ -8,6 +8,8 @@ CPU path, took 61 us a step on an H200 at 128x128 and 21 classes; see bench/rand
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 try:
@@ -20,8 +22,20 @@ PIXELS_PER_PROGRAM = 128
 MAX_CLASSES_PER_PROGRAM = 32  # a program reads its pixels' weights once for up to this many classes
 
 
+log = logging.getLogger("wss.walk")
+_failure: str | None = None  # why the kernel could not run here (then the CSR walk is used)
+
+
 def available(device: torch.device) -> bool:
-    return triton is not None and device.type == "cuda"
+    return triton is not None and device.type == "cuda" and _failure is None
+
+
+def disable(error: Exception) -> None:
+    """Fall back to the CSR walk for the rest of the process, e.g. where Triton finds no C
+    compiler to build its launcher or does not support the GPU; says so once."""
+    global _failure
+    _failure = f"{type(error).__name__}: {error}".splitlines()[0]
+    log.warning("random walk: the Triton kernel failed (%s); using the slower CSR walk instead", _failure)
 
 
 if triton is not None:
