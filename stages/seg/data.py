@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from data.datasets import AugmentedDataset
 from data.errors import DataError
 from data.layout import IGNORE_INDEX, PreparedDataset, read_index_png
 from data.transforms import train_augment, uint8_tensor
@@ -46,40 +46,34 @@ def read_pseudo_label(path: Path | None, shape: tuple[int, int], num_classes: in
     return label
 
 
-class PseudoLabelDataset(Dataset):
+class PseudoLabelDataset(AugmentedDataset):
     """Augmented crops (resize-long in range, flip, pad-crop) with their pseudo-label crops.
 
     Items are uint8: "image" (H, W, 3) for data.transforms.normalize_batch, "label" (H, W) class
-    indices / 255. `item(index, epoch)` is the item as augmented in `epoch` (what the training
-    loop's persistent workers call; it fires no hook); `dataset[index]` uses the epoch set last.
+    indices / 255. Seeded per (seed, epoch, index) like every AugmentedDataset.
 
     `on_new_epoch(epoch)` is called when the training loop starts epoch `epoch` (> 0), i.e.
     right after epoch `epoch - 1` was trained and checkpointed: the stage hooks the held-out
-    scoring there. It is dropped when the dataset is pickled into loader workers.
+    scoring there. It is dropped when the dataset is pickled into loader workers, and `item`
+    (what those workers call) never fires it.
     """
 
     def __init__(self, dataset: PreparedDataset, items: list[tuple[str, Path | None]], long_range, crop: int,
                  seed: int = 0):
-        self.dataset, self.items = dataset, list(items)
-        self.long_range, self.crop, self.seed, self.epoch = tuple(long_range), crop, seed, 0
+        self.items = list(items)
+        super().__init__(dataset, [image_id for image_id, _ in self.items], long_range, crop, seed)
         self.on_new_epoch = None
 
     def set_epoch(self, epoch: int) -> None:
         if self.on_new_epoch is not None and epoch > 0:
             self.on_new_epoch(epoch)
-        self.epoch = epoch
+        super().set_epoch(epoch)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "on_new_epoch": None}
 
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.item(index, self.epoch)
-
     def item(self, index: int, epoch: int) -> dict:
-        rng = np.random.default_rng([self.seed, epoch, index])
+        rng = self.rng(index, epoch)
         image_id, path = self.items[index]
         image = self.dataset.read_image(image_id)
         label = read_pseudo_label(path, image.shape[:2], self.dataset.info.num_classes)

@@ -47,7 +47,7 @@ class SegStage:
 
     def code_version(self) -> str:
         return source_hash("stages/seg", "stages/common", "stages/base.py", "data/layout.py",
-                           "data/transforms.py")
+                           "data/transforms.py", "data/datasets.py")
 
     def preflight(self, cfg, dataset: PreparedDataset) -> None:
         """Architecture, encoder, options and loss names exist; the crop fits the model; the encoder
