@@ -65,7 +65,7 @@ def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict
     cfg, dataset = pipeline.cfg, pipeline.dataset
     name = artifact.name + (f"-limit{limit}" if limit is not None else "")
     cache = out / "cache" / f"{name}.json"
-    made_by = hashlib.sha256((artifact / "manifest.json").read_bytes()).hexdigest()[:16]
+    made_by = computation_id(artifact)
     cached = read_cached_scores(cache, made_by)
     if cached is not None:
         return cached
@@ -86,6 +86,14 @@ def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cache, json.dumps({"artifact_manifest": made_by, "scores": scores}, indent=1))
     return scores
+
+
+def computation_id(artifact: Path) -> str:
+    """Names the computation that made an artifact: `--force` makes a new one under the same
+    directory name, while re-scoring (`wss evaluate`, a new cam.eval_bg_threshold) keeps it."""
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    made = json.dumps([manifest.get("key_parts"), manifest.get("started")], sort_keys=True, default=str)
+    return hashlib.sha256(made.encode()).hexdigest()[:16]
 
 
 def read_cached_scores(cache: Path, made_by: str) -> dict | None:

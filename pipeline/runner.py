@@ -1,6 +1,7 @@
 """The stage graph: resolve order, compute keys, skip what is up to date, run the rest."""
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
@@ -9,10 +10,10 @@ from importlib import metadata
 from pathlib import Path
 
 from data.errors import WssError
-from data.layout import PreparedDataset
+from data.layout import PreparedDataset, write_text_atomic
 from pipeline.cache import ArtifactStore, StageKey, explain_difference
 from pipeline.config import Config
-from stages.base import StageInputError
+from stages.base import StageInputError, section_dict
 from stages.common import distributed
 from stages.registry import STAGE_ORDER, all_stages
 
@@ -132,8 +133,8 @@ class Pipeline:
         if done is not None and not force:
             manifest = self.store.read_manifest(done) or {}
             log.info("%s: up to date (%s), skipping", name, done)
-            return Outcome(name, "cached", done, manifest.get("seconds", 0.0), manifest.get("metrics", {}),
-                           manifest.get("headline", ""))
+            metrics = distributed.broadcast(self.rescored(stage, done, manifest) if distributed.is_main() else None)
+            return Outcome(name, "cached", done, manifest.get("seconds", 0.0), metrics, manifest.get("headline", ""))
         inputs = {need: self.require(need) for need in stage.needs}
         if not distributed.is_main():
             return self.run_beside_rank0(stage, inputs, resume, limit)
@@ -151,6 +152,8 @@ class Pipeline:
                 handler.close()
             seconds = time.time() - started
             manifest = {"config": self.cfg.to_dict(), "config_file": self.cfg.source,
+                        "scored_with": section_dict(getattr(self.cfg, stage.section),
+                                                    only=set(getattr(stage, "score_settings", ()))),
                         "inputs": {k: str(v) for k, v in inputs.items()},
                         "dataset_root": str(self.cfg.data.root), "metrics": result.metrics,
                         "headline": result.headline, "failures": result.failures,
@@ -159,6 +162,28 @@ class Pipeline:
         distributed.broadcast(final)
         log.info("%s: done in %.1f s -> %s", name, seconds, final)
         return Outcome(name, "ran", final, seconds, result.metrics, result.headline, result.failures)
+
+    def rescored(self, stage, artifact: Path, manifest: dict) -> dict:
+        """The cached artifact's metrics, recomputed when a scoring-only setting (one the stage
+        leaves out of its key, such as cam.eval_bg_threshold) differs from the one they were
+        scored with; the manifest and metrics.json then record the new scores."""
+        metrics = manifest.get("metrics", {})
+        settings = getattr(stage, "score_settings", ())
+        if not settings:
+            return metrics
+        current = section_dict(getattr(self.cfg, stage.section), only=set(settings))
+        scored_with = manifest.get("scored_with") or {
+            k: v for k, v in manifest.get("config", {}).get(stage.section, {}).items() if k in settings}
+        if scored_with == current:
+            return metrics
+        log.info("%s: re-scoring the cached artifact with %s (it was scored with %s)", stage.name,
+                 ", ".join(f"{stage.section}.{k}={v}" for k, v in current.items()),
+                 ", ".join(f"{k}={v}" for k, v in scored_with.items()) or "other settings")
+        metrics = stage.rescore(self.cfg, self.dataset, artifact, metrics)
+        self.store.update_manifest(artifact, metrics=metrics, scored_with=current)
+        if (artifact / "metrics.json").is_file():
+            write_text_atomic(artifact / "metrics.json", json.dumps(metrics, indent=1))
+        return metrics
 
     def run_beside_rank0(self, stage, inputs: dict[str, Path], resume: bool, limit: int | None) -> Outcome:
         """A rank > 0 under torchrun: compute its share in the partial directory rank 0 opened

@@ -39,6 +39,9 @@ class Stage(Protocol):
     # library must know, files that must exist) and raises WssError; `wss run` calls it for every
     # stage it is about to compute before the first one starts, so that a typo in the last stage
     # does not surface after hours of the first ones.
+    # Optional: `score_settings`, names of section fields that only score the output (left out of
+    # key_config), with `rescore(cfg, dataset, artifact, metrics) -> metrics` recomputing the
+    # scores they change; a cached artifact scored with other values is re-scored, not recomputed.
 
 
 def section_dict(section: Any, only: set[str] | None = None, skip: set[str] | None = None) -> dict:

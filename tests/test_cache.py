@@ -72,11 +72,17 @@ def test_how_to_run_does_not_change_the_key(tiny_synthetic, tmp_path, override):
     assert make_pipeline(tiny_synthetic, tmp_path, override).key("cam").digest == base
 
 
-@pytest.mark.parametrize("override", ["cam.eval_bg_threshold=0.3", "cam.epochs=99", "cam.scales=[1.0,0.5]",
+@pytest.mark.parametrize("override", ["cam.weight_decay=0.003", "cam.epochs=99", "cam.scales=[1.0,0.5]",
                                       "data.train_split=val"])
 def test_what_to_compute_changes_the_key(tiny_synthetic, tmp_path, override):
     base = make_pipeline(tiny_synthetic, tmp_path).key("cam").digest
     assert make_pipeline(tiny_synthetic, tmp_path, override).key("cam").digest != base
+
+
+def test_a_scoring_only_setting_does_not_change_the_key(tiny_synthetic, tmp_path):
+    """cam.eval_bg_threshold only scores the CAMs: a new value re-scores the cached artifact."""
+    base = make_pipeline(tiny_synthetic, tmp_path).key("cam").digest
+    assert make_pipeline(tiny_synthetic, tmp_path, "cam.eval_bg_threshold=0.3").key("cam").digest == base
 
 
 def test_dataset_change_changes_the_key(tiny_synthetic, tmp_path):
@@ -174,10 +180,10 @@ def test_status_names_what_changed(tiny_synthetic, tmp_path):
     with_stage(make_pipeline(tiny_synthetic, tmp_path), FakeCam()).run_stage("cam")
     status = with_stage(make_pipeline(tiny_synthetic, tmp_path), FakeCam()).status_of("cam")
     assert status.state == "up to date"
-    changed = with_stage(make_pipeline(tiny_synthetic, tmp_path, "cam.eval_bg_threshold=0.3"), FakeCam())
+    changed = with_stage(make_pipeline(tiny_synthetic, tmp_path, "cam.weight_decay=0.003"), FakeCam())
     status = changed.status_of("cam")
     assert status.state == "stale"
-    assert status.reasons == [f"cam.eval_bg_threshold: {load_config(DEMO_CONFIG).cam.eval_bg_threshold} -> 0.3"]
+    assert status.reasons == [f"cam.weight_decay: {load_config(DEMO_CONFIG).cam.weight_decay} -> 0.003"]
     missing = with_stage(make_pipeline(tiny_synthetic, tmp_path / "other"), FakeCam()).status_of("cam")
     assert missing.state == "missing"
 

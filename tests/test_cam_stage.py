@@ -305,9 +305,9 @@ def test_status_up_to_date_stale_missing(trained, tmp_path):
     line = next(x for x in result.output.splitlines() if x.startswith("cam"))
     assert "up to date" in line and str(trained["artifact"]) in line
 
-    result = run_cli("status", *base, "-o", "cam.eval_bg_threshold=0.3")
+    result = run_cli("status", *base, "-o", "cam.weight_decay=0.003")
     assert "stale" in result.output
-    assert f"cam.eval_bg_threshold: {load_config(DEMO_CONFIG).cam.eval_bg_threshold} -> 0.3" in result.output
+    assert f"cam.weight_decay: {load_config(DEMO_CONFIG).cam.weight_decay} -> 0.003" in result.output
 
     result = run_cli("status", *base, "-o", f"run.workdir={tmp_path / 'empty'}")
     line = next(x for x in result.output.splitlines() if x.startswith("cam"))

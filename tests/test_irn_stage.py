@@ -148,9 +148,9 @@ def test_pseudo_labels_refuses_an_option_that_would_retrain_the_irn(chain, cli):
 
 def test_stale_cam_is_named_not_used(chain, cli):
     root, workdir, args = chain
-    result = cli("run-stage", "irn", "-c", DEMO_CONFIG, *args, "-o", "cam.eval_bg_threshold=0.2")
+    result = cli("run-stage", "irn", "-c", DEMO_CONFIG, *args, "-o", "cam.weight_decay=0.003")
     assert result.exit_code != 0
-    assert "cam" in result.output and "eval_bg_threshold" in result.output
+    assert "cam" in result.output and "weight_decay" in result.output
     status = cli("status", "-c", DEMO_CONFIG, *args, "-o", "irn.conf_fg_threshold=0.4")
     assert "irn" in status.output and "stale" in status.output and "conf_fg_threshold" in status.output
 

@@ -52,6 +52,33 @@ def test_run_twice_then_change_seg_then_change_irn(cli, chain_args):
     assert states(irn_changed.output) == {"cam": "cache hit", "irn": "ran", "pseudo": "ran", "seg": "ran"}
 
 
+def test_a_new_cam_scoring_threshold_rescores_the_cached_cams_without_retraining(cli, chain_args):
+    from data.layout import PreparedDataset
+    from stages.cam.stage import evaluate_cams
+    args, workdir = chain_args
+    assert cli("run", *args, "--until", "cam").exit_code == 0
+    artifact, = (workdir / "synthetic").glob("cam-*")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    trained = (artifact / "model.pt").stat().st_mtime_ns
+    dataset = PreparedDataset(args[3].split("=", 1)[1])
+    ids = sorted(p.stem for p in (artifact / "cams").glob("*.npz"))
+    for threshold in [0.3, 0.6]:  # 0.6: the demo config's own, which the artifact was first scored with
+        result = cli("run", *args, "--until", "cam", "-o", f"cam.eval_bg_threshold={threshold}")
+        assert result.exit_code == 0, result.output
+        assert states(result.output) == {"cam": "cache hit"}
+        expected = evaluate_cams(dataset, ids, artifact / "cams", threshold)["cam_miou"]
+        rescored = json.loads((artifact / "manifest.json").read_text())
+        assert rescored["metrics"]["cam_miou"] == pytest.approx(expected)
+        assert json.loads((artifact / "metrics.json").read_text())["cam_miou"] == pytest.approx(expected)
+        table_row, = [line for line in result.output.splitlines() if line.startswith("cam ") and "cam_miou" in line]
+        assert f"{expected:.4f}" in table_row
+        assert rescored["scored_with"] == {"eval_bg_threshold": threshold}
+        assert rescored["metrics"]["cls_mean_auc"] == manifest["metrics"]["cls_mean_auc"]  # kept, not rescored
+    assert rescored["metrics"]["cam_miou"] == pytest.approx(manifest["metrics"]["cam_miou"])
+    assert (artifact / "model.pt").stat().st_mtime_ns == trained
+    assert "up to date" in cli("status", *args, "-o", "cam.eval_bg_threshold=0.45").output.splitlines()[0]
+
+
 def test_evaluate_and_visualize_the_finished_chain(cli, chain_args):
     args, workdir = chain_args
     assert cli("run", *args).exit_code == 0

@@ -46,9 +46,13 @@ class CamStage:
     name = "cam"
     needs: tuple[str, ...] = ()
     section = "cam"
+    # Only scores the CAMs: left out of the key, so that a new threshold re-scores the cached
+    # CAMs (Pipeline.rescored) instead of retraining stage 1 and everything after it.
+    score_settings = ("eval_bg_threshold",)
 
     def key_config(self, cfg) -> dict:
-        return {**section_dict(cfg.cam), "weights_file": weights_file_stamp(cfg.cam.weights)}
+        return {**section_dict(cfg.cam, skip=set(self.score_settings)),
+                "weights_file": weights_file_stamp(cfg.cam.weights)}
 
     def code_version(self) -> str:
         return source_hash("stages/cam", "stages/common", "stages/base.py", "data/layout.py",
@@ -87,6 +91,12 @@ class CamStage:
             (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
             log.info("cam metrics on split %r:\n%s", cfg.data.train_split, per_class_table(metrics, "cam_", dataset))
         return StageResult(metrics=distributed.broadcast(metrics), headline="cam_miou", failures=failures)
+
+    def rescore(self, cfg, dataset: PreparedDataset, artifact: Path, metrics: dict) -> dict:
+        """The run's metrics with the CAM scores recomputed at the current threshold."""
+        ids = [i for i in dataset.split(cfg.data.train_split) if (artifact / "cams" / f"{i}.npz").is_file()]
+        scores = evaluate_cams(dataset, ids, artifact / "cams", cfg.cam.eval_bg_threshold)
+        return {**{k: v for k, v in metrics.items() if not k.startswith("cam_")}, **scores}
 
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
         ids = dataset.split(cfg.data.train_split)
