@@ -11,7 +11,8 @@
   excluded) at the same batch and crop size. Both epochs are reported: the first pays for
   worker start-up and the first step's warm-up (cuDNN autotuning), the second is the steady
   state (fit keeps its workers between epochs);
-- CAM inference: stages.cam.infer.multiscale_cam per image, at --cam-scales with flip.
+- CAM inference: the stage's own (CamStage.write_cams: resizing in loader workers, the float
+  work on the device, .npz files written) at --cam-scales with flip.
 
 The images are a few synthetic ones written to a temporary prepared dataset and listed
 repeatedly, so the loader decodes real PNG files of the requested size. Defaults: on a CPU
@@ -38,7 +39,7 @@ from data.layout import PreparedDataset  # noqa: E402
 from data.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
 from data.transforms import normalize_batch  # noqa: E402
 from stages.cam.config import CamConfig  # noqa: E402
-from stages.cam.infer import multiscale_cam  # noqa: E402
+from stages.cam.stage import CamStage  # noqa: E402
 from stages.cam.methods import build_cam_net  # noqa: E402
 from stages.common.metrics import format_table  # noqa: E402
 from stages.common.runtime import resolve_device, seed_everything, worker_count  # noqa: E402
@@ -76,17 +77,19 @@ def loop_rate(model, cfg: CamConfig, data: PreparedDataset, device, batch: int, 
     return history[0]["images_per_s"], history[-1]["images_per_s"]
 
 
-def cam_rate(model, cfg: CamConfig, data: PreparedDataset, device, count: int) -> float:
+def cam_rate(model, cfg: CamConfig, data: PreparedDataset, device, count: int, workers: int, out: Path) -> float:
+    """images/s of the stage's own CAM inference (CamStage.write_cams: loader workers read and
+    resize, the device normalises, flips and runs every scale, the files are written), worker
+    start-up included; after one warm-up image."""
     model = model.to(memory_format=torch.contiguous_format).eval()
     ids = data.split("train")
-    images = [data.read_image(ids[i % len(ids)]) for i in range(count)]
-    keys = [0, 1]
-    multiscale_cam(model, images[0], keys, cfg.scales, cfg.flip, device, cfg.extract)  # warm-up
+    CamStage().write_cams(model, cfg, data, ids[:1], out / "warm-up", device, 0)
+    ids = (ids * math.ceil(count / len(ids)))[:count]
     synchronize(device)
     start = time.perf_counter()
-    for image in images:
-        multiscale_cam(model, image, keys, cfg.scales, cfg.flip, device, cfg.extract)
+    failures = CamStage().write_cams(model, cfg, data, ids, out / "cams", device, workers)
     synchronize(device)
+    assert not failures, failures
     return count / (time.perf_counter() - start)
 
 
@@ -99,7 +102,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed bare steps and batches per loop epoch (CPU 8, CUDA 60)")
     parser.add_argument("--workers", type=int, default=-1, help="loader workers (-1: one per core, max 8)")
     parser.add_argument("--method", default="gap")
-    parser.add_argument("--cam-images", type=int, default=None, help="CPU 8, CUDA 50")
+    parser.add_argument("--cam-images", type=int, default=None, help="CPU 16, CUDA 200")
     parser.add_argument("--cam-scales", default="1.0,0.5,1.5,2.0")
     args = parser.parse_args()
 
@@ -109,7 +112,7 @@ def main() -> None:
     batch = args.batch or (32 if cuda else 16)
     backbone = args.backbone or ("resnet50" if cuda else "resnet18")
     steps = args.steps or (60 if cuda else 8)
-    cam_images = args.cam_images or (50 if cuda else 8)
+    cam_images = args.cam_images or (200 if cuda else 16)
     workers = worker_count(args.workers)
     if cuda:
         torch.backends.cudnn.benchmark = True
@@ -124,7 +127,7 @@ def main() -> None:
         model = build_cam_net(cfg, len(data.classes))
         bare = bare_step_rate(model, cfg, device, batch, size, steps, warmup=3 if cuda else 1)
         first, loop = loop_rate(model, cfg, data, device, batch, size, steps, workers, Path(tmp))
-        cams = cam_rate(model, cfg, data, device, cam_images)
+        cams = cam_rate(model, cfg, data, device, cam_images, workers, Path(tmp))
 
     rows = [
         {"measure": "bare model step (train)", "images/s": f"{bare:.1f}", "vs bare": "100%"},
@@ -132,7 +135,7 @@ def main() -> None:
          "vs bare": f"{100 * first / bare:.0f}%"},
         {"measure": f"real loop ({workers} workers), epoch 2", "images/s": f"{loop:.1f}",
          "vs bare": f"{100 * loop / bare:.0f}%"},
-        {"measure": f"CAM inference (scales {args.cam_scales}, flip)", "images/s": f"{cams:.2f}", "vs bare": "-"},
+        {"measure": f"CAM inference (scales {args.cam_scales}, flip, {workers} workers)", "images/s": f"{cams:.2f}", "vs bare": "-"},
     ]
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {len(os.sched_getaffinity(0))} cores, " \
         f"{torch.get_num_threads()} torch threads"

@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from data.errors import WssError
 from data.layout import IGNORE_INDEX, PreparedDataset, read_index_png
-from data.transforms import train_augment, uint8_tensor
+from data.transforms import scaled_copies, train_augment, uint8_tensor
 
 
 class AugmentedDataset(Dataset):
@@ -97,6 +97,23 @@ class SafeImageDataset(ImageDataset):
             return super().__getitem__(index)
         except WssError as error:
             return {"id": self.ids[index], "error": str(error)}
+
+
+class MultiScaleImageDataset(SafeImageDataset):
+    """Whole images resized to each inference scale in the loader workers: {"id", "size" (H, W),
+    "scaled": uint8 (h, w, 3) tensors, one per scale}, or {"id", "error"}."""
+
+    def __init__(self, dataset: PreparedDataset, ids: list[str], scales):
+        super().__init__(dataset, ids)
+        self.scales = list(scales)
+
+    def __getitem__(self, index: int) -> dict:
+        item = super().__getitem__(index)
+        if "error" in item:
+            return item
+        image = item["image"]
+        return {"id": item["id"], "size": tuple(image.shape[:2]),
+                "scaled": [uint8_tensor(copy) for copy in scaled_copies(image, self.scales)]}
 
 
 def first_item(batch: list[dict]) -> dict:

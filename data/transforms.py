@@ -28,6 +28,17 @@ def resize_to(image: np.ndarray, size_hw: tuple[int, int], nearest: bool = False
     return np.asarray(Image.fromarray(image).resize((size_hw[1], size_hw[0]), resample))
 
 
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def scaled_copies(image: np.ndarray, scales) -> list[np.ndarray]:
+    """The image resized to each scale (bilinear, uint8): the host-side half of multi-scale
+    inference, done in loader workers so that the main process only feeds the device."""
+    height, width = image.shape[:2]
+    return [resize_to(image, scaled_size(height, width, scale)) for scale in scales]
+
+
 def normalize(image: np.ndarray) -> torch.Tensor:
     """uint8 HxWx3 -> float32 3xHxW, ImageNet statistics (what torchvision/smp weights expect)."""
     array = (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
@@ -50,7 +61,8 @@ def normalize_batch(images: torch.Tensor) -> torch.Tensor:
 def uint8_tensor(image: np.ndarray) -> torch.Tensor:
     """A training image out of the loader workers: uint8 (H, W, 3), a quarter of float32's bytes
     to pin and copy; normalize_batch does the float work on the device."""
-    return torch.from_numpy(np.ascontiguousarray(image))
+    image = np.ascontiguousarray(image)
+    return torch.from_numpy(image if image.flags.writeable else image.copy())  # PIL's arrays are read-only
 
 
 def random_crop_box(rng: np.random.Generator, h: int, w: int, crop: int) -> tuple[int, int, int, int]:

@@ -61,7 +61,7 @@ def parse_methods(text: str) -> list[str]:
 def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict:
     """Scores `wss compare` adds to the stage's own metrics; cached per artifact."""
     from stages.cam.scoring import count_parameters, point_localization, tuned_miou, write_cams
-    from stages.common.runtime import resolve_device
+    from stages.common.runtime import resolve_device, worker_count
     cfg, dataset = pipeline.cfg, pipeline.dataset
     name = artifact.name + (f"-limit{limit}" if limit is not None else "")
     cache = out / "cache" / f"{name}.json"
@@ -70,17 +70,18 @@ def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict
     if cached is not None:
         return cached
     device = resolve_device(cfg.run.device)
+    workers = worker_count(cfg.run.workers)
     work = out / "cache" / name
     val_ids = [i for i in dataset.split(cfg.data.val_split)[:limit] if dataset.has_mask(i)]
     train_ids = dataset.split(cfg.data.train_split)[:limit]
     scores = {"parameters": count_parameters(artifact)}
     if val_ids:
-        write_cams(artifact, dataset, val_ids, work / "val_cams", device)
+        write_cams(artifact, dataset, val_ids, work / "val_cams", device, workers=workers)
         threshold, miou = tuned_miou(dataset, val_ids, work / "val_cams", train_ids, artifact / "cams")
         scores.update(tuned_threshold=threshold, cam_miou_tuned=miou)
     boxes = boxes_of(dataset, limit)
     if boxes:
-        write_cams(artifact, dataset, list(boxes), work / "boxed_cams", device)
+        write_cams(artifact, dataset, list(boxes), work / "boxed_cams", device, workers=workers)
         localization = point_localization(dataset, boxes, work / "boxed_cams")
         scores["point_acc"] = localization.get("point/mean", float("nan"))
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -171,6 +171,28 @@ def test_gradcam_pp_through_multiscale_cam_is_normalised(gap_net):
     assert all(plane.max() in (0.0, pytest.approx(1.0)) for plane in cam)
 
 
+def test_stage_inference_through_loader_workers_equals_multiscale_cam(gap_net, tiny_synthetic, tmp_path):
+    """The stage resizes in loader processes and normalises on the device: same maps as
+    multiscale_cam on the image in one process; an unreadable image is listed, the rest written."""
+    from stages.cam.config import CamConfig
+    from stages.cam.stage import CamStage
+    root = shutil.copytree(tiny_synthetic, tmp_path / "data")
+    dataset = PreparedDataset(root)
+    ids = dataset.split("train")[:5]
+    dataset.image_path(ids[2]).write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    section = CamConfig(scales=[1.0, 0.5, 1.5, 2.0], flip=True)
+    failures = CamStage().write_cams(gap_net, section, dataset, ids, tmp_path / "cams", CPU, workers=2)
+    assert len(failures) == 1 and ids[2] in failures[0]
+    assert sorted(p.stem for p in (tmp_path / "cams").glob("*.npz")) == sorted(ids[:2] + ids[3:])
+    for image_id in ids[:2] + ids[3:]:
+        image = dataset.read_image(image_id)
+        keys = [int(k) for k in np.nonzero(dataset.label_vector(image_id))[0]]
+        expected = multiscale_cam(gap_net, image, keys, section.scales, True, CPU)
+        cam, stored_keys, size = load_cam(tmp_path / "cams" / f"{image_id}.npz")
+        assert list(stored_keys) == keys and size == image.shape[:2]
+        np.testing.assert_allclose(cam, expected, atol=1e-3)  # stored as float16
+
+
 # ------------------------------------------------------------------------- the stage, end to end
 
 def run_cli(*args):

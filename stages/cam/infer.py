@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
-from data.transforms import normalize, resize_to
+from data.datasets import MultiScaleImageDataset, first_item
+from data.transforms import normalize_batch, scaled_copies, uint8_tensor
 
 CAM_STRIDE = 4
 
@@ -81,25 +83,33 @@ def to_stride4(maps: torch.Tensor, stride: int, scaled_size: tuple[int, int],
     return F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-@torch.no_grad()
 def multiscale_cam(model, image: np.ndarray, keys: list[int], scales: list[float], flip: bool,
                    device: torch.device, extract: str = "cam") -> np.ndarray:
-    """(K, ceil(H/4), ceil(W/4)) float32 in [0, 1]: the sum over scales (and flips), each
-    resampled onto the image's stride-4 grid, then divided per class by its maximum.
+    """(K, ceil(H/4), ceil(W/4)) float32 in [0, 1] for one uint8 (H, W, 3) image: see scaled_cam."""
+    scaled = [uint8_tensor(copy) for copy in scaled_copies(image, scales)]
+    return scaled_cam(model, scaled, image.shape[:2], keys, flip, device, extract)
+
+
+@torch.no_grad()
+def scaled_cam(model, scaled: list[torch.Tensor], image_size: tuple[int, int], keys: list[int], flip: bool,
+               device: torch.device, extract: str = "cam") -> np.ndarray:
+    """(K, ceil(H/4), ceil(W/4)) float32 in [0, 1]: the sum over the scaled copies of the image
+    (uint8 (h, w, 3) tensors, see data.transforms.scaled_copies) and their flips, each resampled
+    onto the image's stride-4 grid, then divided per class by its maximum. The float work
+    (normalising, flipping) happens on the device.
 
     `model.cam_stride` is the stride of its maps (and of the features Grad-CAM++ reads).
     """
-    height, width = image.shape[:2]
+    height, width = image_size
     out_size = strided_size(height, width)
     if not keys:
         return np.zeros((0, *out_size), np.float32)
     total = torch.zeros((len(keys), *out_size), device=device)
-    for scale in scales:
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        x = normalize(resize_to(image, size)).unsqueeze(0)
+    for copy in scaled:
+        size = tuple(copy.shape[:2])
+        x = normalize_batch(copy[None].to(device, non_blocking=True))
         if flip:
             x = torch.cat([x, x.flip(-1)])
-        x = x.to(device)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -109,6 +119,13 @@ def multiscale_cam(model, image: np.ndarray, keys: list[int], scales: list[float
             total += to_stride4(maps[1:], model.cam_stride, size, (height, width), flipped=True)[0]
     total /= total.flatten(1).amax(dim=1).clamp_min(1e-5)[:, None, None]
     return total.cpu().numpy()
+
+
+def scaled_image_loader(dataset, ids: list[str], scales: list[float], workers: int) -> DataLoader:
+    """Items of data.datasets.MultiScaleImageDataset, one image at a time, resized in `workers`
+    processes (the PIL resizing of four scales would otherwise keep the GPU waiting)."""
+    return DataLoader(MultiScaleImageDataset(dataset, ids, scales), batch_size=1, collate_fn=first_item,
+                      num_workers=workers)
 
 
 def save_cam(path: Path, cam: np.ndarray, keys: list[int], size: tuple[int, int]) -> None:

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,13 @@ import torch
 from tqdm.auto import tqdm
 
 from data.layout import PreparedDataset
-from stages.cam.infer import CAM_STRIDE, cam_to_label, load_cam, multiscale_cam, save_cam, upsample_cam
+from stages.cam.infer import (CAM_STRIDE, cam_to_label, load_cam, save_cam, scaled_cam, scaled_image_loader,
+                              upsample_cam)
 from stages.cam.stage import load_cam_net
 from stages.common.localization import LocalizationCase, localization_accuracy
 from stages.common.metrics import ConfusionMatrix
+
+log = logging.getLogger("wss.compare")
 
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
 
@@ -28,21 +32,26 @@ def count_parameters(artifact: Path) -> int:
 
 
 def write_cams(artifact: Path, dataset: PreparedDataset, ids: list[str], cam_dir: Path,
-               device: torch.device, keys_of=None) -> None:
+               device: torch.device, keys_of=None, workers: int = 0) -> None:
     """CAMs of `ids` with the artifact's model and inference settings, saved like the stage's.
 
-    `keys_of(id)` picks the classes (default: the image's labels); existing files are kept.
+    `keys_of(id)` picks the classes (default: the image's labels); existing files are kept;
+    an unreadable image is logged and skipped. `workers` loader processes resize the images.
     """
     cam_dir.mkdir(parents=True, exist_ok=True)
     todo = [i for i in ids if not (cam_dir / f"{i}.npz").is_file()]
     if not todo:
         return
     model, cfg, _ = load_cam_net(artifact, device)
-    for image_id in tqdm(todo, desc="cam inference (compare)", unit="img", leave=False):
+    for item in tqdm(scaled_image_loader(dataset, todo, cfg.scales, workers), desc="cam inference (compare)",
+                     unit="img", total=len(todo), leave=False):
+        if "error" in item:
+            log.warning("compare: skipped %s", item["error"])
+            continue
+        image_id = item["id"]
         keys = keys_of(image_id) if keys_of else [int(k) for k in np.nonzero(dataset.label_vector(image_id))[0]]
-        image = dataset.read_image(image_id)
-        cam = multiscale_cam(model, image, keys, cfg.scales, cfg.flip, device, cfg.extract)
-        save_cam(cam_dir / f"{image_id}.npz", cam, keys, image.shape[:2])
+        cam = scaled_cam(model, item["scaled"], item["size"], keys, cfg.flip, device, cfg.extract)
+        save_cam(cam_dir / f"{image_id}.npz", cam, keys, item["size"])
 
 
 def threshold_sweep(dataset: PreparedDataset, ids: list[str], cam_dir: Path,

@@ -12,9 +12,9 @@ from tqdm.auto import tqdm
 
 from data.datasets import ClassificationDataset, SafeImageDataset, first_item
 from data.layout import PreparedDataset
-from data.transforms import normalize, normalize_batch
+from data.transforms import normalize_batch, uint8_tensor
 from stages.base import StageResult, section_dict, source_hash, weights_file_stamp
-from stages.cam.infer import cam_to_label, load_cam, multiscale_cam, save_cam, upsample_cam
+from stages.cam.infer import cam_to_label, load_cam, save_cam, scaled_cam, scaled_image_loader, upsample_cam
 from stages.cam.methods import build_cam_net
 from stages.common import distributed
 from stages.common.metrics import (BinarySegmentationScores, ConfusionMatrix, classification_scores,
@@ -119,7 +119,7 @@ class CamStage:
                 if failures is not None:
                     failures.append(item["error"])
                 continue
-            x = normalize(item["image"]).unsqueeze(0).to(device)
+            x = normalize_batch(uint8_tensor(item["image"])[None].to(device))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(x)["logits"].float()
             scores.append(torch.sigmoid(logits)[0].cpu().numpy())
@@ -134,17 +134,15 @@ class CamStage:
                    workers: int) -> list[str]:
         cam_dir.mkdir(parents=True, exist_ok=True)
         failures = []
-        loader = DataLoader(SafeImageDataset(dataset, ids), batch_size=1, collate_fn=first_item,
-                            num_workers=min(2, worker_count(workers)))
+        loader = scaled_image_loader(dataset, ids, section.scales, worker_count(workers))
         for item in tqdm(loader, desc="cam inference", unit="img"):
             if "error" in item:
                 failures.append(item["error"])
                 log.warning("cam: skipped %s", item["error"])
                 continue
             keys = [int(k) for k in np.nonzero(dataset.label_vector(item["id"]))[0]]
-            image = item["image"]
-            cam = multiscale_cam(model, image, keys, section.scales, section.flip, device, section.extract)
-            save_cam(cam_dir / f"{item['id']}.npz", cam, keys, image.shape[:2])
+            cam = scaled_cam(model, item["scaled"], item["size"], keys, section.flip, device, section.extract)
+            save_cam(cam_dir / f"{item['id']}.npz", cam, keys, item["size"])
         return failures
 
 
