@@ -96,17 +96,19 @@ class ArtifactStore:
             return path
         return None
 
-    def latest(self, stage: str) -> tuple[Path, dict] | None:
-        """The most recently completed artifact of a stage, whatever its key."""
+    def completed(self, stage: str) -> list[tuple[Path, dict]]:
+        """(path, manifest) of every complete artifact of a stage, whatever its key, newest first."""
         found = []
         for path in self.root.glob(f"{stage}-*"):
             manifest = self.read_manifest(path)
             if manifest is not None and manifest.get("stage") == stage:
                 found.append((manifest.get("finished", 0), path, manifest))
-        if not found:
-            return None
-        _, path, manifest = max(found, key=lambda item: item[0])
-        return path, manifest
+        return [(path, manifest) for _, path, manifest in sorted(found, key=lambda item: -item[0])]
+
+    def latest(self, stage: str) -> tuple[Path, dict] | None:
+        """The most recently completed artifact of a stage, whatever its key."""
+        found = self.completed(stage)
+        return found[0] if found else None
 
     @contextmanager
     def writing(self, key: StageKey, resume: bool = False):

@@ -53,6 +53,13 @@ def upstream_closure(name: str, stages: dict) -> list[str]:
     return [s for s in STAGE_ORDER if s in wanted]
 
 
+def training_parts(parts: dict, inference_settings) -> dict:
+    """A stage's key parts without its inference settings, as JSON would store them."""
+    parts = json.loads(json.dumps(parts, default=str))
+    parts.get("config", {}).update(dict.fromkeys(inference_settings, "(inference)"))
+    return parts
+
+
 def software_versions() -> dict:
     versions = {"python": platform.python_version()}
     for package in ["wss", "torch", "torchvision", "segmentation-models-pytorch", "numpy", "pydensecrf2"]:
@@ -136,6 +143,9 @@ class Pipeline:
             metrics = distributed.broadcast(self.rescored(stage, done, manifest) if distributed.is_main() else None)
             return Outcome(name, "cached", done, manifest.get("seconds", 0.0), metrics, manifest.get("headline", ""))
         inputs = {need: self.require(need) for need in stage.needs}
+        twin = None if force else distributed.broadcast(self.trained_twin(name, limit) if distributed.is_main() else None)
+        if twin is not None:
+            inputs["trained"] = twin
         if not distributed.is_main():
             return self.run_beside_rank0(stage, inputs, resume, limit)
         with self.store.writing(key, resume=resume) as partial:
@@ -162,6 +172,20 @@ class Pipeline:
         distributed.broadcast(final)
         log.info("%s: done in %.1f s -> %s", name, seconds, final)
         return Outcome(name, "ran", final, seconds, result.metrics, result.headline, result.failures)
+
+    def trained_twin(self, name: str, limit: int | None = None) -> Path | None:
+        """A complete artifact of stage `name` trained exactly as this config would train it: its
+        key differs from the current one only in the stage's `inference_settings` (cam.scales,
+        flip, extract), so the stage can reuse its model and only infer again. None otherwise."""
+        settings = getattr(self.stage(name), "inference_settings", ())
+        if not settings:
+            return None
+        key = self.key(name, limit)
+        wanted = training_parts(key.parts, settings)
+        for path, manifest in self.store.completed(name):
+            if manifest.get("key") != key.digest and training_parts(manifest.get("key_parts", {}), settings) == wanted:
+                return path
+        return None
 
     def rescored(self, stage, artifact: Path, manifest: dict) -> dict:
         """The cached artifact's metrics, recomputed when a scoring-only setting (one the stage

@@ -319,6 +319,38 @@ def test_force_recomputes(trained, tmp_path, monkeypatch):
     assert manifest["metrics"] == {"cam_miou": 0.25}
 
 
+def test_new_inference_settings_reuse_the_trained_classifier(trained, tmp_path, monkeypatch):
+    """cam.flip / scales / extract change the CAMs, not the training: the new artifact infers
+    again with the classifier of the one trained with the same settings; --force retrains."""
+    import stages.cam.stage as cam_stage
+    from stages.cam.stage import load_cam_net
+    workdir = shutil.copytree(trained["workdir"], tmp_path / "work")
+    def no_training(*args, **kwargs):
+        raise RuntimeError("trained again")
+
+    monkeypatch.setattr(cam_stage, "fit", no_training)
+    result = run_cli(*stage_args(trained["root"], workdir, cam__flip="true", cam__scales="[1.0,0.5]"))
+    assert result.exit_code == 0, result.output
+    assert "reusing the classifier of" in result.output and trained["artifact"].name in result.output
+    new, = [p for p in (workdir / "synthetic").glob("cam-*") if p.name != trained["artifact"].name]
+    manifest = json.loads((new / "manifest.json").read_text())
+    assert manifest["inputs"]["trained"].endswith(trained["artifact"].name)
+    old_model, _, _ = load_cam_net(trained["artifact"], CPU)
+    new_model, cfg, _ = load_cam_net(new, CPU)
+    assert cfg.flip and cfg.scales == [1.0, 0.5]  # the new artifact's own inference settings
+    for name, weights in old_model.state_dict().items():
+        assert torch.equal(new_model.state_dict()[name], weights), name
+    assert (new / "metrics.jsonl").read_text() == (trained["artifact"] / "metrics.jsonl").read_text()
+    dataset = PreparedDataset(trained["root"])
+    image_id = dataset.split("train")[0]
+    keys = [int(k) for k in np.nonzero(dataset.label_vector(image_id))[0]]
+    expected = multiscale_cam(new_model, dataset.read_image(image_id), keys, [1.0, 0.5], True, CPU)
+    np.testing.assert_allclose(load_cam(new / "cams" / f"{image_id}.npz")[0], expected, atol=1e-3)
+
+    forced = run_cli(*stage_args(trained["root"], workdir, cam__flip="true", cam__scales="[1.0,0.5]"), "--force")
+    assert forced.exit_code != 0 and "trained again" in str(forced.exception)
+
+
 def test_status_up_to_date_stale_missing(trained, tmp_path):
     base = ["-c", DEMO_CONFIG, *overrides({"data.root": trained["root"], "run.workdir": trained["workdir"],
                                            **FAST_CAM})]

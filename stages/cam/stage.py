@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data.datasets import ClassificationDataset, SafeImageDataset, first_item
-from data.layout import PreparedDataset
+from data.layout import PreparedDataset, write_text_atomic
 from data.transforms import normalize_batch, uint8_tensor
 from stages.base import StageResult, section_dict, source_hash, weights_file_stamp
 from stages.cam.infer import cam_to_label, load_cam, save_cam, scaled_cam, scaled_image_loader, upsample_cam
@@ -42,6 +42,21 @@ def load_cam_net(artifact: Path, device: torch.device):
     return model.to(device).eval(), cfg, state["classes"]
 
 
+def reuse_training(model, twin: Path, out: Path) -> list[dict]:
+    """Load the classifier that `twin`, an artifact trained with the same settings (its key
+    differs in inference settings only), trained; copy its epoch log. Returns the log as fit's
+    history."""
+    log.info("cam: reusing the classifier of %s (trained with the same settings; only inference "
+             "settings differ): no training", twin)
+    state = torch.load(twin / MODEL_FILE, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    epoch_log = twin / "metrics.jsonl"
+    lines = epoch_log.read_text().splitlines() if epoch_log.is_file() else []
+    if distributed.is_main() and lines:
+        write_text_atomic(out / "metrics.jsonl", "".join(line + "\n" for line in lines))
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 class CamStage:
     name = "cam"
     needs: tuple[str, ...] = ()
@@ -49,6 +64,9 @@ class CamStage:
     # Only scores the CAMs: left out of the key, so that a new threshold re-scores the cached
     # CAMs (Pipeline.rescored) instead of retraining stage 1 and everything after it.
     score_settings = ("eval_bg_threshold",)
+    # Only used after training: a new value reuses the classifier of an artifact trained with the
+    # same settings (Pipeline.trained_twin) and runs inference again.
+    inference_settings = ("extract", "scales", "flip")
 
     def key_config(self, cfg) -> dict:
         return {**section_dict(cfg.cam, skip=set(self.score_settings)),
@@ -69,12 +87,18 @@ class CamStage:
                  len(train_ids), dataset.name, device)
 
         dataset.check_images_open(train_ids)
-        model = build_cam_net(section, dataset.info.num_classes)
-        train_set = ClassificationDataset(dataset, train_ids, section.resize_long, section.crop_size, cfg.run.seed)
-        settings = train_settings(section, cfg.run)
-        history = fit(model, train_set, model.param_groups(section.head_lr_mult),
-                      lambda net, b: model.loss(net(normalize_batch(b["image"])), b["label"]),
-                      settings, device, out, resume=resume, desc="cam")
+        twin = inputs.get("trained")
+        if twin is None:
+            model = build_cam_net(section, dataset.info.num_classes)
+            train_set = ClassificationDataset(dataset, train_ids, section.resize_long, section.crop_size,
+                                              cfg.run.seed)
+            history = fit(model, train_set, model.param_groups(section.head_lr_mult),
+                          lambda net, b: model.loss(net(normalize_batch(b["image"])), b["label"]),
+                          train_settings(section, cfg.run), device, out, resume=resume, desc="cam")
+        else:
+            model = build_cam_net(section, dataset.info.num_classes, weights=None)
+            history = reuse_training(model, Path(twin), out)
+            model.to(device)
         if distributed.is_main():
             save_atomic({"model": model.state_dict(), "config": section_dict(section),
                          "classes": dataset.classes}, out / MODEL_FILE)
