@@ -127,6 +127,9 @@ class Pipeline:
             return StageStatus(name, "missing", None, [])
         old_path, manifest = latest
         reasons = explain_difference(manifest.get("key_parts", {}), key.parts, self.stage(name).section)
+        twin = self.trained_twin(name)
+        if twin is not None:
+            reasons.append(f"inference settings only: a run reuses the model trained in {twin}")
         return StageStatus(name, "stale", old_path, reasons or ["key changed"])
 
     def status(self) -> list[StageStatus]:

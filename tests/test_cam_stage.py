@@ -335,6 +335,8 @@ def test_new_inference_settings_reuse_the_trained_classifier(trained, tmp_path, 
     new, = [p for p in (workdir / "synthetic").glob("cam-*") if p.name != trained["artifact"].name]
     manifest = json.loads((new / "manifest.json").read_text())
     assert manifest["inputs"]["trained"].endswith(trained["artifact"].name)
+    status = run_cli("status", *stage_args(trained["root"], workdir, cam__extract="gradcam++")[2:])
+    assert f"a run reuses the model trained in {workdir / 'synthetic'}" in status.output, status.output
     old_model, _, _ = load_cam_net(trained["artifact"], CPU)
     new_model, cfg, _ = load_cam_net(new, CPU)
     assert cfg.flip and cfg.scales == [1.0, 0.5]  # the new artifact's own inference settings
