@@ -33,7 +33,8 @@ class WssGroup(click.Group):
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: unfinished work is left in a .partial directory that is never reused "
-                       "as a result (`--resume` continues training)", err=True)
+                       "as a result; the same command with `--resume` continues it (training from its last "
+                       "checkpoint), without it the stage starts again", err=True)
             ctx.exit(130)
 
 
@@ -263,13 +264,17 @@ def run_stage(stage: str, config_path: tuple[Path, ...], overrides, force: bool,
 @config_options
 @click.option("--until", default=None, help="Last stage to run.")
 @click.option("--force", "force", multiple=True, help="Recompute this stage and everything after it (repeatable).")
-def run(config_path: tuple[Path, ...], overrides, until: str | None, force: tuple[str, ...]):
+@click.option("--resume", is_flag=True,
+              help="Continue the stage that was interrupted from its .partial directory (training from its last "
+                   "checkpoint) instead of starting it again.")
+def run(config_path: tuple[Path, ...], overrides, until: str | None, force: tuple[str, ...], resume: bool):
     """Run the whole chain, skipping stages whose artifact is up to date.
 
     \b
     Example:
       wss run -c configs/demo.yaml
       wss run -c configs/demo.yaml --until cam --force cam
+      wss run -c configs/demo.yaml --resume     # after Ctrl-C in the middle of a stage
     """
     from pipeline.runner import Pipeline
     cfg = load(config_path, overrides)
@@ -277,7 +282,7 @@ def run(config_path: tuple[Path, ...], overrides, until: str | None, force: tupl
     pipeline = Pipeline(cfg)
     for name in force:
         pipeline.stage(name)
-    outcomes = pipeline.run(until=until, force=force)
+    outcomes = pipeline.run(until=until, force=force, resume=resume)
     if reports:
         print_run_report(cfg, pipeline, outcomes)
     finish_processes()

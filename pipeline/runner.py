@@ -222,8 +222,9 @@ class Pipeline:
         return Outcome(stage.name, "ran", final, time.time() - started, result.metrics, result.headline,
                        result.failures)
 
-    def run(self, until: str | None = None, force: tuple[str, ...] = ()) -> list[Outcome]:
-        """Run the chain up to `until`; a forced stage forces everything after it too."""
+    def run(self, until: str | None = None, force: tuple[str, ...] = (), resume: bool = False) -> list[Outcome]:
+        """Run the chain up to `until`; a forced stage forces everything after it too. `resume`:
+        a stage to compute continues from its .partial directory where one is left."""
         last = until or STAGE_ORDER[-1]
         order = upstream_closure(self.stage(last).name, self.stages)
         forced_from = min((order.index(s) for s in force if s in order), default=len(order))
@@ -231,4 +232,4 @@ class Pipeline:
             preflight = getattr(self.stage(name), "preflight", None)
             if preflight is not None and (i >= forced_from or self.store.complete(self.key(name)) is None):
                 preflight(self.cfg, self.dataset)
-        return [self.run_stage(name, force=i >= forced_from) for i, name in enumerate(order)]
+        return [self.run_stage(name, force=i >= forced_from, resume=resume) for i, name in enumerate(order)]

@@ -370,10 +370,16 @@ def test_status_up_to_date_stale_missing(trained, tmp_path):
     assert "missing" in line
 
 
-def test_interrupt_then_resume_continues_training(trained, tmp_path, monkeypatch, caplog):
-    """Ctrl-C after two epochs leaves only a .partial dir; --resume trains the remaining epochs
-    and ends with the same model as the uninterrupted run. A corrupt val image is listed."""
+@pytest.mark.parametrize("command", ["run-stage", "run"])
+def test_interrupt_then_resume_continues_training(trained, tmp_path, monkeypatch, caplog, command):
+    """Ctrl-C after two epochs leaves only a .partial dir; --resume (of `wss run-stage cam` or of
+    `wss run`) trains the remaining epochs and ends with the same model as the uninterrupted run.
+    A corrupt val image is listed."""
     import stages.common.training as training
+
+    def command_args(root, workdir):
+        args = stage_args(root, workdir)
+        return args if command == "run-stage" else ["run", "--until", "cam", *args[2:]]
     root = shutil.copytree(trained["root"], tmp_path / "data")
     corrupt = PreparedDataset(root).image_path(PreparedDataset(root).split("val")[0])
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
@@ -388,16 +394,16 @@ def test_interrupt_then_resume_continues_training(trained, tmp_path, monkeypatch
             raise KeyboardInterrupt
 
     monkeypatch.setattr(training, "save_atomic", interrupt_after_two)
-    result = run_cli(*stage_args(root, workdir))
+    result = run_cli(*command_args(root, workdir))
     assert result.exit_code == 130, result.output
-    assert "interrupted" in result.output
+    assert "interrupted" in result.output and "--resume" in result.output
     entries = [p.name for p in (workdir / "synthetic").iterdir() if not p.name.endswith(".lock")]
     assert len(entries) == 1 and entries[0].startswith(".cam-") and entries[0].endswith(".partial")
     assert "missing" in run_cli("status", "-c", DEMO_CONFIG, *stage_args(root, workdir)[4:]).output
 
     monkeypatch.setattr(training, "save_atomic", real_save)
     with caplog.at_level(logging.INFO):
-        result = run_cli(*stage_args(root, workdir), "--resume")
+        result = run_cli(*command_args(root, workdir), "--resume")
     assert result.exit_code == 0, result.output
     assert "resumed after epoch 2" in caplog.text
     assert str(corrupt) in result.output and "cannot decode" in result.output
