@@ -193,6 +193,19 @@ def test_stage_inference_through_loader_workers_equals_multiscale_cam(gap_net, t
         np.testing.assert_allclose(cam, expected, atol=1e-3)  # stored as float16
 
 
+def test_resumed_inference_keeps_the_cam_files_already_written(gap_net, tiny_synthetic, tmp_path):
+    from stages.cam.config import CamConfig
+    from stages.cam.stage import CamStage
+    dataset = PreparedDataset(tiny_synthetic)
+    ids = dataset.split("train")[:3]
+    cam_dir = tmp_path / "cams"
+    cam_dir.mkdir()
+    save_cam(cam_dir / f"{ids[0]}.npz", np.zeros((0, 1, 1), np.float32), [], (1, 1))  # written before the stop
+    assert CamStage().write_cams(gap_net, CamConfig(scales=[1.0]), dataset, ids, cam_dir, CPU, workers=0) == []
+    assert load_cam(cam_dir / f"{ids[0]}.npz")[2] == (1, 1)  # kept, not recomputed
+    assert all(load_cam(cam_dir / f"{i}.npz")[2] == dataset.read_image(i).shape[:2] for i in ids[1:])
+
+
 # ------------------------------------------------------------------------- the stage, end to end
 
 def run_cli(*args):

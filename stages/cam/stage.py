@@ -158,6 +158,8 @@ class CamStage:
                    workers: int) -> list[str]:
         cam_dir.mkdir(parents=True, exist_ok=True)
         failures = []
+        # files are written whole (save_cam), so those a resumed run finds are kept
+        ids = [i for i in ids if not (cam_dir / f"{i}.npz").is_file()]
         loader = scaled_image_loader(dataset, ids, section.scales, worker_count(workers))
         for item in tqdm(loader, desc="cam inference", unit="img"):
             if "error" in item:
