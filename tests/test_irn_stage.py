@@ -136,6 +136,36 @@ def test_pseudo_threshold_change_reuses_the_trained_irn(chain, cli):
     assert foreground["0.6"] <= foreground["0.3"]  # a higher background threshold can only shrink the foreground
 
 
+def test_interrupted_pseudo_labels_resume_where_they_stopped(chain, cli, tmp_path, monkeypatch):
+    import stages.irn.pseudo as pseudo
+    root, workdir, args = chain
+    workdir2 = shutil.copytree(workdir, tmp_path / "runs")
+    args = [a.replace(str(workdir), str(workdir2)) for a in args] + ["-o", "irn.sem_seg_bg_threshold=0.45"]
+    real_write, written = pseudo.write_index_png, []
+
+    def stop_after_three(path, *rest):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        real_write(path, *rest)
+        written.append(path)
+
+    monkeypatch.setattr(pseudo, "write_index_png", stop_after_three)
+    result = cli("run", "-c", DEMO_CONFIG, "--until", "pseudo", *args)
+    assert result.exit_code == 130, result.output
+    stamps = {path: path.stat().st_mtime_ns for path in written}
+    monkeypatch.setattr(pseudo, "write_index_png", real_write)
+    result = cli("run", "-c", DEMO_CONFIG, "--until", "pseudo", "--resume", *args)
+    assert result.exit_code == 0, result.output
+    made = [p for p in (workdir2 / "synthetic").glob("pseudo-*")
+            if json.loads((p / "manifest.json").read_text())["config"]["irn"]["sem_seg_bg_threshold"] == 0.45]
+    assert len(made) == 1
+    labels = sorted((made[0] / "pseudo_labels").glob("*.png"))
+    assert len(labels) == len(PreparedDataset(root).split("train"))
+    for path, stamp in stamps.items():  # written before the stop, kept as they were
+        kept = made[0] / "pseudo_labels" / path.name
+        assert kept.stat().st_mtime_ns == stamp
+
+
 def test_pseudo_labels_refuses_an_option_that_would_retrain_the_irn(chain, cli):
     root, workdir, args = chain
     before = sorted((workdir / "synthetic").iterdir())

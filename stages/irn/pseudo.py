@@ -144,7 +144,9 @@ class PseudoLabelStage:
         refine = section.refine_crf_params if section.refine_crf else None
 
         failures, walk_seconds = [], []
-        loader = DataLoader(SafeImageDataset(dataset, distributed.shard(ids)), batch_size=1, collate_fn=first_item,
+        # a label is written whole and after its boundary map, so those a resumed run finds are kept
+        todo = [i for i in distributed.shard(ids) if not (label_dir / f"{i}.png").is_file()]
+        loader = DataLoader(SafeImageDataset(dataset, todo), batch_size=1, collate_fn=first_item,
                             num_workers=min(2, worker_count(cfg.run.workers)))
         with CrfPool(worker_count(cfg.run.workers) if refine else 0) as crf_pool:
             for item in tqdm(loader, desc="pseudo-labels", unit="img"):
