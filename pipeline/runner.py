@@ -178,9 +178,11 @@ class Pipeline:
 
     def trained_twin(self, name: str, limit: int | None = None) -> Path | None:
         """A complete artifact of stage `name` trained exactly as this config would train it: its
-        key differs from the current one only in the stage's `inference_settings` (cam.scales,
-        flip, extract), so the stage can reuse its model and only infer again. None otherwise."""
-        settings = getattr(self.stage(name), "inference_settings", ())
+        key differs from the current one only in the stage's `inference_settings(cfg)` (cam.scales,
+        flip, extract; seg.threshold, predict_size), so the stage can reuse its model and only
+        infer again. None otherwise."""
+        stage = self.stage(name)
+        settings = stage.inference_settings(self.cfg) if hasattr(stage, "inference_settings") else ()
         if not settings:
             return None
         key = self.key(name, limit)

@@ -42,6 +42,9 @@ class Stage(Protocol):
     # Optional: `score_settings`, names of section fields that only score the output (left out of
     # key_config), with `rescore(cfg, dataset, artifact, metrics) -> metrics` recomputing the
     # scores they change; a cached artifact scored with other values is re-scored, not recomputed.
+    # Optional: `inference_settings(cfg) -> tuple[str, ...]`, section fields used only after
+    # training; a run whose key differs from a complete artifact's in those alone gets that
+    # artifact as inputs["trained"] and reuses its model instead of training.
 
 
 def section_dict(section: Any, only: set[str] | None = None, skip: set[str] | None = None) -> dict:

@@ -344,7 +344,7 @@ def test_new_inference_settings_reuse_the_trained_classifier(trained, tmp_path, 
     monkeypatch.setattr(cam_stage, "fit", no_training)
     result = run_cli(*stage_args(trained["root"], workdir, cam__flip="true", cam__scales="[1.0,0.5]"))
     assert result.exit_code == 0, result.output
-    assert "reusing the classifier of" in result.output and trained["artifact"].name in result.output
+    assert "reusing the model trained in" in result.output and trained["artifact"].name in result.output
     new, = [p for p in (workdir / "synthetic").glob("cam-*") if p.name != trained["artifact"].name]
     manifest = json.loads((new / "manifest.json").read_text())
     assert manifest["inputs"]["trained"].endswith(trained["artifact"].name)

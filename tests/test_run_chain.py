@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,35 @@ def test_a_seg_typo_stops_the_run_before_the_first_stage_computes(cli, synthetic
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert message in result.output
     assert not list(tmp_path.glob("*/cam-*")) and not list(tmp_path.glob("*/.cam-*"))
+
+
+def test_a_new_prediction_size_reuses_the_trained_segmenter(cli, chain_args, monkeypatch):
+    import torch
+
+    import stages.seg.stage as seg_stage
+    from pipeline.config import load_config
+    args, workdir = chain_args
+    assert cli("run", *args).exit_code == 0
+    before = {p.name for p in (workdir / "synthetic").glob("seg-*")}
+
+    def no_training(*a, **k):
+        raise RuntimeError("trained again")
+
+    monkeypatch.setattr(seg_stage, "fit", no_training)
+    result = cli("run", *args, "-o", "seg.predict_size=96")
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert states(result.output) == {"cam": "cache hit", "irn": "cache hit", "pseudo": "cache hit", "seg": "ran"}
+    assert "reusing the model trained in" in result.output
+    new, = [p for p in (workdir / "synthetic").glob("seg-*") if p.name not in before]
+    twin = Path(json.loads((new / "manifest.json").read_text())["inputs"]["trained"])
+    assert twin.name in before
+    old_state = torch.load(twin / "model.pt", weights_only=False)
+    new_state = torch.load(new / "model.pt", weights_only=False)
+    assert new_state["long_side"] == 96 and old_state["long_side"] != 96
+    for name, weights in old_state["model"].items():
+        assert torch.equal(new_state["model"][name], weights), name
+    assert len(list((new / "predictions").glob("*.png"))) == len(list((twin / "predictions").glob("*.png")))
+
+    # pseudo_holdout chooses its checkpoint by predicting with these settings: nothing is reused
+    holdout = load_config([DEMO_CONFIG], [*args[3::2], "seg.checkpoint=pseudo_holdout"])
+    assert seg_stage.SegStage().inference_settings(holdout) == ()

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data.datasets import ClassificationDataset, SafeImageDataset, first_item
-from data.layout import PreparedDataset, write_text_atomic
+from data.layout import PreparedDataset
 from data.transforms import normalize_batch, uint8_tensor
 from stages.base import StageResult, section_dict, source_hash, weights_file_stamp
 from stages.cam.infer import cam_to_label, load_cam, save_cam, scaled_cam, scaled_image_loader, upsample_cam
@@ -20,7 +20,7 @@ from stages.common import distributed
 from stages.common.metrics import (BinarySegmentationScores, ConfusionMatrix, classification_scores,
                                    per_class_table)
 from stages.common.runtime import resolve_device, seed_everything, worker_count
-from stages.common.training import TrainSettings, fit, save_atomic
+from stages.common.training import TrainSettings, fit, reuse_trained, save_atomic
 
 log = logging.getLogger("wss.cam")
 MODEL_FILE = "model.pt"
@@ -42,21 +42,6 @@ def load_cam_net(artifact: Path, device: torch.device):
     return model.to(device).eval(), cfg, state["classes"]
 
 
-def reuse_training(model, twin: Path, out: Path) -> list[dict]:
-    """Load the classifier that `twin`, an artifact trained with the same settings (its key
-    differs in inference settings only), trained; copy its epoch log. Returns the log as fit's
-    history."""
-    log.info("cam: reusing the classifier of %s (trained with the same settings; only inference "
-             "settings differ): no training", twin)
-    state = torch.load(twin / MODEL_FILE, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
-    epoch_log = twin / "metrics.jsonl"
-    lines = epoch_log.read_text().splitlines() if epoch_log.is_file() else []
-    if distributed.is_main() and lines:
-        write_text_atomic(out / "metrics.jsonl", "".join(line + "\n" for line in lines))
-    return [json.loads(line) for line in lines if line.strip()]
-
-
 class CamStage:
     name = "cam"
     needs: tuple[str, ...] = ()
@@ -64,9 +49,11 @@ class CamStage:
     # Only scores the CAMs: left out of the key, so that a new threshold re-scores the cached
     # CAMs (Pipeline.rescored) instead of retraining stage 1 and everything after it.
     score_settings = ("eval_bg_threshold",)
-    # Only used after training: a new value reuses the classifier of an artifact trained with the
-    # same settings (Pipeline.trained_twin) and runs inference again.
-    inference_settings = ("extract", "scales", "flip")
+
+    def inference_settings(self, cfg) -> tuple[str, ...]:
+        """Used only after training: a new value reuses the classifier of an artifact trained with
+        the same settings (Pipeline.trained_twin) and runs inference again."""
+        return ("extract", "scales", "flip")
 
     def key_config(self, cfg) -> dict:
         return {**section_dict(cfg.cam, skip=set(self.score_settings)),
@@ -97,7 +84,7 @@ class CamStage:
                           train_settings(section, cfg.run), device, out, resume=resume, desc="cam")
         else:
             model = build_cam_net(section, dataset.info.num_classes, weights=None)
-            history = reuse_training(model, Path(twin), out)
+            history = reuse_trained(model, Path(twin), MODEL_FILE, out, "cam")
             model.to(device)
         if distributed.is_main():
             save_atomic({"model": model.state_dict(), "config": section_dict(section),

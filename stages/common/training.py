@@ -203,6 +203,21 @@ def rewrite_epoch_log(path: Path, desc: str, history: list[dict]) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
+def reuse_trained(model: torch.nn.Module, twin: Path, model_file: str, out: Path, desc: str) -> list[dict]:
+    """Load into `model` the weights that `twin`, an artifact trained with the same settings (its
+    key differs in inference settings only), saved as {"model": state dict, ...} in `model_file`,
+    and copy its epoch log. Returns the log as fit's history: training is skipped."""
+    log.info("%s: reusing the model trained in %s (same training settings, other inference settings): "
+             "no training", desc, twin)
+    state = torch.load(twin / model_file, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    epoch_log = twin / "metrics.jsonl"
+    lines = [line for line in epoch_log.read_text().splitlines() if line.strip()] if epoch_log.is_file() else []
+    if distributed.is_main() and lines:
+        write_text_atomic(out / "metrics.jsonl", "".join(line + "\n" for line in lines))
+    return [json.loads(line) for line in lines]
+
+
 def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float]],
         step: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]], settings: TrainSettings,
         device: torch.device, out: Path, resume: bool = False, desc: str = "train") -> list[dict]:

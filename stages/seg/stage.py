@@ -24,7 +24,7 @@ from stages.base import StageInputError, StageResult, section_dict, source_hash,
 from stages.common import distributed
 from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, per_class_table
 from stages.common.runtime import resolve_device, seed_everything, worker_count
-from stages.common.training import TrainSettings, fit, save_atomic
+from stages.common.training import TrainSettings, fit, reuse_trained, save_atomic
 from stages.seg.data import PseudoLabelDataset, pseudo_label_items, read_pseudo_label
 from stages.seg.losses import SegLoss
 from stages.seg.model import (MODEL_FILE, SegModelError, build_segmenter, inference_long_side, input_multiple,
@@ -44,6 +44,12 @@ class SegStage:
 
     def key_config(self, cfg) -> dict:
         return {**section_dict(cfg.seg), "weights_file": weights_file_stamp(cfg.seg.encoder_weights)}
+
+    def inference_settings(self, cfg) -> tuple[str, ...]:
+        """Used only after training (to predict): a new value reuses the segmenter of an artifact
+        trained with the same settings (Pipeline.trained_twin). Not under pseudo_holdout, whose
+        checkpoint choice predicts with them."""
+        return ("threshold", "predict_size") if cfg.seg.checkpoint == "last" else ()
 
     def code_version(self) -> str:
         return source_hash("stages/seg", "stages/common", "stages/base.py", "data/layout.py",
@@ -84,23 +90,30 @@ class SegStage:
         log.info("seg: %s/%s (%s) on %d images with pseudo-labels (%d held out, %d skipped), device %s",
                  section.arch, section.encoder, dataset.task, len(items), len(holdout), len(failures), device)
 
-        model = build_segmenter(section.arch, section.encoder, section.encoder_weights,
+        twin = inputs.get("trained")
+        model = build_segmenter(section.arch, section.encoder, None if twin else section.encoder_weights,
                                 output_channels(dataset.task, dataset.info.num_classes), section.arch_options)
-        if section.encoder_weights == "cam":
-            load_cam_encoder(model, inputs["cam"], section.encoder)
-        train_set = PseudoLabelDataset(dataset, items, section.resize_long, section.crop_size, cfg.run.seed)
         tracker = None
-        if holdout and distributed.is_main():  # under torchrun rank 0 scores the epochs and chooses
-            tracker = HoldoutTracker(model, dataset, holdout, section, device, out / HOLDOUT_FILE)
-            train_set.on_new_epoch = lambda epoch: tracker.score_epoch(epoch - 1)
-        loss = SegLoss(section.losses, dataset.task)
-        settings = TrainSettings(epochs=section.epochs, batch_size=section.batch_size, lr=section.lr,
-                                 optimizer=section.optimizer, momentum=section.momentum,
-                                 weight_decay=section.weight_decay, workers=worker_count(cfg.run.workers),
-                                 seed=cfg.run.seed)
-        history = fit(model, train_set, [(list(model.parameters()), 1.0)],
-                      lambda m, batch: loss(m(normalize_batch(batch["image"])), batch["label"].long()),
-                      settings, device, out, resume=resume, desc="seg")
+        if twin is not None:  # trained with these settings before: only predict again
+            history = reuse_trained(model, Path(twin), MODEL_FILE, out, "seg")
+            model.to(device)
+            if device.type == "cuda":  # as fit leaves it, and as predict_probabilities feeds it
+                model.to(memory_format=torch.channels_last)
+        else:
+            if section.encoder_weights == "cam":
+                load_cam_encoder(model, inputs["cam"], section.encoder)
+            train_set = PseudoLabelDataset(dataset, items, section.resize_long, section.crop_size, cfg.run.seed)
+            if holdout and distributed.is_main():  # under torchrun rank 0 scores the epochs and chooses
+                tracker = HoldoutTracker(model, dataset, holdout, section, device, out / HOLDOUT_FILE)
+                train_set.on_new_epoch = lambda epoch: tracker.score_epoch(epoch - 1)
+            loss = SegLoss(section.losses, dataset.task)
+            settings = TrainSettings(epochs=section.epochs, batch_size=section.batch_size, lr=section.lr,
+                                     optimizer=section.optimizer, momentum=section.momentum,
+                                     weight_decay=section.weight_decay, workers=worker_count(cfg.run.workers),
+                                     seed=cfg.run.seed)
+            history = fit(model, train_set, [(list(model.parameters()), 1.0)],
+                          lambda m, batch: loss(m(normalize_batch(batch["image"])), batch["label"].long()),
+                          settings, device, out, resume=resume, desc="seg")
         metrics = {"train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0,
                    "seg_trained_images": len(items), "seg_skipped_images": len(failures)}
         if tracker is not None:
