@@ -60,6 +60,10 @@ def training_parts(parts: dict, inference_settings) -> dict:
     return parts
 
 
+def settings_text(values: dict, section: str = "") -> str:
+    return ", ".join(f"{section + '.' if section else ''}{k}={v}" for k, v in values.items()) or "other settings"
+
+
 def software_versions() -> dict:
     versions = {"python": platform.python_version()}
     for package in ["wss", "torch", "torchvision", "segmentation-models-pytorch", "numpy", "pydensecrf2"]:
@@ -121,7 +125,10 @@ class Pipeline:
         key = self.key(name)
         path = self.store.complete(key)
         if path is not None:
-            return StageStatus(name, "up to date", path, [])
+            change = self.scoring_change(self.stage(name), self.store.read_manifest(path) or {})
+            notes = [f"scored with {settings_text(change[1])}; a run re-scores it with {settings_text(change[0])}"] \
+                if change else []
+            return StageStatus(name, "up to date", path, notes)
         latest = self.store.latest(name)
         if latest is None:
             return StageStatus(name, "missing", None, [])
@@ -192,22 +199,27 @@ class Pipeline:
                 return path
         return None
 
-    def rescored(self, stage, artifact: Path, manifest: dict) -> dict:
-        """The cached artifact's metrics, recomputed when a scoring-only setting (one the stage
-        leaves out of its key, such as cam.eval_bg_threshold) differs from the one they were
-        scored with; the manifest and metrics.json then record the new scores."""
-        metrics = manifest.get("metrics", {})
+    def scoring_change(self, stage, manifest: dict) -> tuple[dict, dict] | None:
+        """(current, scored with) values of the stage's scoring-only settings (those it leaves out
+        of its key, such as cam.eval_bg_threshold) when the artifact's metrics used others."""
         settings = getattr(stage, "score_settings", ())
         if not settings:
-            return metrics
+            return None
         current = section_dict(getattr(self.cfg, stage.section), only=set(settings))
         scored_with = manifest.get("scored_with") or {
             k: v for k, v in manifest.get("config", {}).get(stage.section, {}).items() if k in settings}
-        if scored_with == current:
+        return None if scored_with == current else (current, scored_with)
+
+    def rescored(self, stage, artifact: Path, manifest: dict) -> dict:
+        """The cached artifact's metrics, recomputed when a scoring-only setting differs from the
+        one they were scored with; the manifest and metrics.json then record the new scores."""
+        metrics = manifest.get("metrics", {})
+        change = self.scoring_change(stage, manifest)
+        if change is None:
             return metrics
+        current, scored_with = change
         log.info("%s: re-scoring the cached artifact with %s (it was scored with %s)", stage.name,
-                 ", ".join(f"{stage.section}.{k}={v}" for k, v in current.items()),
-                 ", ".join(f"{k}={v}" for k, v in scored_with.items()) or "other settings")
+                 settings_text(current, stage.section), settings_text(scored_with, stage.section))
         metrics = stage.rescore(self.cfg, self.dataset, artifact, metrics)
         self.store.update_manifest(artifact, metrics=metrics, scored_with=current)
         if (artifact / "metrics.json").is_file():

@@ -77,7 +77,9 @@ def test_a_new_cam_scoring_threshold_rescores_the_cached_cams_without_retraining
         assert rescored["metrics"]["cls_mean_auc"] == manifest["metrics"]["cls_mean_auc"]  # kept, not rescored
     assert rescored["metrics"]["cam_miou"] == pytest.approx(manifest["metrics"]["cam_miou"])
     assert (artifact / "model.pt").stat().st_mtime_ns == trained
-    assert "up to date" in cli("status", *args, "-o", "cam.eval_bg_threshold=0.45").output.splitlines()[0]
+    status = cli("status", *args, "-o", "cam.eval_bg_threshold=0.45").output.splitlines()
+    assert "up to date" in status[0]
+    assert "scored with eval_bg_threshold=0.6; a run re-scores it with eval_bg_threshold=0.45" in status[1]
 
 
 def test_evaluate_and_visualize_the_finished_chain(cli, chain_args):
