@@ -17,18 +17,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.synthetic import SyntheticSpec, generate_image  # noqa: E402
-from stages.cam.infer import save_cam, strided_size  # noqa: E402
-from stages.common.backbones import ResNetFeatures  # noqa: E402
 from stages.common.crf import CrfParams  # noqa: E402
-from stages.common.metrics import format_table  # noqa: E402
-from stages.irn.config import IrnConfig  # noqa: E402
-from stages.irn.net import BoundaryNet  # noqa: E402
-from stages.irn.pseudo import CrfPool, PseudoLabelStage, planes_to_label  # noqa: E402
+from stages.irn.crf_pool import CrfPool, planes_to_label  # noqa: E402
 
 
 def run_once(stage, model, images, cam_paths, out: Path, workers: int | None, device, section) -> tuple[float, float]:
@@ -85,4 +78,15 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # The CRF workers are spawned and import this file again (as __mp_main__): torch and the
+    # network are imported here only, so that they start as fast as under `wss` itself.
+    import torch
+
+    from data.synthetic import SyntheticSpec, generate_image
+    from stages.cam.infer import save_cam, strided_size
+    from stages.common.backbones import ResNetFeatures
+    from stages.common.metrics import format_table
+    from stages.irn.config import IrnConfig
+    from stages.irn.net import BoundaryNet
+    from stages.irn.pseudo import PseudoLabelStage
     main()

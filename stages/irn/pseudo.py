@@ -25,10 +25,10 @@ from data.transforms import normalize
 from stages.base import StageInputError, StageResult, source_hash
 from stages.cam.infer import CAM_STRIDE, load_cam
 from stages.common import distributed
-from stages.common.crf import crf_prob
 from stages.common.runtime import resolve_device, worker_count
 from stages.irn.random_walk import random_walk
-from stages.irn.stage import evaluate_labels, irn_fields, load_boundary_net, single_threaded_worker
+from stages.irn.crf_pool import CrfPool, planes_to_label
+from stages.irn.stage import evaluate_labels, irn_fields, load_boundary_net
 
 log = logging.getLogger("wss.pseudo")
 
@@ -50,65 +50,6 @@ def label_planes(walked: torch.Tensor, size: tuple[int, int], bg_threshold: floa
     return torch.cat([torch.full((1, *size), bg_threshold, dtype=up.dtype, device=up.device), up]).cpu().numpy()
 
 
-def planes_to_label(planes: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    lookup = np.concatenate([[0], np.asarray(keys) + 1]).astype(np.uint8)
-    return lookup[planes.argmax(0)]
-
-
-def refine_and_write(image_id: str, image: np.ndarray, planes: np.ndarray, keys: np.ndarray, params,
-                     target: Path, palette) -> str | None:
-    """CRF-refined label PNG of one image (runs in a worker process); an error message or None."""
-    try:
-        probs = planes / planes.sum(0, keepdims=True).clip(1e-5)
-        write_index_png(target, planes_to_label(crf_prob(image, probs, params), keys), palette)
-        return None
-    except Exception as error:
-        return f"{image_id}: CRF refinement failed: {type(error).__name__}: {error}"
-
-
-class CrfPool:
-    """Refines pseudo-labels in worker processes while the main process walks the next images.
-
-    At most 2 x workers images wait at a time, so memory stays bounded; `workers=0` refines
-    in this process.
-    """
-
-    def __init__(self, workers: int):
-        self.workers, self.pending, self.errors = workers, [], []
-        self.pool = None
-
-    def __enter__(self):
-        if self.workers > 0:
-            import multiprocessing
-            self.pool = multiprocessing.get_context("spawn").Pool(self.workers, initializer=single_threaded_worker)
-        return self
-
-    def submit(self, *job) -> None:
-        if self.pool is None:
-            self._record(refine_and_write(*job))
-            return
-        self.pending.append(self.pool.apply_async(refine_and_write, job))
-        while len(self.pending) > 2 * self.workers:
-            self._record(self.pending.pop(0).get())
-
-    def _record(self, error: str | None) -> None:
-        if error:
-            log.warning("pseudo: %s", error)
-            self.errors.append(error)
-
-    def finish(self) -> list[str]:
-        for result in self.pending:
-            self._record(result.get())
-        self.pending = []
-        return self.errors
-
-    def __exit__(self, *exc):
-        if self.pool is not None:
-            self.pool.terminate() if exc[0] else self.pool.close()
-            self.pool.join()
-        return False
-
-
 def fit_edge(edge: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """The boundary map on the CAM grid (they agree for any image size; this guards odd cases)."""
     if tuple(edge.shape) == tuple(shape):
@@ -125,7 +66,8 @@ class PseudoLabelStage:
         return irn_fields(cfg.irn, pseudo=True)
 
     def code_version(self) -> str:
-        return source_hash("stages/irn/pseudo.py", "stages/irn/random_walk.py", "stages/irn/walk_kernel.py",
+        return source_hash("stages/irn/pseudo.py", "stages/irn/crf_pool.py", "stages/irn/random_walk.py",
+                           "stages/irn/walk_kernel.py",
                            "stages/irn/affinity.py", "stages/irn/net.py",
                            "stages/common/crf.py", "stages/cam/infer.py", "data/layout.py")
 
