@@ -109,3 +109,26 @@ def test_batches_do_not_depend_on_persistent_workers_and_change_per_epoch(synthe
     assert epoch1 == {bytes(dataset.item(i, 0)["image"].numpy()) for i in range(len(ids))}
     assert epoch2 == {bytes(dataset.item(i, 1)["image"].numpy()) for i in range(len(ids))}
     assert epoch1 != epoch2
+
+
+def test_reuse_trained_loads_the_weights_and_the_epoch_log_or_names_a_broken_file(tmp_path):
+    from data.errors import WssError
+    from stages.common.training import reuse_trained
+    torch.manual_seed(0)
+    trained, fresh = nn.Linear(3, 2), nn.Linear(3, 2)
+    twin, out = tmp_path / "twin", tmp_path / "out"
+    twin.mkdir()
+    out.mkdir()
+    torch.save({"model": trained.state_dict()}, twin / "model.pt")
+    (twin / "metrics.jsonl").write_text('{"epoch": 1, "images_per_s": 5.0}\n{"epoch": 2, "images_per_s": 7.0}\n')
+    history = reuse_trained(fresh, twin, "model.pt", out, "cam")
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert (out / "metrics.jsonl").read_text() == (twin / "metrics.jsonl").read_text()
+    for name, weights in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], weights)
+    (twin / "model.pt").write_bytes(b"cut short")
+    with pytest.raises(WssError, match=r"cannot reuse the model in .*model\.pt.*--force"):
+        reuse_trained(fresh, twin, "model.pt", out, "cam")
+    (twin / "model.pt").unlink()
+    with pytest.raises(WssError, match="FileNotFoundError"):
+        reuse_trained(fresh, twin, "model.pt", out, "cam")

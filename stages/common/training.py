@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,8 +210,13 @@ def reuse_trained(model: torch.nn.Module, twin: Path, model_file: str, out: Path
     and copy its epoch log. Returns the log as fit's history: training is skipped."""
     log.info("%s: reusing the model trained in %s (same training settings, other inference settings): "
              "no training", desc, twin)
-    state = torch.load(twin / model_file, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
+    try:
+        state = torch.load(twin / model_file, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as error:
+        raise WssError(f"{desc}: cannot reuse the model in {twin / model_file} ({type(error).__name__}: "
+                       f"{str(error).splitlines()[0] if str(error) else ''}); train anew with --force "
+                       f"(`wss run --force {desc}`)") from None
     epoch_log = twin / "metrics.jsonl"
     lines = [line for line in epoch_log.read_text().splitlines() if line.strip()] if epoch_log.is_file() else []
     if distributed.is_main() and lines:
