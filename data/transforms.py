@@ -17,8 +17,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 def resize_long(image: np.ndarray, long_side: int, nearest: bool = False) -> np.ndarray:
     """Resize so that max(H, W) == long_side, keeping the aspect ratio."""
     h, w = image.shape[:2]
-    scale = long_side / max(h, w)
-    return resize_to(image, (max(1, round(h * scale)), max(1, round(w * scale))), nearest)
+    return resize_to(image, scaled_size(h, w, long_side / max(h, w)), nearest)
 
 
 def resize_to(image: np.ndarray, size_hw: tuple[int, int], nearest: bool = False) -> np.ndarray:
@@ -29,6 +28,7 @@ def resize_to(image: np.ndarray, size_hw: tuple[int, int], nearest: bool = False
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """(H, W) times `scale`, rounded, at least one pixel each."""
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 

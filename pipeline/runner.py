@@ -172,8 +172,7 @@ class Pipeline:
                 handler.close()
             seconds = time.time() - started
             manifest = {"config": self.cfg.to_dict(), "config_file": self.cfg.source,
-                        "scored_with": section_dict(getattr(self.cfg, stage.section),
-                                                    only=set(getattr(stage, "score_settings", ()))),
+                        "scored_with": self.score_values(stage),
                         "inputs": {k: str(v) for k, v in inputs.items()},
                         "dataset_root": str(self.cfg.data.root), "metrics": result.metrics,
                         "headline": result.headline, "failures": result.failures,
@@ -199,13 +198,18 @@ class Pipeline:
                 return path
         return None
 
+    def score_values(self, stage) -> dict:
+        """The current values of the stage's scoring-only settings (those it leaves out of its key,
+        such as cam.eval_bg_threshold)."""
+        return section_dict(getattr(self.cfg, stage.section), only=set(getattr(stage, "score_settings", ())))
+
     def scoring_change(self, stage, manifest: dict) -> tuple[dict, dict] | None:
-        """(current, scored with) values of the stage's scoring-only settings (those it leaves out
-        of its key, such as cam.eval_bg_threshold) when the artifact's metrics used others."""
+        """(current, scored with) values of the stage's scoring-only settings when the artifact's
+        metrics used others."""
         settings = getattr(stage, "score_settings", ())
         if not settings:
             return None
-        current = section_dict(getattr(self.cfg, stage.section), only=set(settings))
+        current = self.score_values(stage)
         scored_with = manifest.get("scored_with") or {
             k: v for k, v in manifest.get("config", {}).get(stage.section, {}).items() if k in settings}
         return None if scored_with == current else (current, scored_with)

@@ -14,7 +14,7 @@ import numpy as np
 
 from data.errors import DataError
 from data.layout import PreparedDataset, read_index_png
-from data.transforms import resize_to
+from data.transforms import resize_to, scaled_size
 
 log = logging.getLogger("wss.visualize")
 TILE = 192
@@ -47,8 +47,7 @@ def tile(array: np.ndarray) -> np.ndarray:
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
     height, width = array.shape[:2]
-    scale = TILE / max(height, width)
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    size = scaled_size(height, width, TILE / max(height, width))
     out = np.full((TILE, TILE, 3), 255, np.uint8)
     out[:size[0], :size[1]] = resize_to(array, size, nearest=True)
     return out

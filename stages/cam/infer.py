@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from data.datasets import MultiScaleImageDataset, first_item
 from data.transforms import normalize_batch, scaled_copies, uint8_tensor
@@ -126,6 +127,27 @@ def scaled_image_loader(dataset, ids: list[str], scales: list[float], workers: i
     processes (the PIL resizing of four scales would otherwise keep the GPU waiting)."""
     return DataLoader(MultiScaleImageDataset(dataset, ids, scales), batch_size=1, collate_fn=first_item,
                       num_workers=workers)
+
+
+def write_cam_files(model, section, dataset, ids: list[str], cam_dir: Path, device: torch.device, workers: int,
+                    keys_of=None, desc: str = "cam inference", leave: bool = True) -> list[str]:
+    """cams/<id>.npz of `ids` with `section`'s scales, flip and extract; returns the errors of
+    the images that could not be read (the others are written). A file already there is kept:
+    each is written whole, so one a resumed run finds is complete. `keys_of(id)` picks the
+    classes (default: the image's labels)."""
+    cam_dir.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in ids if not (cam_dir / f"{i}.npz").is_file()]
+    failures = []
+    for item in tqdm(scaled_image_loader(dataset, todo, section.scales, workers), desc=desc, unit="img",
+                     total=len(todo), leave=leave):
+        if "error" in item:
+            failures.append(item["error"])
+            continue
+        image_id = item["id"]
+        keys = keys_of(image_id) if keys_of else [int(k) for k in np.nonzero(dataset.label_vector(image_id))[0]]
+        cam = scaled_cam(model, item["scaled"], item["size"], keys, section.flip, device, section.extract)
+        save_cam(cam_dir / f"{image_id}.npz", cam, keys, item["size"])
+    return failures
 
 
 def save_cam(path: Path, cam: np.ndarray, keys: list[int], size: tuple[int, int]) -> None:

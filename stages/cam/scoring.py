@@ -10,13 +10,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from data.layout import PreparedDataset
-from stages.cam.infer import (CAM_STRIDE, cam_to_label, load_cam, save_cam, scaled_cam, scaled_image_loader,
-                              upsample_cam)
+from stages.cam.infer import CAM_STRIDE, cam_to_label, load_cam, upsample_cam, write_cam_files
 from stages.cam.stage import load_cam_net
 from stages.common.localization import LocalizationCase, localization_accuracy
 from stages.common.metrics import ConfusionMatrix
@@ -33,25 +30,15 @@ def count_parameters(artifact: Path) -> int:
 
 def write_cams(artifact: Path, dataset: PreparedDataset, ids: list[str], cam_dir: Path,
                device: torch.device, keys_of=None, workers: int = 0) -> None:
-    """CAMs of `ids` with the artifact's model and inference settings, saved like the stage's.
-
-    `keys_of(id)` picks the classes (default: the image's labels); existing files are kept;
-    an unreadable image is logged and skipped. `workers` loader processes resize the images.
-    """
-    cam_dir.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in ids if not (cam_dir / f"{i}.npz").is_file()]
-    if not todo:
+    """CAMs of `ids` with the artifact's model and inference settings, saved like the stage's
+    (stages.cam.infer.write_cam_files: existing files are kept, an unreadable image is logged
+    and skipped). `keys_of(id)` picks the classes (default: the image's labels)."""
+    if all((cam_dir / f"{i}.npz").is_file() for i in ids):
         return
     model, cfg, _ = load_cam_net(artifact, device)
-    for item in tqdm(scaled_image_loader(dataset, todo, cfg.scales, workers), desc="cam inference (compare)",
-                     unit="img", total=len(todo), leave=False):
-        if "error" in item:
-            log.warning("compare: skipped %s", item["error"])
-            continue
-        image_id = item["id"]
-        keys = keys_of(image_id) if keys_of else [int(k) for k in np.nonzero(dataset.label_vector(image_id))[0]]
-        cam = scaled_cam(model, item["scaled"], item["size"], keys, cfg.flip, device, cfg.extract)
-        save_cam(cam_dir / f"{image_id}.npz", cam, keys, item["size"])
+    for failure in write_cam_files(model, cfg, dataset, ids, cam_dir, device, workers, keys_of,
+                                   desc="cam inference (compare)", leave=False):
+        log.warning("compare: skipped %s", failure)
 
 
 def threshold_sweep(dataset: PreparedDataset, ids: list[str], cam_dir: Path,

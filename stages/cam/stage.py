@@ -14,7 +14,7 @@ from data.datasets import ClassificationDataset, SafeImageDataset, first_item
 from data.layout import PreparedDataset
 from data.transforms import normalize_batch, uint8_tensor
 from stages.base import StageResult, section_dict, source_hash, weights_file_stamp
-from stages.cam.infer import cam_to_label, load_cam, save_cam, scaled_cam, scaled_image_loader, upsample_cam
+from stages.cam.infer import cam_to_label, load_cam, upsample_cam, write_cam_files
 from stages.cam.methods import build_cam_net
 from stages.common import distributed
 from stages.common.metrics import (BinarySegmentationScores, ConfusionMatrix, classification_scores,
@@ -40,6 +40,11 @@ def load_cam_net(artifact: Path, device: torch.device):
     model = build_cam_net(cfg, len(state["classes"]), weights=None)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg, state["classes"]
+
+
+def cam_ids(cfg, dataset: PreparedDataset, artifact: Path) -> list[str]:
+    """The train-split images the artifact has a CAM file for."""
+    return [i for i in dataset.split(cfg.data.train_split) if (artifact / "cams" / f"{i}.npz").is_file()]
 
 
 class CamStage:
@@ -105,13 +110,11 @@ class CamStage:
 
     def rescore(self, cfg, dataset: PreparedDataset, artifact: Path, metrics: dict) -> dict:
         """The run's metrics with the CAM scores recomputed at the current threshold."""
-        ids = [i for i in dataset.split(cfg.data.train_split) if (artifact / "cams" / f"{i}.npz").is_file()]
-        scores = evaluate_cams(dataset, ids, artifact / "cams", cfg.cam.eval_bg_threshold)
+        scores = evaluate_cams(dataset, cam_ids(cfg, dataset, artifact), artifact / "cams", cfg.cam.eval_bg_threshold)
         return {**{k: v for k, v in metrics.items() if not k.startswith("cam_")}, **scores}
 
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
-        ids = dataset.split(cfg.data.train_split)
-        ids = [i for i in ids if (artifact / "cams" / f"{i}.npz").is_file()]
+        ids = cam_ids(cfg, dataset, artifact)
         metrics = evaluate_cams(dataset, ids, artifact / "cams", cfg.cam.eval_bg_threshold)
         metrics.update(localization_metrics(dataset, ids, artifact / "cams"))
         return metrics
@@ -143,19 +146,9 @@ class CamStage:
 
     def write_cams(self, model, section, dataset: PreparedDataset, ids: list[str], cam_dir: Path, device,
                    workers: int) -> list[str]:
-        cam_dir.mkdir(parents=True, exist_ok=True)
-        failures = []
-        # files are written whole (save_cam), so those a resumed run finds are kept
-        ids = [i for i in ids if not (cam_dir / f"{i}.npz").is_file()]
-        loader = scaled_image_loader(dataset, ids, section.scales, worker_count(workers))
-        for item in tqdm(loader, desc="cam inference", unit="img"):
-            if "error" in item:
-                failures.append(item["error"])
-                log.warning("cam: skipped %s", item["error"])
-                continue
-            keys = [int(k) for k in np.nonzero(dataset.label_vector(item["id"]))[0]]
-            cam = scaled_cam(model, item["scaled"], item["size"], keys, section.flip, device, section.extract)
-            save_cam(cam_dir / f"{item['id']}.npz", cam, keys, item["size"])
+        failures = write_cam_files(model, section, dataset, ids, cam_dir, device, worker_count(workers))
+        for failure in failures:
+            log.warning("cam: skipped %s", failure)
         return failures
 
 
