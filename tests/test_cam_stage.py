@@ -115,6 +115,25 @@ def test_save_load_round_trip(tmp_path):
         assert raw["cam"].dtype == np.float16
 
 
+def test_an_unreadable_cam_file_is_named_and_scoring_passes_over_it(tiny_synthetic, tmp_path, caplog):
+    from stages.cam.infer import CamFileError
+    from stages.cam.stage import evaluate_cams
+    dataset = PreparedDataset(tiny_synthetic)
+    ids = [i for i in dataset.split("train") if dataset.label_vector(i).any()][:3]
+    for image_id in ids:
+        keys = [int(k) for k in np.nonzero(dataset.label_vector(image_id))[0]]
+        height, width = dataset.read_image(image_id).shape[:2]
+        save_cam(tmp_path / f"{image_id}.npz", np.ones((len(keys), *strided_size(height, width)), np.float32),
+                 keys, (height, width))
+    broken = tmp_path / f"{ids[1]}.npz"
+    broken.write_bytes(broken.read_bytes()[:40])  # cut short
+    with pytest.raises(CamFileError, match=f"unreadable CAM file {broken}"):
+        load_cam(broken)
+    with caplog.at_level(logging.WARNING):
+        metrics = evaluate_cams(dataset, ids, tmp_path, 0.5)
+    assert metrics["cam_scored_images"] == 2 and str(broken) in caplog.text
+
+
 def test_upsample_cam_crops_to_the_image():
     cam = np.ones((2, 13, 18), np.float32)
     up = upsample_cam(cam, (50, 70))

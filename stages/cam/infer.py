@@ -6,6 +6,7 @@ Only the image's labelled classes are computed and stored (their indices are the
 from __future__ import annotations
 
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data.datasets import MultiScaleImageDataset, first_item
+from data.errors import WssError
 from data.transforms import normalize_batch, scaled_copies, uint8_tensor
 
 CAM_STRIDE = 4
@@ -158,9 +160,16 @@ def save_cam(path: Path, cam: np.ndarray, keys: list[int], size: tuple[int, int]
     tmp.replace(path)
 
 
+class CamFileError(WssError):
+    """A cams/<id>.npz that cannot be read (cut short, overwritten, not a CAM file)."""
+
+
 def load_cam(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    with np.load(path) as data:
-        return data["cam"].astype(np.float32), data["keys"], tuple(int(v) for v in data["size"])
+    try:
+        with np.load(path) as data:
+            return data["cam"].astype(np.float32), data["keys"], tuple(int(v) for v in data["size"])
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        raise CamFileError(f"unreadable CAM file {path} ({type(error).__name__}: {error})") from None
 
 
 def upsample_cam(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:

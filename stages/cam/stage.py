@@ -14,7 +14,7 @@ from data.datasets import ClassificationDataset, SafeImageDataset, first_item
 from data.layout import PreparedDataset
 from data.transforms import normalize_batch, uint8_tensor
 from stages.base import StageResult, section_dict, source_hash, weights_file_stamp
-from stages.cam.infer import cam_to_label, load_cam, upsample_cam, write_cam_files
+from stages.cam.infer import CamFileError, cam_to_label, load_cam, upsample_cam, write_cam_files
 from stages.cam.methods import build_cam_net
 from stages.common import distributed
 from stages.common.metrics import (BinarySegmentationScores, ConfusionMatrix, classification_scores,
@@ -162,7 +162,11 @@ def evaluate_cams(dataset: PreparedDataset, ids: list[str], cam_dir: Path, bg_th
         path = cam_dir / f"{image_id}.npz"
         if gt is None or not path.is_file():
             continue
-        cam, keys, size = load_cam(path)
+        try:
+            cam, keys, size = load_cam(path)
+        except CamFileError as error:
+            log.warning("cam evaluate: skipped %s", error)
+            continue
         pred = cam_to_label(upsample_cam(cam, size), keys, bg_threshold)
         matrix.update(pred, gt)
         if binary is not None:
