@@ -20,16 +20,10 @@ from stages.common import distributed
 from stages.common.metrics import (BinarySegmentationScores, ConfusionMatrix, classification_scores,
                                    per_class_table)
 from stages.common.runtime import resolve_device, seed_everything, worker_count
-from stages.common.training import TrainSettings, fit, reuse_trained, save_atomic
+from stages.common.training import fit, reuse_trained, save_atomic, train_settings
 
 log = logging.getLogger("wss.cam")
 MODEL_FILE = "model.pt"
-
-
-def train_settings(section, run, batch_size: int | None = None) -> TrainSettings:
-    return TrainSettings(epochs=section.epochs, batch_size=batch_size or section.batch_size, lr=section.lr,
-                         optimizer=section.optimizer, momentum=section.momentum,
-                         weight_decay=section.weight_decay, workers=worker_count(run.workers), seed=run.seed)
 
 
 def load_cam_net(artifact: Path, device: torch.device):

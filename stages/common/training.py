@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from data.errors import WssError
 from data.layout import write_text_atomic
 from stages.common import distributed
-from stages.common.runtime import autocast
+from stages.common.runtime import autocast, worker_count
 
 log = logging.getLogger("wss.train")
 CHECKPOINT = "checkpoint.pt"
@@ -43,6 +43,14 @@ class TrainSettings:
     workers: int = 0
     seed: int = 0
     log_every: int = 10  # steps between progress-bar updates (each one waits for the GPU)
+
+
+def train_settings(section, run, batch_size: int | None = None) -> TrainSettings:
+    """The TrainSettings of a stage's config section (epochs, batch_size, optimizer, lr, momentum,
+    weight_decay) and of `run` (workers, seed); `batch_size` overrides the section's."""
+    return TrainSettings(epochs=section.epochs, batch_size=batch_size or section.batch_size, lr=section.lr,
+                         optimizer=section.optimizer, momentum=section.momentum,
+                         weight_decay=section.weight_decay, workers=worker_count(run.workers), seed=run.seed)
 
 
 def make_optimizer(groups: list[tuple[list, float]], settings: TrainSettings) -> torch.optim.Optimizer:

@@ -25,7 +25,7 @@ from stages.common import distributed
 from stages.common.crf import CrfParams
 from stages.common.metrics import ConfusionMatrix
 from stages.common.runtime import resolve_device, seed_everything, worker_count
-from stages.common.training import TrainSettings, fit, save_atomic
+from stages.common.training import fit, save_atomic, train_settings
 from stages.irn.affinity import affinity_labels, affinity_loss, edge_to_affinity
 from stages.irn.config import PSEUDO, IrnConfig
 from stages.irn.net import BoundaryNet, build_backbone
@@ -166,10 +166,7 @@ class IrnStage:
             raise WssError(f"irn.crop_size must be a multiple of {CAM_STRIDE}, got {section.crop_size}")
         train_set = LabelMapDataset(dataset, train_ids, seed_dir, section.resize_long, section.crop_size,
                                     cfg.run.seed, label_stride=CAM_STRIDE)
-        settings = TrainSettings(epochs=section.epochs, batch_size=min(section.batch_size, len(train_ids)),
-                                 lr=section.lr, optimizer=section.optimizer, momentum=section.momentum,
-                                 weight_decay=section.weight_decay, workers=worker_count(cfg.run.workers),
-                                 seed=cfg.run.seed)
+        settings = train_settings(section, cfg.run, batch_size=min(section.batch_size, len(train_ids)))
         history = fit(model, train_set, model.param_groups(section.head_lr_mult), affinity_step(section.radius),
                       settings, device, out, resume=resume, desc="irn")
         if history:

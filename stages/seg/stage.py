@@ -24,7 +24,7 @@ from stages.base import StageInputError, StageResult, section_dict, source_hash,
 from stages.common import distributed
 from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, per_class_table
 from stages.common.runtime import resolve_device, seed_everything, worker_count
-from stages.common.training import TrainSettings, fit, reuse_trained, save_atomic
+from stages.common.training import fit, reuse_trained, save_atomic, train_settings
 from stages.seg.data import PseudoLabelDataset, pseudo_label_items, read_pseudo_label
 from stages.seg.losses import SegLoss
 from stages.seg.model import (MODEL_FILE, SegModelError, build_segmenter, inference_long_side, input_multiple,
@@ -107,13 +107,9 @@ class SegStage:
                 tracker = HoldoutTracker(model, dataset, holdout, section, device, out / HOLDOUT_FILE)
                 train_set.on_new_epoch = lambda epoch: tracker.score_epoch(epoch - 1)
             loss = SegLoss(section.losses, dataset.task)
-            settings = TrainSettings(epochs=section.epochs, batch_size=section.batch_size, lr=section.lr,
-                                     optimizer=section.optimizer, momentum=section.momentum,
-                                     weight_decay=section.weight_decay, workers=worker_count(cfg.run.workers),
-                                     seed=cfg.run.seed)
             history = fit(model, train_set, [(list(model.parameters()), 1.0)],
                           lambda m, batch: loss(m(normalize_batch(batch["image"])), batch["label"].long()),
-                          settings, device, out, resume=resume, desc="seg")
+                          train_settings(section, cfg.run), device, out, resume=resume, desc="seg")
         metrics = {"train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0,
                    "seg_trained_images": len(items), "seg_skipped_images": len(failures)}
         if tracker is not None:
