@@ -22,12 +22,14 @@ import numpy as np
 from data.errors import WssError
 from data.layout import create_folder, write_text_atomic
 from stages.base import PACKAGE_ROOT
+from stages.common.metrics import format_table, markdown_table
 
 log = logging.getLogger("wss.compare")
 PRESETS = PACKAGE_ROOT / "configs" / "methods"
 DEFAULT_METHODS = "gap,dropblock,pcam,pylon,multiscale,minmax"
 COLUMNS = ["method", "state", "cls_mean_auc", "cls_mean_ap", "cam_miou", "tuned_threshold", "cam_miou_tuned",
            "point_acc", "train_images_per_s", "parameters"]
+DIGITS = {"tuned_threshold": 2, "train_images_per_s": 1}
 GLOSSARY = {
     "state": "ran now, or reused from the cache",
     "cls_mean_auc / cls_mean_ap": "image classification on the val split (mean over classes)",
@@ -171,18 +173,6 @@ def overlay_grid(rows: list[dict], dataset, train_ids: list[str], path: Path, n:
     tmp.replace(path)
 
 
-def cell_text(value) -> str:
-    if isinstance(value, float):
-        return "-" if np.isnan(value) else f"{value:.4f}"
-    return str(value)
-
-
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell_text(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def write_report(rows: list[dict], columns: list[str], out: Path, cfg, argv: list[str], has_grid: bool) -> None:
     with open(out / "compare.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
@@ -191,7 +181,7 @@ def write_report(rows: list[dict], columns: list[str], out: Path, cfg, argv: lis
     machine = f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, run.device={cfg.run.device}"
     parts = [f"# Stage-1 methods on `{cfg.data.root}`", "",
              f"Command: `{' '.join(shlex.quote(a) for a in argv)}`", "", f"Machine: {machine}", "",
-             markdown_table(rows, columns), ""]
+             markdown_table(rows, columns, DIGITS), ""]
     parts += [f"- **{name}**: {text}" for name, text in GLOSSARY.items()
               if any(c in name.split(" / ") for c in columns)]
     if has_grid:
@@ -219,7 +209,6 @@ def compare_command(config_paths, overrides, methods: str, through: str, out: Pa
       wss compare -c configs/siim.yaml --methods gap,pylon --through irn
     """
     from pipeline.cli import setup_logging
-    from stages.common.metrics import format_table
     if through == "irn" and limit is not None:
         raise WssError("--limit works with --through cam only (stage 2 reads the full cam artifact)")
     names = parse_methods(methods)
@@ -239,7 +228,7 @@ def compare_command(config_paths, overrides, methods: str, through: str, out: Pa
     has_grid = (out / "overlays.png").is_file()
     argv = ["wss", "compare", *_argv_of(config_paths, overrides, methods, through, limit)]
     write_report(rows, columns, out, first, argv, has_grid)
-    click.echo(format_table(rows, columns))
+    click.echo(format_table(rows, columns, DIGITS))
     click.echo(f"wrote {out / 'compare.md'}, {out / 'compare.csv'}" + (f", {out / 'overlays.png'}" if has_grid else ""))
 
 

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import click
 
-from stages.common.metrics import format_table
+from stages.common.metrics import format_table, markdown_table
+
+
+STAGE_COLUMNS = ["stage", "state", "seconds", "metric", "value", "failures", "artifact"]
 
 
 def outcome_rows(outcomes) -> list[dict]:
@@ -25,7 +28,7 @@ def outcome_rows(outcomes) -> list[dict]:
 def print_outcomes(outcomes) -> None:
     rows = outcome_rows(outcomes)
     click.echo("")
-    click.echo(format_table(rows, ["stage", "state", "seconds", "metric", "value", "failures", "artifact"]))
+    click.echo(format_table(rows, STAGE_COLUMNS, digits={"seconds": 1}))
     for o in outcomes:
         for failure in o.failures:
             click.echo(f"  {o.stage}: {failure}", err=True)
@@ -103,16 +106,6 @@ def evaluate_artifacts(cfg, which: str) -> list[dict]:
     return rows
 
 
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return "" if math.isnan(value) else f"{value:.4f}"
-        return "" if value is None else str(value)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def write_run_report(root: Path, config_source: str, outcomes, splits: dict[str, str],
                      grids: dict[str, Path]) -> Path:
     """report.md + report.json in the dataset's workdir: stage table, metric table, grid links."""
@@ -120,7 +113,7 @@ def write_run_report(root: Path, config_source: str, outcomes, splits: dict[str,
     metric_table = [row for o in outcomes for row in metric_rows(o.stage, o.metrics, splits)]
     summary, per_class = metric_columns(metric_table)
     lines = ["# wss run report", "", f"Config: `{config_source}`", "", "## Stages", "",
-             markdown_table(stage_rows, ["stage", "state", "seconds", "metric", "value", "failures", "artifact"]),
+             markdown_table(stage_rows, STAGE_COLUMNS, digits={"seconds": 1}),
              "", "## Metrics (ground truth used for scoring only)", "",
              markdown_table(metric_table, ["stage", "split", *summary]), ""]
     if per_class:

@@ -14,6 +14,7 @@ from stages.common.metrics import (
     classification_scores,
     dice,
     format_table,
+    markdown_table,
     iou_binary,
     roc_auc,
 )
@@ -358,3 +359,17 @@ def test_format_table_aligns_columns():
         "seg            0.600",
     ]
     assert format_table(rows, columns=["miou"]).splitlines()[2] == "0.4123"
+
+
+def test_digits_per_column_and_the_markdown_table_of_the_same_cells():
+    rows = [{"stage": "cam", "seconds": 169.7, "value": 0.55491}, {"stage": "seg", "seconds": float("nan")}]
+    assert format_table(rows, digits={"seconds": 1}).splitlines()[2:] == [
+        "cam      169.7  0.5549",
+        "seg          -",
+    ]
+    assert markdown_table(rows, ["stage", "seconds", "value"], digits={"seconds": 1}).splitlines() == [
+        "| stage | seconds | value |",
+        "|---|---|---|",
+        "| cam | 169.7 | 0.5549 |",
+        "| seg | - |  |",
+    ]

@@ -15,7 +15,7 @@ Conventions shared by the whole module:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -376,15 +376,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, digits: int = 4) -> str:
+def _digits_of(digits: int | Mapping[str, int], column: str) -> int:
+    return digits.get(column, 4) if isinstance(digits, Mapping) else digits
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
+                 digits: int | Mapping[str, int] = 4) -> str:
     """Rows of dicts as an aligned plain-text table: numbers right-aligned, text left.
 
     ``columns`` picks and orders the keys (default: every key, in first-seen order); a row
-    missing a key gets an empty cell, nan prints as "-".
+    missing a key gets an empty cell, nan prints as "-". ``digits``: decimals of floats, for
+    all columns or per column name (others 4), e.g. ``{"seconds": 1}``.
     """
     if columns is None:
         columns = list(dict.fromkeys(key for row in rows for key in row))
-    cells = [[_cell(row.get(column), digits) for column in columns] for row in rows]
+    cells = [[_cell(row.get(column), _digits_of(digits, column)) for column in columns] for row in rows]
     numeric = [any(_is_number(row.get(column)) for row in rows) for column in columns]
     widths = [max([len(str(column))] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
 
@@ -394,6 +400,14 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
 
     lines = [render([str(c) for c in columns]), "  ".join("-" * w for w in widths)]
     lines += [render(line) for line in cells]
+    return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str],
+                   digits: int | Mapping[str, int] = 4) -> str:
+    """The same cells as `format_table`, as a Markdown (GitHub) table for report files."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c), _digits_of(digits, c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
