@@ -381,6 +381,37 @@ def status(config_path: tuple[Path, ...], overrides):
             click.echo(f"           - {reason}")
 
 
+@main.command("clean")
+@config_options
+@click.option("--yes", "delete", is_flag=True, help="Delete them (without it, only list what would go).")
+def clean(config_path: tuple[Path, ...], overrides, delete: bool):
+    """Remove the artifacts this config does not use (older settings, other compare methods,
+    interrupted runs); keeps its own and any model its next run would reuse.
+
+    \b
+    Example:
+      wss clean -c configs/demo.yaml          # list what would be removed and its size
+      wss clean -c configs/demo.yaml --yes    # remove it
+    """
+    from pipeline.clean import clean as clean_artifacts
+    from pipeline.runner import Pipeline
+    from stages.common.metrics import format_table
+    cfg = load(config_path, overrides)
+    pipeline = Pipeline(cfg)
+    rows, freed, busy = clean_artifacts(pipeline, delete)
+    if rows:
+        click.echo(format_table(rows, ["stage", "key", "what", "MiB", "modified", "differs in"], digits={"MiB": 1}))
+    for name in busy:
+        click.echo(f"left alone: {pipeline.store.root / name} (a running wss process holds its lock)", err=True)
+    size = f"{freed / 2**20:.1f} MiB in {len(rows)} artifact(s)"
+    if not rows:
+        click.echo(f"nothing to clean in {pipeline.store.root}")
+    elif delete:
+        click.echo(f"removed {size} from {pipeline.store.root}")
+    else:
+        click.echo(f"would remove {size} from {pipeline.store.root}; run again with --yes to delete")
+
+
 @main.command("evaluate")
 @config_options
 @click.option("--stage", "which", default="all", show_default=True, help="all, or one stage name.")

@@ -1,0 +1,129 @@
+"""`wss clean`: free the disk space of artifacts a config no longer uses.
+
+Every changed setting makes new artifacts and leaves the old ones in place (a later run may
+come back to them); CAM files and pseudo-labels of a large dataset take gigabytes. Kept for the
+given config: each stage's artifact under its current key, complete or in progress (`--resume`
+needs it), and a stale artifact whose trained model the next run would reuse (same training
+settings, other inference settings). Removed: the other artifacts of the dataset's folder
+(older settings, other `wss compare` methods, `--limit` tries), `.partial` folders of
+interrupted runs under other keys, leftovers of an interrupted commit, and their lock files.
+A key whose lock a running wss process holds is left alone. Reports, evaluation tables and
+`compare/` are not artifacts and stay.
+"""
+from __future__ import annotations
+
+import fcntl
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.cache import explain_difference
+from stages.registry import STAGE_ORDER
+
+# <stage>-<key12>, .<stage>-<key12>.partial, .<stage>-<key12>.old<pid>, .<stage>-<key12>.lock
+ENTRY = re.compile(rf"^\.?(?P<stage>{'|'.join(STAGE_ORDER)})-(?P<key>[0-9a-f]{{12}})"
+                   rf"(?P<kind>\.partial|\.old\d+|\.lock)?$")
+
+
+@dataclass
+class Unused:
+    """The folders and lock file of one key the config does not use."""
+    stage: str
+    key: str
+    folders: list[Path] = field(default_factory=list)
+    locks: list[Path] = field(default_factory=list)
+    bytes: int = 0
+    why: str = ""
+
+    @property
+    def what(self) -> str:
+        kinds = ["complete" if not f.name.startswith(".") else
+                 "interrupted" if f.name.endswith(".partial") else "commit leftover" for f in self.folders]
+        return ", ".join(kinds) or "lock file"
+
+
+def folder_bytes(folder: Path) -> int:
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink():
+                total += path.stat().st_size
+        except OSError:  # removed while we look: it frees nothing more
+            pass
+    return total
+
+
+def kept_names(pipeline) -> set[str]:
+    """Folder names of the current keys (complete and partial) and of the models the next run reuses."""
+    keep = set()
+    for name in STAGE_ORDER:
+        key = pipeline.key(name)
+        keep |= {pipeline.store.final_dir(key).name, pipeline.store.partial_dir(key).name}
+        if pipeline.store.complete(key) is None:
+            twin = pipeline.trained_twin(name)
+            if twin is not None:
+                keep.add(Path(twin).name)
+    return keep
+
+
+def find_unused(pipeline) -> list[Unused]:
+    """What `wss clean` would remove for this config, one entry per key, oldest first."""
+    root = pipeline.store.root
+    if not root.is_dir():
+        return []
+    keep = kept_names(pipeline)
+    current = {name: pipeline.key(name) for name in STAGE_ORDER}
+    kept_keys = {(m["stage"], m["key"]) for m in map(ENTRY.match, keep) if m}
+    unused: dict[tuple[str, str], Unused] = {}
+    for path in sorted(root.iterdir()):
+        match = ENTRY.match(path.name)
+        if match is None or (match["stage"], match["key"]) in kept_keys:
+            continue
+        entry = unused.setdefault((match["stage"], match["key"]), Unused(match["stage"], match["key"]))
+        if match["kind"] == ".lock":
+            entry.locks.append(path)
+        elif path.is_dir():
+            entry.folders.append(path)
+            entry.bytes += folder_bytes(path)
+    for entry in unused.values():
+        complete = next((f for f in entry.folders if not f.name.startswith(".")), None)
+        manifest = pipeline.store.read_manifest(complete) if complete is not None else None
+        if manifest is not None:
+            stage = pipeline.stage(entry.stage)
+            reasons = explain_difference(manifest.get("key_parts", {}), current[entry.stage].parts, stage.section)
+            entry.why = "; ".join(reasons[:2]) + (f" (+{len(reasons) - 2} more)" if len(reasons) > 2 else "")
+    return sorted(unused.values(), key=lambda e: min([f.stat().st_mtime for f in e.folders], default=0))
+
+
+def remove(entry: Unused, lock_name: Path) -> bool:
+    """Delete the key's folders, then its lock file, while holding that lock; False (nothing
+    deleted) when a running wss process holds it."""
+    with open(lock_name, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        for folder in entry.folders:
+            # a complete artifact first loses its manifest: half deleted, it is never read as a result
+            (folder / "manifest.json").unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
+        lock_name.unlink(missing_ok=True)
+    return True
+
+
+def clean(pipeline, delete: bool) -> tuple[list[dict], int, list[str]]:
+    """Rows for the table, bytes freed (or to free) and the keys left alone because in use."""
+    rows, total, busy = [], 0, []
+    for entry in find_unused(pipeline):
+        newest = max([f.stat().st_mtime for f in entry.folders], default=None)
+        row = {"stage": entry.stage, "key": entry.key, "what": entry.what, "MiB": entry.bytes / 2**20,
+               "modified": time.strftime("%Y-%m-%d %H:%M", time.localtime(newest)) if newest else "",
+               "differs in": entry.why}
+        if delete and not remove(entry, pipeline.store.root / f".{entry.stage}-{entry.key}.lock"):
+            busy.append(f"{entry.stage}-{entry.key}")
+            continue
+        total += entry.bytes
+        rows.append(row)
+    return rows, total, busy
