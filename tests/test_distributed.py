@@ -23,8 +23,12 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     if not TORCHRUN.is_file():
         pytest.skip(f"no torchrun beside {sys.executable}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", *args], cwd=cwd, env=env,
+                          capture_output=True, timeout=300)
+    # decoded here, not with text=True: its universal newlines would turn each "\r" of a progress
+    # bar's refresh into a line end, and a refresh at 100% would read as a second closing line
+    done.stdout, done.stderr = done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
+    return done
 
 
 def test_fit_on_two_processes_equals_one_process(tmp_path):
@@ -49,7 +53,7 @@ def test_wss_run_on_two_processes_shards_the_work_and_commits_once(tmp_path, syn
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("report:") == 1  # rank 0 alone reports
     train_ids = PreparedDataset(root).split("train")
-    # a bar's closing line ends with a newline; a refresh at 100% just before it (timing-dependent) does not
+    # a bar's closing line ends with a newline; a refresh at 100% just before it ends with the "\r" of the next
     share = re.findall(r"cam inference: 100%\|[^|]*\| (\d+)/\1 \[[^\]\n]*\]\n", done.stderr)
     assert share == [str(math.ceil(len(train_ids) / 2))], share  # rank 0 drew its half; rank 1 drew none
 
