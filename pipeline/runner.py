@@ -171,6 +171,8 @@ class Pipeline:
                 logging.getLogger().removeHandler(handler)
                 handler.close()
             seconds = time.time() - started
+            for file_name in getattr(stage, "resume_files", ()):  # finished: nothing left to resume
+                (partial / file_name).unlink(missing_ok=True)
             manifest = {"config": self.cfg.to_dict(), "config_file": self.cfg.source,
                         "scored_with": self.score_values(stage),
                         "inputs": {k: str(v) for k, v in inputs.items()},

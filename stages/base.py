@@ -42,6 +42,9 @@ class Stage(Protocol):
     # Optional: `score_settings`, names of section fields that only score the output (left out of
     # key_config), with `rescore(cfg, dataset, artifact, metrics) -> metrics` recomputing the
     # scores they change; a cached artifact scored with other values is re-scored, not recomputed.
+    # Optional: `resume_files`, names of files in the partial folder that only `--resume` of the
+    # interrupted stage reads (the training checkpoint with its optimizer state, about 3x the
+    # model); the runner deletes them when the stage has finished, before it commits.
     # Optional: `inference_settings(cfg) -> tuple[str, ...]`, section fields used only after
     # training; a run whose key differs from a complete artifact's in those alone gets that
     # artifact as inputs["trained"] and reuses its model instead of training.

@@ -165,6 +165,26 @@ def test_complete_artifact_is_reused_and_force_recomputes(tiny_synthetic, tmp_pa
     assert (forced.path / "half-2.txt").is_file() and not (forced.path / "half-1.txt").exists()
 
 
+class FakeTrainingCam(FakeCam):
+    """Leaves a training checkpoint behind, as the real stages do, and declares it resume state."""
+    resume_files = ("checkpoint.pt",)
+
+    def run(self, cfg, dataset, inputs, out, *, resume=False, limit=None) -> StageResult:
+        (out / "checkpoint.pt").write_text("model + optimizer after the last epoch")
+        (out / "model.pt").write_text("the model")
+        return super().run(cfg, dataset, inputs, out, resume=resume, limit=limit)
+
+
+def test_resume_state_is_deleted_when_the_stage_finishes_and_kept_when_it_fails(tiny_synthetic, tmp_path):
+    failing = FakeTrainingCam(fail=RuntimeError("boom"))
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), failing)
+    with pytest.raises(RuntimeError):
+        pipeline.run_stage("cam")
+    assert (pipeline.store.partial_dir(pipeline.key("cam")) / "checkpoint.pt").is_file()  # for --resume
+    done = with_stage(make_pipeline(tiny_synthetic, tmp_path), FakeTrainingCam()).run_stage("cam", resume=True)
+    assert (done.path / "model.pt").is_file() and not (done.path / "checkpoint.pt").exists()
+
+
 def test_manifest_with_another_key_is_not_reused(tiny_synthetic, tmp_path):
     stage = FakeCam()
     pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), stage)

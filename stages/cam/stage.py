@@ -20,7 +20,7 @@ from stages.common import distributed
 from stages.common.metrics import (BinarySegmentationScores, ConfusionMatrix, classification_scores,
                                    per_class_table)
 from stages.common.runtime import resolve_device, seed_everything, worker_count
-from stages.common.training import fit, reuse_trained, save_atomic, train_settings
+from stages.common.training import CHECKPOINT, fit, reuse_trained, save_atomic, train_settings
 
 log = logging.getLogger("wss.cam")
 MODEL_FILE = "model.pt"
@@ -45,6 +45,7 @@ class CamStage:
     name = "cam"
     needs: tuple[str, ...] = ()
     section = "cam"
+    resume_files = (CHECKPOINT,)
     # Only scores the CAMs: left out of the key, so that a new threshold re-scores the cached
     # CAMs (Pipeline.rescored) instead of retraining stage 1 and everything after it.
     score_settings = ("eval_bg_threshold",)

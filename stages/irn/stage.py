@@ -25,7 +25,7 @@ from stages.common import distributed
 from stages.common.crf import CrfParams
 from stages.common.metrics import ConfusionMatrix
 from stages.common.runtime import resolve_device, seed_everything, worker_count
-from stages.common.training import fit, save_atomic, train_settings
+from stages.common.training import CHECKPOINT, fit, save_atomic, train_settings
 from stages.irn.affinity import affinity_labels, affinity_loss, edge_to_affinity
 from stages.irn.config import PSEUDO, IrnConfig
 from stages.irn.net import BoundaryNet, build_backbone
@@ -125,6 +125,7 @@ class IrnStage:
     name = "irn"
     needs: tuple[str, ...] = ("cam",)
     section = "irn"
+    resume_files = (CHECKPOINT,)
 
     def key_config(self, cfg) -> dict:
         return irn_fields(cfg.irn, pseudo=False)

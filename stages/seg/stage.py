@@ -24,7 +24,7 @@ from stages.base import StageInputError, StageResult, section_dict, source_hash,
 from stages.common import distributed
 from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, per_class_table
 from stages.common.runtime import resolve_device, seed_everything, worker_count
-from stages.common.training import fit, reuse_trained, save_atomic, train_settings
+from stages.common.training import CHECKPOINT, fit, reuse_trained, save_atomic, train_settings
 from stages.seg.data import PseudoLabelDataset, pseudo_label_items, read_pseudo_label
 from stages.seg.losses import SegLoss
 from stages.seg.model import (MODEL_FILE, SegModelError, build_segmenter, inference_long_side, input_multiple,
@@ -41,6 +41,7 @@ class SegStage:
     name = "seg"
     needs: tuple[str, ...] = ("cam", "pseudo")  # cam: for `encoder_weights: cam`
     section = "seg"
+    resume_files = (CHECKPOINT, HOLDOUT_FILE)  # the held-out scores of the epochs trained so far
 
     def key_config(self, cfg) -> dict:
         return {**section_dict(cfg.seg), "weights_file": weights_file_stamp(cfg.seg.encoder_weights)}
