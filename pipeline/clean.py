@@ -36,6 +36,7 @@ class Unused:
     locks: list[Path] = field(default_factory=list)
     bytes: int = 0
     why: str = ""
+    kept: bool = False  # a key the config uses: only a commit leftover of it goes, its lock file stays
 
     @property
     def what(self) -> str:
@@ -79,15 +80,20 @@ def find_unused(pipeline) -> list[Unused]:
     unused: dict[tuple[str, str], Unused] = {}
     for path in sorted(root.iterdir()):
         match = ENTRY.match(path.name)
-        if match is None or (match["stage"], match["key"]) in kept_keys:
+        if match is None:
             continue
-        entry = unused.setdefault((match["stage"], match["key"]), Unused(match["stage"], match["key"]))
+        kept = (match["stage"], match["key"]) in kept_keys
+        if kept and not (match["kind"] or "").startswith(".old"):
+            continue
+        entry = unused.setdefault((match["stage"], match["key"]), Unused(match["stage"], match["key"], kept=kept))
         if match["kind"] == ".lock":
             entry.locks.append(path)
         elif path.is_dir():
             entry.folders.append(path)
             entry.bytes += folder_bytes(path)
     for entry in unused.values():
+        if entry.kept:
+            continue
         complete = next((f for f in entry.folders if not f.name.startswith(".")), None)
         manifest = pipeline.store.read_manifest(complete) if complete is not None else None
         if manifest is not None:
@@ -109,7 +115,8 @@ def remove(entry: Unused, lock_name: Path) -> bool:
             # a complete artifact first loses its manifest: half deleted, it is never read as a result
             (folder / "manifest.json").unlink(missing_ok=True)
             shutil.rmtree(folder, ignore_errors=True)
-        lock_name.unlink(missing_ok=True)
+        if not entry.kept:
+            lock_name.unlink(missing_ok=True)
     return True
 
 

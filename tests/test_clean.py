@@ -51,14 +51,17 @@ def test_interrupted_work_of_other_keys_goes_and_of_the_current_key_stays(tiny_s
     own_partial.mkdir()  # e.g. a --force run that was interrupted: `--resume` continues it
     other_partial = store.root / ".irn-0123456789ab.partial"
     leftover = store.root / ".cam-fedcba987654.old4242"
-    for folder in (other_partial, leftover):
+    # the previous version of the current artifact, left by a commit interrupted between its two renames
+    own_leftover = store.root / f".{store.final_dir(pipeline.key('cam')).name}.old4343"
+    for folder in (other_partial, leftover, own_leftover):
         folder.mkdir()
         (folder / "model.pt").write_bytes(b"x" * 1000)
 
     rows, freed, _ = clean(pipeline, delete=True)
-    assert sorted(r["what"] for r in rows) == ["commit leftover", "interrupted"]
-    assert freed == 2000
+    assert sorted(r["what"] for r in rows) == ["commit leftover", "commit leftover", "interrupted"]
+    assert freed == 3000
     assert own_partial.is_dir() and not other_partial.exists() and not leftover.exists()
+    assert not own_leftover.exists() and pipeline.artifact("cam") is not None
 
 
 def test_a_key_whose_lock_is_held_is_left_alone(tiny_synthetic, tmp_path):
