@@ -29,11 +29,10 @@ ENTRY = re.compile(rf"^\.?(?P<stage>{'|'.join(STAGE_ORDER)})-(?P<key>[0-9a-f]{{1
 
 @dataclass
 class Unused:
-    """The folders and lock file of one key the config does not use."""
+    """The folders of one key the config does not use (none when only its lock file is left)."""
     stage: str
     key: str
     folders: list[Path] = field(default_factory=list)
-    locks: list[Path] = field(default_factory=list)
     bytes: int = 0
     why: str = ""
     kept: bool = False  # a key the config uses: only a commit leftover of it goes, its lock file stays
@@ -86,9 +85,7 @@ def find_unused(pipeline) -> list[Unused]:
         if kept and not (match["kind"] or "").startswith(".old"):
             continue
         entry = unused.setdefault((match["stage"], match["key"]), Unused(match["stage"], match["key"], kept=kept))
-        if match["kind"] == ".lock":
-            entry.locks.append(path)
-        elif path.is_dir():
+        if path.is_dir():
             entry.folders.append(path)
             entry.bytes += folder_bytes(path)
     for entry in unused.values():
