@@ -55,16 +55,16 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
-def kept_names(pipeline) -> set[str]:
-    """Folder names of the current keys (complete and partial) and of the models the next run reuses."""
+def kept_keys(pipeline) -> set[tuple[str, str]]:
+    """(stage, key12) of each stage's current key and of a stale artifact whose model the next run reuses."""
     keep = set()
     for name in STAGE_ORDER:
         key = pipeline.key(name)
-        keep |= {pipeline.store.final_dir(key).name, pipeline.store.partial_dir(key).name}
+        keep.add((name, key.short))
         if pipeline.store.complete(key) is None:
             twin = pipeline.trained_twin(name)
             if twin is not None:
-                keep.add(Path(twin).name)
+                keep.add((name, ENTRY.match(Path(twin).name)["key"]))
     return keep
 
 
@@ -73,15 +73,13 @@ def find_unused(pipeline) -> list[Unused]:
     root = pipeline.store.root
     if not root.is_dir():
         return []
-    keep = kept_names(pipeline)
-    current = {name: pipeline.key(name) for name in STAGE_ORDER}
-    kept_keys = {(m["stage"], m["key"]) for m in map(ENTRY.match, keep) if m}
+    keep = kept_keys(pipeline)
     unused: dict[tuple[str, str], Unused] = {}
     for path in sorted(root.iterdir()):
         match = ENTRY.match(path.name)
         if match is None:
             continue
-        kept = (match["stage"], match["key"]) in kept_keys
+        kept = (match["stage"], match["key"]) in keep
         if kept and not (match["kind"] or "").startswith(".old"):
             continue
         entry = unused.setdefault((match["stage"], match["key"]), Unused(match["stage"], match["key"], kept=kept))
@@ -95,7 +93,7 @@ def find_unused(pipeline) -> list[Unused]:
         manifest = pipeline.store.read_manifest(complete) if complete is not None else None
         if manifest is not None:
             stage = pipeline.stage(entry.stage)
-            reasons = explain_difference(manifest.get("key_parts", {}), current[entry.stage].parts, stage.section)
+            reasons = explain_difference(manifest.get("key_parts", {}), pipeline.key(entry.stage).parts, stage.section)
             entry.why = "; ".join(reasons[:2]) + (f" (+{len(reasons) - 2} more)" if len(reasons) > 2 else "")
     return sorted(unused.values(), key=lambda e: min([f.stat().st_mtime for f in e.folders], default=0))
 
