@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +61,8 @@ def explain_difference(old: dict, new: dict, section: str) -> list[str]:
     old_cfg, new_cfg = flatten(old.get("config", {})), flatten(new.get("config", {}))
     for name in sorted(set(old_cfg) | set(new_cfg)):
         if old_cfg.get(name, "<unset>") != new_cfg.get(name, "<unset>"):
-            reasons.append(f"{section}.{name}: {old_cfg.get(name, '<unset>')} -> {new_cfg.get(name, '<unset>')}")
+            full_name = name if name.split(".")[0] in ("data", "run") else f"{section}.{name}"
+            reasons.append(f"{full_name}: {old_cfg.get(name, '<unset>')} -> {new_cfg.get(name, '<unset>')}")
     if old.get("dataset") != new.get("dataset"):
         reasons.append("the prepared dataset changed")
     for name in sorted(set(old.get("upstream", {})) | set(new.get("upstream", {}))):
@@ -81,6 +82,11 @@ class ArtifactStore:
 
     def partial_dir(self, key: StageKey) -> Path:
         return self.root / f".{key.stage}-{key.short}.partial"
+
+    def lock_path(self, artifact_name: str) -> Path:
+        """The lock of the key named `<stage>-<key12>`: held exclusively while the artifact is being
+        written (or removed by `wss clean`), shared while a later stage reads it."""
+        return self.root / f".{artifact_name}.lock"
 
     def read_manifest(self, path: Path) -> dict | None:
         try:
@@ -105,11 +111,6 @@ class ArtifactStore:
                 found.append((manifest.get("finished", 0), path, manifest))
         return [(path, manifest) for _, path, manifest in sorted(found, key=lambda item: -item[0])]
 
-    def latest(self, stage: str) -> tuple[Path, dict] | None:
-        """The most recently completed artifact of a stage, whatever its key."""
-        found = self.completed(stage)
-        return found[0] if found else None
-
     @contextmanager
     def writing(self, key: StageKey, resume: bool = False):
         """Yield a partial directory to write into; fresh unless resuming. Holds a lock."""
@@ -118,17 +119,39 @@ class ArtifactStore:
         except OSError as error:
             raise CacheError(f"cannot create the artifact folder {self.root} ({error.strerror}): "
                              f"set run.workdir to a folder you can write to") from None
-        lock_path = self.root / f".{key.stage}-{key.short}.lock"
-        with open(lock_path, "w") as lock:
+        lock_path = self.lock_path(self.final_dir(key).name)
+        with open(lock_path, "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise CacheError(f"another wss process is computing {self.final_dir(key)} (lock {lock_path})") from None
+                raise CacheError(f"another wss process is computing {self.final_dir(key)} or reading it "
+                                 f"as its input (lock {lock_path})") from None
             partial = self.partial_dir(key)
             if partial.exists() and not resume:
                 shutil.rmtree(partial)
             partial.mkdir(parents=True, exist_ok=True)
             yield partial
+
+    @contextmanager
+    def reading(self, artifacts):
+        """Hold a shared lock on each input artifact while a stage reads it, so that `wss clean`
+        (or a forced recompute) in another process cannot remove it under the reader; checks that
+        each is still complete once locked."""
+        with ExitStack() as locks:
+            for artifact in artifacts:
+                artifact = Path(artifact)
+                try:
+                    lock = locks.enter_context(open(self.lock_path(artifact.name), "a"))
+                except OSError:  # a read-only workdir: nobody can remove the artifact through wss either
+                    continue
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise CacheError(f"{artifact} is being recomputed or removed by another wss process; "
+                                     f"run again when it has finished") from None
+                if self.read_manifest(artifact) is None:
+                    raise CacheError(f"{artifact} was removed or is incomplete; run again to recompute it")
+            yield
 
     def commit(self, key: StageKey, partial: Path, manifest: dict) -> Path:
         """Write the manifest last, then move the directory into place."""
@@ -137,7 +160,7 @@ class ArtifactStore:
         write_text_atomic(partial / MANIFEST, json.dumps(manifest, indent=1, default=str))
         final = self.final_dir(key)
         if final.exists():
-            trash = final.with_name(f".{final.name}.old{os.getpid()}")
+            trash = final.with_name(f".{final.name}.old{os.getpid()}{time.time_ns()}")  # never a leftover's name
             os.replace(final, trash)
             os.replace(partial, final)
             shutil.rmtree(trash, ignore_errors=True)

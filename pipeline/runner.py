@@ -99,6 +99,7 @@ class Pipeline:
             stage = self.stage(name)
             config = stage.key_config(self.cfg)
             config["data"] = {"train_split": self.cfg.data.train_split, "val_split": self.cfg.data.val_split}
+            config["run"] = {"seed": self.cfg.run.seed}  # another seed trains other models
             if limit is not None:
                 config["limit"] = limit
             parts = {"config": config, "dataset": self.fingerprint,
@@ -129,15 +130,23 @@ class Pipeline:
             notes = [f"scored with {settings_text(change[1])}; a run re-scores it with {settings_text(change[0])}"] \
                 if change else []
             return StageStatus(name, "up to date", path, notes)
-        latest = self.store.latest(name)
-        if latest is None:
+        closest = self.closest_artifact(name)
+        if closest is None:
             return StageStatus(name, "missing", None, [])
-        old_path, manifest = latest
-        reasons = explain_difference(manifest.get("key_parts", {}), key.parts, self.stage(name).section)
+        old_path, reasons = closest
         twin = self.trained_twin(name)
         if twin is not None:
             reasons.append(f"inference settings only: a run reuses the model trained in {twin}")
         return StageStatus(name, "stale", old_path, reasons or ["key changed"])
+
+    def closest_artifact(self, name: str) -> tuple[Path, list[str]] | None:
+        """The complete artifact of stage `name` whose key differs least from the current one
+        (the newest among equals) and how it differs; `--limit` tries are not candidates."""
+        key, section = self.key(name), self.stage(name).section
+        candidates = [(path, explain_difference(manifest.get("key_parts", {}), key.parts, section))
+                      for path, manifest in self.store.completed(name)
+                      if "limit" not in manifest.get("key_parts", {}).get("config", {})]
+        return min(candidates, key=lambda candidate: len(candidate[1]), default=None)
 
     def status(self) -> list[StageStatus]:
         return [self.status_of(name) for name in STAGE_ORDER]
@@ -158,7 +167,7 @@ class Pipeline:
             inputs["trained"] = twin
         if not distributed.is_main():
             return self.run_beside_rank0(stage, inputs, resume, limit)
-        with self.store.writing(key, resume=resume) as partial:
+        with self.store.reading(inputs.values()), self.store.writing(key, resume=resume) as partial:
             distributed.broadcast(partial)
             handler = logging.FileHandler(partial / "log.txt")
             handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))

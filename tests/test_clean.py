@@ -74,6 +74,16 @@ def test_a_key_whose_lock_is_held_is_left_alone(tiny_synthetic, tmp_path):
     assert (old / "manifest.json").is_file()
 
 
+def test_an_artifact_another_run_reads_is_left_alone(tiny_synthetic, tmp_path):
+    """A run of another config reading `old` as its input holds a shared lock on it."""
+    _, old = cam_artifact(tiny_synthetic, tmp_path, "cam.epochs=2")
+    pipeline, _ = cam_artifact(tiny_synthetic, tmp_path, "cam.epochs=3")
+    with pipeline.store.reading([old]):
+        rows, freed, busy = clean(pipeline, delete=True)
+    assert (rows, freed, busy) == ([], 0, [old.name])
+    assert (old / "manifest.json").is_file()
+
+
 def test_the_model_the_next_run_reuses_is_kept(tiny_synthetic, tmp_path):
     _, trained = cam_artifact(tiny_synthetic, tmp_path, "cam.flip=false", stage=FakeCamWithInference)
     _, other = cam_artifact(tiny_synthetic, tmp_path, "cam.epochs=5", stage=FakeCamWithInference)
