@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import shlex
+import shutil
 from pathlib import Path
 
 import click
@@ -74,6 +75,7 @@ def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict
     device = resolve_device(cfg.run.device)
     workers = worker_count(cfg.run.workers)
     work = out / "cache" / name
+    shutil.rmtree(work, ignore_errors=True)  # CAMs of an earlier computation under the same name
     val_ids = [i for i in dataset.split(cfg.data.val_split)[:limit] if dataset.has_mask(i)]
     train_ids = dataset.split(cfg.data.train_split)[:limit]
     scores = {"parameters": count_parameters(artifact)}

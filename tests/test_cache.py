@@ -73,10 +73,19 @@ def test_how_to_run_does_not_change_the_key(tiny_synthetic, tmp_path, override):
 
 
 @pytest.mark.parametrize("override", ["cam.weight_decay=0.003", "cam.epochs=99", "cam.scales=[1.0,0.5]",
-                                      "data.train_split=val"])
+                                      "data.train_split=val", "run.seed=3"])
 def test_what_to_compute_changes_the_key(tiny_synthetic, tmp_path, override):
     base = make_pipeline(tiny_synthetic, tmp_path).key("cam").digest
     assert make_pipeline(tiny_synthetic, tmp_path, override).key("cam").digest != base
+
+
+def test_another_methods_settings_do_not_change_the_key(tiny_synthetic, tmp_path):
+    """cam.minmax_k only matters to method minmax: under gap a new value retrains nothing."""
+    gap = make_pipeline(tiny_synthetic, tmp_path).key("cam").digest
+    assert make_pipeline(tiny_synthetic, tmp_path, "cam.minmax_k=5").key("cam").digest == gap
+    assert make_pipeline(tiny_synthetic, tmp_path, "cam.dropblock_prob=0.3").key("cam").digest == gap
+    minmax = make_pipeline(tiny_synthetic, tmp_path, "cam.method=minmax").key("cam").digest
+    assert make_pipeline(tiny_synthetic, tmp_path, "cam.method=minmax", "cam.minmax_k=5").key("cam").digest != minmax
 
 
 def test_a_scoring_only_setting_does_not_change_the_key(tiny_synthetic, tmp_path):
@@ -208,6 +217,15 @@ def test_status_names_what_changed(tiny_synthetic, tmp_path):
     assert missing.state == "missing"
 
 
+def test_status_explains_against_the_closest_artifact_not_the_newest(tiny_synthetic, tmp_path):
+    """After a `--limit` try and another setting, the reasons are those of the nearest artifact."""
+    with_stage(make_pipeline(tiny_synthetic, tmp_path, "cam.epochs=2"), FakeCam()).run_stage("cam")
+    with_stage(make_pipeline(tiny_synthetic, tmp_path, "cam.epochs=3"), FakeCam()).run_stage("cam", limit=4)
+    with_stage(make_pipeline(tiny_synthetic, tmp_path, "cam.lr=0.5", "cam.epochs=7"), FakeCam()).run_stage("cam")
+    status = with_stage(make_pipeline(tiny_synthetic, tmp_path, "cam.epochs=3"), FakeCam()).status_of("cam")
+    assert status.state == "stale" and status.reasons == ["cam.epochs: 2 -> 3"]
+
+
 # ------------------------------------------------------------------------ the store on its own
 
 def key(stage: str = "cam", value: int = 1) -> StageKey:
@@ -223,7 +241,7 @@ def test_store_commit_writes_manifest_last_and_renames(tmp_path):
         final = store.commit(k, partial, {"metrics": {}})
     assert final == tmp_path / "ds" / f"cam-{k.short}" and store.complete(k) == final
     assert not partial.exists()
-    assert store.latest("cam")[0] == final
+    assert store.completed("cam")[0][0] == final
 
 
 def test_resume_keeps_the_partial_dir_and_fresh_start_clears_it(tmp_path):
@@ -245,6 +263,62 @@ def test_two_writers_of_one_key_are_refused(tmp_path):
                 pass
         with store.writing(key(value=2)):  # another key is independent
             pass
+
+
+def test_an_artifact_being_read_cannot_be_replaced_and_a_vanished_one_is_named(tmp_path):
+    store = ArtifactStore(tmp_path, "ds")
+    with store.writing(key()) as partial:
+        final = store.commit(key(), partial, {})
+    with store.reading([final]):
+        with pytest.raises(CacheError, match="or reading it as its input"):
+            with store.writing(key()):  # e.g. `--force` in another process
+                pass
+        with store.reading([final]):  # readers share
+            pass
+    (final / "manifest.json").unlink()  # as `wss clean` starts removing it
+    with pytest.raises(CacheError, match=f"{final} was removed or is incomplete"):
+        with store.reading([final]):
+            pass
+
+
+def test_a_stage_holds_its_inputs_while_it_runs(tiny_synthetic, tmp_path):
+    """`wss clean` or a `--force` elsewhere cannot take an input away from a running stage."""
+    import fcntl
+
+    class FakeIrn(FakeCam):
+        name, needs, section = "irn", ("cam",), "irn"
+
+        def run(self, cfg, dataset, inputs, out, *, resume=False, limit=None):
+            with open(inputs["cam"].parent / f".{inputs['cam'].name}.lock", "a") as lock:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.checked = True
+            return StageResult(metrics={}, headline="")
+
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), FakeCam())
+    cam = pipeline.run_stage("cam").path
+    irn = FakeIrn()
+    pipeline.stages["irn"] = irn
+    pipeline._keys.clear()
+    pipeline.run_stage("irn")
+    assert irn.checked
+    with open(cam.parent / f".{cam.name}.lock", "a") as lock:  # released afterwards
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_commit_over_an_old_artifact_ignores_a_leftover_of_an_earlier_commit(tmp_path):
+    """A commit interrupted between its renames leaves `.name.old<pid>`; PIDs repeat in containers."""
+    store = ArtifactStore(tmp_path, "ds")
+    for _ in range(2):
+        with store.writing(key()) as partial:
+            final = store.commit(key(), partial, {})
+    leftover = final.with_name(f".{final.name}.old{os.getpid()}")
+    leftover.mkdir()
+    (leftover / "model.pt").write_text("x")
+    with store.writing(key()) as partial:
+        (partial / "new.txt").write_text("new")
+        assert store.commit(key(), partial, {}) == final
+    assert (final / "new.txt").is_file() and store.complete(key()) == final
 
 
 def test_killed_writer_leaves_nothing_reusable(tmp_path):
@@ -272,7 +346,7 @@ def test_killed_writer_leaves_nothing_reusable(tmp_path):
             child.kill()
     store = ArtifactStore(tmp_path, "ds")
     k = key()
-    assert store.complete(k) is None and store.latest("cam") is None
+    assert store.complete(k) is None and store.completed("cam") == []
     assert (store.partial_dir(k) / "cams" / "a.npz").is_file()
     with store.writing(k) as partial:
         assert list(partial.iterdir()) == []

@@ -460,6 +460,36 @@ def test_compare_score_cache_is_used_only_for_the_artifact_that_made_it(tmp_path
     assert read_cached_scores(cache, "m1") is None
 
 
+def test_compare_recomputes_its_cams_when_the_artifact_was_recomputed(tiny_synthetic, tmp_path, monkeypatch):
+    """The val CAMs `compare` writes for the tuned threshold belong to one computation of the
+    artifact: after `--force` the old ones are not reused."""
+    from types import SimpleNamespace
+
+    from data.layout import PreparedDataset
+    from pipeline.compare import extra_scores
+    from pipeline.config import load_config
+    from stages.cam import scoring
+    found_before_writing = []
+
+    def write_cams(artifact, dataset, ids, cam_dir, device, keys_of=None, workers=0):
+        found_before_writing.append(sorted(p.name for p in cam_dir.glob("*.npz")))
+        cam_dir.mkdir(parents=True, exist_ok=True)
+        (cam_dir / "fresh.npz").write_text("made by this computation")
+
+    monkeypatch.setattr(scoring, "write_cams", write_cams)
+    monkeypatch.setattr(scoring, "tuned_miou", lambda *args: (0.5, 0.6))
+    monkeypatch.setattr(scoring, "count_parameters", lambda artifact: 7)
+    pipeline = SimpleNamespace(cfg=load_config(DEMO, [f"data.root={tiny_synthetic}"]),
+                               dataset=PreparedDataset(tiny_synthetic))
+    artifact = tmp_path / "cam-0123456789ab"
+    artifact.mkdir()
+    out = tmp_path / "cmp"
+    for started in (1, 2):  # the second: the same artifact name recomputed by --force
+        (artifact / "manifest.json").write_text(json.dumps({"key_parts": {}, "started": started}))
+        assert extra_scores(pipeline, artifact, out, None)["cam_miou_tuned"] == 0.6
+    assert found_before_writing == [[], []]
+
+
 def test_limit_must_be_positive(cli):
     for args in (["compare", "-c", "configs/demo.yaml", "--methods", "gap", "--limit", "0"],
                  ["run-stage", "cam", "-c", "configs/demo.yaml", "--limit", "-5"]):

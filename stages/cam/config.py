@@ -39,3 +39,17 @@ class CamConfig:
     flip: bool = True
     # evaluation: the background threshold is fixed, never tuned on the scored split
     eval_bg_threshold: float = 0.15
+
+
+# The settings only one method reads: another method's are left out of the cam key, so that
+# `-o cam.minmax_k=5` under `method: gap` does not retrain anything.
+METHOD_SETTINGS = {
+    "dropblock": ("dropblock_prob", "dropblock_size"),
+    "pylon": ("pylon_channels",),
+    "multiscale": ("multiscale_stages",),
+    "minmax": ("minmax_k", "minmax_entropy_weight", "minmax_erase_steps"),
+}
+
+
+def other_methods_settings(cfg: CamConfig) -> set[str]:
+    return {name for method, names in METHOD_SETTINGS.items() if method != cfg.method for name in names}

@@ -14,6 +14,7 @@ from data.datasets import ClassificationDataset, SafeImageDataset, first_item
 from data.layout import PreparedDataset
 from data.transforms import normalize_batch, uint8_tensor
 from stages.base import StageResult, section_dict, source_hash, weights_file_stamp
+from stages.cam.config import other_methods_settings
 from stages.cam.infer import CamFileError, cam_to_label, load_cam, upsample_cam, write_cam_files
 from stages.cam.methods import build_cam_net
 from stages.common import distributed
@@ -56,7 +57,8 @@ class CamStage:
         return ("extract", "scales", "flip")
 
     def key_config(self, cfg) -> dict:
-        return {**section_dict(cfg.cam, skip=set(self.score_settings)),
+        skip = set(self.score_settings) | other_methods_settings(cfg.cam)
+        return {**section_dict(cfg.cam, skip=skip),
                 "weights_file": weights_file_stamp(cfg.cam.weights)}
 
     def code_version(self) -> str:
