@@ -85,7 +85,7 @@ def load_config(path: str | Path | list | tuple | None, overrides: list[str] | t
     config = build(Config, raw, where=where, prefix="")
     for item in overrides:  # one at a time, so that an error names the override, not the file
         key, value = parse_override(item)
-        set_dotted(raw, key, value, where=f"override {item!r}")
+        set_dotted(raw, key, value, where=f"override {item!r}", config=config)
         config = build(Config, raw, where=f"override {item!r}", prefix="")
     config.source = " -c ".join(str(p) for p in paths) or "<defaults>"
     config.overrides = tuple(overrides)
@@ -99,14 +99,21 @@ def read_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: `base:` chain loops back on itself")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {error.start})") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = raw.pop("base", None)
+    build(Config, raw, where=str(path), prefix="")  # before merging, so that an error names this file
     if base is None:
         return raw
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base must be the path of one config file, got {base!r}")
     merged = read_yaml_with_base(path.parent / base, seen + (path.resolve(),))
     return deep_merge(merged, raw)
 
@@ -128,24 +135,49 @@ def deep_merge(base: dict, top: dict, cls: type = None) -> dict:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
+    """`key=value` with the value read as YAML, except that a setting that takes text keeps the
+    text as typed (`data.train_split=1.10` is '1.10', not the number 1.1 written back as '1.1')."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     key, text = item.split("=", 1)
+    key = key.strip()
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
-    return key.strip(), value
+    if isinstance(value, (int, float)) and takes_text(field_hint(key)):
+        value = text.strip()
+    return key, value
 
 
-def set_dotted(raw: dict, key: str, value: Any, where: str) -> None:
+def field_hint(dotted_key: str) -> Any:
+    """The type of the setting a dotted key names, or None when there is no such setting."""
+    hint: Any = Config
+    for part in dotted_key.split("."):
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hint = typing.get_type_hints(hint).get(part)
+    return hint
+
+
+def takes_text(hint: Any) -> bool:
+    return hint is str or (typing.get_origin(hint) in (Union, types.UnionType) and str in typing.get_args(hint))
+
+
+def set_dotted(raw: dict, key: str, value: Any, where: str, config: Config | None = None) -> None:
+    """Set `key` in the raw mapping. A key inside a mapping-valued setting (`seg.losses.dice=2`)
+    changes that entry of the setting's current value (file or default), keeping the others."""
     parts = key.split(".")
-    node = raw
+    node, current = raw, config
     for part in parts[:-1]:
+        value_now = getattr(current, part, None) if current is not None else None
+        if part not in node and isinstance(value_now, dict):
+            node[part] = dict(value_now)
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"{where}: {part!r} is not a section")
         node = child
+        current = value_now if dataclasses.is_dataclass(value_now) else None
     node[parts[-1]] = value
 
 
@@ -263,7 +295,8 @@ def check_value(hint: Any, value: Any, where: str, key: str) -> Any:
             raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
         return value
     if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
-        return str(value)
+        if not isinstance(value, str):  # YAML reads 1.10 as 1.1 and 010 as 8: only quotes keep the text
+            quoted = " (put it in quotes)" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+            raise ConfigError(f"{where}: {key} must be a string{quoted}, got {value!r}")
+        return value
     raise ConfigError(f"{where}: {key}: unsupported type {hint}")

@@ -173,6 +173,49 @@ def test_mapping_settings_are_replaced_whole_and_sections_merge(tmp_path):
     assert load_config(top, ["seg.losses={focal: 2}"]).seg.losses == {"focal": 2.0}
 
 
+def test_a_dotted_key_inside_a_mapping_setting_changes_one_entry(tmp_path):
+    """`-o seg.losses.dice=2` keeps the other losses whether they come from the file or the default."""
+    from_file = write(tmp_path / "with.yaml", "seg: {losses: {ce: 1.0, lovasz: 0.5}}\n")
+    without = write(tmp_path / "without.yaml", "seg: {epochs: 2}\n")
+    assert load_config(from_file, ["seg.losses.dice=2"]).seg.losses == {"ce": 1.0, "lovasz": 0.5, "dice": 2.0}
+    assert load_config(without, ["seg.losses.dice=2"]).seg.losses == {"ce": 1.0, "dice": 2.0}
+    assert load_config(None, ["seg.losses.focal=1", "seg.losses.ce=0.5"]).seg.losses == \
+        {"ce": 0.5, "dice": 1.0, "focal": 1.0}
+
+
+def test_text_settings_keep_what_was_typed(tmp_path):
+    """YAML reads 1.10 as the number 1.1 and 010 as 8: an override of a text setting keeps the
+    text; a file must quote it."""
+    cfg = load_config(None, ["data.train_split=1.10", "data.val_split=010", "cam.weights=0x1F",
+                             "run.workdir=12:30"])
+    assert (cfg.data.train_split, cfg.data.val_split, cfg.cam.weights, cfg.run.workdir) == \
+        ("1.10", "010", "0x1F", "12:30")
+    assert load_config(None, ["cam.weights=null"]).cam.weights is None
+    path = write(tmp_path / "c.yaml", "data: {train_split: 1.10}\n")
+    with pytest.raises(ConfigError, match=r"data.train_split must be a string \(put it in quotes\), got 1.1"):
+        load_config(path)
+    assert load_config(write(tmp_path / "q.yaml", "data: {train_split: '1.10'}\n")).data.train_split == "1.10"
+
+
+def test_an_error_in_a_base_file_names_that_file(tmp_path):
+    parent = write(tmp_path / "parent.yaml", "cam: {epoch: 3}\n")
+    child = write(tmp_path / "child.yaml", "base: parent.yaml\n")
+    with pytest.raises(ConfigError, match=rf"^{parent}: unknown key 'cam.epoch'"):
+        load_config(child)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"base: 3\n", "base must be the path of one config file, got 3"),
+    (b"base: [a.yaml]\n", "base must be the path of one config file"),
+    (b"cam: {epochs: 3}\n# caf\xe9\n", "not a UTF-8 text file"),
+])
+def test_unreadable_config_files_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
 def test_suggested_commands_carry_the_overrides():
     cfg = load_config(DEMO_CONFIG, ["irn.conf_fg_threshold=0.3", "run.workdir=my runs"])
     assert cfg.cli_args() == f"-c {DEMO_CONFIG} -o irn.conf_fg_threshold=0.3 -o 'run.workdir=my runs'"
