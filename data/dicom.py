@@ -85,7 +85,9 @@ def _decode_pixels(dataset, path) -> np.ndarray:
     if frames > 1:
         raise DataError(f"{path}: multi-frame DICOM ({frames} frames) is not a radiograph")
     if pixels.ndim == 3 and pixels.shape[-1] == 3:
-        pixels = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        # rounded: the weights sum to 1 only up to float error, and a later cast to uint8
+        # truncates, so gray (v, v, v) would otherwise come out as v - 1 on many levels
+        pixels = np.rint(pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114]))
     if pixels.ndim != 2 or 0 in pixels.shape:
         raise DataError(f"{path}: expected a 2-D image, got pixel array of shape {pixels.shape}")
     return pixels
@@ -101,8 +103,10 @@ def to_uint8(pixels: np.ndarray, dataset) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     values = pixels
-    if _has_modality_transform(dataset):
+    if dataset.get("ModalityLUTSequence"):
         values = apply_modality_lut(values, dataset)
+    elif _has_modality_transform(dataset):
+        values = _rescale(values, dataset)
     window = _window_tags(dataset)
     if "VOILUTSequence" in dataset:
         image = stretch_to_uint8(apply_voi_lut(values, dataset, prefer_lut=True))
@@ -123,10 +127,23 @@ def _has_modality_transform(dataset) -> bool:
     Many 8-bit files carry an identity rescale; applying it would make them look rescaled and
     lose the "8-bit values are kept" rule. Empty tags count as their defaults.
     """
-    if "ModalityLUTSequence" in dataset:
+    if dataset.get("ModalityLUTSequence"):
         return True
+    slope, intercept = _rescale_tags(dataset)
+    return slope != 1.0 or intercept != 0.0
+
+
+def _rescale(values: np.ndarray, dataset) -> np.ndarray:
+    """values * slope + intercept, computed here rather than by pydicom's apply_modality_lut,
+    which multiplies by None when a tag is present but empty (and ignores a lone tag)."""
+    slope, intercept = _rescale_tags(dataset)
+    return values.astype(np.float64) * slope + intercept
+
+
+def _rescale_tags(dataset) -> tuple[float, float]:
+    """(Rescale Slope, Rescale Intercept), an absent or empty tag giving its default 1 or 0."""
     slope, intercept = dataset.get("RescaleSlope"), dataset.get("RescaleIntercept")
-    return not (_empty(slope) or float(slope) == 1.0) or not (_empty(intercept) or float(intercept) == 0.0)
+    return 1.0 if _empty(slope) else float(slope), 0.0 if _empty(intercept) else float(intercept)
 
 
 def _window_tags(dataset) -> tuple[float, float] | None:

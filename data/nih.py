@@ -15,13 +15,17 @@
 - Boxes: ``out/boxes.csv`` with ``image_id,finding,x,y,w,h`` (pixels of the original image,
   x/y the top-left corner) for the prepared images; the release's "Infiltrate" is renamed
   "Infiltration" to match the labels. :func:`read_boxes` reads the release file (whose
-  ``Bbox [x,y,w,h]`` header spans four columns) and the clean one.
+  ``Bbox [x,y,w,h]`` header spans four columns) and the clean one. A bad box row (too few
+  fields, an unknown finding, a coordinate that is not a number) is reported as ``file:line``
+  in ``prepare_report.json`` and skipped; a file without the header is an error.
 """
 from __future__ import annotations
 
 import csv
+import io
 import os
 import shutil
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,26 +73,47 @@ def canonical_finding(name: str) -> str:
     return FINDING_ALIASES.get(name, name)
 
 
-def read_boxes(path: str | Path) -> list[Box]:
+def read_boxes(path: str | Path, report: PrepareReport | None = None) -> list[Box]:
     """Boxes of BBox_List_2017.csv or of a prepared boxes.csv (one header line either way).
 
     The release's header is ``Image Index,Finding Label,Bbox [x,y,w,h],,,``: the last name
     covers four columns, so columns are taken by position: id, finding, x, y, w, h (extra
-    empty columns are allowed).
+    empty columns are allowed). A bad row is a DataError naming ``path:line``; with a
+    ``report`` (``wss prepare``) it is reported and skipped instead, so one bad row of a
+    downloaded file costs that box, not the preparation. A missing header is always an error.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"box file not found: {path}")
     boxes = []
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None or len(header) < 3:
-            raise DataError(f"{path}: expected a header such as 'Image Index,Finding Label,Bbox [x,y,w,h]'")
-        for line_no, row in enumerate(reader, start=2):
-            if any(cell.strip() for cell in row):
-                boxes.append(_box_of_row(row, f"{path}:{line_no}"))
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    header = next(reader, None)
+    if header is None or len(header) < 3:
+        raise DataError(f"{path}: expected a header such as 'Image Index,Finding Label,Bbox [x,y,w,h]'")
+    for line_no, row in enumerate(reader, start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        try:
+            boxes.append(_box_of_row(row, f"{path}:{line_no}"))
+        except DataError as error:
+            if report is None:
+                raise
+            report.add_error(f"{path}:{line_no}", error)
+            report.count("bad_box_rows")
     return boxes
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a BOM is dropped); a stray byte is a DataError naming its line,
+    not a UnicodeDecodeError traceback."""
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x})") from None
 
 
 def _box_of_row(row: list[str], where: str) -> Box:
@@ -149,7 +174,8 @@ def read_data_entry(path: str | Path, report: PrepareReport, wanted: set[str] | 
         raise DataError(f"data entry file not found: {path}")
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as error:
+    except (ValueError, OSError, EOFError, zlib.error, UnicodeDecodeError, pd.errors.ParserError) as error:
+        # EOFError / zlib.error: a truncated or damaged .gz (otherwise click's bare "Aborted!")
         raise DataError(f"{path}: not a readable CSV ({error})") from None
     table.columns = [c.strip() for c in table.columns]
     for column in ["Image Index", "Finding Labels"]:
@@ -265,7 +291,7 @@ def prepare_nih(images_dir: str | Path, data_entry_csv: str | Path, boxes_csv: s
     report = PrepareReport("nih", out)
     present = find_pngs(images_dir, report)
     entries, listed = read_data_entry(data_entry_csv, report, wanted=set(present))
-    boxes = read_boxes(boxes_csv)
+    boxes = read_boxes(boxes_csv, report)  # bad rows are reported and skipped
     report.count("listed_images", len(listed))
     report.add_ids("images_without_labels", present.keys() - entries.keys())
     report.id_counts["labels_without_images"] = len(listed - present.keys())  # ~10^5: counted, not listed

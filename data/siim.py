@@ -7,8 +7,9 @@
   8-bit grayscale PNG.
 - Labels: ``ImageId, EncodedPixels`` rows, SIIM RLE (:mod:`data.rle`); the rows of one image are
   a union. The CSV may have a header or not, a UTF-8 BOM, CRLF endings, and the column named
-  ``EncodedPixels`` or `` EncodedPixels``. pneumothorax = the full-resolution mask is not
-  empty. Masks are class indices 0/1, resized with nearest neighbour only.
+  ``EncodedPixels`` or `` EncodedPixels``; a first row that neither names those columns nor
+  reads as an RLE row is skipped as a header and reported. pneumothorax = the full-resolution
+  mask is not empty. Masks are class indices 0/1, resized with nearest neighbour only.
 - Splits: ``train`` / ``val``, stratified (positives and negatives each give ``val_fraction``
   to val), a seeded shuffle of the sorted ids, so the same inputs and seed give the same split.
 - Robustness: a bad DICOM, a bad RLE row (reported as ``csv:line``) or a duplicate image id
@@ -101,6 +102,10 @@ def read_rle_csv(path: str | Path, report: PrepareReport) -> dict[str, list[RleR
         if columns is None:
             columns, is_header = _columns(fields)
             if is_header:
+                if not _names_a_column(fields):  # a malformed first data row, or a foreign header
+                    report.add_problem(where, f"first row {','.join(fields)[:80]!r} is neither an RLE row "
+                                              "nor a header naming ImageId / EncodedPixels: skipped")
+                    report.count("bad_rle_rows")
                 continue
         id_col, rle_col = columns
         if len(fields) <= max(id_col, rle_col):
@@ -137,10 +142,15 @@ def _csv_fields(line_bytes: bytes, where: str, report: PrepareReport) -> list[st
     return fields if any(f.strip() for f in fields) else []
 
 
+def _names_a_column(first: list[str]) -> bool:
+    names = [f.strip().lower() for f in first]
+    return "imageid" in names or "encodedpixels" in names
+
+
 def _columns(first: list[str]) -> tuple[tuple[int, int], bool]:
     """(ImageId column, EncodedPixels column) and whether the first row is a header."""
     names = [f.strip().lower() for f in first]
-    if "imageid" in names or "encodedpixels" in names:
+    if _names_a_column(first):
         id_col = names.index("imageid") if "imageid" in names else 0
         rle_col = names.index("encodedpixels") if "encodedpixels" in names else 1
         return (id_col, rle_col), True

@@ -1,7 +1,8 @@
 """PASCAL VOC 2012 (+ SBD SegmentationClassAug) -> the prepared layout.
 
 - Images: every ``JPEGImages/*.jpg``, copied byte for byte (``image_ext`` ".jpg"): re-encoding
-  would change the pixels the published results were measured on.
+  would change the pixels the published results were measured on. A JPEG that does not
+  decode completely (truncated, corrupt) is reported and skipped.
 - Masks: ``SegmentationClass/<id>.png`` (palette PNG whose indices are the classes, 255 the
   ignore border) kept index for index; for ids without one, SBD's
   ``SegmentationClassAug/<id>.png`` when ``sbd_root`` is given. A mask of another size than
@@ -10,7 +11,8 @@
   of ``Annotations/<id>.xml`` including those marked difficult or truncated. That is how
   IRNet built the ``cls_labels.npy`` that WSSS papers train on (all object names of the XML).
 - Splits: ``ImageSets/Segmentation/{train,val}.txt`` and ``train_aug`` (10,582 ids) from
-  ``train_aug.txt`` found in ``ImageSets/Segmentation`` or ``sbd_root``, or computed as
+  ``train_aug.txt`` (bare ids, or DeepLab's ``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png``
+  lines) found in ``ImageSets/Segmentation`` or ``sbd_root``, or computed as
   SBD train + SBD val + VOC train - VOC val when ``sbd_root`` holds SBD's own ``train.txt``
   and ``val.txt``. Listed ids whose image is missing are counted and listed in the report.
   A split that is empty or not found has no file (one left by an earlier run is removed).
@@ -65,8 +67,19 @@ def locate_sbd_masks(sbd_root: str | Path) -> Path:
 
 
 def read_id_list(path: Path) -> list[str]:
-    """Ids of an ImageSets list (first token of each line; blank lines ignored)."""
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    """Ids of an ImageSets list (first token of each line; blank lines ignored).
+
+    The widely shared DeepLab ``train_aug.txt`` lists paths instead,
+    ``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png``: the id is the
+    first token's file name without its extension (a bare id is kept as it is).
+    """
+    return [_id_of_token(line.split()[0]) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _id_of_token(token: str) -> str:
+    name = Path(token).name
+    stem, dot, ext = name.rpartition(".")
+    return stem if dot and ext.lower() in ("jpg", "jpeg", "png") else name
 
 
 def split_lists(voc: Path, sbd_root: Path | None) -> dict[str, list[str]]:
@@ -137,11 +150,14 @@ def _prepare_image(task: _ImageTask) -> _ImageResult:
 
 
 def _jpeg_size(path: str) -> tuple[int, int]:
-    """(width, height) from the JPEG header (the pixels are copied, never decoded)."""
+    """(width, height) of a JPEG that decodes completely: a truncated or corrupt file has a
+    valid header but would crash training. The pixels are only checked; the file is copied
+    byte for byte."""
     try:
         with Image.open(path) as image:
+            image.load()
             return image.size
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SyntaxError) as error:  # Pillow's errors for damaged files
         raise DataError(f"{path}: not a readable image ({error})") from None
 
 

@@ -1,5 +1,6 @@
 """NIH ChestX-ray14: the box list's header quirk, labels, grayscale conversion, patient splits."""
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +164,47 @@ def test_val_fraction_zero_removes_an_old_val_split(tmp_path):
     prepare_nih(images, entry, boxes, out, val_fraction=0.0, progress=False)
     assert not (out / "splits" / "val.txt").exists() and not (out / "splits" / "test.txt").exists()
     assert len(PreparedDataset(out).split("train")) == 6
+
+
+def test_bad_box_rows_are_reported_and_skipped_by_prepare(tmp_path):
+    images, entry, boxes = small_release(tmp_path, patients=2)
+    boxes.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+                     "00000001_000.png,Mass,1,2,3,4\n"
+                     "00000001_000.png,Mass,10,20,abc,5,,,\n"  # line 3: not a number
+                     "00000001_000.png,Unicorn,1,2,3,4\n"      # line 4: unknown finding
+                     "00000001_000.png,Mass,1\n")              # line 5: too few fields
+    report = prepare_nih(images, entry, boxes, tmp_path / "out", progress=False)
+    saved = json.loads(report.path.read_text())
+    wheres = {p["where"]: p["message"] for p in saved["problems"]}
+    assert "numbers" in wheres[f"{boxes}:3"] and "Unicorn" in wheres[f"{boxes}:4"]
+    assert "expected image" in wheres[f"{boxes}:5"]
+    assert saved["counts"]["bad_box_rows"] == 3 and saved["counts"]["boxes"] == 1
+    assert read_boxes(tmp_path / "out" / "boxes.csv") == [Box("00000001_000", "Mass", 1, 2, 3, 4)]
+
+
+def test_box_file_without_header_stays_fatal(tmp_path):
+    images, entry, boxes = small_release(tmp_path, patients=2)
+    boxes.write_text("a.png,Mass\n")
+    with pytest.raises(DataError, match="expected a header"):
+        prepare_nih(images, entry, boxes, tmp_path / "out", progress=False)
+
+
+def test_non_utf8_box_file_is_a_data_error_naming_the_line(tmp_path):
+    path = tmp_path / "b.csv"
+    path.write_bytes(b"Image Index,Finding Label,Bbox [x,y,w,h],,,\r\nok.png,Mass,1,2,3,4\r\n"
+                     b"caf\xe9.png,Mass,1,2,3,4\r\n")
+    with pytest.raises(DataError, match=r"b.csv:3: not UTF-8"):
+        read_boxes(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_damaged_data_entry_gz_is_a_data_error(tmp_path, damage):
+    images, entry, boxes = small_release(tmp_path, patients=2)
+    raw = bytearray(entry.read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[10] ^= 0x04  # the first deflate block gets an invalid type: zlib.error
+    entry.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="entry.csv.gz: not a readable CSV"):
+        prepare_nih(images, entry, boxes, tmp_path / "out", progress=False)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import data.siim as siim
-from data.dicom import is_dicom, read_dicom, write_dicom
+from data.dicom import is_dicom, read_dicom, stretch_to_uint8, write_dicom
 from data.errors import DataError
 from data.layout import PreparedDataset
 from data.prepare_report import PrepareReport
@@ -88,7 +88,7 @@ def test_full_label_file_with_its_header(tmp_path):
     need_samples()
     report = prepare_siim(SAMPLES / "dicom", SAMPLES / "train-rle.csv.gz", tmp_path / "out",
                           progress=False)
-    assert report.counts["prepared"] == 10
+    assert report.counts["prepared"] == 10 and not report.problems
     assert report.id_counts["labels_without_images"] == 12037
     assert report.id_counts["images_without_labels"] == 0
     for reference in (SAMPLES / "masks").glob("*.png"):
@@ -206,6 +206,18 @@ def test_csv_variants_read_alike(tmp_path, content):
     assert sorted(rows) == ["a", "b"]
     assert [r.text.strip() for r in rows["a"]] == ["1 2", "5 1"]
     assert [r.text.strip() for r in rows["b"]] == ["-1"]
+
+
+@pytest.mark.parametrize("first", [b"img0", b"img0;-1", b"img0,1 2 x 4", b"\xef\xbb\xbfimg0\t-1"])
+def test_malformed_first_row_without_header_is_reported(tmp_path, first):
+    """Taken as a header (it names no column) but not dropped silently: reported as path:1."""
+    path = tmp_path / "labels.csv"
+    path.write_bytes(first + b"\r\nimg1,-1\r\nimg2, 5 3\r\n")
+    report = PrepareReport("siim", tmp_path)
+    rows = read_rle_csv(path, report)
+    assert sorted(rows) == ["img1", "img2"]
+    assert [p.where for p in report.problems] == [f"{path}:1"]
+    assert "first row" in report.problems[0].message and report.counts["bad_rle_rows"] == 1
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -420,3 +432,32 @@ def test_empty_window_tags_count_as_no_window(tmp_path, empty):
     dataset.WindowCenter, dataset.WindowWidth = empty, empty
     dataset.save_as(tmp_path / "window.dcm")
     assert np.array_equal(read_dicom(tmp_path / "window.dcm"), image)
+
+
+@pytest.mark.parametrize("slope, intercept", [("", -1024), (2, ""), ("", "")])
+def test_empty_rescale_tags_count_as_defaults(tmp_path, slope, intercept):
+    image = np.linspace(50, 200, 20 * 30).reshape(20, 30).astype(np.uint8)
+    write_dicom(tmp_path / "plain.dcm", image)
+    dataset = pydicom.dcmread(tmp_path / "plain.dcm")
+    dataset.RescaleSlope, dataset.RescaleIntercept = slope, intercept
+    dataset.save_as(tmp_path / "rescale.dcm")
+    written = pydicom.dcmread(tmp_path / "rescale.dcm")
+    assert "RescaleSlope" in written and "RescaleIntercept" in written  # present, maybe empty (None)
+    identity = slope == "" and intercept == ""
+    expected = image if identity else stretch_to_uint8(image)  # a real rescale is stretched
+    assert np.array_equal(read_dicom(tmp_path / "rescale.dcm"), expected)
+
+
+def test_gray_rgb_dicom_keeps_its_values(tmp_path):
+    """Luminance of (v, v, v) is v: rounded, not truncated to v - 1 by float error."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import SecondaryCaptureImageStorage
+
+    levels = np.tile(np.arange(256, dtype=np.uint8), (2, 1))
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID = SecondaryCaptureImageStorage
+    dataset.set_pixel_data(np.stack([levels] * 3, axis=-1), "RGB", 8, generate_instance_uid=True)
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    dataset.save_as(tmp_path / "rgb.dcm", enforce_file_format=True)
+    assert np.array_equal(read_dicom(tmp_path / "rgb.dcm"), levels)

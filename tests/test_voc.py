@@ -9,7 +9,7 @@ from PIL import Image
 
 from data.errors import DataError
 from data.layout import PreparedDataset, default_palette
-from data.voc import CLASSES, labels_from_xml, prepare_voc
+from data.voc import CLASSES, labels_from_xml, prepare_voc, read_id_list
 from stages.common.metrics import ConfusionMatrix
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "samples" / "voc"
@@ -238,3 +238,33 @@ def test_rerun_without_a_split_removes_its_old_file(tmp_path):
     report = prepare_voc(voc, out, progress=False)
     assert sorted(p.name for p in (out / "splits").iterdir()) == ["train.txt"]
     assert report.counts["split_val"] == 0 and "split_train_aug" not in report.counts
+
+
+def test_truncated_jpeg_is_reported_and_skipped(tmp_path):
+    voc = make_tree(tmp_path / "voc", ["good", "bad"], {"good": class_mask(1)}, {"train": ["good", "bad"]},
+                    {"bad": [("dog", 0)]})
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(voc / "JPEGImages" / "bad.jpg", quality=95)
+    raw = (voc / "JPEGImages" / "bad.jpg").read_bytes()
+    (voc / "JPEGImages" / "bad.jpg").write_bytes(raw[: len(raw) // 2])  # only decoding finds the cut
+    with Image.open(voc / "JPEGImages" / "bad.jpg") as header_only:
+        assert header_only.size == (64, 48)
+    report = prepare_voc(voc, tmp_path / "out", progress=False)
+    problems = {Path(p.where).name: p.message for p in report.problems}
+    assert "not a readable image" in problems["bad.jpg"]
+    dataset = PreparedDataset(tmp_path / "out")
+    assert sorted(dataset.labels) == ["good"] and dataset.split("train") == ["good"]
+    assert not (tmp_path / "out" / "images" / "bad.jpg").exists()
+    assert dataset.image_path("good").read_bytes() == (voc / "JPEGImages" / "good.jpg").read_bytes()
+
+
+def test_deeplab_train_aug_lines_give_ids(tmp_path):
+    ids = ["2007_000032", "2007_000039"]
+    voc = make_tree(tmp_path / "voc", ids, {i: class_mask(1) for i in ids}, {"train": ids[:1]}, {})
+    (voc / "ImageSets" / "Segmentation" / "train_aug.txt").write_text(
+        "".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in ids))
+    prepare_voc(voc, tmp_path / "out", progress=False)
+    assert PreparedDataset(tmp_path / "out").split("train_aug") == ids
+    plain = tmp_path / "plain.txt"
+    plain.write_text("2007_000032\n\n2007_000039 1\n")
+    assert read_id_list(plain) == ids  # bare ids (and "id flag" lines) are unchanged
