@@ -1,12 +1,16 @@
 """ResNet trunks at output stride 16, and weight loading that never downloads in tests."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision import models
 
 from data.errors import WssError
-from stages.common.backbones import IMAGENET_WEIGHTS, ResNetFeatures, WeightsError, stage_channels
+from stages.common.backbones import (IMAGENET_WEIGHTS, STAGE_STRIDES, ResNetFeatures, WeightsError,
+                                     stage_channels, upsample_cells)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
@@ -79,3 +83,54 @@ def test_weights_file_errors(tmp_path):
     path, _ = saved_resnet(tmp_path, "resnet18")
     with pytest.raises(WssError):  # resnet18 weights do not fit resnet50
         ResNetFeatures("resnet50", str(path))
+
+
+def test_weights_of_another_depth_are_refused(tmp_path):
+    """resnet34's blocks shared with resnet18 have the same shapes: only its extra keys tell."""
+    path, _ = saved_resnet(tmp_path, "resnet34")
+    with pytest.raises(WeightsError) as info:
+        ResNetFeatures("resnet18", str(path))
+    message = str(info.value)
+    assert str(path) in message and "resnet18" in message and "unexpected" in message
+    assert "layer1.2." in message and "\n" not in message
+    ResNetFeatures("resnet34", str(path))  # the right trunk takes it, fc.* and all
+
+
+# ----------------------------------------------------------------------------- cell alignment
+def impulse_stages(height: int, width: int, stage: int, cell: tuple[int, int]) -> list[torch.Tensor]:
+    """Stand-in trunk outputs (one channel per stage) for a height x width image: zero but for
+    one cell of `stage`, to see where a network puts that cell on a finer grid."""
+    outputs = [torch.zeros(1, 1, math.ceil(height / s), math.ceil(width / s)) for s in STAGE_STRIDES]
+    outputs[stage][0, 0, cell[0], cell[1]] = 1.0
+    return outputs
+
+
+def centre_px(values: torch.Tensor, stride: int) -> tuple[float, float]:
+    """(y, x) centroid, in image pixels, of a (h, w) map whose cell i covers pixels [s i, s i + s)."""
+    values = values.clamp_min(0).double()
+    ys = (torch.arange(values.shape[0], dtype=torch.float64) + 0.5) * stride
+    xs = (torch.arange(values.shape[1], dtype=torch.float64) + 0.5) * stride
+    total = values.sum()
+    return float(values.sum(1) @ ys / total), float(values.sum(0) @ xs / total)
+
+
+def inner_cell(height: int, width: int, stride: int) -> tuple[int, int]:
+    """A cell near the bottom-right corner, where a squeezed map is furthest off, whose bilinear
+    spread still fits inside the image."""
+    return math.ceil(height / stride) - 2, math.ceil(width / stride) - 3
+
+
+@pytest.mark.parametrize("size", [(75, 101), (375, 500), (64, 96)])
+@pytest.mark.parametrize("source, target", [(16, 4), (16, 8), (8, 4), (16, 1)])
+def test_upsample_cells_keeps_a_coarse_cell_over_its_pixels(size, source, target):
+    height, width = size
+    coarse = torch.zeros(1, 1, math.ceil(height / source), math.ceil(width / source))
+    cell = inner_cell(height, width, source)
+    coarse[0, 0, cell[0], cell[1]] = 1.0
+    fine_size = (math.ceil(height / target), math.ceil(width / target))
+    fine = upsample_cells(coarse, source // target, fine_size)
+    assert fine.shape[-2:] == fine_size
+    y, x = centre_px(fine[0, 0], target)
+    assert abs(y - source * (cell[0] + 0.5)) < 1 and abs(x - source * (cell[1] + 0.5)) < 1
+    if height % source == 0 and width % source == 0:  # where resizing to the size was right, nothing changes
+        assert torch.equal(fine, F.interpolate(coarse, size=fine_size, mode="bilinear", align_corners=False))

@@ -20,6 +20,8 @@ from torch import nn
 from stages.cam.config import CamConfig
 from stages.cam.infer import multiscale_cam
 from stages.cam.methods import METHODS, build_cam_net
+from stages.common.backbones import STAGE_STRIDES
+from tests.test_backbones import centre_px, impulse_stages, inner_cell
 from tests.test_cam_stage import trivial_baselines
 
 NEW_METHODS = ["pcam", "pylon", "multiscale", "minmax"]
@@ -41,7 +43,7 @@ def nets():
 def test_output_shapes_at_several_sizes(nets, method):
     net = nets[method].eval()
     with torch.no_grad():
-        for height, width in [(64, 64), (48, 80), (33, 47)]:
+        for height, width in [(64, 64), (48, 80), (33, 47), (75, 101)]:
             x = torch.randn(2, 3, height, width)
             out = net(x)
             maps = net.cam_maps(x)
@@ -135,6 +137,11 @@ def test_pylon_logit_is_the_max_of_its_map_without_gap_or_groupnorm(nets):
     assert net.cam_stride == 4
 
 
+def test_pylon_upsamples_by_the_stride_ratio(nets):
+    """layer4 -> layer3 -> layer2 -> layer1 is stride 16 -> 16 -> 8 -> 4 (layer4 is dilated)."""
+    assert [module.factor for module in nets["pylon"].up] == [1, 2, 2]
+
+
 # ------------------------------------------------------------------------------ multiscale
 def test_multiscale_weights_are_convex_and_the_cam_is_their_weighted_sum():
     net = tiny_net("multiscale").eval()
@@ -143,15 +150,36 @@ def test_multiscale_weights_are_convex_and_the_cam_is_their_weighted_sum():
         weights = net.stage_weights()
         assert weights.shape == (NUM_CLASSES, 3)
         assert (weights >= 0).all() and torch.allclose(weights.sum(dim=1), torch.ones(NUM_CLASSES))
-        x = torch.randn(1, 3, 64, 96)
+        x = torch.randn(1, 3, 75, 101)
         stages = net.backbone.forward_stages(x)
-        finest = stages[2].shape[-2:]
+        h, w = finest = stages[2].shape[-2:]
         expected = torch.zeros(1, NUM_CLASSES, *finest)
         for k, (index, conv) in enumerate(zip([2, 3, 4], net.classifiers)):
-            cam_k = F.interpolate(conv(stages[index]), size=finest, mode="bilinear", align_corners=False)
+            factor = STAGE_STRIDES[index] // 8  # by the stride ratio, then cropped
+            cam_k = F.interpolate(conv(stages[index]), scale_factor=factor, mode="bilinear",
+                                  align_corners=False)[..., :h, :w]
             expected += weights[:, k].view(1, -1, 1, 1) * cam_k
         assert torch.allclose(net.cam_maps(x), F.relu(expected), atol=1e-5)
         assert torch.allclose(net(x)["logits"], expected.mean(dim=(2, 3)), atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(75, 101), (375, 500)])
+@pytest.mark.parametrize("stages", [[2, 3, 4], [0, 2, 3]])
+def test_multiscale_keeps_deep_cells_over_their_pixels(size, stages):
+    """A signal in one cell of a coarser stage lands at that cell's pixel centre on the finest
+    chosen stage's grid, also where a side is not a multiple of 16 (VOC's 500x375)."""
+    height, width = size
+    net = tiny_net("multiscale", multiscale_stages=stages)
+    for k, stage in enumerate(stages[1:], start=1):
+        stride = STAGE_STRIDES[stage]
+        cell = inner_cell(height, width, stride)
+        net.backbone.forward_stages = lambda x, last=4: impulse_stages(height, width, stage, cell)[:last + 1]
+        with torch.no_grad():
+            features = net.features(torch.zeros(1, 3, height, width))
+        assert features.shape == (1, len(stages), math.ceil(height / net.cam_stride),
+                                  math.ceil(width / net.cam_stride))
+        y, x = centre_px(features[0, k], net.cam_stride)
+        assert abs(y - stride * (cell[0] + 0.5)) < 1 and abs(x - stride * (cell[1] + 0.5)) < 1
 
 
 def test_multiscale_without_the_deep_stages_trains_every_parameter_it_leaves_unfrozen():
@@ -203,6 +231,20 @@ def test_minmax_masks_are_complementary_and_erasing_only_adds():
         net.erase_steps = 2
         erased = net.cam_maps(x)
         assert (erased >= plain - 1e-6).all()
+
+
+def test_minmax_mask_cells_stay_over_their_pixels():
+    """The stride-16 mask is upsampled onto the image cell by cell, also for sides that are not
+    multiples of 16."""
+    from stages.cam.minmax import split_image
+    height, width = 75, 101
+    mask = torch.zeros(1, 1, math.ceil(height / 16), math.ceil(width / 16))
+    cell = inner_cell(height, width, 16)
+    mask[0, 0, cell[0], cell[1]] = 1.0
+    kept, rest = split_image(torch.ones(1, 3, height, width), mask)
+    assert kept.shape == rest.shape == (1, 3, height, width)
+    y, x = centre_px(kept[0, 0], 1)
+    assert abs(y - 16 * (cell[0] + 0.5)) < 1 and abs(x - 16 * (cell[1] + 0.5)) < 1
 
 
 def test_minmax_maps_are_rescaled_per_image_and_weighted_by_class_probability():

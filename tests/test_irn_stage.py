@@ -5,13 +5,17 @@ import json
 import shutil
 from pathlib import Path
 
+import math
+
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from conftest import DEMO_CONFIG
 from data.layout import PreparedDataset, read_index_png
-from stages.common.backbones import ResNetFeatures
+from stages.common.backbones import STAGE_STRIDES, ResNetFeatures
+from tests.test_backbones import centre_px, impulse_stages, inner_cell
 from stages.irn.net import BoundaryNet
 from stages.irn.pseudo import walk_to_label
 
@@ -46,6 +50,33 @@ def test_boundary_net_fine_tuned_backbone_gets_gradients():
     assert net.backbone.layer4[0].conv1.weight.grad is not None
     trunk, head = net.param_groups(1.0)
     assert len(trunk[0]) == len(list(net.backbone.parameters()))
+
+
+@pytest.mark.parametrize("size", [(33, 47), (75, 101), (64, 96)])
+def test_boundary_net_is_stride_4_at_any_size(size):
+    net = BoundaryNet(ResNetFeatures("resnet18")).eval()
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, *size))
+    assert out.shape == (1, 1, math.ceil(size[0] / 4), math.ceil(size[1] / 4))
+
+
+@pytest.mark.parametrize("size", [(75, 101), (375, 500)])
+@pytest.mark.parametrize("stage", [2, 3, 4])
+def test_boundary_net_keeps_deep_cells_over_their_pixels(size, stage):
+    """A signal in one cell of layer2/3/4 lands at that cell's pixel centre on the stride-4 grid,
+    also where a side is not a multiple of 16 (VOC's 500x375), as the CAMs it is used with do."""
+    height, width = size
+    stride = STAGE_STRIDES[stage]
+    cell = inner_cell(height, width, stride)
+    net = BoundaryNet(ResNetFeatures("resnet18"), freeze_backbone=False)
+    net.backbone.forward_stages = lambda x: impulse_stages(height, width, stage, cell)
+    net.branches = nn.ModuleList(nn.Identity() for _ in net.branches)
+    net.fuse = nn.Identity()  # keep the five upsampled stages apart
+    with torch.no_grad():
+        out = net(torch.zeros(1, 3, height, width))
+    assert out.shape == (1, 5, math.ceil(height / 4), math.ceil(width / 4))
+    y, x = centre_px(out[0, stage], 4)
+    assert abs(y - stride * (cell[0] + 0.5)) < 1 and abs(x - stride * (cell[1] + 0.5)) < 1
 
 
 def test_boundary_is_mirror_averaged_probability():

@@ -351,6 +351,20 @@ def test_encoder_weights_from_a_local_file(tmp_path, suffix):
         build_segmenter("Unet", "resnet34", str(path), 2)
 
 
+def test_encoder_weights_of_another_depth_are_refused(tmp_path):
+    """resnet34's blocks shared with resnet18 have the same shapes: only its extra keys tell."""
+    from torchvision import models
+    deeper, right = tmp_path / "resnet34.pth", tmp_path / "resnet18.pth"
+    torch.save(models.resnet34(weights=None).state_dict(), deeper)
+    torch.save(models.resnet18(weights=None).state_dict(), right)  # with its fc.* classifier
+    with pytest.raises(SegModelError) as error:
+        build_segmenter("Unet", "resnet18", str(deeper), 2)
+    message = str(error.value)
+    assert str(deeper) in message and "resnet18" in message and "unexpected" in message
+    assert "layer1.2." in message and "\n" not in message
+    build_segmenter("Unet", "resnet18", str(right), 2)
+
+
 def test_encoder_weights_from_the_stage1_classifier(tmp_path):
     """`encoder_weights: cam`: every trunk tensor of the cam model lands in smp's encoder, and the
     encoder then computes what the classifier's trunk computes up to its (dilated) layer4."""

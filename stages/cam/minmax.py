@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.cam.nets import CamNet, classification_loss
-from stages.common.backbones import ResNetFeatures
+from stages.common.backbones import STAGE_STRIDES, ResNetFeatures, upsample_cells
 
 
 def binary_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -40,9 +40,11 @@ def rescale(maps: torch.Tensor) -> torch.Tensor:
     return ((flat - low) / (high - low).clamp_min(1e-6)).view_as(maps)
 
 
-def split_image(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x*M, x*(1-M)) with the mask resized to the image: the two parts add up to x."""
-    mask = F.interpolate(mask, size=x.shape[-2:], mode="bilinear", align_corners=False)
+def split_image(x: torch.Tensor, mask: torch.Tensor,
+                stride: int = STAGE_STRIDES[-1]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x*M, x*(1-M)) with the stride-`stride` mask upsampled onto the image, each cell over its
+    own pixels (upsample_cells): the two parts add up to x."""
+    mask = upsample_cells(mask, stride, x.shape[-2:])
     return x * mask, x * (1 - mask)
 
 

@@ -14,20 +14,19 @@ from torch import nn
 
 from data.errors import WssError
 from stages.cam.nets import CamNet
-from stages.common.backbones import STAGE_NAMES, ResNetFeatures
-
-STAGE_STRIDES = [4, 4, 8, 16, 16]  # stem, layer1, layer2, layer3, layer4 (layer4 is dilated)
+from stages.common.backbones import STAGE_NAMES, STAGE_STRIDES, ResNetFeatures, upsample_cells
 
 
 class MultiscaleNet(CamNet):
     """ResNet stages `stages` (indices into [stem, layer1, layer2, layer3, layer4]) -> one 1x1
     classifier each -> GAP scores mixed by per-class softmax weights.
 
-    `features(x)` concatenates the chosen stages' features upsampled (bilinear) to the finest
-    stage, so the forward pass, Grad-CAM++ and `cam_maps` all use one tensor; a 1x1 conv
-    commutes with bilinear upsampling, so its CAM is exactly the weighted sum of the upsampled
-    per-stage CAMs. Multi-scale + flip inference is used as it is (maps at stride
-    `cam_stride` are resized to stride 4 by the inference code).
+    `features(x)` concatenates the chosen stages' features upsampled (bilinear, by their stride
+    ratio, then cropped: see upsample_cells) to the finest stage, so the forward pass,
+    Grad-CAM++ and `cam_maps` all use one tensor; a 1x1 conv commutes with bilinear upsampling
+    and cropping, so its CAM is exactly the weighted sum of the upsampled per-stage CAMs.
+    Multi-scale + flip inference is used as it is (maps at stride `cam_stride` are resized to
+    stride 4 by the inference code).
     """
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = None,
@@ -60,8 +59,8 @@ class MultiscaleNet(CamNet):
         all_stages = self.backbone.forward_stages(x, last=self.stages[-1])
         chosen = [all_stages[s] for s in self.stages]
         size = chosen[0].shape[-2:]  # sorted: the first is (one of) the finest
-        chosen = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-                  for f in chosen]
+        chosen = [upsample_cells(f, STAGE_STRIDES[s] // self.cam_stride, size)
+                  for f, s in zip(chosen, self.stages)]
         return torch.cat(chosen, dim=1)
 
     def stage_cams(self, features: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.cam.nets import CamNet
-from stages.common.backbones import ResNetFeatures
+from stages.common.backbones import STAGE_STRIDES, ResNetFeatures, upsample_cells
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:
@@ -20,18 +20,19 @@ def conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-def resize_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    if x.shape[-2:] == ref.shape[-2:]:
-        return x
-    return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
+def upsample_like(x: torch.Tensor, ref: torch.Tensor, factor: int) -> torch.Tensor:
+    """`x` upsampled by its stride ratio `factor` to `ref` and cropped (upsample_cells): a
+    coarse cell stays over the fine cells it was pooled or strided from."""
+    return upsample_cells(x, factor, ref.shape[-2:])
 
 
 class PyramidAttention(nn.Module):
     """A one-channel attention pyramid multiplying a 1x1-projected feature.
 
     Three levels, each halving the resolution with a max-pool and then a 7x7, 5x5 and 3x3
-    conv-BN-ReLU; coarse levels are upsampled and added to finer ones, the sum is upsampled to
-    the input size and multiplies the projection. ceil_mode keeps tiny maps at least 1x1.
+    conv-BN-ReLU; coarse levels are upsampled x2 and added to finer ones, the sum is upsampled
+    x2 to the input size and multiplies the projection. ceil_mode keeps tiny maps at least 1x1
+    (cell m pools the cells 2m, 2m + 1, so x2 and a crop put it back over them).
     (PAN's global-pooling branch is left out, as in PYLON.)
     """
 
@@ -51,20 +52,22 @@ class PyramidAttention(nn.Module):
         a5 = self.down5(self.pool(a7))
         a3 = self.down3(self.pool(a5))
         att = self.out3(a3)
-        att = self.out5(a5) + resize_like(att, a5)
-        att = self.out7(a7) + resize_like(att, a7)
-        return self.project(x) * resize_like(att, x)
+        att = self.out5(a5) + upsample_like(att, a5, 2)
+        att = self.out7(a7) + upsample_like(att, a7, 2)
+        return self.project(x) * upsample_like(att, x, 2)
 
 
 class Upsample(nn.Module):
-    """Bilinearly upsample the top-down path to the skip's size and add a 1x1-conv-BN-ReLU skip."""
+    """Bilinearly upsample the top-down path by `factor` (its stride / the skip's stride) onto
+    the skip's grid and add a 1x1-conv-BN-ReLU skip."""
 
-    def __init__(self, skip_channels: int, channels: int):
+    def __init__(self, skip_channels: int, channels: int, factor: int):
         super().__init__()
         self.skip = conv_bn_relu(skip_channels, channels, 1)
+        self.factor = factor
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return resize_like(x, skip) + self.skip(skip)
+        return upsample_like(x, skip, self.factor) + self.skip(skip)
 
 
 class PylonNet(CamNet):
@@ -83,7 +86,9 @@ class PylonNet(CamNet):
         self.loss_kind = loss
         enc = self.backbone.channels
         self.attention = PyramidAttention(enc[4], channels)
-        self.up = nn.ModuleList([Upsample(enc[i], channels) for i in (3, 2, 1)])
+        # strides 16 (layer4) -> 16 (layer3) -> 8 (layer2) -> 4 (layer1)
+        self.up = nn.ModuleList([Upsample(enc[i], channels, STAGE_STRIDES[i + 1] // STAGE_STRIDES[i])
+                                 for i in (3, 2, 1)])
         self.head = nn.Conv2d(channels, num_classes, 1)
 
     def head_modules(self) -> list[nn.Module]:

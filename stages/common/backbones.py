@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
@@ -63,6 +64,24 @@ def read_weights_file(path: Path, expected: str, error: type[WssError] = Weights
 
 
 STAGE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
+STAGE_STRIDES = (4, 4, 8, 16, 16)  # layer4 is dilated, not strided
+
+
+def upsample_cells(x: torch.Tensor, factor: int, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly upsample a map by the integer stride ratio `factor`, then crop it to `size`.
+
+    A stride-s map of an h-pixel side has ceil(h / s) cells, cell n covering pixels
+    [s n, s n + s) (the convention of stages/cam/infer.py), so it spans s * ceil(h / s) >= h
+    pixels. Resizing it to a finer map's size would squeeze it wherever h is not a multiple of
+    s and shift features towards the top-left by up to s pixels; upsampling by the ratio keeps
+    every cell over its own pixels, and the surplus beyond the finer map is cut off (as IRNet
+    does). Where h is a multiple of s the result equals resizing to the size.
+    """
+    if factor != 1:
+        x = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+    if x.shape[-2] < size[0] or x.shape[-1] < size[1]:
+        raise ValueError(f"a map of {tuple(x.shape[-2:])} upsampled x{factor} does not cover {tuple(size)}")
+    return x[..., :size[0], :size[1]]
 
 
 class ResNetFeatures(nn.Module):
@@ -83,6 +102,13 @@ class ResNetFeatures(nn.Module):
             trunk_missing = [k for k in missing if not k.startswith("fc.")]
             if trunk_missing:
                 raise WeightsError(f"weights {weights} do not fit {name}: missing {trunk_missing[:3]}...")
+            # keys the trunk lacks mean another architecture, e.g. a resnet34 file (its extra
+            # blocks) given for a resnet18, whose shared blocks have the same shapes
+            extra = [k for k in unexpected if not k.startswith("fc.")]
+            if extra:
+                raise WeightsError(f"weights {weights} do not fit {name}: {len(extra)} unexpected keys "
+                                   f"{', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''} "
+                                   f"(the weights of another network?)")
         for module in net.layer4.modules():
             if isinstance(module, nn.Conv2d):
                 if module.kernel_size == (3, 3):

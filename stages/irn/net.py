@@ -1,8 +1,9 @@
 """The Inter-pixel Relation Network's boundary branch (IRNet, Ahn et al. 2019).
 
-Features of the five backbone stages each pass a 1x1 conv + GroupNorm + ReLU, are brought to
-stride 4 and fused by a 1x1 conv into one boundary map (sigmoid). Affinities between pixels
-are derived from it (stages/irn/affinity.py), so the boundary map is all the network learns.
+Features of the five backbone stages each pass a 1x1 conv + GroupNorm + ReLU, are upsampled to
+stride 4 by their stride ratio (and cropped: see upsample_cells) and fused by a 1x1 conv into
+one boundary map (sigmoid). Affinities between pixels are derived from it
+(stages/irn/affinity.py), so the boundary map is all the network learns.
 The displacement branch (instance segmentation) is not part of wss.
 """
 from __future__ import annotations
@@ -10,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from stages.common.backbones import ResNetFeatures
+from stages.common.backbones import STAGE_STRIDES, ResNetFeatures, upsample_cells
 
 BRANCH_CHANNELS = 32
 
@@ -59,11 +59,9 @@ class BoundaryNet(nn.Module):
             stages = self.backbone.forward_stages(x)
         size = stages[0].shape[-2:]  # stride 4
         fused = []
-        for branch, feature in zip(self.branches, stages):
+        for branch, feature, stride in zip(self.branches, stages, STAGE_STRIDES):
             out = branch(feature.detach() if self.freeze_backbone else feature)
-            if out.shape[-2:] != size:
-                out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
-            fused.append(out)
+            fused.append(upsample_cells(out, stride // STAGE_STRIDES[0], size))
         return self.fuse(torch.cat(fused, dim=1))
 
     @torch.no_grad()

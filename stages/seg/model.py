@@ -125,10 +125,18 @@ def load_encoder_weights(model: torch.nn.Module, path: Path, encoder: str) -> No
     """A local encoder state dict (.safetensors, or .pth/.pt; classifier `fc.*` keys are dropped)."""
     state = read_weights_file(path, f"seg.encoder_weights: a state dict of encoder {encoder}", SegModelError)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing = sorted(set(model.encoder.state_dict()) - set(state))
+    wanted = set(model.encoder.state_dict())
+    missing = sorted(wanted - set(state))
     if missing:
         raise SegModelError(f"seg.encoder_weights: {path} does not fit encoder {encoder}: "
                             f"missing {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+    # keys the encoder lacks mean another architecture, e.g. a resnet34 file (its extra blocks)
+    # given for a resnet18, whose shared blocks have the same shapes and would load silently
+    unexpected = sorted(set(state) - wanted)
+    if unexpected:
+        raise SegModelError(f"seg.encoder_weights: {path} does not fit encoder {encoder}: "
+                            f"{len(unexpected)} unexpected keys {', '.join(unexpected[:3])}"
+                            f"{', ...' if len(unexpected) > 3 else ''} (the weights of another network?)")
     try:
         model.encoder.load_state_dict(state, strict=False)
     except RuntimeError as error:  # same names, other shapes
