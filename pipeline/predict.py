@@ -23,7 +23,7 @@ from data.errors import DataError, WssError
 @click.option("--probabilities", is_flag=True, help="Also save the probabilities as float16 .npy files.")
 @click.option("--artifact", type=click.Path(path_type=Path), default=None,
               help="A seg artifact folder (or its model.pt) to use instead of the config's.")
-@click.option("--threshold", type=float, default=None, help="Binary models: foreground probability cut "
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Binary models: foreground probability cut "
               "(default: the model's seg.threshold).")
 def predict_command(config_path: tuple[Path, ...], overrides: tuple[str, ...], inputs: tuple[Path, ...], out: Path,
                     probabilities: bool, artifact: Path | None, threshold: float | None):

@@ -14,6 +14,18 @@ from stages.common.metrics import format_table, markdown_table
 STAGE_COLUMNS = ["stage", "state", "seconds", "metric", "value", "failures", "artifact"]
 
 
+def strict_json(value):
+    """`value` with NaN/inf as null: Python writes them as bare NaN, which JSON.parse, jq -e and
+    other strict readers of report.json / evaluation.json reject."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def outcome_rows(outcomes) -> list[dict]:
     rows = []
     for o in outcomes:
@@ -101,7 +113,7 @@ def evaluate_artifacts(cfg, which: str) -> list[dict]:
     out = pipeline.store.root
     out.mkdir(parents=True, exist_ok=True)
     write_table(out / "evaluation.csv", rows, columns)
-    (out / "evaluation.json").write_text(json.dumps(rows, indent=1))
+    (out / "evaluation.json").write_text(json.dumps(strict_json(rows), indent=1, allow_nan=False))
     click.echo(f"\nwrote {out / 'evaluation.csv'} and evaluation.json")
     return rows
 
@@ -126,9 +138,9 @@ def write_run_report(root: Path, config_source: str, outcomes, splits: dict[str,
         lines += ["", "## Failures", "", *failures]
     root.mkdir(parents=True, exist_ok=True)
     (root / "report.md").write_text("\n".join(lines) + "\n")
-    (root / "report.json").write_text(json.dumps({"config": config_source, "stages": stage_rows,
-                                                  "metrics": metric_table,
-                                                  "grids": {k: str(v) for k, v in grids.items()}}, indent=1))
+    report = {"config": config_source, "stages": stage_rows, "metrics": metric_table,
+              "grids": {k: str(v) for k, v in grids.items()}}
+    (root / "report.json").write_text(json.dumps(strict_json(report), indent=1, allow_nan=False))
     return root / "report.md"
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from data.errors import DataError
-from data.layout import PreparedDataset, read_index_png
+from data.layout import PreparedDataset, create_folder, read_index_png
 from data.transforms import resize_to, scaled_size
 
 log = logging.getLogger("wss.visualize")
@@ -147,9 +147,14 @@ def draw_grid(dataset: PreparedDataset, artifacts: dict[str, Path], until: str,
             if col == 0:
                 axis.set_ylabel(f"{image_id}\n{', '.join(names) or 'no finding'}", fontsize=7)
     figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    create_folder(out.parent)
     tmp = out.with_name(f".{out.name}.tmp.png")
-    figure.savefig(tmp, dpi=80)
-    plt.close(figure)
-    tmp.replace(out)
+    try:
+        figure.savefig(tmp, dpi=80)
+        tmp.replace(out)
+    except OSError as error:  # e.g. --out names a folder
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write {out}: {error.strerror or error}") from None
+    finally:
+        plt.close(figure)
     return out

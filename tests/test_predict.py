@@ -178,6 +178,20 @@ def test_collect_inputs(tmp_path):
     assert len(failures) == 1 and "nope" in failures[0]
 
 
+def test_collect_inputs_skips_the_output_folder_and_finds_dicoms_without_suffix(tmp_path):
+    """A second run into scans/pred must not predict last run's masks; a DICOM named by its UID
+    is found in a folder; a file named and also inside a named folder is predicted once."""
+    scans = tmp_path / "scans"
+    (scans / "pred" / "masks").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(scans / "x.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(scans / "pred" / "masks" / "x.png")
+    write_dicom(scans / "1.2.840.10008.44", np.full((8, 8), 7, np.uint8))
+    (scans / "notes.44").write_text("not a DICOM")
+    files, failures = collect_inputs([scans / "x.png", scans], out_dir=scans / "pred")
+    assert [p.relative_to(scans).as_posix() for p in files] == ["x.png", "1.2.840.10008.44"]
+    assert not failures
+
+
 def write_config(path: Path, root: Path) -> Path:
     path.write_text(f"data:\n  root: {root}\nrun:\n  device: cpu\n  workers: 0\n")
     return path
@@ -209,6 +223,17 @@ def test_predict_command_exit_codes(binary_model, multiclass_model, tmp_path):
                                              "--artifact", str(mc_artifact)])
     assert result.exit_code == 2 and "error:" in result.output and "trained for classes" in result.output
     assert "Traceback" not in result.output
+
+    result = runner.invoke(predict_command, ["-c", str(config), str(good), "--out", str(tmp_path / "t"),
+                                             "--artifact", str(artifact), "--threshold", "7"])
+    assert result.exit_code == 2 and "--threshold" in result.output  # as seg.threshold: in [0, 1]
+    result = runner.invoke(predict_command, ["-c", str(config), str(good), "--out", str(good / "sub"),
+                                             "--artifact", str(artifact)])
+    assert result.exit_code == 2 and "cannot create the output folder" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(predict_command, ["-c", str(config), str(good), "--out", str(tmp_path / "y"),
+                                             "--artifact", str(bad)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_read_input_stretches_deep_grayscale_and_drops_alpha(tmp_path):

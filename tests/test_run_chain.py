@@ -96,6 +96,20 @@ def test_evaluate_and_visualize_the_finished_chain(cli, chain_args):
     assert shown.exit_code == 0, shown.output
     from PIL import Image
     assert Image.open(out).size[0] > Image.open(out).size[1]  # 7 columns, 3 rows
+    blocked = cli("visualize", *args, "--stage", "cam", "--out", out / "under-a-file.png")
+    assert blocked.exit_code == 2 and "cannot create the output folder" in blocked.output
+    assert "Traceback" not in blocked.output
+
+
+def test_report_json_is_strict_json_when_a_metric_is_missing(tmp_path):
+    """A stage without a metric (a dataset without masks) has NaN in the table: null in the JSON."""
+    from pipeline.report import write_run_report
+    from pipeline.runner import Outcome
+    outcomes = [Outcome("cam", "ran", tmp_path / "cam-x", 1.0, {"cam_miou": float("nan")}, "cam_miou")]
+    write_run_report(tmp_path, "demo.yaml", outcomes, {"train": "train", "val": "val"}, {})
+    text = (tmp_path / "report.json").read_text()
+    assert "NaN" not in text
+    assert json.loads(text)["stages"][0]["value"] is None
 
 
 def test_overlay_grid_passes_over_an_image_that_does_not_decode(synthetic_dataset, tmp_path, caplog):

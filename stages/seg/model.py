@@ -208,7 +208,8 @@ def load_segmenter(path: Path, device: torch.device, classes: list[str] | None =
         meta = {k: v for k, v in state.items() if k != "model"}
         channels, weights = int(meta["channels"]), state["model"]
     except Exception as error:
-        raise SegModelError(f"{file}: not a segmenter model file ({type(error).__name__}: {error})") from None
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise SegModelError(f"{file}: not a segmenter model file ({type(error).__name__}: {first_line})") from None
     if classes is not None and list(classes) != list(meta["classes"]):
         raise SegModelError(f"{file}: the model was trained for classes {meta['classes']} but the config's "
                             f"dataset has {list(classes)}; use the seg artifact of this config")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from data.datasets import first_item
 from data.dicom import is_dicom, read_dicom
 from data.errors import DataError, WssError
-from data.layout import atomic_save, write_index_png
+from data.layout import atomic_save, create_folder, write_index_png
 from data.nih import to_grayscale
 from data.rle import siim_rle_encode
 from stages.common.runtime import resolve_device
@@ -45,13 +45,18 @@ class PredictReport:
     placeholders: list[str] = field(default_factory=list)  # ids given a -1 row because they could not be read
 
 
-def collect_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
-    """Files to predict (folders searched recursively for image/DICOM suffixes) and input errors."""
+def collect_inputs(inputs: list[str | Path], out_dir: Path | None = None) -> tuple[list[Path], list[str]]:
+    """Files to predict and input errors. Folders are searched recursively for image/DICOM
+    suffixes and for DICOMs without one (named by their UID), leaving out `out_dir`: a second
+    run into a folder inside the input folder must not predict its own masks. A file reached
+    twice (named, and inside a named folder) is predicted once."""
     files, failures = [], []
+    skip = Path(out_dir).resolve() if out_dir is not None else None
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                           and not p.name.startswith("."))
+            found = sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith(".")
+                           and (skip is None or not p.resolve().is_relative_to(skip))
+                           and (p.suffix.lower() in IMAGE_SUFFIXES or is_dicom(p)))
             if not found:
                 failures.append(f"{item}: folder holds no image or DICOM files "
                                 f"({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -60,7 +65,8 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
             files.append(item)
         else:
             failures.append(f"{item}: no such file or folder")
-    return files, failures
+    unique = {path.resolve(): path for path in reversed(files)}  # the first mention of each file
+    return [path for path in files if unique[path.resolve()] is path], failures
 
 
 def image_id(path: Path) -> str:
@@ -133,7 +139,8 @@ def predict_inputs(artifact_dir: Path, inputs: list[str | Path], out_dir: Path, 
     model, meta = load_segmenter(Path(artifact_dir), torch_device, classes, task)
     threshold = meta["threshold"] if threshold is None else threshold
     long_side = meta["long_side"] if long_side is None else long_side
-    files, failures = collect_inputs(inputs)
+    out_dir = Path(out_dir)
+    files, failures = collect_inputs(inputs, out_dir)
     unique: dict[str, Path] = {}
     for path in files:
         if image_id(path) in unique:
@@ -141,9 +148,8 @@ def predict_inputs(artifact_dir: Path, inputs: list[str | Path], out_dir: Path, 
         else:
             unique[image_id(path)] = path
     report = PredictReport(failures=failures)
-    out_dir = Path(out_dir)
     for sub in ["masks", "overlays"] + (["probabilities"] if probabilities else []):
-        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+        create_folder(out_dir / sub)
     rows = []
     loader = DataLoader(InputFiles(list(unique.values())), batch_size=1, collate_fn=first_item, num_workers=workers)
     for item in tqdm(loader, desc="predict", unit="file", leave=False):
