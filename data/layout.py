@@ -293,6 +293,9 @@ class DatasetWriter:
         create_folder(self.root)
         for sub in ["images", "masks", "splits"]:
             create_folder(self.root / sub)
+        # a folder being (re)prepared is not a dataset until write_info: a run killed between
+        # writing the new train split and the new val split must not leave a usable mix of both
+        (self.root / "dataset.json").unlink(missing_ok=True)
 
     def image_path(self, image_id: str) -> Path:
         return self.root / "images" / f"{image_id}{self.info.image_ext}"
@@ -323,7 +326,7 @@ class DatasetWriter:
         if not ids:
             path.unlink(missing_ok=True)
             return
-        path.write_text("".join(f"{i}\n" for i in ids))
+        write_text_atomic(path, "".join(f"{i}\n" for i in ids))
 
     def write_info(self) -> None:
         """Written last: a directory without dataset.json is not a prepared dataset."""

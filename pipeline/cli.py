@@ -145,7 +145,7 @@ def prepare_synthetic(out: Path, n: int, size: int, seed: int, variant: str, mar
 
     from tqdm.auto import tqdm
 
-    from data.layout import create_folder
+    from data.layout import create_folder, write_text_atomic
     from data.synthetic import SyntheticSpec, write_synthetic
     setup_logging()
     spec = SyntheticSpec(n=n, size=size, seed=seed, variant=variant, mark_scale=mark_scale)
@@ -155,9 +155,10 @@ def prepare_synthetic(out: Path, n: int, size: int, seed: int, variant: str, mar
         click.echo(f"synthetic dataset already prepared in {out} (same spec), skipping")
         return
     create_folder(out)
-    (out / "dataset.json").unlink(missing_ok=True)  # until rewritten, it is not a dataset
+    (out / "dataset.json").unlink(missing_ok=True)  # until rewritten, it is not a dataset,
+    stamp.unlink(missing_ok=True)  # and its spec is unknown: a killed run leaves neither behind
     write_synthetic(out, spec, progress=lambda ids: tqdm(ids, desc="synthetic", unit="img"))
-    stamp.write_text(wanted)
+    write_text_atomic(stamp, wanted)
     click.echo(f"wrote {n} images to {out}")
 
 

@@ -73,3 +73,17 @@ def test_fingerprint_reads_the_boxes_the_cam_stage_scores_against(tmp_path):
     with_boxes = PreparedDataset(tmp_path).fingerprint()
     (tmp_path / "boxes.csv").write_text("image_id,finding,x,y,w,h\ni0,thing,2,1,4,4\n")
     assert len({before, with_boxes, PreparedDataset(tmp_path).fingerprint()}) == 3
+
+
+def test_a_folder_being_prepared_again_is_not_a_dataset_until_it_is_finished(tiny_synthetic, tmp_path):
+    """Re-preparing into an existing --out: until write_info, no mix of new and old splits is usable."""
+    import shutil
+    root = shutil.copytree(tiny_synthetic, tmp_path / "data")
+    info = PreparedDataset(root).info
+    writer = DatasetWriter(root, info)
+    assert not (root / "dataset.json").exists()
+    writer.write_split("train", ["a", "b"])
+    assert (root / "splits" / "train.txt").read_text() == "a\nb\n"
+    assert not any(p.name.startswith(".") for p in (root / "splits").iterdir())  # no temp file left
+    writer.write_info()
+    assert (root / "dataset.json").is_file()

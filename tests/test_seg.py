@@ -439,3 +439,12 @@ def test_preflight_refuses_a_crop_the_architecture_cannot_take(synthetic_dataset
         SegStage().preflight(cfg, dataset)
     # smp 0.6's Unet states (requires_divisible_input_shape = False) that it takes any size
     SegStage().preflight(load_config(None, [*FAST_SEG, "seg.crop_size=40"]), dataset)
+
+
+def test_image_scores_cut_short_by_a_kill_are_read_as_none(tmp_path):
+    """`--resume` of a binary seg stage killed while writing image_scores.json continues."""
+    from stages.seg.stage import IMAGE_SCORES, read_image_scores
+    (tmp_path / IMAGE_SCORES).write_text('{"a": 0.5, "b')
+    assert read_image_scores(tmp_path) == {}
+    (tmp_path / IMAGE_SCORES).write_text('{"a": 0.5}')
+    assert read_image_scores(tmp_path) == {"a": 0.5}

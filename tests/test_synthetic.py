@@ -126,3 +126,22 @@ def test_prepare_synthetic_into_a_path_below_a_file_is_one_line(cli, tmp_path):
     result = cli("prepare", "synthetic", "--out", tmp_path / "file" / "out", "--n", "4")
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert f"cannot create the output folder {tmp_path / 'file' / 'out'}" in result.output
+
+
+def test_a_killed_prepare_of_another_spec_is_not_taken_for_the_first(cli, tmp_path, monkeypatch):
+    """seed 0 prepared, then seed 1 killed half way: seed 0 again must regenerate, not skip."""
+    import data.synthetic
+    out = tmp_path / "out"
+    args = ["prepare", "synthetic", "--out", out, "--n", "6", "--size", "32"]
+    assert cli(*args, "--seed", "0").exit_code == 0
+    real = data.synthetic.write_synthetic
+
+    def killed_half_way(root, spec, progress=None):
+        real(root, spec, progress)
+        raise KeyboardInterrupt  # after the images, before the spec stamp
+
+    monkeypatch.setattr(data.synthetic, "write_synthetic", killed_half_way)
+    assert cli(*args, "--seed", "1").exit_code != 0
+    monkeypatch.setattr(data.synthetic, "write_synthetic", real)
+    again = cli(*args, "--seed", "0")
+    assert again.exit_code == 0 and "skipping" not in again.output

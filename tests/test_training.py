@@ -57,6 +57,16 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_run(tmp_path, monkey
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
+def test_resume_without_a_checkpoint_logs_each_epoch_once(tmp_path):
+    """A stage killed after the runner dropped its finished checkpoint, before the commit:
+    `--resume` trains again from the start, and the epoch log is not doubled."""
+    train(tmp_path / "out")
+    (tmp_path / "out" / training.CHECKPOINT).unlink()
+    train(tmp_path / "out", resume=True)
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
 class CountingEpochs(ClassificationDataset):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

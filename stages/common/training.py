@@ -260,6 +260,8 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
         log.info("%s: resumed after epoch %d of %d", desc, start_epoch, settings.epochs)
         if distributed.is_main():
             rewrite_epoch_log(out / "metrics.jsonl", desc, history)
+    elif resume and distributed.is_main():  # no checkpoint (none yet, or the stage finished and was
+        rewrite_epoch_log(out / "metrics.jsonl", desc, [])  # killed before its commit): a fresh log
     net = model
     if distributed.active():  # DDP starts every rank from rank 0's weights, resumed or not
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from data.datasets import SafeImageDataset, first_item
 from data.errors import WssError
-from data.layout import PreparedDataset, read_index_png, write_index_png
+from data.layout import PreparedDataset, read_index_png, write_index_png, write_text_atomic
 from data.transforms import normalize_batch
 from stages.base import StageInputError, StageResult, section_dict, source_hash, weights_file_stamp
 from stages.common import distributed
@@ -165,11 +165,19 @@ class SegStage:
         metrics = {}
         if distributed.is_main():
             if dataset.task == "binary":
-                scores_path = out / IMAGE_SCORES
-                saved = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
-                scores_path.write_text(json.dumps({**saved, **image_scores}))
+                write_text_atomic(out / IMAGE_SCORES, json.dumps({**read_image_scores(out), **image_scores}))
             metrics = score_predictions(dataset, ids, out, f"seg_{split}_")
         return distributed.broadcast(metrics), failures
+
+
+def read_image_scores(out: Path) -> dict:
+    """Image scores a resumed run wrote before (predictions are redone anyway, so an unreadable
+    file costs nothing but its entries)."""
+    try:
+        saved = json.loads((out / IMAGE_SCORES).read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
 
 
 def check_crop_size(section, multiple: int) -> None:
@@ -184,8 +192,7 @@ def check_crop_size(section, multiple: int) -> None:
 
 def score_predictions(dataset: PreparedDataset, ids: list[str], artifact: Path, prefix: str) -> dict:
     """Scores of the predictions/<id>.png of `ids` that exist, against the masks that exist."""
-    scores_path = artifact / IMAGE_SCORES
-    image_scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
+    image_scores = read_image_scores(artifact)
     scorer = SplitScorer(dataset)
     for image_id in ids:
         path = artifact / PREDICTIONS / f"{image_id}.png"
