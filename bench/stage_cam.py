@@ -43,7 +43,7 @@ from stages.cam.stage import CamStage  # noqa: E402
 from stages.cam.methods import build_cam_net  # noqa: E402
 from stages.common.metrics import format_table  # noqa: E402
 from stages.common.runtime import resolve_device, seed_everything, worker_count  # noqa: E402
-from stages.common.training import TrainSettings, fit, make_optimizer  # noqa: E402
+from stages.common.training import PREFETCH_FACTOR, TrainSettings, fit, make_optimizer  # noqa: E402
 
 
 def bare_step_rate(model, cfg: CamConfig, device, batch: int, size: int, steps: int, warmup: int) -> float:
@@ -77,6 +77,13 @@ def loop_rate(model, cfg: CamConfig, data: PreparedDataset, device, batch: int, 
     return history[0]["images_per_s"], history[-1]["images_per_s"]
 
 
+def loop_steps(steps: int, workers: int) -> int:
+    """Batches per loop epoch: while epoch 1 ends (its checkpoint written), the workers already
+    load up to workers x PREFETCH_FACTOR batches of epoch 2; timed over 8x that many, those
+    ready-made batches cannot hide a loader that is too slow."""
+    return max(steps, 8 * workers * PREFETCH_FACTOR)
+
+
 def cam_rate(model, cfg: CamConfig, data: PreparedDataset, device, count: int, workers: int, out: Path) -> float:
     """images/s of the stage's own CAM inference (CamStage.write_cams: loader workers read and
     resize, the device normalises, flips and runs every scale, the files are written), worker
@@ -99,7 +106,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="crop / image side (CPU 128, CUDA 512)")
     parser.add_argument("--batch", type=int, default=None, help="CPU 16, CUDA 32")
     parser.add_argument("--backbone", default=None, help="CPU resnet18, CUDA resnet50")
-    parser.add_argument("--steps", type=int, default=None, help="timed bare steps and batches per loop epoch (CPU 8, CUDA 60)")
+    parser.add_argument("--steps", type=int, default=None, help="timed bare steps (CPU 8, CUDA 60); loop epochs take at least 8 x workers x prefetch batches")
     parser.add_argument("--workers", type=int, default=-1, help="loader workers (-1: one per core, max 8)")
     parser.add_argument("--method", default="gap")
     parser.add_argument("--cam-images", type=int, default=None, help="CPU 16, CUDA 200")
@@ -126,7 +133,7 @@ def main() -> None:
         print(f"wrote 40 synthetic {size}px images in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         model = build_cam_net(cfg, len(data.classes))
         bare = bare_step_rate(model, cfg, device, batch, size, steps, warmup=3 if cuda else 1)
-        first, loop = loop_rate(model, cfg, data, device, batch, size, steps, workers, Path(tmp))
+        first, loop = loop_rate(model, cfg, data, device, batch, size, loop_steps(steps, workers), workers, Path(tmp))
         cams = cam_rate(model, cfg, data, device, cam_images, workers, Path(tmp))
 
     rows = [
@@ -139,7 +146,8 @@ def main() -> None:
     ]
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {len(os.sched_getaffinity(0))} cores, " \
         f"{torch.get_num_threads()} torch threads"
-    print(f"{args.method}/{backbone} OS16, {size}x{size}, batch {batch}, {steps} steps per epoch, "
+    print(f"{args.method}/{backbone} OS16, {size}x{size}, batch {batch}, {steps} bare steps, "
+          f"{loop_steps(steps, workers)} loop steps per epoch, "
           f"{'bf16 + channels_last' if cuda else 'fp32'} on {name}; load average {os.getloadavg()[0]:.1f}")
     print(format_table(rows, ["measure", "images/s", "vs bare"]))
 

@@ -36,7 +36,7 @@ from data.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
 from data.transforms import normalize_batch  # noqa: E402
 from stages.common.metrics import format_table  # noqa: E402
 from stages.common.runtime import resolve_device, seed_everything, worker_count  # noqa: E402
-from stages.common.training import TrainSettings, fit, make_optimizer  # noqa: E402
+from stages.common.training import PREFETCH_FACTOR, TrainSettings, fit, make_optimizer  # noqa: E402
 from stages.seg.data import PseudoLabelDataset  # noqa: E402
 from stages.seg.losses import SegLoss  # noqa: E402
 from stages.seg.model import build_segmenter, output_channels, predict_probabilities  # noqa: E402
@@ -129,11 +129,14 @@ def main() -> None:
         bare = bare_rate(build_segmenter(args.arch, args.encoder, None, channels), loss, device, batch, size, steps)
         model = build_segmenter(args.arch, args.encoder, None, channels)
         (Path(tmp) / "fit").mkdir()
-        first, loop = loop_rate(model, loss, dataset, items, device, batch, size, steps, workers, Path(tmp) / "fit")
+        # while epoch 1 ends the workers already load up to workers x PREFETCH_FACTOR batches of
+        # epoch 2: timed over 8x that many, those ready-made batches cannot hide a slow loader
+        fit_steps = max(steps, 8 * workers * PREFETCH_FACTOR)
+        first, loop = loop_rate(model, loss, dataset, items, device, batch, size, fit_steps, workers, Path(tmp) / "fit")
         infer = inference_rate(model, dataset, items, device, size, min(len(items), 32))
 
     name = f"{args.arch}-{args.encoder}"
-    print(f"\n{name}, {size}x{size}, batch {batch}, {steps} steps, device {device}"
+    print(f"\n{name}, {size}x{size}, batch {batch}, {steps} bare steps, {fit_steps} loop steps per epoch, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ', bf16)' if cuda else ''}, {workers} loader workers")
     rows = [
         {"measure": "bare smp step (forward+loss+backward+AdamW)", "images/s": bare, "of bare": 1.0},

@@ -64,6 +64,7 @@ def parse_methods(text: str) -> list[str]:
 def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict:
     """Scores `wss compare` adds to the stage's own metrics; cached per artifact."""
     from stages.cam.scoring import count_parameters, point_localization, tuned_miou, write_cams
+    from stages.cam.stage import BOXED_CAMS
     from stages.common.runtime import resolve_device, worker_count
     cfg, dataset = pipeline.cfg, pipeline.dataset
     name = artifact.name + (f"-limit{limit}" if limit is not None else "")
@@ -85,8 +86,11 @@ def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict
         scores.update(tuned_threshold=threshold, cam_miou_tuned=miou)
     boxes = boxes_of(dataset, limit)
     if boxes:
-        write_cams(artifact, dataset, list(boxes), work / "boxed_cams", device, workers=workers)
-        localization = point_localization(dataset, boxes, work / "boxed_cams")
+        boxed_cams = artifact / BOXED_CAMS  # written by the stage (artifacts of older versions lack it)
+        if not all((boxed_cams / f"{i}.npz").is_file() for i in boxes):
+            boxed_cams = work / "boxed_cams"
+            write_cams(artifact, dataset, list(boxes), boxed_cams, device, workers=workers)
+        localization = point_localization(dataset, boxes, boxed_cams)
         scores["point_acc"] = localization.get("point/mean", float("nan"))
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cache, json.dumps({"artifact_manifest": made_by, "scores": scores}, indent=1))

@@ -1,6 +1,7 @@
 """`wss evaluate --stage cam` on NIH: point localization of CAMs against the prepared boxes."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,50 @@ def test_cam_peaked_outside_the_boxes_localizes_nothing(nih, tmp_path):
 def test_datasets_without_boxes_get_no_localization_metrics(tiny_synthetic, tmp_path):
     dataset = PreparedDataset(tiny_synthetic)
     assert localization_metrics(dataset, dataset.split("train"), tmp_path) == {}
+
+
+def fake_nih(folder: Path) -> PreparedDataset:
+    """24 patients of 64 px X-rays, half with an 'Atelectasis' blob, 4 of those boxed: NIH
+    preparation puts the boxed patients in the test split."""
+    import csv
+
+    from PIL import Image
+    images = folder / "images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    entries, boxes = [], []
+    for patient in range(1, 25):
+        image_id = f"{patient:08d}_000.png"
+        pixels = rng.integers(60, 90, (64, 64)).astype(np.uint8)
+        finding = "Atelectasis" if patient % 2 else "No Finding"
+        if patient % 2:
+            pixels[12:28, 10:30] = 230
+            if patient <= 8:
+                boxes.append([image_id, "Atelectasis", 10, 12, 20, 16])
+        Image.fromarray(pixels).save(images / image_id)
+        entries.append([image_id, finding, 0, str(patient)])
+    with open(folder / "entries.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["Image Index", "Finding Labels", "Follow-up #", "Patient ID"], *entries])
+    with open(folder / "boxes.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["Image Index", "Finding Label", "Bbox [x,y,w,h]", "", "", ""], *boxes])
+    prepare_nih(images, folder / "entries.csv", folder / "boxes.csv", folder / "out", progress=False)
+    return PreparedDataset(folder / "out")
+
+
+def test_the_cam_stage_scores_localization_on_the_held_out_boxed_images(cli, tmp_path):
+    """The boxed images are all in NIH's test split, never in train: the stage writes their CAMs
+    to boxed_cams/ and `wss evaluate --stage cam` scores point localization on them."""
+    from tests.conftest import DEMO_CONFIG, FAST_CAM, overrides
+    dataset = fake_nih(tmp_path / "nih")
+    boxed = {box.image_id for box in read_boxes(dataset.root / BOXES_NAME)}
+    assert boxed and boxed <= set(dataset.split("test")) and not boxed & set(dataset.split("train"))
+    args = ["-c", DEMO_CONFIG, *overrides({**FAST_CAM, "cam.epochs": "1", "data.root": dataset.root,
+                                           "run.workdir": tmp_path / "runs"})]
+    result = cli("run-stage", "cam", *args)
+    assert result.exit_code == 0, result.output
+    artifact, = (tmp_path / "runs" / "nih").glob("cam-*")
+    assert {p.stem for p in (artifact / "boxed_cams").glob("*.npz")} == boxed
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert 0.0 <= manifest["metrics"]["cam_point_accuracy"] <= 1.0
+    result = cli("evaluate", *args, "--stage", "cam")
+    assert result.exit_code == 0 and "point" in result.output, result.output

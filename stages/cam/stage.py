@@ -25,6 +25,7 @@ from stages.common.training import CHECKPOINT, fit, reuse_trained, save_atomic, 
 
 log = logging.getLogger("wss.cam")
 MODEL_FILE = "model.pt"
+BOXED_CAMS = "boxed_cams"  # NIH: CAMs of the images with boxes (test split), for localization
 
 
 def load_cam_net(artifact: Path, device: torch.device):
@@ -98,9 +99,13 @@ class CamStage:
         metrics.update(self.classify_split(model, dataset, val_ids, device, cfg.run.workers, failures))
         failures += self.write_cams(model, section, dataset, distributed.shard(train_ids), out / "cams", device,
                                     cfg.run.workers)
+        boxed = boxed_ids(dataset)[:limit]  # NIH: held-out images with boxes, for localization
+        failures += self.write_cams(model, section, dataset, distributed.shard(boxed), out / BOXED_CAMS, device,
+                                    cfg.run.workers)
         failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its CAMs
         if distributed.is_main():
             metrics.update(evaluate_cams(dataset, train_ids, out / "cams", section.eval_bg_threshold))
+            metrics.update(localization_metrics(dataset, boxed, out / BOXED_CAMS))
             (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
             log.info("cam metrics on split %r:\n%s", cfg.data.train_split, per_class_table(metrics, "cam_", dataset))
         return StageResult(metrics=distributed.broadcast(metrics), headline="cam_miou", failures=failures)
@@ -113,7 +118,7 @@ class CamStage:
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
         ids = cam_ids(cfg, dataset, artifact)
         metrics = evaluate_cams(dataset, ids, artifact / "cams", cfg.cam.eval_bg_threshold)
-        metrics.update(localization_metrics(dataset, ids, artifact / "cams"))
+        metrics.update(localization_metrics(dataset, boxed_ids(dataset), artifact / BOXED_CAMS))
         return metrics
 
     @torch.no_grad()
@@ -176,6 +181,17 @@ def evaluate_cams(dataset: PreparedDataset, ids: list[str], cam_dir: Path, bg_th
         metrics.update({f"cam_{k}": float(v) for k, v in binary.summary().items()})
     metrics["cam_scored_images"] = scored
     return metrics
+
+
+def boxed_ids(dataset: PreparedDataset) -> list[str]:
+    """The prepared images that have boxes (NIH's boxes.csv; none elsewhere). NIH preparation puts
+    them, and their patients, in the test split: the classifier never trains on them, and the
+    stage writes their CAMs to `boxed_cams/` to score localization."""
+    from data.nih import BOXES_NAME, read_boxes
+    path = dataset.root / BOXES_NAME
+    if not path.is_file():
+        return []
+    return sorted({box.image_id for box in read_boxes(path)} & set(dataset.labels))
 
 
 def localization_metrics(dataset: PreparedDataset, ids: list[str], cam_dir: Path) -> dict:

@@ -127,6 +127,9 @@ class EpochItems(Dataset):
         return self.dataset[index]
 
 
+PREFETCH_FACTOR = 4  # batches each loader worker keeps ready
+
+
 def make_loader(dataset: Dataset, settings: TrainSettings, device: torch.device, first_epoch: int = 0
                 ) -> DataLoader:
     """One loader for epochs `first_epoch`.. of a fit, its workers kept throughout: iterate it
@@ -139,7 +142,7 @@ def make_loader(dataset: Dataset, settings: TrainSettings, device: torch.device,
                       sampler=EpochSampler(dataset, settings.seed, first_epoch, settings.epochs, per_epoch),
                       num_workers=workers, pin_memory=device.type == "cuda",
                       generator=torch.Generator().manual_seed(settings.seed),  # worker seeds; global RNG untouched
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+                      persistent_workers=workers > 0, prefetch_factor=PREFETCH_FACTOR if workers else None)
 
 
 def steps_per_epoch(dataset: Dataset, settings: TrainSettings) -> int:
