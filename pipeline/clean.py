@@ -123,7 +123,7 @@ def clean(pipeline, delete: bool) -> tuple[list[dict], int, list[str]]:
         row = {"stage": entry.stage, "key": entry.key, "what": entry.what, "MiB": entry.bytes / 2**20,
                "modified": time.strftime("%Y-%m-%d %H:%M", time.localtime(newest)) if newest else "",
                "differs in": entry.why}
-        if delete and not remove(entry, pipeline.store.root / f".{entry.stage}-{entry.key}.lock"):
+        if delete and not remove(entry, pipeline.store.lock_path(f"{entry.stage}-{entry.key}")):
             busy.append(f"{entry.stage}-{entry.key}")
             continue
         total += entry.bytes

@@ -118,14 +118,10 @@ def read_cached_scores(cache: Path, made_by: str) -> dict | None:
 
 
 def boxes_of(dataset, limit: int | None) -> dict[str, list]:
-    """{image id: boxes} of the prepared images, when the dataset has a boxes.csv (NIH)."""
-    from data.nih import BOXES_NAME, boxes_by_image, read_boxes
-    path = dataset.root / BOXES_NAME
-    if not path.is_file():
-        return {}
-    grouped = boxes_by_image(read_boxes(path))
-    ids = sorted(i for i in grouped if i in dataset.labels)[:limit]
-    return {i: grouped[i] for i in ids}
+    """{image id: boxes} of the first `limit` prepared images with boxes (NIH), as the cam stage takes them."""
+    from stages.cam.stage import boxed_images
+    boxes = boxed_images(dataset)
+    return {i: boxes[i] for i in list(boxes)[:limit]}
 
 
 def compare_method(cfg, method: str, through: str, out: Path, limit: int | None) -> dict:

@@ -99,7 +99,7 @@ class CamStage:
         metrics.update(self.classify_split(model, dataset, val_ids, device, cfg.run.workers, failures))
         failures += self.write_cams(model, section, dataset, distributed.shard(train_ids), out / "cams", device,
                                     cfg.run.workers)
-        boxed = boxed_ids(dataset)[:limit]  # NIH: held-out images with boxes, for localization
+        boxed = list(boxed_images(dataset))[:limit]  # NIH: held-out images with boxes, for localization
         failures += self.write_cams(model, section, dataset, distributed.shard(boxed), out / BOXED_CAMS, device,
                                     cfg.run.workers)
         failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its CAMs
@@ -118,7 +118,7 @@ class CamStage:
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
         ids = cam_ids(cfg, dataset, artifact)
         metrics = evaluate_cams(dataset, ids, artifact / "cams", cfg.cam.eval_bg_threshold)
-        metrics.update(localization_metrics(dataset, boxed_ids(dataset), artifact / BOXED_CAMS))
+        metrics.update(localization_metrics(dataset, list(boxed_images(dataset)), artifact / BOXED_CAMS))
         return metrics
 
     @torch.no_grad()
@@ -183,29 +183,23 @@ def evaluate_cams(dataset: PreparedDataset, ids: list[str], cam_dir: Path, bg_th
     return metrics
 
 
-def boxed_ids(dataset: PreparedDataset) -> list[str]:
-    """The prepared images that have boxes (NIH's boxes.csv; none elsewhere). NIH preparation puts
-    them, and their patients, in the test split: the classifier never trains on them, and the
-    stage writes their CAMs to `boxed_cams/` to score localization."""
-    from data.nih import BOXES_NAME, read_boxes
-    path = dataset.root / BOXES_NAME
-    if not path.is_file():
-        return []
-    return sorted({box.image_id for box in read_boxes(path)} & set(dataset.labels))
-
-
-def localization_metrics(dataset: PreparedDataset, ids: list[str], cam_dir: Path) -> dict:
-    """Point localization / IoBB of the CAMs against the dataset's boxes.csv (NIH), when it has one."""
-    from data.nih import BOXES_NAME, read_boxes
-    from stages.cam.scoring import point_localization
+def boxed_images(dataset: PreparedDataset) -> dict[str, list]:
+    """{image id: its boxes} of the prepared images that have boxes, sorted by id (NIH's
+    boxes.csv; empty elsewhere). NIH preparation puts them, and their patients, in the test
+    split: the classifier never trains on them, and the stage writes their CAMs to
+    `boxed_cams/` to score localization."""
+    from data.nih import BOXES_NAME, boxes_by_image, read_boxes
     path = dataset.root / BOXES_NAME
     if not path.is_file():
         return {}
-    wanted = set(ids)
-    boxes_by_id: dict[str, list] = {}
-    for box in read_boxes(path):
-        if box.image_id in wanted:
-            boxes_by_id.setdefault(box.image_id, []).append(box)
-    scores = point_localization(dataset, boxes_by_id, cam_dir)
+    grouped = boxes_by_image(read_boxes(path))
+    return {image_id: grouped[image_id] for image_id in sorted(grouped) if image_id in dataset.labels}
+
+
+def localization_metrics(dataset: PreparedDataset, ids: list[str], cam_dir: Path) -> dict:
+    """Point localization / IoBB of the CAMs of `ids` against their boxes (NIH), when they have some."""
+    from stages.cam.scoring import point_localization
+    boxes = boxed_images(dataset)
+    scores = point_localization(dataset, {i: boxes[i] for i in ids if i in boxes}, cam_dir)
     renamed = {"cam_point_accuracy" if k == "point/mean" else f"cam_{k}": v for k, v in scores.items()}
     return {k: float(v) for k, v in renamed.items()}
