@@ -63,8 +63,7 @@ def parse_methods(text: str) -> list[str]:
 
 def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict:
     """Scores `wss compare` adds to the stage's own metrics; cached per artifact."""
-    from stages.cam.scoring import count_parameters, point_localization, tuned_miou, write_cams
-    from stages.cam.stage import BOXED_CAMS
+    from stages.cam.scoring import count_parameters, tuned_miou, write_cams
     from stages.common.runtime import resolve_device, worker_count
     cfg, dataset = pipeline.cfg, pipeline.dataset
     name = artifact.name + (f"-limit{limit}" if limit is not None else "")
@@ -84,14 +83,6 @@ def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict
         write_cams(artifact, dataset, val_ids, work / "val_cams", device, workers=workers)
         threshold, miou = tuned_miou(dataset, val_ids, work / "val_cams", train_ids, artifact / "cams")
         scores.update(tuned_threshold=threshold, cam_miou_tuned=miou)
-    boxes = boxes_of(dataset, limit)
-    if boxes:
-        boxed_cams = artifact / BOXED_CAMS  # written by the stage (artifacts of older versions lack it)
-        if not all((boxed_cams / f"{i}.npz").is_file() for i in boxes):
-            boxed_cams = work / "boxed_cams"
-            write_cams(artifact, dataset, list(boxes), boxed_cams, device, workers=workers)
-        localization = point_localization(dataset, boxes, boxed_cams)
-        scores["point_acc"] = localization.get("point/mean", float("nan"))
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cache, json.dumps({"artifact_manifest": made_by, "scores": scores}, indent=1))
     return scores
@@ -117,13 +108,6 @@ def read_cached_scores(cache: Path, made_by: str) -> dict | None:
     return cached.get("scores")
 
 
-def boxes_of(dataset, limit: int | None) -> dict[str, list]:
-    """{image id: boxes} of the first `limit` prepared images with boxes (NIH), as the cam stage takes them."""
-    from stages.cam.stage import boxed_images
-    boxes = boxed_images(dataset)
-    return {i: boxes[i] for i in list(boxes)[:limit]}
-
-
 def compare_method(cfg, method: str, through: str, out: Path, limit: int | None) -> dict:
     from pipeline.runner import Pipeline
     pipeline = Pipeline(cfg)
@@ -134,8 +118,9 @@ def compare_method(cfg, method: str, through: str, out: Path, limit: int | None)
            "artifact": str(cam.path)}
     for key in ["cls_mean_auc", "cls_mean_ap", "cam_miou", "train_images_per_s"]:
         row[key] = cam.metrics.get(key, float("nan"))
+    row["point_acc"] = cam.metrics.get("cam_point_accuracy", float("nan"))  # the stage scores the boxed images
     row.update(extra_scores(pipeline, cam.path, out, limit))
-    for key in ["tuned_threshold", "cam_miou_tuned", "point_acc"]:  # no val masks / no boxes
+    for key in ["tuned_threshold", "cam_miou_tuned"]:  # no val masks
         row.setdefault(key, float("nan"))
     if through == "irn":
         row["pseudo_miou"] = outcomes[-1].metrics.get("pseudo_miou", float("nan"))

@@ -109,3 +109,8 @@ def test_the_cam_stage_scores_localization_on_the_held_out_boxed_images(cli, tmp
     assert 0.0 <= manifest["metrics"]["cam_point_accuracy"] <= 1.0
     result = cli("evaluate", *args, "--stage", "cam")
     assert result.exit_code == 0 and "point" in result.output, result.output
+    rescored = cli("run-stage", "cam", *args, "-o", "cam.eval_bg_threshold=0.5")  # re-scored, not retrained
+    assert rescored.exit_code == 0, rescored.output
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["scored_with"] == {"eval_bg_threshold": 0.5}
+    assert 0.0 <= manifest["metrics"]["cam_point_accuracy"] <= 1.0

@@ -111,9 +111,10 @@ class CamStage:
         return StageResult(metrics=distributed.broadcast(metrics), headline="cam_miou", failures=failures)
 
     def rescore(self, cfg, dataset: PreparedDataset, artifact: Path, metrics: dict) -> dict:
-        """The run's metrics with the CAM scores recomputed at the current threshold."""
-        scores = evaluate_cams(dataset, cam_ids(cfg, dataset, artifact), artifact / "cams", cfg.cam.eval_bg_threshold)
-        return {**{k: v for k, v in metrics.items() if not k.startswith("cam_")}, **scores}
+        """The run's metrics with the CAM scores recomputed at the current threshold (localization
+        recomputed with them, as it also goes by the `cam_` prefix)."""
+        return {**{k: v for k, v in metrics.items() if not k.startswith("cam_")},
+                **self.evaluate(cfg, dataset, artifact)}
 
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
         ids = cam_ids(cfg, dataset, artifact)
