@@ -209,6 +209,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "epochs": (1, None), "batch_size": (1, None), "crop_size": (16, None), "resize_long": (16, None),
     "predict_size": (16, None), "lr": (0, None), "head_lr_mult": (0, None), "momentum": (0, 1),
     "weight_decay": (0, None), "dropblock_prob": (0, 1), "dropblock_size": (1, None),
+    "frozen_stages": (-1, 4),
     "pylon_channels": (1, None), "multiscale_stages": (0, 4), "minmax_k": (0, None),
     "minmax_entropy_weight": (0, None), "minmax_erase_steps": (0, None), "scales": (0, None),
     "eval_bg_threshold": (0, 1), "conf_fg_threshold": (0, 1), "conf_bg_threshold": (0, 1),

@@ -134,3 +134,49 @@ def test_upsample_cells_keeps_a_coarse_cell_over_its_pixels(size, source, target
     assert abs(y - source * (cell[0] + 0.5)) < 1 and abs(x - source * (cell[1] + 0.5)) < 1
     if height % source == 0 and width % source == 0:  # where resizing to the size was right, nothing changes
         assert torch.equal(fine, F.interpolate(coarse, size=fine_size, mode="bilinear", align_corners=False))
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_irnet_trunk_trains_layer3_and_layer4_with_fixed_batchnorm_statistics():
+    """cam.frozen_stages 2 + cam.freeze_bn (configs/voc.yaml): one training step of a GAP
+    classifier changes no weight of the stem, layer1 and layer2 and no BatchNorm statistic,
+    and does change layer3, layer4 and the head; the optimizer holds no frozen parameter."""
+    from stages.cam.config import CamConfig
+    from stages.cam.methods import build_cam_net
+    from stages.common.training import TrainSettings, make_optimizer
+
+    torch.manual_seed(0)
+    net = build_cam_net(CamConfig(backbone="resnet18", weights=None, frozen_stages=2, freeze_bn=True), 3).train()
+    before = _snapshot(net)
+    optimizer = make_optimizer(net.param_groups(10.0), TrainSettings(epochs=1, batch_size=2, lr=0.1))
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    frozen = [p for name in ("stem", "layer1", "layer2") for p in getattr(net.backbone, name).parameters()]
+    assert frozen and not any(id(p) in in_optimizer for p in frozen)
+
+    loss = net.loss(net(torch.randn(2, 3, 64, 64)), torch.tensor([[1, 0, 1], [0, 1, 0]]))[0]
+    loss.backward()
+    optimizer.step()
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any(k.startswith(("backbone.stem", "backbone.layer1", "backbone.layer2")) for k in changed)
+    assert not any(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
+    assert any(k.startswith("backbone.layer3") and k.endswith("conv1.weight") for k in changed)
+    assert any(k.startswith("backbone.layer4") for k in changed) and "classifier.weight" in changed
+    assert net.training and net.backbone.layer3.training  # only the BatchNorm modules are held in eval
+
+
+def test_default_trunk_trains_every_stage_and_its_batchnorm_statistics():
+    net = ResNetFeatures("resnet18").train()
+    before = _snapshot(net)
+    net(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert not torch.equal(before["stem.1.running_mean"], net.state_dict()["stem.1.running_mean"])
+
+
+@pytest.mark.parametrize("bad", [-2, 5])
+def test_frozen_stages_out_of_range_is_an_error(bad):
+    with pytest.raises(WssError, match="frozen_stages"):
+        ResNetFeatures("resnet18").freeze(bad)

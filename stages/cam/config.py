@@ -23,6 +23,9 @@ class CamConfig:
     weight_decay: float = 1e-4
     crop_size: int = 512
     resize_long: list[int] = field(default_factory=lambda: [320, 640])
+    # the trunk as IRNet trains it (frozen_stages 2, freeze_bn true; needs pretrained weights):
+    frozen_stages: int = -1  # stem (0) and layer1..N kept at their initial weights; -1 trains all
+    freeze_bn: bool = False  # BatchNorm normalises with its stored statistics, never updates them
     # method: dropblock (DropBlock after layer3 and layer4)
     dropblock_prob: float = 0.1
     dropblock_size: int = 5

@@ -49,4 +49,6 @@ def build_cam_net(cfg: CamConfig, num_classes: int, weights: str | None = "confi
     if cfg.method not in METHODS:
         from data.errors import WssError
         raise WssError(f"cam.method {cfg.method!r} is not available (available: {', '.join(METHODS)})")
-    return METHODS[cfg.method](cfg, num_classes, cfg.weights if weights == "config" else weights)
+    net = METHODS[cfg.method](cfg, num_classes, cfg.weights if weights == "config" else weights)
+    net.backbone.freeze(cfg.frozen_stages, cfg.freeze_bn)
+    return net

@@ -79,6 +79,9 @@ class CamStage:
         dataset.check_images_open(train_ids)
         twin = inputs.get("trained")
         if twin is None:
+            if section.freeze_bn and not section.weights:
+                log.warning("cam: freeze_bn without pretrained weights normalises with untrained BatchNorm "
+                            "statistics (mean 0, variance 1)")
             model = build_cam_net(section, dataset.info.num_classes)
             train_set = ClassificationDataset(dataset, train_ids, section.resize_long, section.crop_size,
                                               cfg.run.seed)

@@ -119,6 +119,36 @@ class ResNetFeatures(nn.Module):
         self.channels = stage_channels(name)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.frozen_stages, self.freeze_bn = -1, False
+
+    def freeze(self, frozen_stages: int = -1, freeze_bn: bool = False) -> None:
+        """Keep the stem and layer1..layer`frozen_stages` at their initial weights (-1: none),
+        and with `freeze_bn` normalise every BatchNorm with its stored statistics.
+
+        IRNet trains its classifier this way (frozen_stages 2 and FixedBatchNorm): ImageNet
+        statistics suit small batches of large crops better than the batches' own. A frozen
+        stage also keeps its statistics, so that its weights and its normalisation stay a pair.
+        """
+        if not -1 <= frozen_stages <= 4:
+            raise WssError(f"frozen_stages must be in -1..4 (-1 none, 0 stem, 1..4 up to layer1..4), "
+                           f"got {frozen_stages}")
+        self.frozen_stages, self.freeze_bn = frozen_stages, freeze_bn
+        for name in STAGE_NAMES[:frozen_stages + 1]:
+            getattr(self, name).requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            for index, name in enumerate(STAGE_NAMES):
+                stage = getattr(self, name)
+                if index <= self.frozen_stages:
+                    stage.eval()
+                elif self.freeze_bn:
+                    for module in stage.modules():
+                        if isinstance(module, nn.BatchNorm2d):
+                            module.eval()
+        return self
 
     def forward_stages(self, x: torch.Tensor, last: int = 4) -> list[torch.Tensor]:
         """[stem (s4), layer1 (s4), layer2 (s8), layer3 (s16), layer4 (s16)], up to index `last`."""
