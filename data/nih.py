@@ -5,19 +5,26 @@
   "No Finding" is the all-zero label.
 - Images: every ``*.png`` under ``images_dir`` (the release spreads them over
   ``images_001/images`` ... folders) that ``Data_Entry_2017*.csv(.gz)`` lists; only present
-  images are prepared, the other listed ones are counted. 8-bit grayscale PNGs are copied as
-  they are; the others (a few are RGBA) are converted to grayscale. Sizes are kept (1024 x
-  1024): the boxes are in those pixel coordinates.
+  images are prepared, the other listed ones are counted. Written as 8-bit grayscale (a few
+  are RGBA). With ``size``, each is resized to ``size`` x ``size`` (area averaging when
+  shrinking, bilinear when enlarging) and its boxes with it: the release's images are 1024 x
+  1024, and a classifier trained at 512 that infers its CAMs at scale 1 must see them at 512
+  too, or every object looks twice as large as in training. ``size`` None keeps each image's
+  size. An 8-bit grayscale PNG already of the right size is copied as it is.
 - Splits: ``test`` = every image of a patient that has a boxed image (the boxed images are for
   localization, and no patient appears in two splits); the other patients are shuffled with
   ``seed`` and ``val_fraction`` of them give ``val``, the rest ``train``. Empty splits have no
   file (one left by an earlier run is removed: readers refuse empty splits).
-- Boxes: ``out/boxes.csv`` with ``image_id,finding,x,y,w,h`` (pixels of the original image,
-  x/y the top-left corner) for the prepared images; the release's "Infiltrate" is renamed
-  "Infiltration" to match the labels. :func:`read_boxes` reads the release file (whose
+- Boxes: ``out/boxes.csv`` with ``image_id,finding,x,y,w,h`` (pixels of the prepared image:
+  x and w scaled by size / original width, y and h by size / original height; x/y the top-left
+  corner) for the prepared images; the release's "Infiltrate" is renamed "Infiltration" to
+  match the labels. :func:`read_boxes` reads the release file (whose
   ``Bbox [x,y,w,h]`` header spans four columns) and the clean one. A bad box row (too few
   fields, an unknown finding, a coordinate that is not a number) is reported as ``file:line``
   in ``prepare_report.json`` and skipped; a file without the header is an error.
+- Resumable: an image whose PNG already exists, decodes completely and has the expected size
+  is not converted again (its source's header still gives the original size for its boxes).
+  ``size`` is recorded in ``out/nih.json`` and a rerun with another size is refused.
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ import os
 import shutil
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +43,8 @@ from PIL import Image
 from data.dicom import stretch_to_uint8
 from data.errors import DataError
 from data.layout import DatasetInfo, DatasetWriter
-from data.prepare_report import PrepareReport, parallel_map, save_png
+from data.prepare_report import (PrepareReport, check_options, check_size_stamp, parallel_map, resize_image,
+                                 save_png)
 
 FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
             "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
@@ -45,6 +53,7 @@ NO_FINDING = "No Finding"
 FINDING_ALIASES = {"Infiltrate": "Infiltration", "Pleural Thickening": "Pleural_Thickening"}
 BOX_COLUMNS = ["image_id", "finding", "x", "y", "w", "h"]
 BOXES_NAME = "boxes.csv"
+STAMP_NAME = "nih.json"  # --size, recorded for resuming
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,7 +62,8 @@ BOXES_NAME = "boxes.csv"
 
 @dataclass(frozen=True)
 class Box:
-    """A finding's box in original image pixels: (x, y) top-left corner, w x h."""
+    """A finding's box in image pixels (the release's image in BBox_List_2017.csv, the prepared
+    one in boxes.csv): (x, y) top-left corner, w x h."""
     image_id: str
     finding: str
     x: float
@@ -143,6 +153,14 @@ def write_boxes(path: str | Path, boxes: list[Box]) -> None:
     os.replace(tmp, path)
 
 
+def scale_box(box: Box, original: tuple[int, int], size: int | None) -> Box:
+    """``box`` in the pixels of an image of ``original`` (width, height) resized to ``size`` x ``size``."""
+    if not size:
+        return box
+    sx, sy = size / original[0], size / original[1]
+    return replace(box, x=box.x * sx, y=box.y * sy, w=box.w * sx, h=box.h * sy)
+
+
 def boxes_by_image(boxes: list[Box]) -> dict[str, list[Box]]:
     grouped: dict[str, list[Box]] = defaultdict(list)
     for box in boxes:
@@ -221,30 +239,35 @@ class _ImageTask:
     image_id: str
     source: str
     out: str
+    size: int | None
 
 
 @dataclass
 class _ImageResult:
     image_id: str
     status: str  # "converted" | "copied" | "resumed" | "failed"
+    original: tuple[int, int] = (0, 0)  # the source's (width, height): its boxes' pixels
     problems: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _prepare_image(task: _ImageTask) -> _ImageResult:
     target = Path(task.out) / "images" / f"{task.image_id}.png"
-    if _readable(target):
-        return _ImageResult(task.image_id, "resumed")
     try:
-        with Image.open(task.source) as image:
+        with Image.open(task.source) as image:  # reads the header only, until load()
+            original = image.size
+            wanted = (task.size, task.size) if task.size else original
+            if _finished(target, wanted):
+                return _ImageResult(task.image_id, "resumed", original)
             image.load()
-            if image.mode == "L":
+            if image.mode == "L" and original == wanted:
                 _copy(Path(task.source), target)
-                return _ImageResult(task.image_id, "copied")
+                return _ImageResult(task.image_id, "copied", original)
             gray = to_grayscale(image)
     except (OSError, ValueError, SyntaxError) as error:  # Pillow's errors for damaged files
-        return _ImageResult(task.image_id, "failed", [(task.source, f"not a readable image ({error})")])
-    save_png(Image.fromarray(gray), target)
-    return _ImageResult(task.image_id, "converted")
+        problem = (task.source, f"not a readable image ({error})")
+        return _ImageResult(task.image_id, "failed", problems=[problem])
+    save_png(resize_image(gray, wanted), target)
+    return _ImageResult(task.image_id, "converted", original)
 
 
 def to_grayscale(image: Image.Image) -> np.ndarray:
@@ -254,14 +277,15 @@ def to_grayscale(image: Image.Image) -> np.ndarray:
     return np.array(image.convert("L"))
 
 
-def _readable(path: Path) -> bool:
-    """The file decodes completely: a valid header with cut-short data must be redone."""
+def _finished(path: Path, size: tuple[int, int]) -> bool:
+    """The file decodes completely (a valid header with cut-short data must be redone) and has
+    ``size`` (an image of an earlier run at another size must be redone)."""
     if not path.is_file():
         return False
     try:
         with Image.open(path) as image:
             image.load()
-            return True
+            return image.size == size
     except (OSError, ValueError, SyntaxError):  # Pillow's errors for damaged files
         return False
 
@@ -278,15 +302,13 @@ def _copy(source: Path, target: Path) -> None:
 
 def prepare_nih(images_dir: str | Path, data_entry_csv: str | Path, boxes_csv: str | Path,
                 out: str | Path, val_fraction: float = 0.1, seed: int = 0, workers: int = 1,
-                progress: bool = True) -> PrepareReport:
+                progress: bool = True, size: int | None = None) -> PrepareReport:
     """Prepare ChestX-ray14 into ``out`` (images, labels, splits, boxes.csv); see the module doc.
+    ``size`` None keeps the native size.
 
     Raises DataError (after writing the report) only when no image could be prepared.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if workers < 1:
-        raise DataError(f"--workers must be at least 1, got {workers}")
+    check_options(size, val_fraction, workers)
     out = Path(out)
     report = PrepareReport("nih", out)
     present = find_pngs(images_dir, report)
@@ -296,18 +318,20 @@ def prepare_nih(images_dir: str | Path, data_entry_csv: str | Path, boxes_csv: s
     report.add_ids("images_without_labels", present.keys() - entries.keys())
     report.id_counts["labels_without_images"] = len(listed - present.keys())  # ~10^5: counted, not listed
 
+    check_size_stamp(out, STAMP_NAME, size)
     writer = DatasetWriter(out, DatasetInfo("nih", "multiclass", list(FINDINGS)))
-    tasks = [_ImageTask(i, str(present[i]), str(out)) for i in sorted(present.keys() & entries.keys())]
-    prepared: set[str] = set()
+    tasks = [_ImageTask(i, str(present[i]), str(out), size) for i in sorted(present.keys() & entries.keys())]
+    originals: dict[str, tuple[int, int]] = {}  # prepared id -> its source's (width, height)
     for result in parallel_map(_prepare_image, tasks, workers, progress, "nih"):
         for where, message in result.problems:
             report.add_problem(where, message)
         report.count(result.status)
         if result.status != "failed":
-            prepared.add(result.image_id)
+            originals[result.image_id] = result.original
+    prepared = set(originals)
     report.counts["prepared"] = len(prepared)
 
-    kept = [box for box in boxes if box.image_id in prepared]
+    kept = [scale_box(box, originals[box.image_id], size) for box in boxes if box.image_id in originals]
     _count_boxes(report, boxes, kept, entries)
     report.write()
     if not report.ok:

@@ -1,6 +1,7 @@
 """What a `wss prepare` run did: counts, skipped inputs and why, written to prepare_report.json.
 
-Shared by the SIIM, VOC and NIH preparers, with the process fan-out they all use.
+Shared by the SIIM, VOC and NIH preparers, with the helpers they have in common: the process
+fan-out, PNG saving, and for SIIM and NIH ``--size`` (resizing and its resume stamp).
 """
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ import multiprocessing
 from pathlib import Path
 from typing import Any
 
-from data.layout import write_text_atomic
+import numpy as np
+from PIL import Image
+
+from data.errors import DataError
+from data.layout import create_folder, write_text_atomic
 
 REPORT_NAME = "prepare_report.json"
 LISTED_IDS_LIMIT = 1000  # ids kept per category in the JSON; the count is always exact
@@ -135,3 +140,42 @@ def parallel_map(function: Callable[[Any], Any], tasks: list, workers: int = 1,
                 bar.update()
     finally:
         bar.close()
+
+
+def check_options(size: int | None, val_fraction: float, workers: int) -> None:
+    """One-line errors for bad ``--size`` / ``--val-fraction`` / ``--workers`` before any work."""
+    if size is not None and size <= 0:
+        raise DataError(f"--size must be positive, got {size}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if workers < 1:
+        raise DataError(f"--workers must be at least 1, got {workers}")
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """uint8 pixels -> a PIL image of ``size`` (width, height): area averaging (BOX) when shrinking,
+    which does not alias fine structure away as point sampling would; bilinear when enlarging."""
+    picture = Image.fromarray(image)
+    if picture.size == size:
+        return picture
+    shrinking = size[0] * size[1] < picture.size[0] * picture.size[1]
+    return picture.resize(size, Image.BOX if shrinking else Image.BILINEAR)
+
+
+def check_size_stamp(out: Path, stamp_name: str, size: int | None) -> None:
+    """Record ``size`` (0 = native) in ``out/stamp_name``, or refuse a run asking for another one:
+    resuming would keep the images made at the old size. Call it before DatasetWriter, which
+    unpublishes the dataset: a refused run must leave the earlier one readable."""
+    path = Path(out) / stamp_name
+    wanted = size or 0
+    if not path.is_file():
+        create_folder(path.parent)
+        write_text_atomic(path, json.dumps({"size": wanted}))
+        return
+    try:
+        before = json.loads(path.read_text()).get("size", "unknown")
+    except (OSError, ValueError, AttributeError):
+        before = "unknown"
+    if before != wanted:
+        raise DataError(f"{out} was prepared with --size {before}, this run asks for --size {wanted} "
+                        f"(0 = native): use a fresh --out, or delete {out} to redo it")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import json
 import os
 import re
 import zlib
@@ -36,8 +35,9 @@ from PIL import Image
 
 from data.dicom import read_dicom
 from data.errors import DataError
-from data.layout import DatasetInfo, DatasetWriter, default_palette, write_index_png, write_text_atomic
-from data.prepare_report import PrepareReport, parallel_map, save_png
+from data.layout import DatasetInfo, DatasetWriter, default_palette, write_index_png
+from data.prepare_report import (PrepareReport, check_options, check_size_stamp, parallel_map, resize_image,
+                                 save_png)
 from data.rle import siim_rle_decode, siim_rle_is_empty
 
 CLASSES = ["pneumothorax"]
@@ -193,7 +193,7 @@ def _prepare_image(task: _ImageTask) -> _ImageResult:
     except DataError as error:
         return _ImageResult(task.image_id, "failed", problems=[(task.dicom, _strip(str(error), task.dicom))])
     size = (task.size, task.size) if task.size else (image.shape[1], image.shape[0])
-    save_png(_resize_image(image, size), image_path)
+    save_png(resize_image(image, size), image_path)
     write_index_png(mask_path, _resize_mask(mask, size), PALETTE)
     return _ImageResult(task.image_id, "converted", bool(mask.any()))
 
@@ -240,14 +240,6 @@ def _finished(image_path: Path, mask_path: Path, size: int | None) -> bool:
         return False
 
 
-def _resize_image(image: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    picture = Image.fromarray(image)
-    if picture.size == size:
-        return picture
-    shrinking = size[0] * size[1] < picture.size[0] * picture.size[1]
-    return picture.resize(size, Image.BOX if shrinking else Image.BILINEAR)
-
-
 def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest neighbour only: any other filter would invent class values at region borders."""
     if (mask.shape[1], mask.shape[0]) == size:
@@ -271,7 +263,7 @@ def prepare_siim(dicom_dir: str | Path, rle_csv: str | Path, out: str | Path, si
 
     Raises DataError (after writing the report) only when no image could be prepared.
     """
-    _check_options(size, val_fraction, workers)
+    check_options(size, val_fraction, workers)
     out = Path(out)
     report = PrepareReport("siim", out)
     dicoms = find_dicoms(dicom_dir, report)
@@ -280,9 +272,9 @@ def prepare_siim(dicom_dir: str | Path, rle_csv: str | Path, out: str | Path, si
     report.add_ids("images_without_labels", dicoms.keys() - rows.keys())
     report.add_ids("labels_without_images", rows.keys() - dicoms.keys())
 
+    check_size_stamp(out, STAMP_NAME, size)
     info = DatasetInfo(name="siim", task="binary", classes=list(CLASSES), palette=PALETTE)
     writer = DatasetWriter(out, info)
-    _check_stamp(out, size)
     tasks = [_ImageTask(i, str(dicoms[i]), tuple(rows[i]), str(rle_csv), str(out), size)
              for i in sorted(dicoms.keys() & rows.keys())]
     labels: dict[str, list[int]] = {}
@@ -296,32 +288,6 @@ def prepare_siim(dicom_dir: str | Path, rle_csv: str | Path, out: str | Path, si
     report.counts["positive"] = sum(v[0] for v in labels.values())
     _finish(writer, labels, val_fraction, seed, report)
     return report
-
-
-def _check_options(size, val_fraction, workers) -> None:
-    if size is not None and size <= 0:
-        raise DataError(f"--size must be positive, got {size}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if workers < 1:
-        raise DataError(f"--workers must be at least 1, got {workers}")
-
-
-def _check_stamp(out: Path, size: int | None) -> None:
-    """Record the options that shape the pixels in ``out/siim.json``, or refuse a run whose options
-    differ from the recorded ones: resuming would keep images made with the old ones."""
-    path = out / STAMP_NAME
-    wanted = {"size": size or 0}
-    if not path.is_file():
-        write_text_atomic(path, json.dumps(wanted))
-        return
-    try:
-        before = json.loads(path.read_text()).get("size", "unknown")
-    except (OSError, ValueError, AttributeError):
-        before = "unknown"
-    if before != wanted["size"]:
-        raise DataError(f"{out} was prepared with --size {before}, this run asks for --size {wanted['size']} "
-                        f"(0 = native): use a fresh --out, or delete {out} to redo it")
 
 
 def _finish(writer: DatasetWriter, labels: dict[str, list[int]], val_fraction: float, seed: int,

@@ -219,21 +219,25 @@ def prepare_voc_command(voc_root: Path, sbd_root: Path | None, out: Path, worker
 @click.option("--boxes", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="BBox_List_2017.csv (localization boxes, evaluation only).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--size", default=0, show_default=True,
+              help="Image side after resizing, boxes scaled with it: the size the config trains at "
+                   "(0 keeps the native 1024).")
 @click.option("--val-fraction", default=0.1, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workers", default=1, show_default=True, help="Worker processes.")
-def prepare_nih_command(images_dir: Path, data_entry: Path, boxes: Path, out: Path, val_fraction: float,
-                        seed: int, workers: int):
-    """NIH ChestX-ray14: images + findings + boxes -> prepared layout.
+def prepare_nih_command(images_dir: Path, data_entry: Path, boxes: Path, out: Path, size: int,
+                        val_fraction: float, seed: int, workers: int):
+    """NIH ChestX-ray14: images + findings + boxes -> prepared layout (resumable).
 
     \b
     Example:
       wss prepare nih --images nih/images --data-entry nih/Data_Entry_2017.csv \\
-          --boxes nih/BBox_List_2017.csv --out runs/data/nih
+          --boxes nih/BBox_List_2017.csv --out runs/data/nih --size 512 --workers 8
     """
     from data.nih import prepare_nih
     setup_logging()
-    finish_prepare(prepare_nih(images_dir, data_entry, boxes, out, val_fraction, seed, workers))
+    finish_prepare(prepare_nih(images_dir, data_entry, boxes, out, val_fraction, seed, workers,
+                               size=size or None))
 
 
 # ---------------------------------------------------------------------------------- run stages

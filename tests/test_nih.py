@@ -208,3 +208,126 @@ def test_damaged_data_entry_gz_is_a_data_error(tmp_path, damage):
     entry.write_bytes(bytes(raw))
     with pytest.raises(DataError, match="entry.csv.gz: not a readable CSV"):
         prepare_nih(images, entry, boxes, tmp_path / "out", progress=False)
+
+
+# ------------------------------------------------------------------------------ --size
+
+def test_samples_resized_with_their_boxes_and_resumed(tmp_path):
+    need_samples()
+    inputs = (SAMPLES / "images", SAMPLES / "Data_Entry_2017_v2020.csv.gz", SAMPLES / "BBox_List_2017.csv")
+    out = tmp_path / "out"
+    report = prepare_nih(*inputs, out, progress=False, size=256)
+    assert report.counts["prepared"] == 40 and report.counts["converted"] == 40
+    dataset = PreparedDataset(out)
+    assert {Image.open(dataset.image_path(i)).size for i in dataset.labels} == {(256, 256)}
+    boxes = read_boxes(out / "boxes.csv")
+    # BBox_samples.csv line 2: 00000468_033 Atelectasis 204.474576271186,502.544640492585,
+    # 116.067796610169,53.1525423728814 on a 1024 x 1024 image, so a quarter of each at 256
+    first = next(b for b in boxes if b.image_id == "00000468_033" and b.finding == "Atelectasis")
+    assert (first.x, first.y, first.w, first.h) == pytest.approx((51.118644067797, 125.636160123146,
+                                                                   29.016949152542, 13.288135593220))
+    released = sorted(read_boxes(SAMPLES / "BBox_samples.csv"), key=repr)
+    assert sorted(boxes, key=repr) == [Box(b.image_id, b.finding, b.x / 4, b.y / 4, b.w / 4, b.h / 4)
+                                      for b in released]
+    written = (out / "boxes.csv").read_bytes()
+
+    again = prepare_nih(*inputs, out, progress=False, size=256)
+    assert again.counts["resumed"] == 40 and "converted" not in again.counts
+    assert (out / "boxes.csv").read_bytes() == written  # resumed images' boxes are scaled too
+    for other, shown in [(512, 512), (None, 0)]:
+        with pytest.raises(DataError, match=f"--size 256, this run asks for --size {shown} .*fresh --out"):
+            prepare_nih(*inputs, out, progress=False, size=other)
+    assert sorted(PreparedDataset(out).labels) == sorted(dataset.labels)  # a refused run leaves it readable
+
+
+def block_image(path: Path, width: int, height: int, box: tuple[int, int, int, int]) -> None:
+    """A black 8-bit image with a white block exactly filling ``box`` (x, y, w, h)."""
+    pixels = np.zeros((height, width), np.uint8)
+    x, y, w, h = box
+    pixels[y:y + h, x:x + w] = 255
+    Image.fromarray(pixels).save(path)
+
+
+def centroid(pixels: np.ndarray) -> tuple[float, float]:
+    """Intensity-weighted centre (x, y) in continuous pixel coordinates (pixel i spans [i, i+1))."""
+    weights = pixels.astype(np.float64)
+    ys, xs = np.indices(pixels.shape) + 0.5
+    return float((xs * weights).sum() / weights.sum()), float((ys * weights).sum() / weights.sum())
+
+
+# id: (source width, height), its box, the box hand-scaled to 64 x 64
+SIZED_CASES = {
+    "00000001_000": ((1024, 1024), (256, 512, 128, 64), (16.0, 32.0, 8.0, 4.0)),
+    "00000002_000": ((300, 200), (30, 40, 60, 50), (6.4, 12.8, 12.8, 16.0)),  # 64/300 wide, 64/200 high
+    "00000003_000": ((40, 32), (12, 8, 10, 12), (19.2, 16.0, 16.0, 24.0)),    # enlarged: bilinear
+}
+
+
+def sized_release(tmp_path: Path) -> tuple[Path, Path, Path]:
+    images = tmp_path / "images"
+    images.mkdir()
+    rows, lines = [], ["Image Index,Finding Label,Bbox [x,y,w,h],,,"]
+    for image_id, ((width, height), box, _) in SIZED_CASES.items():
+        block_image(images / f"{image_id}.png", width, height, box)
+        rows.append((f"{image_id}.png", "Mass", image_id[:8]))
+        lines.append(f"{image_id}.png,Mass,{','.join(map(str, box))}")
+    write_entries(tmp_path / "entry.csv.gz", rows)
+    (tmp_path / "boxes.csv").write_text("\n".join(lines) + "\n")
+    return images, tmp_path / "entry.csv.gz", tmp_path / "boxes.csv"
+
+
+def test_size_scales_each_box_by_its_own_image_and_keeps_the_block_inside(tmp_path):
+    out = tmp_path / "out"
+    report = prepare_nih(*sized_release(tmp_path), out, progress=False, size=64)
+    assert report.counts["converted"] == 3
+    boxes = {b.image_id: b for b in read_boxes(out / "boxes.csv")}
+    for image_id, ((width, height), (x, y, w, h), expected) in SIZED_CASES.items():
+        pixels = np.array(Image.open(out / "images" / f"{image_id}.png"))
+        assert pixels.shape == (64, 64) and pixels.dtype == np.uint8
+        box = boxes[image_id]
+        assert (box.x, box.y, box.w, box.h) == pytest.approx(expected)
+        centre = (box.x + box.w / 2, box.y + box.h / 2)
+        assert (centre[0] / 64, centre[1] / 64) == pytest.approx(((x + w / 2) / width, (y + h / 2) / height))
+        # the block's centre lands on the box's centre; Pillow's BOX weighs whole source pixels,
+        # not covered areas, which may shift it by up to half a source pixel
+        assert centroid(pixels) == pytest.approx(centre, abs=0.25)
+
+
+def test_resume_redoes_images_of_another_size_only(tmp_path):
+    inputs = sized_release(tmp_path)
+    out = tmp_path / "out"
+    prepare_nih(*inputs, out, progress=False, size=64)
+    written = (out / "boxes.csv").read_bytes()
+    stale = out / "images" / "00000002_000.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(stale)  # decodes, but is not 64 x 64
+    report = prepare_nih(*inputs, out, progress=False, size=64)
+    assert report.counts["resumed"] == 2 and report.counts["converted"] == 1
+    assert Image.open(stale).size == (64, 64) and (out / "boxes.csv").read_bytes() == written
+    with pytest.raises(DataError, match="--size 64, this run asks for --size 32"):
+        prepare_nih(*inputs, out, progress=False, size=32)
+
+
+def test_native_size_copies_and_keeps_boxes(tmp_path):
+    inputs = sized_release(tmp_path)
+    out = tmp_path / "out"
+    report = prepare_nih(*inputs, out, progress=False)
+    assert report.counts["copied"] == 3 and json.loads((out / "nih.json").read_text()) == {"size": 0}
+    boxes = {b.image_id: b for b in read_boxes(out / "boxes.csv")}
+    for image_id, ((width, height), box, _) in SIZED_CASES.items():
+        assert Image.open(out / "images" / f"{image_id}.png").size == (width, height)
+        assert (boxes[image_id].x, boxes[image_id].y, boxes[image_id].w, boxes[image_id].h) == box
+    resized = prepare_nih(*inputs, tmp_path / "out1024", progress=False, size=1024)
+    assert resized.counts["copied"] == 1 and resized.counts["converted"] == 2  # one is 1024 x 1024
+
+
+def test_cli_size_option(cli, tmp_path):
+    images, entry, boxes = sized_release(tmp_path)
+    result = cli("prepare", "nih", "--images", images, "--data-entry", entry, "--boxes", boxes,
+                 "--out", tmp_path / "out", "--size", "32")
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "out" / "images" / "00000002_000.png").size == (32, 32)
+    box, = [b for b in read_boxes(tmp_path / "out" / "boxes.csv") if b.image_id == "00000002_000"]
+    assert (box.x, box.y, box.w, box.h) == pytest.approx((3.2, 6.4, 6.4, 8.0))
+    result = cli("prepare", "nih", "--images", images, "--data-entry", entry, "--boxes", boxes,
+                 "--out", tmp_path / "out")
+    assert result.exit_code != 0 and "--size 32, this run asks for --size 0" in result.output
