@@ -214,13 +214,14 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "minmax_entropy_weight": (0, None), "minmax_erase_steps": (0, None), "scales": (0, None),
     "eval_bg_threshold": (0, 1), "conf_fg_threshold": (0, 1), "conf_bg_threshold": (0, 1),
     "sem_seg_bg_threshold": (0, 1), "threshold": (0, 1), "holdout_fraction": (0, 0.9),
-    "radius": (1, None), "walk_radius": (1, None), "beta": (0, None), "exp_times": (0, 16),
+    "radius": (2, None),  # radius 1 holds no pair: a pair is nearer than the radius
+    "walk_radius": (1, None), "beta": (0, None), "exp_times": (0, 16),
     "gt_prob": (0, 0.99), "gauss_sxy": (0, None), "bilateral_sxy": (0, None), "bilateral_srgb": (0, None),
     "gauss_compat": (0, None), "bilateral_compat": (0, None), "iterations": (1, None), "workers": (-1, None),
     "losses": (0, None),  # the weight of each loss
 }
 ABOVE_LOW = {"lr", "head_lr_mult", "minmax_k", "scales", "beta", "gt_prob", "gauss_sxy", "bilateral_sxy",
-             "bilateral_srgb"}
+             "bilateral_srgb", "holdout_fraction"}
 NOT_EMPTY = {"scales", "multiscale_stages", "losses"}
 DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
 

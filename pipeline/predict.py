@@ -17,7 +17,8 @@ from data.errors import DataError, WssError
               type=click.Path(dir_okay=False, path_type=Path),
               help="YAML run config (its seg artifact is the model); repeat to layer a preset over it.")
 @click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config value, e.g. -o seg.threshold=0.4 (repeatable).")
+              help="Override a config value, e.g. -o run.device=cpu (repeatable). The settings "
+              "that made the model must match its run's; --threshold changes the binary cut.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--probabilities", is_flag=True, help="Also save the probabilities as float16 .npy files.")

@@ -97,7 +97,7 @@ class Pipeline:
     def key(self, name: str, limit: int | None = None) -> StageKey:
         if (name, limit) not in self._keys:
             stage = self.stage(name)
-            config = stage.key_config(self.cfg)
+            config = stage.key_config(self.cfg, self.dataset.info.task)
             config["data"] = {"train_split": self.cfg.data.train_split, "val_split": self.cfg.data.val_split}
             config["run"] = {"seed": self.cfg.run.seed}  # another seed trains other models
             if limit is not None:

@@ -28,7 +28,9 @@ class Stage(Protocol):
     needs: tuple[str, ...]  # upstream stage names
     section: str  # the config section it reads
 
-    def key_config(self, cfg: Any) -> dict: ...
+    # the section's settings that make the artifact; `task` is the dataset's binary|multiclass
+    # (a setting that only one task or one optimizer reads stays out of the other's key)
+    def key_config(self, cfg: Any, task: str) -> dict: ...
 
     def code_version(self) -> str: ...
 

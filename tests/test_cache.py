@@ -33,7 +33,7 @@ class FakeCam:
     def __init__(self, fail: BaseException | None = None):
         self.fail, self.calls = fail, 0
 
-    def key_config(self, cfg) -> dict:
+    def key_config(self, cfg, task) -> dict:
         from stages.base import section_dict
         return section_dict(cfg.cam)
 

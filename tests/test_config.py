@@ -149,6 +149,8 @@ def test_override_errors_name_the_override():
     ("cam.scales=[]", "cam.scales must not be empty"),
     ("seg.losses={}", "seg.losses must not be empty"),
     ("seg.losses={ce: -1.0}", "seg.losses must be >= 0, got -1.0"),
+    ("seg.holdout_fraction=0", r"seg.holdout_fraction must be in \(0, 0.9\], got 0.0"),
+    ("cam.frozen_stages=5", r"cam.frozen_stages must be in \[-1, 4\], got 5"),
 ])
 def test_values_out_of_range_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

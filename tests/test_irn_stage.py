@@ -256,3 +256,33 @@ def test_crf_refinement_in_process_and_in_workers(chain, cli, workers):
         label = read_index_png(refined[0] / "pseudo_labels" / f"{image_id}.png")
         allowed = {0} | {int(k) + 1 for k in np.nonzero(dataset.label_vector(image_id))[0]}
         assert set(np.unique(label)) <= allowed
+
+
+def test_irn_and_pseudo_keys_leave_out_settings_nothing_reads():
+    """Another value of a CRF that is switched off, of the probability CRF's unused gt_prob or
+    of AdamW's momentum must not retrain the IRN or redo the pseudo-labels; the same settings in
+    use are in the keys."""
+    from pipeline.config import load_config
+    from stages.irn.pseudo import PseudoLabelStage
+    from stages.irn.stage import IrnStage
+
+    def keys(*overrides):
+        cfg = load_config(DEMO_CONFIG, list(overrides))
+        return IrnStage().key_config(cfg, "multiclass"), PseudoLabelStage().key_config(cfg, "multiclass")
+
+    irn, pseudo = keys("irn.use_crf=false", "irn.refine_crf=false", "irn.optimizer=adamw")
+    assert not {"crf", "momentum"} & set(irn) and "refine_crf_params" not in pseudo
+    assert keys("irn.use_crf=false", "irn.crf.bilateral_sxy=50", "irn.refine_crf=false",
+                "irn.refine_crf_params.bilateral_sxy=50", "irn.optimizer=adamw", "irn.momentum=0.5") == (irn, pseudo)
+    irn, pseudo = keys("irn.use_crf=true", "irn.refine_crf=true", "irn.optimizer=sgd")
+    assert {"crf", "momentum"} <= set(irn) and "gt_prob" not in pseudo["refine_crf_params"]
+    assert keys("irn.use_crf=true", "irn.refine_crf=true", "irn.optimizer=sgd",
+                "irn.refine_crf_params.gt_prob=0.6") == (irn, pseudo)
+    assert keys("irn.use_crf=true", "irn.refine_crf=true", "irn.optimizer=sgd",
+                "irn.refine_crf_params.bilateral_sxy=37")[1] != pseudo
+
+
+def test_an_affinity_radius_without_pairs_is_a_config_error():
+    from pipeline.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="irn.radius must be >= 2, got 1"):
+        load_config(DEMO_CONFIG, ["irn.radius=1"])

@@ -365,6 +365,39 @@ def test_encoder_weights_of_another_depth_are_refused(tmp_path):
     build_segmenter("Unet", "resnet18", str(right), 2)
 
 
+def test_timm_encoder_weights_from_a_timm_checkpoint(tmp_path):
+    """A timm file names the whole network (`conv1.weight`, `fc.*`; for EfficientNet also the
+    `conv_head`/`bn2` that a features-only encoder leaves out); smp's `tu-` encoder holds it under
+    `model.`. Every encoder tensor comes from the file; a deeper network's file is refused."""
+    import timm
+    from safetensors.torch import save_file
+    for name in ("resnet18", "efficientnet_b0"):
+        torch.manual_seed(3)
+        network = timm.create_model(name, pretrained=False)
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(path))
+        model = build_segmenter("Unet", f"tu-{name}", str(path), 2)
+        loaded = model.encoder.state_dict()
+        assert all(torch.equal(loaded[f"model.{k}"], v) for k, v in network.state_dict().items()
+                   if f"model.{k}" in loaded)
+        assert len(loaded) > 0.9 * len(network.state_dict())
+    deeper = tmp_path / "resnet34.pth"
+    torch.save(timm.create_model("resnet34", pretrained=False).state_dict(), deeper)
+    with pytest.raises(SegModelError, match="unexpected keys layer1.2."):
+        build_segmenter("Unet", "tu-resnet18", str(deeper), 2)
+
+
+def test_timm_encoder_offline_names_its_hub_repo(monkeypatch):
+    import timm.models._builder as builder
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(builder, "load_pretrained", offline)
+    with pytest.raises(SegModelError, match="hf download timm/resnet18.a1_in1k model.safetensors"):
+        build_segmenter("Unet", "tu-resnet18", "imagenet", 2)
+
+
 def test_encoder_weights_from_the_stage1_classifier(tmp_path):
     """`encoder_weights: cam`: every trunk tensor of the cam model lands in smp's encoder, and the
     encoder then computes what the classifier's trunk computes up to its (dilated) layer4."""
@@ -425,7 +458,18 @@ def test_stage_contract():
     stage = SegStage()
     cfg = load_config(None, FAST_SEG)
     assert stage.name == "seg" and stage.needs == ("cam", "pseudo") and stage.section == "seg"
-    assert stage.key_config(cfg)["encoder"] == "resnet18"
+    assert stage.key_config(cfg, "binary")["encoder"] == "resnet18"
+
+
+def test_seg_key_leaves_out_settings_that_change_nothing():
+    """threshold only cuts binary probabilities, holdout_fraction only serves pseudo_holdout,
+    momentum only SGD: another value of an unused one must not retrain the segmenter."""
+    stage = SegStage()
+    adamw = load_config(None, FAST_SEG + ["seg.optimizer=adamw", "seg.checkpoint=last"])
+    key = stage.key_config(adamw, "multiclass")
+    assert not {"threshold", "holdout_fraction", "momentum"} & set(key)
+    sgd = load_config(None, FAST_SEG + ["seg.optimizer=sgd", "seg.checkpoint=pseudo_holdout"])
+    assert {"threshold", "holdout_fraction", "momentum"} <= set(stage.key_config(sgd, "binary"))
     assert len(stage.code_version()) == 16
     assert seg_stage.headline_metric("binary") == "seg_val_kaggle_dice"
 

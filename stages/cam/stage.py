@@ -21,7 +21,8 @@ from stages.common import distributed
 from stages.common.metrics import (BinarySegmentationScores, ConfusionMatrix, classification_scores,
                                    per_class_table)
 from stages.common.runtime import resolve_device, seed_everything, worker_count
-from stages.common.training import CHECKPOINT, fit, reuse_trained, save_atomic, train_settings
+from stages.common.training import (CHECKPOINT, fit, reuse_trained, save_atomic, train_settings,
+                                     unused_training_settings)
 
 log = logging.getLogger("wss.cam")
 MODEL_FILE = "model.pt"
@@ -57,8 +58,8 @@ class CamStage:
         the same settings (Pipeline.trained_twin) and runs inference again."""
         return ("extract", "scales", "flip")
 
-    def key_config(self, cfg) -> dict:
-        skip = set(self.score_settings) | other_methods_settings(cfg.cam)
+    def key_config(self, cfg, task: str) -> dict:
+        skip = set(self.score_settings) | other_methods_settings(cfg.cam) | unused_training_settings(cfg.cam)
         return {**section_dict(cfg.cam, skip=skip),
                 "weights_file": weights_file_stamp(cfg.cam.weights)}
 

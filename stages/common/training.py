@@ -53,6 +53,11 @@ def train_settings(section, run, batch_size: int | None = None) -> TrainSettings
                          weight_decay=section.weight_decay, workers=worker_count(run.workers), seed=run.seed)
 
 
+def unused_training_settings(section) -> set[str]:
+    """Settings its optimizer does not read (AdamW takes no `momentum`): kept out of cache keys."""
+    return set() if section.optimizer == "sgd" else {"momentum"}
+
+
 def make_optimizer(groups: list[tuple[list, float]], settings: TrainSettings) -> torch.optim.Optimizer:
     """groups: (parameters, LR multiplier). The multiplier is kept for the poly schedule."""
     param_groups = [{"params": [p for p in params if p.requires_grad], "lr": settings.lr * mult,

@@ -62,7 +62,7 @@ class PseudoLabelStage:
     needs: tuple[str, ...] = ("cam", "irn")
     section = "irn"
 
-    def key_config(self, cfg) -> dict:
+    def key_config(self, cfg, task: str) -> dict:
         return irn_fields(cfg.irn, pseudo=True)
 
     def code_version(self) -> str:

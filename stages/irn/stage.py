@@ -25,7 +25,7 @@ from stages.common import distributed
 from stages.common.crf import CrfParams
 from stages.common.metrics import ConfusionMatrix
 from stages.common.runtime import resolve_device, seed_everything, worker_count
-from stages.common.training import CHECKPOINT, fit, save_atomic, train_settings
+from stages.common.training import CHECKPOINT, fit, save_atomic, train_settings, unused_training_settings
 from stages.irn.affinity import affinity_labels, affinity_loss, edge_to_affinity
 from stages.irn.config import PSEUDO, IrnConfig
 from stages.irn.net import BoundaryNet, build_backbone
@@ -36,10 +36,21 @@ MODEL_FILE = "model.pt"
 
 
 def irn_fields(section: IrnConfig, pseudo: bool) -> dict:
-    """The fields of the irn section that belong to the IRN (pseudo=False) or to the pseudo-labels."""
+    """The fields of the irn section that make the IRN (pseudo=False) or the pseudo-labels,
+    without those nothing reads: the seed CRF's parameters when `use_crf` is off, the refining
+    CRF's when `refine_crf` is off and its `gt_prob` always (the probability CRF takes no label
+    confidence), `momentum` under AdamW."""
     import dataclasses
     names = {f.name for f in dataclasses.fields(section) if bool(f.metadata.get("pseudo")) == pseudo}
-    return section_dict(section, only=names)
+    names -= unused_training_settings(section)
+    if not section.use_crf:
+        names.discard("crf")
+    if not section.refine_crf:
+        names.discard("refine_crf_params")
+    fields = section_dict(section, only=names)
+    if "refine_crf_params" in fields:
+        fields["refine_crf_params"] = {k: v for k, v in fields["refine_crf_params"].items() if k != "gt_prob"}
+    return fields
 
 
 def training_ids(dataset: PreparedDataset, ids: list[str], positive_only: bool) -> list[str]:
@@ -127,7 +138,7 @@ class IrnStage:
     section = "irn"
     resume_files = (CHECKPOINT,)
 
-    def key_config(self, cfg) -> dict:
+    def key_config(self, cfg, task: str) -> dict:
         return irn_fields(cfg.irn, pseudo=False)
 
     def code_version(self) -> str:

@@ -115,17 +115,45 @@ def _check_options(arch: str, encoder: str, options: dict) -> None:
 
 
 def _hub_repo(encoder: str) -> str:
+    if encoder.startswith("tu-"):  # timm's default pretrained tag, e.g. timm/resnet18.a1_in1k
+        return _timm_network(encoder).pretrained_cfg.get("hf_hub_id") or f"timm/{encoder[3:]}"
     from segmentation_models_pytorch.encoders import encoders
 
     settings = encoders.get(encoder, {}).get("pretrained_settings", {}).get("imagenet", {})
     return settings.get("repo_id", f"<the Hugging Face repo of {encoder}>")
 
 
+def _timm_network(encoder: str) -> torch.nn.Module:
+    import timm
+    return timm.create_model(encoder[3:], pretrained=False)
+
+
+def _as_timm_encoder(state: dict, encoder: str, encoder_keys: set[str]) -> dict:
+    """A timm checkpoint (keys of the whole network, `conv1.weight`) as smp's `tu-` encoder
+    names it: under `model.`, without the layers its features-only network leaves out (the
+    classifier; for some networks a last conv and norm). A key the whole network lacks stays as
+    it is, so that the weights of another network are still refused."""
+    if any(k.startswith("model.") for k in state):
+        return state
+    network = set(_timm_network(encoder).state_dict())
+    renamed = {}
+    for key, value in state.items():
+        if key not in network:
+            renamed[key] = value
+        elif f"model.{key}" in encoder_keys:
+            renamed[f"model.{key}"] = value
+    return renamed
+
+
 def load_encoder_weights(model: torch.nn.Module, path: Path, encoder: str) -> None:
-    """A local encoder state dict (.safetensors, or .pth/.pt; classifier `fc.*` keys are dropped)."""
+    """A local encoder state dict (.safetensors, or .pth/.pt). Classifier keys are dropped: the
+    `fc.*` of a torchvision ResNet, and for a timm encoder (`tu-NAME`) every layer of the timm
+    network that the encoder does not hold."""
     state = read_weights_file(path, f"seg.encoder_weights: a state dict of encoder {encoder}", SegModelError)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     wanted = set(model.encoder.state_dict())
+    if encoder.startswith("tu-"):
+        state = _as_timm_encoder(state, encoder, wanted)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing = sorted(wanted - set(state))
     if missing:
         raise SegModelError(f"seg.encoder_weights: {path} does not fit encoder {encoder}: "

@@ -24,7 +24,8 @@ from stages.base import StageInputError, StageResult, section_dict, source_hash,
 from stages.common import distributed
 from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, per_class_table
 from stages.common.runtime import resolve_device, seed_everything, worker_count
-from stages.common.training import CHECKPOINT, fit, reuse_trained, save_atomic, train_settings
+from stages.common.training import (CHECKPOINT, fit, reuse_trained, save_atomic, train_settings,
+                                     unused_training_settings)
 from stages.seg.data import PseudoLabelDataset, pseudo_label_items, read_pseudo_label
 from stages.seg.losses import SegLoss
 from stages.seg.model import (MODEL_FILE, SegModelError, build_segmenter, inference_long_side, input_multiple,
@@ -43,8 +44,14 @@ class SegStage:
     section = "seg"
     resume_files = (CHECKPOINT, HOLDOUT_FILE)  # the held-out scores of the epochs trained so far
 
-    def key_config(self, cfg) -> dict:
-        return {**section_dict(cfg.seg), "weights_file": weights_file_stamp(cfg.seg.encoder_weights)}
+    def key_config(self, cfg, task: str) -> dict:
+        section = cfg.seg
+        unused = unused_training_settings(section)
+        if section.checkpoint == "last":
+            unused.add("holdout_fraction")
+        if task != "binary":
+            unused.add("threshold")  # multiclass takes the argmax
+        return {**section_dict(section, skip=unused), "weights_file": weights_file_stamp(section.encoder_weights)}
 
     def inference_settings(self, cfg) -> tuple[str, ...]:
         """Used only after training (to predict): a new value reuses the segmenter of an artifact
