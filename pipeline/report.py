@@ -47,29 +47,41 @@ def print_outcomes(outcomes) -> None:
 
 
 # Where each stage's metrics come from: (split, key prefix). Ground truth is read only here.
-SCORED = {"cam": [("train", "cam_")], "irn": [("train", "seed_")], "pseudo": [("train", "pseudo_")],
-          "seg": [("val", "seg_val_"), ("train", "seg_train_")]}
+# "boxed": the cam localization scores of the images with boxes (NIH puts them in its test split).
+SCORED = {"cam": [("train", "cam_"), ("boxed", "cam_")], "irn": [("train", "seed_")],
+          "pseudo": [("train", "pseudo_")], "seg": [("val", "seg_val_"), ("train", "seg_train_")]}
 SUMMARY_METRICS = ["miou", "coverage", "kaggle_dice", "dice_pos", "iou_pos", "point_accuracy"]
+BOXED_SPLIT = "test (boxed)"
+
+
+def is_localization(name: str) -> bool:
+    return name == "point_accuracy" or name.startswith(("point/", "iobb@", "pairs/"))
 
 
 def metric_rows(stage: str, metrics: dict, splits: dict[str, str]) -> list[dict]:
-    """One row per (stage, split) with the summary metrics and the per-class IoU."""
+    """One row per (stage, split) with the summary metrics and the per-class IoU; the boxed
+    images' row has point localization and the mean IoBB accuracy at each threshold."""
     rows = []
     for split_role, prefix in SCORED.get(stage, []):
         values = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+        boxed = split_role == "boxed"
+        values = {k: v for k, v in values.items() if is_localization(k) == boxed}
         if not any(name in values for name in SUMMARY_METRICS):
             continue
-        row = {"stage": stage, "split": splits.get(split_role, split_role)}
+        row = {"stage": stage, "split": BOXED_SPLIT if boxed else splits.get(split_role, split_role)}
         row.update({name: values[name] for name in SUMMARY_METRICS if name in values})
+        row.update({k[:-len("/mean")]: v for k, v in values.items() if k.startswith("iobb@") and k.endswith("/mean")})
         row.update({k: v for k, v in values.items() if k.startswith("iou/")})
         rows.append(row)
     return rows
 
 
 def metric_columns(rows: list[dict]) -> tuple[list[str], list[str]]:
-    """(summary metrics present in the rows, per-class IoU columns with background first)."""
-    summary = [c for c in SUMMARY_METRICS if any(c in r for r in rows)]
-    per_class = sorted({k for r in rows for k in r if k.startswith("iou/")}, key=lambda k: k != "iou/background")
+    """(summary metrics present in the rows, then IoBB accuracies; per-class IoU columns,
+    background first, the classes in the order the stages wrote them)."""
+    present = list(dict.fromkeys(k for r in rows for k in r))
+    summary = [c for c in SUMMARY_METRICS if c in present] + [c for c in present if c.startswith("iobb@")]
+    per_class = sorted((k for k in present if k.startswith("iou/")), key=lambda k: k != "iou/background")
     return summary, per_class
 
 

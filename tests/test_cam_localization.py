@@ -107,8 +107,12 @@ def test_the_cam_stage_scores_localization_on_the_held_out_boxed_images(cli, tmp
     assert {p.stem for p in (artifact / "boxed_cams").glob("*.npz")} == boxed
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert 0.0 <= manifest["metrics"]["cam_point_accuracy"] <= 1.0
+    assert manifest["headline"] == "cam_point_accuracy"  # no masks: localization is the stage's score
     result = cli("evaluate", *args, "--stage", "cam")
     assert result.exit_code == 0 and "point" in result.output, result.output
+    row, = json.loads((tmp_path / "runs" / "nih" / "evaluation.json").read_text())
+    assert row["split"] == "test (boxed)" and row["point_accuracy"] == manifest["metrics"]["cam_point_accuracy"]
+    assert row["iobb@0.5"] == manifest["metrics"]["cam_iobb@0.5/mean"]
     rescored = cli("run-stage", "cam", *args, "-o", "cam.eval_bg_threshold=0.5")  # re-scored, not retrained
     assert rescored.exit_code == 0, rescored.output
     manifest = json.loads((artifact / "manifest.json").read_text())

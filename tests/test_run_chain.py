@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_CONFIG, FAST_CAM
+from conftest import DEMO_CONFIG, FAST_CAM, REPO
 
 FAST_CHAIN = {**FAST_CAM, "irn.epochs": "1", "irn.batch_size": "8", "irn.crop_size": "64",
               "irn.resize_long": "[56,72]", "irn.exp_times": "4", "seg.epochs": "1", "seg.batch_size": "8",
@@ -110,6 +111,21 @@ def test_report_json_is_strict_json_when_a_metric_is_missing(tmp_path):
     text = (tmp_path / "report.json").read_text()
     assert "NaN" not in text
     assert json.loads(text)["stages"][0]["value"] is None
+
+
+def test_metric_table_columns_keep_the_class_order_whatever_the_hash_seed():
+    """The per-class IoU columns come in the order the stages wrote the classes (background
+    first): not a set's order, which changes with each process's hash seed."""
+    import subprocess
+    import sys
+    script = ("from pipeline.report import metric_rows, metric_columns; "
+              "m = {'cam_miou': .5, 'cam_iou/background': .9, 'cam_iou/ring': .1, 'cam_iou/cross': .2, "
+              "'cam_iou/square': .3, 'cam_iou/disc': .4}; "
+              "print(metric_columns(metric_rows('cam', m, {'train': 'train'}))[1])")
+    outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}, cwd=REPO).stdout
+               for seed in range(6)}
+    assert outputs == {"['iou/background', 'iou/ring', 'iou/cross', 'iou/square', 'iou/disc']\n"}
 
 
 def test_overlay_grid_passes_over_an_image_that_does_not_decode(synthetic_dataset, tmp_path, caplog):

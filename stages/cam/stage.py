@@ -104,15 +104,17 @@ class CamStage:
         failures += self.write_cams(model, section, dataset, distributed.shard(train_ids), out / "cams", device,
                                     cfg.run.workers)
         boxed = list(boxed_images(dataset))[:limit]  # NIH: held-out images with boxes, for localization
-        failures += self.write_cams(model, section, dataset, distributed.shard(boxed), out / BOXED_CAMS, device,
-                                    cfg.run.workers)
+        if boxed:
+            failures += self.write_cams(model, section, dataset, distributed.shard(boxed), out / BOXED_CAMS,
+                                        device, cfg.run.workers)
         failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its CAMs
         if distributed.is_main():
             metrics.update(evaluate_cams(dataset, train_ids, out / "cams", section.eval_bg_threshold))
             metrics.update(localization_metrics(dataset, boxed, out / BOXED_CAMS))
             (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
             log.info("cam metrics on split %r:\n%s", cfg.data.train_split, per_class_table(metrics, "cam_", dataset))
-        return StageResult(metrics=distributed.broadcast(metrics), headline="cam_miou", failures=failures)
+        metrics = distributed.broadcast(metrics)
+        return StageResult(metrics=metrics, headline=headline_metric(metrics), failures=failures)
 
     def rescore(self, cfg, dataset: PreparedDataset, artifact: Path, metrics: dict) -> dict:
         """The run's metrics with the CAM scores recomputed at the current threshold (localization
@@ -199,6 +201,14 @@ def boxed_images(dataset: PreparedDataset) -> dict[str, list]:
         return {}
     grouped = boxes_by_image(read_boxes(path))
     return {image_id: grouped[image_id] for image_id in sorted(grouped) if image_id in dataset.labels}
+
+
+def headline_metric(metrics: dict) -> str:
+    """CAM mIoU where the train split has masks; point localization where only boxes score the
+    CAMs (NIH)."""
+    if "cam_miou" not in metrics and "cam_point_accuracy" in metrics:
+        return "cam_point_accuracy"
+    return "cam_miou"
 
 
 def localization_metrics(dataset: PreparedDataset, ids: list[str], cam_dir: Path) -> dict:
