@@ -7,8 +7,10 @@ needs it), and a stale artifact whose trained model the next run would reuse (sa
 settings, other inference settings). Removed: the other artifacts of the dataset's folder
 (older settings, other `wss compare` methods, `--limit` tries), `.partial` folders of
 interrupted runs under other keys, leftovers of an interrupted commit, and their lock files.
-A key whose lock a running wss process holds is left alone. Reports, evaluation tables and
-`compare/` are not artifacts and stay.
+A key whose lock a running wss process holds is left alone, and so is an artifact of another
+prepared dataset that shares the folder's name (a development set made with another seed, at
+another path that still exists). Reports, evaluation tables and `compare/` are not artifacts
+and stay.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class Unused:
     bytes: int = 0
     why: str = ""
     kept: bool = False  # a key the config uses: only a commit leftover of it goes, its lock file stays
+    other_dataset: str = ""  # the root of the live dataset it was computed from, when not this one
 
     @property
     def what(self) -> str:
@@ -92,10 +95,21 @@ def find_unused(pipeline) -> list[Unused]:
         complete = next((f for f in entry.folders if not f.name.startswith(".")), None)
         manifest = pipeline.store.read_manifest(complete) if complete is not None else None
         if manifest is not None:
+            entry.other_dataset = other_live_dataset(manifest.get("dataset_root"), pipeline.cfg.data.root)
             stage = pipeline.stage(entry.stage)
             reasons = explain_difference(manifest.get("key_parts", {}), pipeline.key(entry.stage).parts, stage.section)
             entry.why = "; ".join(reasons[:2]) + (f" (+{len(reasons) - 2} more)" if len(reasons) > 2 else "")
     return sorted(unused.values(), key=lambda e: min([f.stat().st_mtime for f in e.folders], default=0))
+
+
+def other_live_dataset(root: str | None, own_root) -> str:
+    """`root` when it is a prepared dataset other than `own_root` that still exists, else ""."""
+    if not root:
+        return ""
+    path = Path(root).expanduser()
+    if path.resolve() == Path(own_root).expanduser().resolve() or not (path / "dataset.json").is_file():
+        return ""
+    return str(path)
 
 
 def remove(entry: Unused, lock_name: Path) -> bool:
@@ -116,16 +130,20 @@ def remove(entry: Unused, lock_name: Path) -> bool:
 
 
 def clean(pipeline, delete: bool) -> tuple[list[dict], int, list[str]]:
-    """Rows for the table, bytes freed (or to free) and the keys left alone because in use."""
-    rows, total, busy = [], 0, []
+    """Rows for the table, bytes freed (or to free) and what was left alone, and why."""
+    rows, total, left = [], 0, []
     for entry in find_unused(pipeline):
+        name = pipeline.store.root / f"{entry.stage}-{entry.key}"
+        if entry.other_dataset:
+            left.append(f"{name} (computed from another prepared dataset, {entry.other_dataset})")
+            continue
         newest = max([f.stat().st_mtime for f in entry.folders], default=None)
         row = {"stage": entry.stage, "key": entry.key, "what": entry.what, "MiB": entry.bytes / 2**20,
                "modified": time.strftime("%Y-%m-%d %H:%M", time.localtime(newest)) if newest else "",
                "differs in": entry.why}
         if delete and not remove(entry, pipeline.store.lock_path(f"{entry.stage}-{entry.key}")):
-            busy.append(f"{entry.stage}-{entry.key}")
+            left.append(f"{name} (a running wss process holds its lock)")
             continue
         total += entry.bytes
         rows.append(row)
-    return rows, total, busy
+    return rows, total, left

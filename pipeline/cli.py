@@ -403,11 +403,11 @@ def clean(config_path: tuple[Path, ...], overrides, delete: bool):
     from stages.common.metrics import format_table
     cfg = load(config_path, overrides)
     pipeline = Pipeline(cfg)
-    rows, freed, busy = clean_artifacts(pipeline, delete)
+    rows, freed, left = clean_artifacts(pipeline, delete)
     if rows:
         click.echo(format_table(rows, ["stage", "key", "what", "MiB", "modified", "differs in"], digits={"MiB": 1}))
-    for name in busy:
-        click.echo(f"left alone: {pipeline.store.root / name} (a running wss process holds its lock)", err=True)
+    for why in left:
+        click.echo(f"left alone: {why}", err=True)
     size = f"{freed / 2**20:.1f} MiB in {len(rows)} artifact(s)"
     if not rows:
         click.echo(f"nothing to clean in {pipeline.store.root}")

@@ -70,7 +70,7 @@ def test_a_key_whose_lock_is_held_is_left_alone(tiny_synthetic, tmp_path):
     with open(old.parent / f".{old.name}.lock", "w") as lock:  # as a wss process computing that key
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         rows, freed, busy = clean(pipeline, delete=True)
-    assert (rows, freed, busy) == ([], 0, [old.name])
+    assert (rows, freed, busy) == ([], 0, [f"{old} (a running wss process holds its lock)"])
     assert (old / "manifest.json").is_file()
 
 
@@ -80,8 +80,18 @@ def test_an_artifact_another_run_reads_is_left_alone(tiny_synthetic, tmp_path):
     pipeline, _ = cam_artifact(tiny_synthetic, tmp_path, "cam.epochs=3")
     with pipeline.store.reading([old]):
         rows, freed, busy = clean(pipeline, delete=True)
-    assert (rows, freed, busy) == ([], 0, [old.name])
+    assert (rows, freed, busy) == ([], 0, [f"{old} (a running wss process holds its lock)"])
     assert (old / "manifest.json").is_file()
+
+
+def test_artifacts_of_another_live_dataset_of_the_same_name_are_left_alone(synthetic_dataset, tmp_path):
+    """A development set (another seed, another path) shares the folder `<workdir>/synthetic/`:
+    its artifacts are not this config's to delete while that dataset exists."""
+    _, other = cam_artifact(synthetic_dataset(n=32, size=64, seed=1), tmp_path, "cam.epochs=2")
+    pipeline, _ = cam_artifact(synthetic_dataset(), tmp_path, "cam.epochs=2")
+    rows, freed, left = clean(pipeline, delete=True)
+    assert rows == [] and freed == 0 and len(left) == 1 and "another prepared dataset" in left[0]
+    assert (other / "manifest.json").is_file()
 
 
 def test_the_model_the_next_run_reuses_is_kept(tiny_synthetic, tmp_path):
