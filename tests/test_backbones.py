@@ -50,8 +50,8 @@ def test_imagenet_offline_fails_fast_naming_the_local_alternative(monkeypatch, t
         ResNetFeatures("resnet18", "imagenet")
     message = str(info.value)
     assert "resnet18" in message and "name resolution" in message
-    assert "weights: /path/to/resnet18-" in message and ".pth" in message
-    assert "weights: null" in message
+    assert "cam.weights: /path/to/resnet18-" in message and ".pth" in message
+    assert "cam.weights: null" in message
     assert "\n" not in message
 
 

@@ -167,6 +167,33 @@ def test_a_seg_typo_stops_the_run_before_the_first_stage_computes(cli, synthetic
     assert not list(tmp_path.glob("*/cam-*")) and not list(tmp_path.glob("*/.cam-*"))
 
 
+@pytest.mark.parametrize("override, message", [
+    ("irn.backbone_init=imagenet", "irn.backbone_init: imagenet: could not download ImageNet weights for resnet18"),
+    ("seg.encoder_weights=imagenet", "could not download ImageNet weights for encoder resnet18"),
+])
+def test_offline_imagenet_weights_of_a_later_stage_stop_the_run_before_the_first_stage(
+        cli, synthetic_dataset, tmp_path, monkeypatch, override, message):
+    """Without internet the IRN's or the segmenter's ImageNet weights fail before the classifier
+    trains, not hours later."""
+    import segmentation_models_pytorch.encoders as encoders
+
+    from stages.common.backbones import IMAGENET_WEIGHTS
+
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached download answers instead
+    monkeypatch.setattr(type(IMAGENET_WEIGHTS["resnet18"]), "get_state_dict", offline)
+    monkeypatch.setattr(encoders, "hf_hub_download", offline)
+    args = ["-c", str(DEMO_CONFIG), "-o", f"data.root={synthetic_dataset()}", "-o", f"run.workdir={tmp_path}"]
+    for key, value in FAST_CHAIN.items():
+        args += ["-o", f"{key}={value}"]
+    result = cli("run", *args, "-o", override)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert message in result.output
+    assert not list(tmp_path.glob("*/cam-*")) and not list(tmp_path.glob("*/.cam-*"))
+
+
 def test_a_new_prediction_size_reuses_the_trained_segmenter(cli, chain_args, monkeypatch):
     import torch
 

@@ -40,8 +40,8 @@ def load_state_dict(name: str, weights: str | None) -> dict | None:
             url = IMAGENET_WEIGHTS[name].url
             raise WeightsError(
                 f"could not download ImageNet weights for {name} ({type(error).__name__}: {error}). "
-                f"Offline? Download {url} elsewhere and set `weights: /path/to/{url.rsplit('/', 1)[-1]}` "
-                f"(or `-o <stage>.weights=/path`), or `weights: null` to train from scratch.") from None
+                f"Offline? Download {url} elsewhere and set `cam.weights: /path/to/{url.rsplit('/', 1)[-1]}` "
+                f"(or `-o cam.weights=/path`), or `cam.weights: null` to train from scratch.") from None
     return read_weights_file(Path(weights).expanduser(), f"a torchvision {name} state dict")
 
 

@@ -141,6 +141,19 @@ class IrnStage:
     def key_config(self, cfg, task: str) -> dict:
         return irn_fields(cfg.irn, pseudo=False)
 
+    def preflight(self, cfg, dataset: PreparedDataset) -> None:
+        """`backbone_init: imagenet` gets its weights before any stage computes (downloaded once
+        into torch's cache when online): offline it fails here, not after the classifier."""
+        if cfg.irn.backbone_init != "imagenet":
+            return
+        from stages.common.backbones import WeightsError, load_state_dict
+        try:
+            load_state_dict(cfg.cam.backbone, cfg.cam.weights or "imagenet")
+        except WeightsError as error:
+            raise WeightsError(f"irn.backbone_init: imagenet: {error} The IRN's trunk reads the file of "
+                               f"cam.weights (setting it retrains the classifier); irn.backbone_init: cam "
+                               f"needs no download.") from None
+
     def code_version(self) -> str:
         return source_hash("stages/irn/stage.py", "stages/irn/net.py", "stages/irn/seeds.py",
                            "stages/irn/affinity.py", "stages/common", "stages/base.py", "data/layout.py",

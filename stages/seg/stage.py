@@ -78,6 +78,9 @@ class SegStage:
         if section.encoder_weights not in (None, "imagenet", "cam") and \
                 not Path(section.encoder_weights).expanduser().is_file():
             raise SegModelError(f"seg.encoder_weights: file not found: {section.encoder_weights}")
+        if section.encoder_weights == "imagenet":  # downloaded once into the hub's cache; offline: fails now
+            build_segmenter(section.arch, section.encoder, "imagenet",
+                            output_channels(dataset.task, dataset.info.num_classes), section.arch_options)
 
     def run(self, cfg, dataset: PreparedDataset, inputs: dict[str, Path], out: Path, *,
             resume: bool = False, limit: int | None = None) -> StageResult:
