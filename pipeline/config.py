@@ -166,7 +166,8 @@ def takes_text(hint: Any) -> bool:
 
 def set_dotted(raw: dict, key: str, value: Any, where: str, config: Config | None = None) -> None:
     """Set `key` in the raw mapping. A key inside a mapping-valued setting (`seg.losses.dice=2`)
-    changes that entry of the setting's current value (file or default), keeping the others."""
+    changes that entry of the setting's current value (file or default), keeping the others; a
+    mapping given for a nested section (`irn.crf={gauss_sxy: 5}`) merges into it."""
     parts = key.split(".")
     node, current = raw, config
     for part in parts[:-1]:
@@ -178,7 +179,11 @@ def set_dotted(raw: dict, key: str, value: Any, where: str, config: Config | Non
             raise ConfigError(f"{where}: {part!r} is not a section")
         node = child
         current = value_now if dataclasses.is_dataclass(value_now) else None
-    node[parts[-1]] = value
+    last = parts[-1]
+    if isinstance(value, dict) and isinstance(node.get(last), dict) and \
+            dataclasses.is_dataclass(getattr(current, last, None) if current is not None else None):
+        value = {**node[last], **value}  # a nested section (irn.crf) merges key by key, as in a file
+    node[last] = value
 
 
 def build(cls: type, raw: Any, where: str, prefix: str) -> Any:
