@@ -129,6 +129,10 @@ def draw_grid(dataset: PreparedDataset, artifacts: dict[str, Path], until: str,
 
     columns = [c for c in COLUMNS_UNTIL[until] if STAGE_FOR_COLUMN.get(c, "cam") in artifacts or c == "image"
                or c == "ground truth"]
+    left_out = [c for c in COLUMNS_UNTIL[until] if c not in columns]
+    if left_out:
+        log.warning("overlay grid: no up-to-date artifact for %s (see `wss status`): left out",
+                    ", ".join(left_out))
     reader = Columns(dataset, artifacts, device, seg_threshold)
     figure, axes = plt.subplots(len(images), len(columns), figsize=(2 * len(columns), 2 * len(images)),
                                 squeeze=False)

@@ -128,6 +128,18 @@ def test_metric_table_columns_keep_the_class_order_whatever_the_hash_seed():
     assert outputs == {"['iou/background', 'iou/ring', 'iou/cross', 'iou/square', 'iou/disc']\n"}
 
 
+def test_overlay_grid_names_the_columns_it_leaves_out(tiny_synthetic, tmp_path, caplog):
+    import torch
+
+    from data.layout import PreparedDataset
+    from pipeline.visualize import draw_grid, grid_images
+    dataset = PreparedDataset(tiny_synthetic)
+    images = grid_images(dataset, dataset.split("train"), 2)
+    grid = draw_grid(dataset, {}, "seg", images, tmp_path / "grid.png", torch.device("cpu"))
+    assert grid.is_file()
+    assert "no up-to-date artifact for CAM, seeds, boundary, pseudo-label, prediction" in caplog.text
+
+
 def test_overlay_grid_passes_over_an_image_that_does_not_decode(synthetic_dataset, tmp_path, caplog):
     import shutil
 
