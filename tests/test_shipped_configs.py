@@ -72,11 +72,23 @@ def voc_samples(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("name, dataset_fixture", [("siim", "siim_samples"), ("voc", "voc_samples")])
-def test_the_segmenter_of_each_dataset_config_passes_its_checks_on_that_dataset(name, dataset_fixture, request):
-    """What `wss run` checks before training (architecture, encoder, losses for the task, crop)."""
+def test_the_segmenter_of_each_dataset_config_passes_its_checks_on_that_dataset(name, dataset_fixture, request,
+                                                                                 monkeypatch):
+    """What `wss run` checks before training (architecture, encoder, losses for the task, crop),
+    up to the last check: getting the ImageNet encoder weights, which fails offline."""
+    import segmentation_models_pytorch.encoders as encoders
+
+    from stages.seg.model import SegModelError
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(encoders, "hf_hub_download", offline)
     root = request.getfixturevalue(dataset_fixture)
     cfg = load_config(REPO / "configs" / f"{name}.yaml", [f"data.root={root}"])
-    SegStage().preflight(cfg, PreparedDataset(root))
+    assert cfg.seg.encoder_weights == "imagenet"
+    with pytest.raises(SegModelError, match=f"could not download ImageNet weights for encoder {cfg.seg.encoder}"):
+        SegStage().preflight(cfg, PreparedDataset(root))
 
 
 def test_voc_config_status_on_the_prepared_voc_samples(cli, voc_samples, tmp_path):
