@@ -295,7 +295,15 @@ class DatasetWriter:
             create_folder(self.root / sub)
         # a folder being (re)prepared is not a dataset until write_info: a run killed between
         # writing the new train split and the new val split must not leave a usable mix of both
-        (self.root / "dataset.json").unlink(missing_ok=True)
+        info = self.root / "dataset.json"
+        self._previous_info = info.read_text() if info.is_file() else None
+        info.unlink(missing_ok=True)
+
+    def keep_previous(self) -> None:
+        """For a run that prepared nothing (every image failed, none matched): it changed no
+        file, so the dataset prepared before, if any, stays usable."""
+        if self._previous_info is not None:
+            write_text_atomic(self.root / "dataset.json", self._previous_info)
 
     def image_path(self, image_id: str) -> Path:
         return self.root / "images" / f"{image_id}{self.info.image_ext}"

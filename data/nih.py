@@ -335,6 +335,7 @@ def prepare_nih(images_dir: str | Path, data_entry_csv: str | Path, boxes_csv: s
     _count_boxes(report, boxes, kept, entries)
     report.write()
     if not report.ok:
+        writer.keep_previous()
         raise DataError(f"no NIH image could be prepared from {images_dir}; see {report.path}")
     writer.write_labels({i: entries[i].labels for i in prepared})
     write_boxes(out / BOXES_NAME, kept)

@@ -294,6 +294,7 @@ def _finish(writer: DatasetWriter, labels: dict[str, list[int]], val_fraction: f
             report: PrepareReport) -> None:
     report.write()
     if not report.ok:
+        writer.keep_previous()
         raise DataError(f"no SIIM image could be prepared; see {report.path}")
     train, val = stratified_split(labels, val_fraction, seed)
     writer.write_labels(labels)

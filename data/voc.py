@@ -247,6 +247,7 @@ def prepare_voc(voc_root: str | Path, out: str | Path, sbd_root: str | Path | No
     report.counts["with_mask"] = len(with_mask)
     report.write()
     if not report.ok:
+        writer.keep_previous()
         raise DataError(f"no VOC image could be prepared from {voc}; see {report.path}")
 
     writer.write_labels(labels)

@@ -156,6 +156,20 @@ def test_truncated_output_png_is_redone(tmp_path):
     assert target.read_bytes() == (images / "00000000_000.png").read_bytes()
 
 
+def test_a_rerun_that_prepares_nothing_leaves_the_dataset_usable(tmp_path):
+    """A data-entry file that names none of the images changes no file: the dataset prepared
+    before keeps its dataset.json."""
+    from data.layout import PreparedDataset
+    images, entry, boxes = small_release(tmp_path, patients=2)
+    out = tmp_path / "out"
+    prepare_nih(images, entry, boxes, out, progress=False)
+    other = tmp_path / "other.csv.gz"
+    write_entries(other, [("99999999_000.png", "Mass", "99")])
+    with pytest.raises(DataError, match="no NIH image could be prepared"):
+        prepare_nih(images, other, boxes, out, progress=False)
+    assert len(PreparedDataset(out).labels) == 2
+
+
 def test_val_fraction_zero_removes_an_old_val_split(tmp_path):
     images, entry, boxes = small_release(tmp_path)
     out = tmp_path / "out"
