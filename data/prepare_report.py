@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 import multiprocessing
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,15 @@ def save_png(image, path: Path, compress_level: int = 1) -> None:
     os.replace(tmp, path)
 
 
+def ignore_interrupts(then: Callable[[], None] | None = None) -> None:
+    """Pool worker start: Ctrl-C reaches the whole process group, and a worker interrupted while
+    it holds the pool's queue lock leaves the main process hanging in terminate(). Workers ignore
+    it; the main process gets KeyboardInterrupt and terminates them. Then runs `then`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if then is not None:
+        then()
+
+
 def parallel_map(function: Callable[[Any], Any], tasks: list, workers: int = 1,
                  progress: bool = True, description: str = "", unit: str = "img",
                  start_method: str | None = None, initializer: Callable[[], None] | None = None
@@ -134,7 +144,8 @@ def parallel_map(function: Callable[[Any], Any], tasks: list, workers: int = 1,
             return
         chunk = max(1, min(16, len(tasks) // (workers * 8)))
         context = multiprocessing.get_context(start_method)
-        with context.Pool(processes=workers, maxtasksperchild=2000, initializer=initializer) as pool:
+        with context.Pool(processes=workers, maxtasksperchild=2000, initializer=ignore_interrupts,
+                          initargs=(initializer,)) as pool:
             for result in pool.imap_unordered(function, tasks, chunksize=chunk):
                 yield result
                 bar.update()

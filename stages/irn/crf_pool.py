@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from data.layout import write_index_png
+from data.prepare_report import ignore_interrupts
 from stages.common.crf import crf_prob
 
 log = logging.getLogger("wss.pseudo")
@@ -38,8 +39,10 @@ def refine_and_write(image_id: str, image: np.ndarray, planes: np.ndarray, keys:
 
 
 def one_thread_worker() -> None:
-    """Workers share the cores: no threaded numerics inside one (set before any library reads it)."""
+    """Workers share the cores: no threaded numerics inside one (set before any library reads it);
+    Ctrl-C is the main process's to handle (see ignore_interrupts)."""
     os.environ["OMP_NUM_THREADS"] = "1"
+    ignore_interrupts()
 
 
 class CrfPool:
