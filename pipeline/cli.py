@@ -32,10 +32,19 @@ class WssGroup(click.Group):
             click.echo(f"error: {error}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted: unfinished work is left in a .partial directory that is never reused "
-                       "as a result; the same command with `--resume` continues it (training from its last "
-                       "checkpoint), without it the stage starts again", err=True)
+            click.echo(f"interrupted: {AFTER_INTERRUPT.get(ctx.invoked_subcommand, 'nothing was lost')}", err=True)
             ctx.exit(130)
+
+
+# What a user can do after Ctrl-C, by command.
+RESUMABLE = ("unfinished work is left in a .partial directory that is never reused as a result; the same "
+             "command with `--resume` continues it (training from its last checkpoint, files already "
+             "written kept), without it the stage starts again")
+AFTER_INTERRUPT = {"run": RESUMABLE, "run-stage": RESUMABLE, "pseudo-labels": RESUMABLE,
+                   "compare": "rerun the same command: the methods already computed are reused from the cache, "
+                              "the interrupted one starts again",
+                   "prepare": "rerun the same command: the images already prepared are kept, the rest are "
+                              "prepared; the folder is not a dataset until it finishes"}
 
 
 class CurrentStderrHandler(logging.StreamHandler):
@@ -327,7 +336,8 @@ def overlay_grid(cfg, pipeline, stage: str, n: int, out: Path | None = None) -> 
 @main.command("pseudo-labels")
 @config_options
 @click.option("--force", is_flag=True, help="Regenerate even if up to date.")
-def pseudo_labels(config_path: tuple[Path, ...], overrides, force: bool):
+@click.option("--resume", is_flag=True, help="Continue an interrupted run, keeping the labels already written.")
+def pseudo_labels(config_path: tuple[Path, ...], overrides, force: bool, resume: bool):
     """Regenerate pseudo-labels from the cached IRN (walk and threshold options only; no retraining).
 
     The cam and irn artifacts must be up to date: an option that would retrain them is an error
@@ -342,7 +352,7 @@ def pseudo_labels(config_path: tuple[Path, ...], overrides, force: bool):
     cfg = load(config_path, overrides)
     reports = start_processes(cfg)
     pipeline = Pipeline(cfg)
-    outcome = pipeline.run_stage("pseudo", force=force)
+    outcome = pipeline.run_stage("pseudo", force=force, resume=resume)
     if reports:
         print_outcomes([outcome])
     finish_processes()

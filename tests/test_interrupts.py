@@ -1,5 +1,6 @@
-"""Ctrl-C during work spread over process pools (prepare, seeds, CRF refinement): the main
-process stops at once, without one traceback per worker and without hanging.
+"""Ctrl-C: during work spread over process pools (prepare, seeds, CRF refinement) the main
+process stops at once, without one traceback per worker and without hanging; every command then
+says what continues the work.
 
 Ctrl-C signals the whole process group. A pool worker that took KeyboardInterrupt while holding
 the pool's queue lock left the main process blocked in terminate() (seen with the pseudo-label
@@ -51,3 +52,27 @@ def test_ctrl_c_stops_a_pool_at_once_without_worker_tracebacks(tmp_path, pool):
                           start_new_session=True, cwd=tmp_path)
     assert done.returncode == 130 and "interrupted" in done.stdout, done.stderr
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
+
+
+def test_after_ctrl_c_each_command_says_what_continues_the_work(cli, monkeypatch, tmp_path, tiny_synthetic):
+    import data.synthetic
+    from pipeline.runner import Pipeline
+    calls = []
+
+    def interrupted(self, name, **options):
+        calls.append(options)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Pipeline, "run_stage", interrupted)
+    result = cli("pseudo-labels", "-c", "configs/demo.yaml", "-o", f"data.root={tiny_synthetic}",
+                 "-o", f"run.workdir={tmp_path}", "--resume")
+    assert result.exit_code == 130 and "the same command with `--resume` continues it" in result.output
+    assert calls == [{"force": False, "resume": True}]
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data.synthetic, "write_synthetic", stop)
+    result = cli("prepare", "synthetic", "--out", str(tmp_path / "d"), "--n", "8", "--size", "32")
+    assert result.exit_code == 130 and "rerun the same command: the images already prepared are kept" in result.output
+    assert "--resume" not in result.output
