@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -22,6 +23,8 @@ from pathlib import Path
 
 from data.errors import WssError
 from data.layout import write_text_atomic
+
+log = logging.getLogger("wss.cache")
 
 MANIFEST = "manifest.json"
 
@@ -120,7 +123,12 @@ class ArtifactStore:
             raise CacheError(f"cannot create the artifact folder {self.root} ({error.strerror}): "
                              f"set run.workdir to a folder you can write to") from None
         lock_path = self.lock_path(self.final_dir(key).name)
-        with open(lock_path, "a") as lock:
+        try:
+            lock = open(lock_path, "a")
+        except OSError as error:  # e.g. a read-only workdir
+            raise CacheError(f"cannot write in the artifact folder {self.root} ({error.strerror}): "
+                             f"set run.workdir to a folder you can write to") from None
+        with lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -168,8 +176,14 @@ class ArtifactStore:
             os.replace(partial, final)
         return final
 
-    def update_manifest(self, path: Path, **changes) -> None:
-        """Atomically rewrite fields of a complete artifact's manifest (e.g. new metrics)."""
+    def update_manifest(self, path: Path, **changes) -> bool:
+        """Atomically rewrite fields of a complete artifact's manifest (e.g. new metrics). Only a
+        record: where the artifact cannot be written (a read-only workdir) it warns and returns False."""
         manifest = self.read_manifest(path) or {}
         manifest.update(changes)
-        write_text_atomic(path / MANIFEST, json.dumps(manifest, indent=1, default=str))
+        try:
+            write_text_atomic(path / MANIFEST, json.dumps(manifest, indent=1, default=str))
+        except OSError as error:
+            log.warning("could not record %s in %s (%s)", ", ".join(changes), path / MANIFEST, error.strerror)
+            return False
+        return True

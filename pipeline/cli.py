@@ -1,6 +1,7 @@
 """The `wss` command line: one command per job. User errors print one line and exit non-zero."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -31,10 +32,19 @@ class WssGroup(click.Group):
         except WssError as error:
             click.echo(f"error: {error}", err=True)
             ctx.exit(2)
+        except OSError as error:
+            if error.errno not in UNWRITABLE or not error.filename:
+                raise
+            click.echo(f"error: cannot write {error.filename}: {error.strerror}", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo(f"interrupted: {AFTER_INTERRUPT.get(ctx.invoked_subcommand, 'nothing was lost')}", err=True)
             ctx.exit(130)
 
+
+# Errors of the place a command writes to (permissions, a read-only or full disk): the user's
+# to fix, reported in one line; the work already committed is complete and stays.
+UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 # What a user can do after Ctrl-C, by command.
 RESUMABLE = ("unfinished work is left in a .partial directory that is never reused as a result; the same "
@@ -312,8 +322,12 @@ def print_run_report(cfg, pipeline, outcomes) -> None:
         grids[grid_stage] = overlay_grid(cfg, pipeline, grid_stage, n=8)
     except Exception as error:  # a picture must never cost the user the run's results
         log.warning("could not draw the overlay grid: %s", error)
-    report = write_run_report(pipeline.store.root, cfg.source, outcomes,
-                              {"train": cfg.data.train_split, "val": cfg.data.val_split}, grids)
+    try:
+        report = write_run_report(pipeline.store.root, cfg.source, outcomes,
+                                  {"train": cfg.data.train_split, "val": cfg.data.val_split}, grids)
+    except OSError as error:  # e.g. a read-only workdir whose stages were all cached
+        log.warning("could not write the run report in %s (%s)", pipeline.store.root, error.strerror)
+        return
     click.echo(f"\nreport: {report}" + (f"  overlays: {grids[grid_stage]}" if grids else ""))
 
 

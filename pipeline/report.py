@@ -123,9 +123,13 @@ def evaluate_artifacts(cfg, which: str) -> list[dict]:
         return rows
     columns = print_metric_table(rows)
     out = pipeline.store.root
-    out.mkdir(parents=True, exist_ok=True)
-    write_table(out / "evaluation.csv", rows, columns)
-    (out / "evaluation.json").write_text(json.dumps(strict_json(rows), indent=1, allow_nan=False))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_table(out / "evaluation.csv", rows, columns)
+        (out / "evaluation.json").write_text(json.dumps(strict_json(rows), indent=1, allow_nan=False))
+    except OSError as error:  # e.g. a read-only workdir: the table is on screen
+        click.echo(f"could not write the evaluation table in {out} ({error.strerror})", err=True)
+        return rows
     click.echo(f"\nwrote {out / 'evaluation.csv'} and evaluation.json")
     return rows
 

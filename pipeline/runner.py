@@ -236,8 +236,8 @@ class Pipeline:
         log.info("%s: re-scoring the cached artifact with %s (it was scored with %s)", stage.name,
                  settings_text(current, stage.section), settings_text(scored_with, stage.section))
         metrics = stage.rescore(self.cfg, self.dataset, artifact, metrics)
-        self.store.update_manifest(artifact, metrics=metrics, scored_with=current)
-        if (artifact / "metrics.json").is_file():
+        if self.store.update_manifest(artifact, metrics=metrics, scored_with=current) and \
+                (artifact / "metrics.json").is_file():
             write_text_atomic(artifact / "metrics.json", json.dumps(metrics, indent=1))
         return metrics
 
