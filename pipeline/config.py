@@ -101,7 +101,7 @@ def read_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(error)})") from None
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not a UTF-8 text file (byte {error.start})") from None
     except OSError as error:
@@ -162,6 +162,13 @@ def field_hint(dotted_key: str) -> Any:
 
 def takes_text(hint: Any) -> bool:
     return hint is str or (typing.get_origin(hint) in (Union, types.UnionType) and str in typing.get_args(hint))
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: the problem and where (PyYAML's text spans several lines with a code excerpt)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def set_dotted(raw: dict, key: str, value: Any, where: str, config: Config | None = None) -> None:

@@ -234,9 +234,10 @@ def test_values_at_the_edges_of_their_ranges_load():
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.yaml")
-    bad = write(tmp_path / "bad.yaml", "cam: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    bad = write(tmp_path / "bad.yaml", "cam: [unclosed\nirn: 3\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as error:
         load_config(bad)
+    assert "\n" not in str(error.value) and "line 2, column 4" in str(error.value)
     top_list = write(tmp_path / "list.yaml", "- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(top_list)
