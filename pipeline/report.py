@@ -50,7 +50,7 @@ def print_outcomes(outcomes) -> None:
 # "boxed": the cam localization scores of the images with boxes (NIH puts them in its test split).
 SCORED = {"cam": [("train", "cam_"), ("boxed", "cam_")], "irn": [("train", "seed_")],
           "pseudo": [("train", "pseudo_")], "seg": [("val", "seg_val_"), ("train", "seg_train_")]}
-SUMMARY_METRICS = ["miou", "coverage", "kaggle_dice", "dice_pos", "iou_pos", "point_accuracy"]
+SUMMARY_METRICS = ["miou", "coverage", "kaggle_dice", "dice_pos", "iou_pos", "image_auc", "point_accuracy"]
 BOXED_SPLIT = "test (boxed)"
 
 
