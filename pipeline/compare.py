@@ -76,10 +76,15 @@ def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict
     workers = worker_count(cfg.run.workers)
     work = out / "cache" / name
     shutil.rmtree(work, ignore_errors=True)  # CAMs of an earlier computation under the same name
-    val_ids = [i for i in dataset.split(cfg.data.val_split)[:limit] if dataset.has_mask(i)]
     train_ids = dataset.split(cfg.data.train_split)[:limit]
+    # the threshold is chosen on masks of images that are not scored (data.val_split may overlap train)
+    scored = set(train_ids)
+    val_ids = [i for i in dataset.split(cfg.data.val_split)[:limit] if dataset.has_mask(i) and i not in scored]
     scores = {"parameters": count_parameters(artifact)}
-    if val_ids:
+    if not val_ids:
+        log.warning("compare: no %s image with a mask outside the scored %s split: no tuned threshold",
+                    cfg.data.val_split, cfg.data.train_split)
+    else:
         write_cams(artifact, dataset, val_ids, work / "val_cams", device, workers=workers)
         threshold, miou = tuned_miou(dataset, val_ids, work / "val_cams", train_ids, artifact / "cams")
         scores.update(tuned_threshold=threshold, cam_miou_tuned=miou)

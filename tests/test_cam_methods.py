@@ -457,6 +457,16 @@ def test_compare_writes_the_table_and_reuses_the_cache(demo_overrides, learnable
     assert [p.stat().st_mtime_ns for p in cached] == stamps
     assert list(csv.DictReader(open(out / "compare.csv")))[0]["cam_miou_tuned"] == rows[0]["cam_miou_tuned"]
 
+    # a val split that is the scored split itself leaves no image to tune the threshold on
+    from pipeline.compare import extra_scores, method_config
+    from pipeline.runner import Pipeline
+    settings = [a for a in args[args.index("-c") + 2:args.index("--methods")] if a != "-o"]
+    pcam = Pipeline(method_config([DEMO], settings, "pcam"))
+    scores = extra_scores(pcam, pcam.artifact("cam"), tmp_path / "fresh", None)
+    assert scores["cam_miou_tuned"] == pytest.approx(float(rows[0]["cam_miou_tuned"]))
+    tuned_on_train = Pipeline(method_config([DEMO], [*settings, "data.val_split=train"], "pcam"))
+    assert "cam_miou_tuned" not in extra_scores(tuned_on_train, pcam.artifact("cam"), tmp_path / "same", None)
+
 
 @pytest.mark.slow  # one IRN epoch on top of the multiscale cam the tests above trained
 def test_compare_through_irn_adds_pseudo_label_miou_and_checks_each_stage_once(
