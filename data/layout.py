@@ -122,11 +122,30 @@ def _format_for(path: Path) -> str:
 
 
 def read_index_png(path: Path) -> np.ndarray:
-    """Class indices of a palette or grayscale PNG, as uint8 HxW."""
-    with Image.open(path) as image:
-        if image.mode not in ("P", "L"):
-            raise DataError(f"{path}: expected a palette or grayscale mask PNG, got mode {image.mode}")
-        return np.array(image)
+    """Class indices of a palette or grayscale PNG, as uint8 HxW. A file that does not decode
+    (garbled, cut short) raises DataError naming it, so that callers can pass over one bad file."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("P", "L"):
+                raise DataError(f"{path}: expected a palette or grayscale mask PNG, got mode {image.mode}")
+            return np.array(image)
+    except (OSError, ValueError) as error:  # PIL.UnidentifiedImageError is an OSError
+        raise DataError(f"{path}: not a readable label PNG ({error})") from None
+
+
+def read_label_map(path: Path, shape: tuple[int, int], num_classes: int) -> np.ndarray:
+    """A training target (seeds, pseudo-label) of an image of `shape` (H, W): class indices
+    0..num_classes or IGNORE_INDEX. DataError naming the file when it does not decode, has
+    another size, or holds another value: such a file must not train a model."""
+    label = read_index_png(path)
+    if label.shape != tuple(shape):
+        raise DataError(f"{path}: label is {label.shape[1]}x{label.shape[0]} but its image is "
+                        f"{shape[1]}x{shape[0]}")
+    bad = (label > num_classes) & (label != IGNORE_INDEX)
+    if bad.any():
+        raise DataError(f"{path}: label holds value {int(label[bad][0])}, not a class index "
+                        f"0..{num_classes} nor {IGNORE_INDEX}")
+    return label
 
 
 class PreparedDataset:
@@ -193,13 +212,10 @@ class PreparedDataset:
         """
         bad = []
         for image_id in ids:
-            path = self.image_path(image_id)
             try:
-                with Image.open(path):
-                    pass
-            except (OSError, ValueError) as error:
-                reason = "file not found" if not path.is_file() else f"cannot decode image ({error})"
-                bad.append(f"{path}: {reason}")
+                self.image_size(image_id)
+            except DataError as error:
+                bad.append(str(error))
         if bad:
             more = f" (and {len(bad) - 1} more images)" if len(bad) > 1 else ""
             raise DataError(f"{bad[0]}{more}; repair or remove them, or take them out of the split")
@@ -208,10 +224,37 @@ class PreparedDataset:
         """uint8 HxWx3 RGB (grayscale images are repeated over the three channels)."""
         return read_rgb(self.image_path(image_id))
 
-    def read_mask(self, image_id: str) -> np.ndarray | None:
-        """Ground-truth class indices (evaluation only), or None when the image has no mask."""
+    def read_mask(self, image_id: str, shape: tuple[int, int] | None = None) -> np.ndarray | None:
+        """Ground-truth class indices (evaluation only), or None when the image has no mask.
+        DataError when the mask does not decode or, given `shape` (H, W), has another size."""
         path = self.mask_path(image_id)
-        return read_index_png(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        mask = read_index_png(path)
+        if shape is not None and mask.shape != tuple(shape):
+            raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                            f"{shape[1]}x{shape[0]}")
+        return mask
+
+    def image_size(self, image_id: str) -> tuple[int, int]:
+        """(H, W) of an image, from its header only."""
+        path = self.image_path(image_id)
+        try:
+            with Image.open(path) as image:
+                return image.height, image.width
+        except (OSError, ValueError) as error:
+            reason = "file not found" if not path.is_file() else f"cannot decode image ({error})"
+            raise DataError(f"{path}: {reason}") from None
+
+    def label_problem(self, image_id: str, path: Path) -> str | None:
+        """Why the label map at `path` cannot train on `image_id` (see read_label_map), or None.
+        Stages check their targets when they list them, so that one bad file is skipped with
+        its reason instead of stopping training epochs later."""
+        try:
+            read_label_map(path, self.image_size(image_id), self.info.num_classes)
+        except DataError as error:
+            return str(error)
+        return None
 
     def fingerprint(self) -> str:
         """Hash of the metadata and splits (content) plus name, size and mtime of every image

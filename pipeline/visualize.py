@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import DataError
-from data.layout import PreparedDataset, create_folder, read_index_png
+from data.errors import DataError, WssError
+from data.layout import PreparedDataset, create_folder, read_index_png, read_label_map
 from data.transforms import resize_to, scaled_size
 
 log = logging.getLogger("wss.visualize")
@@ -66,7 +66,7 @@ class Columns:
         if column == "image":
             return image
         if column == "ground truth":
-            return blend(image, self.dataset.read_mask(image_id), palette)
+            return blend(image, self.dataset.read_mask(image_id, image.shape[:2]), palette)
         if column == "CAM":
             return self.cam(image_id, image)
         folder = {"seeds": ("irn", "seeds"), "pseudo-label": ("pseudo", "pseudo_labels"),
@@ -78,12 +78,16 @@ class Columns:
             if column == "boundary":
                 edge = read_index_png(path).astype(np.float32) / 255
                 return heatmap(image, resize_to(edge, image.shape[:2]), alpha=0.6)
-            return blend(image, read_index_png(path), palette)
+            return blend(image, self.label(path, image), palette)
         if column == "prediction":
             saved = self.artifacts["seg"] / "predictions" / f"{image_id}.png"
-            mask = read_index_png(saved) if saved.is_file() else self.prediction(image)
+            mask = self.label(saved, image) if saved.is_file() else self.prediction(image)
             return blend(image, mask, palette)
         raise ValueError(column)
+
+    def label(self, path: Path, image: np.ndarray) -> np.ndarray:
+        """A label map checked to fit `image` (DataError otherwise: see draw_grid)."""
+        return read_label_map(path, image.shape[:2], self.dataset.info.num_classes)
 
     def cam(self, image_id: str, image: np.ndarray) -> np.ndarray | None:
         from stages.cam.infer import load_cam, upsample_cam
@@ -140,7 +144,11 @@ def draw_grid(dataset: PreparedDataset, artifacts: dict[str, Path], until: str,
         names = [dataset.classes[k] for k in np.nonzero(dataset.label_vector(image_id))[0]]
         for col, column in enumerate(columns):
             axis = axes[row, col]
-            picture = reader.picture(column, image_id, image)
+            try:
+                picture = reader.picture(column, image_id, image)
+            except WssError as error:  # one bad file (label, mask, CAM) costs its picture, not the grid
+                log.warning("overlay grid: %s of %s shown as missing: %s", column, image_id, error)
+                picture = None
             axis.imshow(tile(picture) if picture is not None else np.full((TILE, TILE, 3), 235, np.uint8))
             if picture is None:
                 axis.text(TILE / 2, TILE / 2, "missing", ha="center", va="center", fontsize=8)

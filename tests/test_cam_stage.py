@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from data.layout import PreparedDataset
@@ -519,3 +520,44 @@ def test_undecodable_training_image(tiny_synthetic, tmp_path, workers):
     assert str(bad) in line and "cannot decode" in line and "and 1 more" in line
     assert "cam epoch" not in result.output  # found before training, not when the sampler reaches it
     assert not [p for p in (tmp_path / "w" / "synthetic").iterdir() if p.name.startswith("cam-")]
+
+
+def damage_masks(dataset: PreparedDataset, ids: list[str]) -> list[str]:
+    """Garble, cut short and resize the masks of ids[0:3]; returns their paths."""
+    garbled, truncated, resized = (dataset.mask_path(i) for i in ids[:3])
+    garbled.write_bytes(b"\x89PNG not really")
+    truncated.write_bytes(truncated.read_bytes()[:80])
+    Image.new("L", (16, 16)).save(resized)
+    return [str(garbled), str(truncated), str(resized)]
+
+
+def test_cam_scoring_leaves_out_bad_masks_and_lists_them(tiny_synthetic, tmp_path, caplog):
+    from stages.cam.stage import evaluate_cams
+    dataset = PreparedDataset(shutil.copytree(tiny_synthetic, tmp_path / "data"))
+    ids = [i for i in dataset.split("train") if dataset.label_vector(i).any()][:5]
+    for image_id in ids:
+        keys = [int(k) for k in np.nonzero(dataset.label_vector(image_id))[0]]
+        height, width = dataset.read_image(image_id).shape[:2]
+        save_cam(tmp_path / f"{image_id}.npz", np.ones((len(keys), *strided_size(height, width)), np.float32),
+                 keys, (height, width))
+    bad = damage_masks(dataset, ids)
+    failures = []
+    with caplog.at_level(logging.WARNING):
+        metrics = evaluate_cams(dataset, ids, tmp_path, 0.5, failures)
+    assert metrics["cam_scored_images"] == 2
+    assert [f.split(":")[0] for f in failures] == bad and all(path in caplog.text for path in bad)
+    assert "not a readable label PNG" in failures[0] and "mask is 16x16 but its image is 64x64" in failures[2]
+
+
+def test_bad_masks_do_not_cost_the_cam_stage(tiny_synthetic, tmp_path):
+    """Masks are read after training and inference: a bad one is listed, the artifact committed."""
+    root = shutil.copytree(tiny_synthetic, tmp_path / "data")
+    dataset = PreparedDataset(root)
+    bad = damage_masks(dataset, dataset.split("train"))
+    result = run_cli(*stage_args(root, tmp_path / "w", cam__epochs=1), "--limit", "8")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    artifact, = (tmp_path / "w" / "synthetic").glob("cam-*")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert [f.split(":")[0] for f in manifest["failures"]] == bad
+    assert manifest["metrics"]["cam_scored_images"] == 5

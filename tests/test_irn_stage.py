@@ -99,6 +99,9 @@ def test_walk_to_label_known_answer():
     assert label[0, 0] == 2 and label[6, 9] == 3 and label[0, 9] == 0
     # the overall maximum normalises: class 2 peaks at 0.5, still above the 0.25 background
     assert (label == 3).sum() > 0
+    # ... and below a 0.6 background, where a per-class maximum (1.0) would have kept it
+    above = walk_to_label(walked, np.array([1, 2]), (7, 10), bg_threshold=0.6)
+    assert above[0, 0] == 2 and not (above == 3).any()
 
 
 def test_walk_to_label_only_uses_labelled_classes():
@@ -132,10 +135,13 @@ def artifact(workdir: Path, stage: str) -> Path:
 
 
 def test_chain_writes_seeds_and_pseudo_labels_for_every_train_image(chain):
-    root, workdir, _ = chain
+    from pipeline.config import load_config
+    from pipeline.runner import Pipeline
+    root, workdir, args = chain
     dataset = PreparedDataset(root)
     ids = dataset.split("train")
-    irn, pseudo = artifact(workdir, "irn"), artifact(workdir, "pseudo")
+    pipeline = Pipeline(load_config(DEMO_CONFIG, [a for a in args if a != "-o"]))
+    irn, pseudo = pipeline.artifact("irn"), pipeline.artifact("pseudo")
     for image_id in ids:
         seeds = read_index_png(irn / "seeds" / f"{image_id}.png")
         label = read_index_png(pseudo / "pseudo_labels" / f"{image_id}.png")
@@ -286,3 +292,116 @@ def test_an_affinity_radius_without_pairs_is_a_config_error():
     from pipeline.config import ConfigError, load_config
     with pytest.raises(ConfigError, match="irn.radius must be >= 2, got 1"):
         load_config(DEMO_CONFIG, ["irn.radius=1"])
+
+
+# ------------------------------------------------------------------------ bad files in artifacts
+def test_label_scoring_leaves_out_bad_labels_and_masks_and_lists_them(synthetic_dataset, tmp_path, caplog):
+    """Seeds and pseudo-labels are scored image by image: a file that does not decode, or a mask
+    of another size, is named and left out; the others are scored."""
+    from data.layout import write_index_png
+    from stages.irn.stage import evaluate_labels
+    dataset = PreparedDataset(shutil.copytree(synthetic_dataset(), tmp_path / "data"))
+    ids = dataset.split("train")[:6]
+    labels = tmp_path / "seeds"
+    labels.mkdir()
+    for image_id in ids:
+        write_index_png(labels / f"{image_id}.png", dataset.read_mask(image_id), dataset.info.palette)
+    (labels / f"{ids[0]}.png").write_bytes(b"garbled")
+    cut = labels / f"{ids[1]}.png"
+    cut.write_bytes(cut.read_bytes()[:70])
+    dataset.mask_path(ids[2]).write_bytes(b"garbled mask")
+    write_index_png(dataset.mask_path(ids[3]), np.zeros((8, 8), np.uint8), dataset.info.palette)
+    failures = []
+    metrics = evaluate_labels(dataset, ids, labels, "seed_", ignore_pred=True, failures=failures)
+    assert metrics["seed_scored_images"] == 2 and metrics["seed_miou"] == 1.0
+    named = [labels / f"{ids[0]}.png", cut, dataset.mask_path(ids[2]), dataset.mask_path(ids[3])]
+    assert [f.split(":")[0] for f in failures] == [str(p) for p in named]
+    assert all(str(p) in caplog.text for p in named)
+    assert evaluate_labels(dataset, ids, labels, "seed_", ignore_pred=True)["seed_scored_images"] == 2
+
+
+def test_a_resumed_run_makes_a_garbled_label_again(tiny_synthetic, tmp_path, caplog):
+    from data.layout import write_index_png
+    from stages.irn.stage import usable_label
+    dataset = PreparedDataset(tiny_synthetic)
+    good, garbled = dataset.split("train")[:2]
+    write_index_png(tmp_path / f"{good}.png", dataset.read_mask(good), dataset.info.palette)
+    (tmp_path / f"{garbled}.png").write_bytes(b"garbled")
+    assert usable_label(dataset, good, tmp_path, "irn")
+    assert not usable_label(dataset, garbled, tmp_path, "irn")
+    assert not (tmp_path / f"{garbled}.png").exists()  # made again by the resumed run, never trained on
+    assert f"{garbled}.png: not a readable label PNG" in caplog.text
+    assert not usable_label(dataset, "no-such-id", tmp_path, "irn")
+
+
+def test_a_batch_larger_than_the_seeded_images_shrinks_to_a_multiple_of_the_processes(monkeypatch):
+    from stages.common import distributed
+    from stages.irn.stage import fitting_batch
+    assert fitting_batch(8, 20) == 8 and fitting_batch(8, 7) == 7
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    assert fitting_batch(8, 7) == 6 and fitting_batch(8, 20) == 8 and fitting_batch(8, 1) == 2
+
+
+def _reference_scores(dataset, ids, folder: Path, ignore_pred: bool) -> tuple[float, float]:
+    """(mIoU over the classes that occur, share of labelled pixels) counted here pixel by pixel,
+    independently of stages/common/metrics.py."""
+    from PIL import Image
+    classes = dataset.info.num_classes + 1
+    inter, union = np.zeros(classes), np.zeros(classes)
+    labelled = total = 0
+    for image_id in ids:
+        pred = np.array(Image.open(folder / f"{image_id}.png"))
+        gt = np.array(Image.open(dataset.mask_path(image_id)))
+        total += pred.size
+        labelled += int((pred != 255).sum())
+        keep = (gt != 255) & ((pred != 255) if ignore_pred else True)
+        p, g = pred[keep], gt[keep]
+        for c in range(classes):
+            inter[c] += ((p == c) & (g == c)).sum()
+            union[c] += ((p == c) | (g == c)).sum()
+    return float((inter[union > 0] / union[union > 0]).mean()), labelled / total
+
+
+def test_stage2_scores_are_those_of_the_written_labels(chain):
+    """seed mIoU (ignoring 255), seed coverage and pseudo-label mIoU are the scores of the PNGs
+    the stages wrote against the masks: a scorer that compared the masks with themselves, or
+    with anything else, fails here (and with it the stage-2 quality margin's meaning)."""
+    from pipeline.config import load_config
+    from pipeline.runner import Pipeline
+    root, workdir, args = chain
+    dataset = PreparedDataset(root)
+    ids = dataset.split("train")
+    pipeline = Pipeline(load_config(DEMO_CONFIG, [a for a in args if a != "-o"]))
+    irn, pseudo = pipeline.artifact("irn"), pipeline.artifact("pseudo")
+    seeds = json.loads((irn / "metrics.json").read_text())
+    miou, coverage = _reference_scores(dataset, ids, irn / "seeds", ignore_pred=True)
+    assert seeds["seed_miou"] == pytest.approx(miou) and seeds["seed_coverage"] == pytest.approx(coverage)
+    labels = json.loads((pseudo / "metrics.json").read_text())
+    miou, coverage = _reference_scores(dataset, ids, pseudo / "pseudo_labels", ignore_pred=False)
+    assert labels["pseudo_miou"] == pytest.approx(miou) and coverage == 1.0
+    assert labels["pseudo_miou"] < 0.99  # a tiny 1-epoch run: perfect labels would mean scoring the masks
+
+
+def test_a_crf_failure_on_one_image_is_listed_and_the_others_go_on(chain, cli, tmp_path, monkeypatch):
+    import stages.irn.stage as irn_stage
+    root, workdir, args = chain
+    workdir2 = shutil.copytree(workdir, tmp_path / "runs")
+    args = [a.replace(str(workdir), str(workdir2)) for a in args]
+    victim = PreparedDataset(root).split("train")[1]
+    real = irn_stage.make_seeds
+
+    def failing(cam, keys, image, *rest):
+        if image is not None and image.shape == PreparedDataset(root).read_image(victim).shape and \
+                np.array_equal(image, PreparedDataset(root).read_image(victim)):
+            raise RuntimeError("simulated CRF failure")
+        return real(cam, keys, image, *rest)
+
+    monkeypatch.setattr(irn_stage, "make_seeds", failing)
+    result = cli("run", "-c", DEMO_CONFIG, "--until", "irn", "--force", "irn", *args)
+    assert result.exit_code == 0, result.output
+    assert f"{victim}: RuntimeError: simulated CRF failure" in result.output
+    irn = artifact(workdir2, "irn")
+    assert json.loads((irn / "manifest.json").read_text())["failures"] == [
+        f"{victim}: RuntimeError: simulated CRF failure"]
+    written = {p.stem for p in (irn / "seeds").glob("*.png")}
+    assert written == set(PreparedDataset(root).split("train")) - {victim}

@@ -87,3 +87,24 @@ def test_a_folder_being_prepared_again_is_not_a_dataset_until_it_is_finished(tin
     assert not any(p.name.startswith(".") for p in (root / "splits").iterdir())  # no temp file left
     writer.write_info()
     assert (root / "dataset.json").is_file()
+
+
+def test_a_mask_or_label_that_does_not_decode_or_fit_its_image_is_a_data_error_naming_it(tmp_path):
+    from data.layout import read_index_png
+    write_dataset(tmp_path / "d")
+    dataset = PreparedDataset(tmp_path / "d")
+    good = dataset.mask_path("i0").read_bytes()
+    dataset.mask_path("i1").write_bytes(b"not a png at all")
+    dataset.mask_path("i2").write_bytes(good[:60])  # truncated
+    for image_id in ["i1", "i2"]:
+        with pytest.raises(DataError, match=f"{re.escape(str(dataset.mask_path(image_id)))}: not a readable label PNG"):
+            dataset.read_mask(image_id)
+        with pytest.raises(DataError, match="not a readable label PNG"):
+            read_index_png(dataset.mask_path(image_id))
+        assert "not a readable label PNG" in dataset.label_problem("i0", dataset.mask_path(image_id))
+    assert dataset.read_mask("i0", (8, 8)).shape == (8, 8)
+    with pytest.raises(DataError, match=r"i0\.png: mask is 8x8 but its image is 6x8"):
+        dataset.read_mask("i0", (8, 6))
+    assert dataset.label_problem("i0", dataset.mask_path("i0")) is None
+    Image.new("L", (5, 8)).save(tmp_path / "narrow.png")
+    assert "label is 5x8 but its image is 8x8" in dataset.label_problem("i0", tmp_path / "narrow.png")

@@ -236,3 +236,59 @@ def test_a_new_prediction_size_reuses_the_trained_segmenter(cli, chain_args, mon
     # pseudo_holdout chooses its checkpoint by predicting with these settings: nothing is reused
     holdout = load_config([DEMO_CONFIG], [*args[3::2], "seg.checkpoint=pseudo_holdout"])
     assert seg_stage.SegStage().inference_settings(holdout) == ()
+
+
+def test_overlay_grid_shows_a_bad_label_or_mask_as_missing(synthetic_dataset, tmp_path, caplog):
+    """A garbled pseudo-label, a seed of another size or a garbled mask cost their picture only."""
+    import shutil
+
+    import torch
+
+    from data.layout import PreparedDataset, write_index_png
+    from pipeline.visualize import draw_grid, grid_images
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_dataset(), root)
+    dataset = PreparedDataset(root)
+    images = grid_images(dataset, dataset.split("train"), 2)
+    (first, _), (second, _) = images
+    for folder in ["pseudo/pseudo_labels", "irn/seeds"]:
+        (tmp_path / folder).mkdir(parents=True)
+        for image_id, _ in images:
+            write_index_png(tmp_path / folder / f"{image_id}.png", dataset.read_mask(image_id), dataset.info.palette)
+    bad_label = tmp_path / "pseudo" / "pseudo_labels" / f"{first}.png"
+    bad_label.write_bytes(b"garbled")
+    bad_seed = tmp_path / "irn" / "seeds" / f"{second}.png"
+    write_index_png(bad_seed, dataset.read_mask(second)[:30], dataset.info.palette)
+    dataset.mask_path(second).write_bytes(b"garbled")
+    artifacts = {"irn": tmp_path / "irn", "pseudo": tmp_path / "pseudo"}
+    grid = draw_grid(dataset, artifacts, "irn", images, tmp_path / "grid.png", torch.device("cpu"))
+    assert grid.is_file()
+    assert f"pseudo-label of {first} shown as missing: {bad_label}: not a readable label PNG" in caplog.text
+    assert f"seeds of {second} shown as missing: {bad_seed}: label is 64x30" in caplog.text
+    assert f"ground truth of {second} shown as missing: {dataset.mask_path(second)}" in caplog.text
+
+
+def test_evaluate_and_visualize_pass_over_garbled_labels_in_the_artifacts(cli, chain_args):
+    args, workdir = chain_args
+    assert cli("run", *args).exit_code == 0
+    from data.layout import PreparedDataset
+    dataset = PreparedDataset(args[3].split("=", 1)[1])
+    shown_id = next(i for i in dataset.split("train") if dataset.label_vector(i).any())  # in the grid
+    found = {line.split()[0]: Path(line.split()[-1]) for line in cli("status", *args).output.splitlines()
+             if "up to date" in line}  # the artifacts of this config (earlier tests made others)
+    garbled = [found["irn"] / "seeds" / f"{shown_id}.png", found["pseudo"] / "pseudo_labels" / f"{shown_id}.png",
+               found["seg"] / "predictions" / f"{dataset.split('val')[0]}.png"]
+    kept = {path: path.read_bytes() for path in garbled}
+    try:
+        for path in garbled:
+            path.write_bytes(b"garbled")
+        result = cli("evaluate", *args)
+        assert result.exit_code == 0, result.output
+        assert "Traceback" not in result.output
+        assert all(f"left out {path}: not a readable label PNG" in result.output for path in garbled)
+        shown = cli("visualize", *args, "--stage", "seg", "--n", "2", "--out", workdir / "grid-garbled.png")
+        assert shown.exit_code == 0, shown.output
+        assert all(f"{path}: not a readable label PNG" in shown.output for path in garbled[:2])
+    finally:
+        for path, content in kept.items():
+            path.write_bytes(content)

@@ -199,10 +199,10 @@ def test_pseudo_holdout_chooses_by_pseudo_labels_without_masks(synthetic_dataset
     read_mask = PreparedDataset.read_mask
     predict_split = SegStage.predict_split
 
-    def guarded_read_mask(self, image_id):
+    def guarded_read_mask(self, image_id, *shape):
         if not scoring["on"]:
             raise AssertionError(f"ground truth of {image_id} read before the model was fixed")
-        return read_mask(self, image_id)
+        return read_mask(self, image_id, *shape)
 
     def scoring_predict_split(self, *args, **kwargs):  # the only place masks may be read
         scoring["on"] = True
@@ -492,3 +492,38 @@ def test_image_scores_cut_short_by_a_kill_are_read_as_none(tmp_path):
     assert read_image_scores(tmp_path) == {}
     (tmp_path / IMAGE_SCORES).write_text('{"a": 0.5}')
     assert read_image_scores(tmp_path) == {"a": 0.5}
+
+
+def test_bad_pseudo_labels_and_masks_are_listed_and_the_others_used(synthetic_dataset, tmp_path):
+    """A pseudo-label that does not decode or fit its image is skipped before training; a mask
+    that does not decode or fit is left out of the scores; both are listed, the stage finishes."""
+    import shutil
+
+    from PIL import Image
+    root = shutil.copytree(synthetic_dataset(n=24, size=64), tmp_path / "data")
+    dataset = PreparedDataset(root)
+    pseudo = make_pseudo(root, tmp_path / "pseudo")
+    train, val = dataset.split("train")[:8], dataset.split("val")[:8]
+    labels = [pseudo / "pseudo_labels" / f"{i}.png" for i in train[:3]]
+    labels[0].write_bytes(b"garbled")
+    labels[1].write_bytes(labels[1].read_bytes()[:70])
+    Image.new("P", (32, 64)).save(labels[2])
+    masks = [dataset.mask_path(val[0]), dataset.mask_path(val[1])]
+    masks[0].write_bytes(b"garbled")
+    Image.new("L", (64, 32)).save(masks[1])
+
+    items, skipped = pseudo_label_items(dataset, train, pseudo / "pseudo_labels")
+    assert [i for i, _ in items] == train[3:] and [s.split(":")[0] for s in skipped] == [str(p) for p in labels]
+    assert "label is 32x64 but its image is 64x64" in skipped[2]
+
+    _, result = run_seg(root, pseudo, tmp_path / "out", "seg.epochs=1", limit=8)
+    assert result.metrics["seg_trained_images"] == 5 and result.metrics["seg_skipped_images"] == 3
+    assert result.metrics["seg_val_scored_images"] == len(val) - 2 and result.metrics["seg_train_scored_images"] == 8
+    assert [f.split(":")[0] for f in result.failures] == [str(p) for p in labels + masks]
+    assert "mask is 64x32 but its image is 64x64" in result.failures[-1]
+    assert (tmp_path / "out" / "model.pt").is_file()
+
+    (tmp_path / "out" / "predictions" / f"{val[2]}.png").write_bytes(b"garbled")
+    cfg = load_config(None, [f"data.root={root}", *FAST_SEG])
+    rescored = SegStage().evaluate(cfg, dataset, tmp_path / "out")  # `wss evaluate`
+    assert rescored["seg_val_scored_images"] == len(val) - 3

@@ -137,8 +137,54 @@ def test_reuse_trained_loads_the_weights_and_the_epoch_log_or_names_a_broken_fil
     for name, weights in trained.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], weights)
     (twin / "model.pt").write_bytes(b"cut short")
-    with pytest.raises(WssError, match=r"cannot reuse the model in .*model\.pt.*--force"):
+    with pytest.raises(WssError, match=r"model\.pt: unreadable model \(UnpicklingError.*; recompute it with wss run "
+                                       r"--force cam$"):
         reuse_trained(fresh, twin, "model.pt", out, "cam")
     (twin / "model.pt").unlink()
     with pytest.raises(WssError, match="FileNotFoundError"):
         reuse_trained(fresh, twin, "model.pt", out, "cam")
+
+
+def test_resume_from_an_unreadable_checkpoint_warns_and_trains_from_the_start(tmp_path, caplog):
+    """A checkpoint garbled in the .partial folder costs the epochs trained, not the run."""
+    straight = train(tmp_path / "straight")
+    out = tmp_path / "out"
+    train(out)
+    (out / training.CHECKPOINT).write_bytes(b"garbled")
+    resumed = train(out, resume=True)
+    assert "checkpoint.pt: unreadable checkpoint (UnpicklingError" in caplog.text
+    assert "training from the start" in caplog.text
+    for name, weights in straight.items():
+        torch.testing.assert_close(resumed[name], weights, rtol=0, atol=0, msg=name)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def garbled_model(folder, content: bytes):
+    folder.mkdir(exist_ok=True)
+    (folder / "model.pt").write_bytes(content)
+    return folder
+
+
+@pytest.mark.parametrize("content, reason", [(b"garbled bytes", "UnpicklingError"),
+                                             (b"PK\x03\x04 cut short", "PytorchStreamReader")])
+@pytest.mark.parametrize("loader, what, stage", [
+    ("cam", "cam model", "cam"), ("irn_backbone", "cam model", "cam"), ("seg_encoder", "cam model", "cam"),
+    ("irn", "IRN model", "irn")])
+def test_an_unreadable_model_file_is_one_line_naming_it_and_the_stage_to_recompute(
+        tmp_path, content, reason, loader, what, stage):
+    from stages.base import StageInputError
+    from stages.cam.stage import load_cam_net
+    from stages.irn.net import build_backbone
+    from stages.irn.stage import load_boundary_net
+    from stages.seg.model import build_segmenter, load_cam_encoder
+    artifact = garbled_model(tmp_path / "artifact", content)
+    load = {"cam": lambda: load_cam_net(artifact, torch.device("cpu")),
+            "irn_backbone": lambda: build_backbone("resnet18", "cam", artifact, None),
+            "seg_encoder": lambda: load_cam_encoder(build_segmenter("Unet", "resnet18", None, 2), artifact, "resnet18"),
+            "irn": lambda: load_boundary_net(artifact, torch.device("cpu"))}[loader]
+    with pytest.raises(StageInputError) as raised:
+        load()
+    message = str(raised.value)
+    assert message.startswith(f"{artifact / 'model.pt'}: unreadable {what} (") and reason in message
+    assert message.endswith(f"; recompute it with wss run --force {stage}") and "\n" not in message

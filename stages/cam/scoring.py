@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from data.layout import PreparedDataset
-from stages.cam.infer import CAM_STRIDE, cam_to_label, load_cam, upsample_cam, write_cam_files
-from stages.cam.stage import load_cam_net
+from stages.cam.infer import CAM_STRIDE, cam_to_label, load_cam, write_cam_files
+from stages.cam.stage import load_cam_net, read_scored_cam
 from stages.common.localization import LocalizationCase, localization_accuracy
 from stages.common.metrics import ConfusionMatrix
 
@@ -46,12 +46,10 @@ def threshold_sweep(dataset: PreparedDataset, ids: list[str], cam_dir: Path,
     """mIoU (background + classes) of the CAMs of `ids` at every background threshold."""
     matrices = {t: ConfusionMatrix(dataset.info.num_classes + 1) for t in thresholds}
     for image_id in ids:
-        gt = dataset.read_mask(image_id)
-        path = cam_dir / f"{image_id}.npz"
-        if gt is None or not path.is_file():
+        pair = read_scored_cam(dataset, image_id, cam_dir)
+        if pair is None:
             continue
-        cam, keys, size = load_cam(path)
-        full = upsample_cam(cam, size)
+        (full, keys), gt = pair
         for t, matrix in matrices.items():
             matrix.update(cam_to_label(full, keys, t), gt)
     return {t: float(m.miou()) for t, m in matrices.items() if m.counts.sum() > 0}

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data.datasets import ClassificationDataset, SafeImageDataset, first_item
+from data.errors import DataError
 from data.layout import PreparedDataset
 from data.transforms import normalize_batch, uint8_tensor
 from stages.base import StageResult, section_dict, source_hash, weights_file_stamp
@@ -19,9 +20,9 @@ from stages.cam.infer import CamFileError, cam_to_label, load_cam, upsample_cam,
 from stages.cam.methods import build_cam_net
 from stages.common import distributed
 from stages.common.metrics import (BinarySegmentationScores, ConfusionMatrix, classification_scores,
-                                   per_class_table)
+                                   left_out_of_scores, per_class_table)
 from stages.common.runtime import resolve_device, seed_everything, worker_count
-from stages.common.training import (CHECKPOINT, fit, reuse_trained, save_atomic, train_settings,
+from stages.common.training import (CHECKPOINT, fit, load_saved, reuse_trained, save_atomic, train_settings,
                                      unused_training_settings)
 
 log = logging.getLogger("wss.cam")
@@ -32,7 +33,7 @@ BOXED_CAMS = "boxed_cams"  # NIH: CAMs of the images with boxes (test split), fo
 def load_cam_net(artifact: Path, device: torch.device):
     """The trained classifier of a cam artifact (used by this stage, irn, compare)."""
     from stages.cam.config import CamConfig
-    state = torch.load(artifact / MODEL_FILE, map_location="cpu", weights_only=False)
+    state = load_saved(artifact / MODEL_FILE, "cam model", "cam")
     cfg = CamConfig(**state["config"])
     model = build_cam_net(cfg, len(state["classes"]), weights=None)
     model.load_state_dict(state["model"])
@@ -109,7 +110,8 @@ class CamStage:
                                         device, cfg.run.workers)
         failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its CAMs
         if distributed.is_main():
-            metrics.update(evaluate_cams(dataset, train_ids, out / "cams", section.eval_bg_threshold))
+            metrics.update(evaluate_cams(dataset, train_ids, out / "cams", section.eval_bg_threshold,
+                                         failures))
             metrics.update(localization_metrics(dataset, boxed, out / BOXED_CAMS))
             (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
             log.info("cam metrics on split %r:\n%s", cfg.data.train_split, per_class_table(metrics, "cam_", dataset))
@@ -161,22 +163,19 @@ class CamStage:
         return failures
 
 
-def evaluate_cams(dataset: PreparedDataset, ids: list[str], cam_dir: Path, bg_threshold: float) -> dict:
-    """CAM mIoU (and per-class IoU; binary: Dice) on the images of `ids` that have masks."""
+def evaluate_cams(dataset: PreparedDataset, ids: list[str], cam_dir: Path, bg_threshold: float,
+                  failures: list[str] | None = None) -> dict:
+    """CAM mIoU (and per-class IoU; binary: Dice) on the images of `ids` that have masks. An
+    unreadable CAM or mask, or a mask of another size, is left out and listed in `failures`."""
     matrix = ConfusionMatrix(dataset.info.num_classes + 1)
     binary = BinarySegmentationScores() if dataset.task == "binary" else None
     scored = 0
     for image_id in tqdm(ids, desc="cam evaluate", unit="img", leave=False):
-        gt = dataset.read_mask(image_id)
-        path = cam_dir / f"{image_id}.npz"
-        if gt is None or not path.is_file():
+        pair = read_scored_cam(dataset, image_id, cam_dir, failures)
+        if pair is None:
             continue
-        try:
-            cam, keys, size = load_cam(path)
-        except CamFileError as error:
-            log.warning("cam evaluate: skipped %s", error)
-            continue
-        pred = cam_to_label(upsample_cam(cam, size), keys, bg_threshold)
+        (cam, keys), gt = pair
+        pred = cam_to_label(cam, keys, bg_threshold)
         matrix.update(pred, gt)
         if binary is not None:
             binary.update(pred, gt)
@@ -188,6 +187,21 @@ def evaluate_cams(dataset: PreparedDataset, ids: list[str], cam_dir: Path, bg_th
         metrics.update({f"cam_{k}": float(v) for k, v in binary.summary().items()})
     metrics["cam_scored_images"] = scored
     return metrics
+
+
+def read_scored_cam(dataset: PreparedDataset, image_id: str, cam_dir: Path, failures: list[str] | None = None):
+    """((CAM at full size, keys), ground truth) of one image, or None where the mask or the CAM
+    is missing, or either is unreadable or their sizes differ (stages.common.metrics.left_out_of_scores)."""
+    path = cam_dir / f"{image_id}.npz"
+    if not dataset.has_mask(image_id) or not path.is_file():
+        return None
+    try:
+        cam, keys, size = load_cam(path)
+        gt = dataset.read_mask(image_id, size)
+    except (CamFileError, DataError) as error:
+        left_out_of_scores(error, failures)
+        return None
+    return (upsample_cam(cam, size), keys), gt
 
 
 def boxed_images(dataset: PreparedDataset) -> dict[str, list]:

@@ -14,15 +14,42 @@ Conventions shared by the whole module:
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from data.errors import DataError
+from data.layout import read_index_png
 
 IGNORE_INDEX = 255
+log = logging.getLogger("wss.scoring")
+
+
+def left_out_of_scores(error: Exception, failures: list[str] | None = None) -> None:
+    """Report an image that cannot be scored (a mask or prediction that does not decode, or
+    sizes that differ): logged, and listed in the stage's `failures` where there is one. The
+    caller scores the other images, so one bad file never costs the stage's output."""
+    log.warning("scoring: left out %s", error)
+    if failures is not None:
+        failures.append(f"{error}; left out of the scores")
+
+
+def read_scored_pair(dataset, image_id: str, pred_path: Path, failures: list[str] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(prediction, ground truth) of one image from a label PNG and the dataset's mask, or None
+    where either is missing, or unreadable or of other sizes (see left_out_of_scores)."""
+    if not dataset.has_mask(image_id) or not Path(pred_path).is_file():
+        return None
+    try:
+        pred = read_index_png(pred_path)
+        return pred, dataset.read_mask(image_id, pred.shape)
+    except DataError as error:
+        left_out_of_scores(error, failures)
+        return None
 
 
 def _to_numpy(array: Any) -> np.ndarray:

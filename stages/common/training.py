@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from data.errors import WssError
 from data.layout import write_text_atomic
+from stages.base import StageInputError
 from stages.common import distributed
 from stages.common.runtime import autocast, worker_count
 
@@ -220,24 +220,47 @@ def rewrite_epoch_log(path: Path, desc: str, history: list[dict]) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
+def load_saved(path: Path, what: str, stage: str | None, model: torch.nn.Module | None = None,
+               map_location="cpu") -> dict:
+    """torch.load a dict a stage saved ({"model": state dict, ...}: a model.pt, a checkpoint)
+    and, given `model`, load its weights into it. A garbled or cut-short file (a full disk, an
+    interrupted copy) or weights that do not fit raise StageInputError in one line naming the
+    file and, given the `stage` that made it, how to recompute it; never a traceback."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+        if model is not None:
+            model.load_state_dict(state["model"])
+    except Exception as error:  # UnpicklingError, zip archive errors, EOFError, missing keys, ...
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        advice = f"; recompute it with wss run --force {stage}" if stage else ""
+        raise StageInputError(f"{path}: unreadable {what} ({type(error).__name__}: {first_line}){advice}") from None
+    return state
+
+
 def reuse_trained(model: torch.nn.Module, twin: Path, model_file: str, out: Path, desc: str) -> list[dict]:
     """Load into `model` the weights that `twin`, an artifact trained with the same settings (its
     key differs in inference settings only), saved as {"model": state dict, ...} in `model_file`,
     and copy its epoch log. Returns the log as fit's history: training is skipped."""
     log.info("%s: reusing the model trained in %s (same training settings, other inference settings): "
              "no training", desc, twin)
-    try:
-        state = torch.load(twin / model_file, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as error:
-        raise WssError(f"{desc}: cannot reuse the model in {twin / model_file} ({type(error).__name__}: "
-                       f"{str(error).splitlines()[0] if str(error) else ''}); train anew with --force "
-                       f"(`wss run --force {desc}`)") from None
+    load_saved(twin / model_file, "model", desc, model)
     epoch_log = twin / "metrics.jsonl"
     lines = [line for line in epoch_log.read_text().splitlines() if line.strip()] if epoch_log.is_file() else []
     if distributed.is_main() and lines:
         write_text_atomic(out / "metrics.jsonl", "".join(line + "\n" for line in lines))
     return [json.loads(line) for line in lines]
+
+
+def read_checkpoint(path: Path, device: torch.device, desc: str) -> dict | None:
+    """The checkpoint `--resume` continues from, or None: there is none, or it is unreadable (a
+    kill while the disk was full), which costs the epochs trained so far but not the run."""
+    if not path.is_file():
+        return None
+    try:
+        return load_saved(path, "checkpoint", None, map_location=device)
+    except StageInputError as error:
+        log.warning("%s: %s; training from the start", desc, error)
+        return None
 
 
 def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float]],
@@ -260,16 +283,16 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
     total_steps = steps * settings.epochs
     start_epoch, history = 0, []
     checkpoint_path = out / CHECKPOINT
-    if resume and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+    state = read_checkpoint(checkpoint_path, device, desc) if resume else None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         log.info("%s: resumed after epoch %d of %d", desc, start_epoch, settings.epochs)
         if distributed.is_main():
             rewrite_epoch_log(out / "metrics.jsonl", desc, history)
-    elif resume and distributed.is_main():  # no checkpoint (none yet, or the stage finished and was
-        rewrite_epoch_log(out / "metrics.jsonl", desc, [])  # killed before its commit): a fresh log
+    elif resume and distributed.is_main():  # no usable checkpoint (none yet, an unreadable one, or the
+        rewrite_epoch_log(out / "metrics.jsonl", desc, [])  # stage finished and was killed before its commit)
     net = model
     if distributed.active():  # DDP starts every rank from rank 0's weights, resumed or not
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

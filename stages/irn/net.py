@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from stages.common.backbones import STAGE_STRIDES, ResNetFeatures, upsample_cells
+from stages.common.training import load_saved
 
 BRANCH_CHANNELS = 32
 
@@ -81,7 +82,7 @@ def build_backbone(name: str, init: str, cam_artifact: Path | None, weights: str
         if not path.is_file():
             raise StageInputError(f"irn: the cam artifact {cam_artifact} has no {MODEL_FILE}")
         backbone = ResNetFeatures(name, weights=None)
-        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+        state = load_saved(path, "cam model", "cam")["model"]
         trunk = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         backbone.load_state_dict(trunk)
         return backbone

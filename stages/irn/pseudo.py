@@ -28,7 +28,7 @@ from stages.common import distributed
 from stages.common.runtime import resolve_device, worker_count
 from stages.irn.random_walk import random_walk
 from stages.irn.crf_pool import CrfPool, planes_to_label
-from stages.irn.stage import evaluate_labels, irn_fields, load_boundary_net
+from stages.irn.stage import evaluate_labels, irn_fields, load_boundary_net, usable_label
 
 log = logging.getLogger("wss.pseudo")
 
@@ -87,7 +87,7 @@ class PseudoLabelStage:
 
         failures, walk_seconds = [], []
         # a label is written whole and after its boundary map, so those a resumed run finds are kept
-        todo = [i for i in distributed.shard(ids) if not (label_dir / f"{i}.png").is_file()]
+        todo = [i for i in distributed.shard(ids) if not usable_label(dataset, i, label_dir, "pseudo")]
         loader = DataLoader(SafeImageDataset(dataset, todo), batch_size=1, collate_fn=first_item,
                             num_workers=min(2, worker_count(cfg.run.workers)))
         with CrfPool(worker_count(cfg.run.workers) if refine else 0) as crf_pool:
@@ -119,7 +119,7 @@ class PseudoLabelStage:
         walk_seconds = distributed.all_ranks_list(walk_seconds)
         metrics = {}
         if distributed.is_main():
-            metrics = evaluate_labels(dataset, ids, label_dir, "pseudo_", ignore_pred=False)
+            metrics = evaluate_labels(dataset, ids, label_dir, "pseudo_", ignore_pred=False, failures=failures)
             metrics["pseudo_images"] = sum(1 for _ in label_dir.glob("*.png"))
             if walk_seconds:
                 metrics["walk_seconds_per_image"] = float(np.mean(walk_seconds))

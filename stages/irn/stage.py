@@ -16,16 +16,17 @@ import torch
 
 from data.datasets import LabelMapDataset
 from data.errors import WssError
-from data.layout import PreparedDataset, read_index_png, write_index_png
+from data.layout import PreparedDataset, write_index_png
 from data.prepare_report import parallel_map
 from data.transforms import normalize_batch
 from stages.base import StageInputError, StageResult, section_dict, source_hash
 from stages.cam.infer import CAM_STRIDE, load_cam, upsample_cam
 from stages.common import distributed
 from stages.common.crf import CrfParams
-from stages.common.metrics import ConfusionMatrix
+from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, read_scored_pair
 from stages.common.runtime import resolve_device, seed_everything, worker_count
-from stages.common.training import CHECKPOINT, fit, save_atomic, train_settings, unused_training_settings
+from stages.common.training import (CHECKPOINT, fit, load_saved, save_atomic, train_settings,
+                                     unused_training_settings)
 from stages.irn.affinity import affinity_labels, affinity_loss, edge_to_affinity
 from stages.irn.config import PSEUDO, IrnConfig
 from stages.irn.net import BoundaryNet, build_backbone
@@ -81,19 +82,44 @@ def write_seed(image_id: str, root: str, cam_dir: str, seed_dir: str, fg: float,
         return image_id, f"{image_id}: {type(error).__name__}: {error}"
 
 
+def fitting_batch(batch_size: int, images: int) -> int:
+    """The batch for `images` seeded images (fewer than `batch_size` after --limit or
+    positive_only): all of them, down to a multiple of the process count under torchrun, as
+    per_process_batch needs; the configured batch itself must split (checked there)."""
+    if images >= batch_size:
+        return batch_size
+    world = distributed.world_size()
+    return max(world, images - images % world)
+
+
+def usable_label(dataset: PreparedDataset, image_id: str, label_dir: Path, stage: str) -> bool:
+    """Whether a resumed run can keep the label map it finds for `image_id`; a garbled one (a
+    bad disk, a file edited by hand) is logged and removed, to be made again rather than
+    trained on (or left there, should making it fail)."""
+    path = label_dir / f"{image_id}.png"
+    if not path.is_file():
+        return False
+    problem = dataset.label_problem(image_id, path)
+    if problem is None:
+        return True
+    log.warning("%s: %s; making it again", stage, problem)
+    path.unlink()
+    return False
+
+
 def evaluate_labels(dataset: PreparedDataset, ids: list[str], label_dir: Path, prefix: str,
-                    ignore_pred: bool) -> dict:
-    """mIoU (+ per-class IoU, coverage) of label PNGs against the masks that exist (evaluation only)."""
-    from stages.common.metrics import BinarySegmentationScores
+                    ignore_pred: bool, failures: list[str] | None = None) -> dict:
+    """mIoU (+ per-class IoU, coverage) of label PNGs against the masks that exist (evaluation
+    only). A label or mask that does not decode, or the two of other sizes, is left out and
+    listed in `failures`."""
     matrix = ConfusionMatrix(dataset.info.num_classes + 1)
     binary = BinarySegmentationScores() if dataset.task == "binary" and not ignore_pred else None
     scored = 0
     for image_id in ids:
-        path = label_dir / f"{image_id}.png"
-        gt = dataset.read_mask(image_id)
-        if gt is None or not path.is_file():
+        pair = read_scored_pair(dataset, image_id, label_dir / f"{image_id}.png", failures)
+        if pair is None:
             continue
-        pred = read_index_png(path)
+        pred, gt = pair
         matrix.update(pred, gt, ignore_pred=ignore_pred)
         if binary is not None:
             binary.update(pred, gt)
@@ -125,7 +151,7 @@ def affinity_step(radius: int):
 
 
 def load_boundary_net(artifact: Path, device: torch.device) -> BoundaryNet:
-    state = torch.load(Path(artifact) / MODEL_FILE, map_location="cpu", weights_only=False)
+    state = load_saved(Path(artifact) / MODEL_FILE, "IRN model", "irn")
     from stages.common.backbones import ResNetFeatures
     model = BoundaryNet(ResNetFeatures(state["backbone"], weights=None), freeze_backbone=False)
     model.load_state_dict(state["model"])
@@ -178,7 +204,7 @@ class IrnStage:
                                   f"({len(failures)} failures, first: {failures[:1]})")
         metrics = {}
         if distributed.is_main():
-            metrics = evaluate_labels(dataset, seeded, seed_dir, "seed_", ignore_pred=True)
+            metrics = evaluate_labels(dataset, seeded, seed_dir, "seed_", ignore_pred=True, failures=failures)
         metrics = distributed.broadcast(metrics)
         log.info("irn: seeds for %d images (mIoU %.4f ignoring 255, coverage %.3f); training on %d",
                  len(seeded), metrics.get("seed_miou", float("nan")), metrics.get("seed_coverage", float("nan")),
@@ -191,7 +217,7 @@ class IrnStage:
             raise WssError(f"irn.crop_size must be a multiple of {CAM_STRIDE}, got {section.crop_size}")
         train_set = LabelMapDataset(dataset, train_ids, seed_dir, section.resize_long, section.crop_size,
                                     cfg.run.seed, label_stride=CAM_STRIDE)
-        settings = train_settings(section, cfg.run, batch_size=min(section.batch_size, len(train_ids)))
+        settings = train_settings(section, cfg.run, batch_size=fitting_batch(section.batch_size, len(train_ids)))
         history = fit(model, train_set, model.param_groups(section.head_lr_mult), affinity_step(section.radius),
                       settings, device, out, resume=resume, desc="irn")
         if history:
@@ -211,7 +237,7 @@ class IrnStage:
         job = functools.partial(write_seed, root=str(dataset.root), cam_dir=str(cam_dir), seed_dir=str(seed_dir),
                                 fg=section.conf_fg_threshold, bg=section.conf_bg_threshold,
                                 crf=section.crf if section.use_crf else None)
-        todo = [i for i in ids if not (seed_dir / f"{i}.png").is_file()]
+        todo = [i for i in ids if not usable_label(dataset, i, seed_dir, "irn")]
         failures = []
         for image_id, error in parallel_map(job, todo, worker_count(workers), distributed.is_main(), "irn seeds",
                                             start_method="spawn",
@@ -226,4 +252,4 @@ class IrnStage:
         return evaluate_labels(dataset, ids, artifact / "seeds", "seed_", ignore_pred=True)
 
 
-__all__ = ["IrnStage", "irn_fields", "evaluate_labels", "load_boundary_net", "PSEUDO"]
+__all__ = ["IrnStage", "irn_fields", "evaluate_labels", "usable_label", "load_boundary_net", "PSEUDO"]

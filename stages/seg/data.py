@@ -7,8 +7,7 @@ import numpy as np
 import torch
 
 from data.datasets import AugmentedDataset
-from data.errors import DataError
-from data.layout import IGNORE_INDEX, PreparedDataset, read_index_png
+from data.layout import IGNORE_INDEX, PreparedDataset, read_label_map
 from data.transforms import train_augment, uint8_tensor
 
 
@@ -17,13 +16,18 @@ def pseudo_label_items(dataset: PreparedDataset, ids: list[str], label_dir: Path
     """(id, pseudo-label path or None) to train on, and the ids left out with the reason.
 
     None means "all background": in a binary dataset an image labelled negative has no
-    pseudo-label because there is nothing to find in it. Any other image without one is skipped.
+    pseudo-label because there is nothing to find in it. Any other image without one, or whose
+    pseudo-label does not decode or fit its image, is skipped.
     """
     items, failures = [], []
     for image_id in ids:
         path = label_dir / f"{image_id}.png"
         if path.is_file():
-            items.append((image_id, path))
+            problem = dataset.label_problem(image_id, path)
+            if problem is None:
+                items.append((image_id, path))
+            else:
+                failures.append(f"{problem}; skipped")
         elif dataset.task == "binary" and not dataset.label_vector(image_id).any():
             items.append((image_id, None))
         else:
@@ -35,15 +39,7 @@ def read_pseudo_label(path: Path | None, shape: tuple[int, int], num_classes: in
     """Class indices (0..num_classes, 255) of a pseudo-label, all zeros for None; checked values."""
     if path is None:
         return np.zeros(shape, np.uint8)
-    label = read_index_png(path)
-    if label.shape != tuple(shape):
-        raise DataError(f"{path}: pseudo-label is {label.shape[1]}x{label.shape[0]} but its image is "
-                        f"{shape[1]}x{shape[0]}")
-    bad = (label > num_classes) & (label != IGNORE_INDEX)
-    if bad.any():
-        raise DataError(f"{path}: pseudo-label holds value {int(label[bad][0])}, not a class index "
-                        f"0..{num_classes} nor {IGNORE_INDEX}")
-    return label
+    return read_label_map(path, shape, num_classes)
 
 
 class PseudoLabelDataset(AugmentedDataset):

@@ -17,7 +17,7 @@ from data.errors import WssError
 from data.transforms import normalize, resize_long
 from stages.common.backbones import read_weights_file
 from stages.common.runtime import autocast
-from stages.common.training import save_atomic
+from stages.common.training import load_saved, save_atomic
 
 MODEL_FILE = "model.pt"
 PAD_MULTIPLE = 32  # smp encoders downsample 5 times: inputs must be divisible by 32
@@ -80,7 +80,7 @@ def load_cam_encoder(model: torch.nn.Module, cam_artifact: Path, encoder: str) -
     path = Path(cam_artifact) / MODEL_FILE
     if not path.is_file():
         raise SegModelError(f"seg.encoder_weights: cam, but the cam artifact {cam_artifact} has no {MODEL_FILE}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_saved(path, "cam model", "cam")
     backbone = state["config"].get("backbone")
     if backbone != encoder:
         raise SegModelError(f"seg.encoder_weights: cam needs seg.encoder to be the classifier's backbone "

@@ -18,13 +18,13 @@ from tqdm.auto import tqdm
 
 from data.datasets import SafeImageDataset, first_item
 from data.errors import WssError
-from data.layout import PreparedDataset, read_index_png, write_index_png, write_text_atomic
+from data.layout import PreparedDataset, write_index_png, write_text_atomic
 from data.transforms import normalize_batch
 from stages.base import StageInputError, StageResult, section_dict, source_hash, weights_file_stamp
 from stages.common import distributed
-from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, per_class_table
+from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, per_class_table, read_scored_pair
 from stages.common.runtime import resolve_device, seed_everything, worker_count
-from stages.common.training import (CHECKPOINT, fit, reuse_trained, save_atomic, train_settings,
+from stages.common.training import (CHECKPOINT, fit, load_saved, reuse_trained, save_atomic, train_settings,
                                      unused_training_settings)
 from stages.seg.data import PseudoLabelDataset, pseudo_label_items, read_pseudo_label
 from stages.seg.losses import SegLoss
@@ -176,7 +176,7 @@ class SegStage:
         if distributed.is_main():
             if dataset.task == "binary":
                 write_text_atomic(out / IMAGE_SCORES, json.dumps({**read_image_scores(out), **image_scores}))
-            metrics = score_predictions(dataset, ids, out, f"seg_{split}_")
+            metrics = score_predictions(dataset, ids, out, f"seg_{split}_", failures)
         return distributed.broadcast(metrics), failures
 
 
@@ -200,14 +200,17 @@ def check_crop_size(section, multiple: int) -> None:
                             f"got {crop}; use {nearest}")
 
 
-def score_predictions(dataset: PreparedDataset, ids: list[str], artifact: Path, prefix: str) -> dict:
-    """Scores of the predictions/<id>.png of `ids` that exist, against the masks that exist."""
+def score_predictions(dataset: PreparedDataset, ids: list[str], artifact: Path, prefix: str,
+                      failures: list[str] | None = None) -> dict:
+    """Scores of the predictions/<id>.png of `ids` that exist, against the masks that exist. A
+    prediction or mask that does not decode, or the two of other sizes, is left out and listed
+    in `failures`."""
     image_scores = read_image_scores(artifact)
     scorer = SplitScorer(dataset)
     for image_id in ids:
-        path = artifact / PREDICTIONS / f"{image_id}.png"
-        if path.is_file():
-            scorer.update(read_index_png(path), dataset.read_mask(image_id), image_scores.get(image_id))
+        pair = read_scored_pair(dataset, image_id, artifact / PREDICTIONS / f"{image_id}.png", failures)
+        if pair is not None:
+            scorer.update(*pair, image_scores.get(image_id))
     return scorer.metrics(prefix)
 
 
@@ -238,8 +241,11 @@ class HoldoutTracker:
         self.model, self.dataset, self.items, self.section = model, dataset, items, section
         self.device, self.path = device, path
         self.state = {"scores": {}, "best_epoch": None, "best_model": None}
-        if path.is_file():
-            self.state = torch.load(path, map_location="cpu", weights_only=False)
+        if path.is_file():  # a resumed run: the epochs scored before (an unreadable file: from here on)
+            try:
+                self.state = load_saved(path, "held-out scores", None)
+            except StageInputError as error:
+                log.warning("seg: %s; the epochs trained before are not candidates", error)
 
     @torch.no_grad()
     def score_epoch(self, epoch: int) -> None:
