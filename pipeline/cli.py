@@ -33,9 +33,10 @@ class WssGroup(click.Group):
             click.echo(f"error: {error}", err=True)
             ctx.exit(2)
         except OSError as error:
-            if error.errno not in UNWRITABLE or not error.filename:
+            if error.errno not in UNWRITABLE:
                 raise
-            click.echo(f"error: cannot write {error.filename}: {error.strerror}", err=True)
+            where = f" {error.filename}" if error.filename else ""
+            click.echo(f"error: cannot write{where}: {error.strerror}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo(f"interrupted: {AFTER_INTERRUPT.get(ctx.invoked_subcommand, 'nothing was lost')}", err=True)

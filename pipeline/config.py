@@ -187,9 +187,9 @@ def set_dotted(raw: dict, key: str, value: Any, where: str, config: Config | Non
         node = child
         current = value_now if dataclasses.is_dataclass(value_now) else None
     last = parts[-1]
-    if isinstance(value, dict) and isinstance(node.get(last), dict) and \
-            dataclasses.is_dataclass(getattr(current, last, None) if current is not None else None):
-        value = {**node[last], **value}  # a nested section (irn.crf) merges key by key, as in a file
+    target = getattr(current, last, None) if current is not None else None
+    if isinstance(value, dict) and isinstance(node.get(last), dict) and dataclasses.is_dataclass(target):
+        value = deep_merge(node[last], value, type(target))  # a section merges key by key, as in a file
     node[last] = value
 
 

@@ -259,6 +259,9 @@ class Pipeline:
         forced_from = min((order.index(s) for s in force if s in order), default=len(order))
         for i, name in enumerate(order):
             preflight = getattr(self.stage(name), "preflight", None)
-            if preflight is not None and (i >= forced_from or self.store.complete(self.key(name)) is None):
+            if preflight is None:
+                continue
+            # a stage that reuses a trained twin's model builds nothing anew (no download either)
+            if i >= forced_from or (self.store.complete(self.key(name)) is None and self.trained_twin(name) is None):
                 preflight(self.cfg, self.dataset)
         return [self.run_stage(name, force=i >= forced_from, resume=resume) for i, name in enumerate(order)]

@@ -173,8 +173,9 @@ def test_mapping_settings_are_replaced_whole_and_sections_merge(tmp_path):
         assert cfg.seg.losses == {"lovasz": 1.0} and cfg.seg.epochs == 3
         assert cfg.irn.crf.gauss_sxy == 4 and cfg.irn.crf.bilateral_sxy == 13
     assert load_config(top, ["seg.losses={focal: 2}"]).seg.losses == {"focal": 2.0}
-    crf = load_config(top, ["irn.crf={gauss_sxy: 5}"]).irn.crf  # -o merges a nested section as a file does
-    assert crf.gauss_sxy == 5 and crf.bilateral_sxy == 13
+    for override in ["irn.crf={gauss_sxy: 5}", "irn={crf: {gauss_sxy: 5}}"]:  # -o merges as a file does
+        crf = load_config(top, [override]).irn.crf
+        assert crf.gauss_sxy == 5 and crf.bilateral_sxy == 13, override
 
 
 def test_a_dotted_key_inside_a_mapping_setting_changes_one_entry(tmp_path):

@@ -218,7 +218,11 @@ def test_a_new_prediction_size_reuses_the_trained_segmenter(cli, chain_args, mon
     def no_training(*a, **k):
         raise RuntimeError("trained again")
 
+    def no_preflight(*a, **k):  # it would build (and with encoder_weights: imagenet, download) the model
+        raise RuntimeError("checked the settings of a model that is reused")
+
     monkeypatch.setattr(seg_stage, "fit", no_training)
+    monkeypatch.setattr(seg_stage.SegStage, "preflight", no_preflight)
     result = cli("run", *args, "-o", "seg.predict_size=96")
     assert result.exit_code == 0, result.output + str(result.exception)
     assert states(result.output) == {"cam": "cache hit", "irn": "cache hit", "pseudo": "cache hit", "seg": "ran"}

@@ -35,3 +35,32 @@ def test_a_manifest_that_cannot_be_rewritten_only_warns(tmp_path, caplog):
     store = ArtifactStore(tmp_path, "synthetic")
     assert store.update_manifest(tmp_path / "gone" / "cam-0123456789ab", metrics={"cam_miou": 0.5}) is False
     assert "could not record metrics" in caplog.text
+
+
+def test_a_full_disk_while_saving_a_model_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    """torch.save reports a full disk as RuntimeError("... unexpected pos ..."); the half-written
+    temporary file goes, and the CLI prints the OSError in one line."""
+    import torch
+
+    from stages.common.training import save_atomic
+
+    def full(obj, path):
+        open(path, "wb").write(b"x" * 10)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 519808 vs 519704")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError) as error:
+        save_atomic({"model": {}}, tmp_path / "model.pt")
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(tmp_path / "model.pt")
+    assert "is the disk full?" in error.value.strerror and list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_without_a_file_name_is_one_line_too(cli, monkeypatch, tiny_synthetic, tmp_path):
+    from pipeline.runner import Pipeline
+
+    def full(self, cfg):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Pipeline, "__init__", full)
+    result = cli("run", "-c", "configs/demo.yaml", "-o", f"data.root={tiny_synthetic}", "-o", f"run.workdir={tmp_path}")
+    assert result.exit_code == 2 and "error: cannot write: No space left on device" in result.output

@@ -81,9 +81,9 @@ class CamStage:
         dataset.check_images_open(train_ids)
         twin = inputs.get("trained")
         if twin is None:
-            if section.freeze_bn and not section.weights:
-                log.warning("cam: freeze_bn without pretrained weights normalises with untrained BatchNorm "
-                            "statistics (mean 0, variance 1)")
+            if (section.freeze_bn or section.frozen_stages >= 0) and not section.weights:
+                log.warning("cam: frozen_stages / freeze_bn keep parts of a randomly initialised trunk as "
+                            "they are (cam.weights is null): they are meant for pretrained weights")
             model = build_cam_net(section, dataset.info.num_classes)
             train_set = ClassificationDataset(dataset, train_ids, section.resize_long, section.crop_size,
                                               cfg.run.seed)

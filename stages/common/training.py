@@ -6,6 +6,7 @@ mixed precision and progress reporting behave the same in every stage.
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
@@ -200,8 +201,16 @@ def worker_message(text: str) -> str:
 
 
 def save_atomic(obj, path: Path) -> None:
+    """torch.save through a temporary name. torch reports a full disk as a RuntimeError ("unexpected
+    pos"): it becomes an OSError naming the file, which the CLI prints in one line."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except (OSError, RuntimeError) as error:
+        tmp.unlink(missing_ok=True)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise OSError(getattr(error, "errno", None) or errno.ENOSPC,
+                      f"could not save ({reason}); is the disk full?", str(path)) from None
     os.replace(tmp, path)
 
 

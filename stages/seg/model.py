@@ -36,6 +36,8 @@ def build_segmenter(arch: str, encoder: str, encoder_weights: str | None, channe
     """smp.create_model with user errors (unknown names, offline ImageNet) as one-line WssErrors."""
     options = dict(options or {})
     _check_options(arch, encoder, options)
+    if encoder_weights not in (None, "imagenet", "cam") and encoder.startswith("tu-"):
+        return _timm_encoder_from_file(arch, encoder, Path(encoder_weights).expanduser(), channels, options)
     download = None
     if encoder_weights == "imagenet":
         download = True if encoder.startswith("tu-") else "imagenet"
@@ -128,31 +130,37 @@ def _timm_network(encoder: str) -> torch.nn.Module:
     return timm.create_model(encoder[3:], pretrained=False)
 
 
-def _as_timm_encoder(state: dict, encoder: str, encoder_keys: set[str]) -> dict:
-    """A timm checkpoint (keys of the whole network, `conv1.weight`) as smp's `tu-` encoder
-    names it: under `model.`, without the layers its features-only network leaves out (the
-    classifier; for some networks a last conv and norm). A key the whole network lacks stays as
-    it is, so that the weights of another network are still refused."""
-    if any(k.startswith("model.") for k in state):
-        return state
-    network = set(_timm_network(encoder).state_dict())
-    renamed = {}
-    for key, value in state.items():
-        if key not in network:
-            renamed[key] = value
-        elif f"model.{key}" in encoder_keys:
-            renamed[f"model.{key}"] = value
-    return renamed
+def _timm_encoder_from_file(arch: str, encoder: str, path: Path, channels: int, options: dict) -> torch.nn.Module:
+    """A `tu-` encoder from a local timm checkpoint (the whole network's, as on the hub): timm
+    loads it as it loads the hub's file, and so knows how its features-only network renames
+    (`stages.0` -> `stages_0`) and leaves out (the classifier) layers of the whole network's.
+    timm only warns about keys that do not fit a features-only network, so the file is checked
+    against the whole network first: a deeper network's file shares the shallower one's names."""
+    state = read_weights_file(path, f"seg.encoder_weights: a timm checkpoint of {encoder[3:]}", SegModelError)
+    network = _timm_network(encoder)
+    head = network.pretrained_cfg.get("classifier") or "fc"  # e.g. fc, head.fc, classifier
+    known = set(network.state_dict())
+    unexpected = sorted(set(state) - known)
+    missing = sorted(k for k in known - set(state) if not k.startswith(f"{head}."))
+    if unexpected or missing:
+        problem = (f"{len(unexpected)} unexpected keys {', '.join(unexpected[:3])}" if unexpected
+                   else f"missing {', '.join(missing[:3])}")
+        raise SegModelError(f"seg.encoder_weights: {path} does not fit encoder {encoder}: {problem}"
+                            f"{', ...' if len(unexpected or missing) > 3 else ''} (the weights of another network?)")
+    try:
+        return smp.create_model(arch, encoder_name=encoder, encoder_weights=True, classes=channels,
+                                pretrained_cfg_overlay={"file": str(path)}, **options)
+    except Exception as error:  # timm's strict load_state_dict, unreadable files
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = (lines[-1] if lines else type(error).__name__)[:300]
+        raise SegModelError(f"seg.encoder_weights: {path} does not fit encoder {encoder}: {detail}") from None
 
 
 def load_encoder_weights(model: torch.nn.Module, path: Path, encoder: str) -> None:
-    """A local encoder state dict (.safetensors, or .pth/.pt). Classifier keys are dropped: the
-    `fc.*` of a torchvision ResNet, and for a timm encoder (`tu-NAME`) every layer of the timm
-    network that the encoder does not hold."""
+    """A local state dict of an smp encoder (.safetensors, or .pth/.pt; a classifier's `fc.*`
+    keys are dropped). `tu-` encoders load through timm: _timm_encoder_from_file."""
     state = read_weights_file(path, f"seg.encoder_weights: a state dict of encoder {encoder}", SegModelError)
     wanted = set(model.encoder.state_dict())
-    if encoder.startswith("tu-"):
-        state = _as_timm_encoder(state, encoder, wanted)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing = sorted(wanted - set(state))
     if missing:
