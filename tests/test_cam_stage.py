@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,16 +117,22 @@ def test_save_load_round_trip(tmp_path):
         assert raw["cam"].dtype == np.float16
 
 
+def write_flat_cams(dataset: PreparedDataset, count: int, folder: Path) -> list[str]:
+    """CAM files of 1 everywhere for the first `count` train images with a labelled class."""
+    ids = [i for i in dataset.split("train") if dataset.label_vector(i).any()][:count]
+    for image_id in ids:
+        keys = [int(k) for k in np.nonzero(dataset.label_vector(image_id))[0]]
+        height, width = dataset.read_image(image_id).shape[:2]
+        save_cam(folder / f"{image_id}.npz", np.ones((len(keys), *strided_size(height, width)), np.float32),
+                 keys, (height, width))
+    return ids
+
+
 def test_an_unreadable_cam_file_is_named_and_scoring_passes_over_it(tiny_synthetic, tmp_path, caplog):
     from stages.cam.infer import CamFileError
     from stages.cam.stage import evaluate_cams
     dataset = PreparedDataset(tiny_synthetic)
-    ids = [i for i in dataset.split("train") if dataset.label_vector(i).any()][:3]
-    for image_id in ids:
-        keys = [int(k) for k in np.nonzero(dataset.label_vector(image_id))[0]]
-        height, width = dataset.read_image(image_id).shape[:2]
-        save_cam(tmp_path / f"{image_id}.npz", np.ones((len(keys), *strided_size(height, width)), np.float32),
-                 keys, (height, width))
+    ids = write_flat_cams(dataset, 3, tmp_path)
     broken = tmp_path / f"{ids[1]}.npz"
     broken.write_bytes(broken.read_bytes()[:40])  # cut short
     with pytest.raises(CamFileError, match=f"unreadable CAM file {broken}"):
@@ -534,12 +541,7 @@ def damage_masks(dataset: PreparedDataset, ids: list[str]) -> list[str]:
 def test_cam_scoring_leaves_out_bad_masks_and_lists_them(tiny_synthetic, tmp_path, caplog):
     from stages.cam.stage import evaluate_cams
     dataset = PreparedDataset(shutil.copytree(tiny_synthetic, tmp_path / "data"))
-    ids = [i for i in dataset.split("train") if dataset.label_vector(i).any()][:5]
-    for image_id in ids:
-        keys = [int(k) for k in np.nonzero(dataset.label_vector(image_id))[0]]
-        height, width = dataset.read_image(image_id).shape[:2]
-        save_cam(tmp_path / f"{image_id}.npz", np.ones((len(keys), *strided_size(height, width)), np.float32),
-                 keys, (height, width))
+    ids = write_flat_cams(dataset, 5, tmp_path)
     bad = damage_masks(dataset, ids)
     failures = []
     with caplog.at_level(logging.WARNING):

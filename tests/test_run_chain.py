@@ -170,13 +170,17 @@ def test_evaluate_with_nothing_up_to_date_is_an_error(cli, synthetic_dataset, tm
     ("seg.encoder_weights=/no/such/encoder.pth", "seg.encoder_weights: file not found"),
 ])
 def test_a_seg_typo_stops_the_run_before_the_first_stage_computes(cli, synthetic_dataset, tmp_path, override, message):
-    args = ["-c", str(DEMO_CONFIG), "-o", f"data.root={synthetic_dataset()}", "-o", f"run.workdir={tmp_path}"]
+    assert_stops_before_the_first_stage(cli, synthetic_dataset(), tmp_path, override, message)
+
+
+def assert_stops_before_the_first_stage(cli, root, workdir, override: str, message: str) -> None:
+    args = ["-c", str(DEMO_CONFIG), "-o", f"data.root={root}", "-o", f"run.workdir={workdir}"]
     for key, value in FAST_CHAIN.items():
         args += ["-o", f"{key}={value}"]
     result = cli("run", *args, "-o", override)
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert message in result.output
-    assert not list(tmp_path.glob("*/cam-*")) and not list(tmp_path.glob("*/.cam-*"))
+    assert not list(workdir.glob("*/cam-*")) and not list(workdir.glob("*/.cam-*"))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -197,13 +201,7 @@ def test_offline_imagenet_weights_of_a_later_stage_stop_the_run_before_the_first
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached download answers instead
     monkeypatch.setattr(type(IMAGENET_WEIGHTS["resnet18"]), "get_state_dict", offline)
     monkeypatch.setattr(encoders, "hf_hub_download", offline)
-    args = ["-c", str(DEMO_CONFIG), "-o", f"data.root={synthetic_dataset()}", "-o", f"run.workdir={tmp_path}"]
-    for key, value in FAST_CHAIN.items():
-        args += ["-o", f"{key}={value}"]
-    result = cli("run", *args, "-o", override)
-    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    assert message in result.output
-    assert not list(tmp_path.glob("*/cam-*")) and not list(tmp_path.glob("*/.cam-*"))
+    assert_stops_before_the_first_stage(cli, synthetic_dataset(), tmp_path, override, message)
 
 
 def test_a_new_prediction_size_reuses_the_trained_segmenter(cli, chain_args, monkeypatch):
