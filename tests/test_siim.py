@@ -461,3 +461,20 @@ def test_gray_rgb_dicom_keeps_its_values(tmp_path):
     dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
     dataset.save_as(tmp_path / "rgb.dcm", enforce_file_format=True)
     assert np.array_equal(read_dicom(tmp_path / "rgb.dcm"), levels)
+
+
+def test_cli_exit_code_says_whether_anything_usable_was_prepared(cli, tmp_path):
+    """Some bad rows: reported, exit 0; nothing usable: non-zero, the report still written."""
+    dicoms, csv_path = make_case(tmp_path, {"good": block_mask(), "odd": None})
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([line if not line.startswith("odd,") else "odd,1 2 3" for line in lines]) + "\n")
+    partly = cli("prepare", "siim", "--dicom-dir", dicoms, "--rle-csv", csv_path, "--out", tmp_path / "out",
+                 "--size", "32")
+    assert partly.exit_code == 0, partly.output
+    report = report_json(tmp_path / "out")
+    assert report["ok"] is True and f"{csv_path.name}:" in json.dumps(report["problems"])
+    csv_path.write_text("ImageId, EncodedPixels\ngood,1 2 3\nodd,1 2 3\n")
+    nothing = cli("prepare", "siim", "--dicom-dir", dicoms, "--rle-csv", csv_path, "--out", tmp_path / "none",
+                  "--size", "32")
+    assert nothing.exit_code == 2 and "error: no SIIM image could be prepared" in nothing.output
+    assert report_json(tmp_path / "none")["ok"] is False
