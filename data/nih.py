@@ -98,8 +98,9 @@ def read_boxes(path: str | Path, report: PrepareReport | None = None) -> list[Bo
     boxes = []
     reader = csv.reader(io.StringIO(_read_text(path), newline=""))
     header = next(reader, None)
-    if header is None or len(header) < 3:
-        raise DataError(f"{path}: expected a header such as 'Image Index,Finding Label,Bbox [x,y,w,h]'")
+    if header is None or len(header) < 3 or _is_box_row(header):
+        raise DataError(f"{path}: expected a header such as 'Image Index,Finding Label,Bbox [x,y,w,h]' "
+                        f"on line 1, got {','.join(header or [])!r}")
     for line_no, row in enumerate(reader, start=2):
         if not any(cell.strip() for cell in row):
             continue
@@ -124,6 +125,15 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as error:
         line = raw.count(b"\n", 0, error.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x})") from None
+
+
+def _is_box_row(row: list[str]) -> bool:
+    """Whether a row reads as a box: a first line that does is data, and the file lacks its header."""
+    try:
+        _box_of_row(row, "")
+    except DataError:
+        return False
+    return True
 
 
 def _box_of_row(row: list[str], where: str) -> Box:

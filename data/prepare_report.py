@@ -179,7 +179,9 @@ def check_size_stamp(out: Path, stamp_name: str, size: int | None) -> None:
     unpublishes the dataset: a refused run must leave the earlier one readable."""
     path = Path(out) / stamp_name
     wanted = size or 0
-    if not path.is_file():
+    images = Path(out) / "images"
+    holds_images = images.is_dir() and any(images.iterdir())
+    if not path.is_file() or not holds_images:  # a run that prepared nothing binds no later one
         create_folder(path.parent)
         write_text_atomic(path, json.dumps({"size": wanted}))
         return

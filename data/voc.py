@@ -146,6 +146,8 @@ def _prepare_image(task: _ImageTask) -> _ImageResult:
     _copy_if_changed(Path(task.jpeg), out / "images" / f"{task.image_id}.jpg")
     if mask is not None:
         write_index_png(out / "masks" / f"{task.image_id}.png", mask, PALETTE)
+    else:  # a mask of an earlier run (say with --sbd-root) would still be scored
+        (out / "masks" / f"{task.image_id}.png").unlink(missing_ok=True)
     return _ImageResult(task.image_id, labels, has_mask=mask is not None)
 
 

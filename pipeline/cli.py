@@ -148,7 +148,7 @@ def prepare():
               help="Number of images (a fifth of them form the val split).")
 @click.option("--size", default=128, show_default=True, type=click.IntRange(min=32),
               help="Image side in pixels (at least 32: room for a body and its mark).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--variant", type=click.Choice(["multiclass", "binary"]), default="multiclass", show_default=True,
               help="binary mimics SIIM: one finding class, many negative images.")
 @click.option("--mark-scale", default=1.5, show_default=True, type=click.FloatRange(min=0.1),
@@ -197,7 +197,7 @@ def finish_prepare(report) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--size", default=1024, show_default=True, help="Image side after resizing (0 keeps it).")
 @click.option("--val-fraction", default=0.1, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--workers", default=1, show_default=True, help="Worker processes.")
 def prepare_siim_command(dicom_dir: Path, rle_csv: Path, out: Path, size: int, val_fraction: float, seed: int,
                          workers: int):
@@ -243,7 +243,7 @@ def prepare_voc_command(voc_root: Path, sbd_root: Path | None, out: Path, worker
               help="Image side after resizing, boxes scaled with it: the size the config trains at "
                    "(0 keeps the native 1024).")
 @click.option("--val-fraction", default=0.1, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--workers", default=1, show_default=True, help="Worker processes.")
 def prepare_nih_command(images_dir: Path, data_entry: Path, boxes: Path, out: Path, size: int,
                         val_fraction: float, seed: int, workers: int):

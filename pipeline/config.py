@@ -127,6 +127,8 @@ def deep_merge(base: dict, top: dict, cls: type = None) -> dict:
     out = dict(base)
     for key, value in top.items():
         hint = hints.get(key)
+        if value is None and dataclasses.is_dataclass(hint):
+            value = {}  # a section left empty (its keys commented out) changes nothing
         if isinstance(value, dict) and isinstance(out.get(key), dict) and dataclasses.is_dataclass(hint):
             out[key] = deep_merge(out[key], value, hint)
         else:
@@ -179,9 +181,9 @@ def set_dotted(raw: dict, key: str, value: Any, where: str, config: Config | Non
     node, current = raw, config
     for part in parts[:-1]:
         value_now = getattr(current, part, None) if current is not None else None
-        if part not in node and isinstance(value_now, dict):
-            node[part] = dict(value_now)
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or a section the file leaves empty
+            node[part] = dict(value_now) if isinstance(value_now, dict) else {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"{where}: {part!r} is not a section")
         node = child
@@ -231,6 +233,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "gt_prob": (0, 0.99), "gauss_sxy": (0, None), "bilateral_sxy": (0, None), "bilateral_srgb": (0, None),
     "gauss_compat": (0, None), "bilateral_compat": (0, None), "iterations": (1, None), "workers": (-1, None),
     "losses": (0, None),  # the weight of each loss
+    "seed": (0, None),
 }
 ABOVE_LOW = {"lr", "head_lr_mult", "minmax_k", "scales", "beta", "gt_prob", "gauss_sxy", "bilateral_sxy",
              "bilateral_srgb", "holdout_fraction"}

@@ -88,6 +88,27 @@ def test_another_methods_settings_do_not_change_the_key(tiny_synthetic, tmp_path
     assert make_pipeline(tiny_synthetic, tmp_path, "cam.method=minmax", "cam.minmax_k=5").key("cam").digest != minmax
 
 
+def test_giving_a_setting_its_own_value_keeps_every_key(tiny_synthetic, tmp_path):
+    """`-o irn.crf.gauss_compat=3` reads as 3.0: a default written 3 would hash differently and
+    retrain irn and seg for nothing."""
+    import dataclasses
+    pipeline = make_pipeline(tiny_synthetic, tmp_path)
+    keys = {stage: pipeline.key(stage).digest for stage in ("cam", "irn", "seg")}
+
+    def leaves(node, prefix):
+        for field in dataclasses.fields(node):
+            value = getattr(node, field.name)
+            if dataclasses.is_dataclass(value):
+                yield from leaves(value, f"{prefix}{field.name}.")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                yield f"{prefix}{field.name}={value}"
+
+    overrides = [o for section in ("cam", "irn", "seg") for o in leaves(getattr(pipeline.cfg, section), f"{section}.")]
+    assert "irn.crf.gauss_compat=3.0" in overrides
+    again = make_pipeline(tiny_synthetic, tmp_path, *overrides)
+    assert {stage: again.key(stage).digest for stage in keys} == keys
+
+
 def test_a_scoring_only_setting_does_not_change_the_key(tiny_synthetic, tmp_path):
     """cam.eval_bg_threshold only scores the CAMs: a new value re-scores the cached artifact."""
     base = make_pipeline(tiny_synthetic, tmp_path).key("cam").digest

@@ -104,6 +104,17 @@ def test_base_chain_later_files_win(tmp_path):
     assert cfg.cam.scales == [1.0, 2.0]
 
 
+def test_a_section_left_empty_changes_nothing(tmp_path):
+    """`cam:` with every key commented out reads as null: it must not wipe the layer below."""
+    write(tmp_path / "a.yaml", "cam: {epochs: 3, backbone: resnet18}\n")
+    write(tmp_path / "b.yaml", "cam:\n  # epochs: 9\nseg: {epochs: 2}\n")
+    write(tmp_path / "c.yaml", "base: a.yaml\ncam:\nirn:\n  crf:\n")
+    for cfg in (load_config([tmp_path / "a.yaml", tmp_path / "b.yaml"]), load_config(tmp_path / "c.yaml")):
+        assert (cfg.cam.epochs, cfg.cam.backbone) == (3, "resnet18")
+    cfg = load_config(tmp_path / "c.yaml", ["cam.lr=0.5", "irn.crf.gauss_sxy=4"])
+    assert (cfg.cam.lr, cfg.cam.epochs, cfg.irn.crf.gauss_sxy) == (0.5, 3, 4.0)
+
+
 def test_base_loop_and_missing_base(tmp_path):
     write(tmp_path / "a.yaml", "base: b.yaml\n")
     write(tmp_path / "b.yaml", "base: a.yaml\n")
@@ -144,6 +155,7 @@ def test_override_errors_name_the_override():
     ("irn.resize_long=[640, 320]", r"irn.resize_long must be \[shortest, longest\] long side"),
     ("run.device=gpu", "run.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     ("run.workers=-3", "run.workers must be >= -1"),
+    ("run.seed=-1", "run.seed must be >= 0, got -1"),
     ("cam.lr=nan", "cam.lr must be a finite number, got nan"),
     ("cam.lr=.inf", "cam.lr must be a finite number, got inf"),
     ("cam.scales=[]", "cam.scales must not be empty"),

@@ -203,6 +203,14 @@ def test_box_file_without_header_stays_fatal(tmp_path):
         prepare_nih(images, entry, boxes, tmp_path / "out", progress=False)
 
 
+def test_box_file_whose_header_was_cut_off_is_fatal_not_one_box_short(tmp_path):
+    """Taking the first box for a header would lose it, and move its image from test to train."""
+    images, entry, boxes = small_release(tmp_path, patients=2)
+    boxes.write_text("00000001_000.png,Mass,1,2,3,4\n00000002_000.png,Mass,1,2,3,4\n")
+    with pytest.raises(DataError, match="expected a header.*00000001_000.png,Mass,1,2,3,4"):
+        prepare_nih(images, entry, boxes, tmp_path / "out", progress=False)
+
+
 def test_non_utf8_box_file_is_a_data_error_naming_the_line(tmp_path):
     path = tmp_path / "b.csv"
     path.write_bytes(b"Image Index,Finding Label,Bbox [x,y,w,h],,,\r\nok.png,Mass,1,2,3,4\r\n"

@@ -289,6 +289,10 @@ def test_nothing_usable_raises_after_writing_the_report(tmp_path):
         prepare_siim(dicoms, csv_path, tmp_path / "out", progress=False)
     assert report_json(tmp_path / "out")["ok"] is False
     assert not (tmp_path / "out" / "dataset.json").exists()
+    with pytest.raises(DataError, match="prepare_report.json"):
+        prepare_siim(dicoms, csv_path, tmp_path / "out", size=16, progress=False)
+    csv_path.write_text("ImageId, EncodedPixels\na,-1\n")  # mended: a run that prepared nothing binds no --size
+    assert prepare_siim(dicoms, csv_path, tmp_path / "out", size=8, progress=False).ok
 
 
 def test_missing_inputs_are_data_errors(tmp_path):

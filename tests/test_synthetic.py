@@ -114,7 +114,8 @@ def test_smallest_dataset_has_both_splits(tmp_path):
     assert len(dataset.split("train")) == 1 and len(dataset.split("val")) == 1
 
 
-@pytest.mark.parametrize("option, value", [("--n", "0"), ("--size", "8"), ("--mark-scale", "0")])
+@pytest.mark.parametrize("option, value", [("--n", "0"), ("--size", "8"), ("--mark-scale", "0"),
+                                           ("--seed", "-1")])
 def test_prepare_synthetic_refuses_sizes_that_make_no_dataset(cli, tmp_path, option, value):
     result = cli("prepare", "synthetic", "--out", tmp_path / "out", option, value)
     assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output

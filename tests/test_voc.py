@@ -181,6 +181,9 @@ def test_sbd_masks_and_computed_train_aug(tmp_path):
     assert np.array_equal(dataset.read_mask("b"), class_mask(3, 15))
     assert [CLASSES[i] for i in np.flatnonzero(dataset.label_vector("c"))] == ["cat"]
     assert not dataset.has_mask("c")
+    prepare_voc(voc, tmp_path / "out", progress=False)  # again, without SBD: b's SBD mask must go
+    assert np.flatnonzero(PreparedDataset(tmp_path / "out").label_vector("b")).tolist() == [CLASSES.index("dog")]
+    assert not PreparedDataset(tmp_path / "out").has_mask("b")
 
 
 def test_wrong_size_and_bad_index_masks_are_reported_and_skipped(tmp_path):

@@ -23,14 +23,15 @@ class CrfUnavailable(WssError):
 
 @dataclass(frozen=True)
 class CrfParams:
-    """CRF settings (also the `irn.crf` config section); the defaults are IRNet's seed CRF."""
+    """CRF settings (also the `irn.crf` config section); the defaults are IRNet's seed CRF,
+    written as floats so that a file or `-o` giving the default (read as a float) keeps the cache key."""
 
     gt_prob: float = 0.7
-    gauss_sxy: float = 3
-    gauss_compat: float = 3
-    bilateral_sxy: float = 50
-    bilateral_srgb: float = 5
-    bilateral_compat: float = 10
+    gauss_sxy: float = 3.0
+    gauss_compat: float = 3.0
+    bilateral_sxy: float = 50.0
+    bilateral_srgb: float = 5.0
+    bilateral_compat: float = 10.0
     iterations: int = 10
 
 
