@@ -66,7 +66,8 @@ class Columns:
         if column == "image":
             return image
         if column == "ground truth":
-            return blend(image, self.dataset.read_mask(image_id, image.shape[:2]), palette)
+            mask = self.dataset.read_mask(image_id, image.shape[:2])
+            return None if mask is None else blend(image, mask, palette)  # missing, not an empty mask
         if column == "CAM":
             return self.cam(image_id, image)
         folder = {"seeds": ("irn", "seeds"), "pseudo-label": ("pseudo", "pseudo_labels"),

@@ -192,6 +192,22 @@ def test_collect_inputs_skips_the_output_folder_and_finds_dicoms_without_suffix(
     assert not failures
 
 
+def test_collect_inputs_into_the_input_folder_and_past_earlier_outputs(tmp_path):
+    """`--out .` still finds the images; the masks and overlays of an earlier run into another
+    folder inside the inputs are not inputs, even where their names sort first."""
+    scans = tmp_path / "scans"
+    for folder in ["pred1/masks", "pred1/overlays", "deep/er", "masks", "b"]:
+        (scans / folder).mkdir(parents=True)
+    for name in ["zebra.png", "pred1/masks/zebra.png", "pred1/overlays/zebra.png", "masks/own.png",
+                 "deep/er/a.png", "b/a.png"]:
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(scans / name)
+    files, failures = collect_inputs([scans], out_dir=scans)
+    assert [p.relative_to(scans).as_posix() for p in files] == ["zebra.png", "b/a.png", "deep/er/a.png"]
+    files, _ = collect_inputs([scans], out_dir=scans / "pred2")
+    assert [p.relative_to(scans).as_posix() for p in files] == ["zebra.png", "b/a.png", "masks/own.png",
+                                                                "deep/er/a.png"]
+
+
 def write_config(path: Path, root: Path) -> Path:
     path.write_text(f"data:\n  root: {root}\nrun:\n  device: cpu\n  workers: 0\n")
     return path

@@ -140,6 +140,25 @@ def test_overlay_grid_names_the_columns_it_leaves_out(tiny_synthetic, tmp_path, 
     assert "no up-to-date artifact for CAM, seeds, boundary, pseudo-label, prediction" in caplog.text
 
 
+def test_ground_truth_of_an_image_without_mask_is_missing_not_an_empty_mask(synthetic_dataset, tmp_path):
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from data.layout import PreparedDataset
+    from pipeline.visualize import Columns
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_dataset(), root)
+    dataset = PreparedDataset(root)
+    with_mask, without = [i for i in dataset.split("train") if dataset.label_vector(i).any()][:2]
+    dataset.mask_path(without).unlink()
+    columns = Columns(dataset, {}, torch.device("cpu"), 0.5)
+    image = np.zeros((64, 64, 3), np.uint8)
+    assert columns.picture("ground truth", without, image) is None
+    assert columns.picture("ground truth", with_mask, image) is not None
+
+
 def test_overlay_grid_passes_over_an_image_that_does_not_decode(synthetic_dataset, tmp_path, caplog):
     import shutil
 

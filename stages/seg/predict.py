@@ -45,18 +45,22 @@ class PredictReport:
     placeholders: list[str] = field(default_factory=list)  # ids given a -1 row because they could not be read
 
 
+OUTPUT_FOLDERS = ("masks", "overlays", "probabilities")
+
+
 def collect_inputs(inputs: list[str | Path], out_dir: Path | None = None) -> tuple[list[Path], list[str]]:
     """Files to predict and input errors. Folders are searched recursively for image/DICOM
-    suffixes and for DICOMs without one (named by their UID), leaving out `out_dir`: a second
-    run into a folder inside the input folder must not predict its own masks. A file reached
-    twice (named, and inside a named folder) is predicted once."""
+    suffixes and for DICOMs without one (named by their UID), leaving out the output folders
+    (masks/, overlays/, probabilities/) of `out_dir` and of any earlier run found inside: a run
+    into a folder inside the input folder, or into the input folder itself, must predict the
+    images, not masks written before. Files nearer the named folder come first, so that of two
+    files with one name the shallower is predicted. A file reached twice (named, and inside a
+    named folder) is predicted once."""
     files, failures = [], []
     skip = Path(out_dir).resolve() if out_dir is not None else None
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith(".")
-                           and (skip is None or not p.resolve().is_relative_to(skip))
-                           and (p.suffix.lower() in IMAGE_SUFFIXES or is_dicom(p)))
+            found = sorted(input_files(item, skip), key=lambda p: (len(p.relative_to(item).parts), p))
             if not found:
                 failures.append(f"{item}: folder holds no image or DICOM files "
                                 f"({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -67,6 +71,18 @@ def collect_inputs(inputs: list[str | Path], out_dir: Path | None = None) -> tup
             failures.append(f"{item}: no such file or folder")
     unique = {path.resolve(): path for path in reversed(files)}  # the first mention of each file
     return [path for path in files if unique[path.resolve()] is path], failures
+
+
+def input_files(folder: Path, out_dir: Path | None):
+    """Image and DICOM files under `folder`, not hidden, not in a predict output folder."""
+    for root, folders, names in os.walk(folder):
+        root = Path(root)
+        outputs = root.resolve() == out_dir or ((root / "masks").is_dir() and (root / "overlays").is_dir())
+        folders[:] = [f for f in folders if not f.startswith(".") and not (outputs and f in OUTPUT_FOLDERS)]
+        for name in names:
+            path = root / name
+            if not name.startswith(".") and path.is_file() and (path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path)):
+                yield path
 
 
 def image_id(path: Path) -> str:
