@@ -33,6 +33,40 @@ class CacheError(WssError):
     pass
 
 
+_held_locks: set[int] = set()  # descriptors of the lock files this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (DataLoader and CRF workers): point the inherited lock descriptors at
+    /dev/null. A flock belongs to the open file, which a child shares: after a SIGKILL of the
+    parent its orphaned workers would otherwise keep the key locked until they notice, and an
+    immediate `--resume` would be refused. Replacing, not closing, keeps the numbers valid for
+    the file objects the child inherited."""
+    if not _held_locks:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    for fd in _held_locks:
+        try:
+            os.dup2(null, fd)
+        except OSError:
+            pass
+    os.close(null)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+@contextmanager
+def held(lock_file):
+    """Track a locked file for _drop_inherited_locks while the block runs."""
+    _held_locks.add(lock_file.fileno())
+    try:
+        yield
+    finally:
+        _held_locks.discard(lock_file.fileno())
+
+
 @dataclass
 class StageKey:
     stage: str
@@ -134,11 +168,12 @@ class ArtifactStore:
             except BlockingIOError:
                 raise CacheError(f"another wss process is computing {self.final_dir(key)} or reading it "
                                  f"as its input (lock {lock_path})") from None
-            partial = self.partial_dir(key)
-            if partial.exists() and not resume:
-                shutil.rmtree(partial)
-            partial.mkdir(parents=True, exist_ok=True)
-            yield partial
+            with held(lock):
+                partial = self.partial_dir(key)
+                if partial.exists() and not resume:
+                    shutil.rmtree(partial)
+                partial.mkdir(parents=True, exist_ok=True)
+                yield partial
 
     @contextmanager
     def reading(self, artifacts):
@@ -157,6 +192,7 @@ class ArtifactStore:
                 except BlockingIOError:
                     raise CacheError(f"{artifact} is being recomputed or removed by another wss process; "
                                      f"run again when it has finished") from None
+                locks.enter_context(held(lock))
                 if self.read_manifest(artifact) is None:
                     raise CacheError(f"{artifact} was removed or is incomplete; run again to recompute it")
             yield

@@ -185,7 +185,8 @@ class Pipeline:
             manifest = {"config": self.cfg.to_dict(), "config_file": self.cfg.source,
                         "scored_with": self.score_values(stage),
                         "inputs": {k: str(v) for k, v in inputs.items()},
-                        "dataset_root": str(self.cfg.data.root), "metrics": result.metrics,
+                        "dataset_root": str(Path(self.cfg.data.root).expanduser().resolve()),  # clean runs elsewhere
+                        "metrics": result.metrics,
                         "headline": result.headline, "failures": result.failures,
                         "started": started, "seconds": seconds, "versions": software_versions()}
             final = self.store.commit(key, partial, manifest)

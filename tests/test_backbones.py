@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torchvision import models
 
 from data.errors import WssError
@@ -106,10 +105,11 @@ def impulse_stages(height: int, width: int, stage: int, cell: tuple[int, int]) -
 
 
 def centre_px(values: torch.Tensor, stride: int) -> tuple[float, float]:
-    """(y, x) centroid, in image pixels, of a (h, w) map whose cell i covers pixels [s i, s i + s)."""
+    """(y, x) centroid, in continuous image coordinates, of a (h, w) map of a stride-s network,
+    whose cell i is centred on pixel s i, i.e. at s i + 0.5 (see the receptive-field test)."""
     values = values.clamp_min(0).double()
-    ys = (torch.arange(values.shape[0], dtype=torch.float64) + 0.5) * stride
-    xs = (torch.arange(values.shape[1], dtype=torch.float64) + 0.5) * stride
+    ys = torch.arange(values.shape[0], dtype=torch.float64) * stride + 0.5
+    xs = torch.arange(values.shape[1], dtype=torch.float64) * stride + 0.5
     total = values.sum()
     return float(values.sum(1) @ ys / total), float(values.sum(0) @ xs / total)
 
@@ -118,6 +118,29 @@ def inner_cell(height: int, width: int, stride: int) -> tuple[int, int]:
     """A cell near the bottom-right corner, where a squeezed map is furthest off, whose bilinear
     spread still fits inside the image."""
     return math.ceil(height / stride) - 2, math.ceil(width / stride) - 3
+
+
+def cell_centre(index: int, stride: int) -> float:
+    return stride * index + 0.5
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_a_trunk_cell_is_centred_on_pixel_stride_times_index(name):
+    """The convention upsample_cells and CAM inference rely on, proved by symmetry: if cell n of a
+    stride-s map is centred on pixel s n, mirroring an image s k + 1 pixels wide maps cell n onto
+    cell k - n, so every stage of a trunk with mirror-symmetric kernels commutes with the flip.
+    Were cell n centred on s n + s / 2 (covering [s n, s n + s)), that would hold for width s k."""
+    torch.manual_seed(0)
+    net = ResNetFeatures(name).eval()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.copy_((module.weight + module.weight.flip(-1)) / 2)
+        for width, centred in [(16 * 5 + 1, True), (16 * 5, False)]:
+            x = torch.randn(1, 3, 16 * 3 + 1, width)
+            plain, mirrored = net.forward_stages(x), net.forward_stages(x.flip(-1))
+            for stage, (a, b) in enumerate(zip(plain, mirrored)):
+                assert torch.allclose(a.flip(-1), b, atol=1e-4) == centred, (width, stage)
 
 
 @pytest.mark.parametrize("size", [(75, 101), (375, 500), (64, 96)])
@@ -131,9 +154,18 @@ def test_upsample_cells_keeps_a_coarse_cell_over_its_pixels(size, source, target
     fine = upsample_cells(coarse, source // target, fine_size)
     assert fine.shape[-2:] == fine_size
     y, x = centre_px(fine[0, 0], target)
-    assert abs(y - source * (cell[0] + 0.5)) < 1 and abs(x - source * (cell[1] + 0.5)) < 1
-    if height % source == 0 and width % source == 0:  # where resizing to the size was right, nothing changes
-        assert torch.equal(fine, F.interpolate(coarse, size=fine_size, mode="bilinear", align_corners=False))
+    assert y == pytest.approx(cell_centre(cell[0], source), abs=1e-6)
+    assert x == pytest.approx(cell_centre(cell[1], source), abs=1e-6)
+    assert fine[0, 0, cell[0] * source // target, cell[1] * source // target] == 1  # a centre keeps its value
+
+
+def test_upsample_cells_fills_the_last_cells_with_the_border_value():
+    coarse = torch.arange(6, dtype=torch.float32).view(1, 1, 2, 3)
+    fine = upsample_cells(coarse, 4, (7, 12))
+    assert fine[0, 0, 0].tolist() == [0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2, 2, 2]
+    assert fine[0, 0, :, 0].tolist() == [0, 0.75, 1.5, 2.25, 3, 3, 3]
+    with pytest.raises(ValueError, match="does not cover"):
+        upsample_cells(coarse, 4, (9, 12))
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -342,6 +342,29 @@ def test_commit_over_an_old_artifact_ignores_a_leftover_of_an_earlier_commit(tmp
     assert (final / "new.txt").is_file() and store.complete(key()) == final
 
 
+def test_forked_workers_do_not_keep_a_lock_their_parent_let_go(tmp_path):
+    """A killed run's orphaned DataLoader workers would otherwise hold its key locked, and an
+    immediate `--resume` (a rescheduled job) would be told another wss process is computing."""
+    import fcntl
+    import multiprocessing
+
+    store = ArtifactStore(tmp_path, "ds")
+    started = multiprocessing.get_context("fork").Event()
+    with store.writing(key()):
+        worker = multiprocessing.get_context("fork").Process(target=started.wait, args=(60,))
+        worker.start()
+    try:
+        with open(store.lock_path(store.final_dir(key()).name), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the worker held it
+        with store.writing(key()):  # and the lock still excludes while held
+            with open(store.lock_path(store.final_dir(key()).name), "a") as lock, \
+                    pytest.raises(BlockingIOError):
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        started.set()
+        worker.join(10)
+
+
 def test_killed_writer_leaves_nothing_reusable(tmp_path):
     """SIGKILL mid-write (no cleanup code runs): the next run starts fresh and can take the lock."""
     script = textwrap.dedent(f"""

@@ -20,8 +20,8 @@ from torch import nn
 from stages.cam.config import CamConfig
 from stages.cam.infer import multiscale_cam
 from stages.cam.methods import METHODS, build_cam_net
-from stages.common.backbones import STAGE_STRIDES
-from tests.test_backbones import centre_px, impulse_stages, inner_cell
+from stages.common.backbones import STAGE_STRIDES, upsample_cells
+from tests.test_backbones import cell_centre, centre_px, impulse_stages, inner_cell
 from tests.test_cam_stage import trivial_baselines
 
 NEW_METHODS = ["pcam", "pylon", "multiscale", "minmax"]
@@ -137,6 +137,20 @@ def test_pylon_logit_is_the_max_of_its_map_without_gap_or_groupnorm(nets):
     assert net.cam_stride == 4
 
 
+@pytest.mark.parametrize("size", [(12, 12), (11, 7)])
+def test_pylon_attention_puts_a_pooled_cell_back_between_the_cells_it_pooled(size):
+    """The pyramid's 2x2 max-pool is not centred as the trunk's strides are: cell m covers
+    2m and 2m + 1, so on the way back it lands at 2m + 0.5."""
+    from stages.cam.pylon import unpool
+    pooled = torch.nn.MaxPool2d(2, ceil_mode=True)(torch.zeros(1, 1, *size))
+    pooled[0, 0, 2, 1] = 1.0
+    up = unpool(pooled, torch.zeros(1, 1, *size))[0, 0]
+    assert up.shape == size
+    ys, xs = torch.arange(size[0], dtype=torch.float32), torch.arange(size[1], dtype=torch.float32)
+    assert float(up.sum(1) @ ys / up.sum()) == pytest.approx(4.5)
+    assert float(up.sum(0) @ xs / up.sum()) == pytest.approx(2.5)
+
+
 def test_pylon_upsamples_by_the_stride_ratio(nets):
     """layer4 -> layer3 -> layer2 -> layer1 is stride 16 -> 16 -> 8 -> 4 (layer4 is dilated)."""
     assert [module.factor for module in nets["pylon"].up] == [1, 2, 2]
@@ -155,9 +169,8 @@ def test_multiscale_weights_are_convex_and_the_cam_is_their_weighted_sum():
         h, w = finest = stages[2].shape[-2:]
         expected = torch.zeros(1, NUM_CLASSES, *finest)
         for k, (index, conv) in enumerate(zip([2, 3, 4], net.classifiers)):
-            factor = STAGE_STRIDES[index] // 8  # by the stride ratio, then cropped
-            cam_k = F.interpolate(conv(stages[index]), scale_factor=factor, mode="bilinear",
-                                  align_corners=False)[..., :h, :w]
+            factor = STAGE_STRIDES[index] // 8  # by the stride ratio
+            cam_k = upsample_cells(conv(stages[index]), factor, (h, w))  # linear: conv and upsampling commute
             expected += weights[:, k].view(1, -1, 1, 1) * cam_k
         assert torch.allclose(net.cam_maps(x), F.relu(expected), atol=1e-5)
         assert torch.allclose(net(x)["logits"], expected.mean(dim=(2, 3)), atol=1e-5)
@@ -179,7 +192,7 @@ def test_multiscale_keeps_deep_cells_over_their_pixels(size, stages):
         assert features.shape == (1, len(stages), math.ceil(height / net.cam_stride),
                                   math.ceil(width / net.cam_stride))
         y, x = centre_px(features[0, k], net.cam_stride)
-        assert abs(y - stride * (cell[0] + 0.5)) < 1 and abs(x - stride * (cell[1] + 0.5)) < 1
+        assert abs(y - cell_centre(cell[0], stride)) < 0.01 and abs(x - cell_centre(cell[1], stride)) < 0.01
 
 
 def test_multiscale_without_the_deep_stages_trains_every_parameter_it_leaves_unfrozen():
@@ -244,7 +257,7 @@ def test_minmax_mask_cells_stay_over_their_pixels():
     kept, rest = split_image(torch.ones(1, 3, height, width), mask)
     assert kept.shape == rest.shape == (1, 3, height, width)
     y, x = centre_px(kept[0, 0], 1)
-    assert abs(y - 16 * (cell[0] + 0.5)) < 1 and abs(x - 16 * (cell[1] + 0.5)) < 1
+    assert abs(y - cell_centre(cell[0], 16)) < 0.01 and abs(x - cell_centre(cell[1], 16)) < 0.01
 
 
 def test_minmax_maps_are_rescaled_per_image_and_weighted_by_class_probability():
@@ -395,7 +408,7 @@ def test_method_trains_through_the_cam_stage(cli, demo_overrides, learnable, wor
 
 MISSES_THE_BODIES = (
     "on this 6-epoch, 38-image set {} fits the labels (val AUC 1.0) but its map does not cover the marked "
-    "body: CAM mIoU {} at the fixed threshold and {} at the val-tuned one, against 0.481 for all background. "
+    "body: CAM mIoU {} at the fixed threshold, against 0.481 for all background. "
     "Why (measured on the same set drawn with --seed 1): {}. On the demo-sized benchmark {} (README, wss compare)")
 PCAM_WHY = (
     "its probability map is ~0 on the marked body and peaks 50-65 px from the mark (12 epochs); every cell "
@@ -413,9 +426,9 @@ PYLON_WHY = (
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [
     pytest.param("pcam", marks=pytest.mark.xfail(strict=False, reason=MISSES_THE_BODIES.format(
-        "PCAM", 0.407, 0.441, PCAM_WHY, "it clears both baselines: 0.327 against 0.218"))),
+        "PCAM", 0.347, PCAM_WHY, "it clears both baselines: 0.327 against 0.218"))),
     pytest.param("pylon", marks=pytest.mark.xfail(strict=False, reason=MISSES_THE_BODIES.format(
-        "PYLON", 0.472, 0.479, PYLON_WHY, "it clears them only at its tuned threshold: 0.263 against 0.218"))),
+        "PYLON", 0.465, PYLON_WHY, "it clears them only at its tuned threshold: 0.263 against 0.218"))),
     "gap",  # the cam stage's own proof: run-stage cam on a tiny set beats both baselines
     "dropblock",
     "multiscale",

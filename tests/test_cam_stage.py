@@ -58,13 +58,19 @@ def test_multiscale_cam_flip_makes_it_mirror_equivariant(gap_net):
     np.testing.assert_allclose(mirrored, cam[:, :, ::-1], atol=1e-5)
 
 
+def centred_cells(x: torch.Tensor) -> torch.Tensor:
+    """Means over 17x17 windows, stride 16, cell n centred on pixel 16 n as in a ResNet trunk
+    (tests/test_backbones.py): ceil(h / 16) cells, as the trunk gives."""
+    return F.avg_pool2d(x, 17, stride=16, padding=8, count_include_pad=False)
+
+
 class BrightnessCam(nn.Module):
-    """Toy CamNet: the class-c map is the mean brightness of channel c over 16x16 cells."""
+    """Toy CamNet: the class-c map is the mean brightness of channel c around each cell."""
 
     cam_stride = 16
 
     def cam_maps(self, x):
-        return F.relu(F.avg_pool2d(x, 16, ceil_mode=True))
+        return F.relu(centred_cells(x))
 
 
 def test_multiscale_cam_sums_scales_at_stride_4():
@@ -72,17 +78,17 @@ def test_multiscale_cam_sums_scales_at_stride_4():
     image[32:, 48:, 0] = 255  # bright bottom-right corner in channel 0
     cam = multiscale_cam(BrightnessCam(), image, [0], [1.0, 0.5, 2.0], False, CPU)[0]
     assert cam.shape == (16, 16)
-    assert cam[12:, 12:].min() > 0.5 and cam[:6, :6].max() < 0.01
+    assert cam[12:, 13:].min() > 0.5 and cam[:6, :6].max() < 0.01  # column 12 straddles the edge at x = 48
     assert np.unravel_index(cam.argmax(), cam.shape)[0] >= 8
 
 
 class BlobCam(nn.Module):
-    """An ideal stride-16 CAM: the mean positive evidence over each 16x16 cell."""
+    """An ideal stride-16 CAM: the mean positive evidence around each cell."""
 
     cam_stride = 16
 
     def cam_maps(self, x):
-        return F.avg_pool2d(F.relu(x), 16, ceil_mode=True)
+        return centred_cells(F.relu(x))
 
 
 @pytest.mark.parametrize("flip", [False, True])

@@ -94,6 +94,18 @@ def test_artifacts_of_another_live_dataset_of_the_same_name_are_left_alone(synth
     assert (other / "manifest.json").is_file()
 
 
+def test_another_dataset_given_as_a_relative_path_is_recognised_from_another_folder(
+        synthetic_dataset, tmp_path, monkeypatch):
+    other_root = synthetic_dataset(n=32, size=64, seed=1)
+    monkeypatch.chdir(other_root.parent)
+    _, other = cam_artifact(other_root.name, tmp_path, "cam.epochs=2")
+    monkeypatch.chdir(tmp_path)
+    pipeline, _ = cam_artifact(synthetic_dataset(), tmp_path, "cam.epochs=2")
+    rows, _, left = clean(pipeline, delete=True)
+    assert rows == [] and len(left) == 1 and str(other_root) in left[0]
+    assert (other / "manifest.json").is_file()
+
+
 def test_the_model_the_next_run_reuses_is_kept(tiny_synthetic, tmp_path):
     _, trained = cam_artifact(tiny_synthetic, tmp_path, "cam.flip=false", stage=FakeCamWithInference)
     _, other = cam_artifact(tiny_synthetic, tmp_path, "cam.epochs=5", stage=FakeCamWithInference)

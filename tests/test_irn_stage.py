@@ -15,7 +15,7 @@ from torch import nn
 from conftest import DEMO_CONFIG
 from data.layout import PreparedDataset, read_index_png
 from stages.common.backbones import STAGE_STRIDES, ResNetFeatures
-from tests.test_backbones import centre_px, impulse_stages, inner_cell
+from tests.test_backbones import cell_centre, centre_px, impulse_stages, inner_cell
 from stages.irn.net import BoundaryNet
 from stages.irn.pseudo import walk_to_label
 
@@ -76,7 +76,7 @@ def test_boundary_net_keeps_deep_cells_over_their_pixels(size, stage):
         out = net(torch.zeros(1, 3, height, width))
     assert out.shape == (1, 5, math.ceil(height / 4), math.ceil(width / 4))
     y, x = centre_px(out[0, stage], 4)
-    assert abs(y - stride * (cell[0] + 0.5)) < 1 and abs(x - stride * (cell[1] + 0.5)) < 1
+    assert abs(y - cell_centre(cell[0], stride)) < 0.01 and abs(x - cell_centre(cell[1], stride)) < 0.01
 
 
 def test_boundary_is_mirror_averaged_probability():

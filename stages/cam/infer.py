@@ -60,11 +60,12 @@ def stride4_grid(map_size: tuple[int, int], stride: int, scaled_size: tuple[int,
     """grid_sample coordinates (1, H4, W4, 2) that read a map of the scaled image at the centres
     of the image's stride-4 cells.
 
-    A stride-s network turns h pixels into ceil(h / s) cells, and cell n covers pixels
-    [s n, s n + s): the map spans s * ceil(h / s) >= h pixels, so stretching it over the image
-    would shift and magnify each scale (and the flipped copy) differently. Cell i of the output
-    covers image pixels [4i, 4i + 4); its centre is mapped into the scaled image, mirrored for
-    the flipped copy, and then into the map's own extent.
+    Cell i of the stored CAM covers image pixels [4i, 4i + 4) (upsample_cam's convention), so
+    its centre is 4i + 2; that point is mapped into the scaled image (mirrored for the flipped
+    copy). The network's cell n of a stride-s map is centred on pixel s n, i.e. s n + 0.5 in
+    continuous coordinates (see stages.common.backbones.upsample_cells): a point at continuous
+    y reads the map at cell position (y - 0.5) / s. Taking cell n to cover [s n, s n + s)
+    instead would shift every CAM (s - 1) / 2 pixels down and right: 7.5 px at stride 16.
     """
     (map_h, map_w), (scaled_h, scaled_w), (height, width) = map_size, scaled_size, image_size
     out_h, out_w = strided_size(height, width)
@@ -72,8 +73,9 @@ def stride4_grid(map_size: tuple[int, int], stride: int, scaled_size: tuple[int,
     x = (torch.arange(out_w, dtype=torch.float64) + 0.5) * CAM_STRIDE * scaled_w / width
     if flipped:
         x = scaled_w - x
-    y_norm = 2 * y / (map_h * stride) - 1
-    x_norm = 2 * x / (map_w * stride) - 1
+    cell_y, cell_x = (y - 0.5) / stride, (x - 0.5) / stride
+    y_norm = (2 * cell_y + 1) / map_h - 1  # grid_sample's align_corners=False: cell n at (2n + 1) / size - 1
+    x_norm = (2 * cell_x + 1) / map_w - 1
     grid = torch.stack(torch.meshgrid(x_norm, y_norm, indexing="xy"), dim=-1)
     return grid[None].float()
 

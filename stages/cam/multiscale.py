@@ -22,9 +22,9 @@ class MultiscaleNet(CamNet):
     classifier each -> GAP scores mixed by per-class softmax weights.
 
     `features(x)` concatenates the chosen stages' features upsampled (bilinear, by their stride
-    ratio, then cropped: see upsample_cells) to the finest stage, so the forward pass,
-    Grad-CAM++ and `cam_maps` all use one tensor; a 1x1 conv commutes with bilinear upsampling
-    and cropping, so its CAM is exactly the weighted sum of the upsampled per-stage CAMs.
+    ratio, cells kept over their pixels: see upsample_cells) to the finest stage, so the forward
+    pass, Grad-CAM++ and `cam_maps` all use one tensor; a 1x1 conv commutes with that linear
+    upsampling, so its CAM is exactly the weighted sum of the upsampled per-stage CAMs.
     Multi-scale + flip inference is used as it is (maps at stride `cam_stride` are resized to
     stride 4 by the inference code).
     """

@@ -21,9 +21,17 @@ def conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:
 
 
 def upsample_like(x: torch.Tensor, ref: torch.Tensor, factor: int) -> torch.Tensor:
-    """`x` upsampled by its stride ratio `factor` to `ref` and cropped (upsample_cells): a
-    coarse cell stays over the fine cells it was pooled or strided from."""
+    """A trunk stage's map `x` upsampled by its stride ratio `factor` onto `ref`'s grid
+    (upsample_cells): a coarse cell stays over the pixel it is centred on."""
     return upsample_cells(x, factor, ref.shape[-2:])
+
+
+def unpool(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The inverse of the pyramid's 2x2 max-pool: cell m pooled cells 2m and 2m + 1, so it is
+    centred between them, unlike a trunk's centred strides; bilinear x2 without aligned corners
+    puts it there, and the crop drops the half cell ceil_mode added."""
+    up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    return up[..., :ref.shape[-2], :ref.shape[-1]]
 
 
 class PyramidAttention(nn.Module):
@@ -32,7 +40,7 @@ class PyramidAttention(nn.Module):
     Three levels, each halving the resolution with a max-pool and then a 7x7, 5x5 and 3x3
     conv-BN-ReLU; coarse levels are upsampled x2 and added to finer ones, the sum is upsampled
     x2 to the input size and multiplies the projection. ceil_mode keeps tiny maps at least 1x1
-    (cell m pools the cells 2m, 2m + 1, so x2 and a crop put it back over them).
+    (cell m pools the cells 2m, 2m + 1: `unpool` puts it back over them).
     (PAN's global-pooling branch is left out, as in PYLON.)
     """
 
@@ -52,9 +60,9 @@ class PyramidAttention(nn.Module):
         a5 = self.down5(self.pool(a7))
         a3 = self.down3(self.pool(a5))
         att = self.out3(a3)
-        att = self.out5(a5) + upsample_like(att, a5, 2)
-        att = self.out7(a7) + upsample_like(att, a7, 2)
-        return self.project(x) * upsample_like(att, x, 2)
+        att = self.out5(a5) + unpool(att, a5)
+        att = self.out7(a7) + unpool(att, a7)
+        return self.project(x) * unpool(att, x)
 
 
 class Upsample(nn.Module):

@@ -68,20 +68,27 @@ STAGE_STRIDES = (4, 4, 8, 16, 16)  # layer4 is dilated, not strided
 
 
 def upsample_cells(x: torch.Tensor, factor: int, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinearly upsample a map by the integer stride ratio `factor`, then crop it to `size`.
+    """Bilinearly upsample a map by the integer stride ratio `factor`, onto a finer map of `size`.
 
-    A stride-s map of an h-pixel side has ceil(h / s) cells, cell n covering pixels
-    [s n, s n + s) (the convention of stages/cam/infer.py), so it spans s * ceil(h / s) >= h
-    pixels. Resizing it to a finer map's size would squeeze it wherever h is not a multiple of
-    s and shift features towards the top-left by up to s pixels; upsampling by the ratio keeps
-    every cell over its own pixels, and the surplus beyond the finer map is cut off (as IRNet
-    does). Where h is a multiple of s the result equals resizing to the size.
+    Every strided convolution and pooling of a ResNet trunk is centred (7x7 pad 3, 3x3 pad 1,
+    1x1 pad 0), so cell n of a stride-s map is centred on pixel s n (not on s n + s / 2): fine
+    cell m of the stride-(s / factor) map sits at coarse position m / factor. The coarse centres
+    fall on every `factor`-th fine cell (interpolation with aligned corners over factor (h - 1) + 1
+    cells); the fine cells past the last coarse centre take its value, as the border of any
+    bilinear resize does. tests/test_backbones.py measures the centring on a real trunk.
     """
-    if factor != 1:
-        x = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
-    if x.shape[-2] < size[0] or x.shape[-1] < size[1]:
+    if factor == 1:
+        out = x
+    else:
+        height, width = x.shape[-2:]
+        spanned = (factor * (height - 1) + 1, factor * (width - 1) + 1)
+        out = F.interpolate(x, size=spanned, mode="bilinear", align_corners=True)
+    if size[0] > factor * x.shape[-2] or size[1] > factor * x.shape[-1]:
         raise ValueError(f"a map of {tuple(x.shape[-2:])} upsampled x{factor} does not cover {tuple(size)}")
-    return x[..., :size[0], :size[1]]
+    pad_bottom, pad_right = max(0, size[0] - out.shape[-2]), max(0, size[1] - out.shape[-1])
+    if pad_bottom or pad_right:
+        out = F.pad(out, (0, pad_right, 0, pad_bottom), mode="replicate")
+    return out[..., :size[0], :size[1]]
 
 
 class ResNetFeatures(nn.Module):

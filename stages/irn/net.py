@@ -1,7 +1,7 @@
 """The Inter-pixel Relation Network's boundary branch (IRNet, Ahn et al. 2019).
 
 Features of the five backbone stages each pass a 1x1 conv + GroupNorm + ReLU, are upsampled to
-stride 4 by their stride ratio (and cropped: see upsample_cells) and fused by a 1x1 conv into
+stride 4 by their stride ratio (each cell over the pixel it is centred on: see upsample_cells) and fused by a 1x1 conv into
 one boundary map (sigmoid). Affinities between pixels are derived from it
 (stages/irn/affinity.py), so the boundary map is all the network learns.
 The displacement branch (instance segmentation) is not part of wss.
