@@ -61,7 +61,9 @@ def training_parts(parts: dict, inference_settings) -> dict:
 
 
 def settings_text(values: dict, section: str = "") -> str:
-    return ", ".join(f"{section + '.' if section else ''}{k}={v}" for k, v in values.items()) or "other settings"
+    """`cam.eval_bg_threshold=0.6, data.val_split=val`: a dotted name is already whole."""
+    return ", ".join(f"{section + '.' if section and '.' not in k else ''}{k}={v}"
+                     for k, v in values.items()) or "other settings"
 
 
 def software_versions() -> dict:
@@ -98,7 +100,7 @@ class Pipeline:
         if (name, limit) not in self._keys:
             stage = self.stage(name)
             config = stage.key_config(self.cfg, self.dataset.info.task)
-            config["data"] = {"train_split": self.cfg.data.train_split, "val_split": self.cfg.data.val_split}
+            config["data"] = {split: getattr(self.cfg.data, split) for split in getattr(stage, "splits", ("train_split",))}
             config["run"] = {"seed": self.cfg.run.seed}  # another seed trains other models
             if limit is not None:
                 config["limit"] = limit
@@ -213,17 +215,22 @@ class Pipeline:
     def score_values(self, stage) -> dict:
         """The current values of the stage's scoring-only settings (those it leaves out of its key,
         such as cam.eval_bg_threshold)."""
-        return section_dict(getattr(self.cfg, stage.section), only=set(getattr(stage, "score_settings", ())))
+        values = section_dict(getattr(self.cfg, stage.section), only=set(getattr(stage, "score_settings", ())))
+        for split in getattr(stage, "score_splits", ()):  # e.g. cam's val split: classification scores only
+            values[f"data.{split}"] = getattr(self.cfg.data, split)
+        return values
 
     def scoring_change(self, stage, manifest: dict) -> tuple[dict, dict] | None:
         """(current, scored with) values of the stage's scoring-only settings when the artifact's
         metrics used others."""
         settings = getattr(stage, "score_settings", ())
-        if not settings:
+        if not settings and not getattr(stage, "score_splits", ()):
             return None
         current = self.score_values(stage)
+        config = manifest.get("config", {})
         scored_with = manifest.get("scored_with") or {
-            k: v for k, v in manifest.get("config", {}).get(stage.section, {}).items() if k in settings}
+            **{k: v for k, v in config.get(stage.section, {}).items() if k in settings},
+            **{f"data.{split}": config.get("data", {}).get(split) for split in getattr(stage, "score_splits", ())}}
         return None if scored_with == current else (current, scored_with)
 
     def rescored(self, stage, artifact: Path, manifest: dict) -> dict:
@@ -236,7 +243,8 @@ class Pipeline:
         current, scored_with = change
         log.info("%s: re-scoring the cached artifact with %s (it was scored with %s)", stage.name,
                  settings_text(current, stage.section), settings_text(scored_with, stage.section))
-        metrics = stage.rescore(self.cfg, self.dataset, artifact, metrics)
+        limit = manifest.get("key_parts", {}).get("config", {}).get("limit")  # a `--limit` try scores its share
+        metrics = stage.rescore(self.cfg, self.dataset, artifact, metrics, scored_with, limit=limit)
         if self.store.update_manifest(artifact, metrics=metrics, scored_with=current) and \
                 (artifact / "metrics.json").is_file():
             write_text_atomic(artifact / "metrics.json", json.dumps(metrics, indent=1))

@@ -41,9 +41,12 @@ class Stage(Protocol):
     # library must know, files that must exist) and raises WssError; `wss run` calls it for every
     # stage it is about to compute before the first one starts, so that a typo in the last stage
     # does not surface after hours of the first ones.
+    # Optional: `splits`, the `data` split settings the output depends on (default
+    # ("train_split",)); they join the key. `score_splits`: splits that are only scored.
     # Optional: `score_settings`, names of section fields that only score the output (left out of
-    # key_config), with `rescore(cfg, dataset, artifact, metrics) -> metrics` recomputing the
-    # scores they change; a cached artifact scored with other values is re-scored, not recomputed.
+    # key_config), with `rescore(cfg, dataset, artifact, metrics, scored_with, limit) -> metrics`
+    # recomputing the scores the changed values (settings and score_splits as `data.<name>`)
+    # change; a cached artifact scored with other values is re-scored, not recomputed.
     # Optional: `resume_files`, names of files in the partial folder that only `--resume` of the
     # interrupted stage reads (the training checkpoint with its optimizer state, about 3x the
     # model); the runner deletes them when the stage has finished, before it commits.

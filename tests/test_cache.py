@@ -115,6 +115,16 @@ def test_a_scoring_only_setting_does_not_change_the_key(tiny_synthetic, tmp_path
     assert make_pipeline(tiny_synthetic, tmp_path, "cam.eval_bg_threshold=0.3").key("cam").digest == base
 
 
+def test_the_val_split_is_in_the_key_of_the_stage_that_predicts_it_only(tiny_synthetic, tmp_path):
+    """cam only scores its classifier on val (re-scored, see test_run_chain), irn and pseudo never
+    read it: another val split retrains nothing before seg, which predicts it."""
+    base = make_pipeline(tiny_synthetic, tmp_path)
+    other = make_pipeline(tiny_synthetic, tmp_path, "data.val_split=train")
+    assert [base.key(s).digest == other.key(s).digest for s in ("cam", "irn", "pseudo", "seg")] == \
+        [True, True, True, False]
+    assert make_pipeline(tiny_synthetic, tmp_path, "data.train_split=val").key("cam").digest != base.key("cam").digest
+
+
 def test_dataset_change_changes_the_key(tiny_synthetic, tmp_path):
     root = shutil.copytree(tiny_synthetic, tmp_path / "data")
     before = make_pipeline(root, tmp_path).key("cam").digest
@@ -349,10 +359,12 @@ def test_forked_workers_do_not_keep_a_lock_their_parent_let_go(tmp_path):
     import multiprocessing
 
     store = ArtifactStore(tmp_path, "ds")
-    started = multiprocessing.get_context("fork").Event()
+    fork = multiprocessing.get_context("fork")
+    running, started = fork.Event(), fork.Event()  # running: the child is past its fork hooks
     with store.writing(key()):
-        worker = multiprocessing.get_context("fork").Process(target=started.wait, args=(60,))
+        worker = fork.Process(target=lambda: running.set() or started.wait(60))
         worker.start()
+        assert running.wait(30)
     try:
         with open(store.lock_path(store.final_dir(key()).name), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the worker held it

@@ -116,5 +116,5 @@ def test_the_cam_stage_scores_localization_on_the_held_out_boxed_images(cli, tmp
     rescored = cli("run-stage", "cam", *args, "-o", "cam.eval_bg_threshold=0.5")  # re-scored, not retrained
     assert rescored.exit_code == 0, rescored.output
     manifest = json.loads((artifact / "manifest.json").read_text())
-    assert manifest["scored_with"] == {"eval_bg_threshold": 0.5}
+    assert manifest["scored_with"] == {"eval_bg_threshold": 0.5, "data.val_split": "val"}
     assert 0.0 <= manifest["metrics"]["cam_point_accuracy"] <= 1.0

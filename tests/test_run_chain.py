@@ -54,9 +54,9 @@ def test_run_twice_then_change_seg_then_change_irn(cli, chain_args):
     assert states(irn_changed.output) == {"cam": "cache hit", "irn": "ran", "pseudo": "ran", "seg": "ran"}
 
 
-def test_a_new_cam_scoring_threshold_rescores_the_cached_cams_without_retraining(cli, chain_args):
+def test_a_new_cam_scoring_threshold_rescores_the_cached_cams_without_retraining(cli, chain_args, monkeypatch):
     from data.layout import PreparedDataset
-    from stages.cam.stage import evaluate_cams
+    from stages.cam.stage import CamStage, evaluate_cams
     args, workdir = chain_args
     assert cli("run", *args, "--until", "cam").exit_code == 0
     artifact, = (workdir / "synthetic").glob("cam-*")
@@ -74,13 +74,48 @@ def test_a_new_cam_scoring_threshold_rescores_the_cached_cams_without_retraining
         assert json.loads((artifact / "metrics.json").read_text())["cam_miou"] == pytest.approx(expected)
         table_row, = [line for line in result.output.splitlines() if line.startswith("cam ") and "cam_miou" in line]
         assert f"{expected:.4f}" in table_row
-        assert rescored["scored_with"] == {"eval_bg_threshold": threshold}
+        assert rescored["scored_with"] == {"eval_bg_threshold": threshold, "data.val_split": "val"}
         assert rescored["metrics"]["cls_mean_auc"] == manifest["metrics"]["cls_mean_auc"]  # kept, not rescored
     assert rescored["metrics"]["cam_miou"] == pytest.approx(manifest["metrics"]["cam_miou"])
     assert (artifact / "model.pt").stat().st_mtime_ns == trained
     status = cli("status", *args, "-o", "cam.eval_bg_threshold=0.45").output.splitlines()
     assert "up to date" in status[0]
-    assert "scored with eval_bg_threshold=0.6; a run re-scores it with eval_bg_threshold=0.45" in status[1]
+    assert "scored with eval_bg_threshold=0.6, data.val_split=val; a run re-scores it with " \
+           "eval_bg_threshold=0.45, data.val_split=val" in status[1]
+
+    # another val split: the saved classifier is scored on it, nothing is retrained
+    classified = []
+    original = CamStage.classify_split
+    monkeypatch.setattr(CamStage, "classify_split",
+                        lambda self, model, ds, ids, *a, **k: classified.append(ids) or original(self, model, ds, ids, *a, **k))
+    on_train = cli("run", *args, "--until", "cam", "-o", "data.val_split=train")
+    assert on_train.exit_code == 0, on_train.output
+    assert states(on_train.output) == {"cam": "cache hit"}
+    moved = json.loads((artifact / "manifest.json").read_text())
+    assert moved["scored_with"] == {"eval_bg_threshold": 0.6, "data.val_split": "train"}
+    assert classified == [dataset.split("train")]
+    assert moved["metrics"]["cam_miou"] == pytest.approx(manifest["metrics"]["cam_miou"])
+    assert cli("run", *args, "--until", "cam").exit_code == 0
+    assert classified[1:] == [dataset.split("val")]
+    back = json.loads((artifact / "manifest.json").read_text())["metrics"]
+    assert back["cls_mean_auc"] == pytest.approx(manifest["metrics"]["cls_mean_auc"], abs=1e-6)
+    assert (artifact / "model.pt").stat().st_mtime_ns == trained
+
+
+def test_a_limited_try_is_rescored_on_its_share_of_the_new_val_split(cli, chain_args, monkeypatch):
+    from data.layout import PreparedDataset
+    from stages.cam.stage import CamStage
+    args, _ = chain_args
+    first = cli("run-stage", "cam", *args, "--limit", "8")
+    assert first.exit_code == 0, first.output
+    classified = []
+    original = CamStage.classify_split
+    monkeypatch.setattr(CamStage, "classify_split",
+                        lambda self, model, ds, ids, *a, **k: classified.append(ids) or original(self, model, ds, ids, *a, **k))
+    result = cli("run-stage", "cam", *args, "--limit", "8", "-o", "data.val_split=train")
+    assert result.exit_code == 0, result.output
+    assert "up to date" in result.output
+    assert classified == [PreparedDataset(args[3].split("=", 1)[1]).split("train")[:8]]
 
 
 def test_evaluate_and_visualize_the_finished_chain(cli, chain_args):

@@ -53,6 +53,7 @@ class CamStage:
     # Only scores the CAMs: left out of the key, so that a new threshold re-scores the cached
     # CAMs (Pipeline.rescored) instead of retraining stage 1 and everything after it.
     score_settings = ("eval_bg_threshold",)
+    score_splits = ("val_split",)  # classification AUC / AP only: another val split re-scores the model
 
     def inference_settings(self, cfg) -> tuple[str, ...]:
         """Used only after training: a new value reuses the classifier of an artifact trained with
@@ -118,11 +119,22 @@ class CamStage:
         metrics = distributed.broadcast(metrics)
         return StageResult(metrics=metrics, headline=headline_metric(metrics), failures=failures)
 
-    def rescore(self, cfg, dataset: PreparedDataset, artifact: Path, metrics: dict) -> dict:
+    def rescore(self, cfg, dataset: PreparedDataset, artifact: Path, metrics: dict, scored_with: dict,
+                limit: int | None = None) -> dict:
         """The run's metrics with the CAM scores recomputed at the current threshold (localization
-        recomputed with them, as it also goes by the `cam_` prefix)."""
-        return {**{k: v for k, v in metrics.items() if not k.startswith("cam_")},
-                **self.evaluate(cfg, dataset, artifact)}
+        recomputed with them, as it also goes by the `cam_` prefix), and the classification scores
+        with the saved model when the val split is another."""
+        metrics = {**{k: v for k, v in metrics.items() if not k.startswith("cam_")},
+                   **self.evaluate(cfg, dataset, artifact)}
+        if scored_with.get("data.val_split") != cfg.data.val_split:
+            device = resolve_device(cfg.run.device)
+            model = build_cam_net(cfg.cam, dataset.info.num_classes, weights=None)
+            load_saved(artifact / MODEL_FILE, "model", "cam", model)
+            model = model.to(device).eval()
+            val_ids = dataset.split(cfg.data.val_split)[:limit]
+            metrics = {**{k: v for k, v in metrics.items() if not k.startswith("cls_")},
+                       **self.classify_split(model, dataset, val_ids, device, cfg.run.workers, whole=True)}
+        return metrics
 
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
         ids = cam_ids(cfg, dataset, artifact)
@@ -132,11 +144,13 @@ class CamStage:
 
     @torch.no_grad()
     def classify_split(self, model, dataset: PreparedDataset, ids: list[str], device, workers: int,
-                       failures: list[str] | None = None) -> dict:
+                       failures: list[str] | None = None, whole: bool = False) -> dict:
         """Image-level AUC / AP on a split, whole images at scale 1. Unreadable images are
-        skipped and listed in `failures`. Under torchrun each rank scores its share."""
+        skipped and listed in `failures`. Under torchrun each rank scores its share, unless
+        `whole` (one process re-scoring alone)."""
         scores, targets = [], []
-        loader = DataLoader(SafeImageDataset(dataset, distributed.shard(ids)), batch_size=1, collate_fn=first_item,
+        share = ids if whole else distributed.shard(ids)
+        loader = DataLoader(SafeImageDataset(dataset, share), batch_size=1, collate_fn=first_item,
                             num_workers=min(2, worker_count(workers)))
         for item in tqdm(loader, desc="cam classify val", unit="img", leave=False):
             if "error" in item:
@@ -149,7 +163,8 @@ class CamStage:
                 logits = model(x)["logits"].float()
             scores.append(torch.sigmoid(logits)[0].cpu().numpy())
             targets.append(dataset.label_vector(item["id"]))
-        scores, targets = distributed.all_ranks_list(scores), distributed.all_ranks_list(targets)
+        if not whole:
+            scores, targets = distributed.all_ranks_list(scores), distributed.all_ranks_list(targets)
         if not scores:
             return {}
         result = classification_scores(np.stack(scores), np.stack(targets), dataset.classes, prefix="cls_")

@@ -41,6 +41,7 @@ HOLDOUT_FILE = "holdout_best.pt"
 class SegStage:
     name = "seg"
     needs: tuple[str, ...] = ("cam", "pseudo")  # cam: for `encoder_weights: cam`
+    splits = ("train_split", "val_split")  # trained on train, predicts val too
     section = "seg"
     resume_files = (CHECKPOINT, HOLDOUT_FILE)  # the held-out scores of the epochs trained so far
 
