@@ -36,7 +36,8 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
-    """How to run, not what to compute: none of these enter a cache key."""
+    """How to run, not what to compute: only `seed` enters the cache keys (another seed trains
+    other models)."""
     workdir: str = "runs"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
