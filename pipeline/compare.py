@@ -66,7 +66,8 @@ def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict
     from stages.cam.scoring import count_parameters, tuned_miou, write_cams
     from stages.common.runtime import resolve_device, worker_count
     cfg, dataset = pipeline.cfg, pipeline.dataset
-    name = artifact.name + (f"-limit{limit}" if limit is not None else "")
+    # the artifact's key leaves out the val split (it only scores stage 1), so the name holds it
+    name = f"{artifact.name}-val-{cfg.data.val_split}" + (f"-limit{limit}" if limit is not None else "")
     cache = out / "cache" / f"{name}.json"
     made_by = computation_id(artifact)
     cached = read_cached_scores(cache, made_by)

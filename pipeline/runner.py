@@ -54,9 +54,13 @@ def upstream_closure(name: str, stages: dict) -> list[str]:
 
 
 def training_parts(parts: dict, inference_settings) -> dict:
-    """A stage's key parts without its inference settings, as JSON would store them."""
+    """A stage's key parts without its inference settings (a dotted `data.val_split` names a field
+    of the key's data part), as JSON would store them."""
     parts = json.loads(json.dumps(parts, default=str))
-    parts.get("config", {}).update(dict.fromkeys(inference_settings, "(inference)"))
+    config = parts.get("config", {})
+    for name in inference_settings:
+        section, _, field = name.rpartition(".")
+        (config.setdefault(section, {}) if section else config)[field] = "(inference)"
     return parts
 
 

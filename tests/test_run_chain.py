@@ -289,9 +289,24 @@ def test_a_new_prediction_size_reuses_the_trained_segmenter(cli, chain_args, mon
         assert torch.equal(new_state["model"][name], weights), name
     assert len(list((new / "predictions").glob("*.png"))) == len(list((twin / "predictions").glob("*.png")))
 
-    # pseudo_holdout chooses its checkpoint by predicting with these settings: nothing is reused
+    # another val split is only predicted: the same segmenter predicts it
+    on_train = cli("run", *args, "-o", "data.val_split=train")
+    assert on_train.exit_code == 0, on_train.output + str(on_train.exception)
+    assert states(on_train.output) == {"cam": "cache hit", "irn": "cache hit", "pseudo": "cache hit", "seg": "ran"}
+    assert "reusing the model trained in" in on_train.output
+    moved, = [p for p in (workdir / "synthetic").glob("seg-*") if p.name not in before | {new.name}]
+    assert Path(json.loads((moved / "manifest.json").read_text())["inputs"]["trained"]).name in before | {new.name}
+    metrics = json.loads((moved / "metrics.json").read_text())
+    assert metrics["seg_val_miou"] == pytest.approx(metrics["seg_train_miou"])
+
+    # pseudo_holdout chooses its checkpoint by predicting with threshold and predict_size: only the
+    # val split may change under it, and the reusing artifact reports the twin's choice
     holdout = load_config([DEMO_CONFIG], [*args[3::2], "seg.checkpoint=pseudo_holdout"])
-    assert seg_stage.SegStage().inference_settings(holdout) == ()
+    assert seg_stage.SegStage().inference_settings(holdout) == ("data.val_split",)
+    chosen = workdir / "holdout-artifact"
+    chosen.mkdir()
+    (chosen / "metrics.json").write_text(json.dumps({**metrics, "seg_holdout_epoch": 3}))
+    assert seg_stage.holdout_choice(chosen) == {"seg_holdout_epoch": 3}
 
 
 def test_overlay_grid_shows_a_bad_label_or_mask_as_missing(synthetic_dataset, tmp_path, caplog):

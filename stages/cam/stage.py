@@ -65,9 +65,9 @@ class CamStage:
         return {**section_dict(cfg.cam, skip=skip),
                 "weights_file": weights_file_stamp(cfg.cam.weights)}
 
-    def code_version(self) -> str:
+    def code_version(self) -> str:  # data/nih.py: which images get boxed CAMs
         return source_hash("stages/cam", "stages/common", "stages/base.py", "data/layout.py",
-                           "data/transforms.py", "data/datasets.py")
+                           "data/transforms.py", "data/datasets.py", "data/nih.py")
 
     def run(self, cfg, dataset: PreparedDataset, inputs: dict[str, Path], out: Path, *,
             resume: bool = False, limit: int | None = None) -> StageResult:

@@ -56,9 +56,12 @@ class SegStage:
 
     def inference_settings(self, cfg) -> tuple[str, ...]:
         """Used only after training (to predict): a new value reuses the segmenter of an artifact
-        trained with the same settings (Pipeline.trained_twin). Not under pseudo_holdout, whose
+        trained with the same settings (Pipeline.trained_twin). The val split always (the held-out
+        part comes from train); threshold and predict_size not under pseudo_holdout, whose
         checkpoint choice predicts with them."""
-        return ("threshold", "predict_size") if cfg.seg.checkpoint == "last" else ()
+        if cfg.seg.checkpoint == "last":
+            return ("threshold", "predict_size", "data.val_split")
+        return ("data.val_split",)
 
     def code_version(self) -> str:
         return source_hash("stages/seg", "stages/common", "stages/base.py", "data/layout.py",
@@ -127,6 +130,8 @@ class SegStage:
         if tracker is not None:
             tracker.score_epoch(section.epochs - 1)
             metrics.update(tracker.choose(model))
+        elif twin is not None:  # the epoch the twin chose on its held-out part, which is this one's
+            metrics.update(holdout_choice(Path(twin)))
         distributed.sync_module(model)  # every rank predicts with the weights rank 0 chose
         model.eval()  # still channels_last on CUDA, as predict_probabilities feeds it
         if distributed.is_main():
@@ -281,6 +286,15 @@ class HoldoutTracker:
         model.load_state_dict(self.state["best_model"])
         return {"seg_holdout_epoch": best + 1, "seg_holdout_miou": float(self.state["scores"][best]),
                 "seg_holdout_images": len(self.items)}
+
+
+def holdout_choice(artifact: Path) -> dict:
+    """The `seg_holdout_*` metrics of a finished artifact (none under checkpoint: last)."""
+    try:
+        metrics = json.loads((artifact / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in metrics.items() if k.startswith("seg_holdout_")}
 
 
 class SplitScorer:
