@@ -11,7 +11,7 @@ from pathlib import Path
 
 from data.errors import WssError
 from data.layout import PreparedDataset, write_text_atomic
-from pipeline.cache import ArtifactStore, StageKey, explain_difference
+from pipeline.cache import ArtifactStore, CacheError, StageKey, explain_difference
 from pipeline.config import Config
 from stages.base import StageInputError, section_dict
 from stages.common import distributed
@@ -248,10 +248,13 @@ class Pipeline:
         log.info("%s: re-scoring the cached artifact with %s (it was scored with %s)", stage.name,
                  settings_text(current, stage.section), settings_text(scored_with, stage.section))
         limit = manifest.get("key_parts", {}).get("config", {}).get("limit")  # a `--limit` try scores its share
-        metrics = stage.rescore(self.cfg, self.dataset, artifact, metrics, scored_with, limit=limit)
-        if self.store.update_manifest(artifact, metrics=metrics, scored_with=current) and \
-                (artifact / "metrics.json").is_file():
-            write_text_atomic(artifact / "metrics.json", json.dumps(metrics, indent=1))
+        with self.store.reading([artifact]):  # no `--force` or `wss clean` elsewhere replaces it meanwhile
+            if (self.store.read_manifest(artifact) or {}).get("started") != manifest.get("started"):
+                raise CacheError(f"{artifact} was recomputed by another wss process; run again")
+            metrics = stage.rescore(self.cfg, self.dataset, artifact, metrics, scored_with, limit=limit)
+            if self.store.update_manifest(artifact, metrics=metrics, scored_with=current) and \
+                    (artifact / "metrics.json").is_file():
+                write_text_atomic(artifact / "metrics.json", json.dumps(metrics, indent=1))
         return metrics
 
     def run_beside_rank0(self, stage, inputs: dict[str, Path], resume: bool, limit: int | None) -> Outcome:

@@ -101,6 +101,17 @@ def test_a_new_cam_scoring_threshold_rescores_the_cached_cams_without_retraining
     assert back["cls_mean_auc"] == pytest.approx(manifest["metrics"]["cls_mean_auc"], abs=1e-6)
     assert (artifact / "model.pt").stat().st_mtime_ns == trained
 
+    # another process recomputing the artifact (`--force`) holds its lock: no re-scoring under it
+    import fcntl
+
+    from pipeline.cache import ArtifactStore
+    before = (artifact / "manifest.json").read_text()
+    with open(ArtifactStore(workdir, "synthetic").lock_path(artifact.name), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        blocked = cli("run", *args, "--until", "cam", "-o", "cam.eval_bg_threshold=0.3")
+    assert blocked.exit_code != 0 and "being recomputed or removed by another wss process" in blocked.output
+    assert (artifact / "manifest.json").read_text() == before
+
 
 def test_a_limited_try_is_rescored_on_its_share_of_the_new_val_split(cli, chain_args, monkeypatch):
     from data.layout import PreparedDataset
