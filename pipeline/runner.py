@@ -64,6 +64,14 @@ def training_parts(parts: dict, inference_settings) -> dict:
     return parts
 
 
+def scoring_values(stage, section: dict, data: dict) -> dict:
+    """A stage's scoring-only settings among its section's values, and the splits it only scores
+    (cam's val split) as `data.<name>`."""
+    values = {k: v for k, v in section.items() if k in getattr(stage, "score_settings", ())}
+    values.update({f"data.{split}": data.get(split) for split in getattr(stage, "score_splits", ())})
+    return values
+
+
 def settings_text(values: dict, section: str = "") -> str:
     """`cam.eval_bg_threshold=0.6, data.val_split=val`: a dotted name is already whole."""
     return ", ".join(f"{section + '.' if section and '.' not in k else ''}{k}={v}"
@@ -219,22 +227,17 @@ class Pipeline:
     def score_values(self, stage) -> dict:
         """The current values of the stage's scoring-only settings (those it leaves out of its key,
         such as cam.eval_bg_threshold)."""
-        values = section_dict(getattr(self.cfg, stage.section), only=set(getattr(stage, "score_settings", ())))
-        for split in getattr(stage, "score_splits", ()):  # e.g. cam's val split: classification scores only
-            values[f"data.{split}"] = getattr(self.cfg.data, split)
-        return values
+        return scoring_values(stage, section_dict(getattr(self.cfg, stage.section)), vars(self.cfg.data))
 
     def scoring_change(self, stage, manifest: dict) -> tuple[dict, dict] | None:
         """(current, scored with) values of the stage's scoring-only settings when the artifact's
         metrics used others."""
-        settings = getattr(stage, "score_settings", ())
-        if not settings and not getattr(stage, "score_splits", ()):
-            return None
         current = self.score_values(stage)
-        config = manifest.get("config", {})
-        scored_with = manifest.get("scored_with") or {
-            **{k: v for k, v in config.get(stage.section, {}).items() if k in settings},
-            **{f"data.{split}": config.get("data", {}).get(split) for split in getattr(stage, "score_splits", ())}}
+        if not current:
+            return None
+        config = manifest.get("config", {})  # a manifest without scored_with: the config it ran with
+        scored_with = manifest.get("scored_with") or \
+            scoring_values(stage, config.get(stage.section, {}), config.get("data", {}))
         return None if scored_with == current else (current, scored_with)
 
     def rescored(self, stage, artifact: Path, manifest: dict) -> dict:
