@@ -137,8 +137,34 @@ def test_truncated_dicom_is_a_data_error(tmp_path):
     source = next((SAMPLES / "dicom").glob("*.dcm")).read_bytes()
     truncated = tmp_path / "truncated.dcm"
     truncated.write_bytes(source[: len(source) // 2])
-    with pytest.raises(DataError, match="truncated.dcm"):
+    with pytest.raises(DataError, match="truncated.dcm: the DICOM file is truncated") as error:
         read_dicom(truncated)
+    assert "no pixel data" not in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["raw", "jpeg", "b12"])
+@pytest.mark.parametrize("where", ["pixels", "header value", "element header"])
+def test_truncated_dicom_says_truncated_not_no_pixel_data(tmp_path, kind, where):
+    """pydicom reads a cut-short file without an error, keeping the elements it found: the
+    pixel data cut (encapsulated: it warns; native: a short value), a header element's value
+    cut, or the next element's own header cut (dropped silently)."""
+    image = (np.arange(64 * 64).reshape(64, 64) % 256).astype(np.uint8)
+    whole = tmp_path / "whole.dcm"
+    if kind == "b12":
+        write_dicom(whole, image.astype(np.uint16) * 16, bits_stored=12)
+    else:
+        write_dicom(whole, image, jpeg=kind == "jpeg")
+    raw = whole.read_bytes()
+    dataset = pydicom.dcmread(whole)
+    pixels_at = dataset.get_item("PixelData").value_tell
+    uid = dataset.get_item("SOPInstanceUID")
+    cut = {"pixels": (pixels_at + len(raw)) // 2, "header value": uid.value_tell + 3,
+           "element header": uid.value_tell + uid.length + 3}[where]
+    path = tmp_path / "cut.dcm"
+    path.write_bytes(raw[:cut])
+    with pytest.raises(DataError, match="cut.dcm: the DICOM file is truncated") as error:
+        read_dicom(path)
+    assert "no pixel data" not in str(error.value)
 
 
 def test_dicom_without_pixel_data_is_a_data_error(tmp_path):
@@ -269,7 +295,7 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
     assert report.counts["prepared"] == 2  # good and neg
     assert "odd number" in wheres[f"{csv_path}:3"]
     assert "beyond" in wheres[f"{csv_path}:4"]
-    assert str(truncated) in wheres and str(no_pixels) in wheres
+    assert "is truncated" in wheres[str(truncated)] and str(no_pixels) in wheres
     assert "no pixel data" in wheres[str(no_pixels)]
     duplicates = [w for w, m in wheres.items() if "duplicate image id 'good'" in m]
     assert len(duplicates) == 1 and Path(duplicates[0]).name == "good.dcm"
