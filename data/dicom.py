@@ -13,10 +13,14 @@ Conversion to 8 bits, in order:
 
 Colour files (rare for radiographs) are converted to luminance; multi-frame files are refused.
 Every failure (not a DICOM, truncated, no pixel data, an undecodable codec) is a DataError
-naming the file.
+naming the file. pydicom reads a file cut short without an error (it keeps the elements it
+found, the last one shorter than its stated length); a file that fails to read and shows such an
+end is reported as truncated, not as one without pixel data (a file that reads well is never
+refused for how it ends).
 """
 from __future__ import annotations
 
+import struct
 import warnings
 from pathlib import Path
 
@@ -44,14 +48,90 @@ def read_dicom(path: str | Path) -> np.ndarray:
     # better than the error that follows, and are otherwise noise on the progress bar.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        truncated = None
         try:
             dataset = _read_dataset(Path(path))
+            truncated = _truncation_or_none(dataset, Path(path), caught)  # before decoding converts elements
+            if not _has_pixels(dataset):
+                raise DataError(f"{path}: the DICOM file has no pixel data")
             pixels = _decode_pixels(dataset, path)
             return _mapped(pixels, dataset, path)
         except DataError as error:
+            # said only for a file that failed: one that reads well is never refused for its end
+            if truncated:
+                raise DataError(f"{path}: the DICOM file is truncated{truncated}") from None
             if caught:
-                raise DataError(f"{error} (pydicom: {str(caught[0].message).splitlines()[0]})") from None
+                raise DataError(f"{error} (pydicom: {_first_line(caught[0].message)})") from None
             raise
+
+
+def dicom_shape(path: str | Path) -> tuple[int, int]:
+    """(height, width) of a single-frame DICOM from its header alone (Rows, Columns): the shape
+    its mask is decoded at when its pixels need not be read again."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dataset = pydicom.dcmread(path, stop_before_pixels=True)
+            rows, columns = int(dataset.Rows), int(dataset.Columns)
+    except Exception as error:  # pydicom raises many types for damaged headers; all mean the same
+        raise DataError(f"{path}: not a readable DICOM header ({_describe(error)})") from None
+    if rows <= 0 or columns <= 0:
+        raise DataError(f"{path}: the DICOM header gives an empty image ({columns}x{rows})")
+    return rows, columns
+
+
+def _truncation_or_none(dataset, path: Path, caught) -> str | None:
+    try:
+        return _truncation(dataset, path, caught)
+    except Exception:  # pydicom parses lazily: a damaged dataset may fail anywhere, any type
+        return None
+
+
+def _truncation(dataset, path: Path, caught) -> str | None:
+    """How a file that failed to read was cut short, or None without evidence of it. pydicom reads
+    a truncated file without an error: it warns when the file ends inside an element of undefined
+    length (encapsulated pixel data, sequences), keeps an element cut inside its value with fewer
+    bytes than its stated length, and drops an element cut inside its own header."""
+    from pydicom.dataelem import RawDataElement
+
+    for warning in caught:
+        if "end of file" in str(warning.message).lower():
+            return f" (pydicom: {_first_line(warning.message)})"
+    size = path.stat().st_size
+    tags = sorted(dataset.keys())
+    for tag in tags:
+        element = dataset.get_item(tag)  # the raw element, as read: its stated length is kept
+        if isinstance(element, RawDataElement) and element.length != 0xFFFFFFFF \
+                and len(element.value or b"") < element.length:
+            return f": it ends inside element {tag} ({len(element.value or b'')} of its {element.length} bytes)"
+    meta = getattr(dataset, "file_meta", None)
+    try:
+        group_length = meta.get("FileMetaInformationGroupLength") if meta else None
+    except Exception:  # a damaged element fails when converted, any type: no evidence either way
+        group_length = None
+    if group_length is not None and (not isinstance(group_length, int)
+                                     or size < _PREAMBLE + len(DICOM_MAGIC) + 12 + group_length):
+        return ": it ends inside its file meta header"
+    if not tags:
+        return f": nothing follows its {'file meta header' if meta else 'DICM prefix'}"
+    last = dataset.get_item(tags[-1])
+    if isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF and last.value_tell is not None \
+            and size > last.value_tell + last.length:
+        return f": it ends inside the element after {tags[-1]}"
+    return None
+
+
+def _has_pixels(dataset) -> bool:
+    try:
+        return "PixelData" in dataset
+    except Exception:  # pydicom parses lazily: a damaged dataset may fail here, any type
+        return False
+
+
+def _first_line(message) -> str:
+    return str(message).splitlines()[0] if str(message) else ""
 
 
 def _mapped(pixels: np.ndarray, dataset, path) -> np.ndarray:
@@ -68,11 +148,11 @@ def _read_dataset(path: Path):
         raise DataError(f"{path}: DICOM file not found")
     try:
         dataset = pydicom.dcmread(path)
-        has_pixels = "PixelData" in dataset
+        dataset.keys()
+    except struct.error as error:  # an element header cut short: "unpack requires a buffer of 4 bytes"
+        raise DataError(f"{path}: the DICOM file is truncated ({_describe(error)})") from None
     except Exception as error:  # pydicom raises many types for damaged headers; all mean the same
         raise DataError(f"{path}: not a readable DICOM file ({_describe(error)})") from None
-    if not has_pixels:
-        raise DataError(f"{path}: the DICOM file has no pixel data")
     return dataset
 
 

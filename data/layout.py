@@ -107,14 +107,15 @@ def atomic_save(image: Image.Image, path: Path) -> None:
     replace_if_changed(tmp, path)
 
 
-def replace_if_changed(tmp: Path, path: Path) -> None:
+def replace_if_changed(tmp: Path, path: Path) -> bool:
     """Move `tmp` over `path`, unless `path` already holds the same bytes: re-preparing the same
     data then keeps every file's mtime, which the dataset fingerprint reads, and so every
-    stage stays up to date."""
+    stage stays up to date. True when `path` was replaced."""
     if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
         tmp.unlink()
-    else:
-        os.replace(tmp, path)
+        return False
+    os.replace(tmp, path)
+    return True
 
 
 def _format_for(path: Path) -> str:

@@ -22,16 +22,21 @@
   ``Bbox [x,y,w,h]`` header spans four columns) and the clean one. A bad box row (too few
   fields, an unknown finding, a coordinate that is not a number) is reported as ``file:line``
   in ``prepare_report.json`` and skipped; a file without the header is an error.
-- Resumable: an image whose PNG already exists, decodes completely and has the expected size
-  is not converted again (its source's header still gives the original size for its boxes).
-  ``size`` is recorded in ``out/nih.json`` and a rerun with another size is refused.
+- Resumable (:mod:`data.prepare_manifest`): ``out/prepare_manifest.json`` records each image's
+  source stamp, its original size (for its boxes) and a digest of its findings, patient and
+  boxes. A rerun keeps the images whose source is unchanged without opening it, redoes those
+  whose source changed, removes the outputs of images gone from the inputs, rewrites labels and
+  boxes from the files given, and lists the images whose findings or boxes changed. An image
+  without a record (a folder prepared before manifests existed) is kept when its PNG decodes,
+  has the expected size and is not older than its source; otherwise it is redone, which rewrites
+  no file whose content comes out the same. ``size`` is recorded in ``out/nih.json`` and a rerun
+  with another size is refused unless ``force``, which redoes every image.
 """
 from __future__ import annotations
 
 import csv
 import io
 import os
-import shutil
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -43,8 +48,11 @@ from PIL import Image
 from data.dicom import stretch_to_uint8
 from data.errors import DataError
 from data.layout import DatasetInfo, DatasetWriter
-from data.prepare_report import (PrepareReport, check_options, check_size_stamp, parallel_map, resize_image,
-                                 save_png)
+from data.prepare_manifest import (FORCED, LABELS, NEW, UNCHANGED, UNKNOWN, VERIFIED, PrepareManifest,
+                                   copy_file_if_changed, digest, file_stamp, item_change, output_stamps,
+                                   source_not_newer, unknown_change)
+from data.prepare_report import (PrepareReport, check_options, check_size_stamp, nothing_prepared_reason,
+                                 parallel_map, resize_image, save_png)
 
 FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
             "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
@@ -250,6 +258,10 @@ class _ImageTask:
     source: str
     out: str
     size: int | None
+    stamp: str = ""        # the source's stamp and --size (see data.prepare_manifest)
+    labels: str = ""       # digest of its findings, patient and boxes
+    previous: dict | None = None
+    force: bool = False
 
 
 @dataclass
@@ -258,26 +270,52 @@ class _ImageResult:
     status: str  # "converted" | "copied" | "resumed" | "failed"
     original: tuple[int, int] = (0, 0)  # the source's (width, height): its boxes' pixels
     problems: list[tuple[str, str]] = field(default_factory=list)
+    change: str = NEW
+    record: dict | None = None
 
 
 def _prepare_image(task: _ImageTask) -> _ImageResult:
-    target = Path(task.out) / "images" / f"{task.image_id}.png"
+    name = f"images/{task.image_id}.png"
+    target = Path(task.out) / name
+    change = FORCED if task.force else item_change(task.previous, task.stamp, task.labels, task.out)
+    recorded = _recorded_original(task.previous)
+    if change in (UNCHANGED, LABELS) and recorded is not None:  # labels and boxes live in the shared files
+        record = {**task.previous, "labels": task.labels}
+        return _ImageResult(task.image_id, "resumed", recorded, change=change, record=record)
     try:
         with Image.open(task.source) as image:  # reads the header only, until load()
             original = image.size
             wanted = (task.size, task.size) if task.size else original
-            if _finished(target, wanted):
-                return _ImageResult(task.image_id, "resumed", original)
+            if change == UNKNOWN:
+                if _finished(target, wanted) and source_not_newer(task.source, target):
+                    return _ImageResult(task.image_id, "resumed", original, change=VERIFIED,
+                                        record=_record(task, original))
+                change = unknown_change(task.source, target)
             image.load()
             if image.mode == "L" and original == wanted:
-                _copy(Path(task.source), target)
-                return _ImageResult(task.image_id, "copied", original)
-            gray = to_grayscale(image)
+                copy_file_if_changed(Path(task.source), target)
+                status = "copied"
+            else:
+                status, gray = "converted", to_grayscale(image)
     except (OSError, ValueError, SyntaxError) as error:  # Pillow's errors for damaged files
         problem = (task.source, f"not a readable image ({error})")
         return _ImageResult(task.image_id, "failed", problems=[problem])
-    save_png(resize_image(gray, wanted), target)
-    return _ImageResult(task.image_id, "converted", original)
+    if status == "converted":
+        save_png(resize_image(gray, wanted), target)
+    return _ImageResult(task.image_id, status, original, change=change, record=_record(task, original))
+
+
+def _record(task: _ImageTask, original: tuple[int, int]) -> dict:
+    return {"source": task.stamp, "labels": task.labels, "original": list(original),
+            "outputs": output_stamps(task.out, [f"images/{task.image_id}.png"])}
+
+
+def _recorded_original(record: dict | None) -> tuple[int, int] | None:
+    """The source's (width, height) in a record, None when it holds none that is usable."""
+    original = (record or {}).get("original")
+    if isinstance(original, list) and len(original) == 2 and all(isinstance(v, int) and v > 0 for v in original):
+        return original[0], original[1]
+    return None
 
 
 def to_grayscale(image: Image.Image) -> np.ndarray:
@@ -300,21 +338,15 @@ def _finished(path: Path, size: tuple[int, int]) -> bool:
         return False
 
 
-def _copy(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
-
-
 # --------------------------------------------------------------------------------------------
 # The whole dataset
 # --------------------------------------------------------------------------------------------
 
 def prepare_nih(images_dir: str | Path, data_entry_csv: str | Path, boxes_csv: str | Path,
                 out: str | Path, val_fraction: float = 0.1, seed: int = 0, workers: int = 1,
-                progress: bool = True, size: int | None = None) -> PrepareReport:
+                progress: bool = True, size: int | None = None, force: bool = False) -> PrepareReport:
     """Prepare ChestX-ray14 into ``out`` (images, labels, splits, boxes.csv); see the module doc.
-    ``size`` None keeps the native size.
+    ``size`` None keeps the native size; ``force`` redoes every image whatever the manifest says.
 
     Raises DataError (after writing the report) only when no image could be prepared.
     """
@@ -328,16 +360,24 @@ def prepare_nih(images_dir: str | Path, data_entry_csv: str | Path, boxes_csv: s
     report.add_ids("images_without_labels", present.keys() - entries.keys())
     report.id_counts["labels_without_images"] = len(listed - present.keys())  # ~10^5: counted, not listed
 
-    check_size_stamp(out, STAMP_NAME, size)
+    check_size_stamp(out, STAMP_NAME, size, force)
+    manifest = PrepareManifest(out, "nih", report, force)
     writer = DatasetWriter(out, DatasetInfo("nih", "multiclass", list(FINDINGS)))
-    tasks = [_ImageTask(i, str(present[i]), str(out), size) for i in sorted(present.keys() & entries.keys())]
+    by_image = boxes_by_image(boxes)
+    tasks = [_ImageTask(i, str(present[i]), str(out), size, f"{file_stamp(present[i])}|size={size or 0}",
+                        _labels_digest(entries[i], by_image.get(i, [])), manifest.previous(i), force)
+             for i in sorted(present.keys() & entries.keys())]
     originals: dict[str, tuple[int, int]] = {}  # prepared id -> its source's (width, height)
+    failed: set[str] = set()
     for result in parallel_map(_prepare_image, tasks, workers, progress, "nih"):
         for where, message in result.problems:
             report.add_problem(where, message)
         report.count(result.status)
-        if result.status != "failed":
+        if result.status == "failed":
+            failed.add(result.image_id)
+        else:
             originals[result.image_id] = result.original
+        manifest.note(report, result.image_id, result.change, result.record)
     prepared = set(originals)
     report.counts["prepared"] = len(prepared)
 
@@ -346,7 +386,11 @@ def prepare_nih(images_dir: str | Path, data_entry_csv: str | Path, boxes_csv: s
     report.write()
     if not report.ok:
         writer.keep_previous()
-        raise DataError(f"no NIH image could be prepared from {images_dir}; see {report.path}")
+        report.error = nothing_prepared_reason(report, data_entry_csv, listed, images_dir, present, "PNG",
+                                               "Image Index")
+        report.write()
+        raise DataError(f"no NIH image could be prepared from {images_dir}: {report.error}; see {report.path}")
+    manifest.finish(report, ".png", set(present), failed)
     writer.write_labels({i: entries[i].labels for i in prepared})
     write_boxes(out / BOXES_NAME, kept)
     for name, ids in patient_splits(prepared, entries, {b.image_id for b in kept}, val_fraction, seed).items():
@@ -355,6 +399,11 @@ def prepare_nih(images_dir: str | Path, data_entry_csv: str | Path, boxes_csv: s
     report.write()
     writer.write_info()
     return report
+
+
+def _labels_digest(entry: Entry, boxes: list[Box]) -> str:
+    """What an image's labels are made from: its findings, its patient (its split) and its boxes."""
+    return digest([entry.labels, entry.patient, sorted([b.finding, b.x, b.y, b.w, b.h] for b in boxes)])
 
 
 def find_pngs(images_dir: str | Path, report: PrepareReport) -> dict[str, Path]:

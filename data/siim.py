@@ -12,12 +12,20 @@
   mask is not empty. Masks are class indices 0/1, resized with nearest neighbour only.
 - Splits: ``train`` / ``val``, stratified (positives and negatives each give ``val_fraction``
   to val), a seeded shuffle of the sorted ids, so the same inputs and seed give the same split.
-- Robustness: a bad DICOM, a bad RLE row (reported as ``csv:line``) or a duplicate image id
-  skips that image and is listed in ``prepare_report.json``; only an empty result is an error.
-- Resumable and streaming: an image whose image and mask PNGs already exist, decode completely
-  and have the right size is not converted again. ``size`` is recorded in ``out/siim.json``
-  and a rerun with another size is refused (use a new ``out``); resuming also assumes the
-  same inputs: use a new ``out`` after changing the CSV. Images fan out over ``workers``
+- Robustness: a bad DICOM, a bad RLE row (reported as ``csv:line``, an empty ImageId included)
+  or a duplicate image id skips that image and is listed in ``prepare_report.json``. An image
+  listed as ``-1`` and with a mask is a contradiction: reported (naming the ImageId), the mask
+  kept, as the union rule of several rows has it. Only an empty result is an error, whose line
+  says why (no label rows, no ImageId matching a DICOM file name, or every image failing).
+- Resumable and streaming: ``out/prepare_manifest.json`` (:mod:`data.prepare_manifest`) records
+  what each image was made from (its DICOM's size and mtime, its RLE rows). A rerun keeps the
+  images whose inputs are unchanged without reading them, redoes the mask alone when only its
+  rows changed (positive to negative or back), image and mask when the DICOM changed, removes
+  the outputs of images gone from the inputs, and lists each kind in the report. A folder
+  prepared before manifests existed is verified: masks recomputed from the rows (rewritten only
+  where they differ), images kept unless their DICOM is newer. ``size`` is recorded in
+  ``out/siim.json`` and a rerun with another size is refused unless ``force``, which redoes every
+  image (a file whose content comes out the same is kept). Images fan out over ``workers``
   processes that return only small results, so memory does not grow with the number of files.
 """
 from __future__ import annotations
@@ -33,11 +41,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data.dicom import read_dicom
+from data.dicom import dicom_shape, read_dicom
 from data.errors import DataError
-from data.layout import DatasetInfo, DatasetWriter, default_palette, write_index_png
-from data.prepare_report import (PrepareReport, check_options, check_size_stamp, parallel_map, resize_image,
-                                 save_png)
+from data.layout import DatasetInfo, DatasetWriter, default_palette
+from data.prepare_manifest import (FORCED, LABELS, NEW, UNCHANGED, UNKNOWN, VERIFIED, PrepareManifest, digest,
+                                   file_stamp, item_change, output_stamps, source_not_newer, unknown_change,
+                                   write_mask_if_changed)
+from data.prepare_report import (PrepareReport, check_options, check_size_stamp, nothing_prepared_reason,
+                                 parallel_map, resize_image, save_png)
 from data.rle import siim_rle_decode, siim_rle_is_empty
 
 CLASSES = ["pneumothorax"]
@@ -132,6 +143,8 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _csv_fields(line_bytes: bytes, where: str, report: PrepareReport) -> list[str]:
+    """The fields of one line; [] for a blank line. A line of empty fields (``,`` or ``" ",``)
+    is a row whose ImageId is empty, reported by the caller, not a blank line."""
     try:
         line = line_bytes.decode("utf-8")
         fields = next(csv.reader([line]), [])
@@ -139,7 +152,7 @@ def _csv_fields(line_bytes: bytes, where: str, report: PrepareReport) -> list[st
         report.add_problem(where, f"unreadable CSV row ({type(error).__name__})")
         report.count("bad_rle_rows")
         return []
-    return fields if any(f.strip() for f in fields) else []
+    return fields if len(fields) > 1 or any(f.strip() for f in fields) else []
 
 
 def _names_a_column(first: list[str]) -> bool:
@@ -170,22 +183,35 @@ class _ImageTask:
     csv_path: str
     out: str
     size: int | None
+    source: str            # the DICOM's stamp and --size (see data.prepare_manifest)
+    labels: str            # digest of the image's RLE rows
+    previous: dict | None  # the record of the run that prepared it, if any
+    force: bool = False
 
 
 @dataclass
 class _ImageResult:
     image_id: str
-    status: str  # "converted" | "resumed" | "failed"
+    status: str  # "converted" | "relabelled" (mask only) | "resumed" | "failed"
     positive: bool = False
     problems: list[tuple[str, str]] = field(default_factory=list)
+    change: str = NEW  # how its inputs stood against its record (data.prepare_manifest)
+    record: dict | None = None
 
 
 def _prepare_image(task: _ImageTask) -> _ImageResult:
     image_path = Path(task.out) / "images" / f"{task.image_id}.png"
     mask_path = Path(task.out) / "masks" / f"{task.image_id}.png"
+    change = FORCED if task.force else item_change(task.previous, task.source, task.labels, task.out)
     try:
-        if _finished(image_path, mask_path, task.size):
-            return _ImageResult(task.image_id, "resumed", _rows_positive(task))
+        if change == UNCHANGED:
+            return _ImageResult(task.image_id, "resumed", _rows_positive(task), change=change, record=task.previous)
+        if change == LABELS and _recorded_shape(task.previous):  # the DICOM is as recorded: its pixels are kept
+            return _redo_mask(task, _recorded_shape(task.previous), change)
+        if change == UNKNOWN:
+            if _finished(image_path, mask_path, task.size) and source_not_newer(task.dicom, image_path):
+                return _redo_mask(task, dicom_shape(task.dicom), VERIFIED)
+            change = unknown_change(task.dicom, image_path)
         image = read_dicom(task.dicom)
         mask = _decode_rows(task, *image.shape)
     except _RowError as error:
@@ -194,8 +220,58 @@ def _prepare_image(task: _ImageTask) -> _ImageResult:
         return _ImageResult(task.image_id, "failed", problems=[(task.dicom, _strip(str(error), task.dicom))])
     size = (task.size, task.size) if task.size else (image.shape[1], image.shape[0])
     save_png(resize_image(image, size), image_path)
-    write_index_png(mask_path, _resize_mask(mask, size), PALETTE)
-    return _ImageResult(task.image_id, "converted", bool(mask.any()))
+    write_mask_if_changed(mask_path, _resize_mask(mask, size), PALETTE)
+    return _ImageResult(task.image_id, "converted", bool(mask.any()), change=change, record=_record(task, image.shape))
+
+
+def _redo_mask(task: _ImageTask, shape: tuple[int, int], change: str) -> _ImageResult:
+    """The mask again from the rows, at the DICOM's ``shape``; its file is rewritten only when its
+    pixels differ. A verified (unrecorded) image whose mask was wrong counts as relabelled."""
+    mask = _decode_rows(task, *shape)
+    mask_path = Path(task.out) / "masks" / f"{task.image_id}.png"
+    size = (task.size, task.size) if task.size else (shape[1], shape[0])
+    rewritten = write_mask_if_changed(mask_path, _resize_mask(mask, size), PALETTE)
+    if change == VERIFIED and rewritten:
+        change = LABELS
+    status = "relabelled" if rewritten else "resumed"
+    return _ImageResult(task.image_id, status, bool(mask.any()), change=change, record=_record(task, shape))
+
+
+def _recorded_shape(record: dict) -> tuple[int, int] | None:
+    """The DICOM's (height, width) in a record, None when it holds none that is usable."""
+    shape = record.get("shape")
+    if isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape):
+        return shape[0], shape[1]
+    return None
+
+
+def _record(task: _ImageTask, shape: tuple[int, ...]) -> dict:
+    names = [f"images/{task.image_id}.png", f"masks/{task.image_id}.png"]
+    return {"source": task.source, "labels": task.labels, "shape": [int(shape[0]), int(shape[1])],
+            "outputs": output_stamps(task.out, names)}
+
+
+def rows_digest(rows: tuple[RleRow, ...]) -> str:
+    """What an image's mask is made from: its RLE strings, whitespace normalised and sorted (the
+    rows of one image are a union, so neither their order nor their lines matter)."""
+    return digest(sorted(" ".join(row.text.split()) for row in rows))
+
+
+def conflicting_rows(image_id: str, rows: tuple[RleRow, ...], csv_path: str) -> tuple[str, str] | None:
+    """(where, message) when an image is listed as ``-1`` and with a mask: the mask wins (a union
+    with nothing), but the label file contradicts itself. Rows that do not decode are left to the
+    decoder's own report."""
+    empty, filled = [], []
+    for row in rows:
+        try:
+            (empty if siim_rle_is_empty(row.text) else filled).append(row.line)
+        except DataError:
+            return None
+    if not (empty and filled):
+        return None
+    lines = ", ".join(str(line) for line in filled)
+    return (f"{csv_path}:{empty[0]}", f"{image_id} is listed as -1 (no pneumothorax) here and with a mask on "
+                                      f"line {lines}: kept positive, with the mask")
 
 
 class _RowError(Exception):
@@ -227,7 +303,7 @@ def _rows_positive(task: _ImageTask) -> bool:
 
 def _finished(image_path: Path, mask_path: Path, size: int | None) -> bool:
     """Both outputs exist, decode completely (a cut-short PNG has a valid header) and have the
-    expected (same) size."""
+    expected (same) size: an unrecorded image (see data.prepare_manifest) that may be kept."""
     if not (image_path.is_file() and mask_path.is_file()):
         return False
     try:
@@ -258,8 +334,9 @@ def _strip(message: str, where: str) -> str:
 
 def prepare_siim(dicom_dir: str | Path, rle_csv: str | Path, out: str | Path, size: int | None = 1024,
                  val_fraction: float = 0.1, seed: int = 0, workers: int = 1,
-                 progress: bool = True) -> PrepareReport:
-    """Prepare SIIM-ACR into ``out``; see the module doc. ``size`` None keeps the DICOM size.
+                 progress: bool = True, force: bool = False) -> PrepareReport:
+    """Prepare SIIM-ACR into ``out``; see the module doc. ``size`` None keeps the DICOM size;
+    ``force`` redoes every image whatever the manifest says.
 
     Raises DataError (after writing the report) only when no image could be prepared.
     """
@@ -272,20 +349,39 @@ def prepare_siim(dicom_dir: str | Path, rle_csv: str | Path, out: str | Path, si
     report.add_ids("images_without_labels", dicoms.keys() - rows.keys())
     report.add_ids("labels_without_images", rows.keys() - dicoms.keys())
 
-    check_size_stamp(out, STAMP_NAME, size)
+    check_size_stamp(out, STAMP_NAME, size, force)
     info = DatasetInfo(name="siim", task="binary", classes=list(CLASSES), palette=PALETTE)
+    manifest = PrepareManifest(out, "siim", report, force)
     writer = DatasetWriter(out, info)
-    tasks = [_ImageTask(i, str(dicoms[i]), tuple(rows[i]), str(rle_csv), str(out), size)
-             for i in sorted(dicoms.keys() & rows.keys())]
+    tasks = []
+    for image_id in sorted(dicoms.keys() & rows.keys()):
+        conflict = conflicting_rows(image_id, tuple(rows[image_id]), str(rle_csv))
+        if conflict is not None:
+            report.add_problem(*conflict)
+            report.count("conflicting_labels")
+        tasks.append(_ImageTask(image_id, str(dicoms[image_id]), tuple(rows[image_id]), str(rle_csv), str(out),
+                                size, f"{file_stamp(dicoms[image_id])}|size={size or 0}",
+                                rows_digest(tuple(rows[image_id])), manifest.previous(image_id), force))
     labels: dict[str, list[int]] = {}
+    failed: set[str] = set()
     for result in parallel_map(_prepare_image, tasks, workers, progress, "siim"):
         for where, message in result.problems:
             report.add_problem(where, message)
         report.count(result.status)
-        if result.status != "failed":
+        if result.status == "failed":
+            failed.add(result.image_id)
+        else:
             labels[result.image_id] = [int(result.positive)]
+        manifest.note(report, result.image_id, result.change, result.record)
     report.counts["prepared"] = len(labels)
     report.counts["positive"] = sum(v[0] for v in labels.values())
+    report.write()
+    if not report.ok:
+        writer.keep_previous()
+        report.error = nothing_prepared_reason(report, rle_csv, rows, dicom_dir, dicoms, "DICOM")
+        report.write()
+        raise DataError(f"no SIIM image could be prepared: {report.error}; see {report.path}")
+    manifest.finish(report, ".png", set(dicoms), failed)
     _finish(writer, labels, val_fraction, seed, report)
     return report
 
@@ -293,9 +389,6 @@ def prepare_siim(dicom_dir: str | Path, rle_csv: str | Path, out: str | Path, si
 def _finish(writer: DatasetWriter, labels: dict[str, list[int]], val_fraction: float, seed: int,
             report: PrepareReport) -> None:
     report.write()
-    if not report.ok:
-        writer.keep_previous()
-        raise DataError(f"no SIIM image could be prepared; see {report.path}")
     train, val = stratified_split(labels, val_fraction, seed)
     writer.write_labels(labels)
     writer.write_split("train", train)

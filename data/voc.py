@@ -18,14 +18,19 @@
   A split that is empty or not found has no file (one left by an earlier run is removed).
 - ``dataset.json``: task multiclass, the 20 classes in the standard order, the VOC palette.
 
+- Reruns (:mod:`data.prepare_manifest`): ``out/prepare_manifest.json`` records each image's
+  JPEG stamp and the stamp of its mask (VOC's or SBD's) or, without one, of its XML. An image whose
+  inputs are unchanged is kept without being read; a changed mask or XML redoes its mask and
+  labels only; a changed JPEG redoes it all; images gone from ``JPEGImages`` lose their outputs.
+  Each kind is listed in the report. Without a record (a folder prepared before manifests
+  existed) an image is redone, which rewrites no file whose content comes out the same.
+  ``force`` redoes every image.
+
 ``voc_root`` may be the ``VOC2012`` folder itself, ``VOCdevkit`` or the folder holding it;
 ``sbd_root`` the folder holding ``SegmentationClassAug`` or that folder itself.
 """
 from __future__ import annotations
 
-import filecmp
-import os
-import shutil
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +39,10 @@ import numpy as np
 from PIL import Image
 
 from data.errors import DataError
-from data.layout import IGNORE_INDEX, DatasetInfo, DatasetWriter, default_palette, read_index_png, \
-    write_index_png
+from data.layout import IGNORE_INDEX, DatasetInfo, DatasetWriter, default_palette, read_index_png
+from data.prepare_manifest import (FORCED, LABELS, NEW, SOURCE, UNCHANGED, UNKNOWN, VERIFIED, PrepareManifest,
+                                   copy_file_if_changed, digest, file_stamp, item_change, output_stamps,
+                                   write_mask_if_changed)
 from data.prepare_report import PrepareReport, parallel_map
 
 CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -121,6 +128,10 @@ class _ImageTask:
     mask: str | None
     xml: str | None
     out: str
+    source: str = ""       # the JPEG's stamp (see data.prepare_manifest)
+    labels: str = ""       # digest of its mask's or XML's stamp
+    previous: dict | None = None
+    force: bool = False
 
 
 @dataclass
@@ -129,11 +140,18 @@ class _ImageResult:
     labels: list[int] | None
     has_mask: bool = False
     problems: list[tuple[str, str]] = field(default_factory=list)
+    change: str = NEW
+    record: dict | None = None
 
 
 def _prepare_image(task: _ImageTask) -> _ImageResult:
+    change = FORCED if task.force else item_change(task.previous, task.source, task.labels, task.out)
+    if change == UNCHANGED and _recorded_labels(task.previous) is not None:
+        return _ImageResult(task.image_id, _recorded_labels(task.previous), bool(task.previous.get("has_mask")),
+                            change=change, record=task.previous)
+    labels_only = change == LABELS and _recorded_size(task.previous) is not None
     try:
-        size = _jpeg_size(task.jpeg)
+        size = _recorded_size(task.previous) if labels_only else _jpeg_size(task.jpeg)  # JPEG as recorded: not read
         mask = _read_mask(task.mask, size) if task.mask else None
         labels = labels_from_mask(mask) if mask is not None else _labels_or_none(task.xml)
     except DataError as error:
@@ -143,12 +161,39 @@ def _prepare_image(task: _ImageTask) -> _ImageResult:
         return _ImageResult(task.image_id, None,
                             problems=[(task.jpeg, "no mask and no Annotations XML: no image label")])
     out = Path(task.out)
-    _copy_if_changed(Path(task.jpeg), out / "images" / f"{task.image_id}.jpg")
+    image_name, mask_name = f"images/{task.image_id}.jpg", f"masks/{task.image_id}.png"
+    existed = (out / image_name).is_file()
+    copied = not labels_only and copy_file_if_changed(Path(task.jpeg), out / image_name)
     if mask is not None:
-        write_index_png(out / "masks" / f"{task.image_id}.png", mask, PALETTE)
+        masked = write_mask_if_changed(out / mask_name, mask, PALETTE)
     else:  # a mask of an earlier run (say with --sbd-root) would still be scored
-        (out / "masks" / f"{task.image_id}.png").unlink(missing_ok=True)
-    return _ImageResult(task.image_id, labels, has_mask=mask is not None)
+        masked = (out / mask_name).is_file()
+        (out / mask_name).unlink(missing_ok=True)
+    if change == UNKNOWN:  # redone in full: what it rewrote says what had changed
+        change = NEW if not existed else SOURCE if copied else LABELS if masked else VERIFIED
+    record = {"source": task.source, "labels": task.labels, "size": list(size), "classes": labels,
+              "has_mask": mask is not None,
+              "outputs": output_stamps(out, [image_name] + ([mask_name] if mask is not None else []))}
+    return _ImageResult(task.image_id, labels, has_mask=mask is not None, change=change, record=record)
+
+
+# The report's count of each outcome: kept as it was, its mask and labels redone, or (else) copied.
+_STATUS = {UNCHANGED: "resumed", VERIFIED: "resumed", LABELS: "relabelled"}
+
+
+def _recorded_size(record: dict | None) -> tuple[int, int] | None:
+    """The JPEG's (width, height) in a record, None when it holds none that is usable."""
+    size = (record or {}).get("size")
+    if isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
+        return size[0], size[1]
+    return None
+
+
+def _recorded_labels(record: dict | None) -> list[int] | None:
+    labels = (record or {}).get("classes")
+    if isinstance(labels, list) and len(labels) == len(CLASSES) and all(v in (0, 1) for v in labels):
+        return labels
+    return None
 
 
 def _jpeg_size(path: str) -> tuple[int, int]:
@@ -198,16 +243,6 @@ def _labels_or_none(xml: str | None) -> list[int] | None:
     return labels_from_xml(xml) if xml else None
 
 
-def _copy_if_changed(source: Path, target: Path) -> None:
-    """Copy through a temporary name; an identical copy from an earlier run is kept (and with
-    it its mtime, which the dataset fingerprint reads)."""
-    if target.is_file() and filecmp.cmp(source, target, shallow=False):
-        return
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
-
-
 def _split_message(message: str) -> tuple[str, str]:
     where, separator, what = message.partition(": ")
     return (where, what) if separator else ("", message)
@@ -218,8 +253,9 @@ def _split_message(message: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------
 
 def prepare_voc(voc_root: str | Path, out: str | Path, sbd_root: str | Path | None = None,
-                workers: int = 1, progress: bool = True) -> PrepareReport:
-    """Prepare VOC 2012 (+ SBD) into ``out``; see the module doc.
+                workers: int = 1, progress: bool = True, force: bool = False) -> PrepareReport:
+    """Prepare VOC 2012 (+ SBD) into ``out``; see the module doc. ``force`` redoes every image
+    whatever the manifest says.
 
     Raises DataError (after writing the report) only when no image could be prepared.
     """
@@ -230,18 +266,24 @@ def prepare_voc(voc_root: str | Path, out: str | Path, sbd_root: str | Path | No
     sbd_masks = locate_sbd_masks(sbd) if sbd is not None else None
     out = Path(out)
     report = PrepareReport("voc", out)
+    manifest = PrepareManifest(out, "voc", report, force)
     writer = DatasetWriter(out, DatasetInfo("voc", "multiclass", list(CLASSES), PALETTE, ".jpg"))
 
-    tasks = [_task(voc, sbd_masks, path.stem, out) for path in sorted((voc / "JPEGImages").glob("*.jpg"))]
+    tasks = [_task(voc, sbd_masks, path.stem, out, manifest, force)
+             for path in sorted((voc / "JPEGImages").glob("*.jpg"))]
     report.count("images_found", len(tasks))
     labels: dict[str, list[int]] = {}
     with_mask: set[str] = set()
+    failed: set[str] = set()
     for result in parallel_map(_prepare_image, tasks, workers, progress, "voc"):
         for where, message in result.problems:
             report.add_problem(where, message)
+        manifest.note(report, result.image_id, result.change, result.record)
         if result.labels is None:
             report.count("failed")
+            failed.add(result.image_id)
             continue
+        report.count(_STATUS.get(result.change, "converted"))
         labels[result.image_id] = result.labels
         if result.has_mask:
             with_mask.add(result.image_id)
@@ -252,6 +294,7 @@ def prepare_voc(voc_root: str | Path, out: str | Path, sbd_root: str | Path | No
         writer.keep_previous()
         raise DataError(f"no VOC image could be prepared from {voc}; see {report.path}")
 
+    manifest.finish(report, ".jpg", {task.image_id for task in tasks}, failed)
     writer.write_labels(labels)
     lists = split_lists(voc, sbd)
     for name, ids in lists.items():
@@ -263,14 +306,18 @@ def prepare_voc(voc_root: str | Path, out: str | Path, sbd_root: str | Path | No
     return report
 
 
-def _task(voc: Path, sbd_masks: Path | None, image_id: str, out: Path) -> _ImageTask:
-    mask = voc / "SegmentationClass" / f"{image_id}.png"
+def _task(voc: Path, sbd_masks: Path | None, image_id: str, out: Path, manifest: PrepareManifest,
+          force: bool) -> _ImageTask:
+    mask, origin = voc / "SegmentationClass" / f"{image_id}.png", "voc"
     if not mask.is_file() and sbd_masks is not None:
-        mask = sbd_masks / f"{image_id}.png"
+        mask, origin = sbd_masks / f"{image_id}.png", "sbd"
     xml = voc / "Annotations" / f"{image_id}.xml"
-    return _ImageTask(image_id, str(voc / "JPEGImages" / f"{image_id}.jpg"),
-                      str(mask) if mask.is_file() else None, str(xml) if xml.is_file() else None,
-                      str(out))
+    jpeg = voc / "JPEGImages" / f"{image_id}.jpg"
+    # what the labels come from: the mask (whose origin matters: SBD's may be dropped) or the XML
+    label_source = [f"mask:{origin}", file_stamp(mask)] if mask.is_file() else ["xml", file_stamp(xml)]
+    return _ImageTask(image_id, str(jpeg), str(mask) if mask.is_file() else None,
+                      str(xml) if xml.is_file() else None, str(out), str(file_stamp(jpeg)),
+                      digest(label_source), manifest.previous(image_id), force)
 
 
 def _write_split(writer: DatasetWriter, report: PrepareReport, name: str, listed: list[str],

@@ -199,9 +199,13 @@ def finish_prepare(report) -> None:
 @click.option("--val-fraction", default=0.1, show_default=True)
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--workers", default=1, show_default=True, help="Worker processes.")
+@click.option("--force", is_flag=True,
+              help="Redo every image instead of keeping those whose inputs are unchanged (files whose "
+                   "content comes out the same are kept); also accepts another --size.")
 def prepare_siim_command(dicom_dir: Path, rle_csv: Path, out: Path, size: int, val_fraction: float, seed: int,
-                         workers: int):
-    """SIIM-ACR Pneumothorax: DICOMs + RLE CSV -> prepared layout (resumable).
+                         workers: int, force: bool):
+    """SIIM-ACR Pneumothorax: DICOMs + RLE CSV -> prepared layout (resumable: a rerun redoes what
+    changed in the inputs and removes what they lost).
 
     \b
     Example:
@@ -210,7 +214,7 @@ def prepare_siim_command(dicom_dir: Path, rle_csv: Path, out: Path, size: int, v
     """
     from data.siim import prepare_siim
     setup_logging()
-    finish_prepare(prepare_siim(dicom_dir, rle_csv, out, size or None, val_fraction, seed, workers))
+    finish_prepare(prepare_siim(dicom_dir, rle_csv, out, size or None, val_fraction, seed, workers, force=force))
 
 
 @prepare.command("voc")
@@ -220,8 +224,12 @@ def prepare_siim_command(dicom_dir: Path, rle_csv: Path, out: Path, size: int, v
               help="Folder with SegmentationClassAug (adds the 10,582-image train_aug split).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--workers", default=1, show_default=True, help="Worker processes.")
-def prepare_voc_command(voc_root: Path, sbd_root: Path | None, out: Path, workers: int):
-    """PASCAL VOC 2012 (+ SBD) -> prepared layout.
+@click.option("--force", is_flag=True,
+              help="Redo every image instead of keeping those whose inputs are unchanged (files whose "
+                   "content comes out the same are kept).")
+def prepare_voc_command(voc_root: Path, sbd_root: Path | None, out: Path, workers: int, force: bool):
+    """PASCAL VOC 2012 (+ SBD) -> prepared layout (a rerun redoes what changed in the inputs and
+    removes what they lost).
 
     \b
     Example:
@@ -229,7 +237,7 @@ def prepare_voc_command(voc_root: Path, sbd_root: Path | None, out: Path, worker
     """
     from data.voc import prepare_voc
     setup_logging()
-    finish_prepare(prepare_voc(voc_root, out, sbd_root, workers))
+    finish_prepare(prepare_voc(voc_root, out, sbd_root, workers, force=force))
 
 
 @prepare.command("nih")
@@ -245,9 +253,13 @@ def prepare_voc_command(voc_root: Path, sbd_root: Path | None, out: Path, worker
 @click.option("--val-fraction", default=0.1, show_default=True)
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--workers", default=1, show_default=True, help="Worker processes.")
+@click.option("--force", is_flag=True,
+              help="Redo every image instead of keeping those whose inputs are unchanged (files whose "
+                   "content comes out the same are kept); also accepts another --size.")
 def prepare_nih_command(images_dir: Path, data_entry: Path, boxes: Path, out: Path, size: int,
-                        val_fraction: float, seed: int, workers: int):
-    """NIH ChestX-ray14: images + findings + boxes -> prepared layout (resumable).
+                        val_fraction: float, seed: int, workers: int, force: bool):
+    """NIH ChestX-ray14: images + findings + boxes -> prepared layout (resumable: a rerun redoes
+    what changed in the inputs and removes what they lost).
 
     \b
     Example:
@@ -257,7 +269,7 @@ def prepare_nih_command(images_dir: Path, data_entry: Path, boxes: Path, out: Pa
     from data.nih import prepare_nih
     setup_logging()
     finish_prepare(prepare_nih(images_dir, data_entry, boxes, out, val_fraction, seed, workers,
-                               size=size or None))
+                               size=size or None, force=force))
 
 
 # ---------------------------------------------------------------------------------- run stages

@@ -165,9 +165,11 @@ def test_a_rerun_that_prepares_nothing_leaves_the_dataset_usable(tmp_path):
     prepare_nih(images, entry, boxes, out, progress=False)
     other = tmp_path / "other.csv.gz"
     write_entries(other, [("99999999_000.png", "Mass", "99")])
-    with pytest.raises(DataError, match="no NIH image could be prepared"):
+    with pytest.raises(DataError, match="no NIH image could be prepared from .*: no Image Index of .*other.csv.gz "
+                                        "matched a PNG file name .*'99999999_000'.*'00000000_000', '00000001_000'"):
         prepare_nih(images, other, boxes, out, progress=False)
     assert len(PreparedDataset(out).labels) == 2
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000000_000.png", "00000001_000.png"]
 
 
 def test_val_fraction_zero_removes_an_old_val_split(tmp_path):

@@ -1,5 +1,6 @@
 """SIIM preparation and DICOM reading: the Kaggle samples to the pixel, CSV quirks, bad inputs."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -137,8 +138,34 @@ def test_truncated_dicom_is_a_data_error(tmp_path):
     source = next((SAMPLES / "dicom").glob("*.dcm")).read_bytes()
     truncated = tmp_path / "truncated.dcm"
     truncated.write_bytes(source[: len(source) // 2])
-    with pytest.raises(DataError, match="truncated.dcm"):
+    with pytest.raises(DataError, match="truncated.dcm: the DICOM file is truncated") as error:
         read_dicom(truncated)
+    assert "no pixel data" not in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["raw", "jpeg", "b12"])
+@pytest.mark.parametrize("where", ["pixels", "header value", "element header"])
+def test_truncated_dicom_says_truncated_not_no_pixel_data(tmp_path, kind, where):
+    """pydicom reads a cut-short file without an error, keeping the elements it found: the
+    pixel data cut (encapsulated: it warns; native: a short value), a header element's value
+    cut, or the next element's own header cut (dropped silently)."""
+    image = (np.arange(64 * 64).reshape(64, 64) % 256).astype(np.uint8)
+    whole = tmp_path / "whole.dcm"
+    if kind == "b12":
+        write_dicom(whole, image.astype(np.uint16) * 16, bits_stored=12)
+    else:
+        write_dicom(whole, image, jpeg=kind == "jpeg")
+    raw = whole.read_bytes()
+    dataset = pydicom.dcmread(whole)
+    pixels_at = dataset.get_item("PixelData").value_tell
+    uid = dataset.get_item("SOPInstanceUID")
+    cut = {"pixels": (pixels_at + len(raw)) // 2, "header value": uid.value_tell + 3,
+           "element header": uid.value_tell + uid.length + 3}[where]
+    path = tmp_path / "cut.dcm"
+    path.write_bytes(raw[:cut])
+    with pytest.raises(DataError, match="cut.dcm: the DICOM file is truncated") as error:
+        read_dicom(path)
+    assert "no pixel data" not in str(error.value)
 
 
 def test_dicom_without_pixel_data_is_a_data_error(tmp_path):
@@ -269,7 +296,7 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
     assert report.counts["prepared"] == 2  # good and neg
     assert "odd number" in wheres[f"{csv_path}:3"]
     assert "beyond" in wheres[f"{csv_path}:4"]
-    assert str(truncated) in wheres and str(no_pixels) in wheres
+    assert "is truncated" in wheres[str(truncated)] and str(no_pixels) in wheres
     assert "no pixel data" in wheres[str(no_pixels)]
     duplicates = [w for w, m in wheres.items() if "duplicate image id 'good'" in m]
     assert len(duplicates) == 1 and Path(duplicates[0]).name == "good.dcm"
@@ -285,7 +312,7 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
 def test_nothing_usable_raises_after_writing_the_report(tmp_path):
     dicoms, csv_path = make_case(tmp_path, {"a": block_mask()})
     csv_path.write_text("ImageId, EncodedPixels\na,1 2 3\n")
-    with pytest.raises(DataError, match="prepare_report.json"):
+    with pytest.raises(DataError, match="every one of the 1 matched images failed, e.g. .*:2: a: .*prepare_report.json"):
         prepare_siim(dicoms, csv_path, tmp_path / "out", progress=False)
     assert report_json(tmp_path / "out")["ok"] is False
     assert not (tmp_path / "out" / "dataset.json").exists()
@@ -293,6 +320,53 @@ def test_nothing_usable_raises_after_writing_the_report(tmp_path):
         prepare_siim(dicoms, csv_path, tmp_path / "out", size=16, progress=False)
     csv_path.write_text("ImageId, EncodedPixels\na,-1\n")  # mended: a run that prepared nothing binds no --size
     assert prepare_siim(dicoms, csv_path, tmp_path / "out", size=8, progress=False).ok
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", r".*/labels.csv holds no label rows"),
+    (b"ImageId, EncodedPixels\n", r".*/labels.csv holds no label rows"),
+    (b"\xef\xbb\xbfImageId, EncodedPixels\r\n\r\n", r".*/labels.csv holds no label rows"),
+    (b"ImageId, EncodedPixels\n,-1\n", r".*/labels.csv holds no label rows \(1 unusable, see problems\)"),
+    (b"ImageId, EncodedPixels\nx1,-1\nx2,-1\nx3,-1\nx4,-1\n",
+     r"no ImageId of .*labels.csv matched a DICOM file name under .*dicom \(ImageIds: 'x1', 'x2', 'x3', "
+     r"\.\.\. \(4 in all\); DICOM files: 'a', 'b'\)"),
+])
+def test_nothing_prepared_says_why_in_its_line(tmp_path, content, reason):
+    """No rows, or no id matching a DICOM, leave no problem to point at: the line says it."""
+    dicoms, _ = make_case(tmp_path, {"a": None, "b": None})
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(content)
+    with pytest.raises(DataError, match=f"^no SIIM image could be prepared: {reason}; see .*prepare_report.json$"):
+        prepare_siim(dicoms, labels, tmp_path / "out", progress=False)
+    assert re.fullmatch(reason, report_json(tmp_path / "out")["error"])
+
+
+def test_no_dicom_at_all_says_so(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _, csv_path = make_case(tmp_path, {"a": None})
+    with pytest.raises(DataError, match=f"no DICOM file found under {tmp_path / 'empty'}; see"):
+        prepare_siim(tmp_path / "empty", csv_path, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("row", [b",-1", b", 1 2", b",", b'" ",""', b" , ", b",,"])
+def test_rows_with_an_empty_image_id_are_reported(tmp_path, row):
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"ImageId, EncodedPixels\na,-1\n" + row + b"\n\nb,-1\n")
+    report = PrepareReport("siim", tmp_path)
+    assert sorted(read_rle_csv(path, report)) == ["a", "b"]
+    assert [(p.where, p.message) for p in report.problems] == [(f"{path}:3", "empty ImageId")]
+
+
+def test_minus_one_next_to_a_mask_is_reported_and_the_mask_kept(tmp_path):
+    dicoms, csv_path = make_case(tmp_path, {"a": block_mask(), "b": None})
+    csv_path.write_text(csv_path.read_text() + "a,-1\n")  # line 4 contradicts line 2
+    report = prepare_siim(dicoms, csv_path, tmp_path / "out", size=None, progress=False)
+    assert [p.where for p in report.problems] == [f"{csv_path}:4"]
+    assert "a is listed as -1" in report.problems[0].message and "line 2" in report.problems[0].message
+    assert report.counts["conflicting_labels"] == 1 and report.counts["prepared"] == 2
+    dataset = PreparedDataset(tmp_path / "out")
+    assert dataset.label_vector("a")[0] == 1 and np.array_equal(dataset.read_mask("a"), block_mask())
+    assert report_json(tmp_path / "out")["problems"][0]["where"] == f"{csv_path}:4"
 
 
 def test_missing_inputs_are_data_errors(tmp_path):
