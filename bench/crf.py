@@ -118,30 +118,35 @@ def main() -> None:
                                       params.bilateral_sxy, params.bilateral_srgb, params.bilateral_compat)
     print(f"lattice points: Gaussian {kernels[0].n_lattice}, bilateral {kernels[1].n_lattice} "
           f"for {args.size * args.size} pixels")
-    build = median_seconds(lambda: crf_torch.image_kernels(
-        torch.from_numpy(image).to(device), params.gauss_sxy, params.gauss_compat, params.bilateral_sxy,
-        params.bilateral_srgb, params.bilateral_compat), args.repeats, device)
     header = (f"{'labels':>6} | {'pyd 1 core ms':>13} {'pyd pool ms':>11} | {'torch ms':>9} {'build ms':>8} "
               f"{'peak MB':>8} | {'x 1 core':>8} {'x pool':>7} | {'seed pass: pyd ms':>17} {'torch ms':>9} {'x':>6}")
     print(header)
     print("-" * len(header))
-    cpu = torch.device("cpu")
     for n_labels in [int(n) for n in args.labels.split(",")]:
-        fg, bg = label_maps(args.size, n_labels, 2)
-        one_core = median_seconds(lambda: pydensecrf_job(image, fg, n_labels, args.iterations), args.repeats, cpu)
-        pool = pool_seconds(image, fg, n_labels, args.iterations, args.workers) if args.workers else float("nan")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        ours = median_seconds(lambda: crf_label(image, fg, n_labels, params, backend="torch", device=device),
-                              args.repeats, device)
-        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-        seed_pyd = median_seconds(lambda: crf_labels(image, [fg, bg], n_labels, params, backend="pydensecrf"),
-                                  max(1, args.repeats // 2), cpu)
-        seed_ours = median_seconds(lambda: crf_labels(image, [fg, bg], n_labels, params, backend="torch",
-                                                      device=device), args.repeats, device)
-        print(f"{n_labels:>6} | {one_core * 1e3:>13.1f} {pool * 1e3:>11.1f} | {ours * 1e3:>9.1f} {build * 1e3:>8.1f} "
-              f"{peak:>8.0f} | {one_core / ours:>7.1f}x {pool / ours:>6.1f}x | {seed_pyd * 1e3:>17.1f} "
-              f"{seed_ours * 1e3:>9.1f} {seed_pyd / seed_ours:>5.1f}x", flush=True)
+        print(row(image, n_labels, params, device, args), flush=True)
+
+
+def row(image: np.ndarray, n_labels: int, params: CrfParams, device: torch.device, args) -> str:
+    """The table row of one label count."""
+    fg, bg = label_maps(args.size, n_labels, 2)
+    cpu = torch.device("cpu")
+    one_core = median_seconds(lambda: pydensecrf_job(image, fg, n_labels, args.iterations), args.repeats, cpu)
+    pool = pool_seconds(image, fg, n_labels, args.iterations, args.workers) if args.workers else float("nan")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ours = median_seconds(lambda: crf_label(image, fg, n_labels, params, backend="torch", device=device),
+                          args.repeats, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    seed_pyd = median_seconds(lambda: crf_labels(image, [fg, bg], n_labels, params, backend="pydensecrf"),
+                              max(1, args.repeats // 2), cpu)
+    seed_ours = median_seconds(lambda: crf_labels(image, [fg, bg], n_labels, params, backend="torch", device=device),
+                               args.repeats, device)
+    build = median_seconds(lambda: crf_torch.image_kernels(
+        torch.from_numpy(image).to(device), params.gauss_sxy, params.gauss_compat, params.bilateral_sxy,
+        params.bilateral_srgb, params.bilateral_compat), args.repeats, device)
+    return (f"{n_labels:>6} | {one_core * 1e3:>13.1f} {pool * 1e3:>11.1f} | {ours * 1e3:>9.1f} {build * 1e3:>8.1f} "
+            f"{peak:>8.0f} | {one_core / ours:>7.1f}x {pool / ours:>6.1f}x | {seed_pyd * 1e3:>17.1f} "
+            f"{seed_ours * 1e3:>9.1f} {seed_pyd / seed_ours:>5.1f}x")
 
 
 if __name__ == "__main__":

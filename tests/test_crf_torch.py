@@ -14,7 +14,14 @@ import torch
 from scipy import ndimage
 
 from stages.common import crf_torch
-from stages.common.crf import CrfParams, CrfUnavailable, crf_label, crf_labels, crf_prob, resolve_backend
+from stages.common.crf import (
+    CrfParams,
+    CrfUnavailable,
+    crf_label,
+    crf_labels,
+    crf_prob,
+    resolve_backend,
+)
 
 needs_crf = pytest.mark.skipif(importlib.util.find_spec("pydensecrf") is None, reason="pydensecrf2 is not installed")
 

@@ -14,8 +14,8 @@ not an ImportError at import time of the whole stage.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -56,9 +56,9 @@ def resolve_backend(backend: str = "auto", device=None) -> str:
 
 def _kernel_args(params: CrfParams) -> dict:
     """The torch backend's keyword arguments: iterations and the two kernels' parameters."""
-    return dict(iterations=params.iterations, gauss_sxy=params.gauss_sxy, gauss_compat=params.gauss_compat,
-                bilateral_sxy=params.bilateral_sxy, bilateral_srgb=params.bilateral_srgb,
-                bilateral_compat=params.bilateral_compat)
+    return {"iterations": params.iterations, "gauss_sxy": params.gauss_sxy, "gauss_compat": params.gauss_compat,
+            "bilateral_sxy": params.bilateral_sxy, "bilateral_srgb": params.bilateral_srgb,
+            "bilateral_compat": params.bilateral_compat}
 
 
 def _densecrf():
