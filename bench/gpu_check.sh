@@ -8,7 +8,7 @@
 # lacks are installed from .whl/ when that folder has wheels (`make device-wheels` fills it from
 # ../shared/wheels-py312 for a Python 3.12 machine). Each step has its own time limit; a failing
 # step is reported and the others still run; the exit code says whether any failed. The limits add
-# up to 8 minutes: the whole check fits one 10-minute command on a borrowed machine.
+# up to 9.5 minutes: the whole check fits one 10-minute command on a borrowed machine.
 set -uo pipefail
 
 OUT=${OUT:-runs/gpu-check}
@@ -35,6 +35,7 @@ step() {  # step NAME SECONDS COMMAND...: the output goes to the screen and to $
 print('torch', torch.__version__, 'on', torch.cuda.get_device_name())" || exit 1
 step tests 120 "$PY" -m pytest tests/test_cuda.py -m cuda -rs -p no:cacheprovider
 step walk 90 "$PY" bench/random_walk.py --device cuda --sizes 64,128
+step crf 90 "$PY" bench/crf.py --device cuda --repeats 3
 step cam 120 "$PY" bench/stage_cam.py --device cuda
 step seg 90 "$PY" bench/stage_seg.py --device cuda
 step irn 60 "$PY" bench/stage_irn.py --device cuda --size 512 --images 32 --backbone resnet50 \

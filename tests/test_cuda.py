@@ -110,3 +110,65 @@ def test_whole_chain_trains_on_cuda_and_its_model_predicts_on_the_cpu(cli, synth
         assert not done.failures and len(done.written) == len(images), done.failures
         masks[device] = np.stack([read_index_png(tmp_path / device / "masks" / f"{p.stem}.png") for p in images])
     assert (masks["cuda"] == masks["cpu"]).mean() > 0.9
+
+
+def crf_scene(height: int, width: int, n_labels: int, seed: int = 0):
+    """Random coloured rectangles on a noisy background, their labels with 20% noise, soft probabilities."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 40, (height, width, 3))
+    labels = np.zeros((height, width), np.int64)
+    for k in range(1, n_labels):
+        y, x = np.sort(rng.integers(0, height, 2)), np.sort(rng.integers(0, width, 2))
+        image[y[0]:y[1] + 1, x[0]:x[1] + 1] += rng.integers(40, 200, 3)
+        labels[y[0]:y[1] + 1, x[0]:x[1] + 1] = k
+    noisy = np.where(rng.random(labels.shape) < 0.2, rng.integers(0, n_labels, labels.shape), labels)
+    probs = np.eye(n_labels, dtype=np.float32)[noisy].transpose(2, 0, 1) + rng.random((n_labels, height, width),
+                                                                                      dtype=np.float32)
+    return np.clip(image, 0, 255).astype(np.uint8), noisy, probs / probs.sum(0)
+
+
+def test_torch_crf_on_cuda_equals_the_torch_crf_on_the_cpu():
+    from stages.common import crf_torch
+    from stages.common.crf import CrfParams, crf_labels, crf_prob
+    params = CrfParams()
+    for height, width, n_labels in [(97, 83, 3), (256, 200, 21)]:  # 97 * 83 is odd: padding points
+        image, labels, probs = crf_scene(height, width, n_labels, seed=height)
+        # the lattices are built from the same float32 arithmetic: the same number of points
+        for device in ("cpu", "cuda"):
+            kernels = crf_torch.image_kernels(torch.from_numpy(image).to(device), params.gauss_sxy, params.gauss_compat,
+                                              params.bilateral_sxy, params.bilateral_srgb, params.bilateral_compat)
+            sizes = [kernel.n_lattice for kernel in kernels]
+            if device == "cpu":
+                cpu_sizes = sizes
+        assert sizes == cpu_sizes
+        on_gpu, on_cpu = (crf_prob(image, probs, params, backend="torch", device=device) for device in ("cuda", "cpu"))
+        # float32 sums in another order: measured on the CPU against pydensecrf, 2e-5 at most
+        assert np.abs(on_gpu - on_cpu).max() < 1e-4
+        maps = [labels, np.roll(labels, 7, axis=1)]
+        on_gpu = crf_labels(image, maps, n_labels, params, backend="auto", device="cuda")  # auto on CUDA is torch
+        on_cpu = crf_labels(image, maps, n_labels, params, backend="torch", device="cpu")
+        for gpu_map, cpu_map in zip(on_gpu, on_cpu):
+            assert (gpu_map == cpu_map).mean() >= 0.999
+
+
+def peak_crf_memory(side: int, n_labels: int) -> int:
+    from stages.common.crf import CrfParams
+    from stages.common.crf_torch import label_crf
+    image, labels, _ = crf_scene(side, side, n_labels)
+    image, labels = torch.from_numpy(image).cuda(), torch.from_numpy(np.stack([labels, labels])).cuda()
+    params = CrfParams()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    label_crf(image, labels, n_labels, params.gt_prob, iterations=params.iterations, gauss_sxy=params.gauss_sxy,
+              gauss_compat=params.gauss_compat, bilateral_sxy=params.bilateral_sxy,
+              bilateral_srgb=params.bilateral_srgb, bilateral_compat=params.bilateral_compat)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def test_torch_crf_memory_grows_linearly_with_the_pixels():
+    small, large = peak_crf_memory(256, 21), peak_crf_memory(512, 21)
+    # 4x the pixels: linear memory is ~4x; the dense N x N kernel would be 16x (256 GiB at 512 x 512)
+    assert large < 6 * small, (small, large)
+    assert large < 2 * 2**30, large

@@ -1,13 +1,20 @@
-"""Fully connected CRF (Krähenbühl & Koltun) over `pydensecrf`, as IRNet uses it.
+"""Fully connected CRF (Krähenbühl & Koltun), as IRNet uses it, on one of two backends.
 
-Two entry points: `crf_label` snaps a hard label map to image edges (IRNet's
-``crf_inference_label``, used for the seeds) and `crf_prob` refines class probabilities
-(used for optional pseudo-label refinement). `pydensecrf` (pip package ``pydensecrf2``) is a
-compiled extension that some installs lack, so it is imported only when a CRF is run and its
-absence is a clear user error, not an ImportError at import time of the whole stage.
+Three entry points: `crf_label` snaps a hard label map to image edges (IRNet's
+``crf_inference_label``, used for the seeds), `crf_labels` does so for several label maps of
+one image at once (the seed pass's two maps: one lattice, one batched mean field on the torch
+backend) and `crf_prob` refines class probabilities (optional pseudo-label refinement).
+
+Backends (`backend=`): ``pydensecrf`` (pip package ``pydensecrf2``, a compiled extension on
+the CPU) and ``torch`` (`stages.common.crf_torch`: the same model and the same lattice in
+plain PyTorch, on any torch device); ``auto`` is torch on a CUDA device and pydensecrf
+elsewhere (`resolve_backend`). Both are imported only when a CRF runs: this module stays free
+of torch (the CRF worker processes import it) and a missing pydensecrf is a clear user error,
+not an ImportError at import time of the whole stage.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +22,7 @@ import numpy as np
 from data.errors import WssError
 
 INSTALL_HINT = "pip install pydensecrf2==1.1"
+BACKENDS = ("auto", "pydensecrf", "torch")
 
 
 class CrfUnavailable(WssError):
@@ -33,6 +41,24 @@ class CrfParams:
     bilateral_srgb: float = 5.0
     bilateral_compat: float = 10.0
     iterations: int = 10
+
+
+def resolve_backend(backend: str = "auto", device=None) -> str:
+    """The backend that runs: "pydensecrf" or "torch". `device` (a torch device or its name,
+    None = the CPU) is where the torch backend runs; "auto" takes torch on a CUDA device only,
+    so the CPU default stays pydensecrf."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown CRF backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    return "torch" if str(device or "cpu").split(":")[0] == "cuda" else "pydensecrf"
+
+
+def _kernel_args(params: CrfParams) -> dict:
+    """The torch backend's keyword arguments: iterations and the two kernels' parameters."""
+    return {"iterations": params.iterations, "gauss_sxy": params.gauss_sxy, "gauss_compat": params.gauss_compat,
+            "bilateral_sxy": params.bilateral_sxy, "bilateral_srgb": params.bilateral_srgb,
+            "bilateral_compat": params.bilateral_compat}
 
 
 def _densecrf():
@@ -59,6 +85,8 @@ def _crf_image(image: np.ndarray) -> np.ndarray:
         image = np.repeat(image[..., None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"the CRF needs an HxWx3 image, got shape {image.shape}")
+    if image.size == 0:
+        raise ValueError(f"the CRF needs a non-empty image, got shape {image.shape}")
     return np.ascontiguousarray(image)
 
 
@@ -75,14 +103,7 @@ def _run(image: np.ndarray, unary: np.ndarray, n_labels: int, params: CrfParams)
     return np.asarray(q, dtype=np.float32).reshape(n_labels, height, width)
 
 
-def crf_label(image_rgb: np.ndarray, labels: np.ndarray, n_labels: int,
-              params: CrfParams = CrfParams()) -> np.ndarray:
-    """Refine a hard label map (values in [0, n_labels)) along image edges; returns int64 HxW labels.
-
-    Unary: probability ``gt_prob`` for the given label, the rest shared by the other labels;
-    label 0 is an ordinary label (``zero_unsure=False``), as in IRNet's ``crf_inference_label``.
-    """
-    image = _crf_image(image_rgb)
+def _check_labels(labels: np.ndarray, image: np.ndarray, n_labels: int) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.shape != image.shape[:2]:
         raise ValueError(f"labels {labels.shape} and image {image.shape[:2]} differ in size")
@@ -90,20 +111,58 @@ def crf_label(image_rgb: np.ndarray, labels: np.ndarray, n_labels: int,
         raise ValueError(f"the label CRF needs at least 2 labels, got {n_labels}")
     if labels.size and (labels.min() < 0 or labels.max() >= n_labels):
         raise ValueError(f"labels must lie in [0, {n_labels}), got [{labels.min()}, {labels.max()}]")
-    _, crf_utils = _densecrf()
-    unary = crf_utils.unary_from_labels(labels.astype(np.int64), n_labels, gt_prob=params.gt_prob,
-                                        zero_unsure=False)
-    return _run(image, unary, n_labels, params).argmax(axis=0)
+    return labels.astype(np.int64)
 
 
-def crf_prob(image_rgb: np.ndarray, probs: np.ndarray, params: CrfParams = CrfParams()) -> np.ndarray:
+def crf_labels(image_rgb: np.ndarray, label_maps: Sequence[np.ndarray], n_labels: int,
+               params: CrfParams = CrfParams(), *, backend: str = "auto", device=None) -> list[np.ndarray]:
+    """`crf_label` of several label maps of one image (the seed pass's foreground and background
+    maps); the torch backend builds the image's lattices once and runs the maps as one batch."""
+    image = _crf_image(image_rgb)
+    maps = [_check_labels(labels, image, n_labels) for labels in label_maps]
+    if not maps:
+        return []
+    if resolve_backend(backend, device) == "pydensecrf":
+        _, crf_utils = _densecrf()
+        return [_run(image, crf_utils.unary_from_labels(labels, n_labels, gt_prob=params.gt_prob, zero_unsure=False),
+                     n_labels, params).argmax(axis=0) for labels in maps]
+    import torch
+
+    from stages.common import crf_torch
+    out = crf_torch.label_crf(torch.from_numpy(image).to(device or "cpu"),
+                              torch.from_numpy(np.stack(maps)).to(device or "cpu"), n_labels, params.gt_prob,
+                              **_kernel_args(params))
+    return list(out.cpu().numpy())
+
+
+def crf_label(image_rgb: np.ndarray, labels: np.ndarray, n_labels: int,
+              params: CrfParams = CrfParams(), *, backend: str = "auto", device=None) -> np.ndarray:
+    """Refine a hard label map (values in [0, n_labels)) along image edges; returns int64 HxW labels.
+
+    Unary: probability ``gt_prob`` for the given label, the rest shared by the other labels;
+    label 0 is an ordinary label (``zero_unsure=False``), as in IRNet's ``crf_inference_label``.
+    `backend` and `device`: see `resolve_backend`.
+    """
+    return crf_labels(image_rgb, [labels], n_labels, params, backend=backend, device=device)[0]
+
+
+def crf_prob(image_rgb: np.ndarray, probs: np.ndarray, params: CrfParams = CrfParams(), *,
+             backend: str = "auto", device=None) -> np.ndarray:
     """Refine class probabilities (C, H, W); returns the CRF marginals (C, H, W) float32.
 
-    Unary = -log(p) with p clipped at 1e-5 (``gt_prob`` is not used here).
+    Unary = -log(p) with p clipped at 1e-5 (``gt_prob`` is not used here). `backend` and
+    `device`: see `resolve_backend`.
     """
     image = _crf_image(image_rgb)
     probs = np.asarray(probs, dtype=np.float32)
-    if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
-        raise ValueError(f"probs must be (C, H, W) with H, W = {image.shape[:2]}, got {probs.shape}")
-    unary = -np.log(np.clip(probs, 1e-5, 1.0)).reshape(probs.shape[0], -1)
-    return _run(image, unary, probs.shape[0], params)
+    if probs.ndim != 3 or probs.shape[1:] != image.shape[:2] or probs.shape[0] == 0:
+        raise ValueError(f"probs must be (C, H, W) with C >= 1 and H, W = {image.shape[:2]}, got {probs.shape}")
+    if resolve_backend(backend, device) == "pydensecrf":
+        unary = -np.log(np.clip(probs, 1e-5, 1.0)).reshape(probs.shape[0], -1)
+        return _run(image, unary, probs.shape[0], params)
+    import torch
+
+    from stages.common import crf_torch
+    q = crf_torch.prob_crf(torch.from_numpy(image).to(device or "cpu"), torch.from_numpy(probs)[None].to(device or "cpu"),
+                           **_kernel_args(params))
+    return q[0].cpu().numpy()
