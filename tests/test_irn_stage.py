@@ -218,7 +218,7 @@ def test_stale_cam_is_named_not_used(chain, cli):
     result = cli("run-stage", "irn", "-c", DEMO_CONFIG, *args, "-o", "cam.weight_decay=0.003")
     assert result.exit_code != 0
     assert "cam" in result.output and "weight_decay" in result.output
-    status = cli("status", "-c", DEMO_CONFIG, *args, "-o", "irn.conf_fg_threshold=0.4")
+    status = cli("status", "-c", DEMO_CONFIG, *args, "-o", "irn.conf_fg_threshold=0.9")
     assert "irn" in status.output and "stale" in status.output and "conf_fg_threshold" in status.output
 
 
