@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.errors import WssError
-from data.layout import write_text_atomic
+from data.layout import write_json_atomic
 
 log = logging.getLogger("wss.cache")
 
@@ -201,7 +201,7 @@ class ArtifactStore:
         """Write the manifest last, then move the directory into place."""
         manifest = {**manifest, "stage": key.stage, "key": key.digest, "key_parts": key.parts,
                     "finished": time.time()}
-        write_text_atomic(partial / MANIFEST, json.dumps(manifest, indent=1, default=str))
+        write_json_atomic(partial / MANIFEST, manifest, default=str)
         final = self.final_dir(key)
         if final.exists():
             trash = final.with_name(f".{final.name}.old{os.getpid()}{time.time_ns()}")  # never a leftover's name
@@ -218,7 +218,7 @@ class ArtifactStore:
         manifest = self.read_manifest(path) or {}
         manifest.update(changes)
         try:
-            write_text_atomic(path / MANIFEST, json.dumps(manifest, indent=1, default=str))
+            write_json_atomic(path / MANIFEST, manifest, default=str)
         except OSError as error:
             log.warning("could not record %s in %s (%s)", ", ".join(changes), path / MANIFEST, error.strerror)
             return False

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from data.errors import WssError
-from data.layout import PreparedDataset, write_text_atomic
+from data.layout import PreparedDataset, nan_for_null, write_json_atomic
 from pipeline.cache import ArtifactStore, CacheError, StageKey, explain_difference
 from pipeline.config import Config
 from stages.base import StageInputError, section_dict
@@ -243,7 +243,7 @@ class Pipeline:
     def rescored(self, stage, artifact: Path, manifest: dict) -> dict:
         """The cached artifact's metrics, recomputed when a scoring-only setting differs from the
         one they were scored with; the manifest and metrics.json then record the new scores."""
-        metrics = manifest.get("metrics", {})
+        metrics = nan_for_null(manifest.get("metrics", {}))  # written as strict JSON: null for NaN
         change = self.scoring_change(stage, manifest)
         if change is None:
             return metrics
@@ -257,7 +257,7 @@ class Pipeline:
             metrics = stage.rescore(self.cfg, self.dataset, artifact, metrics, scored_with, limit=limit)
             if self.store.update_manifest(artifact, metrics=metrics, scored_with=current) and \
                     (artifact / "metrics.json").is_file():
-                write_text_atomic(artifact / "metrics.json", json.dumps(metrics, indent=1))
+                write_json_atomic(artifact / "metrics.json", metrics)
         return metrics
 
     def run_beside_rank0(self, stage, inputs: dict[str, Path], resume: bool, limit: int | None) -> Outcome:

@@ -408,3 +408,39 @@ def test_killed_writer_leaves_nothing_reusable(tmp_path):
         assert list(partial.iterdir()) == []
         store.commit(k, partial, {})
     assert store.complete(k) is not None
+
+
+# ----------------------------------------------------------------------------- strict JSON
+
+def strict_json(text: str):
+    """json.loads that refuses NaN / Infinity, as JSON.parse and jq do."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nan_metrics_are_null_in_the_manifest_and_nan_again_when_cached(tiny_synthetic, tmp_path):
+    import math
+
+    class NanCam(FakeCam):
+        def run(self, cfg, dataset, inputs, out, *, resume=False, limit=None) -> StageResult:
+            self.calls += 1
+            return StageResult(metrics={"cam_miou": 0.5, "cam_iou/boat": math.nan, "cam_x": math.inf},
+                               headline="cam_miou")
+
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), NanCam())
+    ran = pipeline.run_stage("cam")
+    manifest = strict_json((ran.path / "manifest.json").read_text())
+    assert manifest["metrics"] == {"cam_miou": 0.5, "cam_iou/boat": None, "cam_x": None}
+    cached = with_stage(make_pipeline(tiny_synthetic, tmp_path), NanCam()).run_stage("cam")
+    assert cached.state == "cached" and math.isnan(cached.metrics["cam_iou/boat"])
+
+
+def test_json_text_writes_null_for_nan_and_infinity_at_any_depth(tmp_path):
+    import math
+
+    from data.layout import json_text, write_json_atomic
+    value = {"a": math.nan, "b": [1.0, -math.inf, {"c": math.inf}], "d": (2, "x"), "e": None}
+    assert strict_json(json_text(value)) == {"a": None, "b": [1.0, None, {"c": None}], "d": [2, "x"], "e": None}
+    write_json_atomic(tmp_path / "m.json", value)
+    assert strict_json((tmp_path / "m.json").read_text())["a"] is None

@@ -1,7 +1,6 @@
 """Stage `cam`: train the classifier, score it, write the CAMs of the train split."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from tqdm.auto import tqdm
 
 from data.datasets import ClassificationDataset, SafeImageDataset, first_item
 from data.errors import DataError
-from data.layout import PreparedDataset
+from data.layout import PreparedDataset, write_json_atomic
 from data.transforms import normalize_batch, uint8_tensor
 from stages.base import StageResult, section_dict, source_hash, weights_file_stamp
 from stages.cam.config import other_methods_settings
@@ -114,7 +113,7 @@ class CamStage:
             metrics.update(evaluate_cams(dataset, train_ids, out / "cams", section.eval_bg_threshold,
                                          failures))
             metrics.update(localization_metrics(dataset, boxed, out / BOXED_CAMS))
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            write_json_atomic(out / "metrics.json", metrics)
             log.info("cam metrics on split %r:\n%s", cfg.data.train_split, per_class_table(metrics, "cam_", dataset))
         metrics = distributed.broadcast(metrics)
         return StageResult(metrics=metrics, headline=headline_metric(metrics), failures=failures)

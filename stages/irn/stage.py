@@ -7,7 +7,6 @@ The artifact holds `seeds/<id>.png` (0 background, k+1 class k, 255 ignored), `m
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 
 from data.datasets import LabelMapDataset
 from data.errors import WssError
-from data.layout import PreparedDataset, write_index_png
+from data.layout import PreparedDataset, write_index_png, write_json_atomic
 from data.prepare_report import parallel_map
 from data.transforms import normalize_batch
 from stages.base import StageInputError, StageResult, section_dict, source_hash
@@ -226,7 +225,7 @@ class IrnStage:
         if distributed.is_main():
             save_atomic({"model": model.to(memory_format=torch.contiguous_format).state_dict(),
                          "backbone": cam_backbone, "config": irn_fields(section, pseudo=False)}, out / MODEL_FILE)
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            write_json_atomic(out / "metrics.json", metrics)
         metrics = distributed.broadcast(metrics)
         return StageResult(metrics=metrics, headline="seed_miou", failures=failures)
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from data.datasets import SafeImageDataset, first_item
 from data.errors import WssError
-from data.layout import PreparedDataset, write_index_png, write_text_atomic
+from data.layout import PreparedDataset, write_index_png, write_json_atomic
 from data.transforms import normalize_batch
 from stages.base import StageInputError, StageResult, section_dict, source_hash, weights_file_stamp
 from stages.common import distributed
@@ -144,7 +144,7 @@ class SegStage:
             metrics.update(split_metrics)
             failures += split_failures
         if distributed.is_main():
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            write_json_atomic(out / "metrics.json", metrics)
             log.info("seg metrics on split %r:\n%s", cfg.data.val_split, per_class_table(metrics, "seg_val_", dataset))
         return StageResult(metrics=metrics, headline=headline_metric(dataset.task), failures=failures)
 
@@ -181,7 +181,7 @@ class SegStage:
         metrics = {}
         if distributed.is_main():
             if dataset.task == "binary":
-                write_text_atomic(out / IMAGE_SCORES, json.dumps({**read_image_scores(out), **image_scores}))
+                write_json_atomic(out / IMAGE_SCORES, {**read_image_scores(out), **image_scores}, indent=None)
             metrics = score_predictions(dataset, ids, out, f"seg_{split}_", failures)
         return distributed.broadcast(metrics), failures
 
