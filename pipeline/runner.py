@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -42,6 +43,20 @@ class StageStatus:
     state: str  # "up to date" | "stale" | "missing"
     path: Path | None
     reasons: list[str]
+
+
+# What the runner itself writes in a .partial folder: a stage that fails leaving nothing else
+# there computed nothing, and the folder goes.
+BOOKKEEPING = ("log.txt",)
+
+
+def remove_if_nothing_computed(partial: Path) -> None:
+    """Remove the .partial folder of a stage that stopped before writing any result (a missing
+    input, a bad option found late, Ctrl-C at once): nothing there to resume or to look at but
+    a log whose lines the terminal showed."""
+    made = (p for p in partial.rglob("*") if p.is_file() and not (p.parent == partial and p.name in BOOKKEEPING))
+    if next(made, None) is None:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def upstream_closure(name: str, stages: dict) -> list[str]:
@@ -96,6 +111,7 @@ class Pipeline:
         self.stages = all_stages()
         self._fingerprint: str | None = None
         self._keys: dict[tuple[str, int | None], StageKey] = {}
+        self._preflighted: set[str] = set()
 
     @property
     def fingerprint(self) -> str:
@@ -179,6 +195,8 @@ class Pipeline:
         twin = None if force else distributed.broadcast(self.trained_twin(name, limit) if distributed.is_main() else None)
         if twin is not None:
             inputs["trained"] = twin
+        if twin is None:
+            self.preflight(name)
         if not distributed.is_main():
             return self.run_beside_rank0(stage, inputs, resume, limit)
         with self.store.reading(inputs.values()), self.store.writing(key, resume=resume) as partial:
@@ -187,12 +205,16 @@ class Pipeline:
             handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
             logging.getLogger().addHandler(handler)
             started = time.time()
+            failed = True
             try:
                 log.info("%s: computing %s", name, self.store.final_dir(key))
                 result = stage.run(self.cfg, self.dataset, inputs, partial, resume=resume, limit=limit)
+                failed = False
             finally:
                 logging.getLogger().removeHandler(handler)
                 handler.close()
+                if failed:
+                    remove_if_nothing_computed(partial)
             seconds = time.time() - started
             for file_name in getattr(stage, "resume_files", ()):  # finished: nothing left to resume
                 (partial / file_name).unlink(missing_ok=True)
@@ -207,6 +229,15 @@ class Pipeline:
         distributed.broadcast(final)
         log.info("%s: done in %.1f s -> %s", name, seconds, final)
         return Outcome(name, "ran", final, seconds, result.metrics, result.headline, result.failures)
+
+    def preflight(self, name: str) -> None:
+        """The stage's cheap checks before it computes (names a library must know; weight files
+        read and fitted to their network), once per pipeline: `wss run` checks every stage it is
+        about to compute before the first starts, `wss run-stage` its one stage."""
+        check = getattr(self.stage(name), "preflight", None)
+        if check is not None and name not in self._preflighted:
+            check(self.cfg, self.dataset)
+        self._preflighted.add(name)
 
     def trained_twin(self, name: str, limit: int | None = None) -> Path | None:
         """A complete artifact of stage `name` trained exactly as this config would train it: its
@@ -277,10 +308,7 @@ class Pipeline:
         order = upstream_closure(self.stage(last).name, self.stages)
         forced_from = min((order.index(s) for s in force if s in order), default=len(order))
         for i, name in enumerate(order):
-            preflight = getattr(self.stage(name), "preflight", None)
-            if preflight is None:
-                continue
             # a stage that reuses a trained twin's model builds nothing anew (no download either)
             if i >= forced_from or (self.store.complete(self.key(name)) is None and self.trained_twin(name) is None):
-                preflight(self.cfg, self.dataset)
+                self.preflight(name)
         return [self.run_stage(name, force=i >= forced_from, resume=resume) for i, name in enumerate(order)]

@@ -15,10 +15,11 @@ import textwrap
 
 import pytest
 
+from data.errors import WssError
 from pipeline.cache import ArtifactStore, CacheError, StageKey
 from pipeline.config import load_config
 from pipeline.runner import Pipeline
-from stages.base import StageResult
+from stages.base import StageInputError, StageResult
 from tests.conftest import DEMO_CONFIG, REPO
 
 
@@ -408,6 +409,63 @@ def test_killed_writer_leaves_nothing_reusable(tmp_path):
         assert list(partial.iterdir()) == []
         store.commit(k, partial, {})
     assert store.complete(k) is not None
+
+
+# ------------------------------------------------- what a failed or interrupted stage leaves
+
+class FailsAtOnce(FakeCam):
+    """A stage that stops before writing anything (a missing input found at its start, Ctrl-C)."""
+
+    def run(self, cfg, dataset, inputs, out, *, resume=False, limit=None) -> StageResult:
+        (out / "seeds").mkdir()  # an empty folder holds no result either
+        raise self.fail
+
+
+@pytest.mark.parametrize("failure", [StageInputError("cam: no images"), KeyboardInterrupt()])
+def test_a_stage_that_fails_before_writing_anything_leaves_no_partial_dir(tiny_synthetic, tmp_path, failure):
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), FailsAtOnce(fail=failure))
+    with pytest.raises(type(failure)):
+        pipeline.run_stage("cam")
+    assert not pipeline.store.partial_dir(pipeline.key("cam")).exists()
+    assert pipeline.status_of("cam").state == "missing"
+
+
+def test_a_resumed_partial_dir_with_work_in_it_stays_when_the_resumed_run_fails_at_once(tiny_synthetic, tmp_path):
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), FakeTrainingCam(fail=RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        pipeline.run_stage("cam")
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), FailsAtOnce(fail=KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_stage("cam", resume=True)
+    assert (pipeline.store.partial_dir(pipeline.key("cam")) / "checkpoint.pt").is_file()
+
+
+# ----------------------------------------------------------------------------- preflight checks
+
+class CheckedCam(FakeCam):
+    def __init__(self, problem: str | None = None):
+        super().__init__()
+        self.problem, self.checks = problem, 0
+
+    def preflight(self, cfg, dataset) -> None:
+        self.checks += 1
+        if self.problem:
+            raise WssError(self.problem)
+
+
+def test_run_stage_checks_its_stage_before_it_computes_and_run_checks_each_stage_once(tiny_synthetic, tmp_path):
+    bad = CheckedCam("cam.weights: weights file not found: /nowhere.pth")
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), bad)
+    with pytest.raises(WssError, match="/nowhere.pth"):
+        pipeline.run_stage("cam")
+    assert bad.calls == 0
+    assert not list(pipeline.store.root.glob(".cam-*.partial")) and not list(pipeline.store.root.glob("cam-*"))
+    good = CheckedCam()
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), good)
+    assert [o.state for o in pipeline.run(until="cam")] == ["ran"] and good.checks == 1
+    again = CheckedCam()
+    assert with_stage(make_pipeline(tiny_synthetic, tmp_path), again).run_stage("cam").state == "cached"
+    assert again.checks == 0  # an up-to-date stage reads no weights
 
 
 # ----------------------------------------------------------------------------- strict JSON

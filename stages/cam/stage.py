@@ -64,6 +64,18 @@ class CamStage:
         return {**section_dict(cfg.cam, skip=skip),
                 "weights_file": weights_file_stamp(cfg.cam.weights)}
 
+    def preflight(self, cfg, dataset: PreparedDataset) -> None:
+        """cam.weights loads into cam.backbone before any stage computes: a local file that is
+        missing, garbled or another network's stops the run here in one line, and ImageNet weights
+        are downloaded into torch's cache now (offline: they fail now, not after other stages)."""
+        if cfg.cam.weights is None:
+            return
+        from stages.common.backbones import ResNetFeatures, WeightsError
+        try:
+            ResNetFeatures(cfg.cam.backbone, cfg.cam.weights)
+        except WeightsError as error:
+            raise WeightsError(f"cam.weights: {error}") from None
+
     def code_version(self) -> str:  # data/nih.py: which images get boxed CAMs
         return source_hash("stages/cam", "stages/common", "stages/base.py", "data/layout.py",
                            "data/transforms.py", "data/datasets.py", "data/nih.py")

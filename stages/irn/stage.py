@@ -167,13 +167,15 @@ class IrnStage:
         return irn_fields(cfg.irn, pseudo=False)
 
     def preflight(self, cfg, dataset: PreparedDataset) -> None:
-        """`backbone_init: imagenet` gets its weights before any stage computes (downloaded once
-        into torch's cache when online): offline it fails here, not after the classifier."""
+        """`backbone_init: imagenet` loads its weights into the trunk before any stage computes
+        (downloaded once into torch's cache when online; or the local file of cam.weights): offline,
+        or with a file that is missing, garbled or another network's, it fails here, not after the
+        classifier."""
         if cfg.irn.backbone_init != "imagenet":
             return
-        from stages.common.backbones import WeightsError, load_state_dict
+        from stages.common.backbones import ResNetFeatures, WeightsError
         try:
-            load_state_dict(cfg.cam.backbone, cfg.cam.weights or "imagenet")
+            ResNetFeatures(cfg.cam.backbone, cfg.cam.weights or "imagenet")
         except WeightsError as error:
             raise WeightsError(f"irn.backbone_init: imagenet: {error} The IRN's trunk reads the file of "
                                f"cam.weights (setting it retrains the classifier); irn.backbone_init: cam "

@@ -69,7 +69,8 @@ class SegStage:
 
     def preflight(self, cfg, dataset: PreparedDataset) -> None:
         """Architecture, encoder, options and loss names exist; the crop fits the model; the encoder
-        weights can be found. seg.predict_size needs no check: prediction pads to a multiple of 32,
+        weights load into the encoder (a local file is read now; ImageNet weights are downloaded
+        into the hub's cache). seg.predict_size needs no check: prediction pads to a multiple of 32,
         which every smp output stride (8, 16, 32) divides."""
         section = cfg.seg
         SegLoss(section.losses, dataset.task)
@@ -82,8 +83,8 @@ class SegStage:
         if section.encoder_weights not in (None, "imagenet", "cam") and \
                 not Path(section.encoder_weights).expanduser().is_file():
             raise SegModelError(f"seg.encoder_weights: file not found: {section.encoder_weights}")
-        if section.encoder_weights == "imagenet":  # downloaded once into the hub's cache; offline: fails now
-            build_segmenter(section.arch, section.encoder, "imagenet",
+        if section.encoder_weights not in (None, "cam"):  # a garbled file, another encoder's; offline
+            build_segmenter(section.arch, section.encoder, section.encoder_weights,
                             output_channels(dataset.task, dataset.info.num_classes), section.arch_options)
 
     def run(self, cfg, dataset: PreparedDataset, inputs: dict[str, Path], out: Path, *,
