@@ -20,6 +20,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from data.errors import WssError
 from data.layout import write_json_atomic
@@ -149,8 +150,10 @@ class ArtifactStore:
         return [(path, manifest) for _, path, manifest in sorted(found, key=lambda item: -item[0])]
 
     @contextmanager
-    def writing(self, key: StageKey, resume: bool = False):
-        """Yield a partial directory to write into; fresh unless resuming. Holds a lock."""
+    def writing(self, key: StageKey, resume: bool = False, before_discard: Callable[[Path], None] | None = None):
+        """Yield a partial directory to write into; fresh unless resuming. Holds a lock.
+        `before_discard(partial)` is called, under the lock, before a fresh start removes the
+        partial directory an interrupted run left."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -171,6 +174,8 @@ class ArtifactStore:
             with held(lock):
                 partial = self.partial_dir(key)
                 if partial.exists() and not resume:
+                    if before_discard is not None:
+                        before_discard(partial)
                     shutil.rmtree(partial)
                 partial.mkdir(parents=True, exist_ok=True)
                 yield partial

@@ -440,6 +440,124 @@ def test_a_resumed_partial_dir_with_work_in_it_stays_when_the_resumed_run_fails_
     assert (pipeline.store.partial_dir(pipeline.key("cam")) / "checkpoint.pt").is_file()
 
 
+class CheckpointingCam(FakeCam):
+    """Trains `epochs_done` epochs (a real checkpoint, as the training loop saves it), writes
+    `files` CAM files, then is interrupted; resumed, it finishes. `seconds` moves a fake clock."""
+    resume_files = ("checkpoint.pt",)
+    resume_outputs = ("cams",)
+
+    def __init__(self, clock=None, seconds: float = 0.0, epochs_done: int | None = 2, files: int = 0,
+                 interrupt: bool = True):
+        super().__init__()
+        self.clock, self.seconds, self.epochs_done, self.files, self.interrupt = \
+            clock, seconds, epochs_done, files, interrupt
+
+    def run(self, cfg, dataset, inputs, out, *, resume=False, limit=None) -> StageResult:
+        from stages.common.training import save_atomic
+        self.calls += 1
+        if self.clock is not None:
+            self.clock.now += self.seconds
+        if self.epochs_done is not None:
+            save_atomic({"model": {}, "optimizer": {}, "epoch": self.epochs_done - 1, "history": []},
+                        out / "checkpoint.pt")
+        (out / "cams").mkdir(exist_ok=True)
+        for i in range(self.files):
+            (out / "cams" / f"img{i}.npz").write_text("a CAM")
+        (out / "cams" / ".img9.tmp.npz").write_text("half a CAM: not counted")
+        if self.interrupt:
+            raise KeyboardInterrupt
+        return StageResult(metrics={"cam_miou": 0.5}, headline="cam_miou")
+
+
+def test_status_of_an_interrupted_stage_says_what_resume_continues(tiny_synthetic, tmp_path, cli):
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), CheckpointingCam(epochs_done=2))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_stage("cam")
+    status = pipeline.status_of("cam")
+    epochs = pipeline.cfg.cam.epochs
+    assert (status.state, status.path) == ("interrupted", pipeline.store.partial_dir(pipeline.key("cam")))
+    assert status.summary == f"interrupted after epoch 2 of {epochs} (resume with --resume)"
+
+    files_only = with_stage(make_pipeline(tiny_synthetic, tmp_path / "b"), CheckpointingCam(epochs_done=None, files=3))
+    with pytest.raises(KeyboardInterrupt):
+        files_only.run_stage("cam")
+    assert files_only.status_of("cam").summary == \
+        "interrupted with 3 files in cams/ (resume with --resume, which keeps them)"
+
+    both = with_stage(make_pipeline(tiny_synthetic, tmp_path / "c"), CheckpointingCam(epochs_done=epochs, files=5))
+    with pytest.raises(KeyboardInterrupt):
+        both.run_stage("cam")
+    assert both.status_of("cam").summary == \
+        f"interrupted after epoch {epochs} of {epochs} with 5 files in cams/ (resume with --resume, which keeps them)"
+
+
+def test_a_rerun_without_resume_says_it_discards_the_interrupted_run(tiny_synthetic, tmp_path, caplog):
+    import logging
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), CheckpointingCam(epochs_done=2))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_stage("cam")
+    partial = pipeline.store.partial_dir(pipeline.key("cam"))
+    with caplog.at_level(logging.INFO):
+        pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), CheckpointingCam(epochs_done=1))
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run_stage("cam")
+    warnings = [r.getMessage() for r in caplog.records if "discarding" in r.getMessage()]
+    assert warnings == [f"cam: starting again: discarding {partial}, an interrupted run (after epoch 2 of "
+                        f"{pipeline.cfg.cam.epochs}) that `--resume` would continue"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        resumed = with_stage(make_pipeline(tiny_synthetic, tmp_path), CheckpointingCam(interrupt=False))
+        assert resumed.run_stage("cam", resume=True).state == "ran"
+    assert "discarding" not in caplog.text
+
+
+class FakeClock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_resumed_stage_records_the_time_of_every_run(tiny_synthetic, tmp_path, monkeypatch):
+    import time
+    clock = FakeClock(1_000_000.0)
+    monkeypatch.setattr(time, "time", clock)
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), CheckpointingCam(clock, seconds=30.0))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_stage("cam")
+    clock.now += 500  # between the runs: not counted
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path),
+                          CheckpointingCam(clock, seconds=12.0, interrupt=False))
+    outcome = pipeline.run_stage("cam", resume=True)
+    manifest = json.loads((outcome.path / "manifest.json").read_text())
+    assert outcome.seconds == manifest["seconds"] == pytest.approx(42.0)
+    assert not (outcome.path / "elapsed.json").exists()  # bookkeeping of the partial folder only
+
+    clock.now += 500
+    fresh = with_stage(make_pipeline(tiny_synthetic, tmp_path), CheckpointingCam(clock, seconds=7.0, interrupt=False))
+    assert fresh.run_stage("cam", force=True).seconds == pytest.approx(7.0)  # a fresh start counts itself
+
+
+def test_time_up_to_the_last_checkpoint_counts_after_a_kill(tmp_path, monkeypatch):
+    """SIGKILL runs no cleanup: the training loop moved the record's end at each checkpoint."""
+    import time
+
+    from stages.common.elapsed import mark_elapsed, seconds_spent, start_clock
+    clock = FakeClock(5000.0)
+    monkeypatch.setattr(time, "time", clock)
+    assert start_clock(tmp_path, clock()) == 0.0
+    clock.now += 20  # epoch 1 ends with its checkpoint
+    mark_elapsed(tmp_path)
+    clock.now += 100  # then the kill, and a while before the --resume
+    assert start_clock(tmp_path, clock()) == pytest.approx(20.0)
+    clock.now += 5
+    mark_elapsed(tmp_path)
+    assert seconds_spent(tmp_path) == pytest.approx(25.0)
+    mark_elapsed(tmp_path / "elsewhere")  # no record: nothing written
+    assert not (tmp_path / "elsewhere").exists()
+
+
 # ----------------------------------------------------------------------------- preflight checks
 
 class CheckedCam(FakeCam):

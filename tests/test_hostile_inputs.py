@@ -1,16 +1,22 @@
-"""Bad weights files through the CLI.
+"""Bad weights files, interrupted stages and the JSON other tools read, through the CLI.
 
 A weights file that is missing, garbled or another network's stops `wss run` before the first
-stage computes, in one line naming the setting and the file, and leaves no folder behind.
+stage computes, in one line naming the setting and the file, and leaves no folder behind. An
+interrupted stage is named as such by `wss status`, a rerun without `--resume` says that it
+discards it, and a resumed stage's time is that of all its runs. metrics.json, manifest.json and
+metrics.jsonl are strict JSON: null where a class has no score.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import pickle
 
 import pytest
 import torch
 
+import stages.common.training as training
 from pipeline.config import load_config
 from tests.conftest import DEMO_CONFIG, FAST_CAM, overrides
 
@@ -105,3 +111,74 @@ def test_the_irn_checks_the_imagenet_file_its_trunk_starts_from(tiny_synthetic, 
     message = str(info.value)
     assert message.startswith("irn.backbone_init: imagenet: ") and str(path) in message and words in message
     assert "\n" not in message
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN / Infinity, as JSON.parse and jq do."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metrics_of_a_class_absent_from_the_split_are_null(cli, tiny_synthetic, tmp_path):
+    """The first two train images hold no ring: its IoU is undefined, NaN in Python, null on disk."""
+    workdir = tmp_path / "runs"
+    result = cli("run-stage", "cam", *chain_args(tiny_synthetic, workdir, **{"cam.epochs": 1, "cam.batch_size": 2}),
+                 "--limit", "2")
+    assert result.exit_code == 0, result.output
+    artifact, = (workdir / "synthetic").glob("cam-*")
+    metrics = strict_json((artifact / "metrics.json").read_text())
+    assert metrics["cam_iou/ring"] is None and isinstance(metrics["cam_iou/cross"], float)
+    assert strict_json((artifact / "manifest.json").read_text())["metrics"]["cam_iou/ring"] is None
+    for line in (artifact / "metrics.jsonl").read_text().splitlines():
+        strict_json(line)
+    status = cli("status", *chain_args(tiny_synthetic, workdir))
+    assert status.exit_code == 0, status.output
+
+
+def test_an_interrupted_stage_is_named_discarded_aloud_and_timed_whole(cli, tiny_synthetic, tmp_path, monkeypatch,
+                                                                        caplog):
+    """Interrupted after epoch 2: `wss status` says so; a rerun without --resume says it discards
+    that run (interrupted in turn after epoch 1); the resumed run's seconds add both runs' time."""
+    from stages.common.elapsed import seconds_spent
+    workdir = tmp_path / "runs"
+    args = ["run-stage", "cam", *chain_args(tiny_synthetic, workdir)]
+    epochs = int(FAST_CAM["cam.epochs"])
+    real_save = training.save_atomic
+
+    def interrupt_after(count: int):
+        saved = []
+
+        def save(obj, path):
+            real_save(obj, path)
+            saved.append(path)
+            if len(saved) == count:
+                raise KeyboardInterrupt
+        return save
+
+    monkeypatch.setattr(training, "save_atomic", interrupt_after(2))
+    assert cli(*args).exit_code == 130
+    partial, = (workdir / "synthetic").glob(".cam-*.partial")
+    status = cli("status", *args[2:])
+    line = next(x for x in status.output.splitlines() if x.startswith("cam"))
+    assert line == f"cam      interrupted after epoch 2 of {epochs} (resume with --resume)  {partial}"
+
+    monkeypatch.setattr(training, "save_atomic", interrupt_after(1))
+    with caplog.at_level(logging.INFO):
+        rerun = cli(*args)
+    assert rerun.exit_code == 130
+    assert f"cam: starting again: discarding {partial}, an interrupted run (after epoch 2 of {epochs}) " \
+           f"that `--resume` would continue" in caplog.text
+    assert f"interrupted after epoch 1 of {epochs}" in cli("status", *args[2:]).output
+    spent = seconds_spent(partial)
+    assert spent > 0
+
+    monkeypatch.setattr(training, "save_atomic", real_save)
+    done = cli(*args, "--resume")
+    assert done.exit_code == 0, done.output
+    artifact, = (workdir / "synthetic").glob("cam-*")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    this_run = manifest["finished"] - manifest["started"]
+    assert manifest["seconds"] == pytest.approx(spent + this_run, abs=0.5)
+    assert not (artifact / "elapsed.json").exists() and not partial.exists()
+    assert "up to date" in cli("status", *args[2:]).output

@@ -189,6 +189,8 @@ def test_interrupted_pseudo_labels_resume_where_they_stopped(chain, cli, tmp_pat
     monkeypatch.setattr(pseudo, "write_index_png", stop_after_three)
     result = cli("run", "-c", DEMO_CONFIG, "--until", "pseudo", *args)
     assert result.exit_code == 130, result.output
+    status = cli("status", "-c", DEMO_CONFIG, *args).output
+    assert "pseudo   interrupted with 3 files in pseudo_labels/ (resume with --resume, which keeps them)" in status
     stamps = {path: path.stat().st_mtime_ns for path in written}
     monkeypatch.setattr(pseudo, "write_index_png", real_write)
     result = cli("run", "-c", DEMO_CONFIG, "--until", "pseudo", "--resume", *args)

@@ -49,6 +49,7 @@ class CamStage:
     needs: tuple[str, ...] = ()
     section = "cam"
     resume_files = (CHECKPOINT,)
+    resume_outputs = ("cams", BOXED_CAMS)  # written whole, kept by --resume
     # Only scores the CAMs: left out of the key, so that a new threshold re-scores the cached
     # CAMs (Pipeline.rescored) instead of retraining stage 1 and everything after it.
     score_settings = ("eval_bg_threshold",)

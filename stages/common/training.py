@@ -26,6 +26,7 @@ from data.errors import WssError
 from data.layout import json_text, write_text_atomic
 from stages.base import StageInputError
 from stages.common import distributed
+from stages.common.elapsed import mark_elapsed
 from stages.common.runtime import autocast, worker_count
 
 log = logging.getLogger("wss.train")
@@ -345,6 +346,7 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
         if distributed.is_main():  # checkpoint first: a resumed run never logs an epoch twice
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "epoch": epoch, "history": history}, checkpoint_path)
+            mark_elapsed(out)  # a resumed stage's time counts the epochs trained before a kill
             with open(metrics_log, "a") as handle:
                 handle.write(json_text({"stage_step": desc, **record}) + "\n")
             log.info("%s epoch %d/%d: loss %.4f, %.1f img/s", desc, epoch + 1, settings.epochs,

@@ -60,6 +60,7 @@ class PseudoLabelStage:
     name = "pseudo"
     needs: tuple[str, ...] = ("cam", "irn")
     section = "irn"
+    resume_outputs = ("pseudo_labels",)  # kept by --resume (a garbled one is made again)
 
     def key_config(self, cfg, task: str) -> dict:
         return irn_fields(cfg.irn, pseudo=True)

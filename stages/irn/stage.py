@@ -162,6 +162,7 @@ class IrnStage:
     needs: tuple[str, ...] = ("cam",)
     section = "irn"
     resume_files = (CHECKPOINT,)
+    resume_outputs = ("seeds",)  # kept by --resume (a garbled one is made again)
 
     def key_config(self, cfg, task: str) -> dict:
         return irn_fields(cfg.irn, pseudo=False)
