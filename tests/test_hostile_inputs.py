@@ -74,6 +74,7 @@ def test_a_bad_cam_weights_file_stops_the_run_before_any_stage_computes(cli, tin
     result = cli("run", *chain_args(tiny_synthetic, workdir, **{"cam.weights": path}))
     line = error_line(result)
     assert line.startswith("error: cam.weights: ") and str(path) in line and words in line, line
+    assert result.output.strip() == line  # nothing else: no torch text, no log of a stage
     assert "owned" not in result.output  # the pickle's command never ran
     assert "computing" not in result.output
     assert not list(workdir.glob("*/cam-*")) and not list(workdir.glob("*/.cam-*.partial"))
