@@ -15,6 +15,7 @@ import csv
 import filecmp
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,34 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def strict_json(value):
+    """`value` with NaN and infinities as None: Python's json writes them as bare NaN / Infinity,
+    which JSON.parse, jq and other strict readers reject (a class absent from a split has no IoU)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def json_text(value, **options) -> str:
+    """json.dumps of `value` as strict JSON: NaN and infinities written as null."""
+    return json.dumps(strict_json(value), allow_nan=False, **options)
+
+
+def write_json_atomic(path: Path, value, indent: int | None = 1, **options) -> None:
+    """Strict JSON (NaN as null, see json_text) through write_text_atomic."""
+    write_text_atomic(path, json_text(value, indent=indent, **options))
+
+
+def nan_for_null(metrics: dict) -> dict:
+    """Metrics read back from strict JSON, with null as NaN again: a cached stage's metrics are
+    then the numbers the stage computed."""
+    return {k: math.nan if v is None else v for k, v in metrics.items()}
 
 
 def atomic_save(image: Image.Image, path: Path) -> None:

@@ -20,9 +20,10 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from data.errors import WssError
-from data.layout import write_text_atomic
+from data.layout import write_json_atomic
 
 log = logging.getLogger("wss.cache")
 
@@ -149,8 +150,10 @@ class ArtifactStore:
         return [(path, manifest) for _, path, manifest in sorted(found, key=lambda item: -item[0])]
 
     @contextmanager
-    def writing(self, key: StageKey, resume: bool = False):
-        """Yield a partial directory to write into; fresh unless resuming. Holds a lock."""
+    def writing(self, key: StageKey, resume: bool = False, before_discard: Callable[[Path], None] | None = None):
+        """Yield a partial directory to write into; fresh unless resuming. Holds a lock.
+        `before_discard(partial)` is called, under the lock, before a fresh start removes the
+        partial directory an interrupted run left."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -171,6 +174,8 @@ class ArtifactStore:
             with held(lock):
                 partial = self.partial_dir(key)
                 if partial.exists() and not resume:
+                    if before_discard is not None:
+                        before_discard(partial)
                     shutil.rmtree(partial)
                 partial.mkdir(parents=True, exist_ok=True)
                 yield partial
@@ -201,7 +206,7 @@ class ArtifactStore:
         """Write the manifest last, then move the directory into place."""
         manifest = {**manifest, "stage": key.stage, "key": key.digest, "key_parts": key.parts,
                     "finished": time.time()}
-        write_text_atomic(partial / MANIFEST, json.dumps(manifest, indent=1, default=str))
+        write_json_atomic(partial / MANIFEST, manifest, default=str)
         final = self.final_dir(key)
         if final.exists():
             trash = final.with_name(f".{final.name}.old{os.getpid()}{time.time_ns()}")  # never a leftover's name
@@ -218,7 +223,7 @@ class ArtifactStore:
         manifest = self.read_manifest(path) or {}
         manifest.update(changes)
         try:
-            write_text_atomic(path / MANIFEST, json.dumps(manifest, indent=1, default=str))
+            write_json_atomic(path / MANIFEST, manifest, default=str)
         except OSError as error:
             log.warning("could not record %s in %s (%s)", ", ".join(changes), path / MANIFEST, error.strerror)
             return False

@@ -408,7 +408,7 @@ def visualize(config_path: tuple[Path, ...], overrides, stage: str, n: int, out:
 @main.command("status")
 @config_options
 def status(config_path: tuple[Path, ...], overrides):
-    """Show every stage as up to date, stale (and why) or missing.
+    """Show every stage as up to date, stale (and why), interrupted (what --resume continues) or missing.
 
     \b
     Example:
@@ -418,7 +418,7 @@ def status(config_path: tuple[Path, ...], overrides):
     cfg = load(config_path, overrides)
     for item in Pipeline(cfg).status():
         where = f"  {item.path}" if item.path else ""
-        click.echo(f"{item.stage:8s} {item.state}{where}")
+        click.echo(f"{item.stage:8s} {item.summary}{where}")
         for reason in item.reasons:
             click.echo(f"           - {reason}")
 

@@ -21,7 +21,7 @@ import click
 import numpy as np
 
 from data.errors import WssError
-from data.layout import create_folder, write_text_atomic
+from data.layout import create_folder, nan_for_null, write_json_atomic
 from stages.base import PACKAGE_ROOT
 from stages.common.metrics import format_table, markdown_table
 
@@ -90,7 +90,7 @@ def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict
         threshold, miou = tuned_miou(dataset, val_ids, work / "val_cams", train_ids, artifact / "cams")
         scores.update(tuned_threshold=threshold, cam_miou_tuned=miou)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(cache, json.dumps({"artifact_manifest": made_by, "scores": scores}, indent=1))
+    write_json_atomic(cache, {"artifact_manifest": made_by, "scores": scores})
     return scores
 
 
@@ -109,9 +109,10 @@ def read_cached_scores(cache: Path, made_by: str) -> dict | None:
         cached = json.loads(cache.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(cached, dict) or cached.get("artifact_manifest") != made_by:
+    if not isinstance(cached, dict) or cached.get("artifact_manifest") != made_by or \
+            not isinstance(cached.get("scores"), dict):
         return None
-    return cached.get("scores")
+    return nan_for_null(cached["scores"])
 
 
 def compare_method(cfg, method: str, through: str, out: Path, limit: int | None) -> dict:

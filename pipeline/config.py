@@ -88,9 +88,20 @@ def load_config(path: str | Path | list | tuple | None, overrides: list[str] | t
         key, value = parse_override(item)
         set_dotted(raw, key, value, where=f"override {item!r}", config=config)
         config = build(Config, raw, where=f"override {item!r}", prefix="")
+    check_across_fields(config, where + "".join(f" + override {item!r}" for item in overrides))
     config.source = " -c ".join(str(p) for p in paths) or "<defaults>"
     config.overrides = tuple(overrides)
     return config
+
+
+def check_across_fields(config: Config, where: str) -> None:
+    """Rules that tie two settings together, checked once on the whole config: a file layered
+    under another, or one override of several, may hold half of a valid pair."""
+    irn = config.irn
+    if irn.conf_bg_threshold > irn.conf_fg_threshold:  # the pixels between them are the ignored band
+        raise ConfigError(f"{where}: irn.conf_bg_threshold ({irn.conf_bg_threshold}) must not be above "
+                          f"irn.conf_fg_threshold ({irn.conf_fg_threshold}): the CAM scores between them "
+                          f"are the seeds' ignored band")
 
 
 def read_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -100,7 +111,9 @@ def read_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: `base:` chain loops back on itself")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
+    except DuplicateKeyError as error:
+        raise ConfigError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({yaml_problem(error)})") from None
     except UnicodeDecodeError as error:
@@ -117,6 +130,42 @@ def read_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: base must be the path of one config file, got {base!r}")
     merged = read_yaml_with_base(path.parent / base, seen + (path.resolve(),))
     return deep_merge(merged, raw)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping, at any depth: PyYAML keeps the
+    last one silently, so a second `cam:` section would drop every setting of the first."""
+
+    def construct_document(self, node: yaml.Node):
+        refuse_duplicate_keys(node, "", set())
+        return super().construct_document(node)
+
+
+def refuse_duplicate_keys(node: yaml.Node, prefix: str, visited: set[int]) -> None:
+    """Raise DuplicateKeyError naming the dotted key and both lines. Merge keys (`<<: *base`)
+    are YAML's way to override and are left alone; an alias is walked once."""
+    if id(node) in visited:
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            line = key_node.start_mark.line + 1
+            name = (key_node.tag, key_node.value)
+            if name in lines:
+                raise DuplicateKeyError(f"key '{prefix}{key_node.value}' appears twice, at lines {lines[name]} "
+                                        f"and {line}; keep one")
+            lines[name] = line
+            refuse_duplicate_keys(value_node, f"{prefix}{key_node.value}.", visited)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            refuse_duplicate_keys(item, f"{prefix.rstrip('.')}[{index}].", visited)
 
 
 def deep_merge(base: dict, top: dict, cls: type = None) -> dict:

@@ -2,28 +2,16 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
 import click
 
+from data.layout import json_text
 from stages.common.metrics import format_table, markdown_table
 
 
 STAGE_COLUMNS = ["stage", "state", "seconds", "metric", "value", "failures", "artifact"]
-
-
-def strict_json(value):
-    """`value` with NaN/inf as null: Python writes them as bare NaN, which JSON.parse, jq -e and
-    other strict readers of report.json / evaluation.json reject."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
 
 
 def outcome_rows(outcomes) -> list[dict]:
@@ -126,7 +114,7 @@ def evaluate_artifacts(cfg, which: str) -> list[dict]:
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_table(out / "evaluation.csv", rows, columns)
-        (out / "evaluation.json").write_text(json.dumps(strict_json(rows), indent=1, allow_nan=False))
+        (out / "evaluation.json").write_text(json_text(rows, indent=1))
     except OSError as error:  # e.g. a read-only workdir: the table is on screen
         click.echo(f"could not write the evaluation table in {out} ({error.strerror})", err=True)
         return rows
@@ -156,7 +144,7 @@ def write_run_report(root: Path, config_source: str, outcomes, splits: dict[str,
     (root / "report.md").write_text("\n".join(lines) + "\n")
     report = {"config": config_source, "stages": stage_rows, "metrics": metric_table,
               "grids": {k: str(v) for k, v in grids.items()}}
-    (root / "report.json").write_text(json.dumps(strict_json(report), indent=1, allow_nan=False))
+    (root / "report.json").write_text(json_text(report, indent=1))
     return root / "report.md"
 
 

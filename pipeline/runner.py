@@ -4,17 +4,20 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 from data.errors import WssError
-from data.layout import PreparedDataset, write_text_atomic
+from data.layout import PreparedDataset, nan_for_null, write_json_atomic
 from pipeline.cache import ArtifactStore, CacheError, StageKey, explain_difference
 from pipeline.config import Config
 from stages.base import StageInputError, section_dict
 from stages.common import distributed
+from stages.common.elapsed import ELAPSED_FILE, mark_elapsed, start_clock
+from stages.common.training import CHECKPOINT, read_checkpoint
 from stages.registry import STAGE_ORDER, all_stages
 
 log = logging.getLogger("wss")
@@ -39,9 +42,28 @@ class Outcome:
 @dataclass
 class StageStatus:
     stage: str
-    state: str  # "up to date" | "stale" | "missing"
+    state: str  # "up to date" | "stale" | "missing" | "interrupted" (a .partial that --resume continues)
     path: Path | None
     reasons: list[str]
+    note: str = ""  # follows the state: "after epoch 2 of 4 (resume with --resume)"
+
+    @property
+    def summary(self) -> str:
+        return f"{self.state} {self.note}" if self.note else self.state
+
+
+# What the runner itself writes in a .partial folder: a stage that fails leaving nothing else
+# there computed nothing, and the folder goes.
+BOOKKEEPING = ("log.txt", ELAPSED_FILE)
+
+
+def remove_if_nothing_computed(partial: Path) -> None:
+    """Remove the .partial folder of a stage that stopped before writing any result (a missing
+    input, a bad option found late, Ctrl-C at once): nothing there to resume or to look at but
+    a log whose lines the terminal showed."""
+    made = (p for p in partial.rglob("*") if p.is_file() and not (p.parent == partial and p.name in BOOKKEEPING))
+    if next(made, None) is None:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def upstream_closure(name: str, stages: dict) -> list[str]:
@@ -88,6 +110,13 @@ def software_versions() -> dict:
     return versions
 
 
+def resume_note(work: list[str]) -> str:
+    """`after epoch 2 of 4 (resume with --resume)`, `with 12 files in seeds/ (resume with --resume,
+    which keeps them)`."""
+    keeps = ", which keeps them" if any(part.startswith("with ") for part in work) else ""
+    return f"{' '.join(work)} (resume with --resume{keeps})"
+
+
 class Pipeline:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -96,6 +125,7 @@ class Pipeline:
         self.stages = all_stages()
         self._fingerprint: str | None = None
         self._keys: dict[tuple[str, int | None], StageKey] = {}
+        self._preflighted: set[str] = set()
 
     @property
     def fingerprint(self) -> str:
@@ -133,7 +163,7 @@ class Pipeline:
         status = self.status_of(name)
         why = f" ({'; '.join(status.reasons)})" if status.reasons else ""
         raise StageInputError(
-            f"{name}: no up-to-date artifact for this config; the latest is {status.state}{why}. "
+            f"{name}: no up-to-date artifact for this config; the latest is {status.summary}{why}. "
             f"Run `wss run-stage {name} {self.cfg.cli_args()}` or `wss run {self.cfg.cli_args()}`.")
 
     def status_of(self, name: str) -> StageStatus:
@@ -144,6 +174,10 @@ class Pipeline:
             notes = [f"scored with {settings_text(change[1])}; a run re-scores it with {settings_text(change[0])}"] \
                 if change else []
             return StageStatus(name, "up to date", path, notes)
+        partial = self.store.partial_dir(key)
+        work = self.resumable_work(name, partial)
+        if work:
+            return StageStatus(name, "interrupted", partial, [], resume_note(work))
         closest = self.closest_artifact(name)
         if closest is None:
             return StageStatus(name, "missing", None, [])
@@ -152,6 +186,33 @@ class Pipeline:
         if twin is not None:
             reasons.append(f"inference settings only: a run reuses the model trained in {twin}")
         return StageStatus(name, "stale", old_path, reasons or ["key changed"])
+
+    def resumable_work(self, name: str, partial: Path) -> list[str]:
+        """What `--resume` of stage `name` continues from its .partial folder, in words: the epochs
+        its checkpoint holds ("after epoch 2 of 4"), the files it keeps ("120 files in cams/");
+        empty when there is nothing to continue."""
+        if not partial.is_dir():
+            return []
+        stage, work = self.stage(name), []
+        if CHECKPOINT in getattr(stage, "resume_files", ()) and (partial / CHECKPOINT).is_file():
+            state = read_checkpoint(partial / CHECKPOINT, "cpu", f"{name} (--resume)")  # None: unreadable
+            if state is not None:
+                work.append(f"after epoch {state['epoch'] + 1} of {getattr(self.cfg, stage.section).epochs}")
+        for folder in getattr(stage, "resume_outputs", ()):
+            count = sum(1 for p in (partial / folder).glob("*") if p.is_file() and not p.name.startswith("."))
+            if count:
+                work.append(f"with {count} files in {folder}/")
+        return work
+
+    def discarding(self, name: str):
+        """For ArtifactStore.writing: says so when a run without `--resume` starts a stage again
+        over an interrupted run that `--resume` would have continued."""
+        def note(partial: Path) -> None:
+            work = self.resumable_work(name, partial)
+            if work:
+                log.warning("%s: starting again: discarding %s, an interrupted run (%s) that `--resume` "
+                            "would continue", name, partial, " ".join(work))
+        return note
 
     def closest_artifact(self, name: str) -> tuple[Path, list[str]] | None:
         """The complete artifact of stage `name` whose key differs least from the current one
@@ -179,22 +240,31 @@ class Pipeline:
         twin = None if force else distributed.broadcast(self.trained_twin(name, limit) if distributed.is_main() else None)
         if twin is not None:
             inputs["trained"] = twin
+        if twin is None:
+            self.preflight(name)
         if not distributed.is_main():
             return self.run_beside_rank0(stage, inputs, resume, limit)
-        with self.store.reading(inputs.values()), self.store.writing(key, resume=resume) as partial:
+        with self.store.reading(inputs.values()), \
+                self.store.writing(key, resume=resume, before_discard=self.discarding(name)) as partial:
             distributed.broadcast(partial)
             handler = logging.FileHandler(partial / "log.txt")
             handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
             logging.getLogger().addHandler(handler)
             started = time.time()
+            before = start_clock(partial, started)  # seconds an interrupted run spent here
+            failed = True
             try:
                 log.info("%s: computing %s", name, self.store.final_dir(key))
                 result = stage.run(self.cfg, self.dataset, inputs, partial, resume=resume, limit=limit)
+                failed = False
             finally:
                 logging.getLogger().removeHandler(handler)
                 handler.close()
-            seconds = time.time() - started
-            for file_name in getattr(stage, "resume_files", ()):  # finished: nothing left to resume
+                if failed:
+                    mark_elapsed(partial)  # a --resume counts this run's time too
+                    remove_if_nothing_computed(partial)
+            seconds = before + time.time() - started
+            for file_name in (*getattr(stage, "resume_files", ()), ELAPSED_FILE):  # finished: nothing to resume
                 (partial / file_name).unlink(missing_ok=True)
             manifest = {"config": self.cfg.to_dict(), "config_file": self.cfg.source,
                         "scored_with": self.score_values(stage),
@@ -205,8 +275,18 @@ class Pipeline:
                         "started": started, "seconds": seconds, "versions": software_versions()}
             final = self.store.commit(key, partial, manifest)
         distributed.broadcast(final)
-        log.info("%s: done in %.1f s -> %s", name, seconds, final)
+        log.info("%s: done in %.1f s%s -> %s", name, seconds,
+                 f" ({before:.1f} s of them before the interruption)" if before else "", final)
         return Outcome(name, "ran", final, seconds, result.metrics, result.headline, result.failures)
+
+    def preflight(self, name: str) -> None:
+        """The stage's cheap checks before it computes (names a library must know; weight files
+        read and fitted to their network), once per pipeline: `wss run` checks every stage it is
+        about to compute before the first starts, `wss run-stage` its one stage."""
+        check = getattr(self.stage(name), "preflight", None)
+        if check is not None and name not in self._preflighted:
+            check(self.cfg, self.dataset)
+        self._preflighted.add(name)
 
     def trained_twin(self, name: str, limit: int | None = None) -> Path | None:
         """A complete artifact of stage `name` trained exactly as this config would train it: its
@@ -243,7 +323,7 @@ class Pipeline:
     def rescored(self, stage, artifact: Path, manifest: dict) -> dict:
         """The cached artifact's metrics, recomputed when a scoring-only setting differs from the
         one they were scored with; the manifest and metrics.json then record the new scores."""
-        metrics = manifest.get("metrics", {})
+        metrics = nan_for_null(manifest.get("metrics", {}))  # written as strict JSON: null for NaN
         change = self.scoring_change(stage, manifest)
         if change is None:
             return metrics
@@ -257,7 +337,7 @@ class Pipeline:
             metrics = stage.rescore(self.cfg, self.dataset, artifact, metrics, scored_with, limit=limit)
             if self.store.update_manifest(artifact, metrics=metrics, scored_with=current) and \
                     (artifact / "metrics.json").is_file():
-                write_text_atomic(artifact / "metrics.json", json.dumps(metrics, indent=1))
+                write_json_atomic(artifact / "metrics.json", metrics)
         return metrics
 
     def run_beside_rank0(self, stage, inputs: dict[str, Path], resume: bool, limit: int | None) -> Outcome:
@@ -277,10 +357,7 @@ class Pipeline:
         order = upstream_closure(self.stage(last).name, self.stages)
         forced_from = min((order.index(s) for s in force if s in order), default=len(order))
         for i, name in enumerate(order):
-            preflight = getattr(self.stage(name), "preflight", None)
-            if preflight is None:
-                continue
             # a stage that reuses a trained twin's model builds nothing anew (no download either)
             if i >= forced_from or (self.store.complete(self.key(name)) is None and self.trained_twin(name) is None):
-                preflight(self.cfg, self.dataset)
+                self.preflight(name)
         return [self.run_stage(name, force=i >= forced_from, resume=resume) for i, name in enumerate(order)]

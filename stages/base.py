@@ -50,6 +50,8 @@ class Stage(Protocol):
     # Optional: `resume_files`, names of files in the partial folder that only `--resume` of the
     # interrupted stage reads (the training checkpoint with its optimizer state, about 3x the
     # model); the runner deletes them when the stage has finished, before it commits.
+    # Optional: `resume_outputs`, folders of per-image files in the partial folder that `--resume`
+    # keeps (cams, seeds, pseudo-labels); `wss status` counts them for an interrupted stage.
     # Optional: `inference_settings(cfg) -> tuple[str, ...]`, section fields used only after
     # training; a run whose key differs from a complete artifact's in those alone gets that
     # artifact as inputs["trained"] and reuses its model instead of training.

@@ -15,10 +15,11 @@ import textwrap
 
 import pytest
 
+from data.errors import WssError
 from pipeline.cache import ArtifactStore, CacheError, StageKey
 from pipeline.config import load_config
 from pipeline.runner import Pipeline
-from stages.base import StageResult
+from stages.base import StageInputError, StageResult
 from tests.conftest import DEMO_CONFIG, REPO
 
 
@@ -408,3 +409,214 @@ def test_killed_writer_leaves_nothing_reusable(tmp_path):
         assert list(partial.iterdir()) == []
         store.commit(k, partial, {})
     assert store.complete(k) is not None
+
+
+# ------------------------------------------------- what a failed or interrupted stage leaves
+
+class FailsAtOnce(FakeCam):
+    """A stage that stops before writing anything (a missing input found at its start, Ctrl-C)."""
+
+    def run(self, cfg, dataset, inputs, out, *, resume=False, limit=None) -> StageResult:
+        (out / "seeds").mkdir()  # an empty folder holds no result either
+        raise self.fail
+
+
+@pytest.mark.parametrize("failure", [StageInputError("cam: no images"), KeyboardInterrupt()])
+def test_a_stage_that_fails_before_writing_anything_leaves_no_partial_dir(tiny_synthetic, tmp_path, failure):
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), FailsAtOnce(fail=failure))
+    with pytest.raises(type(failure)):
+        pipeline.run_stage("cam")
+    assert not pipeline.store.partial_dir(pipeline.key("cam")).exists()
+    assert pipeline.status_of("cam").state == "missing"
+
+
+def test_a_resumed_partial_dir_with_work_in_it_stays_when_the_resumed_run_fails_at_once(tiny_synthetic, tmp_path):
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), FakeTrainingCam(fail=RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        pipeline.run_stage("cam")
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), FailsAtOnce(fail=KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_stage("cam", resume=True)
+    assert (pipeline.store.partial_dir(pipeline.key("cam")) / "checkpoint.pt").is_file()
+
+
+class CheckpointingCam(FakeCam):
+    """Trains `epochs_done` epochs (a real checkpoint, as the training loop saves it), writes
+    `files` CAM files, then is interrupted; resumed, it finishes. `seconds` moves a fake clock."""
+    resume_files = ("checkpoint.pt",)
+    resume_outputs = ("cams",)
+
+    def __init__(self, clock=None, seconds: float = 0.0, epochs_done: int | None = 2, files: int = 0,
+                 interrupt: bool = True):
+        super().__init__()
+        self.clock, self.seconds, self.epochs_done, self.files, self.interrupt = \
+            clock, seconds, epochs_done, files, interrupt
+
+    def run(self, cfg, dataset, inputs, out, *, resume=False, limit=None) -> StageResult:
+        from stages.common.training import save_atomic
+        self.calls += 1
+        if self.clock is not None:
+            self.clock.now += self.seconds
+        if self.epochs_done is not None:
+            save_atomic({"model": {}, "optimizer": {}, "epoch": self.epochs_done - 1, "history": []},
+                        out / "checkpoint.pt")
+        (out / "cams").mkdir(exist_ok=True)
+        for i in range(self.files):
+            (out / "cams" / f"img{i}.npz").write_text("a CAM")
+        (out / "cams" / ".img9.tmp.npz").write_text("half a CAM: not counted")
+        if self.interrupt:
+            raise KeyboardInterrupt
+        return StageResult(metrics={"cam_miou": 0.5}, headline="cam_miou")
+
+
+def test_status_of_an_interrupted_stage_says_what_resume_continues(tiny_synthetic, tmp_path, cli):
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), CheckpointingCam(epochs_done=2))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_stage("cam")
+    status = pipeline.status_of("cam")
+    epochs = pipeline.cfg.cam.epochs
+    assert (status.state, status.path) == ("interrupted", pipeline.store.partial_dir(pipeline.key("cam")))
+    assert status.summary == f"interrupted after epoch 2 of {epochs} (resume with --resume)"
+
+    files_only = with_stage(make_pipeline(tiny_synthetic, tmp_path / "b"), CheckpointingCam(epochs_done=None, files=3))
+    with pytest.raises(KeyboardInterrupt):
+        files_only.run_stage("cam")
+    assert files_only.status_of("cam").summary == \
+        "interrupted with 3 files in cams/ (resume with --resume, which keeps them)"
+
+    both = with_stage(make_pipeline(tiny_synthetic, tmp_path / "c"), CheckpointingCam(epochs_done=epochs, files=5))
+    with pytest.raises(KeyboardInterrupt):
+        both.run_stage("cam")
+    assert both.status_of("cam").summary == \
+        f"interrupted after epoch {epochs} of {epochs} with 5 files in cams/ (resume with --resume, which keeps them)"
+
+
+def test_a_rerun_without_resume_says_it_discards_the_interrupted_run(tiny_synthetic, tmp_path, caplog):
+    import logging
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), CheckpointingCam(epochs_done=2))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_stage("cam")
+    partial = pipeline.store.partial_dir(pipeline.key("cam"))
+    with caplog.at_level(logging.INFO):
+        pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), CheckpointingCam(epochs_done=1))
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run_stage("cam")
+    warnings = [r.getMessage() for r in caplog.records if "discarding" in r.getMessage()]
+    assert warnings == [f"cam: starting again: discarding {partial}, an interrupted run (after epoch 2 of "
+                        f"{pipeline.cfg.cam.epochs}) that `--resume` would continue"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        resumed = with_stage(make_pipeline(tiny_synthetic, tmp_path), CheckpointingCam(interrupt=False))
+        assert resumed.run_stage("cam", resume=True).state == "ran"
+    assert "discarding" not in caplog.text
+
+
+class FakeClock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_resumed_stage_records_the_time_of_every_run(tiny_synthetic, tmp_path, monkeypatch):
+    import time
+    clock = FakeClock(1_000_000.0)
+    monkeypatch.setattr(time, "time", clock)
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), CheckpointingCam(clock, seconds=30.0))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_stage("cam")
+    clock.now += 500  # between the runs: not counted
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path),
+                          CheckpointingCam(clock, seconds=12.0, interrupt=False))
+    outcome = pipeline.run_stage("cam", resume=True)
+    manifest = json.loads((outcome.path / "manifest.json").read_text())
+    assert outcome.seconds == manifest["seconds"] == pytest.approx(42.0)
+    assert not (outcome.path / "elapsed.json").exists()  # bookkeeping of the partial folder only
+
+    clock.now += 500
+    fresh = with_stage(make_pipeline(tiny_synthetic, tmp_path), CheckpointingCam(clock, seconds=7.0, interrupt=False))
+    assert fresh.run_stage("cam", force=True).seconds == pytest.approx(7.0)  # a fresh start counts itself
+
+
+def test_time_up_to_the_last_checkpoint_counts_after_a_kill(tmp_path, monkeypatch):
+    """SIGKILL runs no cleanup: the training loop moved the record's end at each checkpoint."""
+    import time
+
+    from stages.common.elapsed import mark_elapsed, seconds_spent, start_clock
+    clock = FakeClock(5000.0)
+    monkeypatch.setattr(time, "time", clock)
+    assert start_clock(tmp_path, clock()) == 0.0
+    clock.now += 20  # epoch 1 ends with its checkpoint
+    mark_elapsed(tmp_path)
+    clock.now += 100  # then the kill, and a while before the --resume
+    assert start_clock(tmp_path, clock()) == pytest.approx(20.0)
+    clock.now += 5
+    mark_elapsed(tmp_path)
+    assert seconds_spent(tmp_path) == pytest.approx(25.0)
+    mark_elapsed(tmp_path / "elsewhere")  # no record: nothing written
+    assert not (tmp_path / "elsewhere").exists()
+
+
+# ----------------------------------------------------------------------------- preflight checks
+
+class CheckedCam(FakeCam):
+    def __init__(self, problem: str | None = None):
+        super().__init__()
+        self.problem, self.checks = problem, 0
+
+    def preflight(self, cfg, dataset) -> None:
+        self.checks += 1
+        if self.problem:
+            raise WssError(self.problem)
+
+
+def test_run_stage_checks_its_stage_before_it_computes_and_run_checks_each_stage_once(tiny_synthetic, tmp_path):
+    bad = CheckedCam("cam.weights: weights file not found: /nowhere.pth")
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), bad)
+    with pytest.raises(WssError, match="/nowhere.pth"):
+        pipeline.run_stage("cam")
+    assert bad.calls == 0
+    assert not list(pipeline.store.root.glob(".cam-*.partial")) and not list(pipeline.store.root.glob("cam-*"))
+    good = CheckedCam()
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), good)
+    assert [o.state for o in pipeline.run(until="cam")] == ["ran"] and good.checks == 1
+    again = CheckedCam()
+    assert with_stage(make_pipeline(tiny_synthetic, tmp_path), again).run_stage("cam").state == "cached"
+    assert again.checks == 0  # an up-to-date stage reads no weights
+
+
+# ----------------------------------------------------------------------------- strict JSON
+
+def strict_json(text: str):
+    """json.loads that refuses NaN / Infinity, as JSON.parse and jq do."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nan_metrics_are_null_in_the_manifest_and_nan_again_when_cached(tiny_synthetic, tmp_path):
+    import math
+
+    class NanCam(FakeCam):
+        def run(self, cfg, dataset, inputs, out, *, resume=False, limit=None) -> StageResult:
+            self.calls += 1
+            return StageResult(metrics={"cam_miou": 0.5, "cam_iou/boat": math.nan, "cam_x": math.inf},
+                               headline="cam_miou")
+
+    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), NanCam())
+    ran = pipeline.run_stage("cam")
+    manifest = strict_json((ran.path / "manifest.json").read_text())
+    assert manifest["metrics"] == {"cam_miou": 0.5, "cam_iou/boat": None, "cam_x": None}
+    cached = with_stage(make_pipeline(tiny_synthetic, tmp_path), NanCam()).run_stage("cam")
+    assert cached.state == "cached" and math.isnan(cached.metrics["cam_iou/boat"])
+
+
+def test_json_text_writes_null_for_nan_and_infinity_at_any_depth(tmp_path):
+    import math
+
+    from data.layout import json_text, write_json_atomic
+    value = {"a": math.nan, "b": [1.0, -math.inf, {"c": math.inf}], "d": (2, "x"), "e": None}
+    assert strict_json(json_text(value)) == {"a": None, "b": [1.0, None, {"c": None}], "d": [2, "x"], "e": None}
+    write_json_atomic(tmp_path / "m.json", value)
+    assert strict_json((tmp_path / "m.json").read_text())["a"] is None

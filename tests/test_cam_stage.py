@@ -446,7 +446,8 @@ def test_interrupt_then_resume_continues_training(trained, tmp_path, monkeypatch
     assert "interrupted" in result.output and "--resume" in result.output
     entries = [p.name for p in (workdir / "synthetic").iterdir() if not p.name.endswith(".lock")]
     assert len(entries) == 1 and entries[0].startswith(".cam-") and entries[0].endswith(".partial")
-    assert "missing" in run_cli("status", "-c", DEMO_CONFIG, *stage_args(root, workdir)[4:]).output
+    status = run_cli("status", "-c", DEMO_CONFIG, *stage_args(root, workdir)[4:]).output
+    assert f"cam      interrupted after epoch 2 of {FAST_CAM['cam.epochs']} (resume with --resume)" in status
 
     monkeypatch.setattr(training, "save_atomic", real_save)
     with caplog.at_level(logging.INFO):

@@ -234,8 +234,8 @@ def test_unreadable_config_files_are_one_line_errors(tmp_path, content, message)
 
 
 def test_suggested_commands_carry_the_overrides():
-    cfg = load_config(DEMO_CONFIG, ["irn.conf_fg_threshold=0.3", "run.workdir=my runs"])
-    assert cfg.cli_args() == f"-c {DEMO_CONFIG} -o irn.conf_fg_threshold=0.3 -o 'run.workdir=my runs'"
+    cfg = load_config(DEMO_CONFIG, ["irn.conf_fg_threshold=0.9", "run.workdir=my runs"])
+    assert cfg.cli_args() == f"-c {DEMO_CONFIG} -o irn.conf_fg_threshold=0.9 -o 'run.workdir=my runs'"
 
 
 def test_values_at_the_edges_of_their_ranges_load():
@@ -277,3 +277,67 @@ def test_config_typo_on_the_cli_is_one_line(cli):
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "did you mean 'cam.epochs'" in lines[0]
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("cam:\n  epochs: 3\nirn:\n  epochs: 2\ncam:\n  lr: 0.1\n", "'cam'", "lines 1 and 5"),
+    ("cam:\n  epochs: 3\n  lr: 0.1\n  'epochs': 4\n", "'cam.epochs'", "lines 2 and 4"),
+    ("irn:\n  crf:\n    gauss_sxy: 3\n    bilateral_sxy: 9\n    gauss_sxy: 4\n", "'irn.crf.gauss_sxy'", "lines 3 and 5"),
+    ("seg:\n  losses: {ce: 1.0, dice: 1.0, ce: 2.0}\n", "'seg.losses.ce'", "lines 2 and 2"),
+])
+def test_a_key_given_twice_names_both_lines(tmp_path, text, key, lines):
+    """PyYAML keeps the last of two equal keys: a second `cam:` section would silently drop the
+    first's settings."""
+    path = write(tmp_path / "twice.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: key {key} appears twice, at {lines}") and "\n" not in message
+
+
+def test_a_key_given_twice_in_a_base_file_names_the_base(tmp_path):
+    parent = write(tmp_path / "parent.yaml", "cam: {epochs: 3}\ncam: {lr: 0.1}\n")
+    child = write(tmp_path / "child.yaml", "base: parent.yaml\ncam: {epochs: 4}\n")
+    with pytest.raises(ConfigError, match=rf"^{parent}: key 'cam' appears twice, at lines 1 and 2"):
+        load_config(child)
+
+
+def test_a_yaml_merge_key_may_override_what_it_merges(tmp_path):
+    """`<<: *anchor` then the same key is YAML's override, not a duplicate; a section set in a base
+    and again in the file over it is layering."""
+    path = write(tmp_path / "merge.yaml", """
+        irn:
+          crf: &crf {gauss_sxy: 3, bilateral_sxy: 9}
+          refine_crf_params:
+            <<: *crf
+            gauss_sxy: 5
+    """)
+    cfg = load_config(path)
+    assert (cfg.irn.crf.gauss_sxy, cfg.irn.refine_crf_params.gauss_sxy) == (3, 5)
+    assert cfg.irn.refine_crf_params.bilateral_sxy == 9
+
+
+@pytest.mark.parametrize("sources, overrides", [
+    ([], ["irn.conf_fg_threshold=0.2", "irn.conf_bg_threshold=0.3"]),
+    (["irn: {conf_fg_threshold: 0.2, conf_bg_threshold: 0.3}\n"], []),
+    (["irn: {conf_fg_threshold: 0.4}\n", "irn: {conf_bg_threshold: 0.45}\n"], []),
+])
+def test_a_background_seed_threshold_above_the_foreground_one_is_refused(tmp_path, sources, overrides):
+    """Between the two thresholds lies the band of pixels the IRN ignores: inverted, it is gone."""
+    paths = [write(tmp_path / f"c{i}.yaml", text) for i, text in enumerate(sources)]
+    with pytest.raises(ConfigError) as info:
+        load_config(paths or None, overrides)
+    message = str(info.value)
+    assert "irn.conf_bg_threshold" in message and "must not be above irn.conf_fg_threshold" in message
+    assert "\n" not in message and all(str(p) in message for p in paths)
+
+
+def test_seed_thresholds_are_checked_on_the_whole_config_not_on_each_part(tmp_path):
+    """A layer or an override may hold half of a valid pair: only the result must be ordered."""
+    low = write(tmp_path / "low.yaml", "irn: {conf_bg_threshold: 0.6}\n")  # over the default 0.30 alone
+    high = write(tmp_path / "high.yaml", "irn: {conf_fg_threshold: 0.7}\n")
+    cfg = load_config([low, high])
+    assert (cfg.irn.conf_bg_threshold, cfg.irn.conf_fg_threshold) == (0.6, 0.7)
+    cfg = load_config(None, ["irn.conf_bg_threshold=0.6", "irn.conf_fg_threshold=0.7"])
+    assert (cfg.irn.conf_bg_threshold, cfg.irn.conf_fg_threshold) == (0.6, 0.7)
+    assert load_config(None, ["irn.conf_bg_threshold=0.3"]).irn.conf_bg_threshold == 0.3  # equal: allowed

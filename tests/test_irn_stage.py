@@ -189,6 +189,8 @@ def test_interrupted_pseudo_labels_resume_where_they_stopped(chain, cli, tmp_pat
     monkeypatch.setattr(pseudo, "write_index_png", stop_after_three)
     result = cli("run", "-c", DEMO_CONFIG, "--until", "pseudo", *args)
     assert result.exit_code == 130, result.output
+    status = cli("status", "-c", DEMO_CONFIG, *args).output
+    assert "pseudo   interrupted with 3 files in pseudo_labels/ (resume with --resume, which keeps them)" in status
     stamps = {path: path.stat().st_mtime_ns for path in written}
     monkeypatch.setattr(pseudo, "write_index_png", real_write)
     result = cli("run", "-c", DEMO_CONFIG, "--until", "pseudo", "--resume", *args)
@@ -218,7 +220,7 @@ def test_stale_cam_is_named_not_used(chain, cli):
     result = cli("run-stage", "irn", "-c", DEMO_CONFIG, *args, "-o", "cam.weight_decay=0.003")
     assert result.exit_code != 0
     assert "cam" in result.output and "weight_decay" in result.output
-    status = cli("status", "-c", DEMO_CONFIG, *args, "-o", "irn.conf_fg_threshold=0.4")
+    status = cli("status", "-c", DEMO_CONFIG, *args, "-o", "irn.conf_fg_threshold=0.9")
     assert "irn" in status.output and "stale" in status.output and "conf_fg_threshold" in status.output
 
 

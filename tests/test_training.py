@@ -67,6 +67,29 @@ def test_resume_without_a_checkpoint_logs_each_epoch_once(tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
+def test_each_checkpoint_counts_the_time_so_far_for_a_resumed_stage(tmp_path, monkeypatch):
+    """The runner records a run's start in the partial folder; each checkpoint moves its end, so
+    that a stage killed without cleanup still counts its epochs when resumed."""
+    import time
+
+    from stages.common.elapsed import seconds_spent, start_clock
+    out = tmp_path / "out"
+    out.mkdir()
+    start_clock(out, time.time() - 100)  # the run started 100 s ago
+    assert seconds_spent(out) == 0.0
+    marks = []
+    real_save = training.save_atomic
+
+    def save_and_look(obj, path):
+        real_save(obj, path)
+        marks.append(seconds_spent(out))  # before this epoch's mark
+
+    monkeypatch.setattr(training, "save_atomic", save_and_look)
+    train(out)
+    assert len(marks) == EPOCHS and marks[0] == 0.0 and all(m >= 100 for m in marks[1:])
+    assert seconds_spent(out) >= 100
+
+
 class CountingEpochs(ClassificationDataset):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -1,7 +1,6 @@
 """Stage `cam`: train the classifier, score it, write the CAMs of the train split."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from tqdm.auto import tqdm
 
 from data.datasets import ClassificationDataset, SafeImageDataset, first_item
 from data.errors import DataError
-from data.layout import PreparedDataset
+from data.layout import PreparedDataset, write_json_atomic
 from data.transforms import normalize_batch, uint8_tensor
 from stages.base import StageResult, section_dict, source_hash, weights_file_stamp
 from stages.cam.config import other_methods_settings
@@ -50,6 +49,7 @@ class CamStage:
     needs: tuple[str, ...] = ()
     section = "cam"
     resume_files = (CHECKPOINT,)
+    resume_outputs = ("cams", BOXED_CAMS)  # written whole, kept by --resume
     # Only scores the CAMs: left out of the key, so that a new threshold re-scores the cached
     # CAMs (Pipeline.rescored) instead of retraining stage 1 and everything after it.
     score_settings = ("eval_bg_threshold",)
@@ -64,6 +64,18 @@ class CamStage:
         skip = set(self.score_settings) | other_methods_settings(cfg.cam) | unused_training_settings(cfg.cam)
         return {**section_dict(cfg.cam, skip=skip),
                 "weights_file": weights_file_stamp(cfg.cam.weights)}
+
+    def preflight(self, cfg, dataset: PreparedDataset) -> None:
+        """cam.weights loads into cam.backbone before any stage computes: a local file that is
+        missing, garbled or another network's stops the run here in one line, and ImageNet weights
+        are downloaded into torch's cache now (offline: they fail now, not after other stages)."""
+        if cfg.cam.weights is None:
+            return
+        from stages.common.backbones import ResNetFeatures, WeightsError
+        try:
+            ResNetFeatures(cfg.cam.backbone, cfg.cam.weights)
+        except WeightsError as error:
+            raise WeightsError(f"cam.weights: {error}") from None
 
     def code_version(self) -> str:  # data/nih.py: which images get boxed CAMs
         return source_hash("stages/cam", "stages/common", "stages/base.py", "data/layout.py",
@@ -114,7 +126,7 @@ class CamStage:
             metrics.update(evaluate_cams(dataset, train_ids, out / "cams", section.eval_bg_threshold,
                                          failures))
             metrics.update(localization_metrics(dataset, boxed, out / BOXED_CAMS))
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            write_json_atomic(out / "metrics.json", metrics)
             log.info("cam metrics on split %r:\n%s", cfg.data.train_split, per_class_table(metrics, "cam_", dataset))
         metrics = distributed.broadcast(metrics)
         return StageResult(metrics=metrics, headline=headline_metric(metrics), failures=failures)

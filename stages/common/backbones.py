@@ -5,6 +5,7 @@ a path to a local state dict (.pth) of the same torchvision architecture.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,22 +46,59 @@ def load_state_dict(name: str, weights: str | None) -> dict | None:
     return read_weights_file(Path(weights).expanduser(), f"a torchvision {name} state dict")
 
 
-def read_weights_file(path: Path, expected: str, error: type[WssError] = WeightsError) -> dict:
+def read_weights_file(path: Path, expected: str, error: type[WssError] = WeightsError, setting: str = "") -> dict:
     """A state dict from a local .pth / .pt (torch) or .safetensors file, unwrapped from a
-    {"state_dict": ...} checkpoint; a missing or unreadable file raises `error` naming it."""
+    {"state_dict": ...} checkpoint; a missing or unreadable file raises `error` in one line naming
+    it (after the `setting` that names it, when given)."""
+    where = f"{setting}: " if setting else ""
     if not path.is_file():
-        raise error(f"weights file not found: {path} (expected {expected})")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as reason:
-        raise error(f"{path}: not a readable PyTorch state dict ({reason})") from None
+        raise error(f"{where}weights file not found: {path} (expected {expected})")
+    problem = file_problem(path)
+    if problem is None:
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+                state = load_file(str(path), device="cpu")
+            else:
+                with warnings.catch_warnings():  # a legacy pickle's protocol: not the file's fault
+                    warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as reason:
+            problem = load_problem(reason)
+    if problem is not None:
+        raise error(f"{where}{path}: not a readable PyTorch state dict ({problem}; expected {expected})") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise error(f"{where}{path}: holds a {type(state).__name__}, not a state dict (expected {expected})")
     return state
+
+
+def file_problem(path: Path) -> str | None:
+    """What makes a weights file unreadable before any loader tries it: empty, or (a .pth / .pt)
+    neither of torch's formats, a zip archive or a pickle (a text file, random bytes)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+    except OSError as failure:
+        return f"cannot read it: {failure.strerror}"
+    if not head:
+        return "the file is empty"
+    if path.suffix != ".safetensors" and not head.startswith((b"PK", b"\x80")):
+        return "not a PyTorch file: neither a zip archive nor a pickle"
+    return None
+
+
+def load_problem(reason: Exception) -> str:
+    """Why torch or safetensors refused a file, in one line: their messages span several lines,
+    and the weights-only unpickler's advises loading the file in a way that can run its code."""
+    text, prefix = str(reason), ""
+    if text.startswith("Weights only load failed"):  # more than tensors (code, objects), or garbled
+        text = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else \
+            "\n".join(text.splitlines()[1:])
+        prefix = "torch's weights-only loader refused it: "
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "").rstrip(".")
+    return prefix + first[:200] if first else type(reason).__name__
 
 
 STAGE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")

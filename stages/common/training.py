@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
 from data.errors import WssError
-from data.layout import write_text_atomic
+from data.layout import json_text, write_text_atomic
 from stages.base import StageInputError
 from stages.common import distributed
+from stages.common.elapsed import mark_elapsed
 from stages.common.runtime import autocast, worker_count
 
 log = logging.getLogger("wss.train")
@@ -225,7 +226,7 @@ def rewrite_epoch_log(path: Path, desc: str, history: list[dict]) -> None:
 
     lines = path.read_text().splitlines() if path.is_file() else []
     kept = [line for line in lines if line.strip() and other_step(line)]
-    kept += [json.dumps({"stage_step": desc, **record}) for record in history]
+    kept += [json_text({"stage_step": desc, **record}) for record in history]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
@@ -345,8 +346,9 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
         if distributed.is_main():  # checkpoint first: a resumed run never logs an epoch twice
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "epoch": epoch, "history": history}, checkpoint_path)
+            mark_elapsed(out)  # a resumed stage's time counts the epochs trained before a kill
             with open(metrics_log, "a") as handle:
-                handle.write(json.dumps({"stage_step": desc, **record}) + "\n")
+                handle.write(json_text({"stage_step": desc, **record}) + "\n")
             log.info("%s epoch %d/%d: loss %.4f, %.1f img/s", desc, epoch + 1, settings.epochs,
                      record["loss"], record["images_per_s"])
     distributed.sync_module(model)  # under torchrun BatchNorm statistics differ per rank: keep rank 0's

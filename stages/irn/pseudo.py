@@ -7,7 +7,6 @@ labels from the cached IRN without retraining. Artifact: `pseudo_labels/<id>.png
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data.datasets import SafeImageDataset, first_item
-from data.layout import PreparedDataset, atomic_save, write_index_png
+from data.layout import PreparedDataset, atomic_save, write_index_png, write_json_atomic
 from data.transforms import normalize
 from stages.base import StageInputError, StageResult, source_hash
 from stages.cam.infer import CAM_STRIDE, load_cam
@@ -61,6 +60,7 @@ class PseudoLabelStage:
     name = "pseudo"
     needs: tuple[str, ...] = ("cam", "irn")
     section = "irn"
+    resume_outputs = ("pseudo_labels",)  # kept by --resume (a garbled one is made again)
 
     def key_config(self, cfg, task: str) -> dict:
         return irn_fields(cfg.irn, pseudo=True)
@@ -123,7 +123,7 @@ class PseudoLabelStage:
             metrics["pseudo_images"] = sum(1 for _ in label_dir.glob("*.png"))
             if walk_seconds:
                 metrics["walk_seconds_per_image"] = float(np.mean(walk_seconds))
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            write_json_atomic(out / "metrics.json", metrics)
         return StageResult(metrics=distributed.broadcast(metrics), headline="pseudo_miou", failures=failures)
 
     @torch.no_grad()

@@ -7,7 +7,6 @@ The artifact holds `seeds/<id>.png` (0 background, k+1 class k, 255 ignored), `m
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 
 from data.datasets import LabelMapDataset
 from data.errors import WssError
-from data.layout import PreparedDataset, write_index_png
+from data.layout import PreparedDataset, write_index_png, write_json_atomic
 from data.prepare_report import parallel_map
 from data.transforms import normalize_batch
 from stages.base import StageInputError, StageResult, section_dict, source_hash
@@ -163,18 +162,21 @@ class IrnStage:
     needs: tuple[str, ...] = ("cam",)
     section = "irn"
     resume_files = (CHECKPOINT,)
+    resume_outputs = ("seeds",)  # kept by --resume (a garbled one is made again)
 
     def key_config(self, cfg, task: str) -> dict:
         return irn_fields(cfg.irn, pseudo=False)
 
     def preflight(self, cfg, dataset: PreparedDataset) -> None:
-        """`backbone_init: imagenet` gets its weights before any stage computes (downloaded once
-        into torch's cache when online): offline it fails here, not after the classifier."""
+        """`backbone_init: imagenet` loads its weights into the trunk before any stage computes
+        (downloaded once into torch's cache when online; or the local file of cam.weights): offline,
+        or with a file that is missing, garbled or another network's, it fails here, not after the
+        classifier."""
         if cfg.irn.backbone_init != "imagenet":
             return
-        from stages.common.backbones import WeightsError, load_state_dict
+        from stages.common.backbones import ResNetFeatures, WeightsError
         try:
-            load_state_dict(cfg.cam.backbone, cfg.cam.weights or "imagenet")
+            ResNetFeatures(cfg.cam.backbone, cfg.cam.weights or "imagenet")
         except WeightsError as error:
             raise WeightsError(f"irn.backbone_init: imagenet: {error} The IRN's trunk reads the file of "
                                f"cam.weights (setting it retrains the classifier); irn.backbone_init: cam "
@@ -226,7 +228,7 @@ class IrnStage:
         if distributed.is_main():
             save_atomic({"model": model.to(memory_format=torch.contiguous_format).state_dict(),
                          "backbone": cam_backbone, "config": irn_fields(section, pseudo=False)}, out / MODEL_FILE)
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            write_json_atomic(out / "metrics.json", metrics)
         metrics = distributed.broadcast(metrics)
         return StageResult(metrics=metrics, headline="seed_miou", failures=failures)
 

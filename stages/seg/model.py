@@ -136,7 +136,7 @@ def _timm_encoder_from_file(arch: str, encoder: str, path: Path, channels: int, 
     (`stages.0` -> `stages_0`) and leaves out (the classifier) layers of the whole network's.
     timm only warns about keys that do not fit a features-only network, so the file is checked
     against the whole network first: a deeper network's file shares the shallower one's names."""
-    state = read_weights_file(path, f"seg.encoder_weights: a timm checkpoint of {encoder[3:]}", SegModelError)
+    state = read_weights_file(path, f"a timm checkpoint of {encoder[3:]}", SegModelError, "seg.encoder_weights")
     network = _timm_network(encoder)
     head = network.pretrained_cfg.get("classifier") or "fc"  # e.g. fc, head.fc, classifier
     known = set(network.state_dict())
@@ -159,7 +159,7 @@ def _timm_encoder_from_file(arch: str, encoder: str, path: Path, channels: int, 
 def load_encoder_weights(model: torch.nn.Module, path: Path, encoder: str) -> None:
     """A local state dict of an smp encoder (.safetensors, or .pth/.pt; a classifier's `fc.*`
     keys are dropped). `tu-` encoders load through timm: _timm_encoder_from_file."""
-    state = read_weights_file(path, f"seg.encoder_weights: a state dict of encoder {encoder}", SegModelError)
+    state = read_weights_file(path, f"a state dict of encoder {encoder}", SegModelError, "seg.encoder_weights")
     wanted = set(model.encoder.state_dict())
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing = sorted(wanted - set(state))

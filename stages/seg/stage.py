@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from data.datasets import SafeImageDataset, first_item
 from data.errors import WssError
-from data.layout import PreparedDataset, write_index_png, write_text_atomic
+from data.layout import PreparedDataset, write_index_png, write_json_atomic
 from data.transforms import normalize_batch
 from stages.base import StageInputError, StageResult, section_dict, source_hash, weights_file_stamp
 from stages.common import distributed
@@ -69,7 +69,8 @@ class SegStage:
 
     def preflight(self, cfg, dataset: PreparedDataset) -> None:
         """Architecture, encoder, options and loss names exist; the crop fits the model; the encoder
-        weights can be found. seg.predict_size needs no check: prediction pads to a multiple of 32,
+        weights load into the encoder (a local file is read now; ImageNet weights are downloaded
+        into the hub's cache). seg.predict_size needs no check: prediction pads to a multiple of 32,
         which every smp output stride (8, 16, 32) divides."""
         section = cfg.seg
         SegLoss(section.losses, dataset.task)
@@ -82,8 +83,8 @@ class SegStage:
         if section.encoder_weights not in (None, "imagenet", "cam") and \
                 not Path(section.encoder_weights).expanduser().is_file():
             raise SegModelError(f"seg.encoder_weights: file not found: {section.encoder_weights}")
-        if section.encoder_weights == "imagenet":  # downloaded once into the hub's cache; offline: fails now
-            build_segmenter(section.arch, section.encoder, "imagenet",
+        if section.encoder_weights not in (None, "cam"):  # a garbled file, another encoder's; offline
+            build_segmenter(section.arch, section.encoder, section.encoder_weights,
                             output_channels(dataset.task, dataset.info.num_classes), section.arch_options)
 
     def run(self, cfg, dataset: PreparedDataset, inputs: dict[str, Path], out: Path, *,
@@ -144,7 +145,7 @@ class SegStage:
             metrics.update(split_metrics)
             failures += split_failures
         if distributed.is_main():
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            write_json_atomic(out / "metrics.json", metrics)
             log.info("seg metrics on split %r:\n%s", cfg.data.val_split, per_class_table(metrics, "seg_val_", dataset))
         return StageResult(metrics=metrics, headline=headline_metric(dataset.task), failures=failures)
 
@@ -181,7 +182,7 @@ class SegStage:
         metrics = {}
         if distributed.is_main():
             if dataset.task == "binary":
-                write_text_atomic(out / IMAGE_SCORES, json.dumps({**read_image_scores(out), **image_scores}))
+                write_json_atomic(out / IMAGE_SCORES, {**read_image_scores(out), **image_scores}, indent=None)
             metrics = score_predictions(dataset, ids, out, f"seg_{split}_", failures)
         return distributed.broadcast(metrics), failures
 
