@@ -42,6 +42,7 @@ from PIL import Image
 
 from data.dicom import stretch_to_uint8
 from data.errors import DataError
+from data.images import open_image
 from data.layout import DatasetInfo, DatasetWriter
 from data.prepare_report import (PrepareReport, check_options, check_size_stamp, parallel_map, resize_image,
                                  save_png)
@@ -263,7 +264,7 @@ class _ImageResult:
 def _prepare_image(task: _ImageTask) -> _ImageResult:
     target = Path(task.out) / "images" / f"{task.image_id}.png"
     try:
-        with Image.open(task.source) as image:  # reads the header only, until load()
+        with open_image(task.source) as image:  # reads the header only, until load()
             original = image.size
             wanted = (task.size, task.size) if task.size else original
             if _finished(target, wanted):
@@ -276,6 +277,9 @@ def _prepare_image(task: _ImageTask) -> _ImageResult:
     except (OSError, ValueError, SyntaxError) as error:  # Pillow's errors for damaged files
         problem = (task.source, f"not a readable image ({error})")
         return _ImageResult(task.image_id, "failed", problems=[problem])
+    except DataError as error:  # too large; the message starts with the file, the report names it apart
+        message = str(error).removeprefix(f"{task.source}: ")
+        return _ImageResult(task.image_id, "failed", problems=[(task.source, message)])
     save_png(resize_image(gray, wanted), target)
     return _ImageResult(task.image_id, "converted", original)
 
@@ -293,10 +297,10 @@ def _finished(path: Path, size: tuple[int, int]) -> bool:
     if not path.is_file():
         return False
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.load()
             return image.size == size
-    except (OSError, ValueError, SyntaxError):  # Pillow's errors for damaged files
+    except (OSError, ValueError, SyntaxError, DataError):  # damaged, or too large: made again
         return False
 
 
