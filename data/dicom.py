@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from data.errors import DataError
+from data.images import check_pixels
 
 DICOM_MAGIC = b"DICM"
 _PREAMBLE = 128
@@ -42,8 +43,11 @@ def is_dicom(path: str | Path) -> bool:
     return head[_PREAMBLE:] == DICOM_MAGIC
 
 
-def read_dicom(path: str | Path) -> np.ndarray:
-    """The image of a single-frame DICOM file as uint8 HxW (see the module doc for the mapping)."""
+def read_dicom(path: str | Path, max_pixels: int | None = None, hint: str = "") -> np.ndarray:
+    """The image of a single-frame DICOM file as uint8 HxW (see the module doc for the mapping).
+    An image of more than `max_pixels` pixels (Rows x Columns; None: data.images.MAX_IMAGE_PIXELS)
+    is refused before its pixel data is decoded (a DataError; `hint` names the setting that
+    moves the bound)."""
     # pydicom warns (instead of failing) about damaged files; the warnings explain a failure
     # better than the error that follows, and are otherwise noise on the progress bar.
     with warnings.catch_warnings(record=True) as caught:
@@ -54,6 +58,7 @@ def read_dicom(path: str | Path) -> np.ndarray:
             truncated = _truncation_or_none(dataset, Path(path), caught)  # before decoding converts elements
             if not _has_pixels(dataset):
                 raise DataError(f"{path}: the DICOM file has no pixel data")
+            _check_size(dataset, path, max_pixels, hint)
             pixels = _decode_pixels(dataset, path)
             return _mapped(pixels, dataset, path)
         except DataError as error:
@@ -154,6 +159,19 @@ def _read_dataset(path: Path):
     except Exception as error:  # pydicom raises many types for damaged headers; all mean the same
         raise DataError(f"{path}: not a readable DICOM file ({_describe(error)})") from None
     return dataset
+
+
+def _check_size(dataset, path, max_pixels: int | None, hint: str) -> None:
+    """Refuse a multi-frame file or an image over `max_pixels` from the header, before decoding
+    the pixel data (which pydicom does whole, at 2 bytes or more per pixel and frame)."""
+    try:
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+        rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
+    except (TypeError, ValueError):  # a damaged element: _decode_pixels says what is wrong
+        return
+    if frames > 1:
+        raise DataError(f"{path}: multi-frame DICOM ({frames} frames) is not a radiograph")
+    check_pixels(path, columns, rows, max_pixels, hint)
 
 
 def _decode_pixels(dataset, path) -> np.ndarray:
@@ -257,13 +275,24 @@ def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:
     return np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+STRETCH_CHUNK = 1 << 20  # values mapped at a time: float64 work arrays of 8 MiB, whatever the image size
+
+
 def stretch_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Linear map of the image's own min..max to 0..255 (a constant image becomes 0)."""
-    values = values.astype(np.float64)
-    low, high = float(values.min()), float(values.max())
+    """Linear map of the image's own min..max to 0..255 (a constant image becomes 0).
+
+    Computed in float64 a chunk of rows at a time: a copy of a large image in float64 would
+    take 8 bytes per pixel, several times over."""
+    values = np.asarray(values)
+    low, high = float(values.min()), float(values.max())  # exact in float64 for every input dtype
+    out = np.zeros(values.shape, dtype=np.uint8)
     if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
+        return out
+    scale = 255.0 / (high - low)
+    rows = max(1, STRETCH_CHUNK // max(1, int(np.prod(values.shape[1:]))))
+    for top in range(0, values.shape[0], rows):
+        out[top:top + rows] = np.round((values[top:top + rows].astype(np.float64) - low) * scale)
+    return out
 
 
 def write_dicom(path: str | Path, image: np.ndarray, photometric: str = "MONOCHROME2",

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from data.errors import DataError
+from data.images import open_image
 
 TASKS = ("binary", "multiclass")
 IGNORE_INDEX = 255
@@ -155,7 +156,7 @@ def read_index_png(path: Path) -> np.ndarray:
     """Class indices of a palette or grayscale PNG, as uint8 HxW. A file that does not decode
     (garbled, cut short) raises DataError naming it, so that callers can pass over one bad file."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             if image.mode not in ("P", "L"):
                 raise DataError(f"{path}: expected a palette or grayscale mask PNG, got mode {image.mode}")
             return np.array(image)
@@ -270,7 +271,7 @@ class PreparedDataset:
         """(H, W) of an image, from its header only."""
         path = self.image_path(image_id)
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 return image.height, image.width
         except (OSError, ValueError) as error:
             reason = "file not found" if not path.is_file() else f"cannot decode image ({error})"
@@ -318,7 +319,7 @@ def read_rgb(path: Path) -> np.ndarray:
     if not Path(path).is_file():
         raise DataError(f"image file not found: {path}")
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             return np.array(image.convert("RGB"))
     except (OSError, ValueError) as error:
         raise DataError(f"{path}: cannot decode image ({error})") from None

@@ -47,6 +47,7 @@ from PIL import Image
 
 from data.dicom import stretch_to_uint8
 from data.errors import DataError
+from data.images import open_image
 from data.layout import DatasetInfo, DatasetWriter
 from data.prepare_manifest import (FORCED, LABELS, NEW, UNCHANGED, UNKNOWN, VERIFIED, PrepareManifest,
                                    copy_file_if_changed, digest, file_stamp, item_change, output_stamps,
@@ -283,7 +284,7 @@ def _prepare_image(task: _ImageTask) -> _ImageResult:
         record = {**task.previous, "labels": task.labels}
         return _ImageResult(task.image_id, "resumed", recorded, change=change, record=record)
     try:
-        with Image.open(task.source) as image:  # reads the header only, until load()
+        with open_image(task.source) as image:  # reads the header only, until load()
             original = image.size
             wanted = (task.size, task.size) if task.size else original
             if change == UNKNOWN:
@@ -300,6 +301,9 @@ def _prepare_image(task: _ImageTask) -> _ImageResult:
     except (OSError, ValueError, SyntaxError) as error:  # Pillow's errors for damaged files
         problem = (task.source, f"not a readable image ({error})")
         return _ImageResult(task.image_id, "failed", problems=[problem])
+    except DataError as error:  # too large; the message starts with the file, the report names it apart
+        message = str(error).removeprefix(f"{task.source}: ")
+        return _ImageResult(task.image_id, "failed", problems=[(task.source, message)])
     if status == "converted":
         save_png(resize_image(gray, wanted), target)
     return _ImageResult(task.image_id, status, original, change=change, record=_record(task, original))
@@ -331,10 +335,10 @@ def _finished(path: Path, size: tuple[int, int]) -> bool:
     if not path.is_file():
         return False
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.load()
             return image.size == size
-    except (OSError, ValueError, SyntaxError):  # Pillow's errors for damaged files
+    except (OSError, ValueError, SyntaxError, DataError):  # damaged, or too large: made again
         return False
 
 

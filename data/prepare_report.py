@@ -21,6 +21,7 @@ from PIL import Image
 
 from data.errors import DataError
 from data.layout import create_folder, replace_if_changed, write_text_atomic
+from data.workers import end_with_parent
 
 REPORT_NAME = "prepare_report.json"
 LISTED_IDS_LIMIT = 1000  # ids kept per category in the JSON; the count is always exact
@@ -116,11 +117,14 @@ def save_png(image, path: Path, compress_level: int = 1) -> bool:
     return replace_if_changed(tmp, path)
 
 
-def ignore_interrupts(then: Callable[[], None] | None = None) -> None:
+def ignore_interrupts(then: Callable[[], None] | None = None, parent: int | None = None) -> None:
     """Pool worker start: Ctrl-C reaches the whole process group, and a worker interrupted while
     it holds the pool's queue lock leaves the main process hanging in terminate(). Workers ignore
-    it; the main process gets KeyboardInterrupt and terminates them. Then runs `then`."""
+    it; the main process gets KeyboardInterrupt and terminates them. The worker also ends with
+    `parent`, the process that started the pool (see data.workers), should that be killed
+    before it can terminate them. Then runs `then`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    end_with_parent(parent)
     if then is not None:
         then()
 
@@ -150,7 +154,7 @@ def parallel_map(function: Callable[[Any], Any], tasks: list, workers: int = 1,
         chunk = max(1, min(16, len(tasks) // (workers * 8)))
         context = multiprocessing.get_context(start_method)
         with context.Pool(processes=workers, maxtasksperchild=2000, initializer=ignore_interrupts,
-                          initargs=(initializer,)) as pool:
+                          initargs=(initializer, os.getpid())) as pool:
             for result in pool.imap_unordered(function, tasks, chunksize=chunk):
                 yield result
                 bar.update()

@@ -67,19 +67,33 @@ def _paint_runs(starts: np.ndarray, lengths: np.ndarray, height: int, width: int
     return transposed.T
 
 
+RUN_CHUNK = 1 << 22  # pixels examined at a time by _runs
+
+
 def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """0-based starts and lengths of the runs of non-zero pixels, column-major."""
+    """0-based starts and lengths of the runs of non-zero pixels, column-major.
+
+    A block of whole columns at a time (about RUN_CHUNK pixels), where a run starts or ends
+    at each change of value: memory follows the block and the number of runs, not the mask (a
+    list of every foreground pixel would take 8 bytes per pixel)."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise DataError(f"a mask must be 2-D, got shape {mask.shape}")
-    if not mask.any():
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty
-    on = np.flatnonzero(mask.T != 0)  # C order of the transpose = column-major order of the mask
-    breaks = np.flatnonzero(np.diff(on) != 1) + 1
-    starts = on[np.concatenate([[0], breaks])]
-    last = on[np.concatenate([breaks - 1, [on.size - 1]])]
-    return starts, last - starts + 1
+    height, width = mask.shape
+    columns = max(1, RUN_CHUNK // max(1, height))
+    starts, ends = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    previous = False  # the value of the pixel before the block, in column-major order
+    for left in range(0, width, columns):
+        flat = (mask[:, left:left + columns].T != 0).reshape(-1)  # this block in column-major order
+        changes = np.flatnonzero(np.diff(flat, prepend=previous))
+        opening = flat[changes]
+        starts.append(changes[opening] + left * height)
+        ends.append(changes[~opening] + left * height)
+        previous = bool(flat[-1]) if flat.size else previous
+    if previous:
+        ends.append(np.array([height * width], dtype=np.int64))
+    first, last = np.concatenate(starts).astype(np.int64), np.concatenate(ends).astype(np.int64)
+    return first, last - first
 
 
 def _join(first: np.ndarray, lengths: np.ndarray) -> str:

@@ -43,6 +43,7 @@ from PIL import Image
 
 from data.dicom import dicom_shape, read_dicom
 from data.errors import DataError
+from data.images import open_image
 from data.layout import DatasetInfo, DatasetWriter, default_palette
 from data.prepare_manifest import (FORCED, LABELS, NEW, UNCHANGED, UNKNOWN, VERIFIED, PrepareManifest, digest,
                                    file_stamp, item_change, output_stamps, source_not_newer, unknown_change,
@@ -307,12 +308,12 @@ def _finished(image_path: Path, mask_path: Path, size: int | None) -> bool:
     if not (image_path.is_file() and mask_path.is_file()):
         return False
     try:
-        with Image.open(image_path) as image, Image.open(mask_path) as mask:
+        with open_image(image_path) as image, open_image(mask_path) as mask:
             image.load()
             mask.load()
             sizes_agree = image.size == mask.size
             return sizes_agree and (size is None or image.size == (size, size))
-    except (OSError, ValueError, SyntaxError):  # Pillow's errors for damaged files
+    except (OSError, ValueError, SyntaxError, DataError):  # damaged, or too large: made again
         return False
 
 

@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from data.errors import DataError
+from data.images import open_image
 from data.layout import IGNORE_INDEX, DatasetInfo, DatasetWriter, default_palette, read_index_png
 from data.prepare_manifest import (FORCED, LABELS, NEW, SOURCE, UNCHANGED, UNKNOWN, VERIFIED, PrepareManifest,
                                    copy_file_if_changed, digest, file_stamp, item_change, output_stamps,
@@ -201,7 +201,7 @@ def _jpeg_size(path: str) -> tuple[int, int]:
     valid header but would crash training. The pixels are only checked; the file is copied
     byte for byte."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.load()
             return image.size
     except (OSError, ValueError, SyntaxError) as error:  # Pillow's errors for damaged files

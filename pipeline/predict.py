@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from data.errors import DataError, WssError
+from data.images import MAX_IMAGE_PIXELS
 
 
 @click.command("predict")
@@ -26,8 +27,11 @@ from data.errors import DataError, WssError
               help="A seg artifact folder (or its model.pt) to use instead of the config's.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Binary models: foreground probability cut "
               "(default: the model's seg.threshold).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_IMAGE_PIXELS, show_default=True,
+              help="Largest image accepted, in pixels (width x height; default 16384 x 16384); a larger one is "
+              "refused from its header, before it is decoded. Decoding takes about 4 bytes a pixel for colour.")
 def predict_command(config_path: tuple[Path, ...], overrides: tuple[str, ...], inputs: tuple[Path, ...], out: Path,
-                    probabilities: bool, artifact: Path | None, threshold: float | None):
+                    probabilities: bool, artifact: Path | None, threshold: float | None, max_pixels: int):
     """Predict image files, folders (recursive) and DICOMs: masks/, overlays/, submission.csv.
 
     \b
@@ -50,7 +54,7 @@ def predict_command(config_path: tuple[Path, ...], overrides: tuple[str, ...], i
         report = predict_inputs(artifact, list(inputs), out, probabilities=probabilities, device=cfg.run.device,
                                 classes=dataset.classes if dataset else None,
                                 task=dataset.task if dataset else None, threshold=threshold,
-                                workers=min(4, worker_count(cfg.run.workers)))
+                                workers=min(4, worker_count(cfg.run.workers)), max_pixels=max_pixels)
     except WssError as error:
         click.echo(f"error: {error}", err=True)
         click.get_current_context().exit(2)

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from data.datasets import MultiScaleImageDataset, first_item
+from data.datasets import MultiScaleImageDataset
 from data.errors import WssError
 from data.transforms import normalize_batch, scaled_copies, uint8_tensor
+from stages.common.runtime import image_loader, progress
 
 CAM_STRIDE = 4
 
@@ -129,8 +129,7 @@ def scaled_cam(model, scaled: list[torch.Tensor], image_size: tuple[int, int], k
 def scaled_image_loader(dataset, ids: list[str], scales: list[float], workers: int) -> DataLoader:
     """Items of data.datasets.MultiScaleImageDataset, one image at a time, resized in `workers`
     processes (the PIL resizing of four scales would otherwise keep the GPU waiting)."""
-    return DataLoader(MultiScaleImageDataset(dataset, ids, scales), batch_size=1, collate_fn=first_item,
-                      num_workers=workers)
+    return image_loader(MultiScaleImageDataset(dataset, ids, scales), workers)
 
 
 def write_cam_files(model, section, dataset, ids: list[str], cam_dir: Path, device: torch.device, workers: int,
@@ -142,8 +141,8 @@ def write_cam_files(model, section, dataset, ids: list[str], cam_dir: Path, devi
     cam_dir.mkdir(parents=True, exist_ok=True)
     todo = [i for i in ids if not (cam_dir / f"{i}.npz").is_file()]
     failures = []
-    for item in tqdm(scaled_image_loader(dataset, todo, section.scales, workers), desc=desc, unit="img",
-                     total=len(todo), leave=leave):
+    for item in progress(scaled_image_loader(dataset, todo, section.scales, workers), desc=desc, unit="img",
+                         leave=leave):
         if "error" in item:
             failures.append(item["error"])
             continue

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data.datasets import ClassificationDataset, SafeImageDataset, first_item
+from data.datasets import ClassificationDataset, SafeImageDataset
 from data.errors import DataError
 from data.layout import PreparedDataset, write_json_atomic
 from data.transforms import normalize_batch, uint8_tensor
@@ -20,7 +19,7 @@ from stages.cam.methods import build_cam_net
 from stages.common import distributed
 from stages.common.metrics import (BinarySegmentationScores, ConfusionMatrix, classification_scores,
                                    left_out_of_scores, per_class_table)
-from stages.common.runtime import resolve_device, seed_everything, worker_count
+from stages.common.runtime import image_loader, progress, resolve_device, seed_everything, worker_count
 from stages.common.training import (CHECKPOINT, fit, load_saved, reuse_trained, save_atomic, train_settings,
                                      unused_training_settings)
 
@@ -162,9 +161,8 @@ class CamStage:
         `whole` (one process re-scoring alone)."""
         scores, targets = [], []
         share = ids if whole else distributed.shard(ids)
-        loader = DataLoader(SafeImageDataset(dataset, share), batch_size=1, collate_fn=first_item,
-                            num_workers=min(2, worker_count(workers)))
-        for item in tqdm(loader, desc="cam classify val", unit="img", leave=False):
+        loader = image_loader(SafeImageDataset(dataset, share), min(2, worker_count(workers)))
+        for item in progress(loader, desc="cam classify val", unit="img", leave=False):
             if "error" in item:
                 log.warning("cam: skipped %s", item["error"])
                 if failures is not None:

@@ -6,6 +6,11 @@ import random
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from data.datasets import first_item
+from data.workers import loader_worker_init
 
 
 def resolve_device(name: str) -> torch.device:
@@ -36,3 +41,19 @@ def seed_everything(seed: int) -> None:
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; a no-op elsewhere (CPU bf16 is slower than fp32 on most CPUs)."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def image_loader(dataset: Dataset, workers: int) -> DataLoader:
+    """Items one at a time, numpy arrays kept, read in `workers` processes (0: in this one)
+    that end with this process even if it is killed (data.workers)."""
+    return DataLoader(dataset, batch_size=1, collate_fn=first_item, num_workers=workers,
+                      worker_init_fn=loader_worker_init() if workers else None)
+
+
+def progress(loader: DataLoader, **options) -> tqdm:
+    """A progress bar over one pass of `loader`.
+
+    Given the loader itself, tqdm.auto's bar calls iter() on it when it is made and again when
+    it is iterated: two sets of worker processes, the first decoding images that nobody reads
+    (twice the memory for a large image). It gets the one iterator instead."""
+    return tqdm(iter(loader), total=len(loader), **options)

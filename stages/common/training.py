@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from data.errors import WssError
 from data.layout import json_text, write_text_atomic
+from data.workers import loader_worker_init
 from stages.base import StageInputError
 from stages.common import distributed
 from stages.common.elapsed import mark_elapsed
@@ -149,7 +150,8 @@ def make_loader(dataset: Dataset, settings: TrainSettings, device: torch.device,
                       sampler=EpochSampler(dataset, settings.seed, first_epoch, settings.epochs, per_epoch),
                       num_workers=workers, pin_memory=device.type == "cuda",
                       generator=torch.Generator().manual_seed(settings.seed),  # worker seeds; global RNG untouched
-                      persistent_workers=workers > 0, prefetch_factor=PREFETCH_FACTOR if workers else None)
+                      persistent_workers=workers > 0, prefetch_factor=PREFETCH_FACTOR if workers else None,
+                      worker_init_fn=loader_worker_init() if workers else None)
 
 
 def steps_per_epoch(dataset: Dataset, settings: TrainSettings) -> int:

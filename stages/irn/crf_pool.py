@@ -38,11 +38,12 @@ def refine_and_write(image_id: str, image: np.ndarray, planes: np.ndarray, keys:
         return f"{image_id}: CRF refinement failed: {type(error).__name__}: {error}"
 
 
-def one_thread_worker() -> None:
+def one_thread_worker(parent: int | None = None) -> None:
     """Workers share the cores: no threaded numerics inside one (set before any library reads it);
-    Ctrl-C is the main process's to handle (see ignore_interrupts)."""
+    Ctrl-C is the main process's to handle, and a worker ends with `parent`, the process that
+    started the pool (see ignore_interrupts)."""
     os.environ["OMP_NUM_THREADS"] = "1"
-    ignore_interrupts()
+    ignore_interrupts(parent=parent)
 
 
 class CrfPool:
@@ -58,7 +59,8 @@ class CrfPool:
 
     def __enter__(self):
         if self.workers > 0:
-            self.pool = multiprocessing.get_context("spawn").Pool(self.workers, initializer=one_thread_worker)
+            self.pool = multiprocessing.get_context("spawn").Pool(self.workers, initializer=one_thread_worker,
+                                                                  initargs=(os.getpid(),))
         return self
 
     def submit(self, *job) -> None:

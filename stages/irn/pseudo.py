@@ -15,16 +15,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from data.datasets import SafeImageDataset, first_item
+from data.datasets import SafeImageDataset
 from data.layout import PreparedDataset, atomic_save, write_index_png, write_json_atomic
 from data.transforms import normalize
 from stages.base import StageInputError, StageResult, source_hash
 from stages.cam.infer import CAM_STRIDE, load_cam
 from stages.common import distributed
-from stages.common.runtime import resolve_device, worker_count
+from stages.common.runtime import image_loader, progress, resolve_device, worker_count
 from stages.irn.random_walk import random_walk
 from stages.irn.crf_pool import CrfPool, planes_to_label
 from stages.irn.stage import evaluate_labels, irn_fields, load_boundary_net, usable_label
@@ -88,10 +86,9 @@ class PseudoLabelStage:
         failures, walk_seconds = [], []
         # a label is written whole and after its boundary map, so those a resumed run finds are kept
         todo = [i for i in distributed.shard(ids) if not usable_label(dataset, i, label_dir, "pseudo")]
-        loader = DataLoader(SafeImageDataset(dataset, todo), batch_size=1, collate_fn=first_item,
-                            num_workers=min(2, worker_count(cfg.run.workers)))
+        loader = image_loader(SafeImageDataset(dataset, todo), min(2, worker_count(cfg.run.workers)))
         with CrfPool(worker_count(cfg.run.workers) if refine else 0) as crf_pool:
-            for item in tqdm(loader, desc="pseudo-labels", unit="img"):
+            for item in progress(loader, desc="pseudo-labels", unit="img"):
                 image_id = item["id"]
                 if "error" in item:
                     failures.append(item["error"])

@@ -188,6 +188,16 @@ def inference_long_side(section) -> int:
     return int(round((low + high) / 2))
 
 
+# Probability values computed in one piece. A larger output (C x H x W of an image far above
+# the model's input size) is computed in bands of rows of about BAND_VALUES values, so that
+# memory follows the model's input size, not the image's: at 13000 x 13000 one float32 channel
+# alone would take 0.7 GB. 2**24 covers every image of the supported datasets (SIIM 1024 x 1024
+# binary, VOC ~500 x 375 x 21 classes) and 4096 x 4096 binary, which therefore keep the result
+# of one whole-image upsampling bit for bit.
+WHOLE_IMAGE_VALUES = 2 ** 24
+BAND_VALUES = 2 ** 22
+
+
 @torch.no_grad()
 def predict_probabilities(model: torch.nn.Module, image: np.ndarray, task: str, long_side: int | None,
                           device: torch.device) -> torch.Tensor:
@@ -198,6 +208,14 @@ def predict_probabilities(model: torch.nn.Module, image: np.ndarray, task: str, 
     """
     height, width = image.shape[:2]
     resized = resize_long(image, long_side) if long_side else image
+    logits = model_logits(model, resized, device)
+    return _activate(_upsample(logits, (height, width)), task)[0].cpu()
+
+
+@torch.no_grad()
+def model_logits(model: torch.nn.Module, resized: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(1, C, h, w) float32 logits, on `device`, of an image already at the model's input size
+    (uint8 h x w x 3): normalised, zero-padded to a multiple of 32, cropped back after."""
     x = normalize(resized).unsqueeze(0)
     h, w = x.shape[-2:]
     x = F.pad(x, (0, -w % PAD_MULTIPLE, 0, -h % PAD_MULTIPLE)).to(device)
@@ -205,11 +223,70 @@ def predict_probabilities(model: torch.nn.Module, image: np.ndarray, task: str, 
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(device):
         logits = model(x)
-    logits = logits[..., :h, :w].float()
-    if (h, w) != (height, width):
-        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-    probs = torch.sigmoid(logits) if task == "binary" else torch.softmax(logits, dim=1)
-    return probs[0].cpu()
+    return logits[..., :h, :w].float()
+
+
+@torch.no_grad()
+def predict_mask(model: torch.nn.Module, resized: np.ndarray, size: tuple[int, int], task: str, threshold: float,
+                 device: torch.device, probabilities=None) -> np.ndarray:
+    """uint8 (H, W) class indices at `size` for an image already resized to the model's input
+    (`resized`, as `resize_long` makes it from the full image).
+
+    Equal to `probabilities_to_mask(predict_probabilities(...))` of the full image: bit for
+    bit up to WHOLE_IMAGE_VALUES probability values, where it is that computation; above, in
+    bands of rows whose upsampling is the same bilinear interpolation up to float rounding
+    (logits ~1e-4 apart at most: a pixel can change class only where its probabilities are
+    that close to the cut or to each other).
+    `probabilities`, when given, receives (first row, float32 (C, rows, W) tensor) for every
+    band in order, e.g. a ProbabilityFile's `write_rows`.
+    """
+    logits = model_logits(model, resized, device)
+    height, width = size
+    channels = logits.shape[1]
+    if channels * height * width <= WHOLE_IMAGE_VALUES:
+        probs = _activate(_upsample(logits, size), task)[0].cpu()
+        if probabilities is not None:
+            probabilities(0, probs)
+        return probabilities_to_mask(probs, task, threshold)
+    mask = np.empty((height, width), np.uint8)
+    for top, band in upsampled_bands(logits, size, max(1, BAND_VALUES // (channels * width))):
+        probs = _activate(band, task)[0].cpu()
+        if probabilities is not None:
+            probabilities(top, probs)
+        mask[top:top + probs.shape[1]] = probabilities_to_mask(probs, task, threshold)
+    return mask
+
+
+def upsampled_bands(logits: torch.Tensor, size: tuple[int, int], rows: int):
+    """(first row, (1, C, rows, W) band) of the bilinear upsampling of (1, C, h, w) `logits` to
+    `size` (align_corners=False, as F.interpolate), `rows` output rows at a time.
+
+    Bilinear interpolation is separable: the width is interpolated once for the h input rows
+    (F.interpolate along the width only: h x W values), then every output row is the blend of
+    the two input rows its position falls between, with F.interpolate's source positions
+    (half-pixel centres, clamped at the first row)."""
+    height, width = size
+    in_height = logits.shape[-2]
+    across = F.interpolate(logits, size=(in_height, width), mode="bilinear", align_corners=False)
+    # in float32 as F.interpolate computes them: the scale and the positions carry its rounding
+    scale = torch.tensor(in_height, dtype=torch.float32) / height
+    centres = ((torch.arange(height, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0).to(logits.device)
+    upper = centres.floor().long().clamp(max=in_height - 1)
+    lower = (upper + 1).clamp(max=in_height - 1)
+    weight = (centres - upper).clamp(0, 1)[:, None]
+    for top in range(0, height, rows):
+        part = slice(top, min(height, top + rows))
+        yield top, across[:, :, upper[part]] * (1 - weight[part]) + across[:, :, lower[part]] * weight[part]
+
+
+def _upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def _activate(logits: torch.Tensor, task: str) -> torch.Tensor:
+    return torch.sigmoid(logits) if task == "binary" else torch.softmax(logits, dim=1)
 
 
 def probabilities_to_mask(probs: torch.Tensor | np.ndarray, task: str, threshold: float) -> np.ndarray:

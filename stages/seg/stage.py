@@ -13,17 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from data.datasets import SafeImageDataset, first_item
+from data.datasets import SafeImageDataset
 from data.errors import WssError
 from data.layout import PreparedDataset, write_index_png, write_json_atomic
 from data.transforms import normalize_batch
 from stages.base import StageInputError, StageResult, section_dict, source_hash, weights_file_stamp
 from stages.common import distributed
 from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, per_class_table, read_scored_pair
-from stages.common.runtime import resolve_device, seed_everything, worker_count
+from stages.common.runtime import image_loader, progress, resolve_device, seed_everything, worker_count
 from stages.common.training import (CHECKPOINT, fit, load_saved, reuse_trained, save_atomic, train_settings,
                                      unused_training_settings)
 from stages.seg.data import PseudoLabelDataset, pseudo_label_items, read_pseudo_label
@@ -165,9 +163,8 @@ class SegStage:
         pred_dir.mkdir(parents=True, exist_ok=True)
         image_scores, failures = {}, []
         long_side = inference_long_side(section)
-        loader = DataLoader(SafeImageDataset(dataset, distributed.shard(ids)), batch_size=1, collate_fn=first_item,
-                            num_workers=min(2, worker_count(workers)))
-        for item in tqdm(loader, desc=f"seg predict {split}", unit="img", leave=False):
+        loader = image_loader(SafeImageDataset(dataset, distributed.shard(ids)), min(2, worker_count(workers)))
+        for item in progress(loader, desc=f"seg predict {split}", unit="img", leave=False):
             if "error" in item:
                 failures.append(item["error"])
                 log.warning("seg: skipped %s", item["error"])
