@@ -23,7 +23,8 @@ from data.errors import DataError, WssError
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--probabilities", is_flag=True, help="Also save the probabilities as float16 .npy files.")
 @click.option("--artifact", type=click.Path(path_type=Path), default=None,
-              help="A seg artifact folder (or its model.pt) to use instead of the config's.")
+              help="A seg artifact folder (or its model.safetensors; an older model.pt is read safely) "
+              "to use instead of the config's.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Binary models: foreground probability cut "
               "(default: the model's seg.threshold).")
 def predict_command(config_path: tuple[Path, ...], overrides: tuple[str, ...], inputs: tuple[Path, ...], out: Path,

@@ -145,7 +145,7 @@ class InputFiles(Dataset):
 def predict_inputs(artifact_dir: Path, inputs: list[str | Path], out_dir: Path, *, probabilities: bool = False,
                    device: str = "auto", classes: list[str] | None = None, task: str | None = None,
                    threshold: float | None = None, long_side: int | None = None, workers: int = 0) -> PredictReport:
-    """Predict every input with the model of `artifact_dir` (a seg artifact or its model.pt).
+    """Predict every input with the model of `artifact_dir` (a seg artifact or its model file).
 
     `classes` / `task`, when given (the config's dataset), must match the model's: a model of
     another config is refused as a whole (WssError). `threshold` and `long_side` default to
