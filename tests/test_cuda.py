@@ -110,3 +110,11 @@ def test_whole_chain_trains_on_cuda_and_its_model_predicts_on_the_cpu(cli, synth
         assert not done.failures and len(done.written) == len(images), done.failures
         masks[device] = np.stack([read_index_png(tmp_path / device / "masks" / f"{p.stem}.png") for p in images])
     assert (masks["cuda"] == masks["cpu"]).mean() > 0.9
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_checkpoint_of_a_cuda_model_round_trips(tmp_path, optimizer):
+    """channels_last weights and optimizer state on the GPU: written as contiguous CPU tensors,
+    loaded back equal, and the resumed step continues as the original."""
+    from tests.test_model_files import checkpoint_round_trip
+    checkpoint_round_trip(tmp_path, optimizer, torch.device("cuda"))
