@@ -139,6 +139,9 @@ def test_a_model_file_round_trips_bit_for_bit(tmp_path):
             "palette": [[0, 0, 0], [255, 1, 2]], "threshold": 0.4, "history": [{"loss": float("nan")}]}
     write_model_file(tmp_path / MODEL_FILE, "seg", tensors, meta)
     assert [p.name for p in tmp_path.iterdir()] == [MODEL_FILE]  # no temporary file left
+    (tmp_path / "plain").write_bytes(b"")  # readable as any new file is (a shared run folder), not 0600
+    assert (tmp_path / MODEL_FILE).stat().st_mode == (tmp_path / "plain").stat().st_mode
+    (tmp_path / "plain").unlink()
     state = read_model_file(tmp_path / MODEL_FILE, "seg", "model", "seg")
     same_weights(state.tensors, tensors)
     assert json.dumps(state.meta) == json.dumps(meta) and state.kind == "seg"

@@ -84,7 +84,10 @@ def write_state_file(path: Path, kind: str, tensors: dict[str, torch.Tensor], me
     tensors = standalone(tensors)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        with open(tmp, "wb"):  # the permissions any new file gets here (the umask's), which
+            mode = os.stat(tmp).st_mode & 0o777  # safetensors' own private temporary file lacks
         save_file(tensors, str(tmp), metadata=header)
+        os.chmod(tmp, mode)
     except (OSError, SafetensorError) as error:
         tmp.unlink(missing_ok=True)
         raise save_error(error, path) from None
