@@ -204,7 +204,7 @@ def _read_legacy(path: Path) -> StateFile:
     try:  # an open file: torch.load would hand a path named *.safetensors to another reader
         with open(path, "rb") as handle:
             state = torch.load(handle, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as problem:  # torch's own text suggests weights_only=False: not repeated
+    except pickle.UnpicklingError as problem:  # torch's own text advises loading it unsafely: not repeated
         named = re.search(r"GLOBAL ([\w.]+)", str(problem))
         detail = f" (it would call or build {named.group(1)})" if named else ""
         raise FileRefused(f"a pickled file that torch's safe loader (weights_only=True) refuses{detail}; "
