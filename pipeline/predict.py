@@ -24,7 +24,8 @@ from data.images import MAX_IMAGE_PIXELS
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--probabilities", is_flag=True, help="Also save the probabilities as float16 .npy files.")
 @click.option("--artifact", type=click.Path(path_type=Path), default=None,
-              help="A seg artifact folder (or its model.pt) to use instead of the config's.")
+              help="A seg artifact folder (or its model.safetensors; an older model.pt is read safely) "
+              "to use instead of the config's.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Binary models: foreground probability cut "
               "(default: the model's seg.threshold).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_IMAGE_PIXELS, show_default=True,

@@ -17,7 +17,8 @@ from pipeline.config import Config
 from stages.base import StageInputError, section_dict
 from stages.common import distributed
 from stages.common.elapsed import ELAPSED_FILE, mark_elapsed, start_clock
-from stages.common.training import CHECKPOINT, read_checkpoint
+from stages.common.model_files import checkpoint_epoch
+from stages.common.training import CHECKPOINT
 from stages.registry import STAGE_ORDER, all_stages
 
 log = logging.getLogger("wss")
@@ -195,9 +196,9 @@ class Pipeline:
             return []
         stage, work = self.stage(name), []
         if CHECKPOINT in getattr(stage, "resume_files", ()) and (partial / CHECKPOINT).is_file():
-            state = read_checkpoint(partial / CHECKPOINT, "cpu", f"{name} (--resume)")  # None: unreadable
-            if state is not None:
-                work.append(f"after epoch {state['epoch'] + 1} of {getattr(self.cfg, stage.section).epochs}")
+            epoch = checkpoint_epoch(partial / CHECKPOINT)  # None: unreadable, a resume starts afresh
+            if epoch is not None:
+                work.append(f"after epoch {epoch + 1} of {getattr(self.cfg, stage.section).epochs}")
         for folder in getattr(stage, "resume_outputs", ()):
             count = sum(1 for p in (partial / folder).glob("*") if p.is_file() and not p.name.startswith("."))
             if count:

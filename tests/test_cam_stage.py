@@ -19,6 +19,8 @@ from pipeline.config import load_config
 from stages.cam.infer import (cam_to_label, gradcam_pp_maps, load_cam, multiscale_cam, save_cam, strided_size,
                               upsample_cam)
 from stages.cam.nets import GapNet
+from stages.cam.stage import MODEL_FILE
+from stages.common.model_files import read_model_file
 from stages.common.metrics import ConfusionMatrix
 from tests.conftest import DEMO_CONFIG, FAST_CAM, invoke_cli, overrides
 
@@ -269,9 +271,9 @@ def trained(e2e_data, tmp_path_factory):
 
 def test_artifact_contents(trained):
     artifact, data = trained["artifact"], PreparedDataset(trained["root"])
-    for name in ["manifest.json", "model.pt", "metrics.json", "metrics.jsonl", "log.txt"]:
+    for name in ["manifest.json", "model.safetensors", "metrics.json", "metrics.jsonl", "log.txt"]:
         assert (artifact / name).is_file(), name
-    assert not (artifact / "checkpoint.pt").exists()  # resume state: deleted once the stage finished
+    assert not (artifact / "checkpoint.safetensors").exists()  # resume state: deleted once the stage finished
     train = data.split("train")
     assert sorted(p.stem for p in (artifact / "cams").glob("*.npz")) == sorted(train)
     for image_id in train[:5]:
@@ -431,16 +433,16 @@ def test_interrupt_then_resume_continues_training(trained, tmp_path, monkeypatch
     corrupt = PreparedDataset(root).image_path(PreparedDataset(root).split("val")[0])
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     workdir = tmp_path / "work"
-    real_save = training.save_atomic
+    real_save = training.write_checkpoint
     saved = []
 
-    def interrupt_after_two(obj, path):
-        real_save(obj, path)
+    def interrupt_after_two(path, *args):
+        real_save(path, *args)
         saved.append(path)
         if len(saved) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "save_atomic", interrupt_after_two)
+    monkeypatch.setattr(training, "write_checkpoint", interrupt_after_two)
     result = run_cli(*command_args(root, workdir))
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.output and "--resume" in result.output
@@ -449,7 +451,7 @@ def test_interrupt_then_resume_continues_training(trained, tmp_path, monkeypatch
     status = run_cli("status", "-c", DEMO_CONFIG, *stage_args(root, workdir)[4:]).output
     assert f"cam      interrupted after epoch 2 of {FAST_CAM['cam.epochs']} (resume with --resume)" in status
 
-    monkeypatch.setattr(training, "save_atomic", real_save)
+    monkeypatch.setattr(training, "write_checkpoint", real_save)
     with caplog.at_level(logging.INFO):
         result = run_cli(*command_args(root, workdir), "--resume")
     assert result.exit_code == 0, result.output
@@ -458,8 +460,8 @@ def test_interrupt_then_resume_continues_training(trained, tmp_path, monkeypatch
     artifact = next(p for p in (workdir / "synthetic").iterdir() if p.name.startswith("cam-"))
     epochs = [json.loads(line)["epoch"] for line in (artifact / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, int(FAST_CAM["cam.epochs"]) + 1))
-    resumed = torch.load(artifact / "model.pt", weights_only=False)["model"]
-    straight = torch.load(trained["artifact"] / "model.pt", weights_only=False)["model"]
+    resumed = read_model_file(artifact / MODEL_FILE, "cam", "cam model", "cam").tensors
+    straight = read_model_file(trained["artifact"] / MODEL_FILE, "cam", "cam model", "cam").tensors
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 

@@ -172,3 +172,11 @@ def test_torch_crf_memory_grows_linearly_with_the_pixels():
     # 4x the pixels: linear memory is ~4x; the dense N x N kernel would be 16x (256 GiB at 512 x 512)
     assert large < 6 * small, (small, large)
     assert large < 2 * 2**30, large
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_checkpoint_of_a_cuda_model_round_trips(tmp_path, optimizer):
+    """channels_last weights and optimizer state on the GPU: written as contiguous CPU tensors,
+    loaded back equal, and the resumed step continues as the original."""
+    from tests.test_model_files import checkpoint_round_trip
+    checkpoint_round_trip(tmp_path, optimizer, torch.device("cuda"))

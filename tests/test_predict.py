@@ -9,7 +9,6 @@ from unittest import mock
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -18,7 +17,8 @@ from data.layout import IGNORE_INDEX, PreparedDataset, read_index_png, write_ind
 from data.rle import siim_rle_decode
 from pipeline.config import load_config
 from pipeline.predict import predict_command
-from stages.seg.model import SegModelError
+from stages.common.model_files import read_model_file, write_model_file
+from stages.seg.model import MODEL_FILE, SegModelError
 from stages.seg.predict import collect_inputs, overlay, predict_inputs, read_input
 from stages.seg.stage import SegStage
 
@@ -150,13 +150,13 @@ def test_model_of_another_config_is_refused(multiclass_model, binary_model, tmp_
         predict_inputs(artifact, [tmp_path], tmp_path / "out", device="cpu", task="binary")
     broken = tmp_path / "model.pt"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(SegModelError, match="not a segmenter model file"):
+    with pytest.raises(SegModelError, match="unreadable segmenter model"):
         predict_inputs(broken, [tmp_path], tmp_path / "out", device="cpu")
-    state = torch.load(artifact / "model.pt", weights_only=False)
-    state["channels"] = 7  # claims another class count than its weights have
-    torch.save(state, tmp_path / "odd.pt")
-    with pytest.raises(SegModelError, match="weights do not fit"):
-        predict_inputs(tmp_path / "odd.pt", [tmp_path], tmp_path / "out", device="cpu")
+    state = read_model_file(artifact / MODEL_FILE, "seg", "model", "seg")
+    state.meta["channels"] = 7  # claims another class count than its weights have
+    write_model_file(tmp_path / "odd.safetensors", "seg", state.tensors, state.meta)
+    with pytest.raises(SegModelError, match="do not fit the Unet/resnet18 segmenter with 7 outputs"):
+        predict_inputs(tmp_path / "odd.safetensors", [tmp_path], tmp_path / "out", device="cpu")
 
 
 def test_overlay_known_answer():

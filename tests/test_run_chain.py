@@ -61,7 +61,7 @@ def test_a_new_cam_scoring_threshold_rescores_the_cached_cams_without_retraining
     assert cli("run", *args, "--until", "cam").exit_code == 0
     artifact, = (workdir / "synthetic").glob("cam-*")
     manifest = json.loads((artifact / "manifest.json").read_text())
-    trained = (artifact / "model.pt").stat().st_mtime_ns
+    trained = (artifact / "model.safetensors").stat().st_mtime_ns
     dataset = PreparedDataset(args[3].split("=", 1)[1])
     ids = sorted(p.stem for p in (artifact / "cams").glob("*.npz"))
     for threshold in [0.3, 0.6]:  # 0.6: the demo config's own, which the artifact was first scored with
@@ -77,7 +77,7 @@ def test_a_new_cam_scoring_threshold_rescores_the_cached_cams_without_retraining
         assert rescored["scored_with"] == {"eval_bg_threshold": threshold, "data.val_split": "val"}
         assert rescored["metrics"]["cls_mean_auc"] == manifest["metrics"]["cls_mean_auc"]  # kept, not rescored
     assert rescored["metrics"]["cam_miou"] == pytest.approx(manifest["metrics"]["cam_miou"])
-    assert (artifact / "model.pt").stat().st_mtime_ns == trained
+    assert (artifact / "model.safetensors").stat().st_mtime_ns == trained
     status = cli("status", *args, "-o", "cam.eval_bg_threshold=0.45").output.splitlines()
     assert "up to date" in status[0]
     assert "scored with eval_bg_threshold=0.6, data.val_split=val; a run re-scores it with " \
@@ -99,7 +99,7 @@ def test_a_new_cam_scoring_threshold_rescores_the_cached_cams_without_retraining
     assert classified[1:] == [dataset.split("val")]
     back = json.loads((artifact / "manifest.json").read_text())["metrics"]
     assert back["cls_mean_auc"] == pytest.approx(manifest["metrics"]["cls_mean_auc"], abs=1e-6)
-    assert (artifact / "model.pt").stat().st_mtime_ns == trained
+    assert (artifact / "model.safetensors").stat().st_mtime_ns == trained
 
     # another process recomputing the artifact (`--force`) holds its lock: no re-scoring under it
     import fcntl
@@ -146,6 +146,44 @@ def test_evaluate_and_visualize_the_finished_chain(cli, chain_args):
     blocked = cli("visualize", *args, "--stage", "cam", "--out", out / "under-a-file.png")
     assert blocked.exit_code == 2 and "cannot create the output folder" in blocked.output
     assert "Traceback" not in blocked.output
+
+
+def test_a_model_planted_in_a_copied_workdir_runs_no_code(cli, chain_args, tmp_path):
+    """A shared run folder whose models carry a pickle payload: `wss status` still says up to
+    date (it reads no model); `wss run --force seg` (the segmenter starts from the planted
+    classifier) stops with one line naming the file; `wss visualize --stage seg`, left to
+    predict with the planted segmenter, shows those pictures as missing with a one-line
+    warning naming it. The payload never runs."""
+    import shutil
+
+    from stages.cam.stage import MODEL_FILE as CAM_FILE
+    from stages.seg.model import MODEL_FILE as SEG_FILE
+    from tests.test_model_files import plant_payload
+    args, workdir = chain_args
+    assert cli("run", *args).exit_code == 0
+    copy = tmp_path / "copied"
+    shutil.copytree(workdir, copy)
+    copied = [arg.replace(str(workdir), str(copy)) for arg in args]
+    marker = tmp_path / "ran"
+    planted = {stage: [plant_payload(artifact / name, marker) for artifact in (copy / "synthetic").glob(f"{stage}-*")]
+               for stage, name in (("cam", CAM_FILE), ("seg", SEG_FILE))}  # every artifact of the folder
+    for seg in (copy / "synthetic").glob("seg-*"):
+        shutil.rmtree(seg / "predictions")  # visualize predicts what is not saved
+    status = cli("status", *copied)
+    assert status.exit_code == 0 and status.output.count("up to date") == 4, status.output
+
+    forced = cli("run", *copied, "--force", "seg")
+    errors = [line for line in forced.output.splitlines() if line.startswith("error:")]
+    assert forced.exit_code not in (0, None) and len(errors) == 1, forced.output
+    assert any(str(path) in errors[0] for path in planted["cam"]) and "refuses" in errors[0], errors[0]
+    assert "Traceback" not in forced.output and not marker.exists()
+
+    shown = cli("visualize", *copied, "--stage", "seg", "--n", "2", "--out", tmp_path / "grid.png")
+    assert shown.exit_code == 0, shown.output
+    warnings = [line for line in shown.output.splitlines() if "prediction of" in line and "shown as missing" in line]
+    assert len(warnings) == 2 and all(any(str(path) in line for path in planted["seg"]) and "refuses" in line
+                                      for line in warnings), shown.output
+    assert not marker.exists()
 
 
 def test_report_json_is_strict_json_when_a_metric_is_missing(tmp_path):
@@ -274,6 +312,8 @@ def test_a_new_prediction_size_reuses_the_trained_segmenter(cli, chain_args, mon
 
     import stages.seg.stage as seg_stage
     from pipeline.config import load_config
+    from stages.common.model_files import read_model_file
+    from stages.seg.model import MODEL_FILE
     args, workdir = chain_args
     assert cli("run", *args).exit_code == 0
     before = {p.name for p in (workdir / "synthetic").glob("seg-*")}
@@ -293,11 +333,11 @@ def test_a_new_prediction_size_reuses_the_trained_segmenter(cli, chain_args, mon
     new, = [p for p in (workdir / "synthetic").glob("seg-*") if p.name not in before]
     twin = Path(json.loads((new / "manifest.json").read_text())["inputs"]["trained"])
     assert twin.name in before
-    old_state = torch.load(twin / "model.pt", weights_only=False)
-    new_state = torch.load(new / "model.pt", weights_only=False)
-    assert new_state["long_side"] == 96 and old_state["long_side"] != 96
-    for name, weights in old_state["model"].items():
-        assert torch.equal(new_state["model"][name], weights), name
+    old_state = read_model_file(twin / MODEL_FILE, "seg", "model", "seg")
+    new_state = read_model_file(new / MODEL_FILE, "seg", "model", "seg")
+    assert new_state.meta["long_side"] == 96 and old_state.meta["long_side"] != 96
+    for name, weights in old_state.tensors.items():
+        assert torch.equal(new_state.tensors[name], weights), name
     assert len(list((new / "predictions").glob("*.png"))) == len(list((twin / "predictions").glob("*.png")))
 
     # another val split is only predicted: the same segmenter predicts it

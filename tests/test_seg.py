@@ -19,7 +19,9 @@ from pipeline.config import load_config
 from stages.seg import stage as seg_stage
 from stages.seg.data import PseudoLabelDataset, pseudo_label_items, read_pseudo_label
 from stages.seg.losses import LOSSES, SegLoss
-from stages.seg.model import SegModelError, build_segmenter, load_segmenter
+from stages.common.model_files import read_model_file, write_model_file
+from stages.common.training import CHECKPOINT
+from stages.seg.model import MODEL_FILE, SegModelError, build_segmenter, load_segmenter
 from stages.seg.stage import HOLDOUT_FILE, SegStage, SplitScorer, split_holdout
 
 # Seconds on a CPU: tiny crops, resnet18 from scratch, main-process loading.
@@ -179,15 +181,15 @@ def test_resume_continues_to_the_same_model(synthetic_dataset, tmp_path, monkeyp
     monkeypatch.setattr(PseudoLabelDataset, "set_epoch", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         run_seg(root, pseudo, tmp_path / "resumed", limit=8)
-    assert (tmp_path / "resumed" / "checkpoint.pt").is_file()
-    assert not (tmp_path / "resumed" / "model.pt").exists()
+    assert (tmp_path / "resumed" / CHECKPOINT).is_file()
+    assert not (tmp_path / "resumed" / MODEL_FILE).exists()
     monkeypatch.setattr(PseudoLabelDataset, "set_epoch", original)
     run_seg(root, pseudo, tmp_path / "resumed", resume=True, limit=8)
 
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
-    straight = torch.load(tmp_path / "straight" / "model.pt", weights_only=False)["model"]
-    resumed = torch.load(tmp_path / "resumed" / "model.pt", weights_only=False)["model"]
+    straight = read_model_file(tmp_path / "straight" / MODEL_FILE, "seg", "model", "seg").tensors
+    resumed = read_model_file(tmp_path / "resumed" / MODEL_FILE, "seg", "model", "seg").tensors
     for key, value in straight.items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6)
 
@@ -212,14 +214,15 @@ def test_pseudo_holdout_chooses_by_pseudo_labels_without_masks(synthetic_dataset
     monkeypatch.setattr(SegStage, "predict_split", scoring_predict_split)
     cfg, result = run_seg(root, pseudo, tmp_path / "out", "seg.checkpoint=pseudo_holdout",
                           "seg.holdout_fraction=0.25", "seg.epochs=3")
-    state = torch.load(tmp_path / "out" / HOLDOUT_FILE, weights_only=False)
+    state = seg_stage.read_holdout(tmp_path / "out" / HOLDOUT_FILE,
+                                   build_segmenter(cfg.seg.arch, cfg.seg.encoder, None, 4, cfg.seg.arch_options))
     assert sorted(state["scores"]) == [0, 1, 2]
     best = max(state["scores"], key=state["scores"].get)
     assert result.metrics["seg_holdout_epoch"] == best + 1
     assert result.metrics["seg_holdout_miou"] == state["scores"][best]
     assert result.metrics["seg_holdout_images"] == 5  # a quarter of 19 train images
     assert result.metrics["seg_trained_images"] == 14
-    saved = torch.load(tmp_path / "out" / "model.pt", weights_only=False)["model"]
+    saved = read_model_file(tmp_path / "out" / MODEL_FILE, "seg", "model", "seg").tensors
     for key, value in state["best_model"].items():
         assert torch.equal(saved[key], value)
 
@@ -411,7 +414,7 @@ def test_encoder_weights_from_the_stage1_classifier(tmp_path):
     from stages.seg.model import load_cam_encoder
     torch.manual_seed(3)
     classifier = GapNet(3, "resnet18").eval()
-    torch.save({"model": classifier.state_dict(), "config": {"backbone": "resnet18"}}, tmp_path / MODEL_FILE)
+    write_model_file(tmp_path / MODEL_FILE, "cam", classifier, {"config": {"backbone": "resnet18"}, "classes": []})
     model = build_segmenter("Unet", "resnet18", "cam", 4).eval()
     load_cam_encoder(model, tmp_path, "resnet18")
     assert torch.equal(model.encoder.conv1.weight, classifier.backbone.stem[0].weight)
@@ -423,7 +426,7 @@ def test_encoder_weights_from_the_stage1_classifier(tmp_path):
             classifier.backbone.layer1(classifier.backbone.stem(x)))), atol=1e-5)
     with pytest.raises(SegModelError, match=r"classifier's backbone \(resnet18\), got resnet34"):
         load_cam_encoder(build_segmenter("Unet", "resnet34", "cam", 4), tmp_path, "resnet34")
-    with pytest.raises(SegModelError, match="has no model.pt"):
+    with pytest.raises(SegModelError, match=f"has no {MODEL_FILE}"):
         load_cam_encoder(model, tmp_path / "elsewhere", "resnet18")
 
 
@@ -526,7 +529,7 @@ def test_bad_pseudo_labels_and_masks_are_listed_and_the_others_used(synthetic_da
     assert result.metrics["seg_val_scored_images"] == len(val) - 2 and result.metrics["seg_train_scored_images"] == 8
     assert [f.split(":")[0] for f in result.failures] == [str(p) for p in labels + masks]
     assert "mask is 64x32 but its image is 64x64" in result.failures[-1]
-    assert (tmp_path / "out" / "model.pt").is_file()
+    assert (tmp_path / "out" / MODEL_FILE).is_file()
 
     (tmp_path / "out" / "predictions" / f"{val[2]}.png").write_bytes(b"garbled")
     cfg = load_config(None, [f"data.root={root}", *FAST_SEG])

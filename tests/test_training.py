@@ -37,19 +37,19 @@ def train(out, resume=False):
 
 def test_resume_after_an_interrupt_equals_the_uninterrupted_run(tmp_path, monkeypatch):
     straight = train(tmp_path / "straight")
-    real_save = training.save_atomic
+    real_save = training.write_checkpoint
     saved = []
 
-    def interrupt_after_two(obj, path):
-        real_save(obj, path)
+    def interrupt_after_two(path, *args):
+        real_save(path, *args)
         saved.append(path)
         if len(saved) == 2:  # killed after epoch 2's checkpoint, before its log line
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "save_atomic", interrupt_after_two)
+    monkeypatch.setattr(training, "write_checkpoint", interrupt_after_two)
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "resumed")
-    monkeypatch.setattr(training, "save_atomic", real_save)
+    monkeypatch.setattr(training, "write_checkpoint", real_save)
     resumed = train(tmp_path / "resumed", resume=True)
     for name, weights in straight.items():
         torch.testing.assert_close(resumed[name], weights, rtol=0, atol=0, msg=name)
@@ -146,26 +146,28 @@ def test_batches_do_not_depend_on_persistent_workers_and_change_per_epoch(synthe
 
 def test_reuse_trained_loads_the_weights_and_the_epoch_log_or_names_a_broken_file(tmp_path):
     from data.errors import WssError
+    from stages.cam.stage import MODEL_FILE
+    from stages.common.model_files import write_model_file
     from stages.common.training import reuse_trained
     torch.manual_seed(0)
     trained, fresh = nn.Linear(3, 2), nn.Linear(3, 2)
     twin, out = tmp_path / "twin", tmp_path / "out"
     twin.mkdir()
     out.mkdir()
-    torch.save({"model": trained.state_dict()}, twin / "model.pt")
+    write_model_file(twin / MODEL_FILE, "cam", trained, {})
     (twin / "metrics.jsonl").write_text('{"epoch": 1, "images_per_s": 5.0}\n{"epoch": 2, "images_per_s": 7.0}\n')
-    history = reuse_trained(fresh, twin, "model.pt", out, "cam")
+    history = reuse_trained(fresh, twin, MODEL_FILE, out, "cam")
     assert [h["epoch"] for h in history] == [1, 2]
     assert (out / "metrics.jsonl").read_text() == (twin / "metrics.jsonl").read_text()
     for name, weights in trained.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], weights)
-    (twin / "model.pt").write_bytes(b"cut short")
-    with pytest.raises(WssError, match=r"model\.pt: unreadable model \(UnpicklingError.*; recompute it with wss run "
-                                       r"--force cam$"):
-        reuse_trained(fresh, twin, "model.pt", out, "cam")
-    (twin / "model.pt").unlink()
+    (twin / MODEL_FILE).write_bytes(b"cut short")
+    with pytest.raises(WssError, match=r"model\.safetensors: unreadable model \(not a complete safetensors file: "
+                                       r".*; recompute it with wss run --force cam$"):
+        reuse_trained(fresh, twin, MODEL_FILE, out, "cam")
+    (twin / MODEL_FILE).unlink()
     with pytest.raises(WssError, match="FileNotFoundError"):
-        reuse_trained(fresh, twin, "model.pt", out, "cam")
+        reuse_trained(fresh, twin, MODEL_FILE, out, "cam")
 
 
 def test_resume_from_an_unreadable_checkpoint_warns_and_trains_from_the_start(tmp_path, caplog):
@@ -175,7 +177,7 @@ def test_resume_from_an_unreadable_checkpoint_warns_and_trains_from_the_start(tm
     train(out)
     (out / training.CHECKPOINT).write_bytes(b"garbled")
     resumed = train(out, resume=True)
-    assert "checkpoint.pt: unreadable checkpoint (UnpicklingError" in caplog.text
+    assert f"{training.CHECKPOINT}: unreadable checkpoint (not a complete safetensors file" in caplog.text
     assert "training from the start" in caplog.text
     for name, weights in straight.items():
         torch.testing.assert_close(resumed[name], weights, rtol=0, atol=0, msg=name)
@@ -184,12 +186,13 @@ def test_resume_from_an_unreadable_checkpoint_warns_and_trains_from_the_start(tm
 
 
 def garbled_model(folder, content: bytes):
+    from stages.cam.stage import MODEL_FILE
     folder.mkdir(exist_ok=True)
-    (folder / "model.pt").write_bytes(content)
+    (folder / MODEL_FILE).write_bytes(content)
     return folder
 
 
-@pytest.mark.parametrize("content, reason", [(b"garbled bytes", "UnpicklingError"),
+@pytest.mark.parametrize("content, reason", [(b"garbled bytes", "not a complete safetensors file"),
                                              (b"PK\x03\x04 cut short", "PytorchStreamReader")])
 @pytest.mark.parametrize("loader, what, stage", [
     ("cam", "cam model", "cam"), ("irn_backbone", "cam model", "cam"), ("seg_encoder", "cam model", "cam"),
@@ -197,7 +200,7 @@ def garbled_model(folder, content: bytes):
 def test_an_unreadable_model_file_is_one_line_naming_it_and_the_stage_to_recompute(
         tmp_path, content, reason, loader, what, stage):
     from stages.base import StageInputError
-    from stages.cam.stage import load_cam_net
+    from stages.cam.stage import MODEL_FILE, load_cam_net
     from stages.irn.net import build_backbone
     from stages.irn.stage import load_boundary_net
     from stages.seg.model import build_segmenter, load_cam_encoder
@@ -209,5 +212,5 @@ def test_an_unreadable_model_file_is_one_line_naming_it_and_the_stage_to_recompu
     with pytest.raises(StageInputError) as raised:
         load()
     message = str(raised.value)
-    assert message.startswith(f"{artifact / 'model.pt'}: unreadable {what} (") and reason in message
+    assert message.startswith(f"{artifact / MODEL_FILE}: unreadable {what} (") and reason in message
     assert message.endswith(f"; recompute it with wss run --force {stage}") and "\n" not in message

@@ -38,20 +38,22 @@ def test_a_manifest_that_cannot_be_rewritten_only_warns(tmp_path, caplog):
 
 
 def test_a_full_disk_while_saving_a_model_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
-    """torch.save reports a full disk as RuntimeError("... unexpected pos ..."); the half-written
-    temporary file goes, and the CLI prints the OSError in one line."""
+    """safetensors reports a full disk as SafetensorError("... (os error 28)") (as seen on a
+    full 64 KiB tmpfs); the half-written temporary file goes, and the CLI prints the OSError in
+    one line."""
     import torch
+    from safetensors import SafetensorError
 
-    from stages.common.training import save_atomic
+    import stages.common.model_files as model_files
 
-    def full(obj, path):
-        open(path, "wb").write(b"x" * 10)
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 519808 vs 519704")
+    def full(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"x" * 10)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(model_files, "save_file", full)
     with pytest.raises(OSError) as error:
-        save_atomic({"model": {}}, tmp_path / "model.pt")
-    assert error.value.errno == errno.ENOSPC and error.value.filename == str(tmp_path / "model.pt")
+        model_files.write_model_file(tmp_path / "model.safetensors", "cam", {"w": torch.zeros(2)}, {})
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(tmp_path / "model.safetensors")
     assert "is the disk full?" in error.value.strerror and list(tmp_path.iterdir()) == []
 
 

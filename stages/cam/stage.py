@@ -12,7 +12,7 @@ from data.datasets import ClassificationDataset, SafeImageDataset
 from data.errors import DataError
 from data.layout import PreparedDataset, write_json_atomic
 from data.transforms import normalize_batch, uint8_tensor
-from stages.base import StageResult, section_dict, source_hash, weights_file_stamp
+from stages.base import StageInputError, StageResult, section_dict, source_hash, weights_file_stamp
 from stages.cam.config import other_methods_settings
 from stages.cam.infer import CamFileError, cam_to_label, load_cam, upsample_cam, write_cam_files
 from stages.cam.methods import build_cam_net
@@ -20,22 +20,38 @@ from stages.common import distributed
 from stages.common.metrics import (BinarySegmentationScores, ConfusionMatrix, classification_scores,
                                    left_out_of_scores, per_class_table)
 from stages.common.runtime import image_loader, progress, resolve_device, seed_everything, worker_count
-from stages.common.training import (CHECKPOINT, fit, load_saved, reuse_trained, save_atomic, train_settings,
-                                     unused_training_settings)
+from stages.common.model_files import load_weights, read_model_file, write_model_file
+from stages.common.training import CHECKPOINT, fit, reuse_trained, train_settings, unused_training_settings
 
 log = logging.getLogger("wss.cam")
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.safetensors"
 BOXED_CAMS = "boxed_cams"  # NIH: CAMs of the images with boxes (test split), for localization
+
+
+def read_cam_model(artifact: Path):
+    """The model file of a cam artifact: its weights and metadata (config, classes), checked."""
+    path = Path(artifact) / MODEL_FILE
+    state = read_model_file(path, "cam", "cam model", "cam", required={"config": dict, "classes": list})
+    if not all(isinstance(name, str) for name in state.meta["classes"]):
+        raise StageInputError(f"{path}: unreadable cam model (its classes are not names); "
+                              f"recompute it with wss run --force cam")
+    return state
 
 
 def load_cam_net(artifact: Path, device: torch.device):
     """The trained classifier of a cam artifact (used by this stage, irn, compare)."""
     from stages.cam.config import CamConfig
-    state = load_saved(artifact / MODEL_FILE, "cam model", "cam")
-    cfg = CamConfig(**state["config"])
-    model = build_cam_net(cfg, len(state["classes"]), weights=None)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg, state["classes"]
+    path = Path(artifact) / MODEL_FILE
+    state = read_cam_model(artifact)
+    try:
+        cfg = CamConfig(**state.meta["config"])
+    except TypeError as error:  # a setting this version does not know
+        raise StageInputError(f"{path}: unreadable cam model (its config: {error}); "
+                              f"recompute it with wss run --force cam") from None
+    classes = state.meta["classes"]
+    model = build_cam_net(cfg, len(classes), weights=None)
+    load_weights(model, state.tensors, path, f"{cfg.method}/{cfg.backbone} classifier", "cam")
+    return model.to(device).eval(), cfg, classes
 
 
 def cam_ids(cfg, dataset: PreparedDataset, artifact: Path) -> list[str]:
@@ -107,8 +123,8 @@ class CamStage:
             history = reuse_trained(model, Path(twin), MODEL_FILE, out, "cam")
             model.to(device)
         if distributed.is_main():
-            save_atomic({"model": model.state_dict(), "config": section_dict(section),
-                         "classes": dataset.classes}, out / MODEL_FILE)
+            write_model_file(out / MODEL_FILE, "cam", model,
+                             {"config": section_dict(section), "classes": list(dataset.classes)})
         model = model.to(memory_format=torch.contiguous_format).eval()
 
         metrics = {"train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0}
@@ -140,7 +156,7 @@ class CamStage:
         if scored_with.get("data.val_split") != cfg.data.val_split:
             device = resolve_device(cfg.run.device)
             model = build_cam_net(cfg.cam, dataset.info.num_classes, weights=None)
-            load_saved(artifact / MODEL_FILE, "model", "cam", model)
+            load_weights(model, read_cam_model(artifact).tensors, artifact / MODEL_FILE, "cam model", "cam")
             model = model.to(device).eval()
             val_ids = dataset.split(cfg.data.val_split)[:limit]
             metrics = {**{k: v for k, v in metrics.items() if not k.startswith("cls_")},

@@ -6,12 +6,10 @@ mixed precision and progress reporting behave the same in every stage.
 """
 from __future__ import annotations
 
-import errno
 import itertools
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +26,12 @@ from data.workers import loader_worker_init
 from stages.base import StageInputError
 from stages.common import distributed
 from stages.common.elapsed import mark_elapsed
+from stages.common.model_files import (Checkpoint, load_weights, read_checkpoint_file, read_model_file,
+                                       write_checkpoint)
 from stages.common.runtime import autocast, worker_count
 
 log = logging.getLogger("wss.train")
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
 
 
 @dataclass
@@ -203,20 +203,6 @@ def worker_message(text: str) -> str:
     return message if sep and "Error" in name and " " not in name else last
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save through a temporary name. torch reports a full disk as a RuntimeError ("unexpected
-    pos"): it becomes an OSError naming the file, which the CLI prints in one line."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(obj, tmp)
-    except (OSError, RuntimeError) as error:
-        tmp.unlink(missing_ok=True)
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise OSError(getattr(error, "errno", None) or errno.ENOSPC,
-                      f"could not save ({reason}); is the disk full?", str(path)) from None
-    os.replace(tmp, path)
-
-
 def rewrite_epoch_log(path: Path, desc: str, history: list[dict]) -> None:
     """metrics.jsonl's `desc` epochs as the checkpoint has them: a run stopped between the
     checkpoint and the log line neither loses nor repeats an epoch."""
@@ -232,30 +218,14 @@ def rewrite_epoch_log(path: Path, desc: str, history: list[dict]) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def load_saved(path: Path, what: str, stage: str | None, model: torch.nn.Module | None = None,
-               map_location="cpu") -> dict:
-    """torch.load a dict a stage saved ({"model": state dict, ...}: a model.pt, a checkpoint)
-    and, given `model`, load its weights into it. A garbled or cut-short file (a full disk, an
-    interrupted copy) or weights that do not fit raise StageInputError in one line naming the
-    file and, given the `stage` that made it, how to recompute it; never a traceback."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-        if model is not None:
-            model.load_state_dict(state["model"])
-    except Exception as error:  # UnpicklingError, zip archive errors, EOFError, missing keys, ...
-        first_line = str(error).splitlines()[0] if str(error) else ""
-        advice = f"; recompute it with wss run --force {stage}" if stage else ""
-        raise StageInputError(f"{path}: unreadable {what} ({type(error).__name__}: {first_line}){advice}") from None
-    return state
-
-
-def reuse_trained(model: torch.nn.Module, twin: Path, model_file: str, out: Path, desc: str) -> list[dict]:
-    """Load into `model` the weights that `twin`, an artifact trained with the same settings (its
-    key differs in inference settings only), saved as {"model": state dict, ...} in `model_file`,
-    and copy its epoch log. Returns the log as fit's history: training is skipped."""
+def reuse_trained(model: torch.nn.Module, twin: Path, model_file: str, out: Path, stage: str) -> list[dict]:
+    """Load into `model` the weights that `twin`, an artifact of `stage` trained with the same
+    settings (its key differs in inference settings only), saved in `model_file`, and copy its
+    epoch log. Returns the log as fit's history: training is skipped."""
     log.info("%s: reusing the model trained in %s (same training settings, other inference settings): "
-             "no training", desc, twin)
-    load_saved(twin / model_file, "model", desc, model)
+             "no training", stage, twin)
+    path = twin / model_file
+    load_weights(model, read_model_file(path, stage, "model", stage).tensors, path, f"{stage} model", stage)
     epoch_log = twin / "metrics.jsonl"
     lines = [line for line in epoch_log.read_text().splitlines() if line.strip()] if epoch_log.is_file() else []
     if distributed.is_main() and lines:
@@ -263,13 +233,15 @@ def reuse_trained(model: torch.nn.Module, twin: Path, model_file: str, out: Path
     return [json.loads(line) for line in lines]
 
 
-def read_checkpoint(path: Path, device: torch.device, desc: str) -> dict | None:
-    """The checkpoint `--resume` continues from, or None: there is none, or it is unreadable (a
-    kill while the disk was full), which costs the epochs trained so far but not the run."""
+def read_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    desc: str) -> Checkpoint | None:
+    """The checkpoint `--resume` continues from, checked to fit `model` and `optimizer`, or None:
+    there is none, or it is unusable (a kill while the disk was full, a file of another run),
+    which costs the epochs trained so far but not the run."""
     if not path.is_file():
         return None
     try:
-        return load_saved(path, "checkpoint", None, map_location=device)
+        return read_checkpoint_file(path, model, optimizer)
     except StageInputError as error:
         log.warning("%s: %s; training from the start", desc, error)
         return None
@@ -278,7 +250,7 @@ def read_checkpoint(path: Path, device: torch.device, desc: str) -> dict | None:
 def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float]],
         step: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]], settings: TrainSettings,
         device: torch.device, out: Path, resume: bool = False, desc: str = "train") -> list[dict]:
-    """Train for settings.epochs, checkpointing into out/checkpoint.pt after every epoch.
+    """Train for settings.epochs, checkpointing into out/CHECKPOINT after every epoch.
 
     `step` gets the model to call (wrapped in DistributedDataParallel under torchrun, so call
     it for the forward pass and reach other methods through the unwrapped model)."""
@@ -295,11 +267,11 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
     total_steps = steps * settings.epochs
     start_epoch, history = 0, []
     checkpoint_path = out / CHECKPOINT
-    state = read_checkpoint(checkpoint_path, device, desc) if resume else None
+    state = read_checkpoint(checkpoint_path, model, optimizer, desc) if resume else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
+        model.load_state_dict(state.weights)
+        optimizer.load_state_dict(state.optimizer)
+        start_epoch, history = state.epoch + 1, state.history
         log.info("%s: resumed after epoch %d of %d", desc, start_epoch, settings.epochs)
         if distributed.is_main():
             rewrite_epoch_log(out / "metrics.jsonl", desc, history)
@@ -346,8 +318,7 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
                   "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
         history.append(record)
         if distributed.is_main():  # checkpoint first: a resumed run never logs an epoch twice
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch, "history": history}, checkpoint_path)
+            write_checkpoint(checkpoint_path, model, optimizer, epoch, history)
             mark_elapsed(out)  # a resumed stage's time counts the epochs trained before a kill
             with open(metrics_log, "a") as handle:
                 handle.write(json_text({"stage_step": desc, **record}) + "\n")

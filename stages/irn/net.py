@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from stages.common.backbones import STAGE_STRIDES, ResNetFeatures, upsample_cells
-from stages.common.training import load_saved
+from stages.common.model_files import load_weights, read_model_file
 
 BRANCH_CHANNELS = 32
 
@@ -82,9 +82,9 @@ def build_backbone(name: str, init: str, cam_artifact: Path | None, weights: str
         if not path.is_file():
             raise StageInputError(f"irn: the cam artifact {cam_artifact} has no {MODEL_FILE}")
         backbone = ResNetFeatures(name, weights=None)
-        state = load_saved(path, "cam model", "cam")["model"]
+        state = read_model_file(path, "cam", "cam model", "cam").tensors
         trunk = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-        backbone.load_state_dict(trunk)
+        load_weights(backbone, trunk, path, f"{name} trunk of the IRN", "cam")
         return backbone
     if init == "imagenet":
         return ResNetFeatures(name, weights=weights or "imagenet")

@@ -1,6 +1,6 @@
 """Stage `irn`: seeds from the CAMs (CRF), then the boundary network trained on their affinities.
 
-The artifact holds `seeds/<id>.png` (0 background, k+1 class k, 255 ignored), `model.pt` and
+The artifact holds `seeds/<id>.png` (0 background, k+1 class k, 255 ignored), `model.safetensors` and
 `metrics.json` (seed mIoU ignoring 255, seed coverage). Pseudo-labels are a separate stage
 (stages/irn/pseudo.py) so that their thresholds can change without retraining.
 """
@@ -24,15 +24,15 @@ from stages.common import distributed
 from stages.common.crf import CrfParams
 from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, read_scored_pair
 from stages.common.runtime import resolve_device, seed_everything, worker_count
-from stages.common.training import (CHECKPOINT, fit, load_saved, save_atomic, train_settings,
-                                     unused_training_settings)
+from stages.common.model_files import load_weights, read_model_file, write_model_file
+from stages.common.training import CHECKPOINT, fit, train_settings, unused_training_settings
 from stages.irn.affinity import affinity_labels, affinity_loss, edge_to_affinity
 from stages.irn.config import PSEUDO, IrnConfig
 from stages.irn.net import BoundaryNet, build_backbone
 from stages.irn.seeds import make_seeds
 
 log = logging.getLogger("wss.irn")
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.safetensors"
 
 
 def irn_fields(section: IrnConfig, pseudo: bool) -> dict:
@@ -150,10 +150,15 @@ def affinity_step(radius: int):
 
 
 def load_boundary_net(artifact: Path, device: torch.device) -> BoundaryNet:
-    state = load_saved(Path(artifact) / MODEL_FILE, "IRN model", "irn")
-    from stages.common.backbones import ResNetFeatures
-    model = BoundaryNet(ResNetFeatures(state["backbone"], weights=None), freeze_backbone=False)
-    model.load_state_dict(state["model"])
+    from stages.common.backbones import RESNETS, ResNetFeatures
+    path = Path(artifact) / MODEL_FILE
+    state = read_model_file(path, "irn", "IRN model", "irn", required={"backbone": str})
+    backbone = state.meta["backbone"]
+    if backbone not in RESNETS:
+        raise StageInputError(f"{path}: unreadable IRN model (unknown backbone {backbone!r}); "
+                              f"recompute it with wss run --force irn")
+    model = BoundaryNet(ResNetFeatures(backbone, weights=None), freeze_backbone=False)
+    load_weights(model, state.tensors, path, f"{backbone} IRN", "irn")
     return model.to(device).eval()
 
 
@@ -226,8 +231,8 @@ class IrnStage:
             metrics["irn_final_loss"] = float(history[-1]["loss"])
             metrics["train_images_per_s"] = float(np.mean([h["images_per_s"] for h in history]))
         if distributed.is_main():
-            save_atomic({"model": model.to(memory_format=torch.contiguous_format).state_dict(),
-                         "backbone": cam_backbone, "config": irn_fields(section, pseudo=False)}, out / MODEL_FILE)
+            write_model_file(out / MODEL_FILE, "irn", model.to(memory_format=torch.contiguous_format),
+                             {"backbone": cam_backbone, "config": irn_fields(section, pseudo=False)})
             write_json_atomic(out / "metrics.json", metrics)
         metrics = distributed.broadcast(metrics)
         return StageResult(metrics=metrics, headline="seed_miou", failures=failures)

@@ -17,9 +17,10 @@ from data.errors import WssError
 from data.transforms import normalize, resize_long
 from stages.common.backbones import read_weights_file
 from stages.common.runtime import autocast
-from stages.common.training import load_saved, save_atomic
+from stages.common.model_files import load_weights, read_model_file, write_model_file
 
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.safetensors"
+LEGACY_MODEL_FILE = "model.pt"  # a pickled model of an earlier wss version: read safely, never written
 PAD_MULTIPLE = 32  # smp encoders downsample 5 times: inputs must be divisible by 32
 
 
@@ -82,25 +83,20 @@ def load_cam_encoder(model: torch.nn.Module, cam_artifact: Path, encoder: str) -
     path = Path(cam_artifact) / MODEL_FILE
     if not path.is_file():
         raise SegModelError(f"seg.encoder_weights: cam, but the cam artifact {cam_artifact} has no {MODEL_FILE}")
-    state = load_saved(path, "cam model", "cam")
-    backbone = state["config"].get("backbone")
+    state = read_model_file(path, "cam", "cam model", "cam", required={"config": dict})
+    backbone = state.meta["config"].get("backbone")
     if backbone != encoder:
         raise SegModelError(f"seg.encoder_weights: cam needs seg.encoder to be the classifier's backbone "
                             f"({backbone}), got {encoder}")
     renamed = {"stem.0.": "conv1.", "stem.1.": "bn1."}
     trunk = {}
-    for key, value in state["model"].items():
+    for key, value in state.tensors.items():
         if key.startswith("backbone."):
             key = key[len("backbone."):]
             for old, new in renamed.items():
                 key = new + key[len(old):] if key.startswith(old) else key
             trunk[key] = value
-    wanted = set(model.encoder.state_dict())
-    missing, unexpected = sorted(wanted - set(trunk)), sorted(set(trunk) - wanted)
-    if missing or unexpected:
-        raise SegModelError(f"seg.encoder_weights: cam: the classifier's {backbone} trunk does not fit encoder "
-                            f"{encoder} (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.encoder.load_state_dict(trunk)  # smp's ResNet encoder returns nothing here
+    load_weights(model.encoder, trunk, path, f"{encoder} encoder (seg.encoder_weights: cam)", "cam", SegModelError)
 
 
 def _check_options(arch: str, encoder: str, options: dict) -> None:
@@ -297,43 +293,50 @@ def probabilities_to_mask(probs: torch.Tensor | np.ndarray, task: str, threshold
     return probs.argmax(dim=0).to(torch.uint8).numpy()
 
 
+# the metadata a segmenter model file must hold, and its types
+SEGMENTER_META = {"arch": str, "encoder": str, "arch_options": dict, "task": str, "classes": list,
+                  "channels": int, "palette": list, "threshold": (int, float), "long_side": int}
+
+
 def save_segmenter(model: torch.nn.Module, path: Path, section, dataset_info) -> None:
     """Weights plus everything `load_segmenter` needs to rebuild the model and check it fits."""
-    save_atomic({
-        "model": {k: v.cpu() for k, v in model.state_dict().items()},
+    write_model_file(path, "seg", model, {
         "arch": section.arch, "encoder": section.encoder, "arch_options": dict(section.arch_options),
         "task": dataset_info.task, "classes": list(dataset_info.classes),
         "channels": output_channels(dataset_info.task, dataset_info.num_classes),
-        "palette": dataset_info.palette, "threshold": section.threshold,
+        "palette": [list(color) for color in dataset_info.palette], "threshold": section.threshold,
         "long_side": inference_long_side(section),
-    }, path)
+    })
+
+
+def segmenter_file(path: Path) -> Path:
+    """The model file of a seg artifact folder (the pickled one of an earlier version where it
+    has only that), or `path` itself when it is a file."""
+    path = Path(path)
+    if path.is_dir() and not (path / MODEL_FILE).is_file() and (path / LEGACY_MODEL_FILE).is_file():
+        return path / LEGACY_MODEL_FILE
+    return path / MODEL_FILE if path.is_dir() else path
 
 
 def load_segmenter(path: Path, device: torch.device, classes: list[str] | None = None,
                    task: str | None = None) -> tuple[torch.nn.Module, dict]:
     """The model of a seg artifact (eval mode) and its metadata; checks the classes when given."""
-    path = Path(path)
-    file = path / MODEL_FILE if path.is_dir() else path
+    file = segmenter_file(path)
     if not file.is_file():
         raise SegModelError(f"no segmenter model at {file} (run `wss run-stage seg` first)")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
-        meta = {k: v for k, v in state.items() if k != "model"}
-        channels, weights = int(meta["channels"]), state["model"]
-    except Exception as error:
-        first_line = str(error).splitlines()[0] if str(error) else ""
-        raise SegModelError(f"{file}: not a segmenter model file ({type(error).__name__}: {first_line})") from None
+    state = read_model_file(file, "seg", "segmenter model", "seg", SegModelError, required=SEGMENTER_META)
+    meta, channels = state.meta, state.meta["channels"]
+    if meta["task"] not in ("binary", "multiclass") or not all(isinstance(c, str) for c in meta["classes"]):
+        raise SegModelError(f"{file}: unreadable segmenter model (task {meta['task']!r}, classes "
+                            f"{meta['classes']!r}); recompute it with wss run --force seg")
     if classes is not None and list(classes) != list(meta["classes"]):
         raise SegModelError(f"{file}: the model was trained for classes {meta['classes']} but the config's "
                             f"dataset has {list(classes)}; use the seg artifact of this config")
     if task is not None and task != meta["task"]:
         raise SegModelError(f"{file}: the model is {meta['task']} but the config's dataset is {task}")
-    model = build_segmenter(meta["arch"], meta["encoder"], None, channels, meta.get("arch_options"))
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as error:
-        raise SegModelError(f"{file}: weights do not fit {meta['arch']}/{meta['encoder']} with {channels} "
-                            f"outputs ({str(error).splitlines()[0]})") from None
+    model = build_segmenter(meta["arch"], meta["encoder"], None, channels, meta["arch_options"])
+    load_weights(model, state.tensors, file, f"{meta['arch']}/{meta['encoder']} segmenter with {channels} outputs",
+                 "seg", SegModelError)
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

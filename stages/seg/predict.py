@@ -257,7 +257,7 @@ def predict_inputs(artifact_dir: Path, inputs: list[str | Path], out_dir: Path, 
                    device: str = "auto", classes: list[str] | None = None, task: str | None = None,
                    threshold: float | None = None, long_side: int | None = None, workers: int = 0,
                    max_pixels: int | None = None) -> PredictReport:
-    """Predict every input with the model of `artifact_dir` (a seg artifact or its model.pt).
+    """Predict every input with the model of `artifact_dir` (a seg artifact or its model file).
 
     `classes` / `task`, when given (the config's dataset), must match the model's: a model of
     another config is refused as a whole (WssError). `threshold` and `long_side` default to

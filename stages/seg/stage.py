@@ -22,8 +22,8 @@ from stages.base import StageInputError, StageResult, section_dict, source_hash,
 from stages.common import distributed
 from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, per_class_table, read_scored_pair
 from stages.common.runtime import image_loader, progress, resolve_device, seed_everything, worker_count
-from stages.common.training import (CHECKPOINT, fit, load_saved, reuse_trained, save_atomic, train_settings,
-                                     unused_training_settings)
+from stages.common.model_files import FileRefused, read_state_file, refusal, weights_problem, write_state_file
+from stages.common.training import CHECKPOINT, fit, reuse_trained, train_settings, unused_training_settings
 from stages.seg.data import PseudoLabelDataset, pseudo_label_items, read_pseudo_label
 from stages.seg.losses import SegLoss
 from stages.seg.model import (MODEL_FILE, SegModelError, build_segmenter, inference_long_side, input_multiple,
@@ -33,7 +33,7 @@ from stages.seg.model import (MODEL_FILE, SegModelError, build_segmenter, infere
 log = logging.getLogger("wss.seg")
 PREDICTIONS = "predictions"
 IMAGE_SCORES = "image_scores.json"  # binary: each image's largest foreground probability (for AUC)
-HOLDOUT_FILE = "holdout_best.pt"
+HOLDOUT_FILE = "holdout_best.safetensors"
 
 
 class SegStage:
@@ -247,7 +247,7 @@ class HoldoutTracker:
         self.state = {"scores": {}, "best_epoch": None, "best_model": None}
         if path.is_file():  # a resumed run: the epochs scored before (an unreadable file: from here on)
             try:
-                self.state = load_saved(path, "held-out scores", None)
+                self.state = read_holdout(path, model)
             except StageInputError as error:
                 log.warning("seg: %s; the epochs trained before are not candidates", error)
 
@@ -272,7 +272,7 @@ class HoldoutTracker:
         if math.isfinite(score) and (best is None or score > self.state["scores"][best]):
             self.state["best_epoch"] = epoch
             self.state["best_model"] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        save_atomic(self.state, self.path)
+        write_holdout(self.path, self.state)
         log.info("seg: epoch %d held-out pseudo-label mIoU %.4f", epoch + 1, score)
 
     def choose(self, model) -> dict:
@@ -284,6 +284,35 @@ class HoldoutTracker:
         model.load_state_dict(self.state["best_model"])
         return {"seg_holdout_epoch": best + 1, "seg_holdout_miou": float(self.state["scores"][best]),
                 "seg_holdout_images": len(self.items)}
+
+
+def write_holdout(path: Path, state: dict) -> None:
+    """The held-out scores ({epoch: mIoU}) and the best epoch's weights, as a safe model file."""
+    write_state_file(path, "holdout", state["best_model"] or {},
+                     {"scores": {str(epoch): score for epoch, score in state["scores"].items()},
+                      "best_epoch": state["best_epoch"]})
+
+
+def read_holdout(path: Path, model: torch.nn.Module) -> dict:
+    """What `write_holdout` wrote, checked (scores per epoch, a best epoch among them whose
+    weights fit `model`); StageInputError in one line otherwise."""
+    saved = read_state_file(path, "holdout", "held-out scores", None)
+    scores, best = saved.meta.get("scores"), saved.meta.get("best_epoch")
+    try:
+        if not isinstance(scores, dict) or not all(k.isdigit() and isinstance(v, (int, float)) and
+                                                    not isinstance(v, bool) for k, v in scores.items()):
+            raise FileRefused("its scores are not numbers by epoch")
+        scores = {int(k): float(v) for k, v in scores.items()}
+        if best is not None and (not isinstance(best, int) or isinstance(best, bool) or best not in scores):
+            raise FileRefused(f"its best epoch {best!r} was not scored")
+        if best is None and saved.tensors:
+            raise FileRefused("weights without a best epoch")
+        problem = weights_problem(model, saved.tensors) if best is not None else None
+        if problem is not None:
+            raise FileRefused(f"{problem}: they are of another model")
+    except FileRefused as reason:
+        raise refusal(path, "held-out scores", str(reason), None) from None
+    return {"scores": scores, "best_epoch": best, "best_model": saved.tensors if best is not None else None}
 
 
 def holdout_choice(artifact: Path) -> dict:
