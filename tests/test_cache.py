@@ -20,6 +20,7 @@ from pipeline.cache import ArtifactStore, CacheError, StageKey
 from pipeline.config import load_config
 from pipeline.runner import Pipeline
 from stages.base import StageInputError, StageResult
+from stages.common.training import CHECKPOINT
 from tests.conftest import DEMO_CONFIG, REPO
 
 
@@ -443,7 +444,7 @@ def test_a_resumed_partial_dir_with_work_in_it_stays_when_the_resumed_run_fails_
 class CheckpointingCam(FakeCam):
     """Trains `epochs_done` epochs (a real checkpoint, as the training loop saves it), writes
     `files` CAM files, then is interrupted; resumed, it finishes. `seconds` moves a fake clock."""
-    resume_files = ("checkpoint.pt",)
+    resume_files = (CHECKPOINT,)
     resume_outputs = ("cams",)
 
     def __init__(self, clock=None, seconds: float = 0.0, epochs_done: int | None = 2, files: int = 0,
@@ -453,13 +454,16 @@ class CheckpointingCam(FakeCam):
             clock, seconds, epochs_done, files, interrupt
 
     def run(self, cfg, dataset, inputs, out, *, resume=False, limit=None) -> StageResult:
-        from stages.common.training import save_atomic
+        import torch
+
+        from stages.common.model_files import write_checkpoint
         self.calls += 1
         if self.clock is not None:
             self.clock.now += self.seconds
         if self.epochs_done is not None:
-            save_atomic({"model": {}, "optimizer": {}, "epoch": self.epochs_done - 1, "history": []},
-                        out / "checkpoint.pt")
+            model = torch.nn.Linear(1, 1)
+            write_checkpoint(out / CHECKPOINT, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             self.epochs_done - 1, [])
         (out / "cams").mkdir(exist_ok=True)
         for i in range(self.files):
             (out / "cams" / f"img{i}.npz").write_text("a CAM")

@@ -145,26 +145,26 @@ def test_an_interrupted_stage_is_named_discarded_aloud_and_timed_whole(cli, tiny
     workdir = tmp_path / "runs"
     args = ["run-stage", "cam", *chain_args(tiny_synthetic, workdir)]
     epochs = int(FAST_CAM["cam.epochs"])
-    real_save = training.save_atomic
+    real_save = training.write_checkpoint
 
     def interrupt_after(count: int):
         saved = []
 
-        def save(obj, path):
-            real_save(obj, path)
+        def save(path, *args):
+            real_save(path, *args)
             saved.append(path)
             if len(saved) == count:
                 raise KeyboardInterrupt
         return save
 
-    monkeypatch.setattr(training, "save_atomic", interrupt_after(2))
+    monkeypatch.setattr(training, "write_checkpoint", interrupt_after(2))
     assert cli(*args).exit_code == 130
     partial, = (workdir / "synthetic").glob(".cam-*.partial")
     status = cli("status", *args[2:])
     line = next(x for x in status.output.splitlines() if x.startswith("cam"))
     assert line == f"cam      interrupted after epoch 2 of {epochs} (resume with --resume)  {partial}"
 
-    monkeypatch.setattr(training, "save_atomic", interrupt_after(1))
+    monkeypatch.setattr(training, "write_checkpoint", interrupt_after(1))
     with caplog.at_level(logging.INFO):
         rerun = cli(*args)
     assert rerun.exit_code == 130
@@ -174,7 +174,7 @@ def test_an_interrupted_stage_is_named_discarded_aloud_and_timed_whole(cli, tiny
     spent = seconds_spent(partial)
     assert spent > 0
 
-    monkeypatch.setattr(training, "save_atomic", real_save)
+    monkeypatch.setattr(training, "write_checkpoint", real_save)
     done = cli(*args, "--resume")
     assert done.exit_code == 0, done.output
     artifact, = (workdir / "synthetic").glob("cam-*")
