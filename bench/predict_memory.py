@@ -70,10 +70,10 @@ def write_large_png(path: Path, side: int) -> Path:
 
 
 def write_tiny_artifact(folder: Path, long_side: int = 512) -> Path:
-    """A seg artifact folder holding model.pt of a small binary Unet-ResNet18 (random weights)."""
+    """A seg artifact folder holding the model file of a small binary Unet-ResNet18 (random weights)."""
     import torch
 
-    from stages.seg.model import build_segmenter, save_segmenter
+    from stages.seg.model import MODEL_FILE, build_segmenter, save_segmenter
 
     torch.manual_seed(0)
     section = SimpleNamespace(arch="Unet", encoder="resnet18", arch_options={"decoder_channels": [64, 32, 16, 16, 16]},
@@ -81,7 +81,7 @@ def write_tiny_artifact(folder: Path, long_side: int = 512) -> Path:
     info = SimpleNamespace(task="binary", classes=["finding"], num_classes=1, palette=[[0, 0, 0], [255, 0, 0]])
     model = build_segmenter(section.arch, section.encoder, None, 1, section.arch_options)
     folder.mkdir(parents=True, exist_ok=True)
-    save_segmenter(model, folder / "model.pt", section, info)
+    save_segmenter(model, folder / MODEL_FILE, section, info)
     return folder
 
 
