@@ -494,3 +494,17 @@ def test_a_reader_sees_the_old_file_or_the_whole_new_one(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         model_files.write_model_file(path, "cam", {"w": torch.zeros(2)}, {"v": 2})
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_model_file_naming_options_outside_its_architecture_is_refused(tmp_path):
+    """A received file's arch_options reach smp and, for a timm encoder, timm, whose keywords
+    include file paths (checkpoint_path): only the architecture's own options are taken."""
+    from stages.common.model_files import read_model_file, write_model_file
+    from stages.seg.model import MODEL_FILE, SegModelError, load_segmenter
+    folder, _ = seg_artifact(tmp_path / "seg")
+    state = read_model_file(folder / MODEL_FILE, "seg", "model", "seg")
+    meta = {**state.meta, "arch_options": {**state.meta["arch_options"], "checkpoint_path": str(tmp_path / "x.pth")}}
+    write_model_file(folder / MODEL_FILE, "seg", state.tensors, meta)
+    with pytest.raises(SegModelError) as refused:
+        load_segmenter(folder, torch.device("cpu"))
+    assert "arch_options 'checkpoint_path' is not an option of Unet" in one_line(refused.value, folder / MODEL_FILE)

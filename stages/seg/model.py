@@ -99,13 +99,20 @@ def load_cam_encoder(model: torch.nn.Module, cam_artifact: Path, encoder: str) -
     load_weights(model.encoder, trunk, path, f"{encoder} encoder (seg.encoder_weights: cam)", "cam", SegModelError)
 
 
+def architecture_options(arch: str) -> set[str] | None:
+    """The keyword options of smp architecture `arch` that a config may set (None: unknown name)."""
+    model_class = smp.MODEL_ARCHITECTURES_MAPPING.get(arch.lower())
+    if model_class is None:
+        return None
+    set_here = {"encoder_name", "encoder_weights", "classes", "in_channels"}
+    return set(inspect.signature(model_class.__init__).parameters) - {"self", "kwargs"} - set_here
+
+
 def _check_options(arch: str, encoder: str, options: dict) -> None:
     """smp passes unknown keywords on to the encoder, which ignores them unless it is a timm one."""
-    model_class = smp.MODEL_ARCHITECTURES_MAPPING.get(arch.lower())
-    if model_class is None or not options:
+    known = architecture_options(arch)
+    if known is None or not options:
         return
-    set_here = {"encoder_name", "encoder_weights", "classes", "in_channels"}
-    known = set(inspect.signature(model_class.__init__).parameters) - {"self", "kwargs"} - set_here
     unknown = [key for key in options if key not in known]
     if unknown and not encoder.startswith("tu-"):
         raise SegModelError(f"seg.arch_options: {arch} has no option {unknown[0]!r} "
@@ -334,6 +341,13 @@ def load_segmenter(path: Path, device: torch.device, classes: list[str] | None =
                             f"dataset has {list(classes)}; use the seg artifact of this config")
     if task is not None and task != meta["task"]:
         raise SegModelError(f"{file}: the model is {meta['task']} but the config's dataset is {task}")
+    # a received file's options reach smp and, for a timm encoder, timm (whose keywords include
+    # file paths such as checkpoint_path): only the architecture's own options are taken
+    known = architecture_options(meta["arch"]) or set()
+    foreign = sorted(set(meta["arch_options"]) - known)
+    if foreign:
+        raise SegModelError(f"{file}: unreadable segmenter model (arch_options {foreign[0]!r} is not an option of "
+                            f"{meta['arch']}); recompute it with wss run --force seg")
     model = build_segmenter(meta["arch"], meta["encoder"], None, channels, meta["arch_options"])
     load_weights(model, state.tensors, file, f"{meta['arch']}/{meta['encoder']} segmenter with {channels} outputs",
                  "seg", SegModelError)
