@@ -167,9 +167,12 @@ def box(x0, y0, x1, y1) -> list[list[float]]:
     return [[x0, y0, x1, y0, x1, y1, x0, y1]]
 
 
-def test_overlaps_take_the_later_instance_and_every_rle_form_decodes_as_pycocotools_does(tmp_path):
+def test_overlaps_take_the_later_instance_and_every_rle_form_decodes_as_pycocotools_does(tmp_path, monkeypatch):
+    import data.coco as coco_module
     from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
+
+    monkeypatch.setattr(coco_module, "_BATCH", 2)  # the file order must survive the index's insert batches
 
     region = np.zeros((30, 40), np.uint8, order="F")
     region[5:25, 20:35] = 1
@@ -184,11 +187,11 @@ def test_overlaps_take_the_later_instance_and_every_rle_form_decodes_as_pycocoto
     annotations = [
         {"image_id": 1, "category_id": 1, "segmentation": box(2, 2, 30, 20)},
         {"image_id": 1, "category_id": 18, "segmentation": box(10, 10, 38, 28)},  # later: wins the overlap
-        {"image_id": 2, "category_id": 90, "segmentation": {"size": [30, 40],
-                                                            "counts": compressed["counts"].decode()}},
         {"image_id": 2, "category_id": 1, "iscrowd": 1,
          "segmentation": {"size": [30, 40], "counts": uncompressed_counts}},
         {"image_id": 2, "category_id": 18, "segmentation": box(0, 0, 25, 10)},
+        {"image_id": 2, "category_id": 90, "segmentation": {"size": [30, 40],       # later: over the dog
+                                                            "counts": compressed["counts"].decode()}},
     ]
     path, images = write_case(tmp_path, annotations)
     report = prepare_coco(path, images, tmp_path / "out", progress=False)
@@ -200,6 +203,7 @@ def test_overlaps_take_the_later_instance_and_every_rle_form_decodes_as_pycocoto
     assert first[15, 20] == 2 and first[5, 5] == 1  # dog (listed later) over person; person alone
     second = dataset.read_mask("COCO_train2014_000000000002")
     assert second[10, 30] == 3 and second[27, 5] == 0 and (second == 255).sum() == 0  # crowd under others
+    assert second[7, 22] == 3  # the toothbrush, listed after the dog, wins their overlap
     assert dataset.label_vector("COCO_train2014_000000000002").tolist() == [1, 1, 1]
 
     annotations[0], annotations[1] = annotations[1], annotations[0]  # the other order: person wins
@@ -250,7 +254,13 @@ def test_bad_annotations_and_files_leave_their_image_out_and_the_rest_is_prepare
         {"image_id": 99, "category_id": 1, "segmentation": box(2, 2, 30, 20)},                 # no such image
         "not an annotation",
     ]
+    images.append((8, 40, 30))
+    annotations.append({"image_id": 8, "category_id": 1, "segmentation": box(2, 2, 30, 20)})  # JPEG cut short
     path, folder = write_case(tmp_path, annotations, images)
+    jpeg = folder / "COCO_train2014_000000000008.jpg"
+    noise = (np.random.default_rng(0).random((30, 40, 3)) * 255).astype(np.uint8)
+    Image.fromarray(noise).save(jpeg, quality=95)
+    jpeg.write_bytes(jpeg.read_bytes()[:1300])  # cut inside the scan: the header reads, the pixels do not
     (folder / "COCO_train2014_000000000005.jpg").unlink()
     Image.fromarray(np.zeros((31, 40, 3), np.uint8)).save(folder / "COCO_train2014_000000000006.jpg")
     report = prepare_coco(path, folder, tmp_path / "out", progress=False)
@@ -263,7 +273,8 @@ def test_bad_annotations_and_files_leave_their_image_out_and_the_rest_is_prepare
     assert any("image is 40x31 but" in line for line in lines)
     assert any("annotation ?: no integer image_id" in line for line in lines)
     assert report.id_lists["listed_images_missing"] == ["COCO_train2014_000000000005"]
-    assert report.counts["annotations_without_image"] == 1 and report.counts["failed"] == 2
+    assert any(line.startswith(str(jpeg)) and "truncated" in line for line in lines)
+    assert report.counts["annotations_without_image"] == 1 and report.counts["failed"] == 3
     assert report.id_lists["images_with_bad_annotations"] == ["COCO_train2014_000000000003",
                                                               "COCO_train2014_000000000004"]
 
