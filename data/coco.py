@@ -490,7 +490,9 @@ def _prepare(files: list[CocoFile], classes: list[str], index: Path, out: Path, 
     manifest = PrepareManifest(out, "coco", report, force)
     writer = DatasetWriter(out, DatasetInfo("coco", "multiclass", classes, default_palette(len(classes) + 1), ".jpg"))
     tasks, present, ids = [], set(), {}
+    index_name, out_name = str(index), str(out)  # one string shared by every task (10^5 of them)
     for coco in files:
+        annotation_file = str(coco.path)
         with os.scandir(coco.images_dir) as entries:
             on_disk = {entry.name for entry in entries}
         for entry in sorted(coco.images.values(), key=lambda e: e.image_id):
@@ -505,8 +507,8 @@ def _prepare(files: list[CocoFile], classes: list[str], index: Path, out: Path, 
             if entry.coco_id in coco.bad_images:
                 report.add_ids("images_with_bad_annotations", [entry.image_id])
                 continue
-            tasks.append(_ImageTask(entry.image_id, entry.coco_id, coco.part, str(coco.path), entry.file,
-                                    entry.width, entry.height, str(index), str(out),
+            tasks.append(_ImageTask(entry.image_id, entry.coco_id, coco.part, annotation_file, entry.file,
+                                    entry.width, entry.height, index_name, out_name,
                                     manifest.previous(entry.image_id), force))
         report.count(f"{coco.part}_listed", len(coco.images))
     labels: dict[str, list[int]] = {}

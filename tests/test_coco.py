@@ -133,6 +133,29 @@ def test_cli_prepare_coco_and_a_first_stage_run(cli, tmp_path):
     assert cams == PreparedDataset(out).split("train")
 
 
+@pytest.mark.slow
+def test_the_sample_through_every_command_with_configs_coco_made_small(cli, sample, tmp_path):
+    """`wss pseudo-labels` and the folder format's other commands: tests/test_folder_e2e.py (the
+    random walk over these 500 px photos takes ~2 s an image on a CPU)."""
+    from tests.test_folder_e2e import SMALL, stage_table
+    small = {**SMALL, "cam.frozen_stages": "-1", "cam.freeze_bn": "false", "irn.backbone_init": "cam",
+             "seg.epochs": "1"}  # no ImageNet weights offline
+    args = ["-c", REPO / "configs" / "coco.yaml", "-o", f"data.root={sample}", "-o", f"run.workdir={tmp_path}",
+            *overrides(small)]
+    run = cli("run", *args)
+    assert run.exit_code == 0, run.output
+    assert stage_table(run.output) == dict.fromkeys(["cam", "irn", "pseudo", "seg"], "ran")
+    for command in (["run-stage", "seg", "--limit", "6"], ["evaluate"],
+                    ["visualize", "--n", "3", "--out", tmp_path / "grid.png"],
+                    ["compare", "--methods", "gap", "--limit", "8", "--out", tmp_path / "compare"],
+                    ["predict", SAMPLES / "val2014", "--out", tmp_path / "pred"]):
+        result = cli(command[0], *args, *command[1:])
+        assert result.exit_code == 0, (command, result.output)
+    rows = json.loads((tmp_path / "coco" / "evaluation.json").read_text())
+    assert {(r["stage"], r["split"]) for r in rows} >= {("cam", "train"), ("seg", "val")}
+    assert len(list((tmp_path / "pred" / "masks").glob("*.png"))) == 5
+
+
 # --------------------------------------------------------------------------------------------
 # Generated files: overlaps, RLE forms, bad input, reruns
 # --------------------------------------------------------------------------------------------

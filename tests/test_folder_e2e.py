@@ -72,6 +72,10 @@ def test_a_nested_multiclass_folder_with_masks_through_every_command(cli, tmp_pa
     new_pseudo = [p for p in (workdir / "mine").glob("pseudo-*") if p != artifacts["pseudo"]]
     assert len(new_pseudo) == 1 and len(list((new_pseudo[0] / "pseudo_labels").glob("*.png"))) == len(train)
 
+    redone = cli("run-stage", "pseudo", *args, "--force")
+    assert redone.exit_code == 0, redone.output
+    assert len(list((artifacts["pseudo"] / "pseudo_labels").glob("*.png"))) == len(train)
+
     evaluated = cli("evaluate", *args)
     assert evaluated.exit_code == 0, evaluated.output
     rows = json.loads((workdir / "mine" / "evaluation.json").read_text())
