@@ -11,7 +11,8 @@
   with the suffix, or its prepared id. Two layouts:
   *long*, a header of two columns the second of which is named ``labels`` (or ``label``,
   ``classes``, ``findings``): the classes present, separated by ``|`` or ``;`` (then a name may
-  hold spaces) or else by spaces; empty = none.
+  hold spaces) or else by spaces; empty = none. (Such a column holding only 1/0/-1 is the wide
+  layout of one class: ``image,label`` with 0/1 is a binary dataset whose class is "label".)
   *wide*, any other header: one column per class holding 1 (present), 0 (absent), -1 (uncertain,
   CheXpert's) or blank (``blank``: negative, CheXpert's "not mentioned", or uncertain). Without
   ``classes``, the columns whose values are such labels are the classes and the others (age,
@@ -203,7 +204,9 @@ def read_label_table(path: str | Path, images: FoundFiles, report: PrepareReport
     if len(header) < 2:
         raise DataError(f"{path}:{header_line}: expected a header with the image column and the labels, "
                         f"got {','.join(header)!r}")
-    long = len(header) == 2 and header[1].lower() in LONG_COLUMN_NAMES
+    # "image,label" holding 1/0 is the wide layout of one class named "label", not class names
+    long = len(header) == 2 and header[1].lower() in LONG_COLUMN_NAMES \
+        and not _is_label_column([cells[1] if len(cells) > 1 else "" for _, cells in lines[1:]], strict=True)
     if long:
         parsed, classes = _long_rows(path, lines[1:], classes, report)
     else:
@@ -336,11 +339,13 @@ def _wide_rows(path: Path, header: list[str], rows, classes: list[str] | None, b
     return parsed, classes
 
 
-def _is_label_column(cells: list[str]) -> bool:
-    """A class column: at least half of its filled cells are labels (the others are then bad rows);
-    a column of words or numbers (age, sex, view) is not one."""
+def _is_label_column(cells: list[str], strict: bool = False) -> bool:
+    """A class column: at least half of its filled cells are labels (the others are then bad rows),
+    or all of them and at least one with ``strict``; a column of words or numbers (age, sex, view)
+    is not one."""
     filled = [cell.strip() for cell in cells if cell.strip()]
-    return 2 * sum(cell in _VALUES for cell in filled) >= len(filled)
+    labels = sum(cell in _VALUES for cell in filled)
+    return labels == len(filled) > 0 if strict else 2 * labels >= len(filled)
 
 
 # --------------------------------------------------------------------------------------------

@@ -216,6 +216,21 @@ def test_long_layout_classes_default_to_the_sorted_names(tmp_path):
         assert dataset.label_vector(encode_id(rel)).tolist() == [label[MULTI.index(c)] for c in sorted(MULTI)]
 
 
+def test_an_image_label_csv_of_zeros_and_ones_is_one_class(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ["a", "b", "c"]:
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(images / f"{name}.png")
+    (tmp_path / "l.csv").write_text("filename,label\na.png,1\nb.png,0\nc.png,\n")
+    prepare_folder(images, tmp_path / "l.csv", tmp_path / "out", progress=False)
+    dataset = PreparedDataset(tmp_path / "out")
+    assert dataset.task == "binary" and dataset.classes == ["label"]
+    assert [dataset.label_vector(i)[0] for i in "abc"] == [1, 0, 0]
+    (tmp_path / "l.csv").write_text("filename,label\na.png,cat\nb.png,1\nc.png,\n")  # names: the long layout
+    prepare_folder(images, tmp_path / "l.csv", tmp_path / "out2", progress=False)
+    assert PreparedDataset(tmp_path / "out2").classes == ["1", "cat"]
+
+
 def test_long_layout_separators():
     assert split_names("cat|dog") == ["cat", "dog"] and split_names("cat; dog ;") == ["cat", "dog"]
     assert split_names("cat dog") == ["cat", "dog"] and split_names("Pleural Effusion|Edema") == [
