@@ -15,7 +15,7 @@ from data.layout import PreparedDataset, encode_id, read_index_png
 from tests.conftest import REPO, overrides
 from tests.test_folder import make_user_folder, user_path
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CONFIG = REPO / "configs" / "folder.yaml"
 
 # What the test changes in configs/folder.yaml: offline, 64 px, seconds.
