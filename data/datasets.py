@@ -43,13 +43,15 @@ class AugmentedDataset(Dataset):
 
 
 class ClassificationDataset(AugmentedDataset):
-    """Augmented crops with the image-level label vector (stage 1)."""
+    """Augmented crops with the image-level label vector (stage 1): 1 present, 0 absent, -1 where
+    the dataset marks the class uncertain (the loss leaves those entries out)."""
 
     def item(self, index: int, epoch: int) -> dict:
         image_id = self.ids[index]
         image, _, _ = train_augment(self.rng(index, epoch), self.dataset.read_image(image_id), None,
                                     self.long_range, self.crop)
-        return {"image": uint8_tensor(image), "label": torch.from_numpy(self.dataset.label_vector(image_id))}
+        return {"image": uint8_tensor(image),
+                "label": torch.from_numpy(self.dataset.training_label_vector(image_id))}
 
 
 class LabelMapDataset(AugmentedDataset):

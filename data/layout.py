@@ -6,8 +6,14 @@
     <root>/splits/<name>.txt   one image id per line
     <root>/images/<id><ext>    8-bit grayscale or RGB images
     <root>/masks/<id>.png      class indices (0 = background, 255 = ignore); evaluation only
+    <root>/uncertain.csv       optional: image_id + one column per class, 1 where the label is
+                               uncertain (CheXpert's -1); labels.csv holds 0 there
 
-Readers stream from disk: nothing but the labels table is held in memory.
+An id is a plain file name: an image found at ``patient1/scan2.png`` under a user's folder is
+the id ``patient1%2Fscan2`` (see :func:`encode_id`), so that every per-image file of the layout
+and of every artifact stays one flat folder.
+
+Readers stream from disk: nothing but the labels tables are held in memory.
 """
 from __future__ import annotations
 
@@ -28,6 +34,25 @@ from data.images import open_image
 
 TASKS = ("binary", "multiclass")
 IGNORE_INDEX = 255
+UNCERTAIN_NAME = "uncertain.csv"
+
+# Characters an id cannot hold as they are: "%" (the escape itself) and the path separators.
+_ESCAPED = {"%": "%25", "/": "%2F", "\\": "%5C"}
+
+
+def encode_id(relative: str) -> str:
+    """The prepared id of an image at path ``relative`` (POSIX separators, suffix removed) below a
+    user's folder: "%", "/" and "\\" percent-encoded, so that the id is one file name in every
+    flat folder of the layout and of the artifacts (images/, masks/, cams/, pseudo_labels/,
+    predictions/ ...). Reversible (:func:`decode_id`, or urllib.parse.unquote) and without
+    collisions: two paths never give one id. A name without those characters is its own id."""
+    return "".join(_ESCAPED.get(c, c) for c in relative)
+
+
+def decode_id(image_id: str) -> str:
+    """The relative path (without suffix) that :func:`encode_id` made ``image_id`` from."""
+    from urllib.parse import unquote
+    return unquote(image_id)
 
 
 def default_palette(n_colors: int) -> list[list[int]]:
@@ -195,6 +220,11 @@ class PreparedDataset:
         except (json.JSONDecodeError, TypeError) as error:
             raise DataError(f"{info_path}: {error}") from None
         self.labels = read_labels(self.root / "labels.csv", self.info.classes)
+        uncertain = self.root / UNCERTAIN_NAME
+        # (image, class) labels not known (CheXpert's -1 under --uncertain ignore): only datasets
+        # that have them hold the file; their labels.csv says 0 there
+        self.uncertain = ({image_id: row for image_id, row in read_labels(uncertain, self.info.classes).items()
+                           if row.any()} if uncertain.is_file() else {})
 
     @property
     def name(self) -> str:
@@ -222,8 +252,22 @@ class PreparedDataset:
         return ids
 
     def label_vector(self, image_id: str) -> np.ndarray:
-        """Multi-hot float32 vector over the foreground classes."""
+        """Multi-hot float32 vector over the foreground classes (an uncertain class is 0: absent)."""
         return self.labels[image_id]
+
+    def training_label_vector(self, image_id: str) -> np.ndarray:
+        """The label vector the classifier trains on: 1 present, 0 absent, -1 uncertain (its loss
+        leaves that entry out, see stages.cam.nets.classification_loss)."""
+        uncertain = self.uncertain.get(image_id)
+        if uncertain is None:
+            return self.labels[image_id]
+        return np.where(uncertain > 0, np.float32(-1), self.labels[image_id]).astype(np.float32)
+
+    def has_uncertain(self, image_id: str) -> bool:
+        """Whether a class of the image is uncertain: the stages whose loss cannot leave one class
+        out (the IRN's seeds and the segmenter's pseudo-labels, both made from CAMs of the certain
+        classes) do not train on such an image."""
+        return image_id in self.uncertain
 
     def image_path(self, image_id: str) -> Path:
         return self.root / "images" / f"{image_id}{self.info.image_ext}"
@@ -300,6 +344,9 @@ class PreparedDataset:
         boxes = self.root / "boxes.csv"  # NIH: the cam stage scores localization against them
         if boxes.is_file():
             digest.update(b"boxes.csv\n" + boxes.read_bytes())
+        uncertain = self.root / UNCERTAIN_NAME  # only where a dataset has one: others keep their fingerprint
+        if uncertain.is_file():
+            digest.update(f"{UNCERTAIN_NAME}\n".encode() + uncertain.read_bytes())
         for sub in ["splits", "images", "masks"]:
             folder = self.root / sub
             if not folder.is_dir():
@@ -399,6 +446,22 @@ class DatasetWriter:
             writer.writerow(["image_id", *self.info.classes])
             for image_id in sorted(labels):
                 writer.writerow([image_id, *[int(v) for v in labels[image_id]]])
+        os.replace(tmp, path)
+
+    def write_uncertain(self, uncertain: dict[str, np.ndarray | list[int]]) -> None:
+        """uncertain.csv (1 = the class's label is uncertain) for the images that have such a class;
+        none: the file is removed (one left by an earlier preparation would hold stale entries)."""
+        path = self.root / UNCERTAIN_NAME
+        rows = {image_id: row for image_id, row in uncertain.items() if any(row)}
+        if not rows:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["image_id", *self.info.classes])
+            for image_id in sorted(rows):
+                writer.writerow([image_id, *[int(v) for v in rows[image_id]]])
         os.replace(tmp, path)
 
     def write_split(self, name: str, ids: list[str]) -> None:

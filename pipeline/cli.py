@@ -272,6 +272,83 @@ def prepare_nih_command(images_dir: Path, data_entry: Path, boxes: Path, out: Pa
                                size=size or None, force=force))
 
 
+@prepare.command("folder")
+@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder searched recursively for images (any format Pillow reads) and DICOMs; an image's "
+                   "id is its path below it without the suffix.")
+@click.option("--labels", "labels_csv", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="CSV naming each image (id or path) with its classes: long 'image,labels' (names "
+                   "separated by |, ; or spaces) or wide (one 1/0/-1/blank column per class).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--masks", "masks_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Ground-truth masks for scoring only: <id>.png class indices (255 ignore), or 0/255 for one class.")
+@click.option("--splits", "splits_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of <name>.txt image lists; without it a label-stratified train/val split.")
+@click.option("--classes", "classes_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Class names, one a line, in index order (default: the wide CSV's columns / the sorted names).")
+@click.option("--uncertain", type=click.Choice(["ignore", "positive", "negative"]), default="ignore",
+              show_default=True, help="A -1 label: left out of the classifier's loss (and the image out of IRN and "
+                                      "segmenter training), or taken as present / absent.")
+@click.option("--blank", type=click.Choice(["negative", "uncertain"]), default="negative", show_default=True,
+              help="A blank cell of the wide layout (CheXpert: not mentioned).")
+@click.option("--size", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Longer image side after resizing, aspect kept (0 keeps each image's size).")
+@click.option("--val-fraction", default=0.1, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--name", default=None,
+              help="Dataset name, the folder of its artifacts (default: the --out folder's name).")
+@click.option("--workers", default=1, show_default=True, help="Worker processes.")
+@click.option("--force", is_flag=True,
+              help="Redo every image instead of keeping those whose inputs are unchanged (files whose "
+                   "content comes out the same are kept); also accepts another --size.")
+def prepare_folder_command(images_dir: Path, labels_csv: Path, out: Path, masks_dir: Path | None,
+                           splits_dir: Path | None, classes_file: Path | None, uncertain: str, blank: str, size: int,
+                           val_fraction: float, seed: int, name: str | None, workers: int, force: bool):
+    """Your own dataset: a folder of images + a label CSV -> prepared layout (resumable: a rerun
+    redoes what changed in the inputs and removes what they lost).
+
+    \b
+    Example:
+      wss prepare folder --images xrays/ --labels findings.csv --out runs/data/xrays --size 512 --workers 8
+    """
+    from data.folder import prepare_folder
+    setup_logging()
+    finish_prepare(prepare_folder(images_dir, labels_csv, out, masks_dir=masks_dir, splits_dir=splits_dir,
+                                  classes_file=classes_file, uncertain=uncertain, blank=blank, size=size or None,
+                                  val_fraction=val_fraction, seed=seed, name=name, workers=workers, force=force))
+
+
+@prepare.command("coco")
+@click.option("--annotations", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="instances_train2014.json (its images form the train split).")
+@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The train2014 image folder.")
+@click.option("--val-annotations", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="instances_val2014.json (its images form the val split).")
+@click.option("--val-images", "val_images_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="The val2014 image folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--workers", default=1, show_default=True, help="Worker processes.")
+@click.option("--force", is_flag=True,
+              help="Redo every image instead of keeping those whose inputs are unchanged (files whose "
+                   "content comes out the same are kept).")
+def prepare_coco_command(annotations: Path, images_dir: Path, val_annotations: Path | None,
+                         val_images_dir: Path | None, out: Path, workers: int, force: bool):
+    """MS COCO 2014: instances JSON + images -> prepared layout, 80 classes, semantic masks from
+    the instances (a rerun redoes what changed in the inputs and removes what they lost).
+
+    \b
+    Example:
+      wss prepare coco --annotations coco/annotations/instances_train2014.json --images coco/train2014 \\
+          --val-annotations coco/annotations/instances_val2014.json --val-images coco/val2014 \\
+          --out runs/data/coco --workers 8
+    """
+    from data.coco import prepare_coco
+    setup_logging()
+    finish_prepare(prepare_coco(annotations, images_dir, out, val_annotations, val_images_dir, workers,
+                                force=force))
+
+
 # ---------------------------------------------------------------------------------- run stages
 @main.command("run-stage")
 @click.argument("stage")

@@ -1,5 +1,7 @@
-"""The configs users start from: each loads, every method preset layers over each, and
-configs/siim.yaml runs its whole chain on the real SIIM samples as `wss prepare siim` writes them.
+"""The configs users start from: each loads, every method preset layers over each, each dataset
+config passes the segmenter's checks on its dataset (folder.yaml on a binary and a multiclass
+folder), and configs/siim.yaml runs its whole chain on the real SIIM samples as `wss prepare siim`
+writes them (configs/folder.yaml runs every command in tests/test_folder_e2e.py).
 
 Only what makes the run fit a test is overridden (no ImageNet download, small images, one or two
 epochs); the rest is the shipped file: DropBlock classifier with BCE, IRN on positive images
@@ -13,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data.coco import prepare_coco
+from data.folder import prepare_folder
 from data.layout import PreparedDataset, read_index_png
 from data.siim import prepare_siim
 from data.voc import prepare_voc
@@ -71,7 +75,38 @@ def voc_samples(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name, dataset_fixture", [("siim", "siim_samples"), ("voc", "voc_samples")])
+@pytest.fixture(scope="module")
+def coco_samples(tmp_path_factory) -> Path:
+    coco = SAMPLES / "coco"
+    need(coco / "train2014")
+    out = tmp_path_factory.mktemp("coco") / "prepared"
+    prepare_coco(coco / "annotations" / "instances_train2014.json", coco / "train2014", out,
+                 coco / "annotations" / "instances_val2014.json", coco / "val2014", progress=False)
+    return out
+
+
+def prepared_folder(tmp_path_factory, variant: str) -> Path:
+    from tests.test_folder import make_user_folder
+    case = make_user_folder(tmp_path_factory.mktemp("user"), n=8, variant=variant, formats=False)
+    out = tmp_path_factory.mktemp("folder") / "prepared"
+    prepare_folder(case["images"], case["csv"], out, masks_dir=case["masks"], classes_file=case["classes_file"],
+                   progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder_binary(tmp_path_factory) -> Path:
+    return prepared_folder(tmp_path_factory, "binary")
+
+
+@pytest.fixture(scope="module")
+def folder_multiclass(tmp_path_factory) -> Path:
+    return prepared_folder(tmp_path_factory, "multiclass")
+
+
+@pytest.mark.parametrize("name, dataset_fixture", [("siim", "siim_samples"), ("voc", "voc_samples"),
+                                                   ("coco", "coco_samples"), ("folder", "folder_binary"),
+                                                   ("folder", "folder_multiclass")])
 def test_the_segmenter_of_each_dataset_config_passes_its_checks_on_that_dataset(name, dataset_fixture, request,
                                                                                  monkeypatch):
     """What `wss run` checks before training (architecture, encoder, losses for the task, crop),
@@ -91,8 +126,11 @@ def test_the_segmenter_of_each_dataset_config_passes_its_checks_on_that_dataset(
         SegStage().preflight(cfg, PreparedDataset(root))
 
 
-def test_voc_config_status_on_the_prepared_voc_samples(cli, voc_samples, tmp_path):
-    result = cli("status", "-c", REPO / "configs" / "voc.yaml", "-o", f"data.root={voc_samples}",
+@pytest.mark.parametrize("name, dataset_fixture", [("voc", "voc_samples"), ("coco", "coco_samples"),
+                                                   ("folder", "folder_binary"), ("folder", "folder_multiclass")])
+def test_dataset_config_status_on_its_prepared_dataset(cli, name, dataset_fixture, request, tmp_path):
+    root = request.getfixturevalue(dataset_fixture)
+    result = cli("status", "-c", REPO / "configs" / f"{name}.yaml", "-o", f"data.root={root}",
                  "-o", f"run.workdir={tmp_path}")
     assert result.exit_code == 0, result.output
     for stage in ("cam", "irn", "pseudo", "seg"):

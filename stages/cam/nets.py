@@ -19,9 +19,17 @@ from stages.common.backbones import ResNetFeatures
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """Multi-label loss over (B, C) logits and 0/1 labels. A label of -1 (uncertain, see
+    data.datasets.ClassificationDataset) is left out: the loss is the mean over the known entries,
+    which both kinds reduce to (soft margin is the mean of the per-entry binary cross-entropy)."""
+    logits, labels = logits.float(), labels.float()
+    known = labels >= 0
+    if not bool(known.all()):
+        per_entry = F.binary_cross_entropy_with_logits(logits, labels.clamp(min=0), reduction="none")
+        return (per_entry * known).sum() / known.sum().clamp(min=1)
     if kind == "bce":
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-    return F.multilabel_soft_margin_loss(logits.float(), labels.float())
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    return F.multilabel_soft_margin_loss(logits, labels)
 
 
 class CamNet(nn.Module):

@@ -54,8 +54,11 @@ def irn_fields(section: IrnConfig, pseudo: bool) -> dict:
 
 
 def training_ids(dataset: PreparedDataset, ids: list[str], positive_only: bool) -> list[str]:
+    """The seeded images the IRN trains on: not those with an uncertain class (their seeds come
+    from the certain classes' CAMs alone, and would teach that class's region as background)."""
+    ids = [i for i in ids if not dataset.has_uncertain(i)]
     if not positive_only:
-        return list(ids)
+        return ids
     return [i for i in ids if dataset.label_vector(i).any()]
 
 

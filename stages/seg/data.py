@@ -17,10 +17,14 @@ def pseudo_label_items(dataset: PreparedDataset, ids: list[str], label_dir: Path
 
     None means "all background": in a binary dataset an image labelled negative has no
     pseudo-label because there is nothing to find in it. Any other image without one, or whose
-    pseudo-label does not decode or fit its image, is skipped.
+    pseudo-label does not decode or fit its image, is skipped. An image with an uncertain class
+    is not trained on (its pseudo-label is made from the certain classes' CAMs alone) and not
+    listed either: it is no failure.
     """
     items, failures = [], []
     for image_id in ids:
+        if dataset.has_uncertain(image_id):
+            continue
         path = label_dir / f"{image_id}.png"
         if path.is_file():
             problem = dataset.label_problem(image_id, path)
