@@ -42,11 +42,31 @@ import numpy as np
 from PIL import Image
 
 from data.errors import DataError
+from data.images import open_image
 from data.json_stream import iter_top_level
-from data.layout import IGNORE_INDEX, DatasetInfo, DatasetWriter, create_folder, default_palette
-from data.prepare_manifest import (FORCED, LABELS, NEW, SOURCE, UNCHANGED, UNKNOWN, VERIFIED, PrepareManifest,
-                                   copy_file_if_changed, digest, file_stamp, item_change, output_stamps,
-                                   write_mask_if_changed)
+from data.layout import (
+    IGNORE_INDEX,
+    DatasetInfo,
+    DatasetWriter,
+    create_folder,
+    default_palette,
+)
+from data.prepare_manifest import (
+    FORCED,
+    LABELS,
+    NEW,
+    SOURCE,
+    UNCHANGED,
+    UNKNOWN,
+    VERIFIED,
+    PrepareManifest,
+    copy_file_if_changed,
+    digest,
+    file_stamp,
+    item_change,
+    output_stamps,
+    write_mask_if_changed,
+)
 from data.prepare_report import PrepareReport, nothing_prepared_reason, parallel_map
 
 INDEX_PREFIX = ".coco-index-"  # + a name unique to the run, ".sqlite": the temporary annotation index
@@ -388,7 +408,7 @@ def _check_jpeg(task: _ImageTask) -> None:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             size = image.size
             image.draft(image.mode, (size[0] // 8, size[1] // 8))
             image.load()

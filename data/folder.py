@@ -53,12 +53,39 @@ from PIL import Image
 from data.dicom import is_dicom
 from data.errors import DataError
 from data.image_files import image_file_size, image_suffixes, read_image_file
-from data.layout import IGNORE_INDEX, DatasetInfo, DatasetWriter, default_palette, encode_id
-from data.prepare_manifest import (FORCED, LABELS, NEW, UNCHANGED, UNKNOWN, VERIFIED, PrepareManifest, digest,
-                                   file_stamp, item_change, output_stamps, source_not_newer, unknown_change,
-                                   write_mask_if_changed)
-from data.prepare_report import (PrepareReport, check_options, check_size_stamp, nothing_prepared_reason,
-                                 parallel_map, resize_image, save_png)
+from data.images import open_image
+from data.layout import (
+    IGNORE_INDEX,
+    DatasetInfo,
+    DatasetWriter,
+    default_palette,
+    encode_id,
+)
+from data.prepare_manifest import (
+    FORCED,
+    LABELS,
+    NEW,
+    UNCHANGED,
+    UNKNOWN,
+    VERIFIED,
+    PrepareManifest,
+    digest,
+    file_stamp,
+    item_change,
+    output_stamps,
+    source_not_newer,
+    unknown_change,
+    write_mask_if_changed,
+)
+from data.prepare_report import (
+    PrepareReport,
+    check_options,
+    check_size_stamp,
+    nothing_prepared_reason,
+    parallel_map,
+    resize_image,
+    save_png,
+)
 
 STAMP_NAME = "folder.json"  # --size, recorded for resuming
 UNCERTAIN_POLICIES = ("ignore", "positive", "negative")
@@ -433,7 +460,7 @@ def read_user_mask(path: str | Path, size: tuple[int, int], num_classes: int) ->
     height); see the module doc. DataError naming the file otherwise."""
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             mode = image.mode
             values = np.array(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
@@ -484,7 +511,7 @@ def _finished(path: Path, size: tuple[int, int]) -> bool:
     if not path.is_file():
         return False
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.load()
             return image.size == size
     except (OSError, ValueError, SyntaxError):  # Pillow's errors for damaged files

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 
 from data.dicom import dicom_shape, is_dicom, read_dicom
 from data.errors import DataError
+from data.images import open_image
 from data.nih import to_grayscale
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
@@ -41,7 +42,7 @@ def read_image_file(path: str | Path) -> np.ndarray:
     if is_dicom(path):
         return read_dicom(path)
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             frames = getattr(image, "n_frames", 1)
             if frames > 1:
                 raise DataError(f"{path}: holds {frames} frames (a stack or an animation), not one image")
@@ -68,7 +69,7 @@ def image_file_size(path: str | Path) -> tuple[int, int]:
         height, width = dicom_shape(path)
         return width, height
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             width, height = image.size
             turned = image.getexif().get(_ORIENTATION) in _TURNED
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:

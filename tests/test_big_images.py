@@ -353,3 +353,17 @@ def test_predicting_a_large_image_takes_memory_by_its_pixels_not_many_copies(mod
     assert result["written"] == ["large"]
     assert read_index_png(tmp_path / "large" / "masks" / "large.png").shape == (side, side)
     assert result["extra_mib"] < 16 * side * side / 2**20, result
+
+
+def test_the_folder_and_coco_readers_refuse_an_image_over_the_bound(monkeypatch, tmp_path):
+    """The readers of `wss prepare folder` (images and masks) and `wss prepare coco` (its JPEG
+    check) open files through data.images.open_image: one line naming the file, no decoding."""
+    import data.images
+    from data.errors import DataError
+    from data.image_files import image_file_size, read_image_file
+    path = tmp_path / "wide.png"
+    Image.new("L", (50, 40)).save(path)
+    monkeypatch.setattr(data.images, "MAX_IMAGE_PIXELS", 1000)
+    for read in (read_image_file, image_file_size):
+        with pytest.raises(DataError, match=r"wide\.png: image of 50x40 pixels .* larger than the 1000 pixels"):
+            read(path)
