@@ -1,24 +1,25 @@
-"""Run configuration: a YAML file plus dotted command-line overrides, validated into dataclasses.
+"""Run configuration: YAML files plus dotted command-line overrides, validated into pydantic models.
 
-Each stage owns the dataclass of its section (stages/<name>/config.py); this module composes
-them, checks every key and type, and names the file and key in every error.
+Each stage owns the model of its section (stages/<name>/config.py, built from
+stages.common.settings); this module composes them with `data` and `run`, reads files (`base:`
+chains, layers, duplicate keys) and overrides, and names the file or override and the key in
+every error.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import math
 import shlex
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Union
 
 import yaml
+from pydantic import AfterValidator, BaseModel, Field, PrivateAttr, ValidationError
+from pydantic_core import PydanticCustomError
 
 from data.errors import WssError
 from stages.cam.config import CamConfig
+from stages.common.settings import Section, describe_error, section_type
 from stages.irn.config import IrnConfig
 from stages.seg.config import SegConfig
 
@@ -27,40 +28,64 @@ class ConfigError(WssError):
     pass
 
 
-@dataclass
-class DataConfig:
-    root: str = "runs/data/synthetic"  # the prepared dataset directory (`wss prepare ...`)
-    train_split: str = "train"
-    val_split: str = "val"
+class DataConfig(Section):
+    """The prepared dataset and the splits the stages use."""
+
+    root: str = Field("runs/data/synthetic", description="A prepared dataset (`wss prepare ...`).")
+    train_split: str = Field(
+        "train", description="Stages 1-2 train on it and are scored on its masks, as in IRNet; the segmenter "
+                             "trains on its pseudo-labels.")
+    val_split: str = Field(
+        "val", description="The classifier's AUC and the segmenter are scored there. Another of the dataset's "
+                           "splits re-scores stage 1's classifier and has the trained segmenter predict it: nothing "
+                           "is retrained. Adding or editing a file in `splits/` changes the dataset's fingerprint, "
+                           "which retrains every stage.")
 
 
-@dataclass
-class RunConfig:
-    """How to run, not what to compute: only `seed` enters the cache keys (another seed trains
-    other models)."""
-    workdir: str = "runs"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
-    workers: int = -1  # data-loader and per-image worker processes; -1 = one per core, max 8
-    verbose: bool = False
+def device_name(value: str) -> str:
+    if not (value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())):
+        raise PydanticCustomError("setting", "must be auto, cpu, cuda or cuda:N")
+    return value
 
 
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    cam: CamConfig = field(default_factory=CamConfig)
-    irn: IrnConfig = field(default_factory=IrnConfig)
-    seg: SegConfig = field(default_factory=SegConfig)
-    source: str = field(default="<defaults>", metadata={"internal": True})
-    overrides: tuple[str, ...] = field(default=(), metadata={"internal": True})
+class RunConfig(Section):
+    """How to run, not what to compute: only `seed` enters the cache keys."""
+
+    workdir: str = Field("runs", description="Where artifacts, reports and evaluations go.")
+    device: Annotated[str, AfterValidator(device_name)] = Field(
+        "auto", description="`auto` (a CUDA GPU if there is one), `cpu`, `cuda` or `cuda:N`.")
+    seed: int = Field(0, ge=0, description="Another seed trains other models; the runs repeat to the last digit "
+                                           "with one seed.")
+    workers: int = Field(-1, ge=-1, description="Data-loader and per-image worker processes; -1: one per core, at "
+                                                "most 8.")
+    verbose: bool = Field(False, description="Debug logging.")
+
+
+class Config(Section):
+    """A whole run config. `source` and `overrides` say where it came from (for commands that an
+    error message suggests); they are not settings."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    cam: CamConfig = Field(default_factory=CamConfig)
+    irn: IrnConfig = Field(default_factory=IrnConfig)
+    seg: SegConfig = Field(default_factory=SegConfig)
+    _source: str = PrivateAttr("<defaults>")
+    _overrides: tuple[str, ...] = PrivateAttr(())
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        return self._overrides
 
     def section(self, name: str) -> Any:
         return getattr(self, name)
 
     def to_dict(self) -> dict:
-        return {f.name: dataclasses.asdict(getattr(self, f.name))
-                for f in dataclasses.fields(self) if not f.metadata.get("internal")}
+        return self.model_dump()
 
     def cli_args(self) -> str:
         """`-c FILE -o key=value ...` of this config, for commands that an error message suggests."""
@@ -80,17 +105,17 @@ def load_config(path: str | Path | list | tuple | None, overrides: list[str] | t
     raw: dict = {}
     for one in paths:
         layer = read_yaml_with_base(one)
-        build(Config, layer, where=str(one), prefix="")
+        validate(layer, where=str(one))
         raw = deep_merge(raw, layer)
     where = " + ".join(str(p) for p in paths) or "<defaults>"
-    config = build(Config, raw, where=where, prefix="")
+    config = validate(raw, where=where)
     for item in overrides:  # one at a time, so that an error names the override, not the file
         key, value = parse_override(item)
         set_dotted(raw, key, value, where=f"override {item!r}", config=config)
-        config = build(Config, raw, where=f"override {item!r}", prefix="")
+        config = validate(raw, where=f"override {item!r}")
     check_across_fields(config, where + "".join(f" + override {item!r}" for item in overrides))
-    config.source = " -c ".join(str(p) for p in paths) or "<defaults>"
-    config.overrides = tuple(overrides)
+    config._source = " -c ".join(str(p) for p in paths) or "<defaults>"
+    config._overrides = tuple(overrides)
     return config
 
 
@@ -123,7 +148,7 @@ def read_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = raw.pop("base", None)
-    build(Config, raw, where=str(path), prefix="")  # before merging, so that an error names this file
+    validate(raw, where=str(path))  # before merging, so that an error names this file
     if base is None:
         return raw
     if not isinstance(base, str) or not base.strip():
@@ -168,22 +193,34 @@ def refuse_duplicate_keys(node: yaml.Node, prefix: str, visited: set[int]) -> No
             refuse_duplicate_keys(item, f"{prefix.rstrip('.')}[{index}].", visited)
 
 
-def deep_merge(base: dict, top: dict, cls: type = None) -> dict:
-    """`top` over `base`: sections and nested sections (dataclasses) merge key by key; any other
+def validate(raw: dict, where: str) -> Config:
+    """The Config of a raw mapping; the first problem is one line naming `where` and the key."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{where}: {describe_error(error, Config)}") from None
+
+
+def deep_merge(base: dict, top: dict, model: type[BaseModel] = Config) -> dict:
+    """`top` over `base`: sections and nested sections (`irn.crf`) merge key by key; any other
     value, a mapping-valued setting such as `seg.losses` included, is replaced whole, as `-o`
     replaces it (a base's `{ce: 1, dice: 1}` under `{lovasz: 1}` is lovasz alone)."""
-    cls = cls or Config
-    hints = typing.get_type_hints(cls)
     out = dict(base)
     for key, value in top.items():
-        hint = hints.get(key)
-        if value is None and dataclasses.is_dataclass(hint):
+        section = section_of(model, key)
+        if value is None and section is not None:
             value = {}  # a section left empty (its keys commented out) changes nothing
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and dataclasses.is_dataclass(hint):
-            out[key] = deep_merge(out[key], value, hint)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and section is not None:
+            out[key] = deep_merge(out[key], value, section)
         else:
             out[key] = value
     return out
+
+
+def section_of(model: type[BaseModel] | None, key: Any) -> type[BaseModel] | None:
+    """The model of `model`'s section `key`, or None when `key` is a setting or unknown."""
+    field = model.model_fields.get(key) if model is not None and isinstance(key, str) else None
+    return section_type(field.annotation) if field is not None else None
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -204,11 +241,14 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def field_hint(dotted_key: str) -> Any:
     """The type of the setting a dotted key names, or None when there is no such setting."""
-    hint: Any = Config
+    model: type[BaseModel] | None = Config
+    hint: Any = None
     for part in dotted_key.split("."):
-        if not dataclasses.is_dataclass(hint):
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
             return None
-        hint = typing.get_type_hints(hint).get(part)
+        hint = field.annotation
+        model = section_type(hint)
     return hint
 
 
@@ -230,140 +270,21 @@ def set_dotted(raw: dict, key: str, value: Any, where: str, config: Config | Non
     parts = key.split(".")
     node, current = raw, config
     for part in parts[:-1]:
-        value_now = getattr(current, part, None) if current is not None else None
+        value_now = setting_value(current, part)
         if node.get(part) is None:  # absent, or a section the file leaves empty
             node[part] = dict(value_now) if isinstance(value_now, dict) else {}
         child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"{where}: {part!r} is not a section")
         node = child
-        current = value_now if dataclasses.is_dataclass(value_now) else None
+        current = value_now if isinstance(value_now, BaseModel) else None
     last = parts[-1]
-    target = getattr(current, last, None) if current is not None else None
-    if isinstance(value, dict) and isinstance(node.get(last), dict) and dataclasses.is_dataclass(target):
+    target = setting_value(current, last)
+    if isinstance(value, dict) and isinstance(node.get(last), dict) and isinstance(target, BaseModel):
         value = deep_merge(node[last], value, type(target))  # a section merges key by key, as in a file
     node[last] = value
 
 
-def build(cls: type, raw: Any, where: str, prefix: str) -> Any:
-    """Instantiate dataclass `cls` from a mapping, checking keys and types recursively."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
-            raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
-    values = {}
-    for name, f in fields.items():
-        if name in raw:
-            values[name] = check_value(hints[name], raw[name], where, f"{prefix}{name}")
-            check_range(name, values[name], where, f"{prefix}{name}")
-    return cls(**values)
-
-
-# Allowed values by key name, in whichever section the key appears, so that `lr=-1`, `epochs=0`
-# or a threshold of 30 (meant 0.30) fail when the config loads, not hours into a run.
-# (low, high) inclusive, None = open; keys in ABOVE_LOW must be strictly greater than low.
-RANGES: dict[str, tuple[float | None, float | None]] = {
-    "epochs": (1, None), "batch_size": (1, None), "crop_size": (16, None), "resize_long": (16, None),
-    "predict_size": (16, None), "lr": (0, None), "head_lr_mult": (0, None), "momentum": (0, 1),
-    "weight_decay": (0, None), "dropblock_prob": (0, 1), "dropblock_size": (1, None),
-    "frozen_stages": (-1, 4),
-    "pylon_channels": (1, None), "multiscale_stages": (0, 4), "minmax_k": (0, None),
-    "minmax_entropy_weight": (0, None), "minmax_erase_steps": (0, None), "scales": (0, None),
-    "eval_bg_threshold": (0, 1), "conf_fg_threshold": (0, 1), "conf_bg_threshold": (0, 1),
-    "sem_seg_bg_threshold": (0, 1), "threshold": (0, 1), "holdout_fraction": (0, 0.9),
-    "radius": (2, None),  # radius 1 holds no pair: a pair is nearer than the radius
-    "walk_radius": (1, None), "beta": (0, None), "exp_times": (0, 16),
-    "gt_prob": (0, 0.99), "gauss_sxy": (0, None), "bilateral_sxy": (0, None), "bilateral_srgb": (0, None),
-    "gauss_compat": (0, None), "bilateral_compat": (0, None), "iterations": (1, None), "workers": (-1, None),
-    "losses": (0, None),  # the weight of each loss
-    "seed": (0, None),
-}
-ABOVE_LOW = {"lr", "head_lr_mult", "minmax_k", "scales", "beta", "gt_prob", "gauss_sxy", "bilateral_sxy",
-             "bilateral_srgb", "holdout_fraction"}
-NOT_EMPTY = {"scales", "multiscale_stages", "losses"}
-DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
-
-
-def check_range(name: str, value: Any, where: str, key: str) -> None:
-    if name == "device" and not (value in ("auto", "cpu", "cuda") or
-                                 (str(value).startswith("cuda:") and str(value)[5:].isdigit())):
-        raise ConfigError(f"{where}: {key} must be {DEVICE_NAMES}, got {value!r}")
-    if name == "resize_long" and (len(value) != 2 or value[0] > value[1]):
-        raise ConfigError(f"{where}: {key} must be [shortest, longest] long side, got {value!r}")
-    if name in NOT_EMPTY and not value:
-        raise ConfigError(f"{where}: {key} must not be empty")
-    if name not in RANGES or value is None:
-        return
-    low, high = RANGES[name]
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
-    for item in items:
-        below = low is not None and (item <= low if name in ABOVE_LOW else item < low)
-        if below or (high is not None and item > high):
-            bound = (f"> {low}" if name in ABOVE_LOW else f">= {low}") if high is None else \
-                f"in {'(' if name in ABOVE_LOW else '['}{low}, {high}]"
-            raise ConfigError(f"{where}: {key} must be {bound}, got {item!r}")
-
-
-def check_value(hint: Any, value: Any, where: str, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return build(hint, value, where, f"{key}.")
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return check_value(option, value, where, key)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {key}: {value!r} fits none of {hint}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {key} must be one of {', '.join(map(str, args))}; got {value!r}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
-        item_hint = args[0] if args else Any
-        items = [check_value(item_hint, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
-        return {str(k): check_value(args[1], v, where, f"{key}.{k}") for k, v in value.items()}
-    if hint is Any:
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):  # YAML reads 1.10 as 1.1 and 010 as 8: only quotes keep the text
-            quoted = " (put it in quotes)" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
-            raise ConfigError(f"{where}: {key} must be a string{quoted}, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: {key}: unsupported type {hint}")
+def setting_value(section: BaseModel | None, name: str) -> Any:
+    """The current value of setting `name` of a section; None for anything that is not a setting."""
+    return getattr(section, name) if section is not None and name in type(section).model_fields else None

@@ -1,7 +1,6 @@
 """The stage contract: what the pipeline needs to know about a stage, and nothing more."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +57,8 @@ class Stage(Protocol):
 
 
 def section_dict(section: Any, only: set[str] | None = None, skip: set[str] | None = None) -> dict:
-    values = dataclasses.asdict(section)
+    """A config section's settings as plain data (nested sections as mappings), for keys and files."""
+    values = section.model_dump()
     if only is not None:
         values = {k: v for k, v in values.items() if k in only}
     if skip is not None:

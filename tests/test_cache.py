@@ -93,17 +93,17 @@ def test_another_methods_settings_do_not_change_the_key(tiny_synthetic, tmp_path
 def test_giving_a_setting_its_own_value_keeps_every_key(tiny_synthetic, tmp_path):
     """`-o irn.crf.gauss_compat=3` reads as 3.0: a default written 3 would hash differently and
     retrain irn and seg for nothing."""
-    import dataclasses
+    from pydantic import BaseModel
     pipeline = make_pipeline(tiny_synthetic, tmp_path)
     keys = {stage: pipeline.key(stage).digest for stage in ("cam", "irn", "seg")}
 
     def leaves(node, prefix):
-        for field in dataclasses.fields(node):
-            value = getattr(node, field.name)
-            if dataclasses.is_dataclass(value):
-                yield from leaves(value, f"{prefix}{field.name}.")
+        for name in type(node).model_fields:
+            value = getattr(node, name)
+            if isinstance(value, BaseModel):
+                yield from leaves(value, f"{prefix}{name}.")
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                yield f"{prefix}{field.name}={value}"
+                yield f"{prefix}{name}={value}"
 
     overrides = [o for section in ("cam", "irn", "seg") for o in leaves(getattr(pipeline.cfg, section), f"{section}.")]
     assert "irn.crf.gauss_compat=3.0" in overrides

@@ -208,9 +208,12 @@ def test_multiscale_without_the_deep_stages_trains_every_parameter_it_leaves_unf
 
 
 def test_multiscale_rejects_bad_stages():
+    """The config refuses a stage out of 0..4 (test_config); the net, built from code, refuses it too."""
     from data.errors import WssError
-    with pytest.raises(WssError, match="multiscale_stages"):
-        tiny_net("multiscale", multiscale_stages=[2, 7])
+    from stages.cam.multiscale import MultiscaleNet
+    for stages in ([2, 7], [2, 2]):
+        with pytest.raises(WssError, match="multiscale_stages"):
+            MultiscaleNet(NUM_CLASSES, "resnet18", None, stages=stages)
 
 
 # ------------------------------------------------------------------------------ minmax

@@ -78,13 +78,11 @@ def tiny_cam_net():
 
 
 def write_cam_artifact(folder: Path) -> tuple[Path, nn.Module]:
-    from dataclasses import asdict
-
     from stages.cam.stage import MODEL_FILE
     from stages.common.model_files import write_model_file
     cfg, net = tiny_cam_net()
     folder.mkdir(parents=True, exist_ok=True)
-    write_model_file(folder / MODEL_FILE, "cam", net, {"config": asdict(cfg), "classes": ["a", "b", "c"]})
+    write_model_file(folder / MODEL_FILE, "cam", net, {"config": cfg.model_dump(), "classes": ["a", "b", "c"]})
     return folder, net
 
 
@@ -508,3 +506,21 @@ def test_a_model_file_naming_options_outside_its_architecture_is_refused(tmp_pat
     with pytest.raises(SegModelError) as refused:
         load_segmenter(folder, torch.device("cpu"))
     assert "arch_options 'checkpoint_path' is not an option of Unet" in one_line(refused.value, folder / MODEL_FILE)
+
+
+@pytest.mark.parametrize("config, problem", [
+    ({"method": "gap", "epochz": 3}, "unknown key 'cam.epochz' (did you mean 'cam.epochs'?)"),
+    ({"method": "gap", "lr": -1.0}, "cam.lr must be > 0, got -1.0"),
+    ({"method": "nonesuch"}, "cam.method must be one of gap, dropblock"),
+])
+def test_a_cam_model_whose_config_this_version_refuses_is_one_line(tmp_path, config, problem):
+    """The classifier is rebuilt from the config in its file: a setting this version does not
+    know, or a value it refuses, names the file, the key and how to recompute it."""
+    from stages.cam.stage import MODEL_FILE, load_cam_net
+    from stages.common.model_files import write_model_file
+    _, net = write_cam_artifact(tmp_path / "cam")
+    write_model_file(tmp_path / "cam" / MODEL_FILE, "cam", net, {"config": config, "classes": ["a", "b", "c"]})
+    with pytest.raises(WssError) as refused:
+        load_cam_net(tmp_path / "cam", torch.device("cpu"))
+    message = one_line(refused.value, tmp_path / "cam" / MODEL_FILE)
+    assert problem in message and message.endswith("; recompute it with wss run --force cam"), message

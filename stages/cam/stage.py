@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from data.datasets import ClassificationDataset, SafeImageDataset
@@ -21,6 +22,7 @@ from stages.common.metrics import (BinarySegmentationScores, ConfusionMatrix, cl
                                    left_out_of_scores, per_class_table)
 from stages.common.runtime import image_loader, progress, resolve_device, seed_everything, worker_count
 from stages.common.model_files import load_weights, read_model_file, write_model_file
+from stages.common.settings import describe_error
 from stages.common.training import CHECKPOINT, fit, reuse_trained, train_settings, unused_training_settings
 
 log = logging.getLogger("wss.cam")
@@ -44,9 +46,9 @@ def load_cam_net(artifact: Path, device: torch.device):
     path = Path(artifact) / MODEL_FILE
     state = read_cam_model(artifact)
     try:
-        cfg = CamConfig(**state.meta["config"])
-    except TypeError as error:  # a setting this version does not know
-        raise StageInputError(f"{path}: unreadable cam model (its config: {error}); "
+        cfg = CamConfig.model_validate(state.meta["config"])
+    except ValidationError as error:  # a setting this version does not know, or a value it refuses
+        raise StageInputError(f"{path}: unreadable cam model (its config: {describe_error(error, CamConfig, 'cam')}); "
                               f"recompute it with wss run --force cam") from None
     classes = state.meta["classes"]
     model = build_cam_net(cfg, len(classes), weights=None)

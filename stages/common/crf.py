@@ -15,11 +15,12 @@ not an ImportError at import time of the whole stage.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
+from pydantic import ConfigDict, Field
 
 from data.errors import WssError
+from stages.common.settings import Float, Section
 
 INSTALL_HINT = "pip install pydensecrf2==1.1"
 BACKENDS = ("auto", "pydensecrf", "torch")
@@ -29,18 +30,21 @@ class CrfUnavailable(WssError):
     """The dense CRF was asked for but `pydensecrf` is not installed."""
 
 
-@dataclass(frozen=True)
-class CrfParams:
-    """CRF settings (also the `irn.crf` config section); the defaults are IRNet's seed CRF,
-    written as floats so that a file or `-o` giving the default (read as a float) keeps the cache key."""
+class CrfParams(Section):
+    """CRF settings (also the `irn.crf` and `irn.refine_crf_params` config sections); the defaults
+    are IRNet's seed CRF, written as floats so that a file or `-o` giving the default (read as a
+    float) keeps the cache key. Frozen: one value, shared and hashable."""
 
-    gt_prob: float = 0.7
-    gauss_sxy: float = 3.0
-    gauss_compat: float = 3.0
-    bilateral_sxy: float = 50.0
-    bilateral_srgb: float = 5.0
-    bilateral_compat: float = 10.0
-    iterations: int = 10
+    model_config = ConfigDict(frozen=True)
+
+    gt_prob: Float = Field(0.7, gt=0, le=0.99, description="The label CRF's confidence in the labels it is given "
+                                                           "(the seeds' CRF; `refine_crf` reads none).")
+    gauss_sxy: Float = Field(3.0, gt=0, description="Spatial width of the smoothness kernel, in pixels.")
+    gauss_compat: Float = Field(3.0, ge=0, description="Weight of the smoothness kernel.")
+    bilateral_sxy: Float = Field(50.0, gt=0, description="Spatial width of the appearance kernel, in pixels.")
+    bilateral_srgb: Float = Field(5.0, gt=0, description="Colour width of the appearance kernel.")
+    bilateral_compat: Float = Field(10.0, ge=0, description="Weight of the appearance kernel.")
+    iterations: int = Field(10, ge=1, description="Mean-field iterations.")
 
 
 def resolve_backend(backend: str = "auto", device=None) -> str:

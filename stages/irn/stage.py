@@ -27,7 +27,7 @@ from stages.common.runtime import resolve_device, seed_everything, worker_count
 from stages.common.model_files import load_weights, read_model_file, write_model_file
 from stages.common.training import CHECKPOINT, fit, train_settings, unused_training_settings
 from stages.irn.affinity import affinity_labels, affinity_loss, edge_to_affinity
-from stages.irn.config import PSEUDO, IrnConfig
+from stages.irn.config import PSEUDO, IrnConfig, pseudo_settings
 from stages.irn.net import BoundaryNet, build_backbone
 from stages.irn.seeds import make_seeds
 
@@ -40,8 +40,7 @@ def irn_fields(section: IrnConfig, pseudo: bool) -> dict:
     without those nothing reads: the seed CRF's parameters when `use_crf` is off, the refining
     CRF's when `refine_crf` is off and its `gt_prob` always (the probability CRF takes no label
     confidence), `momentum` under AdamW."""
-    import dataclasses
-    names = {f.name for f in dataclasses.fields(section) if bool(f.metadata.get("pseudo")) == pseudo}
+    names = {name for name in type(section).model_fields if (name in pseudo_settings()) == pseudo}
     names -= unused_training_settings(section)
     if not section.use_crf:
         names.discard("crf")
