@@ -16,7 +16,7 @@ import torch
 from data.datasets import LabelMapDataset
 from data.errors import WssError
 from data.layout import PreparedDataset, write_index_png, write_json_atomic
-from data.prepare_report import parallel_map
+from data.parallel import parallel_map
 from data.transforms import normalize_batch
 from stages.base import StageInputError, StageResult, section_dict, source_hash
 from stages.cam.infer import CAM_STRIDE, load_cam, upsample_cam
