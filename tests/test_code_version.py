@@ -91,12 +91,17 @@ def test_the_closures_hold_what_the_stages_run_and_nothing_of_the_cli(copy):
         assert not [m for m in closure if m.endswith(".stage") and m != STAGES[name].code_modules()[0]]
 
 
-def test_the_cam_key_of_a_dataset_without_boxes_follows_the_code(tiny_synthetic, tmp_path, copy, monkeypatch):
-    """Through the key itself (the synthetic dataset stands for VOC: no boxes)."""
+def test_a_voc_cam_key_follows_the_code_it_runs_not_the_nih_reader(tmp_path, copy, monkeypatch):
+    """Through the key itself, on a prepared (tiny) VOC dataset."""
+    from data.voc import prepare_voc
+    from tests.test_voc import class_mask, make_tree
+    make_tree(tmp_path / "voc", ["a", "b"], {"a": class_mask(1), "b": class_mask(5)},
+              {"train": ["a"], "val": ["b"]}, {})
+    prepare_voc(tmp_path / "voc", tmp_path / "prepared", progress=False)
     monkeypatch.setattr(stages.code_version, "SOURCE_ROOT", copy)
 
     def cam_key() -> str:
-        return make_pipeline(tiny_synthetic, tmp_path).key("cam").digest
+        return make_pipeline(tmp_path / "prepared", tmp_path / "runs").key("cam").digest
 
     before = cam_key()
     edit(copy, "data.nih", "    return [int(name in names) for name in FINDINGS]",
