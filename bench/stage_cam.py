@@ -41,7 +41,7 @@ from data.transforms import normalize_batch  # noqa: E402
 from stages.cam.config import CamConfig  # noqa: E402
 from stages.cam.stage import CamStage  # noqa: E402
 from stages.cam.methods import build_cam_net  # noqa: E402
-from stages.common.metrics import format_table  # noqa: E402
+from stages.common.tables import format_table  # noqa: E402
 from stages.common.runtime import resolve_device, seed_everything, worker_count  # noqa: E402
 from stages.common.training import PREFETCH_FACTOR, TrainSettings, fit, make_optimizer  # noqa: E402
 

@@ -85,7 +85,7 @@ if __name__ == "__main__":
     from data.synthetic import SyntheticSpec, generate_image
     from stages.cam.infer import save_cam, strided_size
     from stages.common.backbones import ResNetFeatures
-    from stages.common.metrics import format_table
+    from stages.common.tables import format_table
     from stages.irn.config import IrnConfig
     from stages.irn.net import BoundaryNet
     from stages.irn.pseudo import PseudoLabelStage

@@ -34,7 +34,7 @@ from bench.timing import images_per_second, synchronize, training_step  # noqa: 
 from data.layout import PreparedDataset  # noqa: E402
 from data.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
 from data.transforms import normalize_batch  # noqa: E402
-from stages.common.metrics import format_table  # noqa: E402
+from stages.common.tables import format_table  # noqa: E402
 from stages.common.runtime import resolve_device, seed_everything, worker_count  # noqa: E402
 from stages.common.training import PREFETCH_FACTOR, TrainSettings, fit, make_optimizer  # noqa: E402
 from stages.seg.data import PseudoLabelDataset  # noqa: E402

@@ -48,8 +48,9 @@ from data.layout import DatasetInfo, DatasetWriter, default_palette
 from data.prepare_manifest import (FORCED, LABELS, NEW, UNCHANGED, UNKNOWN, VERIFIED, PrepareManifest, digest,
                                    file_stamp, item_change, output_stamps, source_not_newer, unknown_change,
                                    write_mask_if_changed)
+from data.parallel import parallel_map
 from data.prepare_report import (PrepareReport, check_options, check_size_stamp, nothing_prepared_reason,
-                                 parallel_map, resize_image, save_png)
+                                 resize_image, save_png)
 from data.rle import siim_rle_decode, siim_rle_is_empty
 
 CLASSES = ["pneumothorax"]

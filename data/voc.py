@@ -43,7 +43,8 @@ from data.layout import IGNORE_INDEX, DatasetInfo, DatasetWriter, default_palett
 from data.prepare_manifest import (FORCED, LABELS, NEW, SOURCE, UNCHANGED, UNKNOWN, VERIFIED, PrepareManifest,
                                    copy_file_if_changed, digest, file_stamp, item_change, output_stamps,
                                    write_mask_if_changed)
-from data.prepare_report import PrepareReport, parallel_map
+from data.parallel import parallel_map
+from data.prepare_report import PrepareReport
 
 CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
            "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",

@@ -1,101 +1,21 @@
-"""The `wss` command line: one command per job. User errors print one line and exit non-zero."""
+"""The `wss` command line: every command is registered here, one per job (`compare` and
+`predict` are written in their own modules). What the commands share (-c/-o, config loading,
+logging, one-line user errors) is pipeline/commandline.py."""
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import sys
-
-# Before torch is imported: idle OpenMP threads sleep instead of spinning, which on a small
-# CPU shared with data-loader workers made training steps 2x and inference 15x slower.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# Under torchrun (several processes, one job) rank 0 tells the story: the other ranks draw no
-# progress bars (tqdm reads this when it is imported) and log only warnings.
-SIDE_RANK = int(os.environ.get("RANK", "0")) > 0
-if SIDE_RANK:
-    os.environ.setdefault("TQDM_DISABLE", "1")
 from pathlib import Path
 
 import click
 
 from data.errors import WssError
+# before any module that imports torch or tqdm: it sets the environment they read
+from pipeline.commandline import WssGroup, config_options, load, setup_logging
+from pipeline.compare import compare_command
+from pipeline.predict import predict_command
 
 log = logging.getLogger("wss")
-
-
-class WssGroup(click.Group):
-    """Turns user errors into a one-line message (no traceback) and Ctrl-C into exit 130."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except WssError as error:
-            click.echo(f"error: {error}", err=True)
-            ctx.exit(2)
-        except OSError as error:
-            if error.errno not in UNWRITABLE:
-                raise
-            where = f" {error.filename}" if error.filename else ""
-            click.echo(f"error: cannot write{where}: {error.strerror}", err=True)
-            ctx.exit(2)
-        except KeyboardInterrupt:
-            click.echo(f"interrupted: {AFTER_INTERRUPT.get(ctx.invoked_subcommand, 'nothing was lost')}", err=True)
-            ctx.exit(130)
-
-
-# Errors of the place a command writes to (permissions, a read-only or full disk): the user's
-# to fix, reported in one line; the work already committed is complete and stays.
-UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
-
-# What a user can do after Ctrl-C, by command.
-RESUMABLE = ("unfinished work is left in a .partial directory that is never reused as a result; the same "
-             "command with `--resume` continues it (training from its last checkpoint, files already "
-             "written kept), without it the stage starts again")
-AFTER_INTERRUPT = {"run": RESUMABLE, "run-stage": RESUMABLE, "pseudo-labels": RESUMABLE,
-                   "compare": "rerun the same command: the methods already computed are reused from the cache, "
-                              "the interrupted one starts again",
-                   "prepare": "rerun the same command: the images already prepared are kept, the rest are "
-                              "prepared; the folder is not a dataset until it finishes"}
-
-
-class CurrentStderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is now (CliRunner and notebooks swap it between runs)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-def setup_logging(verbose: bool = False) -> None:
-    root = logging.getLogger()
-    if not any(getattr(h, "_wss", False) for h in root.handlers):
-        handler = CurrentStderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._wss = True
-        root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if SIDE_RANK:
-        root.setLevel(logging.WARNING)
-
-
-def config_options(func):
-    func = click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
-                        help="Override a config value, e.g. -o cam.epochs=3 (repeatable).")(func)
-    func = click.option("-c", "--config", "config_path", required=True, multiple=True,
-                        type=click.Path(dir_okay=False, path_type=Path),
-                        help="YAML run config; repeat to layer a preset over it.")(func)
-    return func
-
-
-def load(config_path: tuple[Path, ...], overrides: tuple[str, ...]):
-    from pipeline.config import load_config
-    cfg = load_config(list(config_path), overrides)
-    setup_logging(cfg.run.verbose)
-    return cfg
 
 
 # The commands that run as several processes under torchrun (training data-parallel,
@@ -514,7 +434,7 @@ def clean(config_path: tuple[Path, ...], overrides, delete: bool):
     """
     from pipeline.clean import clean as clean_artifacts
     from pipeline.runner import Pipeline
-    from stages.common.metrics import format_table
+    from stages.common.tables import format_table
     cfg = load(config_path, overrides)
     pipeline = Pipeline(cfg)
     rows, freed, left = clean_artifacts(pipeline, delete)
@@ -565,15 +485,8 @@ def config_show(config_path: tuple[Path, ...], overrides):
     click.echo(cfg.dump(), nl=False)
 
 
-def register_commands() -> None:
-    """Commands that live in their own modules."""
-    from pipeline.compare import compare_command
-    from pipeline.predict import predict_command
-    main.add_command(compare_command)
-    main.add_command(predict_command)
-
-
-register_commands()
+main.add_command(compare_command)
+main.add_command(predict_command)
 
 if __name__ == "__main__":
     main()

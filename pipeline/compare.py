@@ -22,8 +22,9 @@ import numpy as np
 
 from data.errors import WssError
 from data.layout import create_folder, nan_for_null, write_json_atomic
+from pipeline.commandline import WssCommand, config_options, load, setup_logging
 from stages.base import PACKAGE_ROOT
-from stages.common.metrics import format_table, markdown_table
+from stages.common.tables import format_table, markdown_table
 
 log = logging.getLogger("wss.compare")
 PRESETS = PACKAGE_ROOT / "configs" / "methods"
@@ -47,8 +48,7 @@ GLOSSARY = {
 def method_config(paths: list[Path], overrides: list[str], method: str):
     preset = PRESETS / f"{method}.yaml"
     files = [*paths, preset] if preset.is_file() else list(paths)
-    from pipeline.config import load_config
-    return load_config(files, [*overrides, f"cam.method={method}"])
+    return load(files, [*overrides, f"cam.method={method}"], show_logs=False)
 
 
 def parse_methods(text: str) -> list[str]:
@@ -63,7 +63,8 @@ def parse_methods(text: str) -> list[str]:
 
 def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict:
     """Scores `wss compare` adds to the stage's own metrics; cached per artifact."""
-    from stages.cam.scoring import count_parameters, tuned_miou, write_cams
+    from stages.cam.classifier import count_parameters, write_cams
+    from stages.cam.scoring import tuned_miou
     from stages.common.runtime import resolve_device, worker_count
     cfg, dataset = pipeline.cfg, pipeline.dataset
     # the artifact's key leaves out the val split (it only scores stage 1), so the name holds it
@@ -183,18 +184,16 @@ def write_report(rows: list[dict], columns: list[str], out: Path, cfg, argv: lis
     (out / "compare.md").write_text("\n".join(parts) + "\n")
 
 
-@click.command("compare")
-@click.option("-c", "--config", "config_paths", multiple=True, required=True,
-              type=click.Path(dir_okay=False, path_type=Path), help="YAML run config (repeatable: later files win).")
-@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config value for every method, e.g. -o cam.epochs=3 (repeatable).")
+@click.command("compare", cls=WssCommand)
+@config_options(config_help="YAML run config (repeatable: later files win).",
+                override_help="Override a config value for every method, e.g. -o cam.epochs=3 (repeatable).")
 @click.option("--methods", default=DEFAULT_METHODS, show_default=True, help="Comma-separated cam.method values.")
 @click.option("--through", type=click.Choice(["cam", "irn"]), default="cam", show_default=True,
               help="irn: also run stage 2 up to the pseudo-labels and report their mIoU.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default <workdir>/<dataset>/compare).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images of each split (quick tries).")
-def compare_command(config_paths, overrides, methods: str, through: str, out: Path | None, limit: int | None):
+def compare_command(config_path, overrides, methods: str, through: str, out: Path | None, limit: int | None):
     """Run stage 1 with each method (cached like any stage) and tabulate them side by side.
 
     \b
@@ -202,11 +201,10 @@ def compare_command(config_paths, overrides, methods: str, through: str, out: Pa
       wss compare -c configs/demo.yaml --methods gap,pcam,pylon,multiscale,minmax
       wss compare -c configs/siim.yaml --methods gap,pylon --through irn
     """
-    from pipeline.cli import setup_logging
     if through == "irn" and limit is not None:
         raise WssError("--limit works with --through cam only (stage 2 reads the full cam artifact)")
     names = parse_methods(methods)
-    configs = {m: method_config(list(config_paths), list(overrides), m) for m in names}
+    configs = {m: method_config(list(config_path), list(overrides), m) for m in names}
     first = configs[names[0]]
     setup_logging(first.run.verbose)
     from pipeline.runner import Pipeline
@@ -220,7 +218,7 @@ def compare_command(config_paths, overrides, methods: str, through: str, out: Pa
     columns = COLUMNS + (["pseudo_miou"] if through == "irn" else [])
     overlay_grid(rows, dataset, dataset.split(first.data.train_split)[:limit], out / "overlays.png")
     has_grid = (out / "overlays.png").is_file()
-    argv = ["wss", "compare", *_argv_of(config_paths, overrides, methods, through, limit)]
+    argv = ["wss", "compare", *_argv_of(config_path, overrides, methods, through, limit)]
     write_report(rows, columns, out, first, argv, has_grid)
     click.echo(format_table(rows, columns, DIGITS))
     click.echo(f"wrote {out / 'compare.md'}, {out / 'compare.csv'}" + (f", {out / 'overlays.png'}" if has_grid else ""))

@@ -1,7 +1,7 @@
 """`wss predict`: masks, overlays (and a Kaggle CSV for binary tasks) for new images and DICOMs.
 
-The lead registers it with `main.add_command(predict_command)`; the work is done by
-stages.seg.predict.predict_inputs, this module only finds the model and reports.
+pipeline/cli.py registers it; the work is done by stages.seg.predict.predict_inputs, this
+module only finds the model and reports.
 """
 from __future__ import annotations
 
@@ -9,17 +9,15 @@ from pathlib import Path
 
 import click
 
-from data.errors import DataError, WssError
+from data.errors import DataError
 from data.images import MAX_IMAGE_PIXELS
+from pipeline.commandline import WssCommand, config_options, load
 
 
-@click.command("predict")
-@click.option("-c", "--config", "config_path", required=True, multiple=True,
-              type=click.Path(dir_okay=False, path_type=Path),
-              help="YAML run config (its seg artifact is the model); repeat to layer a preset over it.")
-@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config value, e.g. -o run.device=cpu (repeatable). The settings "
-              "that made the model must match its run's; --threshold changes the binary cut.")
+@click.command("predict", cls=WssCommand)
+@config_options(config_help="YAML run config (its seg artifact is the model); repeat to layer a preset over it.",
+                override_help="Override a config value, e.g. -o run.device=cpu (repeatable). The settings "
+                "that made the model must match its run's; --threshold changes the binary cut.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--probabilities", is_flag=True, help="Also save the probabilities as float16 .npy files.")
@@ -40,25 +38,20 @@ def predict_command(config_path: tuple[Path, ...], overrides: tuple[str, ...], i
       wss predict -c configs/siim.yaml scans/ one.dcm --out predictions/
     Exit code 1 when any input failed (the others are still written), 2 on a config/model error.
     """
-    from pipeline.config import load_config
     from stages.common.runtime import worker_count
     from stages.seg.predict import predict_inputs
 
-    try:
-        cfg = load_config(list(config_path), overrides)
-        if artifact is None:
-            from pipeline.runner import Pipeline
-            pipeline = Pipeline(cfg)
-            artifact, dataset = pipeline.require("seg"), pipeline.dataset
-        else:
-            dataset = _dataset_or_none(cfg.data.root)
-        report = predict_inputs(artifact, list(inputs), out, probabilities=probabilities, device=cfg.run.device,
-                                classes=dataset.classes if dataset else None,
-                                task=dataset.task if dataset else None, threshold=threshold,
-                                workers=min(4, worker_count(cfg.run.workers)), max_pixels=max_pixels)
-    except WssError as error:
-        click.echo(f"error: {error}", err=True)
-        click.get_current_context().exit(2)
+    cfg = load(config_path, overrides, show_logs=False)
+    if artifact is None:
+        from pipeline.runner import Pipeline
+        pipeline = Pipeline(cfg)
+        artifact, dataset = pipeline.require("seg"), pipeline.dataset
+    else:
+        dataset = _dataset_or_none(cfg.data.root)
+    report = predict_inputs(artifact, list(inputs), out, probabilities=probabilities, device=cfg.run.device,
+                            classes=dataset.classes if dataset else None,
+                            task=dataset.task if dataset else None, threshold=threshold,
+                            workers=min(4, worker_count(cfg.run.workers)), max_pixels=max_pixels)
     click.echo(f"predicted {len(report.written)} file(s) into {out}"
                + (f"; submission: {report.submission}" if report.submission else ""))
     for line in report.failures:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from data.layout import json_text
-from stages.common.metrics import format_table, markdown_table
+from stages.common.tables import format_table, markdown_table
 
 
 STAGE_COLUMNS = ["stage", "state", "seconds", "metric", "value", "failures", "artifact"]

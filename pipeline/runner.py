@@ -14,7 +14,7 @@ from data.errors import WssError
 from data.layout import PreparedDataset, nan_for_null, write_json_atomic
 from pipeline.cache import ArtifactStore, CacheError, StageKey, explain_difference
 from pipeline.config import Config
-from stages.base import StageInputError, section_dict
+from stages.base import Stage, StageInputError, section_dict
 from stages.common import distributed
 from stages.common.elapsed import ELAPSED_FILE, mark_elapsed, start_clock
 from stages.common.model_files import checkpoint_epoch
@@ -87,11 +87,11 @@ def training_parts(parts: dict, inference_settings) -> dict:
     return parts
 
 
-def scoring_values(stage, section: dict, data: dict) -> dict:
+def scoring_values(stage: Stage, section: dict, data: dict) -> dict:
     """A stage's scoring-only settings among its section's values, and the splits it only scores
     (cam's val split) as `data.<name>`."""
-    values = {k: v for k, v in section.items() if k in getattr(stage, "score_settings", ())}
-    values.update({f"data.{split}": data.get(split) for split in getattr(stage, "score_splits", ())})
+    values = {k: v for k, v in section.items() if k in stage.score_settings}
+    values.update({f"data.{split}": data.get(split) for split in stage.score_splits})
     return values
 
 
@@ -123,7 +123,7 @@ class Pipeline:
         self.cfg = cfg
         self.dataset = PreparedDataset(cfg.data.root)
         self.store = ArtifactStore(cfg.run.workdir, self.dataset.name)
-        self.stages = all_stages()
+        self.stages: dict[str, Stage] = all_stages()
         self._fingerprint: str | None = None
         self._keys: dict[tuple[str, int | None], StageKey] = {}
         self._preflighted: set[str] = set()
@@ -134,7 +134,7 @@ class Pipeline:
             self._fingerprint = self.dataset.fingerprint()
         return self._fingerprint
 
-    def stage(self, name: str):
+    def stage(self, name: str) -> Stage:
         if name not in self.stages:
             raise WssError(f"unknown stage {name!r} (stages: {', '.join(STAGE_ORDER)})")
         return self.stages[name]
@@ -143,7 +143,7 @@ class Pipeline:
         if (name, limit) not in self._keys:
             stage = self.stage(name)
             config = stage.key_config(self.cfg, self.dataset.info.task)
-            config["data"] = {split: getattr(self.cfg.data, split) for split in getattr(stage, "splits", ("train_split",))}
+            config["data"] = {split: getattr(self.cfg.data, split) for split in stage.splits}
             config["run"] = {"seed": self.cfg.run.seed}  # another seed trains other models
             if limit is not None:
                 config["limit"] = limit
@@ -195,11 +195,11 @@ class Pipeline:
         if not partial.is_dir():
             return []
         stage, work = self.stage(name), []
-        if CHECKPOINT in getattr(stage, "resume_files", ()) and (partial / CHECKPOINT).is_file():
+        if CHECKPOINT in stage.resume_files and (partial / CHECKPOINT).is_file():
             epoch = checkpoint_epoch(partial / CHECKPOINT)  # None: unreadable, a resume starts afresh
             if epoch is not None:
-                work.append(f"after epoch {epoch + 1} of {getattr(self.cfg, stage.section).epochs}")
-        for folder in getattr(stage, "resume_outputs", ()):
+                work.append(f"after epoch {epoch + 1} of {self.cfg.section(stage.section).epochs}")
+        for folder in stage.resume_outputs:
             count = sum(1 for p in (partial / folder).glob("*") if p.is_file() and not p.name.startswith("."))
             if count:
                 work.append(f"with {count} files in {folder}/")
@@ -265,7 +265,7 @@ class Pipeline:
                     mark_elapsed(partial)  # a --resume counts this run's time too
                     remove_if_nothing_computed(partial)
             seconds = before + time.time() - started
-            for file_name in (*getattr(stage, "resume_files", ()), ELAPSED_FILE):  # finished: nothing to resume
+            for file_name in (*stage.resume_files, ELAPSED_FILE):  # finished: nothing to resume
                 (partial / file_name).unlink(missing_ok=True)
             manifest = {"config": self.cfg.to_dict(), "config_file": self.cfg.source,
                         "scored_with": self.score_values(stage),
@@ -284,9 +284,8 @@ class Pipeline:
         """The stage's cheap checks before it computes (names a library must know; weight files
         read and fitted to their network), once per pipeline: `wss run` checks every stage it is
         about to compute before the first starts, `wss run-stage` its one stage."""
-        check = getattr(self.stage(name), "preflight", None)
-        if check is not None and name not in self._preflighted:
-            check(self.cfg, self.dataset)
+        if name not in self._preflighted:
+            self.stage(name).preflight(self.cfg, self.dataset)
         self._preflighted.add(name)
 
     def trained_twin(self, name: str, limit: int | None = None) -> Path | None:
@@ -295,7 +294,7 @@ class Pipeline:
         flip, extract; seg.threshold, predict_size), so the stage can reuse its model and only
         infer again. None otherwise."""
         stage = self.stage(name)
-        settings = stage.inference_settings(self.cfg) if hasattr(stage, "inference_settings") else ()
+        settings = stage.inference_settings(self.cfg)
         if not settings:
             return None
         key = self.key(name, limit)
@@ -305,12 +304,12 @@ class Pipeline:
                 return path
         return None
 
-    def score_values(self, stage) -> dict:
+    def score_values(self, stage: Stage) -> dict:
         """The current values of the stage's scoring-only settings (those it leaves out of its key,
         such as cam.eval_bg_threshold)."""
-        return scoring_values(stage, section_dict(getattr(self.cfg, stage.section)), vars(self.cfg.data))
+        return scoring_values(stage, section_dict(self.cfg.section(stage.section)), vars(self.cfg.data))
 
-    def scoring_change(self, stage, manifest: dict) -> tuple[dict, dict] | None:
+    def scoring_change(self, stage: Stage, manifest: dict) -> tuple[dict, dict] | None:
         """(current, scored with) values of the stage's scoring-only settings when the artifact's
         metrics used others."""
         current = self.score_values(stage)
@@ -321,7 +320,7 @@ class Pipeline:
             scoring_values(stage, config.get(stage.section, {}), config.get("data", {}))
         return None if scored_with == current else (current, scored_with)
 
-    def rescored(self, stage, artifact: Path, manifest: dict) -> dict:
+    def rescored(self, stage: Stage, artifact: Path, manifest: dict) -> dict:
         """The cached artifact's metrics, recomputed when a scoring-only setting differs from the
         one they were scored with; the manifest and metrics.json then record the new scores."""
         metrics = nan_for_null(manifest.get("metrics", {}))  # written as strict JSON: null for NaN
@@ -341,7 +340,7 @@ class Pipeline:
                 write_json_atomic(artifact / "metrics.json", metrics)
         return metrics
 
-    def run_beside_rank0(self, stage, inputs: dict[str, Path], resume: bool, limit: int | None) -> Outcome:
+    def run_beside_rank0(self, stage: Stage, inputs: dict[str, Path], resume: bool, limit: int | None) -> Outcome:
         """A rank > 0 under torchrun: compute its share in the partial directory rank 0 opened
         (rank 0 alone holds the lock, writes the manifest and commits)."""
         partial = distributed.broadcast()

@@ -1,12 +1,13 @@
 """The stage contract: what the pipeline needs to know about a stage, and nothing more."""
 from __future__ import annotations
 
-import hashlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
 from data.errors import WssError
+from stages.code_version import code_version
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,38 +23,94 @@ class StageResult:
     failures: list[str] = field(default_factory=list)  # per-image problems, listed at the end
 
 
-class Stage(Protocol):
-    name: str  # "cam" | "irn" | "pseudo" | "seg"
-    needs: tuple[str, ...]  # upstream stage names
-    section: str  # the config section it reads
+class Stage(ABC):
+    """The contract between the pipeline and a stage: everything the runner, `wss status`,
+    `wss clean` and `wss evaluate` may ask of one.
 
-    # the section's settings that make the artifact; `task` is the dataset's binary|multiclass
-    # (a setting that only one task or one optimizer reads stays out of the other's key)
-    def key_config(self, cfg: Any, task: str) -> dict: ...
+    A stage is a subclass that sets `name`, `section` (and `needs` when it reads upstream
+    artifacts), implements `key_config` and `run`, and overrides whichever of the other
+    members does not fit it; each default below is what a stage without that trait needs.
+    """
 
-    def code_version(self) -> str: ...
+    name: ClassVar[str]  # "cam" | "irn" | "pseudo" | "seg"
+    section: ClassVar[str]  # the config section it reads
+    needs: ClassVar[tuple[str, ...]] = ()  # upstream stage names; their artifacts come as inputs[name]
+    # The `data` split settings the output depends on; they join the key.
+    splits: ClassVar[tuple[str, ...]] = ("train_split",)
+    # `data` splits that are only scored (cam's val split: classification AUC / AP). With
+    # score_settings they make a cached artifact re-scored, not recomputed (see rescore).
+    score_splits: ClassVar[tuple[str, ...]] = ()
+    # Names of section fields that only score the output (key_config leaves them out).
+    score_settings: ClassVar[tuple[str, ...]] = ()
+    # Files in the partial folder that only `--resume` of the interrupted stage reads (the
+    # training checkpoint with its optimizer state, about 3x the model); the runner deletes them
+    # when the stage has finished, before it commits.
+    resume_files: ClassVar[tuple[str, ...]] = ()
+    # Folders of per-image files in the partial folder that `--resume` keeps (cams, seeds,
+    # pseudo-labels); `wss status` counts them for an interrupted stage.
+    resume_outputs: ClassVar[tuple[str, ...]] = ()
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if (cls.score_settings or cls.score_splits) and cls.rescore is Stage.rescore:
+            raise TypeError(f"{cls.__name__} has settings that only score "
+                            f"({', '.join((*cls.score_settings, *cls.score_splits))}) but no rescore")
+
+    @abstractmethod
+    def key_config(self, cfg: Any, task: str) -> dict:
+        """The section's settings that make the artifact; `task` is the dataset's
+        binary|multiclass (a setting that only one task or one optimizer reads stays out of the
+        other's key), and score_settings stay out."""
+
+    @abstractmethod
     def run(self, cfg: Any, dataset: Any, inputs: dict[str, Path], out: Path, *,
-            resume: bool = False, limit: int | None = None) -> StageResult: ...
+            resume: bool = False, limit: int | None = None) -> StageResult:
+        """Compute the artifact into `out` (the partial folder) from the upstream artifacts in
+        `inputs`; `resume` continues what an interrupted run left there, `limit` takes the first
+        N images of each split."""
 
-    # Optional: `preflight(cfg, dataset) -> None` checks the stage's options cheaply (names a
-    # library must know, files that must exist) and raises WssError; `wss run` calls it for every
-    # stage it is about to compute before the first one starts, so that a typo in the last stage
-    # does not surface after hours of the first ones.
-    # Optional: `splits`, the `data` split settings the output depends on (default
-    # ("train_split",)); they join the key. `score_splits`: splits that are only scored.
-    # Optional: `score_settings`, names of section fields that only score the output (left out of
-    # key_config), with `rescore(cfg, dataset, artifact, metrics, scored_with, limit) -> metrics`
-    # recomputing the scores the changed values (settings and score_splits as `data.<name>`)
-    # change; a cached artifact scored with other values is re-scored, not recomputed.
-    # Optional: `resume_files`, names of files in the partial folder that only `--resume` of the
-    # interrupted stage reads (the training checkpoint with its optimizer state, about 3x the
-    # model); the runner deletes them when the stage has finished, before it commits.
-    # Optional: `resume_outputs`, folders of per-image files in the partial folder that `--resume`
-    # keeps (cams, seeds, pseudo-labels); `wss status` counts them for an interrupted stage.
-    # Optional: `inference_settings(cfg) -> tuple[str, ...]`, section fields used only after
-    # training; a run whose key differs from a complete artifact's in those alone gets that
-    # artifact as inputs["trained"] and reuses its model instead of training.
+    def evaluate(self, cfg: Any, dataset: Any, artifact: Path) -> dict:
+        """The metrics `wss evaluate` prints: the complete `artifact` scored against the ground
+        truth. Default: nothing to score."""
+        return {}
+
+    def preflight(self, cfg: Any, dataset: Any) -> None:
+        """Cheap checks of the stage's options (names a library must know, files that must exist)
+        that raise WssError; `wss run` calls it for every stage it is about to compute before the
+        first one starts, so that a typo in the last stage does not surface after hours of the
+        first ones. Default: nothing to check."""
+
+    def rescore(self, cfg: Any, dataset: Any, artifact: Path, metrics: dict, scored_with: dict,
+                limit: int | None = None) -> dict:
+        """The cached artifact's `metrics` with the scores recomputed that the changed
+        score_settings / score_splits values change (`scored_with` holds the values they were
+        scored with, score_splits as `data.<name>`). A stage with either must override it; one
+        without has nothing to re-score."""
+        return metrics
+
+    def inference_settings(self, cfg: Any) -> tuple[str, ...]:
+        """Section fields (or dotted `data.<split>`) used only after training: a run whose key
+        differs from a complete artifact's in those alone gets that artifact as
+        inputs["trained"] and reuses its model instead of training. Default: none."""
+        return ()
+
+    def code_modules(self) -> tuple[str, ...]:
+        """The modules the stage's code version starts from (their import closure is walked):
+        the stage's own module. A stage that runs code it does not import adds its module."""
+        return (type(self).__module__,)
+
+    def code_version(self) -> str:
+        """Hash of the code the stage's results depend on (stages.code_version): the import
+        closure of code_modules() within the repository, without NOT_RESULT_BEARING."""
+        return code_version(self.code_modules(), skip=NOT_RESULT_BEARING)
+
+
+# Modules that cannot change a stage's result: the code-version walk does not enter them, so
+# editing them recomputes nothing. Only presentation of what is already computed belongs here;
+# whatever computes, reads or writes a stage's outputs or scores stays in its code version.
+NOT_RESULT_BEARING = {
+    "stages.common.tables": "text and Markdown tables of metrics already computed, for the log and reports",
+}
 
 
 def section_dict(section: Any, only: set[str] | None = None, skip: set[str] | None = None) -> dict:
@@ -77,15 +134,3 @@ def weights_file_stamp(weights: str | None) -> str | None:
         return "missing"  # the stage itself reports it when it runs
     stat = path.stat()
     return f"{stat.st_size}:{stat.st_mtime_ns}"
-
-
-def source_hash(*relative_paths: str) -> str:
-    """Hash of the source files a stage's results depend on: editing them makes artifacts stale."""
-    digest = hashlib.sha256()
-    for rel in relative_paths:
-        path = PACKAGE_ROOT / rel
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-        for file in files:
-            digest.update(str(file.relative_to(PACKAGE_ROOT)).encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]

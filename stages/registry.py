@@ -1,10 +1,12 @@
 """The stages by name, in run order: a plain dict, nothing more."""
 from __future__ import annotations
 
+from stages.base import Stage
+
 STAGE_ORDER = ["cam", "irn", "pseudo", "seg"]
 
 
-def all_stages() -> dict:
+def all_stages() -> dict[str, Stage]:
     from stages.cam.stage import CamStage
     from stages.irn.pseudo import PseudoLabelStage
     from stages.irn.stage import IrnStage

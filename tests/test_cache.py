@@ -19,7 +19,7 @@ from data.errors import WssError
 from pipeline.cache import ArtifactStore, CacheError, StageKey
 from pipeline.config import load_config
 from pipeline.runner import Pipeline
-from stages.base import StageInputError, StageResult
+from stages.base import Stage, StageInputError, StageResult
 from stages.common.training import CHECKPOINT
 from tests.conftest import DEMO_CONFIG, REPO
 
@@ -28,7 +28,7 @@ def make_pipeline(root, workdir, *overrides: str) -> Pipeline:
     return Pipeline(load_config(DEMO_CONFIG, [f"data.root={root}", f"run.workdir={workdir}", *overrides]))
 
 
-class FakeCam:
+class FakeCam(Stage):
     """Stands in for the cam stage: writes one file, optionally raises half way."""
     name, needs, section = "cam", (), "cam"
 

@@ -10,7 +10,7 @@ import pytest
 from data.layout import PreparedDataset
 from data.nih import BOXES_NAME, prepare_nih, read_boxes
 from stages.cam.infer import save_cam, strided_size
-from stages.cam.stage import localization_metrics
+from stages.cam.localization import localization_metrics
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "samples" / "nih"
 

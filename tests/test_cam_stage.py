@@ -19,7 +19,7 @@ from pipeline.config import load_config
 from stages.cam.infer import (cam_to_label, gradcam_pp_maps, load_cam, multiscale_cam, save_cam, strided_size,
                               upsample_cam)
 from stages.cam.nets import GapNet
-from stages.cam.stage import MODEL_FILE
+from stages.cam.model_file import MODEL_FILE
 from stages.common.model_files import read_model_file
 from stages.common.metrics import ConfusionMatrix
 from tests.conftest import DEMO_CONFIG, FAST_CAM, invoke_cli, overrides
@@ -138,7 +138,7 @@ def write_flat_cams(dataset: PreparedDataset, count: int, folder: Path) -> list[
 
 def test_an_unreadable_cam_file_is_named_and_scoring_passes_over_it(tiny_synthetic, tmp_path, caplog):
     from stages.cam.infer import CamFileError
-    from stages.cam.stage import evaluate_cams
+    from stages.cam.scoring import score_cams
     dataset = PreparedDataset(tiny_synthetic)
     ids = write_flat_cams(dataset, 3, tmp_path)
     broken = tmp_path / f"{ids[1]}.npz"
@@ -146,7 +146,7 @@ def test_an_unreadable_cam_file_is_named_and_scoring_passes_over_it(tiny_synthet
     with pytest.raises(CamFileError, match=f"unreadable CAM file {broken}"):
         load_cam(broken)
     with caplog.at_level(logging.WARNING):
-        metrics = evaluate_cams(dataset, ids, tmp_path, 0.5)
+        metrics = score_cams(dataset, ids, tmp_path, 0.5)
     assert metrics["cam_scored_images"] == 2 and str(broken) in caplog.text
 
 
@@ -372,7 +372,7 @@ def test_new_inference_settings_reuse_the_trained_classifier(trained, tmp_path, 
     """cam.flip / scales / extract change the CAMs, not the training: the new artifact infers
     again with the classifier of the one trained with the same settings; --force retrains."""
     import stages.cam.stage as cam_stage
-    from stages.cam.stage import load_cam_net
+    from stages.cam.classifier import load_cam_net
     workdir = shutil.copytree(trained["workdir"], tmp_path / "work")
     def no_training(*args, **kwargs):
         raise RuntimeError("trained again")
@@ -548,13 +548,13 @@ def damage_masks(dataset: PreparedDataset, ids: list[str]) -> list[str]:
 
 
 def test_cam_scoring_leaves_out_bad_masks_and_lists_them(tiny_synthetic, tmp_path, caplog):
-    from stages.cam.stage import evaluate_cams
+    from stages.cam.scoring import score_cams
     dataset = PreparedDataset(shutil.copytree(tiny_synthetic, tmp_path / "data"))
     ids = write_flat_cams(dataset, 5, tmp_path)
     bad = damage_masks(dataset, ids)
     failures = []
     with caplog.at_level(logging.WARNING):
-        metrics = evaluate_cams(dataset, ids, tmp_path, 0.5, failures)
+        metrics = score_cams(dataset, ids, tmp_path, 0.5, failures)
     assert metrics["cam_scored_images"] == 2
     assert [f.split(":")[0] for f in failures] == bad and all(path in caplog.text for path in bad)
     assert "not a readable label PNG" in failures[0] and "mask is 16x16 but its image is 64x64" in failures[2]

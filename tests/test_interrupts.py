@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent("""
         return x
 
     if __name__ == "__main__":
-        from data.prepare_report import parallel_map
+        from data.parallel import parallel_map
         from stages.irn.crf_pool import one_thread_worker
         threading.Timer(2.5, lambda: os.killpg(os.getpgrp(), signal.SIGINT)).start()
         try:

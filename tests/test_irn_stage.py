@@ -301,7 +301,7 @@ def test_label_scoring_leaves_out_bad_labels_and_masks_and_lists_them(synthetic_
     """Seeds and pseudo-labels are scored image by image: a file that does not decode, or a mask
     of another size, is named and left out; the others are scored."""
     from data.layout import write_index_png
-    from stages.irn.stage import evaluate_labels
+    from stages.common.scoring import score_label_files
     dataset = PreparedDataset(shutil.copytree(synthetic_dataset(), tmp_path / "data"))
     ids = dataset.split("train")[:6]
     labels = tmp_path / "seeds"
@@ -314,17 +314,17 @@ def test_label_scoring_leaves_out_bad_labels_and_masks_and_lists_them(synthetic_
     dataset.mask_path(ids[2]).write_bytes(b"garbled mask")
     write_index_png(dataset.mask_path(ids[3]), np.zeros((8, 8), np.uint8), dataset.info.palette)
     failures = []
-    metrics = evaluate_labels(dataset, ids, labels, "seed_", ignore_pred=True, failures=failures)
+    metrics = score_label_files(dataset, ids, labels, "seed_", ignore_unlabelled=True, failures=failures)
     assert metrics["seed_scored_images"] == 2 and metrics["seed_miou"] == 1.0
     named = [labels / f"{ids[0]}.png", cut, dataset.mask_path(ids[2]), dataset.mask_path(ids[3])]
     assert [f.split(":")[0] for f in failures] == [str(p) for p in named]
     assert all(str(p) in caplog.text for p in named)
-    assert evaluate_labels(dataset, ids, labels, "seed_", ignore_pred=True)["seed_scored_images"] == 2
+    assert score_label_files(dataset, ids, labels, "seed_", ignore_unlabelled=True)["seed_scored_images"] == 2
 
 
 def test_a_resumed_run_makes_a_garbled_label_again(tiny_synthetic, tmp_path, caplog):
     from data.layout import write_index_png
-    from stages.irn.stage import usable_label
+    from stages.irn.label_files import usable_label
     dataset = PreparedDataset(tiny_synthetic)
     good, garbled = dataset.split("train")[:2]
     write_index_png(tmp_path / f"{good}.png", dataset.read_mask(good), dataset.info.palette)

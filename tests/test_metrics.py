@@ -13,11 +13,10 @@ from stages.common.metrics import (
     average_precision,
     classification_scores,
     dice,
-    format_table,
-    markdown_table,
     iou_binary,
     roc_auc,
 )
+from stages.common.tables import format_table, markdown_table
 
 # A 3-class pair used by several tests.
 # target            pred

@@ -78,7 +78,7 @@ def tiny_cam_net():
 
 
 def write_cam_artifact(folder: Path) -> tuple[Path, nn.Module]:
-    from stages.cam.stage import MODEL_FILE
+    from stages.cam.model_file import MODEL_FILE
     from stages.common.model_files import write_model_file
     cfg, net = tiny_cam_net()
     folder.mkdir(parents=True, exist_ok=True)
@@ -150,12 +150,12 @@ def test_a_model_file_round_trips_bit_for_bit(tmp_path):
 
 def test_the_stages_model_files_round_trip(tmp_path):
     """cam, IRN and segmenter as their stages save and load them: identical weights and metadata."""
-    from stages.cam.stage import load_cam_net
+    from stages.cam.classifier import load_cam_net
     from stages.common.backbones import ResNetFeatures
     from stages.common.model_files import write_model_file
     from stages.irn.net import BoundaryNet
-    from stages.irn.stage import MODEL_FILE as IRN_FILE
-    from stages.irn.stage import load_boundary_net
+    from stages.irn.net import MODEL_FILE as IRN_FILE
+    from stages.irn.net import load_boundary_net
     from stages.seg.model import load_segmenter
     artifact, net = write_cam_artifact(tmp_path / "cam")
     loaded, cfg, classes = load_cam_net(artifact, torch.device("cpu"))
@@ -234,11 +234,11 @@ def test_a_checkpoint_round_trips_and_resumes_to_the_same_weights(tmp_path, opti
 def test_a_planted_cam_irn_or_seg_model_never_runs_its_payload(tmp_path):
     """At the very path each loader reads (under the current name, and under the name earlier
     versions used), whether torch's archive or a bare pickle."""
-    from stages.cam.stage import MODEL_FILE as CAM_FILE
-    from stages.cam.stage import load_cam_net
+    from stages.cam.model_file import MODEL_FILE as CAM_FILE
+    from stages.cam.classifier import load_cam_net
     from stages.irn.net import build_backbone
-    from stages.irn.stage import MODEL_FILE as IRN_FILE
-    from stages.irn.stage import load_boundary_net
+    from stages.irn.net import MODEL_FILE as IRN_FILE
+    from stages.irn.net import load_boundary_net
     from stages.seg.model import MODEL_FILE as SEG_FILE
     from stages.seg.model import build_segmenter, load_cam_encoder, load_segmenter
     cpu = torch.device("cpu")
@@ -288,7 +288,7 @@ def test_wss_predict_refuses_a_planted_model_in_one_line(cli, tmp_path):
 
 
 def test_a_twin_with_a_planted_model_is_refused(tmp_path):
-    from stages.cam.stage import MODEL_FILE
+    from stages.cam.model_file import MODEL_FILE
     from stages.common.training import reuse_trained
     marker = tmp_path / "ran"
     path = plant_payload(tmp_path / "twin" / MODEL_FILE, marker)
@@ -365,8 +365,8 @@ def cut_short(path: Path) -> None:
 def test_a_damaged_model_file_is_one_line_naming_it_and_how_to_recompute_it(tmp_path, damage):
     from safetensors.torch import save_file
 
-    from stages.cam.stage import MODEL_FILE as CAM_FILE
-    from stages.cam.stage import load_cam_net
+    from stages.cam.model_file import MODEL_FILE as CAM_FILE
+    from stages.cam.classifier import load_cam_net
     from stages.seg.model import MODEL_FILE as SEG_FILE
     from stages.seg.model import SegModelError, load_segmenter
     cam, _ = write_cam_artifact(tmp_path / "cam")

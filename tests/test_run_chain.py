@@ -56,7 +56,8 @@ def test_run_twice_then_change_seg_then_change_irn(cli, chain_args):
 
 def test_a_new_cam_scoring_threshold_rescores_the_cached_cams_without_retraining(cli, chain_args, monkeypatch):
     from data.layout import PreparedDataset
-    from stages.cam.stage import CamStage, evaluate_cams
+    from stages.cam.scoring import score_cams
+    from stages.cam.stage import CamStage
     args, workdir = chain_args
     assert cli("run", *args, "--until", "cam").exit_code == 0
     artifact, = (workdir / "synthetic").glob("cam-*")
@@ -68,7 +69,7 @@ def test_a_new_cam_scoring_threshold_rescores_the_cached_cams_without_retraining
         result = cli("run", *args, "--until", "cam", "-o", f"cam.eval_bg_threshold={threshold}")
         assert result.exit_code == 0, result.output
         assert states(result.output) == {"cam": "cache hit"}
-        expected = evaluate_cams(dataset, ids, artifact / "cams", threshold)["cam_miou"]
+        expected = score_cams(dataset, ids, artifact / "cams", threshold)["cam_miou"]
         rescored = json.loads((artifact / "manifest.json").read_text())
         assert rescored["metrics"]["cam_miou"] == pytest.approx(expected)
         assert json.loads((artifact / "metrics.json").read_text())["cam_miou"] == pytest.approx(expected)
@@ -156,7 +157,7 @@ def test_a_model_planted_in_a_copied_workdir_runs_no_code(cli, chain_args, tmp_p
     warning naming it. The payload never runs."""
     import shutil
 
-    from stages.cam.stage import MODEL_FILE as CAM_FILE
+    from stages.cam.model_file import MODEL_FILE as CAM_FILE
     from stages.seg.model import MODEL_FILE as SEG_FILE
     from tests.test_model_files import plant_payload
     args, workdir = chain_args

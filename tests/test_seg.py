@@ -22,7 +22,8 @@ from stages.seg.losses import LOSSES, SegLoss
 from stages.common.model_files import read_model_file, write_model_file
 from stages.common.training import CHECKPOINT
 from stages.seg.model import MODEL_FILE, SegModelError, build_segmenter, load_segmenter
-from stages.seg.stage import HOLDOUT_FILE, SegStage, SplitScorer, split_holdout
+from stages.common.scoring import SegmentationScorer
+from stages.seg.stage import HOLDOUT_FILE, SegStage, split_holdout
 
 # Seconds on a CPU: tiny crops, resnet18 from scratch, main-process loading.
 FAST_SEG = ["seg.arch=Unet", "seg.encoder=resnet18", "seg.encoder_weights=null", "seg.epochs=2",
@@ -242,7 +243,7 @@ def test_scorer_agrees_with_smp_on_random_masks():
     class Info:
         classes = ["a", "b", "c"]
         task = "multiclass"
-    scorer = SplitScorer(Info)
+    scorer = SegmentationScorer.of(Info)
     preds = rng.integers(0, 4, (6, 16, 16))
     targets = rng.integers(0, 4, (6, 16, 16))
     targets[rng.random(targets.shape) < 0.2] = IGNORE_INDEX
@@ -260,7 +261,7 @@ def test_scorer_known_answer_binary():
     class Info:
         classes = ["finding"]
         task = "binary"
-    scorer = SplitScorer(Info)
+    scorer = SegmentationScorer.of(Info)
     target = np.zeros((4, 4), np.uint8)
     target[:2, :2] = 1  # 4 pixels
     pred = np.zeros((4, 4), np.uint8)
@@ -272,7 +273,7 @@ def test_scorer_known_answer_binary():
     assert metrics["seg_val_kaggle_dice"] == pytest.approx((2 / 3 + 1 + 0) / 3)
     assert metrics["seg_val_dice_pos"] == pytest.approx(2 / 3)
     assert metrics["seg_val_image_auc"] == pytest.approx(1.0)
-    assert SplitScorer(Info).metrics("seg_val_") == {"seg_val_scored_images": 0}
+    assert SegmentationScorer.of(Info).metrics("seg_val_") == {"seg_val_scored_images": 0}
 
 
 @pytest.mark.parametrize("task", ["binary", "multiclass"])
@@ -410,7 +411,7 @@ def test_encoder_weights_from_the_stage1_classifier(tmp_path):
     """`encoder_weights: cam`: every trunk tensor of the cam model lands in smp's encoder, and the
     encoder then computes what the classifier's trunk computes up to its (dilated) layer4."""
     from stages.cam.nets import GapNet
-    from stages.cam.stage import MODEL_FILE
+    from stages.cam.model_file import MODEL_FILE
     from stages.seg.model import load_cam_encoder
     torch.manual_seed(3)
     classifier = GapNet(3, "resnet18").eval()

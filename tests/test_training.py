@@ -146,7 +146,7 @@ def test_batches_do_not_depend_on_persistent_workers_and_change_per_epoch(synthe
 
 def test_reuse_trained_loads_the_weights_and_the_epoch_log_or_names_a_broken_file(tmp_path):
     from data.errors import WssError
-    from stages.cam.stage import MODEL_FILE
+    from stages.cam.model_file import MODEL_FILE
     from stages.common.model_files import write_model_file
     from stages.common.training import reuse_trained
     torch.manual_seed(0)
@@ -186,7 +186,7 @@ def test_resume_from_an_unreadable_checkpoint_warns_and_trains_from_the_start(tm
 
 
 def garbled_model(folder, content: bytes):
-    from stages.cam.stage import MODEL_FILE
+    from stages.cam.model_file import MODEL_FILE
     folder.mkdir(exist_ok=True)
     (folder / MODEL_FILE).write_bytes(content)
     return folder
@@ -200,9 +200,10 @@ def garbled_model(folder, content: bytes):
 def test_an_unreadable_model_file_is_one_line_naming_it_and_the_stage_to_recompute(
         tmp_path, content, reason, loader, what, stage):
     from stages.base import StageInputError
-    from stages.cam.stage import MODEL_FILE, load_cam_net
+    from stages.cam.classifier import load_cam_net
+    from stages.cam.model_file import MODEL_FILE
     from stages.irn.net import build_backbone
-    from stages.irn.stage import load_boundary_net
+    from stages.irn.net import load_boundary_net
     from stages.seg.model import build_segmenter, load_cam_encoder
     artifact = garbled_model(tmp_path / "artifact", content)
     load = {"cam": lambda: load_cam_net(artifact, torch.device("cpu")),

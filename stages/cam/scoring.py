@@ -1,58 +1,61 @@
-"""Extra scores of a trained cam artifact for `wss compare` (the tensor side of it).
-
-- CAMs of a split other than the one the stage wrote (val, or the boxed NIH images);
-- a background-threshold sweep: the threshold is chosen on one split's masks and applied to
-  another split, so no number is tuned on the split it scores;
-- point localization accuracy against NIH boxes (stages/common/localization.py).
-"""
+"""CAM files scored against the masks: one split at the stage's background threshold (the
+`cam_` metrics), or a sweep of thresholds, where the threshold is chosen on one split's masks
+and applied to another so that no number is tuned on the split it scores (`wss compare`)."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-import torch
+from tqdm.auto import tqdm
 
+from data.errors import DataError
 from data.layout import PreparedDataset
-from stages.cam.infer import CAM_STRIDE, cam_to_label, load_cam, write_cam_files
-from stages.cam.stage import load_cam_net, read_scored_cam
-from stages.common.localization import LocalizationCase, localization_accuracy
-from stages.common.metrics import ConfusionMatrix
-
-log = logging.getLogger("wss.compare")
+from stages.cam.infer import CamFileError, cam_to_label, load_cam, upsample_cam
+from stages.common.scoring import SegmentationScorer, left_out_of_scores
 
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
 
 
-def count_parameters(artifact: Path) -> int:
-    model, _, _ = load_cam_net(artifact, torch.device("cpu"))
-    return sum(p.numel() for p in model.parameters())
+def read_scored_cam(dataset: PreparedDataset, image_id: str, cam_dir: Path, failures: list[str] | None = None):
+    """((CAM at full size, keys), ground truth) of one image, or None where the mask or the CAM
+    is missing, or either is unreadable or their sizes differ (stages.common.scoring.left_out_of_scores)."""
+    path = cam_dir / f"{image_id}.npz"
+    if not dataset.has_mask(image_id) or not path.is_file():
+        return None
+    try:
+        cam, keys, size = load_cam(path)
+        gt = dataset.read_mask(image_id, size)
+    except (CamFileError, DataError) as error:
+        left_out_of_scores(error, failures)
+        return None
+    return (upsample_cam(cam, size), keys), gt
 
 
-def write_cams(artifact: Path, dataset: PreparedDataset, ids: list[str], cam_dir: Path,
-               device: torch.device, keys_of=None, workers: int = 0) -> None:
-    """CAMs of `ids` with the artifact's model and inference settings, saved like the stage's
-    (stages.cam.infer.write_cam_files: existing files are kept, an unreadable image is logged
-    and skipped). `keys_of(id)` picks the classes (default: the image's labels)."""
-    if all((cam_dir / f"{i}.npz").is_file() for i in ids):
-        return
-    model, cfg, _ = load_cam_net(artifact, device)
-    for failure in write_cam_files(model, cfg, dataset, ids, cam_dir, device, workers, keys_of,
-                                   desc="cam inference (compare)", leave=False):
-        log.warning("compare: skipped %s", failure)
+def score_cams(dataset: PreparedDataset, ids: list[str], cam_dir: Path, bg_threshold: float,
+               failures: list[str] | None = None) -> dict:
+    """CAM mIoU (and per-class IoU; binary: Dice) on the images of `ids` that have masks. An
+    unreadable CAM or mask, or a mask of another size, is left out and listed in `failures`."""
+    scorer = SegmentationScorer.of(dataset)
+    for image_id in tqdm(ids, desc="cam evaluate", unit="img", leave=False):
+        pair = read_scored_cam(dataset, image_id, cam_dir, failures)
+        if pair is None:
+            continue
+        (cam, keys), gt = pair
+        scorer.update(cam_to_label(cam, keys, bg_threshold), gt)
+    return scorer.metrics("cam_")
 
 
 def threshold_sweep(dataset: PreparedDataset, ids: list[str], cam_dir: Path,
                     thresholds=THRESHOLDS) -> dict[float, float]:
     """mIoU (background + classes) of the CAMs of `ids` at every background threshold."""
-    matrices = {t: ConfusionMatrix(dataset.info.num_classes + 1) for t in thresholds}
+    scorers = {t: SegmentationScorer(dataset.classes) for t in thresholds}
     for image_id in ids:
         pair = read_scored_cam(dataset, image_id, cam_dir)
         if pair is None:
             continue
         (full, keys), gt = pair
-        for t, matrix in matrices.items():
-            matrix.update(cam_to_label(full, keys, t), gt)
-    return {t: float(m.miou()) for t, m in matrices.items() if m.counts.sum() > 0}
+        for t, scorer in scorers.items():
+            scorer.update(cam_to_label(full, keys, t), gt)
+    return {t: float(s.miou()) for t, s in scorers.items() if s.matrix.counts.sum() > 0}
 
 
 def tuned_miou(dataset: PreparedDataset, tune_ids: list[str], tune_dir: Path, score_ids: list[str],
@@ -64,26 +67,3 @@ def tuned_miou(dataset: PreparedDataset, tune_ids: list[str], tune_dir: Path, sc
     best = max(sweep, key=lambda t: (sweep[t], -abs(t - 0.5)))
     scored = threshold_sweep(dataset, score_ids, score_dir, (best,))
     return best, scored.get(best, float("nan"))
-
-
-def point_localization(dataset: PreparedDataset, boxes_by_id: dict[str, list], cam_dir: Path) -> dict[str, float]:
-    """Point localization (and IoBB) accuracy of the CAMs in `cam_dir` against boxes (data.nih.Box).
-
-    A stride-4 map of cell i covers image pixels [4i, 4i + 4), so it is scored with the image
-    size padded to a multiple of 4: the box coordinates stay exact.
-    """
-    cases = []
-    for image_id, boxes in boxes_by_id.items():
-        path = cam_dir / f"{image_id}.npz"
-        if not path.is_file():
-            continue
-        cam, keys, _ = load_cam(path)
-        padded = (cam.shape[1] * CAM_STRIDE, cam.shape[2] * CAM_STRIDE)
-        by_finding: dict[str, list] = {}
-        for box in boxes:
-            by_finding.setdefault(box.finding, []).append((box.x, box.y, box.w, box.h))
-        for finding, found in sorted(by_finding.items()):
-            index = dataset.classes.index(finding)
-            if index in list(keys):
-                cases.append(LocalizationCase(finding, cam[list(keys).index(index)], found, padded))
-    return localization_accuracy(cases) if cases else {}

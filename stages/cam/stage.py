@@ -6,54 +6,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import ValidationError
-from tqdm.auto import tqdm
 
 from data.datasets import ClassificationDataset, SafeImageDataset
-from data.errors import DataError
 from data.layout import PreparedDataset, write_json_atomic
 from data.transforms import normalize_batch, uint8_tensor
-from stages.base import StageInputError, StageResult, section_dict, source_hash, weights_file_stamp
+from stages.base import Stage, StageResult, section_dict, weights_file_stamp
 from stages.cam.config import other_methods_settings
-from stages.cam.infer import CamFileError, cam_to_label, load_cam, upsample_cam, write_cam_files
+from stages.cam.infer import write_cam_files
+from stages.cam.localization import BOXED_CAMS, boxed_images, localization_metrics
 from stages.cam.methods import build_cam_net
+from stages.cam.model_file import MODEL_FILE, read_cam_model
+from stages.cam.scoring import score_cams
 from stages.common import distributed
-from stages.common.metrics import (BinarySegmentationScores, ConfusionMatrix, classification_scores,
-                                   left_out_of_scores, per_class_table)
+from stages.common.metrics import classification_scores
 from stages.common.runtime import image_loader, progress, resolve_device, seed_everything, worker_count
-from stages.common.model_files import load_weights, read_model_file, write_model_file
-from stages.common.settings import describe_error
+from stages.common.model_files import load_weights, write_model_file
+from stages.common.tables import per_class_table
 from stages.common.training import CHECKPOINT, fit, reuse_trained, train_settings, unused_training_settings
 
 log = logging.getLogger("wss.cam")
-MODEL_FILE = "model.safetensors"
-BOXED_CAMS = "boxed_cams"  # NIH: CAMs of the images with boxes (test split), for localization
-
-
-def read_cam_model(artifact: Path):
-    """The model file of a cam artifact: its weights and metadata (config, classes), checked."""
-    path = Path(artifact) / MODEL_FILE
-    state = read_model_file(path, "cam", "cam model", "cam", required={"config": dict, "classes": list})
-    if not all(isinstance(name, str) for name in state.meta["classes"]):
-        raise StageInputError(f"{path}: unreadable cam model (its classes are not names); "
-                              f"recompute it with wss run --force cam")
-    return state
-
-
-def load_cam_net(artifact: Path, device: torch.device):
-    """The trained classifier of a cam artifact (used by this stage, irn, compare)."""
-    from stages.cam.config import CamConfig
-    path = Path(artifact) / MODEL_FILE
-    state = read_cam_model(artifact)
-    try:
-        cfg = CamConfig.model_validate(state.meta["config"])
-    except ValidationError as error:  # a setting this version does not know, or a value it refuses
-        raise StageInputError(f"{path}: unreadable cam model (its config: {describe_error(error, CamConfig, 'cam')}); "
-                              f"recompute it with wss run --force cam") from None
-    classes = state.meta["classes"]
-    model = build_cam_net(cfg, len(classes), weights=None)
-    load_weights(model, state.tensors, path, f"{cfg.method}/{cfg.backbone} classifier", "cam")
-    return model.to(device).eval(), cfg, classes
 
 
 def cam_ids(cfg, dataset: PreparedDataset, artifact: Path) -> list[str]:
@@ -61,9 +32,8 @@ def cam_ids(cfg, dataset: PreparedDataset, artifact: Path) -> list[str]:
     return [i for i in dataset.split(cfg.data.train_split) if (artifact / "cams" / f"{i}.npz").is_file()]
 
 
-class CamStage:
+class CamStage(Stage):
     name = "cam"
-    needs: tuple[str, ...] = ()
     section = "cam"
     resume_files = (CHECKPOINT,)
     resume_outputs = ("cams", BOXED_CAMS)  # written whole, kept by --resume
@@ -93,10 +63,6 @@ class CamStage:
             ResNetFeatures(cfg.cam.backbone, cfg.cam.weights)
         except WeightsError as error:
             raise WeightsError(f"cam.weights: {error}") from None
-
-    def code_version(self) -> str:  # data/nih.py: which images get boxed CAMs
-        return source_hash("stages/cam", "stages/common", "stages/base.py", "data/layout.py",
-                           "data/transforms.py", "data/datasets.py", "data/nih.py")
 
     def run(self, cfg, dataset: PreparedDataset, inputs: dict[str, Path], out: Path, *,
             resume: bool = False, limit: int | None = None) -> StageResult:
@@ -140,8 +106,7 @@ class CamStage:
                                         device, cfg.run.workers)
         failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its CAMs
         if distributed.is_main():
-            metrics.update(evaluate_cams(dataset, train_ids, out / "cams", section.eval_bg_threshold,
-                                         failures))
+            metrics.update(score_cams(dataset, train_ids, out / "cams", section.eval_bg_threshold, failures))
             metrics.update(localization_metrics(dataset, boxed, out / BOXED_CAMS))
             write_json_atomic(out / "metrics.json", metrics)
             log.info("cam metrics on split %r:\n%s", cfg.data.train_split, per_class_table(metrics, "cam_", dataset))
@@ -167,7 +132,7 @@ class CamStage:
 
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
         ids = cam_ids(cfg, dataset, artifact)
-        metrics = evaluate_cams(dataset, ids, artifact / "cams", cfg.cam.eval_bg_threshold)
+        metrics = score_cams(dataset, ids, artifact / "cams", cfg.cam.eval_bg_threshold)
         metrics.update(localization_metrics(dataset, list(boxed_images(dataset)), artifact / BOXED_CAMS))
         return metrics
 
@@ -206,72 +171,9 @@ class CamStage:
         return failures
 
 
-def evaluate_cams(dataset: PreparedDataset, ids: list[str], cam_dir: Path, bg_threshold: float,
-                  failures: list[str] | None = None) -> dict:
-    """CAM mIoU (and per-class IoU; binary: Dice) on the images of `ids` that have masks. An
-    unreadable CAM or mask, or a mask of another size, is left out and listed in `failures`."""
-    matrix = ConfusionMatrix(dataset.info.num_classes + 1)
-    binary = BinarySegmentationScores() if dataset.task == "binary" else None
-    scored = 0
-    for image_id in tqdm(ids, desc="cam evaluate", unit="img", leave=False):
-        pair = read_scored_cam(dataset, image_id, cam_dir, failures)
-        if pair is None:
-            continue
-        (cam, keys), gt = pair
-        pred = cam_to_label(cam, keys, bg_threshold)
-        matrix.update(pred, gt)
-        if binary is not None:
-            binary.update(pred, gt)
-        scored += 1
-    if not scored:
-        return {"cam_scored_images": 0}
-    metrics = {f"cam_{k}": float(v) for k, v in matrix.to_dict(["background", *dataset.classes]).items()}
-    if binary is not None:
-        metrics.update({f"cam_{k}": float(v) for k, v in binary.summary().items()})
-    metrics["cam_scored_images"] = scored
-    return metrics
-
-
-def read_scored_cam(dataset: PreparedDataset, image_id: str, cam_dir: Path, failures: list[str] | None = None):
-    """((CAM at full size, keys), ground truth) of one image, or None where the mask or the CAM
-    is missing, or either is unreadable or their sizes differ (stages.common.metrics.left_out_of_scores)."""
-    path = cam_dir / f"{image_id}.npz"
-    if not dataset.has_mask(image_id) or not path.is_file():
-        return None
-    try:
-        cam, keys, size = load_cam(path)
-        gt = dataset.read_mask(image_id, size)
-    except (CamFileError, DataError) as error:
-        left_out_of_scores(error, failures)
-        return None
-    return (upsample_cam(cam, size), keys), gt
-
-
-def boxed_images(dataset: PreparedDataset) -> dict[str, list]:
-    """{image id: its boxes} of the prepared images that have boxes, sorted by id (NIH's
-    boxes.csv; empty elsewhere). NIH preparation puts them, and their patients, in the test
-    split: the classifier never trains on them, and the stage writes their CAMs to
-    `boxed_cams/` to score localization."""
-    from data.nih import BOXES_NAME, boxes_by_image, read_boxes
-    path = dataset.root / BOXES_NAME
-    if not path.is_file():
-        return {}
-    grouped = boxes_by_image(read_boxes(path))
-    return {image_id: grouped[image_id] for image_id in sorted(grouped) if image_id in dataset.labels}
-
-
 def headline_metric(metrics: dict) -> str:
     """CAM mIoU where the train split has masks; point localization where only boxes score the
     CAMs (NIH)."""
     if "cam_miou" not in metrics and "cam_point_accuracy" in metrics:
         return "cam_point_accuracy"
     return "cam_miou"
-
-
-def localization_metrics(dataset: PreparedDataset, ids: list[str], cam_dir: Path) -> dict:
-    """Point localization / IoBB of the CAMs of `ids` against their boxes (NIH), when they have some."""
-    from stages.cam.scoring import point_localization
-    boxes = boxed_images(dataset)
-    scores = point_localization(dataset, {i: boxes[i] for i in ids if i in boxes}, cam_dir)
-    renamed = {"cam_point_accuracy" if k == "point/mean" else f"cam_{k}": v for k, v in scores.items()}
-    return {k: float(v) for k, v in renamed.items()}

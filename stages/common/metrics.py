@@ -1,4 +1,5 @@
 """Every metric the stages report, in one place so that all stages score the same way.
+stages.common.scoring applies them to a split's files; stages.common.tables prints them.
 
 Segmentation metrics stream: each class accumulates counts image by image (or batch by batch)
 and never holds the masks, so a 10^4-image split costs a few kilobytes. Accumulators can be
@@ -14,42 +15,15 @@ Conventions shared by the whole module:
 """
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 from data.errors import DataError
-from data.layout import read_index_png
 
 IGNORE_INDEX = 255
-log = logging.getLogger("wss.scoring")
-
-
-def left_out_of_scores(error: Exception, failures: list[str] | None = None) -> None:
-    """Report an image that cannot be scored (a mask or prediction that does not decode, or
-    sizes that differ): logged, and listed in the stage's `failures` where there is one. The
-    caller scores the other images, so one bad file never costs the stage's output."""
-    log.warning("scoring: left out %s", error)
-    if failures is not None:
-        failures.append(f"{error}; left out of the scores")
-
-
-def read_scored_pair(dataset, image_id: str, pred_path: Path, failures: list[str] | None = None
-                     ) -> tuple[np.ndarray, np.ndarray] | None:
-    """(prediction, ground truth) of one image from a label PNG and the dataset's mask, or None
-    where either is missing, or unreadable or of other sizes (see left_out_of_scores)."""
-    if not dataset.has_mask(image_id) or not Path(pred_path).is_file():
-        return None
-    try:
-        pred = read_index_png(pred_path)
-        return pred, dataset.read_mask(image_id, pred.shape)
-    except DataError as error:
-        left_out_of_scores(error, failures)
-        return None
 
 
 def _to_numpy(array: Any) -> np.ndarray:
@@ -381,66 +355,3 @@ def classification_scores(scores: Any, targets: Any, class_names: Sequence[str] 
         result[f"{prefix}auc/{name}"] = auc
         result[f"{prefix}ap/{name}"] = ap
     return result
-
-
-# --------------------------------------------------------------------------------------------
-# Plain-text tables for CLI summaries
-# --------------------------------------------------------------------------------------------
-
-def _cell(value: Any, digits: int) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        return "-" if math.isnan(value) else f"{value:.{digits}f}"
-    return str(value)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
-def _digits_of(digits: int | Mapping[str, int], column: str) -> int:
-    return digits.get(column, 4) if isinstance(digits, Mapping) else digits
-
-
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
-                 digits: int | Mapping[str, int] = 4) -> str:
-    """Rows of dicts as an aligned plain-text table: numbers right-aligned, text left.
-
-    ``columns`` picks and orders the keys (default: every key, in first-seen order); a row
-    missing a key gets an empty cell, nan prints as "-". ``digits``: decimals of floats, for
-    all columns or per column name (others 4), e.g. ``{"seconds": 1}``.
-    """
-    if columns is None:
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-    cells = [[_cell(row.get(column), _digits_of(digits, column)) for column in columns] for row in rows]
-    numeric = [any(_is_number(row.get(column)) for row in rows) for column in columns]
-    widths = [max([len(str(column))] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
-
-    def render(values: Sequence[str]) -> str:
-        parts = [v.rjust(w) if right else v.ljust(w) for v, w, right in zip(values, widths, numeric)]
-        return "  ".join(parts).rstrip()
-
-    lines = [render([str(c) for c in columns]), "  ".join("-" * w for w in widths)]
-    lines += [render(line) for line in cells]
-    return "\n".join(lines)
-
-
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str],
-                   digits: int | Mapping[str, int] = 4) -> str:
-    """The same cells as `format_table`, as a Markdown (GitHub) table for report files."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c), _digits_of(digits, c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def per_class_table(metrics: dict, prefix: str, dataset) -> str:
-    """The IoU of every class (and the mean) of metrics named `<prefix>iou/<class>`, as text."""
-    rows = [{"class": name, "IoU": metrics.get(f"{prefix}iou/{name}", float("nan"))}
-            for name in ["background", *dataset.classes]]
-    rows.append({"class": "mean", "IoU": metrics.get(f"{prefix}miou", float("nan"))})
-    return format_table(rows, ["class", "IoU"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from data.layout import write_index_png
-from data.prepare_report import ignore_interrupts
+from data.parallel import ignore_interrupts
 from stages.common.crf import crf_prob
 
 log = logging.getLogger("wss.pseudo")

@@ -13,10 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.common.backbones import STAGE_STRIDES, ResNetFeatures, upsample_cells
+from stages.base import StageInputError
+from stages.cam.model_file import MODEL_FILE as CAM_MODEL_FILE
+from stages.cam.model_file import read_cam_trunk
+from stages.common.backbones import RESNETS, STAGE_STRIDES, ResNetFeatures, upsample_cells
 from stages.common.model_files import load_weights, read_model_file
 
 BRANCH_CHANNELS = 32
+MODEL_FILE = "model.safetensors"  # the irn artifact's trained boundary network
 
 
 def boundary_block(in_channels: int) -> nn.Sequential:
@@ -76,16 +80,26 @@ class BoundaryNet(nn.Module):
 def build_backbone(name: str, init: str, cam_artifact: Path | None, weights: str | None) -> ResNetFeatures:
     """The IRN trunk: `init` cam (the stage-1 classifier's trunk), imagenet (`weights`), or none."""
     if init == "cam":
-        from stages.base import StageInputError
-        from stages.cam.stage import MODEL_FILE
-        path = Path(cam_artifact) / MODEL_FILE
+        path = Path(cam_artifact) / CAM_MODEL_FILE
         if not path.is_file():
-            raise StageInputError(f"irn: the cam artifact {cam_artifact} has no {MODEL_FILE}")
+            raise StageInputError(f"irn: the cam artifact {cam_artifact} has no {CAM_MODEL_FILE}")
         backbone = ResNetFeatures(name, weights=None)
-        state = read_model_file(path, "cam", "cam model", "cam").tensors
-        trunk = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        _, trunk = read_cam_trunk(path)
         load_weights(backbone, trunk, path, f"{name} trunk of the IRN", "cam")
         return backbone
     if init == "imagenet":
         return ResNetFeatures(name, weights=weights or "imagenet")
     return ResNetFeatures(name, weights=None)
+
+
+def load_boundary_net(artifact: Path, device: torch.device) -> BoundaryNet:
+    """The trained boundary network of an irn artifact (the pseudo stage walks with it)."""
+    path = Path(artifact) / MODEL_FILE
+    state = read_model_file(path, "irn", "IRN model", "irn", required={"backbone": str})
+    backbone = state.meta["backbone"]
+    if backbone not in RESNETS:
+        raise StageInputError(f"{path}: unreadable IRN model (unknown backbone {backbone!r}); "
+                              f"recompute it with wss run --force irn")
+    model = BoundaryNet(ResNetFeatures(backbone, weights=None), freeze_backbone=False)
+    load_weights(model, state.tensors, path, f"{backbone} IRN", "irn")
+    return model.to(device).eval()

@@ -19,13 +19,16 @@ from PIL import Image
 from data.datasets import SafeImageDataset
 from data.layout import PreparedDataset, atomic_save, write_index_png, write_json_atomic
 from data.transforms import normalize
-from stages.base import StageInputError, StageResult, source_hash
+from stages.base import Stage, StageInputError, StageResult
 from stages.cam.infer import CAM_STRIDE, load_cam
 from stages.common import distributed
 from stages.common.runtime import image_loader, progress, resolve_device, worker_count
-from stages.irn.random_walk import random_walk
+from stages.common.scoring import score_label_files
 from stages.irn.crf_pool import CrfPool, planes_to_label
-from stages.irn.stage import evaluate_labels, irn_fields, load_boundary_net, usable_label
+from stages.irn.label_files import usable_label
+from stages.irn.net import load_boundary_net
+from stages.irn.random_walk import random_walk
+from stages.irn.settings import irn_fields
 
 log = logging.getLogger("wss.pseudo")
 
@@ -54,20 +57,14 @@ def fit_edge(edge: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(edge[None, None], size=shape, mode="bilinear", align_corners=False)[0, 0]
 
 
-class PseudoLabelStage:
+class PseudoLabelStage(Stage):
     name = "pseudo"
-    needs: tuple[str, ...] = ("cam", "irn")
+    needs = ("cam", "irn")
     section = "irn"
     resume_outputs = ("pseudo_labels",)  # kept by --resume (a garbled one is made again)
 
     def key_config(self, cfg, task: str) -> dict:
         return irn_fields(cfg.irn, pseudo=True)
-
-    def code_version(self) -> str:
-        return source_hash("stages/irn/pseudo.py", "stages/irn/crf_pool.py", "stages/irn/random_walk.py",
-                           "stages/irn/walk_kernel.py",
-                           "stages/irn/affinity.py", "stages/irn/net.py",
-                           "stages/common/crf.py", "stages/cam/infer.py", "data/layout.py")
 
     def run(self, cfg, dataset: PreparedDataset, inputs: dict[str, Path], out: Path, *,
             resume: bool = False, limit: int | None = None) -> StageResult:
@@ -116,7 +113,7 @@ class PseudoLabelStage:
         walk_seconds = distributed.all_ranks_list(walk_seconds)
         metrics = {}
         if distributed.is_main():
-            metrics = evaluate_labels(dataset, ids, label_dir, "pseudo_", ignore_pred=False, failures=failures)
+            metrics = score_label_files(dataset, ids, label_dir, "pseudo_", failures=failures)
             metrics["pseudo_images"] = sum(1 for _ in label_dir.glob("*.png"))
             if walk_seconds:
                 metrics["walk_seconds_per_image"] = float(np.mean(walk_seconds))
@@ -143,4 +140,4 @@ class PseudoLabelStage:
 
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
         ids = dataset.split(cfg.data.train_split)
-        return evaluate_labels(dataset, ids, artifact / "pseudo_labels", "pseudo_", ignore_pred=False)
+        return score_label_files(dataset, ids, artifact / "pseudo_labels", "pseudo_")

@@ -16,40 +16,24 @@ import torch
 from data.datasets import LabelMapDataset
 from data.errors import WssError
 from data.layout import PreparedDataset, write_index_png, write_json_atomic
-from data.prepare_report import parallel_map
+from data.parallel import parallel_map
 from data.transforms import normalize_batch
-from stages.base import StageInputError, StageResult, section_dict, source_hash
+from stages.base import Stage, StageInputError, StageResult
 from stages.cam.infer import CAM_STRIDE, load_cam, upsample_cam
 from stages.common import distributed
 from stages.common.crf import CrfParams
-from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, read_scored_pair
+from stages.common.scoring import score_label_files
 from stages.common.runtime import resolve_device, seed_everything, worker_count
-from stages.common.model_files import load_weights, read_model_file, write_model_file
-from stages.common.training import CHECKPOINT, fit, train_settings, unused_training_settings
+from stages.common.model_files import write_model_file
+from stages.common.training import CHECKPOINT, fit, train_settings
 from stages.irn.affinity import affinity_labels, affinity_loss, edge_to_affinity
-from stages.irn.config import PSEUDO, IrnConfig, pseudo_settings
-from stages.irn.net import BoundaryNet, build_backbone
+from stages.irn.config import IrnConfig
+from stages.irn.label_files import usable_label
+from stages.irn.net import MODEL_FILE, BoundaryNet, build_backbone
+from stages.irn.settings import irn_fields
 from stages.irn.seeds import make_seeds
 
 log = logging.getLogger("wss.irn")
-MODEL_FILE = "model.safetensors"
-
-
-def irn_fields(section: IrnConfig, pseudo: bool) -> dict:
-    """The fields of the irn section that make the IRN (pseudo=False) or the pseudo-labels,
-    without those nothing reads: the seed CRF's parameters when `use_crf` is off, the refining
-    CRF's when `refine_crf` is off and its `gt_prob` always (the probability CRF takes no label
-    confidence), `momentum` under AdamW."""
-    names = {name for name in type(section).model_fields if (name in pseudo_settings()) == pseudo}
-    names -= unused_training_settings(section)
-    if not section.use_crf:
-        names.discard("crf")
-    if not section.refine_crf:
-        names.discard("refine_crf_params")
-    fields = section_dict(section, only=names)
-    if "refine_crf_params" in fields:
-        fields["refine_crf_params"] = {k: v for k, v in fields["refine_crf_params"].items() if k != "gt_prob"}
-    return fields
 
 
 def training_ids(dataset: PreparedDataset, ids: list[str], positive_only: bool) -> list[str]:
@@ -93,49 +77,6 @@ def fitting_batch(batch_size: int, images: int) -> int:
     return max(world, images - images % world)
 
 
-def usable_label(dataset: PreparedDataset, image_id: str, label_dir: Path, stage: str) -> bool:
-    """Whether a resumed run can keep the label map it finds for `image_id`; a garbled one (a
-    bad disk, a file edited by hand) is logged and removed, to be made again rather than
-    trained on (or left there, should making it fail)."""
-    path = label_dir / f"{image_id}.png"
-    if not path.is_file():
-        return False
-    problem = dataset.label_problem(image_id, path)
-    if problem is None:
-        return True
-    log.warning("%s: %s; making it again", stage, problem)
-    path.unlink()
-    return False
-
-
-def evaluate_labels(dataset: PreparedDataset, ids: list[str], label_dir: Path, prefix: str,
-                    ignore_pred: bool, failures: list[str] | None = None) -> dict:
-    """mIoU (+ per-class IoU, coverage) of label PNGs against the masks that exist (evaluation
-    only). A label or mask that does not decode, or the two of other sizes, is left out and
-    listed in `failures`."""
-    matrix = ConfusionMatrix(dataset.info.num_classes + 1)
-    binary = BinarySegmentationScores() if dataset.task == "binary" and not ignore_pred else None
-    scored = 0
-    for image_id in ids:
-        pair = read_scored_pair(dataset, image_id, label_dir / f"{image_id}.png", failures)
-        if pair is None:
-            continue
-        pred, gt = pair
-        matrix.update(pred, gt, ignore_pred=ignore_pred)
-        if binary is not None:
-            binary.update(pred, gt)
-        scored += 1
-    if not scored:
-        return {f"{prefix}scored_images": 0}
-    metrics = {f"{prefix}{k}": float(v) for k, v in matrix.to_dict(["background", *dataset.classes]).items()}
-    if ignore_pred:
-        metrics[f"{prefix}coverage"] = float(matrix.coverage())
-    if binary is not None:
-        metrics.update({f"{prefix}{k}": float(v) for k, v in binary.summary().items()})
-    metrics[f"{prefix}scored_images"] = scored
-    return metrics
-
-
 def affinity_step(radius: int):
     def step(model: BoundaryNet, batch: dict) -> tuple[torch.Tensor, dict]:
         edge = torch.sigmoid(model(normalize_batch(batch["image"])).float())
@@ -151,22 +92,9 @@ def affinity_step(radius: int):
     return step
 
 
-def load_boundary_net(artifact: Path, device: torch.device) -> BoundaryNet:
-    from stages.common.backbones import RESNETS, ResNetFeatures
-    path = Path(artifact) / MODEL_FILE
-    state = read_model_file(path, "irn", "IRN model", "irn", required={"backbone": str})
-    backbone = state.meta["backbone"]
-    if backbone not in RESNETS:
-        raise StageInputError(f"{path}: unreadable IRN model (unknown backbone {backbone!r}); "
-                              f"recompute it with wss run --force irn")
-    model = BoundaryNet(ResNetFeatures(backbone, weights=None), freeze_backbone=False)
-    load_weights(model, state.tensors, path, f"{backbone} IRN", "irn")
-    return model.to(device).eval()
-
-
-class IrnStage:
+class IrnStage(Stage):
     name = "irn"
-    needs: tuple[str, ...] = ("cam",)
+    needs = ("cam",)
     section = "irn"
     resume_files = (CHECKPOINT,)
     resume_outputs = ("seeds",)  # kept by --resume (a garbled one is made again)
@@ -189,11 +117,6 @@ class IrnStage:
                                f"cam.weights (setting it retrains the classifier); irn.backbone_init: cam "
                                f"needs no download.") from None
 
-    def code_version(self) -> str:
-        return source_hash("stages/irn/stage.py", "stages/irn/net.py", "stages/irn/seeds.py",
-                           "stages/irn/affinity.py", "stages/common", "stages/base.py", "data/layout.py",
-                           "data/transforms.py", "data/datasets.py")
-
     def run(self, cfg, dataset: PreparedDataset, inputs: dict[str, Path], out: Path, *,
             resume: bool = False, limit: int | None = None) -> StageResult:
         section = cfg.irn
@@ -213,7 +136,7 @@ class IrnStage:
                                   f"({len(failures)} failures, first: {failures[:1]})")
         metrics = {}
         if distributed.is_main():
-            metrics = evaluate_labels(dataset, seeded, seed_dir, "seed_", ignore_pred=True, failures=failures)
+            metrics = score_label_files(dataset, seeded, seed_dir, "seed_", ignore_unlabelled=True, failures=failures)
         metrics = distributed.broadcast(metrics)
         log.info("irn: seeds for %d images (mIoU %.4f ignoring 255, coverage %.3f); training on %d",
                  len(seeded), metrics.get("seed_miou", float("nan")), metrics.get("seed_coverage", float("nan")),
@@ -258,7 +181,5 @@ class IrnStage:
 
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
         ids = dataset.split(cfg.data.train_split)
-        return evaluate_labels(dataset, ids, artifact / "seeds", "seed_", ignore_pred=True)
+        return score_label_files(dataset, ids, artifact / "seeds", "seed_", ignore_unlabelled=True)
 
-
-__all__ = ["IrnStage", "irn_fields", "evaluate_labels", "usable_label", "load_boundary_net", "PSEUDO"]

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from data.errors import WssError
 from data.transforms import normalize, resize_long
+from stages.cam.model_file import MODEL_FILE as CAM_MODEL_FILE
+from stages.cam.model_file import read_cam_trunk
 from stages.common.backbones import read_weights_file
 from stages.common.runtime import autocast
 from stages.common.model_files import load_weights, read_model_file, write_model_file
@@ -79,23 +81,20 @@ def load_cam_encoder(model: torch.nn.Module, cam_artifact: Path, encoder: str) -
     same parameters as smp's ResNet encoder of that depth; only its layer4 runs dilated instead
     of strided, which changes no weight shape.
     """
-    from stages.cam.stage import MODEL_FILE
-    path = Path(cam_artifact) / MODEL_FILE
+    path = Path(cam_artifact) / CAM_MODEL_FILE
     if not path.is_file():
-        raise SegModelError(f"seg.encoder_weights: cam, but the cam artifact {cam_artifact} has no {MODEL_FILE}")
-    state = read_model_file(path, "cam", "cam model", "cam", required={"config": dict})
-    backbone = state.meta["config"].get("backbone")
+        raise SegModelError(f"seg.encoder_weights: cam, but the cam artifact {cam_artifact} has no {CAM_MODEL_FILE}")
+    meta, cam_trunk = read_cam_trunk(path, required={"config": dict})
+    backbone = meta["config"].get("backbone")
     if backbone != encoder:
         raise SegModelError(f"seg.encoder_weights: cam needs seg.encoder to be the classifier's backbone "
                             f"({backbone}), got {encoder}")
     renamed = {"stem.0.": "conv1.", "stem.1.": "bn1."}
     trunk = {}
-    for key, value in state.tensors.items():
-        if key.startswith("backbone."):
-            key = key[len("backbone."):]
-            for old, new in renamed.items():
-                key = new + key[len(old):] if key.startswith(old) else key
-            trunk[key] = value
+    for key, value in cam_trunk.items():
+        for old, new in renamed.items():
+            key = new + key[len(old):] if key.startswith(old) else key
+        trunk[key] = value
     load_weights(model.encoder, trunk, path, f"{encoder} encoder (seg.encoder_weights: cam)", "cam", SegModelError)
 
 

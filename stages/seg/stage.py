@@ -18,11 +18,12 @@ from data.datasets import SafeImageDataset
 from data.errors import WssError
 from data.layout import PreparedDataset, write_index_png, write_json_atomic
 from data.transforms import normalize_batch
-from stages.base import StageInputError, StageResult, section_dict, source_hash, weights_file_stamp
+from stages.base import Stage, StageInputError, StageResult, section_dict, weights_file_stamp
 from stages.common import distributed
-from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix, per_class_table, read_scored_pair
 from stages.common.runtime import image_loader, progress, resolve_device, seed_everything, worker_count
 from stages.common.model_files import FileRefused, read_state_file, refusal, weights_problem, write_state_file
+from stages.common.scoring import SegmentationScorer, score_label_files
+from stages.common.tables import per_class_table
 from stages.common.training import CHECKPOINT, fit, reuse_trained, train_settings, unused_training_settings
 from stages.seg.data import PseudoLabelDataset, pseudo_label_items, read_pseudo_label
 from stages.seg.losses import SegLoss
@@ -36,9 +37,9 @@ IMAGE_SCORES = "image_scores.json"  # binary: each image's largest foreground pr
 HOLDOUT_FILE = "holdout_best.safetensors"
 
 
-class SegStage:
+class SegStage(Stage):
     name = "seg"
-    needs: tuple[str, ...] = ("cam", "pseudo")  # cam: for `encoder_weights: cam`
+    needs = ("cam", "pseudo")  # cam: for `encoder_weights: cam`
     splits = ("train_split", "val_split")  # trained on train, predicts val too
     section = "seg"
     resume_files = (CHECKPOINT, HOLDOUT_FILE)  # the held-out scores of the epochs trained so far
@@ -60,10 +61,6 @@ class SegStage:
         if cfg.seg.checkpoint == "last":
             return ("threshold", "predict_size", "data.val_split")
         return ("data.val_split",)
-
-    def code_version(self) -> str:
-        return source_hash("stages/seg", "stages/common", "stages/base.py", "data/layout.py",
-                           "data/transforms.py", "data/datasets.py")
 
     def preflight(self, cfg, dataset: PreparedDataset) -> None:
         """Architecture, encoder, options and loss names exist; the crop fits the model; the encoder
@@ -209,13 +206,8 @@ def score_predictions(dataset: PreparedDataset, ids: list[str], artifact: Path, 
     """Scores of the predictions/<id>.png of `ids` that exist, against the masks that exist. A
     prediction or mask that does not decode, or the two of other sizes, is left out and listed
     in `failures`."""
-    image_scores = read_image_scores(artifact)
-    scorer = SplitScorer(dataset)
-    for image_id in ids:
-        pair = read_scored_pair(dataset, image_id, artifact / PREDICTIONS / f"{image_id}.png", failures)
-        if pair is not None:
-            scorer.update(*pair, image_scores.get(image_id))
-    return scorer.metrics(prefix)
+    return score_label_files(dataset, ids, Path(artifact) / PREDICTIONS, prefix, failures=failures,
+                             image_scores=read_image_scores(artifact))
 
 
 def headline_metric(task: str) -> str:
@@ -258,15 +250,15 @@ class HoldoutTracker:
             return
         was_training = self.model.training
         self.model.eval()
-        matrix = ConfusionMatrix(self.dataset.info.num_classes + 1)
+        scorer = SegmentationScorer(self.dataset.classes)
         long_side = inference_long_side(self.section)
         for image_id, path in self.items:
             image = self.dataset.read_image(image_id)
             target = read_pseudo_label(path, image.shape[:2], self.dataset.info.num_classes)
             probs = predict_probabilities(self.model, image, self.dataset.task, long_side, self.device)
-            matrix.update(probabilities_to_mask(probs, self.dataset.task, self.section.threshold), target)
+            scorer.update(probabilities_to_mask(probs, self.dataset.task, self.section.threshold), target)
         self.model.train(was_training)
-        score = matrix.miou()
+        score = scorer.miou()
         best = self.state["best_epoch"]
         self.state["scores"][epoch] = score
         if math.isfinite(score) and (best is None or score > self.state["scores"][best]):
@@ -322,30 +314,3 @@ def holdout_choice(artifact: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return {k: v for k, v in metrics.items() if k.startswith("seg_holdout_")}
-
-
-class SplitScorer:
-    """mIoU / per-class IoU of a split, plus the Kaggle SIIM scores for a binary dataset."""
-
-    def __init__(self, dataset: PreparedDataset):
-        self.classes = ["background", *dataset.classes]
-        self.matrix = ConfusionMatrix(len(self.classes))
-        self.binary = BinarySegmentationScores() if dataset.task == "binary" else None
-        self.images = 0
-
-    def update(self, pred: np.ndarray, gt: np.ndarray | None, score: float | None = None) -> None:
-        if gt is None:
-            return
-        self.matrix.update(pred, gt)
-        if self.binary is not None:
-            self.binary.update(pred, gt, score)
-        self.images += 1
-
-    def metrics(self, prefix: str) -> dict:
-        if not self.images:
-            return {f"{prefix}scored_images": 0}
-        result = {k: float(v) for k, v in self.matrix.to_dict(self.classes, prefix).items()}
-        if self.binary is not None:
-            result.update({k: float(v) for k, v in self.binary.summary(prefix).items()})
-        result[f"{prefix}scored_images"] = self.images
-        return result
