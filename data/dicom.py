@@ -167,8 +167,8 @@ def _check_size(dataset, path, max_pixels: int | None, hint: str) -> None:
     try:
         frames = int(dataset.get("NumberOfFrames", 1) or 1)
         rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
-    except (TypeError, ValueError):  # a damaged element: _decode_pixels says what is wrong
-        return
+    except Exception:  # noqa: BLE001 - a damaged element fails when converted, any type (pydicom raises
+        return  # NotImplementedError for an unknown value representation): _decode_pixels says what is wrong
     if frames > 1:
         raise DataError(f"{path}: multi-frame DICOM ({frames} frames) is not a radiograph")
     check_pixels(path, columns, rows, max_pixels, hint)

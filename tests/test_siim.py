@@ -556,3 +556,16 @@ def test_cli_exit_code_says_whether_anything_usable_was_prepared(cli, tmp_path):
                   "--size", "32")
     assert nothing.exit_code == 2 and "error: no SIIM image could be prepared" in nothing.output
     assert report_json(tmp_path / "none")["ok"] is False
+
+
+def test_a_header_element_that_fails_to_convert_is_left_to_the_pixel_decoder(tmp_path):
+    """pydicom converts elements lazily and raises any type for a damaged one (NotImplementedError
+    for an unknown value representation, found by hypothesis): the size check before decoding
+    must not let it escape as a traceback."""
+    from data.dicom import _check_size
+
+    class Damaged:
+        def get(self, name, default=None):
+            raise NotImplementedError("Unknown Value Representation 'xx' in tag (0028,0008)")
+
+    assert _check_size(Damaged(), tmp_path / "x.dcm", None, "") is None
