@@ -67,7 +67,8 @@ from data.prepare_manifest import (
     output_stamps,
     write_mask_if_changed,
 )
-from data.prepare_report import PrepareReport, nothing_prepared_reason, parallel_map
+from data.parallel import parallel_map
+from data.prepare_report import PrepareReport, nothing_prepared_reason
 
 INDEX_PREFIX = ".coco-index-"  # + a name unique to the run, ".sqlite": the temporary annotation index
 PARTS = ("train", "val")

@@ -77,12 +77,12 @@ from data.prepare_manifest import (
     unknown_change,
     write_mask_if_changed,
 )
+from data.parallel import parallel_map
 from data.prepare_report import (
     PrepareReport,
     check_options,
     check_size_stamp,
     nothing_prepared_reason,
-    parallel_map,
     resize_image,
     save_png,
 )
