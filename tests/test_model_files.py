@@ -516,7 +516,8 @@ def test_a_model_file_naming_options_outside_its_architecture_is_refused(tmp_pat
 def test_a_cam_model_whose_config_this_version_refuses_is_one_line(tmp_path, config, problem):
     """The classifier is rebuilt from the config in its file: a setting this version does not
     know, or a value it refuses, names the file, the key and how to recompute it."""
-    from stages.cam.stage import MODEL_FILE, load_cam_net
+    from stages.cam.classifier import load_cam_net
+    from stages.cam.model_file import MODEL_FILE
     from stages.common.model_files import write_model_file
     _, net = write_cam_artifact(tmp_path / "cam")
     write_model_file(tmp_path / "cam" / MODEL_FILE, "cam", net, {"config": config, "classes": ["a", "b", "c"]})

@@ -119,12 +119,22 @@ def predict_inputs_folder(tmp_path_factory):
     """An untrained model that predicts at 256 px, and 8 noisy 800 x 800 images: each one a
     loader worker hands over (1.9 MB pickled) fills the pipe, while the main process takes a
     while over every prediction, so workers wait with an image in hand."""
-    root = tmp_path_factory.mktemp("workers-predict")
+    return predict_inputs(tmp_path_factory.mktemp("workers-predict"), 8)
+
+
+@pytest.fixture(scope="module")
+def long_predict_inputs_folder(tmp_path_factory):
+    """The same with 64 images: a predict that is surely still running when it is interrupted
+    (8 take about a second on an idle machine)."""
+    return predict_inputs(tmp_path_factory.mktemp("workers-predict-long"), 64)
+
+
+def predict_inputs(root: Path, count: int) -> list:
     artifact = write_tiny_artifact(root / "model", BINARY, long_side=256)
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
-    for k in range(8):
+    for k in range(count):
         Image.fromarray(rng.integers(0, 256, (800, 800, 3), dtype=np.uint8)).save(images / f"{k}.png",
                                                                                  compress_level=0)
     config = root / "predict.yaml"
@@ -176,14 +186,16 @@ def test_a_killed_prepare_leaves_no_pool_worker(nih_release, tmp_path):
         command.cleanup()
 
 
-def test_ctrl_c_ends_predict_and_its_workers_at_once(predict_inputs_folder, tmp_path):
+def test_ctrl_c_ends_predict_and_its_workers_at_once(long_predict_inputs_folder, tmp_path):
     """Loader workers leave Ctrl-C to the main process, whose shutdown ends them at once; a
     worker that took it waited at its exit to hand over an image nobody reads, and the shutdown
     waited 5 s for each such worker before terminating it (22 s in all here)."""
-    command = Command(tmp_path, predict_inputs_folder)
+    command = Command(tmp_path, long_predict_inputs_folder)
+    masks = Path(long_predict_inputs_folder[long_predict_inputs_folder.index("--out") + 1]) / "masks"
     try:
         started(command, 2)
-        time.sleep(2)
+        # interrupted while predicting: after the first mask, long before the 64th
+        assert wait_for(lambda: masks.is_dir() and any(masks.iterdir()), 90), "predict never wrote a mask"
         interrupted = time.monotonic()
         os.killpg(command.process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         code, output = command.finish()
