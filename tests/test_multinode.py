@@ -27,7 +27,6 @@ from test_run_chain import FAST_CHAIN
 BIN = Path(sys.executable).parent
 TORCHRUN = BIN / "torchrun"
 STAGES = ("cam", "irn", "pseudo", "seg")
-pytestmark = pytest.mark.slow  # three chains of four stages: about a minute on a 2-core CPU
 
 
 def free_port() -> int:
@@ -110,6 +109,7 @@ def pixels_equal(first: Path, second: Path) -> float:
     return float((a == b).mean())
 
 
+@pytest.mark.slow  # two chains of four stages: 30 s to a minute on a 2-core CPU
 def test_two_nodes_commit_each_stage_once_and_equal_one_process(tmp_path, synthetic_dataset):
     """Must be equal to one process's: the keys (artifact names); the classifier's weights (up to
     float rounding: the two halves' gradients are summed in another order); the CAMs (float16
