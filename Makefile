@@ -21,9 +21,10 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
-# On a machine with a CUDA GPU: the CUDA tests and the benches at GPU settings (bench/gpu_check.sh).
+# On a machine with a CUDA GPU: the CUDA tests and the benches at GPU settings (bench/gpu_check.sh);
+# STEPS=scale runs the whole-pipeline projection (bench/pipeline_scale.py) instead.
 gpu-check:
-	bash bench/gpu_check.sh
+	bash bench/gpu_check.sh $(STEPS)
 
 # The packages a bare Python 3.12 GPU machine lacks, as wheels in the git-ignored .whl/.
 device-wheels:

@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.prepare import tree_rss_bytes  # noqa: E402
+from bench.monitor import tree_rss_bytes  # noqa: E402
 from data.images import open_image  # noqa: E402
 
 _RUSAGE_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux

@@ -41,6 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.monitor import tree_rss_bytes  # noqa: E402
 from data.dicom import write_dicom  # noqa: E402
 from data.rle import siim_rle_encode  # noqa: E402
 
@@ -186,30 +187,6 @@ def coco_subset(path: Path, images: Path, folder: Path, n: int) -> tuple[Path, P
 # --------------------------------------------------------------------------------------------
 # One measured run (in its own process)
 # --------------------------------------------------------------------------------------------
-
-def tree_rss_bytes(pid: int) -> int:
-    """Resident set of pid and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    total, stack, page = 0, [pid], os.sysconf("SC_PAGE_SIZE")
-    while stack:
-        current = stack.pop()
-        stack.extend(children.get(current, []))
-        try:
-            with open(f"/proc/{current}/statm") as handle:
-                total += int(handle.read().split()[1]) * page
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-
 
 class TreeMemorySampler(threading.Thread):
     def __init__(self, interval: float = 0.05):

@@ -10,13 +10,16 @@ Deterministic: image i depends only on (seed, i), whatever the number of workers
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
-from data.layout import DatasetInfo, DatasetWriter, default_palette
+from data.layout import DatasetInfo, DatasetWriter, atomic_save, default_palette, write_index_png
+from data.prepare_report import parallel_map
 
 MULTICLASS_CLASSES = ["ring", "cross", "square"]
 BINARY_CLASSES = ["finding"]
@@ -149,19 +152,31 @@ def generate_scene(spec: SyntheticSpec, index: int) -> dict[str, np.ndarray]:
             "bodies": bodies, "marks": marks}
 
 
-def write_synthetic(out: str | Path, spec: SyntheticSpec, progress=None) -> Path:
-    """Write the prepared layout (images, eval masks, labels, train/val splits)."""
-    info = DatasetInfo(name=f"synthetic-{spec.variant}" if spec.variant != "multiclass" else "synthetic",
+def synthetic_info(spec: SyntheticSpec) -> DatasetInfo:
+    return DatasetInfo(name=f"synthetic-{spec.variant}" if spec.variant != "multiclass" else "synthetic",
                        task="binary" if spec.variant == "binary" else "multiclass",
                        classes=list(spec.classes), palette=default_palette(len(spec.classes) + 1))
-    writer = DatasetWriter(out, info)
-    labels = {}
+
+
+def _write_one(index: int, spec: SyntheticSpec, out: str) -> tuple[str, np.ndarray]:
+    """Image and mask of image `index` (in a worker process too); returns (id, label)."""
+    info, image_id = synthetic_info(spec), f"syn{index:05d}"
+    image, mask, label = generate_image(spec, index)
+    atomic_save(Image.fromarray(image), Path(out) / "images" / f"{image_id}{info.image_ext}")
+    write_index_png(Path(out) / "masks" / f"{image_id}.png", mask, info.palette)
+    return image_id, label
+
+
+def write_synthetic(out: str | Path, spec: SyntheticSpec, progress=None, workers: int = 1) -> Path:
+    """Write the prepared layout (images, eval masks, labels, train/val splits). `workers`
+    processes generate the images (the same ones whatever their number)."""
+    writer = DatasetWriter(out, synthetic_info(spec))
     ids = [f"syn{i:05d}" for i in range(spec.n)]
-    for i, image_id in enumerate(progress(ids) if progress else ids):
-        image, mask, label = generate_image(spec, i)
-        writer.write_image(image_id, image)
-        writer.write_mask(image_id, mask)
-        labels[image_id] = label
+    job = functools.partial(_write_one, spec=spec, out=str(out))
+    if workers > 1:
+        labels = dict(parallel_map(job, list(range(spec.n)), workers, progress is not None, "synthetic"))
+    else:
+        labels = dict(job(i) for i, _ in enumerate(progress(ids) if progress else ids))
     n_val = min(spec.n - 1, max(1, int(round(spec.n * spec.val_fraction))))  # neither split empty
     order = np.random.default_rng([spec.seed, 10**9]).permutation(spec.n)
     val = sorted(ids[i] for i in order[:n_val])

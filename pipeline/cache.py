@@ -68,6 +68,20 @@ def held(lock_file):
         _held_locks.discard(lock_file.fileno())
 
 
+def try_lock(lock_file, mode: int, lock_path: Path) -> bool:
+    """flock(mode) without waiting: False when another process holds the lock. A file system
+    that refuses locks (Lustre mounted without `-o flock`: ENOSYS; NFSv3 without its lock
+    daemon: ENOLCK) is a one-line CacheError: without locks two runs could compute one key."""
+    try:
+        fcntl.flock(lock_file, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        raise CacheError(f"cannot lock {lock_path} ({error.strerror}): the file system of run.workdir does not "
+                         f"support flock (Lustre: mount it with -o flock; see docs/distributed.md)") from None
+    return True
+
+
 @dataclass
 class StageKey:
     stage: str
@@ -166,11 +180,9 @@ class ArtifactStore:
             raise CacheError(f"cannot write in the artifact folder {self.root} ({error.strerror}): "
                              f"set run.workdir to a folder you can write to") from None
         with lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not try_lock(lock, fcntl.LOCK_EX, lock_path):
                 raise CacheError(f"another wss process is computing {self.final_dir(key)} or reading it "
-                                 f"as its input (lock {lock_path})") from None
+                                 f"as its input (lock {lock_path})")
             with held(lock):
                 partial = self.partial_dir(key)
                 if partial.exists() and not resume:
@@ -192,11 +204,9 @@ class ArtifactStore:
                     lock = locks.enter_context(open(self.lock_path(artifact.name), "a"))
                 except OSError:  # a read-only workdir: nobody can remove the artifact through wss either
                     continue
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                except BlockingIOError:
+                if not try_lock(lock, fcntl.LOCK_SH, self.lock_path(artifact.name)):
                     raise CacheError(f"{artifact} is being recomputed or removed by another wss process; "
-                                     f"run again when it has finished") from None
+                                     f"run again when it has finished")
                 locks.enter_context(held(lock))
                 if self.read_manifest(artifact) is None:
                     raise CacheError(f"{artifact} was removed or is incomplete; run again to recompute it")

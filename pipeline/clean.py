@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.cache import explain_difference
+from pipeline.cache import explain_difference, try_lock
 from stages.registry import STAGE_ORDER
 
 # <stage>-<key12>, .<stage>-<key12>.partial, .<stage>-<key12>.old<pid>, .<stage>-<key12>.lock
@@ -116,9 +116,7 @@ def remove(entry: Unused, lock_name: Path) -> bool:
     """Delete the key's folders, then its lock file, while holding that lock; False (nothing
     deleted) when a running wss process holds it."""
     with open(lock_name, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(lock, fcntl.LOCK_EX, lock_name):
             return False
         for folder in entry.folders:
             # a complete artifact first loses its manifest: half deleted, it is never read as a result

@@ -248,6 +248,7 @@ class Pipeline:
         with self.store.reading(inputs.values()), \
                 self.store.writing(key, resume=resume, before_discard=self.discarding(name)) as partial:
             distributed.broadcast(partial)
+            distributed.check_shared_folder(partial)
             handler = logging.FileHandler(partial / "log.txt")
             handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
             logging.getLogger().addHandler(handler)
@@ -344,6 +345,7 @@ class Pipeline:
         """A rank > 0 under torchrun: compute its share in the partial directory rank 0 opened
         (rank 0 alone holds the lock, writes the manifest and commits)."""
         partial = distributed.broadcast()
+        distributed.check_shared_folder(partial)
         started = time.time()
         result = stage.run(self.cfg, self.dataset, inputs, partial, resume=resume, limit=limit)
         final = distributed.broadcast()

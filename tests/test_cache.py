@@ -624,3 +624,28 @@ def test_json_text_writes_null_for_nan_and_infinity_at_any_depth(tmp_path):
     assert strict_json(json_text(value)) == {"a": None, "b": [1.0, None, {"c": None}], "d": [2, "x"], "e": None}
     write_json_atomic(tmp_path / "m.json", value)
     assert strict_json((tmp_path / "m.json").read_text())["a"] is None
+
+
+@pytest.mark.parametrize("code", ["ENOSYS", "ENOLCK"])  # Lustre without -o flock; NFSv3 without its lock daemon
+def test_a_file_system_that_refuses_locks_is_a_one_line_error(tiny_synthetic, tmp_path, monkeypatch, cli,
+                                                              demo_overrides, code):
+    import errno
+    import fcntl
+    number = getattr(errno, code)
+
+    def refuse(file, operation):
+        raise OSError(number, os.strerror(number))
+
+    store = ArtifactStore(tmp_path / "work", "ds")
+    with store.writing(key()) as partial:
+        final = store.commit(key(), partial, {})
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    for block in (lambda: store.writing(key(value=2)), lambda: store.reading([final])):
+        with pytest.raises(CacheError, match=rf"cannot lock \S+\.lock \({os.strerror(number)}\): the file "
+                                             rf"system of run.workdir does not support flock"):
+            with block():
+                pass
+    result = cli("run-stage", "cam", "-c", DEMO_CONFIG, *demo_overrides(tiny_synthetic, tmp_path / "cli"))
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: cannot lock ")
+    assert "Traceback" not in result.output

@@ -23,6 +23,12 @@ def test_same_seed_same_bytes(synthetic_dataset, tmp_path):
     assert len(tree_digest(first)) == 12 * 2 + 4  # images, masks, labels, 2 splits, dataset.json
 
 
+def test_worker_processes_write_the_same_bytes(synthetic_dataset, tmp_path):
+    first = synthetic_dataset(n=12, size=64, seed=3)
+    second = write_synthetic(tmp_path / "workers", SyntheticSpec(n=12, size=64, seed=3), workers=2)
+    assert tree_digest(first) == tree_digest(second)
+
+
 def test_image_depends_only_on_seed_and_index():
     # the 5th image is the same whether 5 or 50 images are generated
     small = generate_image(SyntheticSpec(n=5, size=64, seed=1), 4)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
+import uuid
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -83,6 +86,28 @@ def gather(value) -> list:
 def all_ranks_list(items: list) -> list:
     """The concatenation of every rank's list (failures, ids written...)."""
     return [item for part in gather(items) for item in part]
+
+
+def check_shared_folder(folder: Path) -> None:
+    """Stop every rank with one line unless each sees `folder` as rank 0 made it. Every rank
+    writes its share of the per-image files into rank 0's artifact folder, which rank 0 scores
+    and commits: on nodes that do not share run.workdir the other nodes' files would land in
+    folders of their own, and rank 0 would commit an artifact holding only its share."""
+    if not active():
+        return
+    token = Path(folder) / f".rank0-{uuid.uuid4().hex}"
+    if is_main():
+        token.write_text(socket.gethostname())
+    token = broadcast(token)  # the others look only once rank 0 has written it
+    seen = gather((socket.gethostname(), token.is_file()))
+    if is_main():
+        token.unlink(missing_ok=True)
+    blind = [f"rank {rank} on {host}" for rank, (host, found) in enumerate(seen) if not found]
+    if blind:
+        from data.errors import WssError
+        raise WssError(f"run.workdir is not shared by every process: {', '.join(blind)} cannot see {folder}, "
+                       f"which rank 0 on {seen[0][0]} created; put run.workdir on a file system every node "
+                       f"mounts at the same path (see docs/distributed.md)")
 
 
 @torch.no_grad()
