@@ -19,7 +19,7 @@ from PIL import Image
 from scipy import ndimage
 
 from data.layout import DatasetInfo, DatasetWriter, atomic_save, default_palette, write_index_png
-from data.prepare_report import parallel_map
+from data.parallel import parallel_map
 
 MULTICLASS_CLASSES = ["ring", "cross", "square"]
 BINARY_CLASSES = ["finding"]

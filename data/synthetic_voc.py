@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from data.layout import IGNORE_INDEX, default_palette
-from data.prepare_report import parallel_map
+from data.parallel import parallel_map
 from data.voc import CLASSES
 
 VOC_TRAIN_AUG, VOC_VAL, VOC_TRAIN = 10_582, 1_449, 1_464

@@ -14,29 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import FAST_CAM, invoke_cli, overrides
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as pipeline/cli.py: no spinning threads
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "configs" / "demo.yaml"
-
-# A cam run that takes seconds on a CPU: resnet18 from scratch, 64 px, one scale.
-FAST_CAM = {
-    "cam.backbone": "resnet18",
-    "cam.weights": "null",
-    "cam.epochs": "4",
-    "cam.batch_size": "8",
-    "cam.optimizer": "adamw",
-    "cam.lr": "0.002",
-    "cam.head_lr_mult": "1.0",
-    "cam.crop_size": "64",
-    "cam.resize_long": "[56,72]",
-    "cam.scales": "[1.0]",
-    "cam.flip": "false",
-    "run.workers": "0",
-    "run.device": "cpu",
-}
-
 
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory):
@@ -57,31 +38,9 @@ def tiny_synthetic(synthetic_dataset) -> Path:
     return synthetic_dataset()
 
 
-def invoke_cli(*args):
-    """`wss *args` in-process; stdout, stderr and log lines all land in result.output."""
-    import logging
-
-    from click.testing import CliRunner
-
-    from pipeline.cli import main
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if getattr(h, "_wss", False)]:
-        # the CLI's log handler holds the stderr of the invocation that made it: start afresh
-        root.removeHandler(handler)
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
 @pytest.fixture
 def cli():
     return invoke_cli
-
-
-def overrides(values: dict) -> list[str]:
-    """{"cam.epochs": 2} -> ["-o", "cam.epochs=2"]."""
-    args: list[str] = []
-    for key, value in values.items():
-        args += ["-o", f"{key}={value}"]
-    return args
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from pipeline.predict import predict_command
 from stages.seg.model import (build_segmenter, predict_mask, predict_probabilities, probabilities_to_mask,
                               save_segmenter)
 from stages.seg.predict import ProbabilityFile, load_input, overlay, predict_inputs, read_input
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")

@@ -21,7 +21,7 @@ from pipeline.config import load_config
 from pipeline.runner import Pipeline
 from stages.base import Stage, StageInputError, StageResult
 from stages.common.training import CHECKPOINT
-from tests.conftest import DEMO_CONFIG, REPO
+from tests.helpers import DEMO_CONFIG, REPO
 
 
 def make_pipeline(root, workdir, *overrides: str) -> Pipeline:

@@ -95,7 +95,7 @@ def fake_nih(folder: Path) -> PreparedDataset:
 def test_the_cam_stage_scores_localization_on_the_held_out_boxed_images(cli, tmp_path):
     """The boxed images are all in NIH's test split, never in train: the stage writes their CAMs
     to boxed_cams/ and `wss evaluate --stage cam` scores point localization on them."""
-    from tests.conftest import DEMO_CONFIG, FAST_CAM, overrides
+    from tests.helpers import DEMO_CONFIG, FAST_CAM, overrides
     dataset = fake_nih(tmp_path / "nih")
     boxed = {box.image_id for box in read_boxes(dataset.root / BOXES_NAME)}
     assert boxed and boxed <= set(dataset.split("test")) and not boxed & set(dataset.split("train"))

@@ -351,7 +351,7 @@ def test_point_localization_hits_where_the_peak_is_inside_the_box(tmp_path):
 # ------------------------------------------------------------------------------ training + compare
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
-# On top of conftest's FAST_CAM: 96 px, so that the stride-16 maps have some extent (6 x 6).
+# On top of tests.helpers' FAST_CAM: 96 px, so that the stride-16 maps have some extent (6 x 6).
 TRAIN = {"cam.epochs": 6, "cam.crop_size": 96, "cam.resize_long": "[84,108]"}
 TRAIN_KW = {k.replace(".", "__"): v for k, v in TRAIN.items()}  # as demo_overrides takes them
 

@@ -22,7 +22,7 @@ from stages.cam.nets import GapNet
 from stages.cam.model_file import MODEL_FILE
 from stages.common.model_files import read_model_file
 from stages.common.metrics import ConfusionMatrix
-from tests.conftest import DEMO_CONFIG, FAST_CAM, invoke_cli, overrides
+from tests.helpers import DEMO_CONFIG, FAST_CAM, invoke_cli, overrides
 
 CPU = torch.device("cpu")
 

@@ -16,7 +16,7 @@ from data.coco import AnnotationError, compressed_counts, instance_rle, prepare_
 from data.errors import DataError
 from data.layout import PreparedDataset, default_palette
 from data.prepare_manifest import MANIFEST_NAME
-from tests.conftest import FAST_CAM, REPO, overrides
+from tests.helpers import FAST_CAM, REPO, overrides
 from tests.test_prepare_inputs import assert_rerun_rewrites_nothing, assert_same_as_fresh, later, mtimes
 
 SAMPLES = REPO.parent / "shared" / "samples" / "coco"

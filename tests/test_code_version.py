@@ -10,7 +10,7 @@ import stages.code_version
 from stages.base import NOT_RESULT_BEARING
 from stages.code_version import PACKAGES, code_version, import_closure
 from stages.registry import all_stages
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.test_cache import make_pipeline
 
 STAGES = all_stages()

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_config
-from tests.conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 
 
 def write(path, text: str):

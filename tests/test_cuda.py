@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEMO_CONFIG, FAST_CAM
+from tests.helpers import DEMO_CONFIG, FAST_CAM
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(),

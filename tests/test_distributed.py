@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEMO_CONFIG, REPO
-from test_run_chain import FAST_CHAIN, states
+from tests.helpers import DEMO_CONFIG, REPO
+from tests.test_run_chain import FAST_CHAIN, states
 
 BIN = Path(sys.executable).parent
 TORCHRUN = BIN / "torchrun"
@@ -32,7 +32,7 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_fit_on_two_processes_equals_one_process(tmp_path):
-    from distributed_fit import train
+    from tests.distributed_fit import train
     done = torchrun(str(REPO / "tests" / "distributed_fit.py"), str(tmp_path / "two.pt"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     train(tmp_path / "one.pt")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from data.layout import PreparedDataset, encode_id, read_index_png
-from tests.conftest import REPO, overrides
+from tests.helpers import REPO, overrides
 from tests.test_folder import make_user_folder, user_path
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -18,7 +18,7 @@ import torch
 
 import stages.common.training as training
 from pipeline.config import load_config
-from tests.conftest import DEMO_CONFIG, FAST_CAM, overrides
+from tests.helpers import DEMO_CONFIG, FAST_CAM, overrides
 
 FAST_CHAIN = {**FAST_CAM, "irn.epochs": "1", "irn.batch_size": "8", "irn.crop_size": "64",
               "irn.resize_long": "[56,72]", "irn.exp_times": "4", "seg.epochs": "1", "seg.batch_size": "8",

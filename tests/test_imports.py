@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 
 from stages.code_version import import_graph
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def cycles(graph: dict[str, frozenset[str]]) -> list[list[str]]:
@@ -87,3 +87,35 @@ def test_the_graph_sees_imports_inside_functions_and_relative_ones(tmp_path):
     graph = import_graph(tmp_path)
     assert graph["stages.b"] == {"stages.a"} and graph["pipeline.x"] == {"pipeline.y", "data"}
     assert cycles(graph) == [["pipeline.x", "pipeline.y"], ["stages.a", "stages.b"]]
+
+
+def test_every_module_imports_and_every_name_it_imports_exists(tmp_path):
+    """A module that names something another module no longer has (a helper moved elsewhere)
+    fails at import, in a subprocess so that nothing this suite imported hides it. Imports
+    inside functions are checked too: each `from X import name` must find `name` in X."""
+    import ast
+    import importlib
+    import subprocess
+    import sys
+
+    modules = sorted(import_graph(REPO))
+    script = "import importlib\nfor name in %r:\n    importlib.import_module(name)\n" % modules
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    missing = []
+    for name in modules:
+        module = importlib.import_module(name)
+        for node in ast.walk(ast.parse(open(module.__file__).read())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in modules:
+                source = importlib.import_module(node.module)
+                missing += [f"{name}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(source, a.name) and not _is_submodule(f"{node.module}.{a.name}")]
+    assert not missing, missing
+
+
+def _is_submodule(name: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SCRIPT = textwrap.dedent("""
     import os, signal, sys, threading, time

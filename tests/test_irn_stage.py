@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 from data.layout import PreparedDataset, read_index_png
 from stages.common.backbones import STAGE_STRIDES, ResNetFeatures
 from tests.test_backbones import cell_centre, centre_px, impulse_stages, inner_cell
@@ -116,7 +116,7 @@ def chain(tmp_path_factory, synthetic_dataset):
     """A cam -> irn -> pseudo run on the tiny synthetic set, shared by the tests below."""
     from click.testing import CliRunner
 
-    from conftest import FAST_CAM
+    from tests.helpers import FAST_CAM
     from pipeline.cli import main
     root = synthetic_dataset()
     workdir = tmp_path_factory.mktemp("irn-runs")

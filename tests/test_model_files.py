@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 from data.errors import WssError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DEMO_CONFIG, REPO
-from test_run_chain import FAST_CHAIN
+from tests.helpers import DEMO_CONFIG, REPO
+from tests.test_run_chain import FAST_CHAIN
 
 BIN = Path(sys.executable).parent
 TORCHRUN = BIN / "torchrun"

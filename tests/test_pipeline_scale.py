@@ -14,7 +14,7 @@ from torch import nn
 
 from bench.monitor import Sampler
 from bench.pipeline_scale import TARGETS, EpochEnds, Run, stage_model, target_counts, two_point
-from conftest import REPO
+from tests.helpers import REPO
 
 
 def test_two_point_line_and_its_fallbacks():

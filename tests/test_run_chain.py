@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_CONFIG, FAST_CAM, REPO
+from tests.helpers import DEMO_CONFIG, FAST_CAM, REPO
 
 FAST_CHAIN = {**FAST_CAM, "irn.epochs": "1", "irn.batch_size": "8", "irn.crop_size": "64",
               "irn.resize_long": "[56,72]", "irn.exp_times": "4", "seg.epochs": "1", "seg.batch_size": "8",

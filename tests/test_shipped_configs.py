@@ -22,7 +22,7 @@ from data.siim import prepare_siim
 from data.voc import prepare_voc
 from pipeline.config import load_config
 from stages.seg.stage import SegStage
-from tests.conftest import REPO, overrides
+from tests.helpers import REPO, overrides
 
 SAMPLES = REPO.parent / "shared" / "samples"
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

@@ -23,7 +23,7 @@ import json
 import pytest
 
 from data.layout import PreparedDataset
-from tests.conftest import DEMO_CONFIG, invoke_cli
+from tests.helpers import DEMO_CONFIG, invoke_cli
 from tests.test_cam_stage import trivial_baselines
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.test_big_images import BINARY, write_tiny_artifact
 from tests.test_nih import write_entries
 
