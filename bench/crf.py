@@ -16,6 +16,7 @@ synthetic scene: the lattice's size depends on the image), IRNet's seed CRF para
 Times are per image, CUDA synchronised. The torch figures on a CPU use torch's threads
 (printed; --threads sets them); pydensecrf has one thread per process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,7 @@ def bench_image(size: int) -> tuple[np.ndarray, str]:
     """A real photo cropped (or tiled) to size x size when the samples are there, else a synthetic scene."""
     if VAL_513.exists():
         from PIL import Image
+
         photo = np.array(Image.open(VAL_513).convert("RGB"))
         reps = (-(-size // photo.shape[0]), -(-size // photo.shape[1]), 1)
         return np.ascontiguousarray(np.tile(photo, reps)[:size, :size]), f"{VAL_513.name} (cropped/tiled)"
@@ -48,7 +50,7 @@ def bench_image(size: int) -> tuple[np.ndarray, str]:
     image = rng.integers(0, 40, (size, size, 3))
     for _ in range(12):
         y, x = np.sort(rng.integers(0, size, 2)), np.sort(rng.integers(0, size, 2))
-        image[y[0]:y[1], x[0]:x[1]] += rng.integers(40, 200, 3)
+        image[y[0] : y[1], x[0] : x[1]] += rng.integers(40, 200, 3)
     return np.clip(image, 0, 255).astype(np.uint8), "synthetic scene"
 
 
@@ -109,17 +111,28 @@ def main() -> None:
         sys.exit("--device cuda asked for, but no CUDA GPU is available")
     image, source = bench_image(args.size)
     params = CrfParams(iterations=args.iterations)
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"{torch.get_num_threads()} torch threads")
-    print(f"dense CRF: {args.size}x{args.size} {source}, {args.iterations} iterations, IRNet's seed kernels; "
-          f"torch {torch.__version__} on {args.device} ({where}); {os.cpu_count()} CPU cores, "
-          f"pydensecrf pool of {args.workers}")
-    kernels = crf_torch.image_kernels(torch.from_numpy(image).to(device), params.gauss_sxy, params.gauss_compat,
-                                      params.bilateral_sxy, params.bilateral_srgb, params.bilateral_compat)
-    print(f"lattice points: Gaussian {kernels[0].n_lattice}, bilateral {kernels[1].n_lattice} "
-          f"for {args.size * args.size} pixels")
-    header = (f"{'labels':>6} | {'pyd 1 core ms':>13} {'pyd pool ms':>11} | {'torch ms':>9} {'build ms':>8} "
-              f"{'peak MB':>8} | {'x 1 core':>8} {'x pool':>7} | {'seed pass: pyd ms':>17} {'torch ms':>9} {'x':>6}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} torch threads"
+    print(
+        f"dense CRF: {args.size}x{args.size} {source}, {args.iterations} iterations, IRNet's seed kernels; "
+        f"torch {torch.__version__} on {args.device} ({where}); {os.cpu_count()} CPU cores, "
+        f"pydensecrf pool of {args.workers}"
+    )
+    kernels = crf_torch.image_kernels(
+        torch.from_numpy(image).to(device),
+        params.gauss_sxy,
+        params.gauss_compat,
+        params.bilateral_sxy,
+        params.bilateral_srgb,
+        params.bilateral_compat,
+    )
+    print(
+        f"lattice points: Gaussian {kernels[0].n_lattice}, bilateral {kernels[1].n_lattice} "
+        f"for {args.size * args.size} pixels"
+    )
+    header = (
+        f"{'labels':>6} | {'pyd 1 core ms':>13} {'pyd pool ms':>11} | {'torch ms':>9} {'build ms':>8} "
+        f"{'peak MB':>8} | {'x 1 core':>8} {'x pool':>7} | {'seed pass: pyd ms':>17} {'torch ms':>9} {'x':>6}"
+    )
     print(header)
     print("-" * len(header))
     for n_labels in [int(n) for n in args.labels.split(",")]:
@@ -134,19 +147,33 @@ def row(image: np.ndarray, n_labels: int, params: CrfParams, device: torch.devic
     pool = pool_seconds(image, fg, n_labels, args.iterations, args.workers) if args.workers else float("nan")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    ours = median_seconds(lambda: crf_label(image, fg, n_labels, params, backend="torch", device=device),
-                          args.repeats, device)
+    ours = median_seconds(
+        lambda: crf_label(image, fg, n_labels, params, backend="torch", device=device), args.repeats, device
+    )
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-    seed_pyd = median_seconds(lambda: crf_labels(image, [fg, bg], n_labels, params, backend="pydensecrf"),
-                              max(1, args.repeats // 2), cpu)
-    seed_ours = median_seconds(lambda: crf_labels(image, [fg, bg], n_labels, params, backend="torch", device=device),
-                               args.repeats, device)
-    build = median_seconds(lambda: crf_torch.image_kernels(
-        torch.from_numpy(image).to(device), params.gauss_sxy, params.gauss_compat, params.bilateral_sxy,
-        params.bilateral_srgb, params.bilateral_compat), args.repeats, device)
-    return (f"{n_labels:>6} | {one_core * 1e3:>13.1f} {pool * 1e3:>11.1f} | {ours * 1e3:>9.1f} {build * 1e3:>8.1f} "
-            f"{peak:>8.0f} | {one_core / ours:>7.1f}x {pool / ours:>6.1f}x | {seed_pyd * 1e3:>17.1f} "
-            f"{seed_ours * 1e3:>9.1f} {seed_pyd / seed_ours:>5.1f}x")
+    seed_pyd = median_seconds(
+        lambda: crf_labels(image, [fg, bg], n_labels, params, backend="pydensecrf"), max(1, args.repeats // 2), cpu
+    )
+    seed_ours = median_seconds(
+        lambda: crf_labels(image, [fg, bg], n_labels, params, backend="torch", device=device), args.repeats, device
+    )
+    build = median_seconds(
+        lambda: crf_torch.image_kernels(
+            torch.from_numpy(image).to(device),
+            params.gauss_sxy,
+            params.gauss_compat,
+            params.bilateral_sxy,
+            params.bilateral_srgb,
+            params.bilateral_compat,
+        ),
+        args.repeats,
+        device,
+    )
+    return (
+        f"{n_labels:>6} | {one_core * 1e3:>13.1f} {pool * 1e3:>11.1f} | {ours * 1e3:>9.1f} {build * 1e3:>8.1f} "
+        f"{peak:>8.0f} | {one_core / ours:>7.1f}x {pool / ours:>6.1f}x | {seed_pyd * 1e3:>17.1f} "
+        f"{seed_ours * 1e3:>9.1f} {seed_pyd / seed_ours:>5.1f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ trained step, as `fit` checkpoints it.
 
     python bench/model_files.py [--backbone resnet50] [--repeats 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,16 +47,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         new, old = Path(folder) / "checkpoint.safetensors", Path(folder) / "checkpoint.pt"
         write_new = best_of(args.repeats, lambda: write_checkpoint(new, model, optimizer, 0, history))
-        write_old = best_of(args.repeats, lambda: torch.save({"model": model.state_dict(), "optimizer":
-                                                              optimizer.state_dict(), "epoch": 0,
-                                                              "history": history}, old))
+        write_old = best_of(
+            args.repeats,
+            lambda: torch.save(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 0, "history": history}, old
+            ),
+        )
         read_new = best_of(args.repeats, lambda: read_checkpoint_file(new, model, optimizer))
         read_old = best_of(args.repeats, lambda: torch.load(old, weights_only=True))
         print(f"{args.backbone} classifier + SGD momentum, best of {args.repeats}:")
-        print(f"  safetensors (wss): {new.stat().st_size / 2**20:.1f} MiB, write {write_new:.3f} s, "
-              f"read and check {read_new:.3f} s")
-        print(f"  torch.save/load:   {old.stat().st_size / 2**20:.1f} MiB, write {write_old:.3f} s, "
-              f"read {read_old:.3f} s")
+        print(
+            f"  safetensors (wss): {new.stat().st_size / 2**20:.1f} MiB, write {write_new:.3f} s, "
+            f"read and check {read_new:.3f} s"
+        )
+        print(
+            f"  torch.save/load:   {old.stat().st_size / 2**20:.1f} MiB, write {write_old:.3f} s, read {read_old:.3f} s"
+        )
 
 
 if __name__ == "__main__":

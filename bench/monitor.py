@@ -11,6 +11,7 @@
 - `cpu_times()` / `cpu_busy(before, after)`: the machine's busy fraction over all cores between
   two readings of /proc/stat (other processes on the machine count too).
 """
+
 from __future__ import annotations
 
 import os
@@ -67,8 +68,17 @@ class _NvidiaSmi:
 
     def __init__(self, index: str, interval_ms: int, record):
         self.process = subprocess.Popen(
-            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"-lms={interval_ms}",
-             f"--id={index}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            [
+                "nvidia-smi",
+                "--query-gpu=utilization.gpu",
+                "--format=csv,noheader,nounits",
+                f"-lms={interval_ms}",
+                f"--id={index}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         self.thread = threading.Thread(target=self._read, args=(record,), daemon=True)
         self.thread.start()
 
@@ -112,6 +122,7 @@ class Sampler:
 
     def _start_gpu(self, index: int) -> str:
         import torch
+
         try:
             torch.cuda.utilization(index)  # needs pynvml
             self._nvml_index = index
@@ -119,13 +130,17 @@ class Sampler:
         except Exception:  # ModuleNotFoundError for pynvml, or an NVML error
             pass
         if shutil.which("nvidia-smi"):
-            self._smi = _NvidiaSmi(_visible_index(index), int(self.interval * 1000),
-                                   lambda value: self.gpu.append((time.perf_counter(), value)))
+            self._smi = _NvidiaSmi(
+                _visible_index(index),
+                int(self.interval * 1000),
+                lambda value: self.gpu.append((time.perf_counter(), value)),
+            )
             return "nvidia-smi"
         return "none"
 
     def _run(self) -> None:
         import torch
+
         while self._running:
             now = time.perf_counter()
             self.memory.append((now, tree_rss_bytes(self.pid)))
@@ -146,5 +161,8 @@ class Sampler:
         """Peak tree RSS (bytes) and mean GPU utilisation (0-1, None when unknown) in [start, end]."""
         rss = [value for t, value in self.memory if start <= t <= end]
         gpu = [value for t, value in list(self.gpu) if start <= t <= end]
-        return {"host_peak_bytes": max(rss, default=0),
-                "gpu_busy": sum(gpu) / len(gpu) / 100 if gpu else None, "gpu_samples": len(gpu)}
+        return {
+            "host_peak_bytes": max(rss, default=0),
+            "gpu_busy": sum(gpu) / len(gpu) / 100 if gpu else None,
+            "gpu_samples": len(gpu),
+        }

@@ -44,6 +44,7 @@ the same upstream artifacts. A stage's time is modelled as
 
 Each figure is printed as soon as its stage ends; the tables go to --out as JSON and Markdown.
 """
+
 from __future__ import annotations
 
 import os
@@ -78,6 +79,7 @@ LR_DIVISOR = 100  # learning rates for random weights
 @dataclass(frozen=True)
 class Target:
     """A published run to project: its config, split sizes and the share of positive images."""
+
     name: str
     config: str
     train: int
@@ -95,23 +97,28 @@ TARGETS = {
 # Data
 # --------------------------------------------------------------------------------------------
 
+
 def make_dataset(name: str, folder: Path, n: int, size: int, workers: int) -> Path:
     """The prepared synthetic set of dataset `name` in `folder`; returns its root."""
     if name == "voc":
         from data.synthetic_voc import VocSpec, write_voc_release
         from data.voc import prepare_voc
+
         write_voc_release(folder / "release", VocSpec(n=n, size=size, seed=0), workers=workers)
         prepare_voc(folder / "release", folder / "prepared", workers=workers, progress=False)
         return folder / "prepared"
     from data.synthetic import SyntheticSpec, write_synthetic
-    spec = SyntheticSpec(n=n, size=size, seed=0, variant="binary", positive_fraction=TARGETS["siim"].positive_fraction,
-                         val_fraction=0.1)
+
+    spec = SyntheticSpec(
+        n=n, size=size, seed=0, variant="binary", positive_fraction=TARGETS["siim"].positive_fraction, val_fraction=0.1
+    )
     return write_synthetic(folder / "prepared", spec, workers=workers)
 
 
 # --------------------------------------------------------------------------------------------
 # One stage run
 # --------------------------------------------------------------------------------------------
+
 
 class EpochEnds(logging.Handler):
     """When fit() logs the end of each epoch (after its checkpoint): the wall time between two
@@ -130,6 +137,7 @@ class EpochEnds(logging.Handler):
 @dataclass
 class Run:
     """One stage run: its wall time split into training loops, gaps between them and the rest."""
+
     wall: float
     epoch_seconds: list[float]
     epoch_images: list[float]
@@ -163,6 +171,7 @@ def epoch_log(artifact: Path, desc: str) -> list[dict]:
 
 def run_stage(pipeline, stage: str, limit: int | None, sampler: Sampler | None, ends: EpochEnds, device) -> Run:
     import torch
+
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -194,6 +203,7 @@ def run_stage(pipeline, stage: str, limit: int | None, sampler: Sampler | None, 
 # The model and the projection
 # --------------------------------------------------------------------------------------------
 
+
 def two_point(x_small: float, y_small: float, x_full: float, y_full: float) -> tuple[float, float]:
     """(a, b) of y = a + b x through the two runs, neither negative; where timing noise makes
     the line fall or start below zero, all of y_full is taken as proportional to x (a = 0)."""
@@ -219,8 +229,9 @@ class StageModel:
     def seconds(self, epochs: int, train_images: float, images: float) -> float:
         training = 0.0
         if self.rate:
-            training = self.warmup + epochs * (train_images / self.rate + self.overhead_fixed
-                                               + self.overhead_per_image * train_images)
+            training = self.warmup + epochs * (
+                train_images / self.rate + self.overhead_fixed + self.overhead_per_image * train_images
+            )
         return training + self.fixed + self.per_image * images
 
 
@@ -253,12 +264,22 @@ def target_counts(stage: str, cfg, target: Target) -> tuple[int, float, int]:
 # One dataset
 # --------------------------------------------------------------------------------------------
 
+
 def slice_config(name: str, root: Path, workdir: Path, device: str, workers: int, batch_cap: dict):
     from pipeline.config import load_config
+
     target = TARGETS[name]
-    overrides = [f"data.root={root}", f"run.workdir={workdir}", f"run.device={device}", f"run.workers={workers}",
-                 "cam.weights=null", "seg.encoder_weights=null",
-                 f"cam.epochs={SLICE_EPOCHS}", f"irn.epochs={SLICE_EPOCHS}", f"seg.epochs={SLICE_EPOCHS}"]
+    overrides = [
+        f"data.root={root}",
+        f"run.workdir={workdir}",
+        f"run.device={device}",
+        f"run.workers={workers}",
+        "cam.weights=null",
+        "seg.encoder_weights=null",
+        f"cam.epochs={SLICE_EPOCHS}",
+        f"irn.epochs={SLICE_EPOCHS}",
+        f"seg.epochs={SLICE_EPOCHS}",
+    ]
     published = load_config([ROOT / target.config])
     for section in ("cam", "irn", "seg"):  # from random weights the published rates diverge (a NaN loss stops a stage)
         overrides.append(f"{section}.lr={getattr(published, section).lr / LR_DIVISOR:g}")
@@ -290,6 +311,7 @@ def batch_caps(cfg, data) -> tuple[int, dict]:
 def measure_dataset(name: str, args, device, folder: Path, sampler: Sampler | None, ends: EpochEnds) -> dict:
     from data.layout import PreparedDataset
     from pipeline.runner import Pipeline
+
     target = TARGETS[name]
     started = time.perf_counter()
     images = args.n if name == "voc" else args.siim_n
@@ -301,9 +323,12 @@ def measure_dataset(name: str, args, device, folder: Path, sampler: Sampler | No
     small, caps = batch_caps(published, data)
     published, cfg = slice_config(name, root, folder / "work", args.device, args.workers, caps)
     changed = [o for o in cfg.overrides if o.split("=")[0].endswith("batch_size")]
-    print(f"\n== {name}: {images} images of {args.size} px written and prepared in {prepare_seconds:.1f} s "
-          f"(train {train_count}, val {len(data.split(published.data.val_split))}); small runs: --limit {small}"
-          + (f"; batches lowered to fit the slice: {', '.join(changed)}" if changed else ""), flush=True)
+    print(
+        f"\n== {name}: {images} images of {args.size} px written and prepared in {prepare_seconds:.1f} s "
+        f"(train {train_count}, val {len(data.split(published.data.val_split))}); small runs: --limit {small}"
+        + (f"; batches lowered to fit the slice: {', '.join(changed)}" if changed else ""),
+        flush=True,
+    )
     pipeline = Pipeline(cfg)
     full: dict[str, Run] = {}
     for stage in STAGES:
@@ -318,20 +343,35 @@ def measure_dataset(name: str, args, device, folder: Path, sampler: Sampler | No
     for stage in STAGES:
         model = stage_model(full[stage], small_runs[stage])
         epochs, train_images, read = target_counts(stage, published, target)
-        rows.append({"stage": stage, "full": asdict(full[stage]), "small": asdict(small_runs[stage]),
-                     "model": asdict(model), "target": {"epochs": epochs, "train_images": train_images,
-                                                        "images": read},
-                     "projected_seconds": model.seconds(epochs, train_images, read)})
-    return {"dataset": name, "target": asdict(target), "images": images, "size": args.size,
-            "train": train_count, "small_limit": small, "overrides": list(cfg.overrides),
-            "prepare_seconds": prepare_seconds, "stages": rows,
-            "measured_seconds": sum(r["full"]["wall"] + r["small"]["wall"] for r in rows),
-            "projected_seconds": sum(r["projected_seconds"] for r in rows)}
+        rows.append(
+            {
+                "stage": stage,
+                "full": asdict(full[stage]),
+                "small": asdict(small_runs[stage]),
+                "model": asdict(model),
+                "target": {"epochs": epochs, "train_images": train_images, "images": read},
+                "projected_seconds": model.seconds(epochs, train_images, read),
+            }
+        )
+    return {
+        "dataset": name,
+        "target": asdict(target),
+        "images": images,
+        "size": args.size,
+        "train": train_count,
+        "small_limit": small,
+        "overrides": list(cfg.overrides),
+        "prepare_seconds": prepare_seconds,
+        "stages": rows,
+        "measured_seconds": sum(r["full"]["wall"] + r["small"]["wall"] for r in rows),
+        "projected_seconds": sum(r["projected_seconds"] for r in rows),
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------
+
 
 def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
@@ -342,11 +382,17 @@ def gib(value: float | None) -> str:
 
 
 def stage_line(stage: str, run: Run) -> str:
-    train = f"{sum(run.epoch_seconds):.1f} s training ({run.train_images / run.epoch_seconds[-1]:.1f} img/s in " \
-            f"epoch {len(run.epoch_seconds)})" if run.epoch_seconds else "no training"
-    return (f"   {stage}: {run.wall:.1f} s for {run.images} images ({run.images / run.wall:.2f} img/s); {train}; "
-            f"GPU busy {percent(run.gpu_busy)}, GPU peak {gib(run.gpu_peak_bytes)} GiB, host peak "
-            f"{gib(run.host_peak_bytes)} GiB, CPU busy {percent(run.cpu_busy)}")
+    train = (
+        f"{sum(run.epoch_seconds):.1f} s training ({run.train_images / run.epoch_seconds[-1]:.1f} img/s in "
+        f"epoch {len(run.epoch_seconds)})"
+        if run.epoch_seconds
+        else "no training"
+    )
+    return (
+        f"   {stage}: {run.wall:.1f} s for {run.images} images ({run.images / run.wall:.2f} img/s); {train}; "
+        f"GPU busy {percent(run.gpu_busy)}, GPU peak {gib(run.gpu_peak_bytes)} GiB, host peak "
+        f"{gib(run.host_peak_bytes)} GiB, CPU busy {percent(run.cpu_busy)}"
+    )
 
 
 def minutes(seconds: float) -> str:
@@ -354,44 +400,68 @@ def minutes(seconds: float) -> str:
 
 
 def measured_table(result: dict) -> list[str]:
-    lines = ["| stage | slice images | wall s | img/s | training s | train img/s (epoch 2) | other s | GPU busy "
-             "| GPU peak GiB | host peak GiB | CPU busy |", "|---|" + "---|" * 10]
+    lines = [
+        "| stage | slice images | wall s | img/s | training s | train img/s (epoch 2) | other s | GPU busy "
+        "| GPU peak GiB | host peak GiB | CPU busy |",
+        "|---|" + "---|" * 10,
+    ]
     for row in result["stages"]:
         run, model = Run(**row["full"]), row["model"]
         rate = f"{model['rate']:.1f}" if model["rate"] else "-"
-        lines.append(f"| {row['stage']} | {run.images} | {run.wall:.1f} | {run.images / run.wall:.2f} | "
-                     f"{sum(run.epoch_seconds):.1f} | {rate} | {run.wall - sum(run.epoch_seconds):.1f} | "
-                     f"{percent(run.gpu_busy)} | {gib(run.gpu_peak_bytes)} | {gib(run.host_peak_bytes)} | "
-                     f"{percent(run.cpu_busy)} |")
+        lines.append(
+            f"| {row['stage']} | {run.images} | {run.wall:.1f} | {run.images / run.wall:.2f} | "
+            f"{sum(run.epoch_seconds):.1f} | {rate} | {run.wall - sum(run.epoch_seconds):.1f} | "
+            f"{percent(run.gpu_busy)} | {gib(run.gpu_peak_bytes)} | {gib(run.host_peak_bytes)} | "
+            f"{percent(run.cpu_busy)} |"
+        )
     return lines
 
 
 def projection_table(result: dict) -> list[str]:
     target = result["target"]
-    lines = [f"| stage | epochs | train images/epoch | images read | warm-up s | s per epoch | fixed s "
-             f"| ms per image | projected min ({target['name']}) |", "|---|" + "---|" * 8]
+    lines = [
+        f"| stage | epochs | train images/epoch | images read | warm-up s | s per epoch | fixed s "
+        f"| ms per image | projected min ({target['name']}) |",
+        "|---|" + "---|" * 8,
+    ]
     for row in result["stages"]:
         model, goal = row["model"], row["target"]
         per_epoch = "-"
         if model["rate"]:
-            per_epoch = f"{goal['train_images'] / model['rate'] + model['overhead_fixed'] + model['overhead_per_image'] * goal['train_images']:.1f}"
-        lines.append(f"| {row['stage']} | {goal['epochs'] or '-'} | {goal['train_images']:.0f} | {goal['images']} | "
-                     f"{model['warmup']:.1f} | {per_epoch} | {model['fixed']:.1f} | {1000 * model['per_image']:.1f} | "
-                     f"{minutes(row['projected_seconds'])} |")
+            seconds = (
+                goal["train_images"] / model["rate"]
+                + model["overhead_fixed"]
+                + model["overhead_per_image"] * goal["train_images"]
+            )
+            per_epoch = f"{seconds:.1f}"
+        lines.append(
+            f"| {row['stage']} | {goal['epochs'] or '-'} | {goal['train_images']:.0f} | {goal['images']} | "
+            f"{model['warmup']:.1f} | {per_epoch} | {model['fixed']:.1f} | {1000 * model['per_image']:.1f} | "
+            f"{minutes(row['projected_seconds'])} |"
+        )
     lines.append(f"| **total** | | | | | | | | **{minutes(result['projected_seconds'])}** |")
     return lines
 
 
 def machine(device) -> dict:
     import torch
+
     cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
-            "python": platform.python_version(), "device": str(device)}
+    info = {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / GIB, 1))
@@ -402,27 +472,43 @@ def report(results: list[dict], info: dict, gpu_source: str, total_seconds: floa
     where = info.get("gpu", "no GPU") + f"; {info['cpu']}, {info['cores']} cores; torch {info['torch']}"
     lines = [f"Machine: {where}. GPU utilisation from: {gpu_source}. Bench wall time {total_seconds / 60:.1f} min.", ""]
     for result in results:
-        lines += [f"### {result['dataset']}: {result['images']} images of {result['size']} px "
-                  f"(train {result['train']}; prepared in {result['prepare_seconds']:.1f} s)", "",
-                  "Measured (whole slice, 2 epochs per training stage):", ""] + measured_table(result) + \
-                 ["", f"Projected for {result['target']['name']} ({result['target']['train']:,} train, "
-                      f"{result['target']['val']:,} val images) at {result['target']['config']}'s epochs:", ""] + \
-                 projection_table(result) + [""]
+        lines += (
+            [
+                f"### {result['dataset']}: {result['images']} images of {result['size']} px "
+                f"(train {result['train']}; prepared in {result['prepare_seconds']:.1f} s)",
+                "",
+                "Measured (whole slice, 2 epochs per training stage):",
+                "",
+            ]
+            + measured_table(result)
+            + [
+                "",
+                f"Projected for {result['target']['name']} ({result['target']['train']:,} train, "
+                f"{result['target']['val']:,} val images) at {result['target']['config']}'s epochs:",
+                "",
+            ]
+            + projection_table(result)
+            + [""]
+        )
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--n", type=int, default=1024, help="images of the VOC slice")
-    parser.add_argument("--siim-n", type=int, default=None, help="images of the SIIM slice (default: half of --n, "
-                        "at least 32)")
+    parser.add_argument(
+        "--siim-n", type=int, default=None, help="images of the SIIM slice (default: half of --n, at least 32)"
+    )
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--datasets", default="voc,siim", help="comma-separated: voc, siim")
     parser.add_argument("--workers", type=int, default=-1, help="run.workers (-1: one per core, at most 8)")
-    parser.add_argument("--out", type=Path, default=Path("runs/pipeline-scale"), help="folder for the JSON and Markdown")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/pipeline-scale"), help="folder for the JSON and Markdown"
+    )
     parser.add_argument("--keep", type=Path, default=None, help="write the data and artifacts here and keep them")
     parser.add_argument("--progress", action="store_true", help="draw the stages' progress bars")
     args = parser.parse_args()
@@ -432,8 +518,10 @@ def main() -> None:
         parser.error(f"--datasets: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(TARGETS)}")
     args.siim_n = args.siim_n or max(32, args.n // 2)
     if args.n < 8 or args.siim_n < 32:
-        parser.error("--n must be at least 8 and --siim-n at least 32 (both runs of every stage need a batch, "
-                     "and the IRN positive images)")
+        parser.error(
+            "--n must be at least 8 and --siim-n at least 32 (both runs of every stage need a batch, "
+            "and the IRN positive images)"
+        )
     if not args.progress:
         os.environ["TQDM_DISABLE"] = "1"  # read when tqdm is imported, below
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -441,10 +529,14 @@ def main() -> None:
     import torch
 
     from stages.common.runtime import resolve_device, worker_count
+
     device = resolve_device(args.device)
     args.prepare_workers = len(os.sched_getaffinity(0))
-    print(f"pipeline scale bench: {', '.join(names)}, --n {args.n}, --size {args.size}, device {device}, "
-          f"{worker_count(args.workers)} workers", flush=True)
+    print(
+        f"pipeline scale bench: {', '.join(names)}, --n {args.n}, --size {args.size}, device {device}, "
+        f"{worker_count(args.workers)} workers",
+        flush=True,
+    )
     logging.getLogger("wss").setLevel(logging.INFO)  # fit's epoch records (the root logger prints warnings only)
     ends = EpochEnds()
     logging.getLogger("wss.train").addHandler(ends)
@@ -468,13 +560,25 @@ def main() -> None:
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pipeline_scale.md").write_text(text + "\n")
-    (args.out / "pipeline_scale.json").write_text(json.dumps(
-        {"machine": info, "gpu_utilisation_source": sampler.gpu_source, "bench_seconds": total,
-         "args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1) + "\n")
+    (args.out / "pipeline_scale.json").write_text(
+        json.dumps(
+            {
+                "machine": info,
+                "gpu_utilisation_source": sampler.gpu_source,
+                "bench_seconds": total,
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "results": results,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     for result in results:
         verdict = "within" if result["projected_seconds"] <= 30 * 60 else "over"
-        print(f"{result['target']['name']}: projected {minutes(result['projected_seconds'])} min on this machine "
-              f"({verdict} 30 min)")
+        print(
+            f"{result['target']['name']}: projected {minutes(result['projected_seconds'])} min on this machine "
+            f"({verdict} 30 min)"
+        )
     print(f"written: {args.out / 'pipeline_scale.md'}, {args.out / 'pipeline_scale.json'}")
 
 

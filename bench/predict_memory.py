@@ -20,6 +20,7 @@ in a child process and reports
 
     python bench/predict_memory.py [--side 13000] [--workers 2] [--probabilities] [--keep DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,9 @@ def write_large_png(path: Path, side: int) -> Path:
 
     image = Image.new("RGB", (side, side))
     columns = np.arange(side)
-    row = np.stack([(columns * 255 // max(1, side - 1)), np.full(side, 90), 255 - columns * 255 // max(1, side - 1)],
-                   axis=1).astype(np.uint8)
+    row = np.stack(
+        [(columns * 255 // max(1, side - 1)), np.full(side, 90), 255 - columns * 255 // max(1, side - 1)], axis=1
+    ).astype(np.uint8)
     band = max(1, side // 16)
     for top in range(0, side, band):  # 16 horizontal bands, each a left-right gradient tinted by its height
         height = min(band, side - top)
@@ -76,8 +78,14 @@ def write_tiny_artifact(folder: Path, long_side: int = 512) -> Path:
     from stages.seg.model import MODEL_FILE, build_segmenter, save_segmenter
 
     torch.manual_seed(0)
-    section = SimpleNamespace(arch="Unet", encoder="resnet18", arch_options={"decoder_channels": [64, 32, 16, 16, 16]},
-                              threshold=0.5, predict_size=long_side, resize_long=[long_side, long_side])
+    section = SimpleNamespace(
+        arch="Unet",
+        encoder="resnet18",
+        arch_options={"decoder_channels": [64, 32, 16, 16, 16]},
+        threshold=0.5,
+        predict_size=long_side,
+        resize_long=[long_side, long_side],
+    )
     info = SimpleNamespace(task="binary", classes=["finding"], num_classes=1, palette=[[0, 0, 0], [255, 0, 0]])
     model = build_segmenter(section.arch, section.encoder, None, 1, section.arch_options)
     folder.mkdir(parents=True, exist_ok=True)
@@ -133,39 +141,66 @@ class TreeMemorySampler(threading.Thread):
 
 
 def predict_command(image: Path, out: Path, config: Path, artifact: Path, probabilities: bool) -> list[str]:
-    command = [sys.executable, "-m", "pipeline.cli", "predict", "-c", str(config), str(image), "--out", str(out),
-               "--artifact", str(artifact)]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "predict",
+        "-c",
+        str(config),
+        str(image),
+        "--out",
+        str(out),
+        "--artifact",
+        str(artifact),
+    ]
     return command + (["--probabilities"] if probabilities else [])
 
 
 def run_measured(command: list[str]) -> dict:
     """Run `command` as a grandchild under a small wrapper (this process imported torch; a child
     forked from it would start with its resident size as its getrusage peak), sampling its tree."""
-    wrapper = ("import json, resource, subprocess, sys\n"
-               "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-               "print(json.dumps({'rc': done.returncode, 'output': done.stdout + done.stderr,\n"
-               "                  'maxrss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    wrapper = (
+        "import json, resource, subprocess, sys\n"
+        "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "print(json.dumps({'rc': done.returncode, 'output': done.stdout + done.stderr,\n"
+        "                  'maxrss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))\n"
+    )
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        HF_HUB_OFFLINE="1",
+        TQDM_DISABLE="1",
+    )
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-c", wrapper, *command], stdout=subprocess.PIPE, text=True,
-                               cwd=ROOT, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-c", wrapper, *command], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
+    )
     sampler = TreeMemorySampler(process.pid)
     sampler.start()
     stdout, _ = process.communicate()
     seconds = time.perf_counter() - started
     tree_peak = sampler.stop()
     result = json.loads(stdout.strip().splitlines()[-1])
-    return {"rc": result["rc"], "seconds": seconds, "tree_peak_mib": tree_peak / 2**20,
-            "tree_pss_peak_mib": sampler.peak_pss / 2**20,
-            "largest_process_mib": result["maxrss"] * _RUSAGE_UNIT / 2**20, "output": result["output"]}
+    return {
+        "rc": result["rc"],
+        "seconds": seconds,
+        "tree_peak_mib": tree_peak / 2**20,
+        "tree_pss_peak_mib": sampler.peak_pss / 2**20,
+        "largest_process_mib": result["maxrss"] * _RUSAGE_UNIT / 2**20,
+        "output": result["output"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", type=int, default=13000, help="image side in pixels (default 13000)")
-    parser.add_argument("--workers", type=int, default=2, help="run.workers of the config (default 2; "
-                        "`wss predict` uses min(4, workers) loader workers)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="run.workers of the config (default 2; `wss predict` uses min(4, workers) loader workers)",
+    )
     parser.add_argument("--long-side", type=int, default=512, help="the model's predict size (default 512)")
     parser.add_argument("--probabilities", action="store_true", help="also write the probabilities .npy")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
@@ -178,27 +213,34 @@ def main() -> None:
         if not image.is_file():
             started = time.perf_counter()
             write_large_png(image, args.side)
-            print(f"generated {image.name}: {args.side}x{args.side} RGB, {image.stat().st_size / 2**10:.0f} KiB "
-                  f"in {time.perf_counter() - started:.0f} s", flush=True)
+            print(
+                f"generated {image.name}: {args.side}x{args.side} RGB, {image.stat().st_size / 2**10:.0f} KiB "
+                f"in {time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
         artifact = write_tiny_artifact(folder / "seg-tiny", args.long_side)
         config = write_config(folder / "predict.yaml", args.workers)
         out = folder / "out"
         shutil.rmtree(out, ignore_errors=True)
         result = run_measured(predict_command(image, out, config, artifact, args.probabilities))
         bomb = "DecompressionBombWarning" in result["output"]
-        print(f"wss predict {args.side}x{args.side} (workers {args.workers}, long side {args.long_side}"
-              f"{', probabilities' if args.probabilities else ''}): exit {result['rc']}, "
-              f"{result['seconds']:.1f} s wall, tree peak PSS {result['tree_pss_peak_mib']:.0f} MiB "
-              f"(RSS {result['tree_peak_mib']:.0f} MiB), "
-              f"largest process {result['largest_process_mib']:.0f} MiB, "
-              f"Pillow's raw warning {'shown' if bomb else 'not shown'}")
+        print(
+            f"wss predict {args.side}x{args.side} (workers {args.workers}, long side {args.long_side}"
+            f"{', probabilities' if args.probabilities else ''}): exit {result['rc']}, "
+            f"{result['seconds']:.1f} s wall, tree peak PSS {result['tree_pss_peak_mib']:.0f} MiB "
+            f"(RSS {result['tree_peak_mib']:.0f} MiB), "
+            f"largest process {result['largest_process_mib']:.0f} MiB, "
+            f"Pillow's raw warning {'shown' if bomb else 'not shown'}"
+        )
         if result["rc"] != 0:
             print(result["output"][-3000:])
         for name in ("masks", "overlays"):
             for path in sorted((out / name).glob("*.png")):
-                with open_image(path, max_pixels=2 ** 62) as written:
-                    print(f"  {name}/{path.name}: {written.size[0]}x{written.size[1]} {written.mode}, "
-                          f"{path.stat().st_size / 2**10:.0f} KiB")
+                with open_image(path, max_pixels=2**62) as written:
+                    print(
+                        f"  {name}/{path.name}: {written.size[0]}x{written.size[1]} {written.mode}, "
+                        f"{path.stat().st_size / 2**10:.0f} KiB"
+                    )
     finally:
         if args.keep is None:
             shutil.rmtree(folder, ignore_errors=True)

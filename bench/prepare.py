@@ -22,6 +22,7 @@ Memory is reported two ways:
     python bench/prepare.py --n 2000 [--workers 4] [--size 1024] [--keep DIR]
     python bench/prepare.py --dataset coco [--n 40000] [--workers 4] [--keep DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,10 +46,10 @@ from bench.monitor import tree_rss_bytes  # noqa: E402
 from data.dicom import write_dicom  # noqa: E402
 from data.rle import siim_rle_encode  # noqa: E402
 
-
 # --------------------------------------------------------------------------------------------
 # Synthetic SIIM-like data
 # --------------------------------------------------------------------------------------------
+
 
 def synthetic_radiograph(rng: np.random.Generator, size: int = 1024) -> np.ndarray:
     """A smooth chest-like picture (two dark lungs in a bright body) with mild noise, so that
@@ -71,7 +72,7 @@ def synthetic_rows(rng: np.random.Generator, size: int = 1024) -> list[str]:
         mask = np.zeros((size, size), np.uint8)
         top, left = rng.integers(50, size - 300, 2)
         height, width = rng.integers(30, 250, 2)
-        mask[top:top + height, left:left + width] = 1
+        mask[top : top + height, left : left + width] = 1
         rows.append(siim_rle_encode(mask))
     return rows
 
@@ -108,7 +109,9 @@ def subset(dicoms: Path, csv_path: Path, folder: Path, n: int) -> tuple[Path, Pa
         except OSError:
             shutil.copy(path, target)
     lines = csv_path.read_text().splitlines()
-    (folder / "train-rle.csv").write_text("\n".join([lines[0]] + [l for l in lines[1:] if l.split(",")[0] in ids]) + "\n")
+    (folder / "train-rle.csv").write_text(
+        "\n".join([lines[0]] + [line for line in lines[1:] if line.split(",")[0] in ids]) + "\n"
+    )
     return folder / "dicom", folder / "train-rle.csv"
 
 
@@ -153,23 +156,40 @@ def generate_coco(folder: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
                 os.link(picture, images / name)
             except OSError:
                 shutil.copy(picture, images / name)
-            entry = {"license": 1, "file_name": name, "coco_url": "", "height": COCO_HEIGHT, "width": COCO_WIDTH,
-                     "date_captured": "2013-11-14 16:28:13", "flickr_url": "", "id": k}
+            entry = {
+                "license": 1,
+                "file_name": name,
+                "coco_url": "",
+                "height": COCO_HEIGHT,
+                "width": COCO_WIDTH,
+                "date_captured": "2013-11-14 16:28:13",
+                "flickr_url": "",
+                "id": k,
+            }
             handle.write(("," if k else "") + json.dumps(entry))
         handle.write('], "annotations": [')
         for k in range(n):
             for _ in range(int(rng.poisson(7.3))):
                 polygon = coco_polygon(rng)
                 xs, ys = polygon[0::2], polygon[1::2]
-                annotation = {"segmentation": [polygon], "area": 1000.0, "iscrowd": 0, "image_id": k,
-                              "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
-                              "category_id": int(rng.choice(category_ids)), "id": annotation_id}
+                annotation = {
+                    "segmentation": [polygon],
+                    "area": 1000.0,
+                    "iscrowd": 0,
+                    "image_id": k,
+                    "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                    "category_id": int(rng.choice(category_ids)),
+                    "id": annotation_id,
+                }
                 handle.write(("," if annotation_id else "") + json.dumps(annotation))
                 annotation_id += 1
         categories = [{"supercategory": "thing", "id": i, "name": f"class{i}"} for i in category_ids]
         handle.write('], "categories": ' + json.dumps(categories) + "}")
-    print(f"generated {n} COCO images, {annotation_id} instances, {path.stat().st_size / 2**20:.0f} MiB of JSON "
-          f"in {time.perf_counter() - started:.0f} s", flush=True)
+    print(
+        f"generated {n} COCO images, {annotation_id} instances, {path.stat().st_size / 2**20:.0f} MiB of JSON "
+        f"in {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
     return path, images
 
 
@@ -187,6 +207,7 @@ def coco_subset(path: Path, images: Path, folder: Path, n: int) -> tuple[Path, P
 # --------------------------------------------------------------------------------------------
 # One measured run (in its own process)
 # --------------------------------------------------------------------------------------------
+
 
 class TreeMemorySampler(threading.Thread):
     def __init__(self, interval: float = 0.05):
@@ -216,11 +237,13 @@ def run_one(dicoms: str, csv_path: str, workers: int, size: int, dataset: str = 
     try:
         if dataset == "siim":
             from data.siim import prepare_siim
+
             report = prepare_siim(dicoms, csv_path, out, size=size, workers=workers, progress=False)
         elif workers == 0:
             report = load_whole(dicoms, size)
         else:
             from data.coco import prepare_coco
+
             report = prepare_coco(dicoms, csv_path, out, workers=workers, progress=False)
         seconds = time.perf_counter() - started
     finally:
@@ -263,21 +286,35 @@ def load_whole(path: str, how: int) -> _Loaded:
     if how == 0:
         with open(path) as handle:
             return _Loaded(len(json.load(handle)["images"]))
-    from pycocotools.coco import COCO
     import contextlib
     import io
+
+    from pycocotools.coco import COCO
+
     with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints its progress
         return _Loaded(len(COCO(path).imgs))
 
 
 def measured(dicoms: Path, csv_path: Path, workers: int, size: int, dataset: str = "siim") -> dict:
-    command = [sys.executable, __file__, "--run-one", str(dicoms), str(csv_path),
-               "--workers", str(workers), "--size", str(size), "--dataset", dataset]
+    command = [
+        sys.executable,
+        __file__,
+        "--run-one",
+        str(dicoms),
+        str(csv_path),
+        "--workers",
+        str(workers),
+        "--size",
+        str(size),
+        "--dataset",
+        dataset,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 # --------------------------------------------------------------------------------------------
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -303,14 +340,18 @@ def main() -> None:
         small = max(1, args.n // 4)
         sets = [(small, *subset(dicoms, csv_path, folder / "small", small)), (args.n, dicoms, csv_path)]
         worker_counts = sorted({1, max(1, args.workers)})
-        print(f"{'files':>6} {'workers':>7} {'seconds':>8} {'DICOM/s':>8} {'tree peak MiB':>14} "
-              f"{'main MiB':>9} {'worker MiB':>11}")
+        print(
+            f"{'files':>6} {'workers':>7} {'seconds':>8} {'DICOM/s':>8} {'tree peak MiB':>14} "
+            f"{'main MiB':>9} {'worker MiB':>11}"
+        )
         for n, set_dicoms, set_csv in sets:
             for workers in worker_counts:
                 r = measured(set_dicoms, set_csv, workers, args.size)
-                print(f"{r['images']:>6} {r['workers']:>7} {r['seconds']:>8.1f} {r['per_second']:>8.1f} "
-                      f"{r['tree_peak_mib']:>14.0f} {r['main_peak_mib']:>9.0f} {r['worker_peak_mib']:>11.0f}",
-                      flush=True)
+                print(
+                    f"{r['images']:>6} {r['workers']:>7} {r['seconds']:>8.1f} {r['per_second']:>8.1f} "
+                    f"{r['tree_peak_mib']:>14.0f} {r['main_peak_mib']:>9.0f} {r['worker_peak_mib']:>11.0f}",
+                    flush=True,
+                )
     finally:
         if args.keep is None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -323,16 +364,21 @@ def bench_coco(n: int, workers: int, keep: Path | None) -> None:
         path, images = generate_coco(folder / "all", n)
         small = max(1, n // 4)
         sets = [coco_subset(path, images, folder / "small", small), (path, images)]
-        print(f"{'images':>7} {'JSON MiB':>8} {'how':>22} {'seconds':>8} {'img/s':>7} {'tree peak MiB':>14} "
-              f"{'main MiB':>9} {'worker MiB':>11}")
+        print(
+            f"{'images':>7} {'JSON MiB':>8} {'how':>22} {'seconds':>8} {'img/s':>7} {'tree peak MiB':>14} "
+            f"{'main MiB':>9} {'worker MiB':>11}"
+        )
         for set_path, set_images in sets:
             runs = [(f"wss prepare coco, {w} w", w, 0) for w in sorted({1, max(1, workers)})]
             runs += [("json.load (whole)", 0, 0), ("pycocotools COCO()", 0, 1)]
             for how, run_workers, whole in runs:
                 r = measured(set_path, set_images, run_workers, whole, "coco")
-                print(f"{r['images']:>7} {set_path.stat().st_size / 2**20:>8.0f} {how:>22} {r['seconds']:>8.1f} "
-                      f"{r['per_second']:>7.0f} {r['tree_peak_mib']:>14.0f} {r['main_peak_mib']:>9.0f} "
-                      f"{r['worker_peak_mib']:>11.0f}", flush=True)
+                print(
+                    f"{r['images']:>7} {set_path.stat().st_size / 2**20:>8.0f} {how:>22} {r['seconds']:>8.1f} "
+                    f"{r['per_second']:>7.0f} {r['tree_peak_mib']:>14.0f} {r['main_peak_mib']:>9.0f} "
+                    f"{r['worker_peak_mib']:>11.0f}",
+                    flush=True,
+                )
     finally:
         if keep is None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -7,6 +7,7 @@ them once, then times each rerun and checks that it rewrote only what it had to:
 
     python bench/prepare_resume.py --n 500 [--workers 1] [--size 512]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,14 @@ def timed(label: str, dicoms: Path, csv_path: Path, out: Path, size: int, worker
     seconds = time.perf_counter() - started
     after = mtimes(out)
     rewritten = sum(1 for name, mtime in after.items() if before.get(name) != mtime)
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts.items())
-                       if k in ("converted", "relabelled", "resumed", "verified"))
-    print(f"{label:<34} {seconds:>7.2f} s {report.counts['prepared'] / seconds:>9.0f} img/s   "
-          f"files rewritten {rewritten:>5}   ({counts})", flush=True)
+    counts = ", ".join(
+        f"{k} {v}" for k, v in sorted(report.counts.items()) if k in ("converted", "relabelled", "resumed", "verified")
+    )
+    print(
+        f"{label:<34} {seconds:>7.2f} s {report.counts['prepared'] / seconds:>9.0f} img/s   "
+        f"files rewritten {rewritten:>5}   ({counts})",
+        flush=True,
+    )
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ The dense walk needs three N x N matrices (N = H * W) and N^3 work per squaring:
 more than --dense-max-pixels pixels are skipped (default 4096 on CPU, where 64x64 takes
 seconds and 128x128 would take hours; 16384 on CUDA).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,16 +84,31 @@ def measure_one(method: str, size: int, args: argparse.Namespace) -> dict:
         peak = resident_bytes("VmHWM") - before
     result = {"seconds": seconds, "peak_bytes": max(peak, 0)}
     if method == "sparse":
-        build = (transition_stencil if walk_kernel.available(device)
-                 else lambda *a: transition_csr(*a, transpose=True))
+        build = transition_stencil if walk_kernel.available(device) else lambda *a: transition_csr(*a, transpose=True)
         result["build_seconds"] = timed(lambda: build(edge, args.radius, args.beta), device, args.repeats)
     return result
 
 
 def measure_in_child(method: str, size: int, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--one", method, str(size), "--device", args.device,
-               "--classes", str(args.classes), "--radius", str(args.radius), "--beta", str(args.beta),
-               "--exp-times", str(args.exp_times), "--repeats", str(args.repeats)]
+    command = [
+        sys.executable,
+        __file__,
+        "--one",
+        method,
+        str(size),
+        "--device",
+        args.device,
+        "--classes",
+        str(args.classes),
+        "--radius",
+        str(args.radius),
+        "--beta",
+        str(args.beta),
+        "--exp-times",
+        str(args.exp_times),
+        "--repeats",
+        str(args.repeats),
+    ]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -117,8 +133,12 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=10.0)
     parser.add_argument("--exp-times", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dense-max-pixels", type=int, default=None,
-                        help="skip the dense walk above this many pixels (default 4096 on CPU, 16384 on CUDA)")
+    parser.add_argument(
+        "--dense-max-pixels",
+        type=int,
+        default=None,
+        help="skip the dense walk above this many pixels (default 4096 on CPU, 16384 on CUDA)",
+    )
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -129,21 +149,29 @@ def main() -> None:
     dense_limit = args.dense_max_pixels or (16384 if args.device.startswith("cuda") else 4096)
     threads = f", {torch.get_num_threads()} threads" if args.device == "cpu" else f", {torch.cuda.get_device_name()}"
     path = "Triton stencil kernel" if walk_kernel.available(torch.device(args.device)) else "CSR torch.sparse.mm"
-    print(f"random walk: {args.classes} classes, radius {args.radius}, beta {args.beta:g}, "
-          f"{2 ** args.exp_times} steps; device {args.device}{threads}; torch {torch.__version__}; "
-          f"sparse walk: {path}")
-    header = (f"{'grid':>8} {'sparse s':>10} {'build s':>9} {'sparse MB':>10} {'dense s':>9} {'dense MB':>9} "
-              f"{'speed-up':>9} {'rel err':>9}")
+    print(
+        f"random walk: {args.classes} classes, radius {args.radius}, beta {args.beta:g}, "
+        f"{2**args.exp_times} steps; device {args.device}{threads}; torch {torch.__version__}; "
+        f"sparse walk: {path}"
+    )
+    header = (
+        f"{'grid':>8} {'sparse s':>10} {'build s':>9} {'sparse MB':>10} {'dense s':>9} {'dense MB':>9} "
+        f"{'speed-up':>9} {'rel err':>9}"
+    )
     print(header)
     print("-" * len(header))
     for size in [int(s) for s in args.sizes.split(",")]:
         sparse = measure_in_child("sparse", size, args)
-        row = (f"{size:>3}x{size:<4} {sparse['seconds']:>10.4f} {sparse['build_seconds']:>9.4f} "
-               f"{sparse['peak_bytes'] / 2**20:>10.1f}")
+        row = (
+            f"{size:>3}x{size:<4} {sparse['seconds']:>10.4f} {sparse['build_seconds']:>9.4f} "
+            f"{sparse['peak_bytes'] / 2**20:>10.1f}"
+        )
         if size * size <= dense_limit:
             dense = measure_in_child("dense", size, args)
-            row += (f" {dense['seconds']:>9.3f} {dense['peak_bytes'] / 2**20:>9.1f} "
-                    f"{dense['seconds'] / sparse['seconds']:>8.1f}x {agreement(size, args):>9.1e}")
+            row += (
+                f" {dense['seconds']:>9.3f} {dense['peak_bytes'] / 2**20:>9.1f} "
+                f"{dense['seconds'] / sparse['seconds']:>8.1f}x {agreement(size, args):>9.1e}"
+            )
         else:
             row += f" {'skipped: N > ' + str(dense_limit) + ' (--dense-max-pixels)':>40}"
         print(row, flush=True)

@@ -18,6 +18,7 @@ The images are a few synthetic ones written to a temporary prepared dataset and 
 repeatedly, so the loader decodes real PNG files of the requested size. Defaults: on a CPU
 resnet18 at 128 px, batch 16; on CUDA resnet50 at 512 px, batch 32 (bf16).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,16 +34,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.timing import images_per_second, synchronize, training_step  # noqa: E402
-
 from data.datasets import ClassificationDataset  # noqa: E402
 from data.layout import PreparedDataset  # noqa: E402
 from data.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
 from data.transforms import normalize_batch  # noqa: E402
 from stages.cam.config import CamConfig  # noqa: E402
-from stages.cam.stage import CamStage  # noqa: E402
 from stages.cam.methods import build_cam_net  # noqa: E402
-from stages.common.tables import format_table  # noqa: E402
+from stages.cam.stage import CamStage  # noqa: E402
 from stages.common.runtime import resolve_device, seed_everything, worker_count  # noqa: E402
+from stages.common.tables import format_table  # noqa: E402
 from stages.common.training import PREFETCH_FACTOR, TrainSettings, fit, make_optimizer  # noqa: E402
 
 
@@ -52,8 +52,10 @@ def bare_step_rate(model, cfg: CamConfig, device, batch: int, size: int, steps: 
     model.to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model.param_groups(cfg.head_lr_mult),
-                               TrainSettings(epochs=1, batch_size=batch, lr=cfg.lr, optimizer=cfg.optimizer))
+    optimizer = make_optimizer(
+        model.param_groups(cfg.head_lr_mult),
+        TrainSettings(epochs=1, batch_size=batch, lr=cfg.lr, optimizer=cfg.optimizer),
+    )
     x = torch.randn(batch, 3, size, size, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -63,17 +65,26 @@ def bare_step_rate(model, cfg: CamConfig, device, batch: int, size: int, steps: 
     return images_per_second(step, batch, steps, warmup, device)
 
 
-def loop_rate(model, cfg: CamConfig, data: PreparedDataset, device, batch: int, size: int, steps: int,
-              workers: int, out: Path) -> tuple[float, float]:
+def loop_rate(
+    model, cfg: CamConfig, data: PreparedDataset, device, batch: int, size: int, steps: int, workers: int, out: Path
+) -> tuple[float, float]:
     """(first-epoch, second-epoch) images/s of the real training loop (steps batches each)."""
     ids = data.split("train")
-    ids = (ids * math.ceil(batch * steps / len(ids)))[:batch * steps]
+    ids = (ids * math.ceil(batch * steps / len(ids)))[: batch * steps]
     dataset = ClassificationDataset(data, ids, (size, size), size)
-    settings = TrainSettings(epochs=2, batch_size=batch, lr=cfg.lr, optimizer=cfg.optimizer,
-                             weight_decay=cfg.weight_decay, workers=workers)
-    history = fit(model, dataset, model.param_groups(cfg.head_lr_mult),
-                  lambda net, b: model.loss(net(normalize_batch(b["image"])), b["label"]), settings, device, out,
-                  desc="bench")
+    settings = TrainSettings(
+        epochs=2, batch_size=batch, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, workers=workers
+    )
+    history = fit(
+        model,
+        dataset,
+        model.param_groups(cfg.head_lr_mult),
+        lambda net, b: model.loss(net(normalize_batch(b["image"])), b["label"]),
+        settings,
+        device,
+        out,
+        desc="bench",
+    )
     return history[0]["images_per_s"], history[-1]["images_per_s"]
 
 
@@ -106,7 +117,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="crop / image side (CPU 128, CUDA 512)")
     parser.add_argument("--batch", type=int, default=None, help="CPU 16, CUDA 32")
     parser.add_argument("--backbone", default=None, help="CPU resnet18, CUDA resnet50")
-    parser.add_argument("--steps", type=int, default=None, help="timed bare steps (CPU 8, CUDA 60); loop epochs take at least 8 x workers x prefetch batches")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed bare steps (CPU 8, CUDA 60); loop epochs take at least 8 x workers x prefetch batches",
+    )
     parser.add_argument("--workers", type=int, default=-1, help="loader workers (-1: one per core, max 8)")
     parser.add_argument("--method", default="gap")
     parser.add_argument("--cam-images", type=int, default=None, help="CPU 16, CUDA 200")
@@ -123,8 +139,15 @@ def main() -> None:
     workers = worker_count(args.workers)
     if cuda:
         torch.backends.cudnn.benchmark = True
-    cfg = CamConfig(method=args.method, backbone=backbone, weights=None, optimizer="sgd", lr=0.01,
-                    scales=[float(s) for s in args.cam_scales.split(",")], flip=True)
+    cfg = CamConfig(
+        method=args.method,
+        backbone=backbone,
+        weights=None,
+        optimizer="sgd",
+        lr=0.01,
+        scales=[float(s) for s in args.cam_scales.split(",")],
+        flip=True,
+    )
     seed_everything(0)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,17 +161,32 @@ def main() -> None:
 
     rows = [
         {"measure": "bare model step (train)", "images/s": f"{bare:.1f}", "vs bare": "100%"},
-        {"measure": f"real loop ({workers} workers), epoch 1 (worker start, autotune)", "images/s": f"{first:.1f}",
-         "vs bare": f"{100 * first / bare:.0f}%"},
-        {"measure": f"real loop ({workers} workers), epoch 2", "images/s": f"{loop:.1f}",
-         "vs bare": f"{100 * loop / bare:.0f}%"},
-        {"measure": f"CAM inference (scales {args.cam_scales}, flip, {workers} workers)", "images/s": f"{cams:.2f}", "vs bare": "-"},
+        {
+            "measure": f"real loop ({workers} workers), epoch 1 (worker start, autotune)",
+            "images/s": f"{first:.1f}",
+            "vs bare": f"{100 * first / bare:.0f}%",
+        },
+        {
+            "measure": f"real loop ({workers} workers), epoch 2",
+            "images/s": f"{loop:.1f}",
+            "vs bare": f"{100 * loop / bare:.0f}%",
+        },
+        {
+            "measure": f"CAM inference (scales {args.cam_scales}, flip, {workers} workers)",
+            "images/s": f"{cams:.2f}",
+            "vs bare": "-",
+        },
     ]
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {len(os.sched_getaffinity(0))} cores, " \
-        f"{torch.get_num_threads()} torch threads"
-    print(f"{args.method}/{backbone} OS16, {size}x{size}, batch {batch}, {steps} bare steps, "
-          f"{loop_steps(steps, workers)} loop steps per epoch, "
-          f"{'bf16 + channels_last' if cuda else 'fp32'} on {name}; load average {os.getloadavg()[0]:.1f}")
+    name = (
+        torch.cuda.get_device_name(device)
+        if cuda
+        else f"CPU, {len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads"
+    )
+    print(
+        f"{args.method}/{backbone} OS16, {size}x{size}, batch {batch}, {steps} bare steps, "
+        f"{loop_steps(steps, workers)} loop steps per epoch, "
+        f"{'bf16 + channels_last' if cuda else 'fp32'} on {name}; load average {os.getloadavg()[0]:.1f}"
+    )
     print(format_table(rows, ["measure", "images/s", "vs bare"]))
 
 

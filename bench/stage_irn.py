@@ -8,6 +8,7 @@ from the synthetic generator. For each CRF worker count it runs the pseudo stage
 per-image code (`PseudoLabelStage.walk_image` and `CrfPool`) over --images images after one
 warm-up image and prints images/s, with the walk's share of the time; `none` = no CRF.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,10 @@ def run_once(stage, model, images, cam_paths, out: Path, workers: int | None, de
     started = time.perf_counter()
     with CrfPool(workers or 0) as pool:
         for i, (image, cam_path) in enumerate(zip(images, cam_paths)):
-            planes, keys = stage.walk_image(model, image, cam_path, out / f"edge{i}.png", section, device,
-                                            walk_seconds)
+            planes, keys = stage.walk_image(model, image, cam_path, out / f"edge{i}.png", section, device, walk_seconds)
             if workers is None:
                 from data.layout import write_index_png
+
                 write_index_png(out / f"label{i}.png", planes_to_label(planes, keys), palette)
             else:
                 pool.submit(str(i), image, planes, keys, CrfParams(), out / f"label{i}.png", palette)
@@ -70,10 +71,19 @@ def main() -> None:
             workers = None if text == "none" else int(text)
             run_once(stage, model, images[:1], cam_paths[:1], tmp, workers, device, section)  # warm-up
             seconds, walk = run_once(stage, model, images[1:], cam_paths[1:], tmp, workers, device, section)
-            rows.append({"crf_workers": text, "images": args.images, "seconds": seconds,
-                         "images_per_s": args.images / seconds, "walk_share": walk / seconds})
-    print(f"pseudo-label inference, {args.size}x{args.size} images ({args.size // 4}x{args.size // 4} walk grid), "
-          f"{args.classes} classes, {args.backbone}, device {device}, torch threads {torch.get_num_threads()}")
+            rows.append(
+                {
+                    "crf_workers": text,
+                    "images": args.images,
+                    "seconds": seconds,
+                    "images_per_s": args.images / seconds,
+                    "walk_share": walk / seconds,
+                }
+            )
+    print(
+        f"pseudo-label inference, {args.size}x{args.size} images ({args.size // 4}x{args.size // 4} walk grid), "
+        f"{args.classes} classes, {args.backbone}, device {device}, torch threads {torch.get_num_threads()}"
+    )
     print(format_table(rows, ["crf_workers", "images", "seconds", "images_per_s", "walk_share"]))
 
 
@@ -89,4 +99,5 @@ if __name__ == "__main__":
     from stages.irn.config import IrnConfig
     from stages.irn.net import BoundaryNet
     from stages.irn.pseudo import PseudoLabelStage
+
     main()

@@ -16,6 +16,7 @@ Images: K synthetic ones of the requested size written to a temporary prepared d
 and listed repeatedly, so the loader decodes real files. Defaults: CUDA Unet-ResNet34 at
 512 px, batch 16 (bf16); CPU Unet-ResNet34 at 128 px, batch 8.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.timing import images_per_second, synchronize, training_step  # noqa: E402
-
 from data.layout import PreparedDataset  # noqa: E402
 from data.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
 from data.transforms import normalize_batch  # noqa: E402
-from stages.common.tables import format_table  # noqa: E402
 from stages.common.runtime import resolve_device, seed_everything, worker_count  # noqa: E402
+from stages.common.tables import format_table  # noqa: E402
 from stages.common.training import PREFETCH_FACTOR, TrainSettings, fit, make_optimizer  # noqa: E402
 from stages.seg.data import PseudoLabelDataset  # noqa: E402
 from stages.seg.losses import SegLoss  # noqa: E402
@@ -62,8 +62,9 @@ def bare_rate(model, loss, device, batch: int, size: int, steps: int, warmup: in
     model.to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer([(list(model.parameters()), 1.0)],
-                               TrainSettings(epochs=1, batch_size=batch, lr=1e-3, optimizer="adamw"))
+    optimizer = make_optimizer(
+        [(list(model.parameters()), 1.0)], TrainSettings(epochs=1, batch_size=batch, lr=1e-3, optimizer="adamw")
+    )
     x = torch.randn(batch, 3, size, size, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -73,16 +74,24 @@ def bare_rate(model, loss, device, batch: int, size: int, steps: int, warmup: in
     return images_per_second(step, batch, steps, warmup, device)
 
 
-def loop_rate(model, loss, dataset, items, device, batch: int, size: int, steps: int, workers: int,
-              out: Path) -> tuple[float, float]:
+def loop_rate(
+    model, loss, dataset, items, device, batch: int, size: int, steps: int, workers: int, out: Path
+) -> tuple[float, float]:
     """(first-epoch, second-epoch) images/s of the real fit() loop."""
     repeated = (items * (batch * steps // len(items) + 1))[: batch * steps]
     long_range = (round(size * 0.625), round(size * 1.25))
     train_set = PseudoLabelDataset(dataset, repeated, long_range, size, seed=0)
     settings = TrainSettings(epochs=2, batch_size=batch, lr=1e-3, optimizer="adamw", workers=workers)
-    history = fit(model, train_set, [(list(model.parameters()), 1.0)],
-                  lambda m, b: loss(m(normalize_batch(b["image"])), b["label"].long()), settings, device, out,
-                  desc="bench seg")
+    history = fit(
+        model,
+        train_set,
+        [(list(model.parameters()), 1.0)],
+        lambda m, b: loss(m(normalize_batch(b["image"])), b["label"].long()),
+        settings,
+        device,
+        out,
+        desc="bench seg",
+    )
     return history[0]["images_per_s"], history[-1]["images_per_s"]
 
 
@@ -136,8 +145,10 @@ def main() -> None:
         infer = inference_rate(model, dataset, items, device, size, min(len(items), 32))
 
     name = f"{args.arch}-{args.encoder}"
-    print(f"\n{name}, {size}x{size}, batch {batch}, {steps} bare steps, {fit_steps} loop steps per epoch, device {device}"
-          f"{' (' + torch.cuda.get_device_name(device) + ', bf16)' if cuda else ''}, {workers} loader workers")
+    print(
+        f"\n{name}, {size}x{size}, batch {batch}, {steps} bare steps, {fit_steps} loop steps per epoch, device {device}"
+        f"{' (' + torch.cuda.get_device_name(device) + ', bf16)' if cuda else ''}, {workers} loader workers"
+    )
     rows = [
         {"measure": "bare smp step (forward+loss+backward+AdamW)", "images/s": bare, "of bare": 1.0},
         {"measure": "real loop fit(), epoch 1 (worker start, autotune)", "images/s": first, "of bare": first / bare},

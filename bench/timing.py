@@ -1,4 +1,5 @@
 """Timing helpers shared by the benchmarks."""
+
 from __future__ import annotations
 
 import time
@@ -22,11 +23,13 @@ def training_step(model, optimizer, loss_of: Callable[[], torch.Tensor], device:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
     return step
 
 
-def images_per_second(step: Callable[[], None], images_per_step: int, steps: int, warmup: int,
-                      device: torch.device) -> float:
+def images_per_second(
+    step: Callable[[], None], images_per_step: int, steps: int, warmup: int, device: torch.device
+) -> float:
     """Throughput of `step` after `warmup` untimed calls (CUDA synchronised around the timing)."""
     for _ in range(warmup):
         step()

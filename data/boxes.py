@@ -4,6 +4,7 @@ boxes.csv, and the names they use (the 14 findings, their aliases, image ids).
 Its own module so that what reads the prepared boxes (the cam stage scores its CAMs against
 them) does not depend on the rest of the NIH preparer (data.nih).
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,9 +19,22 @@ import numpy as np
 
 from data.errors import DataError
 
-FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-            "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
-            "Hernia"]
+FINDINGS = [
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+]
 FINDING_ALIASES = {"Infiltrate": "Infiltration", "Pleural Thickening": "Pleural_Thickening"}
 BOX_COLUMNS = ["image_id", "finding", "x", "y", "w", "h"]
 BOXES_NAME = "boxes.csv"
@@ -38,6 +52,7 @@ class ProblemLog(Protocol):
 class Box:
     """A finding's box in image pixels (the release's image in BBox_List_2017.csv, the prepared
     one in boxes.csv): (x, y) top-left corner, w x h."""
+
     image_id: str
     finding: str
     x: float
@@ -73,8 +88,10 @@ def read_boxes(path: str | Path, report: ProblemLog | None = None) -> list[Box]:
     reader = csv.reader(io.StringIO(_read_text(path), newline=""))
     header = next(reader, None)
     if header is None or len(header) < 3 or _is_box_row(header):
-        raise DataError(f"{path}: expected a header such as 'Image Index,Finding Label,Bbox [x,y,w,h]' "
-                        f"on line 1, got {','.join(header or [])!r}")
+        raise DataError(
+            f"{path}: expected a header such as 'Image Index,Finding Label,Bbox [x,y,w,h]' "
+            f"on line 1, got {','.join(header or [])!r}"
+        )
     for line_no, row in enumerate(reader, start=2):
         if not any(cell.strip() for cell in row):
             continue

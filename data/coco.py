@@ -30,6 +30,7 @@
 
 pycocotools is imported here only, where COCO is read.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,6 +52,7 @@ from data.layout import (
     create_folder,
     default_palette,
 )
+from data.parallel import parallel_map
 from data.prepare_manifest import (
     FORCED,
     LABELS,
@@ -67,7 +69,6 @@ from data.prepare_manifest import (
     output_stamps,
     write_mask_if_changed,
 )
-from data.parallel import parallel_map
 from data.prepare_report import PrepareReport, nothing_prepared_reason
 
 INDEX_PREFIX = ".coco-index-"  # + a name unique to the run, ".sqlite": the temporary annotation index
@@ -78,6 +79,7 @@ _BATCH = 5000
 # --------------------------------------------------------------------------------------------
 # Decoding one instance (pycocotools)
 # --------------------------------------------------------------------------------------------
+
 
 class AnnotationError(DataError):
     """An annotation that cannot be decoded: its image is left out."""
@@ -101,8 +103,10 @@ def instance_rle(segmentation, height: int, width: int) -> dict:
         raise AnnotationError(f"RLE size {segmentation['size']} is not the image's [{height}, {width}]")
     counts = segmentation["counts"]
     if isinstance(counts, list):
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts) \
-                or sum(counts) != height * width:
+        if (
+            not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts)
+            or sum(counts) != height * width
+        ):
             raise AnnotationError(f"RLE counts must be non-negative integers adding up to {height * width}")
         return mask_utils.frPyObjects(segmentation, height, width)
     if not isinstance(counts, str) or sum(compressed_counts(counts)) != height * width:
@@ -148,8 +152,9 @@ def _coordinates(polygon) -> bool:
     return values.ndim == 1 and bool(np.isfinite(values).all())
 
 
-def semantic_mask(annotations: list[dict], class_of: dict[int, int], height: int, width: int
-                  ) -> tuple[np.ndarray, list[int]]:
+def semantic_mask(
+    annotations: list[dict], class_of: dict[int, int], height: int, width: int
+) -> tuple[np.ndarray, list[int]]:
     """(class-index mask, sorted classes present) of one image's annotations, in file order: each
     instance paints its class over what is there (the later wins), crowd regions are 255 where no
     instance lies. A crowd region's class is present."""
@@ -178,6 +183,7 @@ def semantic_mask(annotations: list[dict], class_of: dict[int, int], height: int
 # Reading the annotation files into the index
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class ImageEntry:
     coco_id: int
@@ -191,6 +197,7 @@ class ImageEntry:
 @dataclass
 class CocoFile:
     """What one annotation file holds, without its annotations (those are in the index)."""
+
     path: Path
     part: str
     images_dir: Path
@@ -210,13 +217,13 @@ def open_index(out: Path) -> tuple[Path, sqlite3.Connection]:
     connection = sqlite3.connect(path)
     connection.execute("PRAGMA journal_mode=OFF")
     connection.execute("PRAGMA synchronous=OFF")
-    connection.execute("CREATE TABLE annotations (part TEXT, image INTEGER, category INTEGER, seq INTEGER, "
-                       "text TEXT)")
+    connection.execute("CREATE TABLE annotations (part TEXT, image INTEGER, category INTEGER, seq INTEGER, text TEXT)")
     return path, connection
 
 
-def read_coco_file(path: Path, images_dir: Path, part: str, connection: sqlite3.Connection,
-                   report: PrepareReport) -> CocoFile:
+def read_coco_file(
+    path: Path, images_dir: Path, part: str, connection: sqlite3.Connection, report: PrepareReport
+) -> CocoFile:
     """Stream one instances file: its images and categories kept, each annotation checked for
     what can be checked alone and stored in the index with its exact text."""
     coco = CocoFile(Path(path), part, Path(images_dir))
@@ -248,9 +255,13 @@ def read_coco_file(path: Path, images_dir: Path, part: str, connection: sqlite3.
 
 def _add_image(coco: CocoFile, entry, images_dir: Path, report: PrepareReport) -> None:
     where = f"{coco.path}: image {entry.get('id') if isinstance(entry, dict) else entry!r}"
-    if not isinstance(entry, dict) or not isinstance(entry.get("id"), int) \
-            or not isinstance(entry.get("file_name"), str) or not _positive_int(entry.get("width")) \
-            or not _positive_int(entry.get("height")):
+    if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("id"), int)
+        or not isinstance(entry.get("file_name"), str)
+        or not _positive_int(entry.get("width"))
+        or not _positive_int(entry.get("height"))
+    ):
         report.add_problem(where, "needs an integer id, a file_name and positive width and height: left out")
         report.count("bad_image_entries")
         return
@@ -263,8 +274,9 @@ def _add_image(coco: CocoFile, entry, images_dir: Path, report: PrepareReport) -
         report.add_problem(where, "listed twice: the second left out")
         report.count("bad_image_entries")
         return
-    coco.images[entry["id"]] = ImageEntry(entry["id"], Path(name).stem, str(images_dir / name), entry["width"],
-                                           entry["height"], coco.part)
+    coco.images[entry["id"]] = ImageEntry(
+        entry["id"], Path(name).stem, str(images_dir / name), entry["width"], entry["height"], coco.part
+    )
 
 
 def _positive_int(value) -> bool:
@@ -272,8 +284,12 @@ def _positive_int(value) -> bool:
 
 
 def _add_category(coco: CocoFile, entry) -> None:
-    if not isinstance(entry, dict) or not _positive_int(entry.get("id")) or not isinstance(entry.get("name"), str) \
-            or not entry["name"].strip():
+    if (
+        not isinstance(entry, dict)
+        or not _positive_int(entry.get("id"))
+        or not isinstance(entry.get("name"), str)
+        or not entry["name"].strip()
+    ):
         raise DataError(f"{coco.path}: category {entry!r} needs a positive integer id and a name")
     coco.categories.append((entry["id"], entry["name"].strip()))
 
@@ -317,6 +333,7 @@ def classes_of(files: list[CocoFile]) -> list[tuple[int, str]]:
 # --------------------------------------------------------------------------------------------
 # One image (runs in a worker process)
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _ImageTask:
@@ -370,15 +387,20 @@ def _prepare_image(task: _ImageTask) -> _ImageResult:
     import json
 
     connection, class_of = _index(task.index)
-    texts = [text for (text,) in connection.execute(
-        "SELECT text FROM annotations WHERE part = ? AND image = ? ORDER BY seq", (task.part, task.coco_id))]
+    texts = [
+        text
+        for (text,) in connection.execute(
+            "SELECT text FROM annotations WHERE part = ? AND image = ? ORDER BY seq", (task.part, task.coco_id)
+        )
+    ]
     if not texts:
         return _ImageResult(task.image_id, task.part, None, annotated=False)
     source, labels = str(file_stamp(task.jpeg)), digest([task.width, task.height, texts])
     change = FORCED if task.force else item_change(task.previous, source, labels, task.out)
     if change == UNCHANGED and _recorded_classes(task.previous) is not None:
-        return _ImageResult(task.image_id, task.part, _recorded_classes(task.previous), change=change,
-                            record=task.previous)
+        return _ImageResult(
+            task.image_id, task.part, _recorded_classes(task.previous), change=change, record=task.previous
+        )
     out = Path(task.out)
     image_name, mask_name = f"images/{task.image_id}.jpg", f"masks/{task.image_id}.png"
     try:
@@ -396,8 +418,13 @@ def _prepare_image(task: _ImageTask) -> _ImageResult:
     masked = write_mask_if_changed(out / mask_name, mask, default_palette(len(class_of) + 1))
     if change == UNKNOWN:  # redone in full: what it rewrote says what had changed
         change = NEW if not existed else SOURCE if copied else LABELS if masked else VERIFIED
-    record = {"source": source, "labels": labels, "size": [task.width, task.height], "classes": classes,
-              "outputs": output_stamps(task.out, [image_name, mask_name])}
+    record = {
+        "source": source,
+        "labels": labels,
+        "size": [task.width, task.height],
+        "classes": classes,
+        "outputs": output_stamps(task.out, [image_name, mask_name]),
+    }
     return _ImageResult(task.image_id, task.part, classes, change=change, record=record)
 
 
@@ -416,8 +443,10 @@ def _check_jpeg(task: _ImageTask) -> None:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise DataError(f"{path}: not a readable image ({error})") from None
     if size != (task.width, task.height):
-        raise DataError(f"{path}: image is {size[0]}x{size[1]} but {task.annotation_file} gives "
-                        f"{task.width}x{task.height}: left out")
+        raise DataError(
+            f"{path}: image is {size[0]}x{size[1]} but {task.annotation_file} gives "
+            f"{task.width}x{task.height}: left out"
+        )
 
 
 def _recorded_classes(record: dict | None) -> list[int] | None:
@@ -434,7 +463,7 @@ def _recorded_size(record: dict | None) -> tuple[int, int] | None:
 
 def _strip(message: str, where: str) -> str:
     prefix = f"{where}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 # The report's count of each outcome: kept as it was, its mask and labels redone, or (else) copied.
@@ -445,9 +474,17 @@ _STATUS = {UNCHANGED: "resumed", VERIFIED: "resumed", LABELS: "relabelled"}
 # The whole dataset
 # --------------------------------------------------------------------------------------------
 
-def prepare_coco(annotations: str | Path, images_dir: str | Path, out: str | Path,
-                 val_annotations: str | Path | None = None, val_images_dir: str | Path | None = None,
-                 workers: int = 1, progress: bool = True, force: bool = False) -> PrepareReport:
+
+def prepare_coco(
+    annotations: str | Path,
+    images_dir: str | Path,
+    out: str | Path,
+    val_annotations: str | Path | None = None,
+    val_images_dir: str | Path | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    force: bool = False,
+) -> PrepareReport:
     """Prepare COCO 2014 (instances) into ``out``; see the module doc. ``force`` redoes every image
     whatever the manifest says.
 
@@ -471,8 +508,9 @@ def prepare_coco(annotations: str | Path, images_dir: str | Path, out: str | Pat
         files = [read_coco_file(path, folder, part, connection, report) for path, folder, part in sources]
         classes = classes_of(files)
         connection.execute("CREATE TABLE classes (coco_id INTEGER, class INTEGER)")
-        connection.executemany("INSERT INTO classes VALUES (?, ?)",
-                               [(coco_id, k + 1) for k, (coco_id, _) in enumerate(classes)])
+        connection.executemany(
+            "INSERT INTO classes VALUES (?, ?)", [(coco_id, k + 1) for k, (coco_id, _) in enumerate(classes)]
+        )
         connection.execute("CREATE INDEX by_image ON annotations (part, image, seq)")
         connection.commit()
         _check_annotations(connection, files, {coco_id for coco_id, _ in classes}, report)
@@ -484,30 +522,48 @@ def prepare_coco(annotations: str | Path, images_dir: str | Path, out: str | Pat
         index.unlink(missing_ok=True)
 
 
-def _check_annotations(connection: sqlite3.Connection, files: list[CocoFile], known_classes: set[int],
-                       report: PrepareReport) -> None:
+def _check_annotations(
+    connection: sqlite3.Connection, files: list[CocoFile], known_classes: set[int], report: PrepareReport
+) -> None:
     """What needs the whole file: annotations of an unknown category (their image left out) or of
     no listed image (counted)."""
     for coco in files:
         for category, count, example in connection.execute(
-                "SELECT category, COUNT(*), MIN(image) FROM annotations WHERE part = ? GROUP BY category",
-                (coco.part,)):
+            "SELECT category, COUNT(*), MIN(image) FROM annotations WHERE part = ? GROUP BY category", (coco.part,)
+        ):
             if category not in known_classes:
-                report.add_problem(f"{coco.path}: category_id {category}",
-                                   f"not among the categories ({count} annotations, e.g. on image {example}): "
-                                   f"their images left out")
+                report.add_problem(
+                    f"{coco.path}: category_id {category}",
+                    f"not among the categories ({count} annotations, e.g. on image {example}): their images left out",
+                )
                 report.count("bad_annotations", count)
-                coco.bad_images.update(image for (image,) in connection.execute(
-                    "SELECT DISTINCT image FROM annotations WHERE part = ? AND category = ?", (coco.part, category)))
-        orphans = sum(count for image, count in connection.execute(
-            "SELECT image, COUNT(*) FROM annotations WHERE part = ? GROUP BY image", (coco.part,))
-            if image not in coco.images)
+                coco.bad_images.update(
+                    image
+                    for (image,) in connection.execute(
+                        "SELECT DISTINCT image FROM annotations WHERE part = ? AND category = ?", (coco.part, category)
+                    )
+                )
+        orphans = sum(
+            count
+            for image, count in connection.execute(
+                "SELECT image, COUNT(*) FROM annotations WHERE part = ? GROUP BY image", (coco.part,)
+            )
+            if image not in coco.images
+        )
         if orphans:
             report.count("annotations_without_image", orphans)
 
 
-def _prepare(files: list[CocoFile], classes: list[str], index: Path, out: Path, workers: int, progress: bool,
-             force: bool, report: PrepareReport) -> PrepareReport:
+def _prepare(
+    files: list[CocoFile],
+    classes: list[str],
+    index: Path,
+    out: Path,
+    workers: int,
+    progress: bool,
+    force: bool,
+    report: PrepareReport,
+) -> PrepareReport:
     manifest = PrepareManifest(out, "coco", report, force)
     writer = DatasetWriter(out, DatasetInfo("coco", "multiclass", classes, default_palette(len(classes) + 1), ".jpg"))
     tasks, present, ids = [], set(), {}
@@ -528,9 +584,21 @@ def _prepare(files: list[CocoFile], classes: list[str], index: Path, out: Path, 
             if entry.coco_id in coco.bad_images:
                 report.add_ids("images_with_bad_annotations", [entry.image_id])
                 continue
-            tasks.append(_ImageTask(entry.image_id, entry.coco_id, coco.part, annotation_file, entry.file,
-                                    entry.width, entry.height, index_name, out_name,
-                                    manifest.previous(entry.image_id), force))
+            tasks.append(
+                _ImageTask(
+                    entry.image_id,
+                    entry.coco_id,
+                    coco.part,
+                    annotation_file,
+                    entry.file,
+                    entry.width,
+                    entry.height,
+                    index_name,
+                    out_name,
+                    manifest.previous(entry.image_id),
+                    force,
+                )
+            )
         report.count(f"{coco.part}_listed", len(coco.images))
     labels: dict[str, list[int]] = {}
     parts: dict[str, str] = {}
@@ -556,8 +624,9 @@ def _prepare(files: list[CocoFile], classes: list[str], index: Path, out: Path, 
     if not report.ok:
         writer.keep_previous()
         listed = {e.image_id for coco in files for e in coco.images.values()}
-        report.error = nothing_prepared_reason(report, files[0].path, listed, files[0].images_dir, present,
-                                               "image", "file_name")
+        report.error = nothing_prepared_reason(
+            report, files[0].path, listed, files[0].images_dir, present, "image", "file_name"
+        )
         report.write()
         raise DataError(f"no COCO image could be prepared: {report.error}; see {report.path}")
     manifest.finish(report, ".jpg", present, failed)

@@ -1,4 +1,5 @@
 """torch Datasets over a prepared dataset: images (and training targets) streamed from disk."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,10 +49,10 @@ class ClassificationDataset(AugmentedDataset):
 
     def item(self, index: int, epoch: int) -> dict:
         image_id = self.ids[index]
-        image, _, _ = train_augment(self.rng(index, epoch), self.dataset.read_image(image_id), None,
-                                    self.long_range, self.crop)
-        return {"image": uint8_tensor(image),
-                "label": torch.from_numpy(self.dataset.training_label_vector(image_id))}
+        image, _, _ = train_augment(
+            self.rng(index, epoch), self.dataset.read_image(image_id), None, self.long_range, self.crop
+        )
+        return {"image": uint8_tensor(image), "label": torch.from_numpy(self.dataset.training_label_vector(image_id))}
 
 
 class LabelMapDataset(AugmentedDataset):
@@ -61,19 +62,28 @@ class LabelMapDataset(AugmentedDataset):
     `label_stride` > 1 returns the target subsampled at that stride (IRN: 4).
     """
 
-    def __init__(self, dataset: PreparedDataset, ids: list[str], label_dir: Path, long_range, crop: int,
-                 seed: int = 0, label_stride: int = 1):
+    def __init__(
+        self,
+        dataset: PreparedDataset,
+        ids: list[str],
+        label_dir: Path,
+        long_range,
+        crop: int,
+        seed: int = 0,
+        label_stride: int = 1,
+    ):
         super().__init__(dataset, ids, long_range, crop, seed)
         self.label_dir, self.label_stride = Path(label_dir), label_stride
 
     def item(self, index: int, epoch: int) -> dict:
         image_id = self.ids[index]
         label = read_index_png(self.label_dir / f"{image_id}.png")
-        image, label, _ = train_augment(self.rng(index, epoch), self.dataset.read_image(image_id), label,
-                                        self.long_range, self.crop, IGNORE_INDEX)
+        image, label, _ = train_augment(
+            self.rng(index, epoch), self.dataset.read_image(image_id), label, self.long_range, self.crop, IGNORE_INDEX
+        )
         if self.label_stride > 1:
             s = self.label_stride  # nearest neighbour: the centre pixel of every s x s cell
-            label = label[s // 2::s, s // 2::s]
+            label = label[s // 2 :: s, s // 2 :: s]
         return {"image": uint8_tensor(image), "label": torch.from_numpy(label.astype(np.int64))}
 
 
@@ -114,8 +124,11 @@ class MultiScaleImageDataset(SafeImageDataset):
         if "error" in item:
             return item
         image = item["image"]
-        return {"id": item["id"], "size": tuple(image.shape[:2]),
-                "scaled": [uint8_tensor(copy) for copy in scaled_copies(image, self.scales)]}
+        return {
+            "id": item["id"],
+            "size": tuple(image.shape[:2]),
+            "scaled": [uint8_tensor(copy) for copy in scaled_copies(image, self.scales)],
+        }
 
 
 def first_item(batch: list[dict]) -> dict:

@@ -18,6 +18,7 @@ found, the last one shorter than its stated length); a file that fails to read a
 end is reported as truncated, not as one without pixel data (a file that reads well is never
 refused for how it ends).
 """
+
 from __future__ import annotations
 
 import struct
@@ -108,22 +109,30 @@ def _truncation(dataset, path: Path, caught) -> str | None:
     tags = sorted(dataset.keys())
     for tag in tags:
         element = dataset.get_item(tag)  # the raw element, as read: its stated length is kept
-        if isinstance(element, RawDataElement) and element.length != 0xFFFFFFFF \
-                and len(element.value or b"") < element.length:
+        if (
+            isinstance(element, RawDataElement)
+            and element.length != 0xFFFFFFFF
+            and len(element.value or b"") < element.length
+        ):
             return f": it ends inside element {tag} ({len(element.value or b'')} of its {element.length} bytes)"
     meta = getattr(dataset, "file_meta", None)
     try:
         group_length = meta.get("FileMetaInformationGroupLength") if meta else None
     except Exception:  # a damaged element fails when converted, any type: no evidence either way
         group_length = None
-    if group_length is not None and (not isinstance(group_length, int)
-                                     or size < _PREAMBLE + len(DICOM_MAGIC) + 12 + group_length):
+    if group_length is not None and (
+        not isinstance(group_length, int) or size < _PREAMBLE + len(DICOM_MAGIC) + 12 + group_length
+    ):
         return ": it ends inside its file meta header"
     if not tags:
         return f": nothing follows its {'file meta header' if meta else 'DICM prefix'}"
     last = dataset.get_item(tags[-1])
-    if isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF and last.value_tell is not None \
-            and size > last.value_tell + last.length:
+    if (
+        isinstance(last, RawDataElement)
+        and last.length != 0xFFFFFFFF
+        and last.value_tell is not None
+        and size > last.value_tell + last.length
+    ):
         return f": it ends inside the element after {tags[-1]}"
     return None
 
@@ -291,13 +300,19 @@ def stretch_to_uint8(values: np.ndarray) -> np.ndarray:
     scale = 255.0 / (high - low)
     rows = max(1, STRETCH_CHUNK // max(1, int(np.prod(values.shape[1:]))))
     for top in range(0, values.shape[0], rows):
-        out[top:top + rows] = np.round((values[top:top + rows].astype(np.float64) - low) * scale)
+        out[top : top + rows] = np.round((values[top : top + rows].astype(np.float64) - low) * scale)
     return out
 
 
-def write_dicom(path: str | Path, image: np.ndarray, photometric: str = "MONOCHROME2",
-                bits_stored: int | None = None, jpeg: bool = False,
-                window: tuple[float, float] | None = None, sop_instance_uid: str | None = None) -> None:
+def write_dicom(
+    path: str | Path,
+    image: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    jpeg: bool = False,
+    window: tuple[float, float] | None = None,
+    sop_instance_uid: str | None = None,
+) -> None:
     """Write a single-frame grayscale radiograph as a DICOM Part 10 file (tests and benchmarks).
 
     ``jpeg`` stores an 8-bit image JPEG Baseline compressed (through Pillow), as Kaggle's SIIM
@@ -316,8 +331,7 @@ def write_dicom(path: str | Path, image: np.ndarray, photometric: str = "MONOCHR
     dataset.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     dataset.SOPClassUID = SecondaryCaptureImageStorage
     dataset.Modality = "CR"
-    dataset.set_pixel_data(image, photometric, bits_stored or image.dtype.itemsize * 8,
-                           generate_instance_uid=True)
+    dataset.set_pixel_data(image, photometric, bits_stored or image.dtype.itemsize * 8, generate_instance_uid=True)
     if sop_instance_uid:
         dataset.SOPInstanceUID = sop_instance_uid
     dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID

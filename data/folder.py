@@ -38,6 +38,7 @@
   redoes the mask alone, removed inputs lose their outputs, unchanged ones are kept without being
   read; ``force`` redoes everything. ``size`` is recorded in ``out/folder.json``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -61,6 +62,7 @@ from data.layout import (
     default_palette,
     encode_id,
 )
+from data.parallel import parallel_map
 from data.prepare_manifest import (
     FORCED,
     LABELS,
@@ -77,7 +79,6 @@ from data.prepare_manifest import (
     unknown_change,
     write_mask_if_changed,
 )
-from data.parallel import parallel_map
 from data.prepare_report import (
     PrepareReport,
     check_options,
@@ -101,9 +102,11 @@ _MAX_NAME_BYTES = 250  # a file name is at most 255 bytes; the id gets ".png" / 
 # Images and masks: files -> ids
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class FoundFiles:
     """Id -> file below a folder, and how a CSV or split list may name each one."""
+
     root: Path
     files: dict[str, Path] = field(default_factory=dict)
     names: dict[str, str] = field(default_factory=dict)  # id, relative path, prepared id -> prepared id
@@ -133,8 +136,7 @@ def find_files(root: str | Path, report: PrepareReport, what: str, skip: tuple[P
     paths: dict[str, list[Path]] = {}
     for folder, folders, names in os.walk(root):
         folder_path = Path(folder)
-        folders[:] = sorted(f for f in folders if not f.startswith(".")
-                            and (folder_path / f).resolve() not in skipped)
+        folders[:] = sorted(f for f in folders if not f.startswith(".") and (folder_path / f).resolve() not in skipped)
         for name in sorted(names):
             path = folder_path / name
             if name.startswith(".") or not path.is_file():
@@ -181,10 +183,12 @@ def _id_problem(raw: str) -> str | None:
 # Labels
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class LabelTable:
     """What a label CSV says: the classes, and per prepared id its values (1 present, 0 absent,
     -1 uncertain, one per class) and the CSV line they are on."""
+
     layout: str
     classes: list[str]
     rows: dict[str, tuple[tuple[int, ...], int]]
@@ -216,8 +220,13 @@ def check_class_names(names: list[str], where: str) -> list[str]:
     return names
 
 
-def read_label_table(path: str | Path, images: FoundFiles, report: PrepareReport, classes: list[str] | None = None,
-                     blank: str = "negative") -> LabelTable:
+def read_label_table(
+    path: str | Path,
+    images: FoundFiles,
+    report: PrepareReport,
+    classes: list[str] | None = None,
+    blank: str = "negative",
+) -> LabelTable:
     """The label CSV (see the module doc). A bad row is reported as ``path:line`` and left out; a
     duplicate row with the same labels is counted, one with other labels leaves the image out."""
     path = Path(path)
@@ -229,11 +238,15 @@ def read_label_table(path: str | Path, images: FoundFiles, report: PrepareReport
     header_line, header = lines[0]
     header = [cell.strip() for cell in header]
     if len(header) < 2:
-        raise DataError(f"{path}:{header_line}: expected a header with the image column and the labels, "
-                        f"got {','.join(header)!r}")
+        raise DataError(
+            f"{path}:{header_line}: expected a header with the image column and the labels, got {','.join(header)!r}"
+        )
     # "image,label" holding 1/0 is the wide layout of one class named "label", not class names
-    long = len(header) == 2 and header[1].lower() in LONG_COLUMN_NAMES \
+    long = (
+        len(header) == 2
+        and header[1].lower() in LONG_COLUMN_NAMES
         and not _is_label_column([cells[1] if len(cells) > 1 else "" for _, cells in lines[1:]], strict=True)
+    )
     if long:
         parsed, classes = _long_rows(path, lines[1:], classes, report)
     else:
@@ -251,8 +264,9 @@ def read_label_table(path: str | Path, images: FoundFiles, report: PrepareReport
             if before == values:
                 report.count("duplicate_rows")
             else:
-                report.add_problem(f"{path}:{line}", f"{token!r} is also on line {first} with other labels: "
-                                                     "image left out")
+                report.add_problem(
+                    f"{path}:{line}", f"{token!r} is also on line {first} with other labels: image left out"
+                )
                 conflicting.add(image_id)
             continue
         table.rows[image_id] = (values, line)
@@ -313,23 +327,26 @@ def _long_rows(path: Path, rows, classes: list[str] | None, report: PrepareRepor
     for line, token, names in named:
         unknown = sorted(set(names) - known)
         if unknown:
-            report.add_problem(f"{path}:{line}", f"unknown class {unknown[0]!r} (classes: {', '.join(classes)}): "
-                                                 "row left out")
+            report.add_problem(
+                f"{path}:{line}", f"unknown class {unknown[0]!r} (classes: {', '.join(classes)}): row left out"
+            )
             report.count("bad_label_rows")
             continue
         parsed.append((line, token, tuple(int(c in names) for c in classes)))
     return parsed, classes
 
 
-def _wide_rows(path: Path, header: list[str], rows, classes: list[str] | None, blank: str,
-               report: PrepareReport):
+def _wide_rows(path: Path, header: list[str], rows, classes: list[str] | None, blank: str, report: PrepareReport):
     columns = header[1:]
     duplicated = sorted({c for c in columns if columns.count(c) > 1})
     if duplicated:
         raise DataError(f"{path}: column {duplicated[0]!r} appears twice in the header")
     if classes is None:
-        classes = [c for k, c in enumerate(columns) if _is_label_column([cells[k + 1] if k + 1 < len(cells) else ""
-                                                                         for _, cells in rows])]
+        classes = [
+            c
+            for k, c in enumerate(columns)
+            if _is_label_column([cells[k + 1] if k + 1 < len(cells) else "" for _, cells in rows])
+        ]
         if not classes:
             raise DataError(f"{path}: no column holds labels (1, 0, -1 or blank) and no --classes file names them")
         classes = check_class_names(classes, str(path))
@@ -345,7 +362,7 @@ def _wide_rows(path: Path, header: list[str], rows, classes: list[str] | None, b
         problem = None
         if not token:
             problem = "no image named"
-        elif len(cells) > len(header) and any(cell.strip() for cell in cells[len(header):]):
+        elif len(cells) > len(header) and any(cell.strip() for cell in cells[len(header) :]):
             problem = f"expected {len(header)} fields, got {len(cells)}"
         values = []
         for name, k in zip(classes, where):
@@ -379,6 +396,7 @@ def _is_label_column(cells: list[str], strict: bool = False) -> bool:
 # One image (runs in a worker process)
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _ImageTask:
     image_id: str
@@ -387,8 +405,8 @@ class _ImageTask:
     out: str
     size: int | None
     num_classes: int
-    stamp: str             # the source's stamp and --size (see data.prepare_manifest)
-    labels: str            # digest of its label row, classes and mask file
+    stamp: str  # the source's stamp and --size (see data.prepare_manifest)
+    labels: str  # digest of its label row, classes and mask file
     previous: dict | None = None
     force: bool = False
 
@@ -409,8 +427,14 @@ def _prepare_image(task: _ImageTask) -> _ImageResult:
     change = FORCED if task.force else item_change(task.previous, task.stamp, task.labels, task.out)
     recorded = _recorded_size(task.previous)
     if change == UNCHANGED and recorded is not None:
-        return _ImageResult(task.image_id, "resumed", bool(task.previous.get("has_mask")),
-                            tuple(task.previous.get("mask_classes") or ()), change=change, record=task.previous)
+        return _ImageResult(
+            task.image_id,
+            "resumed",
+            bool(task.previous.get("has_mask")),
+            tuple(task.previous.get("mask_classes") or ()),
+            change=change,
+            record=task.previous,
+        )
     try:
         if change == LABELS and recorded is not None:  # the image as recorded: not read again
             return _finish(task, recorded, change, "relabelled")
@@ -450,8 +474,14 @@ def _finish(task: _ImageTask, original: tuple[int, int], change: str, status: st
     if change == VERIFIED and rewritten:
         change, status = LABELS, "relabelled"
     names = [f"images/{task.image_id}.png"] + ([mask_name] if mask is not None else [])
-    record = {"source": task.stamp, "labels": task.labels, "size": list(original), "has_mask": mask is not None,
-              "mask_classes": list(present), "outputs": output_stamps(task.out, names)}
+    record = {
+        "source": task.stamp,
+        "labels": task.labels,
+        "size": list(original),
+        "has_mask": mask is not None,
+        "mask_classes": list(present),
+        "outputs": output_stamps(task.out, names),
+    }
     return _ImageResult(task.image_id, status, mask is not None, present, problems, change, record)
 
 
@@ -520,12 +550,13 @@ def _finished(path: Path, size: tuple[int, int]) -> bool:
 
 def _strip(message: str, where: str) -> str:
     prefix = f"{where}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 # --------------------------------------------------------------------------------------------
 # Splits
 # --------------------------------------------------------------------------------------------
+
 
 def stratified_split(labels: dict[str, list[int]], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """(train, val) ids, val holding round(n * val_fraction) of them. The ids are ordered by label
@@ -539,8 +570,11 @@ def stratified_split(labels: dict[str, list[int]], val_fraction: float, seed: in
     for key in sorted(groups):
         ids = groups[key]
         ordered += [ids[k] for k in rng.permutation(len(ids))]
-    val = {image_id for k, image_id in enumerate(ordered)
-           if int((k + 1) * val_fraction + 0.5) > int(k * val_fraction + 0.5)}
+    val = {
+        image_id
+        for k, image_id in enumerate(ordered)
+        if int((k + 1) * val_fraction + 0.5) > int(k * val_fraction + 0.5)
+    }
     names = sorted(labels)
     return [i for i in names if i not in val], [i for i in names if i in val]
 
@@ -570,11 +604,25 @@ def read_split_lists(splits_dir: str | Path, images: FoundFiles) -> dict[str, tu
 # The whole dataset
 # --------------------------------------------------------------------------------------------
 
-def prepare_folder(images_dir: str | Path, labels_csv: str | Path, out: str | Path, *,
-                   masks_dir: str | Path | None = None, splits_dir: str | Path | None = None,
-                   classes_file: str | Path | None = None, uncertain: str = "ignore", blank: str = "negative",
-                   size: int | None = None, val_fraction: float = 0.1, seed: int = 0, name: str | None = None,
-                   workers: int = 1, progress: bool = True, force: bool = False) -> PrepareReport:
+
+def prepare_folder(
+    images_dir: str | Path,
+    labels_csv: str | Path,
+    out: str | Path,
+    *,
+    masks_dir: str | Path | None = None,
+    splits_dir: str | Path | None = None,
+    classes_file: str | Path | None = None,
+    uncertain: str = "ignore",
+    blank: str = "negative",
+    size: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    name: str | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    force: bool = False,
+) -> PrepareReport:
     """Prepare a folder of images with a label CSV into ``out``; see the module doc. ``size`` None
     keeps each image's size; ``name`` (default: the name of ``out``) names the dataset, and with it
     the folder of its artifacts under the run's workdir; ``force`` redoes every image.
@@ -610,9 +658,20 @@ def prepare_folder(images_dir: str | Path, labels_csv: str | Path, out: str | Pa
     for image_id in sorted(values):
         source, mask = images.files[image_id], masks.files.get(image_id) if masks is not None else None
         labels_from = [list(values[image_id]), classes, str(mask), file_stamp(mask) if mask else None]
-        tasks.append(_ImageTask(image_id, str(source), str(mask) if mask else None, str(out), size, len(classes),
-                                f"{file_stamp(source)}|size={size or 0}", digest(labels_from),
-                                manifest.previous(image_id), force))
+        tasks.append(
+            _ImageTask(
+                image_id,
+                str(source),
+                str(mask) if mask else None,
+                str(out),
+                size,
+                len(classes),
+                f"{file_stamp(source)}|size={size or 0}",
+                digest(labels_from),
+                manifest.previous(image_id),
+                force,
+            )
+        )
     prepared: dict[str, tuple[int, ...]] = {}
     with_mask: set[str] = set()
     disagreeing: list[str] = []
@@ -641,8 +700,15 @@ def prepare_folder(images_dir: str | Path, labels_csv: str | Path, out: str | Pa
     report.write()
     if not report.ok:
         writer.keep_previous()
-        report.error = nothing_prepared_reason(report, labels_csv, table.rows.keys() | set(table.unmatched),
-                                               images_dir, images.files, "readable image", "image name")
+        report.error = nothing_prepared_reason(
+            report,
+            labels_csv,
+            table.rows.keys() | set(table.unmatched),
+            images_dir,
+            images.files,
+            "readable image",
+            "image name",
+        )
         report.write()
         raise DataError(f"no image could be prepared: {report.error}; see {report.path}")
     manifest.finish(report, ".png", set(images.files), failed)
@@ -659,8 +725,9 @@ def dataset_name(out: Path, name: str | None) -> str:
     chosen = name if name is not None else out.resolve().name
     if not _NAME.match(chosen or ""):
         option = "--name" if name is not None else f"the --out folder's name {chosen!r} (give --name)"
-        raise DataError(f"{option}: a dataset name must start with a letter or digit and hold only "
-                        f"letters, digits, '.', '_' or '-'")
+        raise DataError(
+            f"{option}: a dataset name must start with a letter or digit and hold only letters, digits, '.', '_' or '-'"
+        )
     return chosen
 
 
@@ -676,11 +743,21 @@ def _disagrees(values: tuple[int, ...], mask_classes: tuple[int, ...]) -> bool:
     return any((v == POSITIVE) != (k + 1 in shown) for k, v in enumerate(values) if v != UNCERTAIN)
 
 
-def _write_splits(writer: DatasetWriter, report: PrepareReport, out: Path, prepared: dict, with_mask: set[str],
-                  splits: dict | None, val_fraction: float, seed: int, masked: bool) -> None:
+def _write_splits(
+    writer: DatasetWriter,
+    report: PrepareReport,
+    out: Path,
+    prepared: dict,
+    with_mask: set[str],
+    splits: dict | None,
+    val_fraction: float,
+    seed: int,
+    masked: bool,
+) -> None:
     if splits is None:
-        train, val = stratified_split({i: [int(v == POSITIVE) for v in row] for i, row in prepared.items()},
-                                      val_fraction, seed)
+        train, val = stratified_split(
+            {i: [int(v == POSITIVE) for v in row] for i, row in prepared.items()}, val_fraction, seed
+        )
         chosen = {"train": train, "val": val}
     else:
         chosen = {}

@@ -12,6 +12,7 @@ or another format is added in one place. The rules, as `wss predict` reads its i
   composited (the colour under it is what was imaged); palette, CMYK and other colour modes become
   RGB. A multi-frame file (a TIFF stack, an animation) is refused: which frame is the image?
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -7,6 +7,7 @@ naming the file, before any pixel is decoded. Pillow's own guard (a Decompressio
 printed raw from 89 megapixels, an error from 179) is off while a file is open here, so that
 the bound is wss's alone and the user never sees Pillow's message.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -35,7 +36,8 @@ def check_pixels(where: str | Path, width: int, height: int, max_pixels: int | N
     if width * height > max_pixels:
         raise ImageTooLargeError(
             f"{where}: image of {width}x{height} pixels ({width * height / 1e6:.1f} megapixels) is larger than "
-            f"the {max_pixels} pixels accepted{f' ({hint})' if hint else ''}")
+            f"the {max_pixels} pixels accepted{f' ({hint})' if hint else ''}"
+        )
 
 
 @contextmanager

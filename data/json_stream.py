@@ -6,6 +6,7 @@ element of ``images`` / ``annotations`` / ... at a time with the standard librar
 (``json.JSONDecoder.raw_decode``, the C scanner), so that memory holds one chunk and one element
 whatever the file's size. Each element comes with its exact source text, to be stored as it is.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,15 +37,16 @@ class _Stream:
         try:
             data = self.handle.read(self.chunk)
         except UnicodeDecodeError as error:
-            raise DataError(f"{self.path}: not UTF-8 text near character {self.consumed + len(self.buf)} "
-                            f"({error.reason})") from None
+            raise DataError(
+                f"{self.path}: not UTF-8 text near character {self.consumed + len(self.buf)} ({error.reason})"
+            ) from None
         if not data:
             self.eof = True
             return False
         if not self.consumed and not self.buf and data.startswith("\ufeff"):
             data = data[1:]
         self.consumed += self.pos
-        self.buf = self.buf[self.pos:] + data
+        self.buf = self.buf[self.pos :] + data
         self.pos = 0
         return True
 
@@ -77,7 +79,7 @@ class _Stream:
                 continue
             if not self.eof and _may_go_on(self.buf, end) and self.fill():
                 continue  # a number at the end of the chunk may go on in the next one
-            text = self.buf[self.pos:end]
+            text = self.buf[self.pos : end]
             self.pos = end
             return value, text
 
@@ -98,8 +100,9 @@ def _not_cut_short(error: json.JSONDecodeError, end: int) -> bool:
     return error.pos < end - 16 and not error.msg.startswith("Unterminated string")
 
 
-def iter_top_level(path: str | Path, arrays: set[str], chunk: int = CHUNK,
-                   keys: set[str] | None = None) -> Iterator[tuple[str, Any, str]]:
+def iter_top_level(
+    path: str | Path, arrays: set[str], chunk: int = CHUNK, keys: set[str] | None = None
+) -> Iterator[tuple[str, Any, str]]:
     """(key, element, element text) for every element of the top-level arrays named in ``arrays``,
     and (key, value, text) for every other top-level key, in file order; ``keys``, when given,
     receives every top-level key met (an empty array yields nothing). DataError naming the file

@@ -15,6 +15,7 @@ and of every artifact stays one flat folder.
 
 Readers stream from disk: nothing but the labels tables are held in memory.
 """
+
 from __future__ import annotations
 
 import csv
@@ -52,6 +53,7 @@ def encode_id(relative: str) -> str:
 def decode_id(image_id: str) -> str:
     """The relative path (without suffix) that :func:`encode_id` made ``image_id`` from."""
     from urllib.parse import unquote
+
     return unquote(image_id)
 
 
@@ -92,14 +94,19 @@ class DatasetInfo:
         return len(self.classes)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "task": self.task, "classes": list(self.classes),
-                "palette": self.palette, "image_ext": self.image_ext}
+        return {
+            "name": self.name,
+            "task": self.task,
+            "classes": list(self.classes),
+            "palette": self.palette,
+            "image_ext": self.image_ext,
+        }
 
 
 def flat_palette(palette: list[list[int]]) -> list[int]:
     flat = [v for rgb in palette for v in rgb]
     flat += [0] * (768 - len(flat))
-    flat[255 * 3: 256 * 3] = [224, 224, 192]  # VOC's colour for the ignore index
+    flat[255 * 3 : 256 * 3] = [224, 224, 192]  # VOC's colour for the ignore index
     return flat
 
 
@@ -195,12 +202,12 @@ def read_label_map(path: Path, shape: tuple[int, int], num_classes: int) -> np.n
     another size, or holds another value: such a file must not train a model."""
     label = read_index_png(path)
     if label.shape != tuple(shape):
-        raise DataError(f"{path}: label is {label.shape[1]}x{label.shape[0]} but its image is "
-                        f"{shape[1]}x{shape[0]}")
+        raise DataError(f"{path}: label is {label.shape[1]}x{label.shape[0]} but its image is {shape[1]}x{shape[0]}")
     bad = (label > num_classes) & (label != IGNORE_INDEX)
     if bad.any():
-        raise DataError(f"{path}: label holds value {int(label[bad][0])}, not a class index "
-                        f"0..{num_classes} nor {IGNORE_INDEX}")
+        raise DataError(
+            f"{path}: label holds value {int(label[bad][0])}, not a class index 0..{num_classes} nor {IGNORE_INDEX}"
+        )
     return label
 
 
@@ -223,8 +230,11 @@ class PreparedDataset:
         uncertain = self.root / UNCERTAIN_NAME
         # (image, class) labels not known (CheXpert's -1 under --uncertain ignore): only datasets
         # that have them hold the file; their labels.csv says 0 there
-        self.uncertain = ({image_id: row for image_id, row in read_labels(uncertain, self.info.classes).items()
-                           if row.any()} if uncertain.is_file() else {})
+        self.uncertain = (
+            {image_id: row for image_id, row in read_labels(uncertain, self.info.classes).items() if row.any()}
+            if uncertain.is_file()
+            else {}
+        )
 
     @property
     def name(self) -> str:
@@ -307,8 +317,7 @@ class PreparedDataset:
             return None
         mask = read_index_png(path)
         if shape is not None and mask.shape != tuple(shape):
-            raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                            f"{shape[1]}x{shape[0]}")
+            raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]}")
         return mask
 
     def image_size(self, image_id: str) -> tuple[int, int]:

@@ -32,6 +32,7 @@
   no file whose content comes out the same. ``size`` is recorded in ``out/nih.json`` and a rerun
   with another size is refused unless ``force``, which redoes every image.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,18 +43,46 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data.boxes import (BOXES_NAME, FINDINGS, Box, boxes_by_image, canonical_finding, image_id_of,
-                        read_boxes, scale_box, write_boxes)
+from data.boxes import (
+    BOXES_NAME,
+    FINDINGS,
+    Box,
+    boxes_by_image,
+    canonical_finding,
+    image_id_of,
+    read_boxes,
+    scale_box,
+    write_boxes,
+)
 from data.dicom import stretch_to_uint8
 from data.errors import DataError
 from data.images import open_image
 from data.layout import DatasetInfo, DatasetWriter
-from data.prepare_manifest import (FORCED, LABELS, NEW, UNCHANGED, UNKNOWN, VERIFIED, PrepareManifest,
-                                   copy_file_if_changed, digest, file_stamp, item_change, output_stamps,
-                                   source_not_newer, unknown_change)
 from data.parallel import parallel_map
-from data.prepare_report import (PrepareReport, check_options, check_size_stamp, nothing_prepared_reason,
-                                 resize_image, save_png)
+from data.prepare_manifest import (
+    FORCED,
+    LABELS,
+    NEW,
+    UNCHANGED,
+    UNKNOWN,
+    VERIFIED,
+    PrepareManifest,
+    copy_file_if_changed,
+    digest,
+    file_stamp,
+    item_change,
+    output_stamps,
+    source_not_newer,
+    unknown_change,
+)
+from data.prepare_report import (
+    PrepareReport,
+    check_options,
+    check_size_stamp,
+    nothing_prepared_reason,
+    resize_image,
+    save_png,
+)
 
 NO_FINDING = "No Finding"
 STAMP_NAME = "nih.json"  # --size, recorded for resuming
@@ -63,14 +92,16 @@ STAMP_NAME = "nih.json"  # --size, recorded for resuming
 # Image-level labels
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Entry:
     labels: list[int]
     patient: str
 
 
-def read_data_entry(path: str | Path, report: PrepareReport, wanted: set[str] | None = None
-                    ) -> tuple[dict[str, Entry], set[str]]:
+def read_data_entry(
+    path: str | Path, report: PrepareReport, wanted: set[str] | None = None
+) -> tuple[dict[str, Entry], set[str]]:
     """(image id -> labels and patient, every id listed) from Data_Entry_2017(_v2020).csv[.gz].
 
     Bad rows are reported. With ``wanted``, only those ids are parsed (the release lists
@@ -125,14 +156,15 @@ def _labels_of(findings: str, where: str, report: PrepareReport) -> list[int] | 
 # One image (runs in a worker process)
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _ImageTask:
     image_id: str
     source: str
     out: str
     size: int | None
-    stamp: str = ""        # the source's stamp and --size (see data.prepare_manifest)
-    labels: str = ""       # digest of its findings, patient and boxes
+    stamp: str = ""  # the source's stamp and --size (see data.prepare_manifest)
+    labels: str = ""  # digest of its findings, patient and boxes
     previous: dict | None = None
     force: bool = False
 
@@ -161,8 +193,9 @@ def _prepare_image(task: _ImageTask) -> _ImageResult:
             wanted = (task.size, task.size) if task.size else original
             if change == UNKNOWN:
                 if _finished(target, wanted) and source_not_newer(task.source, target):
-                    return _ImageResult(task.image_id, "resumed", original, change=VERIFIED,
-                                        record=_record(task, original))
+                    return _ImageResult(
+                        task.image_id, "resumed", original, change=VERIFIED, record=_record(task, original)
+                    )
                 change = unknown_change(task.source, target)
             image.load()
             if image.mode == "L" and original == wanted:
@@ -182,8 +215,12 @@ def _prepare_image(task: _ImageTask) -> _ImageResult:
 
 
 def _record(task: _ImageTask, original: tuple[int, int]) -> dict:
-    return {"source": task.stamp, "labels": task.labels, "original": list(original),
-            "outputs": output_stamps(task.out, [f"images/{task.image_id}.png"])}
+    return {
+        "source": task.stamp,
+        "labels": task.labels,
+        "original": list(original),
+        "outputs": output_stamps(task.out, [f"images/{task.image_id}.png"]),
+    }
 
 
 def _recorded_original(record: dict | None) -> tuple[int, int] | None:
@@ -218,9 +255,19 @@ def _finished(path: Path, size: tuple[int, int]) -> bool:
 # The whole dataset
 # --------------------------------------------------------------------------------------------
 
-def prepare_nih(images_dir: str | Path, data_entry_csv: str | Path, boxes_csv: str | Path,
-                out: str | Path, val_fraction: float = 0.1, seed: int = 0, workers: int = 1,
-                progress: bool = True, size: int | None = None, force: bool = False) -> PrepareReport:
+
+def prepare_nih(
+    images_dir: str | Path,
+    data_entry_csv: str | Path,
+    boxes_csv: str | Path,
+    out: str | Path,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+    size: int | None = None,
+    force: bool = False,
+) -> PrepareReport:
     """Prepare ChestX-ray14 into ``out`` (images, labels, splits, boxes.csv); see the module doc.
     ``size`` None keeps the native size; ``force`` redoes every image whatever the manifest says.
 
@@ -240,9 +287,19 @@ def prepare_nih(images_dir: str | Path, data_entry_csv: str | Path, boxes_csv: s
     manifest = PrepareManifest(out, "nih", report, force)
     writer = DatasetWriter(out, DatasetInfo("nih", "multiclass", list(FINDINGS)))
     by_image = boxes_by_image(boxes)
-    tasks = [_ImageTask(i, str(present[i]), str(out), size, f"{file_stamp(present[i])}|size={size or 0}",
-                        _labels_digest(entries[i], by_image.get(i, [])), manifest.previous(i), force)
-             for i in sorted(present.keys() & entries.keys())]
+    tasks = [
+        _ImageTask(
+            i,
+            str(present[i]),
+            str(out),
+            size,
+            f"{file_stamp(present[i])}|size={size or 0}",
+            _labels_digest(entries[i], by_image.get(i, [])),
+            manifest.previous(i),
+            force,
+        )
+        for i in sorted(present.keys() & entries.keys())
+    ]
     originals: dict[str, tuple[int, int]] = {}  # prepared id -> its source's (width, height)
     failed: set[str] = set()
     for result in parallel_map(_prepare_image, tasks, workers, progress, "nih"):
@@ -262,8 +319,9 @@ def prepare_nih(images_dir: str | Path, data_entry_csv: str | Path, boxes_csv: s
     report.write()
     if not report.ok:
         writer.keep_previous()
-        report.error = nothing_prepared_reason(report, data_entry_csv, listed, images_dir, present, "PNG",
-                                               "Image Index")
+        report.error = nothing_prepared_reason(
+            report, data_entry_csv, listed, images_dir, present, "PNG", "Image Index"
+        )
         report.write()
         raise DataError(f"no NIH image could be prepared from {images_dir}: {report.error}; see {report.path}")
     manifest.finish(report, ".png", set(present), failed)
@@ -310,8 +368,9 @@ def _count_boxes(report: PrepareReport, boxes: list[Box], kept: list[Box], entri
     report.counts["boxes_finding_not_in_labels"] = len(unlabelled)
 
 
-def patient_splits(prepared: set[str], entries: dict[str, Entry], boxed: set[str],
-                   val_fraction: float, seed: int) -> dict[str, list[str]]:
+def patient_splits(
+    prepared: set[str], entries: dict[str, Entry], boxed: set[str], val_fraction: float, seed: int
+) -> dict[str, list[str]]:
     """train / val / test ids, whole patients per split (see the module doc)."""
     test_patients = {entries[i].patient for i in boxed}
     others = sorted({entries[i].patient for i in prepared} - test_patients)

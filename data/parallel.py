@@ -1,5 +1,6 @@
 """Work fanned out over worker processes, with a progress bar: the preparers' images, the irn
 stage's seeds, the CRF workers' start."""
+
 from __future__ import annotations
 
 import multiprocessing
@@ -23,10 +24,16 @@ def ignore_interrupts(then: Callable[[], None] | None = None, parent: int | None
         then()
 
 
-def parallel_map(function: Callable[[Any], Any], tasks: list, workers: int = 1,
-                 progress: bool = True, description: str = "", unit: str = "img",
-                 start_method: str | None = None, initializer: Callable[[], None] | None = None
-                 ) -> Iterator[Any]:
+def parallel_map(
+    function: Callable[[Any], Any],
+    tasks: list,
+    workers: int = 1,
+    progress: bool = True,
+    description: str = "",
+    unit: str = "img",
+    start_method: str | None = None,
+    initializer: Callable[[], None] | None = None,
+) -> Iterator[Any]:
     """Results of ``function`` over ``tasks`` (in any order) with a progress bar.
 
     One worker runs in this process. Several use a process pool whose workers take small
@@ -37,8 +44,7 @@ def parallel_map(function: Callable[[Any], Any], tasks: list, workers: int = 1,
     """
     from tqdm import tqdm
 
-    bar = tqdm(total=len(tasks), desc=description, unit=unit, disable=not progress,
-               dynamic_ncols=True, smoothing=0.05)
+    bar = tqdm(total=len(tasks), desc=description, unit=unit, disable=not progress, dynamic_ncols=True, smoothing=0.05)
     try:
         if workers <= 1 or len(tasks) <= 1:
             for task in tasks:
@@ -47,8 +53,9 @@ def parallel_map(function: Callable[[Any], Any], tasks: list, workers: int = 1,
             return
         chunk = max(1, min(16, len(tasks) // (workers * 8)))
         context = multiprocessing.get_context(start_method)
-        with context.Pool(processes=workers, maxtasksperchild=2000, initializer=ignore_interrupts,
-                          initargs=(initializer, os.getpid())) as pool:
+        with context.Pool(
+            processes=workers, maxtasksperchild=2000, initializer=ignore_interrupts, initargs=(initializer, os.getpid())
+        ) as pool:
             for result in pool.imap_unordered(function, tasks, chunksize=chunk):
                 yield result
                 bar.update()

@@ -29,6 +29,7 @@ The manifest is written once, after every item is done and before ``dataset.json
 leaves the previous manifest, whose records can only be older than the files, which then get redone
 (unchanged content keeps its file, see :func:`write_mask_if_changed` and :mod:`data.layout`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -41,21 +42,21 @@ from pathlib import Path
 
 import numpy as np
 
-from data.layout import read_index_png, write_index_png, write_text_atomic
 from data.errors import DataError
+from data.layout import read_index_png, write_index_png, write_text_atomic
 
 MANIFEST_NAME = "prepare_manifest.json"
 VERSION = 1
 
 # How an item stands against its record; the preparers' workers return one of these.
 UNCHANGED = "unchanged"  # inputs and outputs as recorded: nothing is read or written
-SOURCE = "source"        # its source image changed (or the options shaping it): everything redone
-LABELS = "labels"        # only its label rows / mask source changed: the label outputs redone
-OUTPUTS = "outputs"      # an output was replaced, damaged or removed: redone
-UNKNOWN = "unknown"      # no record: verified (see the module doc)
-NEW = "new"              # no record and no outputs: prepared for the first time
-VERIFIED = "verified"    # an unknown item found right and kept as it is
-FORCED = "forced"        # --force: redone whatever its record says
+SOURCE = "source"  # its source image changed (or the options shaping it): everything redone
+LABELS = "labels"  # only its label rows / mask source changed: the label outputs redone
+OUTPUTS = "outputs"  # an output was replaced, damaged or removed: redone
+UNKNOWN = "unknown"  # no record: verified (see the module doc)
+NEW = "new"  # no record and no outputs: prepared for the first time
+VERIFIED = "verified"  # an unknown item found right and kept as it is
+FORCED = "forced"  # --force: redone whatever its record says
 
 # Report id categories, for the changes a rerun acted on.
 CATEGORIES = {SOURCE: "source_changed", LABELS: "labels_changed", OUTPUTS: "outputs_changed"}
@@ -168,8 +169,11 @@ class PrepareManifest:
             report.add_problem(self.path, f"unreadable ({error}): every prepared item is verified again")
             return {}
         if data.get("dataset") != self.dataset or data.get("version") != VERSION:
-            report.add_problem(self.path, f"written for dataset {data.get('dataset')!r} version "
-                                          f"{data.get('version')!r}: every prepared item is verified again")
+            report.add_problem(
+                self.path,
+                f"written for dataset {data.get('dataset')!r} version "
+                f"{data.get('version')!r}: every prepared item is verified again",
+            )
             return {}
         return {image_id: record for image_id, record in items.items() if _plain_name(image_id)}
 
@@ -192,13 +196,17 @@ class PrepareManifest:
         """After a run that prepared something: remove the images and masks of every item that is
         not prepared now (its source gone, its label row gone, or failed this time), list them in
         ``report``, and write the manifest (only when it changed: a rerun rewrites no file)."""
-        removed: dict[str, list[str]] = {"removed_source_gone": [], "removed_failed": [],
-                                         "removed_unlabelled": []}
+        removed: dict[str, list[str]] = {"removed_source_gone": [], "removed_failed": [], "removed_unlabelled": []}
         for image_id in sorted(self.before - self.items.keys()):
             (self.out / "images" / f"{image_id}{image_ext}").unlink(missing_ok=True)
             (self.out / "masks" / f"{image_id}.png").unlink(missing_ok=True)
-            reason = ("removed_source_gone" if image_id not in sources
-                      else "removed_failed" if image_id in failed else "removed_unlabelled")
+            reason = (
+                "removed_source_gone"
+                if image_id not in sources
+                else "removed_failed"
+                if image_id in failed
+                else "removed_unlabelled"
+            )
             removed[reason].append(image_id)
         for category, ids in removed.items():
             if ids:
@@ -209,8 +217,10 @@ class PrepareManifest:
 
     def _serialise(self) -> str:
         """One item a line (greppable, diffable), keys sorted: the same records give the same bytes."""
-        lines = [f"{json.dumps(image_id)}:{json.dumps(self.items[image_id], sort_keys=True, separators=(',', ':'))}"
-                 for image_id in sorted(self.items)]
+        lines = [
+            f"{json.dumps(image_id)}:{json.dumps(self.items[image_id], sort_keys=True, separators=(',', ':'))}"
+            for image_id in sorted(self.items)
+        ]
         head = json.dumps({"dataset": self.dataset, "version": VERSION})[:-1]
         return head + ', "items": {\n' + ",\n".join(lines) + "\n}}\n"
 

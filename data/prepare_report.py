@@ -5,6 +5,7 @@ for SIIM and NIH ``--size`` (resizing and its resume stamp), and the one sentenc
 a run prepared nothing. The process fan-out is :mod:`data.parallel`; what each prepared item
 was made from, for reruns, is :mod:`data.prepare_manifest`.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ LISTED_IDS_LIMIT = 1000  # ids kept per category in the JSON; the count is alway
 @dataclass
 class Problem:
     """One skipped input: where (file, or file:line) and what was wrong with it."""
+
     where: str
     message: str
 
@@ -34,6 +36,7 @@ class Problem:
 @dataclass
 class PrepareReport:
     """Counts and problems of one preparation; ``ok`` when something usable was produced."""
+
     dataset: str
     out: Path
     counts: dict[str, int] = field(default_factory=dict)
@@ -49,7 +52,7 @@ class PrepareReport:
         """A DataError about ``where``; its message loses the ``where: `` prefix it may carry."""
         message = str(error)
         prefix = f"{where}: "
-        self.add_problem(where, message[len(prefix):] if message.startswith(prefix) else message)
+        self.add_problem(where, message[len(prefix) :] if message.startswith(prefix) else message)
 
     def count(self, key: str, amount: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + amount
@@ -89,8 +92,7 @@ class PrepareReport:
     def summary(self) -> str:
         """A few lines for the terminal."""
         lines = [f"{self.dataset}: prepared {self.counts.get('prepared', 0)} images into {self.out}"]
-        others = ", ".join(f"{key} {value}" for key, value in sorted(self.counts.items())
-                           if key != "prepared")
+        others = ", ".join(f"{key} {value}" for key, value in sorted(self.counts.items()) if key != "prepared")
         if others:
             lines.append(f"  {others}")
         for category, amount in sorted(self.id_counts.items()):
@@ -98,8 +100,10 @@ class PrepareReport:
                 example = self.id_lists[category][0] if self.id_lists.get(category) else ""
                 lines.append(f"  {category.replace('_', ' ')}: {amount}" + (f" (e.g. {example})" if example else ""))
         if self.problems:
-            lines.append(f"  {len(self.problems)} problems (inputs skipped or contradictory), e.g. "
-                         f"{self.problems[0].where}: {self.problems[0].message}")
+            lines.append(
+                f"  {len(self.problems)} problems (inputs skipped or contradictory), e.g. "
+                f"{self.problems[0].where}: {self.problems[0].message}"
+            )
         lines.append(f"  details: {self.path}")
         return "\n".join(lines)
 
@@ -152,12 +156,21 @@ def check_size_stamp(out: Path, stamp_name: str, size: int | None, force: bool =
     except (OSError, ValueError, AttributeError):
         before = "unknown"
     if before != wanted:
-        raise DataError(f"{out} was prepared with --size {before}, this run asks for --size {wanted} "
-                        f"(0 = native): use a fresh --out, or --force to redo every image at the new size")
+        raise DataError(
+            f"{out} was prepared with --size {before}, this run asks for --size {wanted} "
+            f"(0 = native): use a fresh --out, or --force to redo every image at the new size"
+        )
 
 
-def nothing_prepared_reason(report: PrepareReport, label_file: str | Path, label_ids, source_dir: str | Path,
-                            source_ids, source_kind: str, label_kind: str = "ImageId") -> str:
+def nothing_prepared_reason(
+    report: PrepareReport,
+    label_file: str | Path,
+    label_ids,
+    source_dir: str | Path,
+    source_ids,
+    source_kind: str,
+    label_kind: str = "ImageId",
+) -> str:
     """Why a run prepared nothing, in one sentence for its error line and ``report.error``: the label
     file had no usable row, no source file was found, no id matched a file name (a few of each
     side shown, to see the mismatch), or every matched image failed (the first problem shown)."""
@@ -168,8 +181,10 @@ def nothing_prepared_reason(report: PrepareReport, label_file: str | Path, label
     if not source_ids:
         return f"no {source_kind} file found under {source_dir}"
     if not set(label_ids) & set(source_ids):
-        return (f"no {label_kind} of {label_file} matched a {source_kind} file name under {source_dir} "
-                f"({label_kind}s: {_first_ids(label_ids)}; {source_kind} files: {_first_ids(source_ids)})")
+        return (
+            f"no {label_kind} of {label_file} matched a {source_kind} file name under {source_dir} "
+            f"({label_kind}s: {_first_ids(label_ids)}; {source_kind} files: {_first_ids(source_ids)})"
+        )
     first = report.problems[0] if report.problems else None
     example = f", e.g. {first.where}: {first.message}" if first else ""
     return f"every one of the {len(set(label_ids) & set(source_ids))} matched images failed{example}"

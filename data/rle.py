@@ -13,6 +13,7 @@ Decoders accept surrounding whitespace (the SIIM CSV has `` -1``) and raise
 ``data.errors.DataError`` for malformed text with a message that does not name a file, so the
 caller can prefix it with ``path:line``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ SIIM_EMPTY = "-1"
 # --------------------------------------------------------------------------------------------
 # Shared pieces
 # --------------------------------------------------------------------------------------------
+
 
 def _parse_pairs(text: str) -> tuple[np.ndarray, np.ndarray]:
     """The (first, length) integer pairs of an RLE string, validated but not yet placed."""
@@ -56,8 +58,9 @@ def _paint_runs(starts: np.ndarray, lengths: np.ndarray, height: int, width: int
     ends = starts + lengths
     if ends.size and int(ends.max()) > total:
         worst = int(np.argmax(ends))
-        raise DataError(f"RLE run {worst + 1} ends at pixel {int(ends[worst])}, beyond the "
-                        f"{height}x{width} image ({total} pixels)")
+        raise DataError(
+            f"RLE run {worst + 1} ends at pixel {int(ends[worst])}, beyond the {height}x{width} image ({total} pixels)"
+        )
     # Column-major flat = rows of the transposed mask; a slice per run is the fastest fill
     # (a few hundred runs per mask) and painting twice is harmless, so overlaps are a union.
     transposed = np.zeros((width, height), dtype=np.uint8)
@@ -84,7 +87,7 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     starts, ends = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
     previous = False  # the value of the pixel before the block, in column-major order
     for left in range(0, width, columns):
-        flat = (mask[:, left:left + columns].T != 0).reshape(-1)  # this block in column-major order
+        flat = (mask[:, left : left + columns].T != 0).reshape(-1)  # this block in column-major order
         changes = np.flatnonzero(np.diff(flat, prepend=previous))
         opening = flat[changes]
         starts.append(changes[opening] + left * height)
@@ -104,6 +107,7 @@ def _join(first: np.ndarray, lengths: np.ndarray) -> str:
 # --------------------------------------------------------------------------------------------
 # SIIM: relative offsets, "-1" empty
 # --------------------------------------------------------------------------------------------
+
 
 def siim_rle_decode(text: str, height: int, width: int) -> np.ndarray:
     """uint8 0/1 mask (height x width) of one SIIM EncodedPixels string."""
@@ -145,6 +149,7 @@ def siim_rle_encode(mask: np.ndarray) -> str:
 # --------------------------------------------------------------------------------------------
 # Absolute: 1-based starts, "" empty
 # --------------------------------------------------------------------------------------------
+
 
 def rle_decode(text: str, height: int, width: int) -> np.ndarray:
     """uint8 0/1 mask of an absolute RLE string (1-based starts, column-major, "" empty).

@@ -28,6 +28,7 @@
   image (a file whose content comes out the same is kept). Images fan out over ``workers``
   processes that return only small results, so memory does not grow with the number of files.
 """
+
 from __future__ import annotations
 
 import csv
@@ -45,12 +46,31 @@ from data.dicom import dicom_shape, read_dicom
 from data.errors import DataError
 from data.images import open_image
 from data.layout import DatasetInfo, DatasetWriter, default_palette
-from data.prepare_manifest import (FORCED, LABELS, NEW, UNCHANGED, UNKNOWN, VERIFIED, PrepareManifest, digest,
-                                   file_stamp, item_change, output_stamps, source_not_newer, unknown_change,
-                                   write_mask_if_changed)
 from data.parallel import parallel_map
-from data.prepare_report import (PrepareReport, check_options, check_size_stamp, nothing_prepared_reason,
-                                 resize_image, save_png)
+from data.prepare_manifest import (
+    FORCED,
+    LABELS,
+    NEW,
+    UNCHANGED,
+    UNKNOWN,
+    VERIFIED,
+    PrepareManifest,
+    digest,
+    file_stamp,
+    item_change,
+    output_stamps,
+    source_not_newer,
+    unknown_change,
+    write_mask_if_changed,
+)
+from data.prepare_report import (
+    PrepareReport,
+    check_options,
+    check_size_stamp,
+    nothing_prepared_reason,
+    resize_image,
+    save_png,
+)
 from data.rle import siim_rle_decode, siim_rle_is_empty
 
 CLASSES = ["pneumothorax"]
@@ -62,6 +82,7 @@ STAMP_NAME = "siim.json"  # the options that shape the pixels, recorded for resu
 @dataclass(frozen=True)
 class RleRow:
     """One EncodedPixels string and its 1-based line in the CSV (for error messages)."""
+
     line: int
     text: str
 
@@ -69,6 +90,7 @@ class RleRow:
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------
+
 
 def find_dicoms(dicom_dir: str | Path, report: PrepareReport) -> dict[str, Path]:
     """Image id -> DICOM path for every ``.dcm`` below ``dicom_dir`` (duplicates reported)."""
@@ -116,8 +138,11 @@ def read_rle_csv(path: str | Path, report: PrepareReport) -> dict[str, list[RleR
             columns, is_header = _columns(fields)
             if is_header:
                 if not _names_a_column(fields):  # a malformed first data row, or a foreign header
-                    report.add_problem(where, f"first row {','.join(fields)[:80]!r} is neither an RLE row "
-                                              "nor a header naming ImageId / EncodedPixels: skipped")
+                    report.add_problem(
+                        where,
+                        f"first row {','.join(fields)[:80]!r} is neither an RLE row "
+                        "nor a header naming ImageId / EncodedPixels: skipped",
+                    )
                     report.count("bad_rle_rows")
                 continue
         id_col, rle_col = columns
@@ -177,6 +202,7 @@ def _columns(first: list[str]) -> tuple[tuple[int, int], bool]:
 # One image (runs in a worker process)
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _ImageTask:
     image_id: str
@@ -185,8 +211,8 @@ class _ImageTask:
     csv_path: str
     out: str
     size: int | None
-    source: str            # the DICOM's stamp and --size (see data.prepare_manifest)
-    labels: str            # digest of the image's RLE rows
+    source: str  # the DICOM's stamp and --size (see data.prepare_manifest)
+    labels: str  # digest of the image's RLE rows
     previous: dict | None  # the record of the run that prepared it, if any
     force: bool = False
 
@@ -249,8 +275,12 @@ def _recorded_shape(record: dict) -> tuple[int, int] | None:
 
 def _record(task: _ImageTask, shape: tuple[int, ...]) -> dict:
     names = [f"images/{task.image_id}.png", f"masks/{task.image_id}.png"]
-    return {"source": task.source, "labels": task.labels, "shape": [int(shape[0]), int(shape[1])],
-            "outputs": output_stamps(task.out, names)}
+    return {
+        "source": task.source,
+        "labels": task.labels,
+        "shape": [int(shape[0]), int(shape[1])],
+        "outputs": output_stamps(task.out, names),
+    }
 
 
 def rows_digest(rows: tuple[RleRow, ...]) -> str:
@@ -272,8 +302,11 @@ def conflicting_rows(image_id: str, rows: tuple[RleRow, ...], csv_path: str) -> 
     if not (empty and filled):
         return None
     lines = ", ".join(str(line) for line in filled)
-    return (f"{csv_path}:{empty[0]}", f"{image_id} is listed as -1 (no pneumothorax) here and with a mask on "
-                                      f"line {lines}: kept positive, with the mask")
+    return (
+        f"{csv_path}:{empty[0]}",
+        f"{image_id} is listed as -1 (no pneumothorax) here and with a mask on "
+        f"line {lines}: kept positive, with the mask",
+    )
 
 
 class _RowError(Exception):
@@ -327,16 +360,25 @@ def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _strip(message: str, where: str) -> str:
     prefix = f"{where}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 # --------------------------------------------------------------------------------------------
 # The whole dataset
 # --------------------------------------------------------------------------------------------
 
-def prepare_siim(dicom_dir: str | Path, rle_csv: str | Path, out: str | Path, size: int | None = 1024,
-                 val_fraction: float = 0.1, seed: int = 0, workers: int = 1,
-                 progress: bool = True, force: bool = False) -> PrepareReport:
+
+def prepare_siim(
+    dicom_dir: str | Path,
+    rle_csv: str | Path,
+    out: str | Path,
+    size: int | None = 1024,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+    force: bool = False,
+) -> PrepareReport:
     """Prepare SIIM-ACR into ``out``; see the module doc. ``size`` None keeps the DICOM size;
     ``force`` redoes every image whatever the manifest says.
 
@@ -361,9 +403,20 @@ def prepare_siim(dicom_dir: str | Path, rle_csv: str | Path, out: str | Path, si
         if conflict is not None:
             report.add_problem(*conflict)
             report.count("conflicting_labels")
-        tasks.append(_ImageTask(image_id, str(dicoms[image_id]), tuple(rows[image_id]), str(rle_csv), str(out),
-                                size, f"{file_stamp(dicoms[image_id])}|size={size or 0}",
-                                rows_digest(tuple(rows[image_id])), manifest.previous(image_id), force))
+        tasks.append(
+            _ImageTask(
+                image_id,
+                str(dicoms[image_id]),
+                tuple(rows[image_id]),
+                str(rle_csv),
+                str(out),
+                size,
+                f"{file_stamp(dicoms[image_id])}|size={size or 0}",
+                rows_digest(tuple(rows[image_id])),
+                manifest.previous(image_id),
+                force,
+            )
+        )
     labels: dict[str, list[int]] = {}
     failed: set[str] = set()
     for result in parallel_map(_prepare_image, tasks, workers, progress, "siim"):
@@ -388,8 +441,9 @@ def prepare_siim(dicom_dir: str | Path, rle_csv: str | Path, out: str | Path, si
     return report
 
 
-def _finish(writer: DatasetWriter, labels: dict[str, list[int]], val_fraction: float, seed: int,
-            report: PrepareReport) -> None:
+def _finish(
+    writer: DatasetWriter, labels: dict[str, list[int]], val_fraction: float, seed: int, report: PrepareReport
+) -> None:
     report.write()
     train, val = stratified_split(labels, val_fraction, seed)
     writer.write_labels(labels)
@@ -398,8 +452,7 @@ def _finish(writer: DatasetWriter, labels: dict[str, list[int]], val_fraction: f
     writer.write_info()
 
 
-def stratified_split(labels: dict[str, list[int]], val_fraction: float, seed: int
-                     ) -> tuple[list[str], list[str]]:
+def stratified_split(labels: dict[str, list[int]], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """(train, val) ids: each label pattern gives n * val_fraction of its ids (rounded half up)
     to val."""
     rng = np.random.default_rng(seed)

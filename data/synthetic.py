@@ -8,6 +8,7 @@ truth is the whole body of every marked object.
 
 Deterministic: image i depends only on (seed, i), whatever the number of workers.
 """
+
 from __future__ import annotations
 
 import functools
@@ -148,14 +149,22 @@ def generate_scene(spec: SyntheticSpec, index: int) -> dict[str, np.ndarray]:
             image += 0.28 * ndimage.gaussian_filter(shape.astype(np.float64), 0.6)
             marks |= shape
     image += 0.015 * rng.standard_normal((size, size))
-    return {"image": (np.clip(image, 0, 1) * 255).astype(np.uint8), "mask": mask, "label": label,
-            "bodies": bodies, "marks": marks}
+    return {
+        "image": (np.clip(image, 0, 1) * 255).astype(np.uint8),
+        "mask": mask,
+        "label": label,
+        "bodies": bodies,
+        "marks": marks,
+    }
 
 
 def synthetic_info(spec: SyntheticSpec) -> DatasetInfo:
-    return DatasetInfo(name=f"synthetic-{spec.variant}" if spec.variant != "multiclass" else "synthetic",
-                       task="binary" if spec.variant == "binary" else "multiclass",
-                       classes=list(spec.classes), palette=default_palette(len(spec.classes) + 1))
+    return DatasetInfo(
+        name=f"synthetic-{spec.variant}" if spec.variant != "multiclass" else "synthetic",
+        task="binary" if spec.variant == "binary" else "multiclass",
+        classes=list(spec.classes),
+        palette=default_palette(len(spec.classes) + 1),
+    )
 
 
 def _write_one(index: int, spec: SyntheticSpec, out: str) -> tuple[str, np.ndarray]:

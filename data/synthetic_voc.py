@@ -15,9 +15,10 @@ other 10,582, and train (1,464 of them in VOC) the first part of train_aug.
 Each image is a smooth, textured background with 1 to 4 objects; an object's class is a (shape,
 colour) pair (four shapes, five colours: 20 classes), so a classifier can learn the classes and
 a CAM has something to find. Objects drawn later hide those below; an object hidden entirely (or
-but for a sliver inside the 255 band) is neither in the mask nor in the XML. Deterministic: image i depends only on (seed, i), whatever
-the number of workers.
+but for a sliver inside the 255 band) is neither in the mask nor in the XML. Deterministic:
+image i depends only on (seed, i), whatever the number of workers.
 """
+
 from __future__ import annotations
 
 import functools
@@ -132,19 +133,27 @@ def generate_voc_image(spec: VocSpec, index: int) -> tuple[np.ndarray, np.ndarra
     for number, cls in enumerate(classes):
         ys, xs = np.nonzero((objects == number + 1) & ~band)  # a sliver inside the band is not seen
         if len(ys):
-            visible.append({"name": CLASSES[cls], "bbox": (int(xs.min()) + 1, int(ys.min()) + 1,
-                                                            int(xs.max()) + 1, int(ys.max()) + 1)})
+            visible.append(
+                {
+                    "name": CLASSES[cls],
+                    "bbox": (int(xs.min()) + 1, int(ys.min()) + 1, int(xs.max()) + 1, int(ys.max()) + 1),
+                }
+            )
     return np.clip(image, 0, 255).astype(np.uint8), mask, visible
 
 
 def annotation_xml(name: str, size: int, objects: list[dict]) -> str:
-    parts = [f"<annotation><folder>VOC2012</folder><filename>{escape(name)}.jpg</filename>",
-             f"<size><width>{size}</width><height>{size}</height><depth>3</depth></size><segmented>1</segmented>"]
+    parts = [
+        f"<annotation><folder>VOC2012</folder><filename>{escape(name)}.jpg</filename>",
+        f"<size><width>{size}</width><height>{size}</height><depth>3</depth></size><segmented>1</segmented>",
+    ]
     for obj in objects:
         xmin, ymin, xmax, ymax = obj["bbox"]
-        parts.append(f"<object><name>{obj['name']}</name><pose>Unspecified</pose><truncated>0</truncated>"
-                     f"<difficult>0</difficult><bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin>"
-                     f"<xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>")
+        parts.append(
+            f"<object><name>{obj['name']}</name><pose>Unspecified</pose><truncated>0</truncated>"
+            f"<difficult>0</difficult><bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin>"
+            f"<xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>"
+        )
     return "".join(parts) + "</annotation>\n"
 
 

@@ -4,6 +4,7 @@ IRNet's recipe: random resize so that the long side lies in a range, horizontal 
 random crop padded to a fixed square (padding is ignored: 255 in labels, zeros in images,
 and a validity mask says where the image is).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -67,10 +68,12 @@ def uint8_tensor(image: np.ndarray) -> torch.Tensor:
 
 def random_crop_box(rng: np.random.Generator, h: int, w: int, crop: int) -> tuple[int, int, int, int]:
     """(src_y, src_x, dst_y, dst_x): where the crop window starts in the image and in the output."""
+
     def axis(length: int) -> tuple[int, int]:
         if length >= crop:
             return int(rng.integers(0, length - crop + 1)), 0
         return 0, int(rng.integers(0, crop - length + 1))
+
     sy, dy = axis(h)
     sx, dx = axis(w)
     return sy, sx, dy, dx
@@ -79,13 +82,19 @@ def random_crop_box(rng: np.random.Generator, h: int, w: int, crop: int) -> tupl
 def crop_pad(array: np.ndarray, box: tuple[int, int, int, int], crop: int, fill: int) -> np.ndarray:
     sy, sx, dy, dx = box
     out = np.full((crop, crop) + array.shape[2:], fill, dtype=array.dtype)
-    part = array[sy:sy + crop - dy, sx:sx + crop - dx]
-    out[dy:dy + part.shape[0], dx:dx + part.shape[1]] = part
+    part = array[sy : sy + crop - dy, sx : sx + crop - dx]
+    out[dy : dy + part.shape[0], dx : dx + part.shape[1]] = part
     return out
 
 
-def train_augment(rng: np.random.Generator, image: np.ndarray, label: np.ndarray | None,
-                  long_range: tuple[int, int], crop: int, ignore_index: int = 255):
+def train_augment(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    label: np.ndarray | None,
+    long_range: tuple[int, int],
+    crop: int,
+    ignore_index: int = 255,
+):
     """Resize-long in range, flip, pad-crop. Returns (image, label or None, valid mask)."""
     long_side = int(rng.integers(long_range[0], long_range[1] + 1))
     image = resize_long(image, long_side)

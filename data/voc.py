@@ -29,6 +29,7 @@
 ``voc_root`` may be the ``VOC2012`` folder itself, ``VOCdevkit`` or the folder holding it;
 ``sbd_root`` the folder holding ``SegmentationClassAug`` or that folder itself.
 """
+
 from __future__ import annotations
 
 import xml.etree.ElementTree as ElementTree
@@ -40,15 +41,47 @@ import numpy as np
 from data.errors import DataError
 from data.images import open_image
 from data.layout import IGNORE_INDEX, DatasetInfo, DatasetWriter, default_palette, read_index_png
-from data.prepare_manifest import (FORCED, LABELS, NEW, SOURCE, UNCHANGED, UNKNOWN, VERIFIED, PrepareManifest,
-                                   copy_file_if_changed, digest, file_stamp, item_change, output_stamps,
-                                   write_mask_if_changed)
 from data.parallel import parallel_map
+from data.prepare_manifest import (
+    FORCED,
+    LABELS,
+    NEW,
+    SOURCE,
+    UNCHANGED,
+    UNKNOWN,
+    VERIFIED,
+    PrepareManifest,
+    copy_file_if_changed,
+    digest,
+    file_stamp,
+    item_change,
+    output_stamps,
+    write_mask_if_changed,
+)
 from data.prepare_report import PrepareReport
 
-CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-           "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-           "train", "tvmonitor"]
+CLASSES = [
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
 PALETTE = default_palette(len(CLASSES) + 1)  # the VOC colour map for indices 0-20
 SPLITS = ("train", "val")
 
@@ -56,6 +89,7 @@ SPLITS = ("train", "val")
 # --------------------------------------------------------------------------------------------
 # Finding the inputs
 # --------------------------------------------------------------------------------------------
+
 
 def locate_voc(voc_root: str | Path) -> Path:
     """The folder holding JPEGImages: voc_root, voc_root/VOC2012 or voc_root/VOCdevkit/VOC2012."""
@@ -93,8 +127,7 @@ def _id_of_token(token: str) -> str:
 def split_lists(voc: Path, sbd_root: Path | None) -> dict[str, list[str]]:
     """Split name -> listed ids (train, val and, when it can be found, train_aug)."""
     lists_dir = voc / "ImageSets" / "Segmentation"
-    lists = {name: read_id_list(lists_dir / f"{name}.txt") for name in SPLITS
-             if (lists_dir / f"{name}.txt").is_file()}
+    lists = {name: read_id_list(lists_dir / f"{name}.txt") for name in SPLITS if (lists_dir / f"{name}.txt").is_file()}
     train_aug = _train_aug_list(lists_dir, sbd_root, lists)
     if train_aug is not None:
         lists["train_aug"] = train_aug
@@ -122,6 +155,7 @@ def _train_aug_list(lists_dir: Path, sbd_root: Path | None, voc_lists: dict[str,
 # One image (runs in a worker process)
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _ImageTask:
     image_id: str
@@ -129,8 +163,8 @@ class _ImageTask:
     mask: str | None
     xml: str | None
     out: str
-    source: str = ""       # the JPEG's stamp (see data.prepare_manifest)
-    labels: str = ""       # digest of its mask's or XML's stamp
+    source: str = ""  # the JPEG's stamp (see data.prepare_manifest)
+    labels: str = ""  # digest of its mask's or XML's stamp
     previous: dict | None = None
     force: bool = False
 
@@ -148,8 +182,13 @@ class _ImageResult:
 def _prepare_image(task: _ImageTask) -> _ImageResult:
     change = FORCED if task.force else item_change(task.previous, task.source, task.labels, task.out)
     if change == UNCHANGED and _recorded_labels(task.previous) is not None:
-        return _ImageResult(task.image_id, _recorded_labels(task.previous), bool(task.previous.get("has_mask")),
-                            change=change, record=task.previous)
+        return _ImageResult(
+            task.image_id,
+            _recorded_labels(task.previous),
+            bool(task.previous.get("has_mask")),
+            change=change,
+            record=task.previous,
+        )
     labels_only = change == LABELS and _recorded_size(task.previous) is not None
     try:
         size = _recorded_size(task.previous) if labels_only else _jpeg_size(task.jpeg)  # JPEG as recorded: not read
@@ -159,8 +198,9 @@ def _prepare_image(task: _ImageTask) -> _ImageResult:
         where, message = _split_message(str(error))
         return _ImageResult(task.image_id, None, problems=[(where, message)])
     if labels is None:
-        return _ImageResult(task.image_id, None,
-                            problems=[(task.jpeg, "no mask and no Annotations XML: no image label")])
+        return _ImageResult(
+            task.image_id, None, problems=[(task.jpeg, "no mask and no Annotations XML: no image label")]
+        )
     out = Path(task.out)
     image_name, mask_name = f"images/{task.image_id}.jpg", f"masks/{task.image_id}.png"
     existed = (out / image_name).is_file()
@@ -172,9 +212,14 @@ def _prepare_image(task: _ImageTask) -> _ImageResult:
         (out / mask_name).unlink(missing_ok=True)
     if change == UNKNOWN:  # redone in full: what it rewrote says what had changed
         change = NEW if not existed else SOURCE if copied else LABELS if masked else VERIFIED
-    record = {"source": task.source, "labels": task.labels, "size": list(size), "classes": labels,
-              "has_mask": mask is not None,
-              "outputs": output_stamps(out, [image_name] + ([mask_name] if mask is not None else []))}
+    record = {
+        "source": task.source,
+        "labels": task.labels,
+        "size": list(size),
+        "classes": labels,
+        "has_mask": mask is not None,
+        "outputs": output_stamps(out, [image_name] + ([mask_name] if mask is not None else [])),
+    }
     return _ImageResult(task.image_id, labels, has_mask=mask is not None, change=change, record=record)
 
 
@@ -215,8 +260,7 @@ def _read_mask(path: str, size: tuple[int, int]) -> np.ndarray:
     except (OSError, ValueError) as error:
         raise DataError(f"{path}: not a readable PNG ({error})") from None
     if (mask.shape[1], mask.shape[0]) != size:
-        raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                        f"{size[0]}x{size[1]}")
+        raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {size[0]}x{size[1]}")
     bad = (mask > len(CLASSES)) & (mask != IGNORE_INDEX)
     if bad.any():
         raise DataError(f"{path}: class index {int(mask[bad][0])} is not 0-{len(CLASSES)} or 255")
@@ -253,8 +297,15 @@ def _split_message(message: str) -> tuple[str, str]:
 # The whole dataset
 # --------------------------------------------------------------------------------------------
 
-def prepare_voc(voc_root: str | Path, out: str | Path, sbd_root: str | Path | None = None,
-                workers: int = 1, progress: bool = True, force: bool = False) -> PrepareReport:
+
+def prepare_voc(
+    voc_root: str | Path,
+    out: str | Path,
+    sbd_root: str | Path | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    force: bool = False,
+) -> PrepareReport:
     """Prepare VOC 2012 (+ SBD) into ``out``; see the module doc. ``force`` redoes every image
     whatever the manifest says.
 
@@ -270,8 +321,9 @@ def prepare_voc(voc_root: str | Path, out: str | Path, sbd_root: str | Path | No
     manifest = PrepareManifest(out, "voc", report, force)
     writer = DatasetWriter(out, DatasetInfo("voc", "multiclass", list(CLASSES), PALETTE, ".jpg"))
 
-    tasks = [_task(voc, sbd_masks, path.stem, out, manifest, force)
-             for path in sorted((voc / "JPEGImages").glob("*.jpg"))]
+    tasks = [
+        _task(voc, sbd_masks, path.stem, out, manifest, force) for path in sorted((voc / "JPEGImages").glob("*.jpg"))
+    ]
     report.count("images_found", len(tasks))
     labels: dict[str, list[int]] = {}
     with_mask: set[str] = set()
@@ -307,8 +359,9 @@ def prepare_voc(voc_root: str | Path, out: str | Path, sbd_root: str | Path | No
     return report
 
 
-def _task(voc: Path, sbd_masks: Path | None, image_id: str, out: Path, manifest: PrepareManifest,
-          force: bool) -> _ImageTask:
+def _task(
+    voc: Path, sbd_masks: Path | None, image_id: str, out: Path, manifest: PrepareManifest, force: bool
+) -> _ImageTask:
     mask, origin = voc / "SegmentationClass" / f"{image_id}.png", "voc"
     if not mask.is_file() and sbd_masks is not None:
         mask, origin = sbd_masks / f"{image_id}.png", "sbd"
@@ -316,13 +369,27 @@ def _task(voc: Path, sbd_masks: Path | None, image_id: str, out: Path, manifest:
     jpeg = voc / "JPEGImages" / f"{image_id}.jpg"
     # what the labels come from: the mask (whose origin matters: SBD's may be dropped) or the XML
     label_source = [f"mask:{origin}", file_stamp(mask)] if mask.is_file() else ["xml", file_stamp(xml)]
-    return _ImageTask(image_id, str(jpeg), str(mask) if mask.is_file() else None,
-                      str(xml) if xml.is_file() else None, str(out), str(file_stamp(jpeg)),
-                      digest(label_source), manifest.previous(image_id), force)
+    return _ImageTask(
+        image_id,
+        str(jpeg),
+        str(mask) if mask.is_file() else None,
+        str(xml) if xml.is_file() else None,
+        str(out),
+        str(file_stamp(jpeg)),
+        digest(label_source),
+        manifest.previous(image_id),
+        force,
+    )
 
 
-def _write_split(writer: DatasetWriter, report: PrepareReport, name: str, listed: list[str],
-                 labels: dict[str, list[int]], with_mask: set[str]) -> None:
+def _write_split(
+    writer: DatasetWriter,
+    report: PrepareReport,
+    name: str,
+    listed: list[str],
+    labels: dict[str, list[int]],
+    with_mask: set[str],
+) -> None:
     """Keep the listed ids that were prepared; count the rest (and val ids without masks)."""
     kept = [i for i in listed if i in labels]
     report.add_ids(f"{name}_ids_not_prepared", [i for i in listed if i not in labels])

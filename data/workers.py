@@ -16,6 +16,7 @@ thread that started the worker: wss starts its pools and loaders from the main t
 workers that multiprocessing.Pool starts as replacements from its own handler thread end
 when that thread ends, which is when the pool is terminated.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -68,6 +69,7 @@ def _set_parent_death_signal(sig: int) -> bool:
 
 def _watch_parent(parent: int) -> None:
     """Fallback: a daemon thread that ends this process once its parent is gone."""
+
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(PARENT_POLL_SECONDS)

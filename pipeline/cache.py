@@ -8,6 +8,7 @@ fingerprint, the upstream keys and the stage's code version. A stage writes into
 directory; the manifest is written last and the directory renamed into place, so a crash or
 Ctrl-C leaves nothing that a later run would mistake for a result.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -77,8 +78,10 @@ def try_lock(lock_file, mode: int, lock_path: Path) -> bool:
     except BlockingIOError:
         return False
     except OSError as error:
-        raise CacheError(f"cannot lock {lock_path} ({error.strerror}): the file system of run.workdir does not "
-                         f"support flock (Lustre: mount it with -o flock; see docs/distributed.md)") from None
+        raise CacheError(
+            f"cannot lock {lock_path} ({error.strerror}): the file system of run.workdir does not "
+            f"support flock (Lustre: mount it with -o flock; see docs/distributed.md)"
+        ) from None
     return True
 
 
@@ -171,18 +174,24 @@ class ArtifactStore:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise CacheError(f"cannot create the artifact folder {self.root} ({error.strerror}): "
-                             f"set run.workdir to a folder you can write to") from None
+            raise CacheError(
+                f"cannot create the artifact folder {self.root} ({error.strerror}): "
+                f"set run.workdir to a folder you can write to"
+            ) from None
         lock_path = self.lock_path(self.final_dir(key).name)
         try:
             lock = open(lock_path, "a")
         except OSError as error:  # e.g. a read-only workdir
-            raise CacheError(f"cannot write in the artifact folder {self.root} ({error.strerror}): "
-                             f"set run.workdir to a folder you can write to") from None
+            raise CacheError(
+                f"cannot write in the artifact folder {self.root} ({error.strerror}): "
+                f"set run.workdir to a folder you can write to"
+            ) from None
         with lock:
             if not try_lock(lock, fcntl.LOCK_EX, lock_path):
-                raise CacheError(f"another wss process is computing {self.final_dir(key)} or reading it "
-                                 f"as its input (lock {lock_path})")
+                raise CacheError(
+                    f"another wss process is computing {self.final_dir(key)} or reading it "
+                    f"as its input (lock {lock_path})"
+                )
             with held(lock):
                 partial = self.partial_dir(key)
                 if partial.exists() and not resume:
@@ -205,8 +214,10 @@ class ArtifactStore:
                 except OSError:  # a read-only workdir: nobody can remove the artifact through wss either
                     continue
                 if not try_lock(lock, fcntl.LOCK_SH, self.lock_path(artifact.name)):
-                    raise CacheError(f"{artifact} is being recomputed or removed by another wss process; "
-                                     f"run again when it has finished")
+                    raise CacheError(
+                        f"{artifact} is being recomputed or removed by another wss process; "
+                        f"run again when it has finished"
+                    )
                 locks.enter_context(held(lock))
                 if self.read_manifest(artifact) is None:
                     raise CacheError(f"{artifact} was removed or is incomplete; run again to recompute it")
@@ -214,8 +225,7 @@ class ArtifactStore:
 
     def commit(self, key: StageKey, partial: Path, manifest: dict) -> Path:
         """Write the manifest last, then move the directory into place."""
-        manifest = {**manifest, "stage": key.stage, "key": key.digest, "key_parts": key.parts,
-                    "finished": time.time()}
+        manifest = {**manifest, "stage": key.stage, "key": key.digest, "key_parts": key.parts, "finished": time.time()}
         write_json_atomic(partial / MANIFEST, manifest, default=str)
         final = self.final_dir(key)
         if final.exists():

@@ -12,6 +12,7 @@ prepared dataset that shares the folder's name (a development set made with anot
 another path that still exists). Reports, evaluation tables and `compare/` are not artifacts
 and stay.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -25,13 +26,16 @@ from pipeline.cache import explain_difference, try_lock
 from stages.registry import STAGE_ORDER
 
 # <stage>-<key12>, .<stage>-<key12>.partial, .<stage>-<key12>.old<pid>, .<stage>-<key12>.lock
-ENTRY = re.compile(rf"^\.?(?P<stage>{'|'.join(STAGE_ORDER)})-(?P<key>[0-9a-f]{{12}})"
-                   rf"(?P<kind>\.partial|\.old\d+|\.lock)?$")
+ENTRY = re.compile(
+    rf"^\.?(?P<stage>{'|'.join(STAGE_ORDER)})-(?P<key>[0-9a-f]{{12}})"
+    rf"(?P<kind>\.partial|\.old\d+|\.lock)?$"
+)
 
 
 @dataclass
 class Unused:
     """The folders of one key the config does not use (none when only its lock file is left)."""
+
     stage: str
     key: str
     folders: list[Path] = field(default_factory=list)
@@ -42,8 +46,14 @@ class Unused:
 
     @property
     def what(self) -> str:
-        kinds = ["complete" if not f.name.startswith(".") else
-                 "interrupted" if f.name.endswith(".partial") else "commit leftover" for f in self.folders]
+        kinds = [
+            "complete"
+            if not f.name.startswith(".")
+            else "interrupted"
+            if f.name.endswith(".partial")
+            else "commit leftover"
+            for f in self.folders
+        ]
         return ", ".join(kinds) or "lock file"
 
 
@@ -136,9 +146,14 @@ def clean(pipeline, delete: bool) -> tuple[list[dict], int, list[str]]:
             left.append(f"{name} (computed from another prepared dataset, {entry.other_dataset})")
             continue
         newest = max([f.stat().st_mtime for f in entry.folders], default=None)
-        row = {"stage": entry.stage, "key": entry.key, "what": entry.what, "MiB": entry.bytes / 2**20,
-               "modified": time.strftime("%Y-%m-%d %H:%M", time.localtime(newest)) if newest else "",
-               "differs in": entry.why}
+        row = {
+            "stage": entry.stage,
+            "key": entry.key,
+            "what": entry.what,
+            "MiB": entry.bytes / 2**20,
+            "modified": time.strftime("%Y-%m-%d %H:%M", time.localtime(newest)) if newest else "",
+            "differs in": entry.why,
+        }
         if delete and not remove(entry, pipeline.store.lock_path(f"{entry.stage}-{entry.key}")):
             left.append(f"{name} (a running wss process holds its lock)")
             continue

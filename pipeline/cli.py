@@ -1,6 +1,7 @@
 """The `wss` command line: every command is registered here, one per job (`compare` and
 `predict` are written in their own modules). What the commands share (-c/-o, config loading,
 logging, one-line user errors) is pipeline/commandline.py."""
+
 from __future__ import annotations
 
 import logging
@@ -10,6 +11,7 @@ from pathlib import Path
 import click
 
 from data.errors import WssError
+
 # before any module that imports torch or tqdm: it sets the environment they read
 from pipeline.commandline import WssGroup, config_options, load, setup_logging
 from pipeline.compare import compare_command
@@ -39,20 +41,24 @@ def main(ctx):
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and ctx.invoked_subcommand not in TORCHRUN_COMMANDS:
-        raise WssError(f"`wss {ctx.invoked_subcommand}` runs in one process; under torchrun ({world} processes) "
-                       f"only {', '.join(TORCHRUN_COMMANDS)} do")
+        raise WssError(
+            f"`wss {ctx.invoked_subcommand}` runs in one process; under torchrun ({world} processes) "
+            f"only {', '.join(TORCHRUN_COMMANDS)} do"
+        )
 
 
 def start_processes(cfg) -> bool:
     """Join torchrun's process group (a no-op without torchrun); True on the rank that reports.
     The command calls `finish_processes` when its work is done."""
     from stages.common import distributed
+
     distributed.init_from_env(cfg.run.device)
     return distributed.is_main()
 
 
 def finish_processes() -> None:
     from stages.common import distributed
+
     distributed.finish()
 
 
@@ -64,15 +70,35 @@ def prepare():
 
 @prepare.command("synthetic")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--n", default=400, show_default=True, type=click.IntRange(min=2),
-              help="Number of images (a fifth of them form the val split).")
-@click.option("--size", default=128, show_default=True, type=click.IntRange(min=32),
-              help="Image side in pixels (at least 32: room for a body and its mark).")
+@click.option(
+    "--n",
+    default=400,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Number of images (a fifth of them form the val split).",
+)
+@click.option(
+    "--size",
+    default=128,
+    show_default=True,
+    type=click.IntRange(min=32),
+    help="Image side in pixels (at least 32: room for a body and its mark).",
+)
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--variant", type=click.Choice(["multiclass", "binary"]), default="multiclass", show_default=True,
-              help="binary mimics SIIM: one finding class, many negative images.")
-@click.option("--mark-scale", default=1.5, show_default=True, type=click.FloatRange(min=0.1),
-              help="Size of the class marks; smaller is harder for the classifier.")
+@click.option(
+    "--variant",
+    type=click.Choice(["multiclass", "binary"]),
+    default="multiclass",
+    show_default=True,
+    help="binary mimics SIIM: one finding class, many negative images.",
+)
+@click.option(
+    "--mark-scale",
+    default=1.5,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Size of the class marks; smaller is harder for the classifier.",
+)
 @click.option("--force", is_flag=True, help="Rewrite even if an identical dataset is already there.")
 def prepare_synthetic(out: Path, n: int, size: int, seed: int, variant: str, mark_scale: float, force: bool):
     """Generate the synthetic benchmark (deterministic in --seed).
@@ -87,6 +113,7 @@ def prepare_synthetic(out: Path, n: int, size: int, seed: int, variant: str, mar
 
     from data.layout import create_folder, write_text_atomic
     from data.synthetic import SyntheticSpec, write_synthetic
+
     setup_logging()
     spec = SyntheticSpec(n=n, size=size, seed=seed, variant=variant, mark_scale=mark_scale)
     stamp = out / "synthetic.json"
@@ -110,20 +137,32 @@ def finish_prepare(report) -> None:
 
 
 @prepare.command("siim")
-@click.option("--dicom-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder searched recursively for .dcm files.")
-@click.option("--rle-csv", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="train-rle.csv (with or without header, BOM and CRLF accepted).")
+@click.option(
+    "--dicom-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder searched recursively for .dcm files.",
+)
+@click.option(
+    "--rle-csv",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="train-rle.csv (with or without header, BOM and CRLF accepted).",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--size", default=1024, show_default=True, help="Image side after resizing (0 keeps it).")
 @click.option("--val-fraction", default=0.1, show_default=True)
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--workers", default=1, show_default=True, help="Worker processes.")
-@click.option("--force", is_flag=True,
-              help="Redo every image instead of keeping those whose inputs are unchanged (files whose "
-                   "content comes out the same are kept); also accepts another --size.")
-def prepare_siim_command(dicom_dir: Path, rle_csv: Path, out: Path, size: int, val_fraction: float, seed: int,
-                         workers: int, force: bool):
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Redo every image instead of keeping those whose inputs are unchanged (files whose "
+    "content comes out the same are kept); also accepts another --size.",
+)
+def prepare_siim_command(
+    dicom_dir: Path, rle_csv: Path, out: Path, size: int, val_fraction: float, seed: int, workers: int, force: bool
+):
     """SIIM-ACR Pneumothorax: DICOMs + RLE CSV -> prepared layout (resumable: a rerun redoes what
     changed in the inputs and removes what they lost).
 
@@ -133,20 +172,32 @@ def prepare_siim_command(dicom_dir: Path, rle_csv: Path, out: Path, size: int, v
           --out runs/data/siim --size 1024 --workers 8
     """
     from data.siim import prepare_siim
+
     setup_logging()
     finish_prepare(prepare_siim(dicom_dir, rle_csv, out, size or None, val_fraction, seed, workers, force=force))
 
 
 @prepare.command("voc")
-@click.option("--voc-root", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="VOCdevkit/VOC2012 (or a folder that contains it).")
-@click.option("--sbd-root", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder with SegmentationClassAug (adds the 10,582-image train_aug split).")
+@click.option(
+    "--voc-root",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="VOCdevkit/VOC2012 (or a folder that contains it).",
+)
+@click.option(
+    "--sbd-root",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder with SegmentationClassAug (adds the 10,582-image train_aug split).",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--workers", default=1, show_default=True, help="Worker processes.")
-@click.option("--force", is_flag=True,
-              help="Redo every image instead of keeping those whose inputs are unchanged (files whose "
-                   "content comes out the same are kept).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Redo every image instead of keeping those whose inputs are unchanged (files whose "
+    "content comes out the same are kept).",
+)
 def prepare_voc_command(voc_root: Path, sbd_root: Path | None, out: Path, workers: int, force: bool):
     """PASCAL VOC 2012 (+ SBD) -> prepared layout (a rerun redoes what changed in the inputs and
     removes what they lost).
@@ -156,28 +207,52 @@ def prepare_voc_command(voc_root: Path, sbd_root: Path | None, out: Path, worker
       wss prepare voc --voc-root VOCdevkit/VOC2012 --sbd-root SBD --out runs/data/voc --workers 8
     """
     from data.voc import prepare_voc
+
     setup_logging()
     finish_prepare(prepare_voc(voc_root, out, sbd_root, workers, force=force))
 
 
 @prepare.command("nih")
 @click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--data-entry", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Data_Entry_2017.csv (image-level findings).")
-@click.option("--boxes", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="BBox_List_2017.csv (localization boxes, evaluation only).")
+@click.option(
+    "--data-entry",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Data_Entry_2017.csv (image-level findings).",
+)
+@click.option(
+    "--boxes",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="BBox_List_2017.csv (localization boxes, evaluation only).",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--size", default=0, show_default=True,
-              help="Image side after resizing, boxes scaled with it: the size the config trains at "
-                   "(0 keeps the native 1024).")
+@click.option(
+    "--size",
+    default=0,
+    show_default=True,
+    help="Image side after resizing, boxes scaled with it: the size the config trains at (0 keeps the native 1024).",
+)
 @click.option("--val-fraction", default=0.1, show_default=True)
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--workers", default=1, show_default=True, help="Worker processes.")
-@click.option("--force", is_flag=True,
-              help="Redo every image instead of keeping those whose inputs are unchanged (files whose "
-                   "content comes out the same are kept); also accepts another --size.")
-def prepare_nih_command(images_dir: Path, data_entry: Path, boxes: Path, out: Path, size: int,
-                        val_fraction: float, seed: int, workers: int, force: bool):
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Redo every image instead of keeping those whose inputs are unchanged (files whose "
+    "content comes out the same are kept); also accepts another --size.",
+)
+def prepare_nih_command(
+    images_dir: Path,
+    data_entry: Path,
+    boxes: Path,
+    out: Path,
+    size: int,
+    val_fraction: float,
+    seed: int,
+    workers: int,
+    force: bool,
+):
     """NIH ChestX-ray14: images + findings + boxes -> prepared layout (resumable: a rerun redoes
     what changed in the inputs and removes what they lost).
 
@@ -187,43 +262,102 @@ def prepare_nih_command(images_dir: Path, data_entry: Path, boxes: Path, out: Pa
           --boxes nih/BBox_List_2017.csv --out runs/data/nih --size 512 --workers 8
     """
     from data.nih import prepare_nih
+
     setup_logging()
-    finish_prepare(prepare_nih(images_dir, data_entry, boxes, out, val_fraction, seed, workers,
-                               size=size or None, force=force))
+    finish_prepare(
+        prepare_nih(images_dir, data_entry, boxes, out, val_fraction, seed, workers, size=size or None, force=force)
+    )
 
 
 @prepare.command("folder")
-@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder searched recursively for images (any format Pillow reads) and DICOMs; an image's "
-                   "id is its path below it without the suffix.")
-@click.option("--labels", "labels_csv", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="CSV naming each image (id or path) with its classes: long 'image,labels' (names "
-                   "separated by |, ; or spaces) or wide (one 1/0/-1/blank column per class).")
+@click.option(
+    "--images",
+    "images_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder searched recursively for images (any format Pillow reads) and DICOMs; an image's "
+    "id is its path below it without the suffix.",
+)
+@click.option(
+    "--labels",
+    "labels_csv",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CSV naming each image (id or path) with its classes: long 'image,labels' (names "
+    "separated by |, ; or spaces) or wide (one 1/0/-1/blank column per class).",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--masks", "masks_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Ground-truth masks for scoring only: <id>.png class indices (255 ignore), or 0/255 for one class.")
-@click.option("--splits", "splits_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder of <name>.txt image lists; without it a label-stratified train/val split.")
-@click.option("--classes", "classes_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="Class names, one a line, in index order (default: the wide CSV's columns / the sorted names).")
-@click.option("--uncertain", type=click.Choice(["ignore", "positive", "negative"]), default="ignore",
-              show_default=True, help="A -1 label: left out of the classifier's loss (and the image out of IRN and "
-                                      "segmenter training), or taken as present / absent.")
-@click.option("--blank", type=click.Choice(["negative", "uncertain"]), default="negative", show_default=True,
-              help="A blank cell of the wide layout (CheXpert: not mentioned).")
-@click.option("--size", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Longer image side after resizing, aspect kept (0 keeps each image's size).")
+@click.option(
+    "--masks",
+    "masks_dir",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Ground-truth masks for scoring only: <id>.png class indices (255 ignore), or 0/255 for one class.",
+)
+@click.option(
+    "--splits",
+    "splits_dir",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of <name>.txt image lists; without it a label-stratified train/val split.",
+)
+@click.option(
+    "--classes",
+    "classes_file",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Class names, one a line, in index order (default: the wide CSV's columns / the sorted names).",
+)
+@click.option(
+    "--uncertain",
+    type=click.Choice(["ignore", "positive", "negative"]),
+    default="ignore",
+    show_default=True,
+    help="A -1 label: left out of the classifier's loss (and the image out of IRN and "
+    "segmenter training), or taken as present / absent.",
+)
+@click.option(
+    "--blank",
+    type=click.Choice(["negative", "uncertain"]),
+    default="negative",
+    show_default=True,
+    help="A blank cell of the wide layout (CheXpert: not mentioned).",
+)
+@click.option(
+    "--size",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Longer image side after resizing, aspect kept (0 keeps each image's size).",
+)
 @click.option("--val-fraction", default=0.1, show_default=True)
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--name", default=None,
-              help="Dataset name, the folder of its artifacts (default: the --out folder's name).")
+@click.option(
+    "--name", default=None, help="Dataset name, the folder of its artifacts (default: the --out folder's name)."
+)
 @click.option("--workers", default=1, show_default=True, help="Worker processes.")
-@click.option("--force", is_flag=True,
-              help="Redo every image instead of keeping those whose inputs are unchanged (files whose "
-                   "content comes out the same are kept); also accepts another --size.")
-def prepare_folder_command(images_dir: Path, labels_csv: Path, out: Path, masks_dir: Path | None,
-                           splits_dir: Path | None, classes_file: Path | None, uncertain: str, blank: str, size: int,
-                           val_fraction: float, seed: int, name: str | None, workers: int, force: bool):
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Redo every image instead of keeping those whose inputs are unchanged (files whose "
+    "content comes out the same are kept); also accepts another --size.",
+)
+def prepare_folder_command(
+    images_dir: Path,
+    labels_csv: Path,
+    out: Path,
+    masks_dir: Path | None,
+    splits_dir: Path | None,
+    classes_file: Path | None,
+    uncertain: str,
+    blank: str,
+    size: int,
+    val_fraction: float,
+    seed: int,
+    name: str | None,
+    workers: int,
+    force: bool,
+):
     """Your own dataset: a folder of images + a label CSV -> prepared layout (resumable: a rerun
     redoes what changed in the inputs and removes what they lost).
 
@@ -232,28 +366,72 @@ def prepare_folder_command(images_dir: Path, labels_csv: Path, out: Path, masks_
       wss prepare folder --images xrays/ --labels findings.csv --out runs/data/xrays --size 512 --workers 8
     """
     from data.folder import prepare_folder
+
     setup_logging()
-    finish_prepare(prepare_folder(images_dir, labels_csv, out, masks_dir=masks_dir, splits_dir=splits_dir,
-                                  classes_file=classes_file, uncertain=uncertain, blank=blank, size=size or None,
-                                  val_fraction=val_fraction, seed=seed, name=name, workers=workers, force=force))
+    finish_prepare(
+        prepare_folder(
+            images_dir,
+            labels_csv,
+            out,
+            masks_dir=masks_dir,
+            splits_dir=splits_dir,
+            classes_file=classes_file,
+            uncertain=uncertain,
+            blank=blank,
+            size=size or None,
+            val_fraction=val_fraction,
+            seed=seed,
+            name=name,
+            workers=workers,
+            force=force,
+        )
+    )
 
 
 @prepare.command("coco")
-@click.option("--annotations", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="instances_train2014.json (its images form the train split).")
-@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="The train2014 image folder.")
-@click.option("--val-annotations", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="instances_val2014.json (its images form the val split).")
-@click.option("--val-images", "val_images_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="The val2014 image folder.")
+@click.option(
+    "--annotations",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="instances_train2014.json (its images form the train split).",
+)
+@click.option(
+    "--images",
+    "images_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The train2014 image folder.",
+)
+@click.option(
+    "--val-annotations",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="instances_val2014.json (its images form the val split).",
+)
+@click.option(
+    "--val-images",
+    "val_images_dir",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The val2014 image folder.",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--workers", default=1, show_default=True, help="Worker processes.")
-@click.option("--force", is_flag=True,
-              help="Redo every image instead of keeping those whose inputs are unchanged (files whose "
-                   "content comes out the same are kept).")
-def prepare_coco_command(annotations: Path, images_dir: Path, val_annotations: Path | None,
-                         val_images_dir: Path | None, out: Path, workers: int, force: bool):
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Redo every image instead of keeping those whose inputs are unchanged (files whose "
+    "content comes out the same are kept).",
+)
+def prepare_coco_command(
+    annotations: Path,
+    images_dir: Path,
+    val_annotations: Path | None,
+    val_images_dir: Path | None,
+    out: Path,
+    workers: int,
+    force: bool,
+):
     """MS COCO 2014: instances JSON + images -> prepared layout, 80 classes, semantic masks from
     the instances (a rerun redoes what changed in the inputs and removes what they lost).
 
@@ -264,9 +442,9 @@ def prepare_coco_command(annotations: Path, images_dir: Path, val_annotations: P
           --out runs/data/coco --workers 8
     """
     from data.coco import prepare_coco
+
     setup_logging()
-    finish_prepare(prepare_coco(annotations, images_dir, out, val_annotations, val_images_dir, workers,
-                                force=force))
+    finish_prepare(prepare_coco(annotations, images_dir, out, val_annotations, val_images_dir, workers, force=force))
 
 
 # ---------------------------------------------------------------------------------- run stages
@@ -275,7 +453,9 @@ def prepare_coco_command(annotations: Path, images_dir: Path, val_annotations: P
 @config_options
 @click.option("--force", is_flag=True, help="Recompute even if an up-to-date artifact exists.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted training from its last checkpoint.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images of each split (quick tries).")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images of each split (quick tries)."
+)
 def run_stage(stage: str, config_path: tuple[Path, ...], overrides, force: bool, resume: bool, limit: int | None):
     """Run one stage (its inputs must be up to date).
 
@@ -285,6 +465,7 @@ def run_stage(stage: str, config_path: tuple[Path, ...], overrides, force: bool,
     """
     from pipeline.report import print_outcomes
     from pipeline.runner import Pipeline
+
     cfg = load(config_path, overrides)
     reports = start_processes(cfg)
     pipeline = Pipeline(cfg)
@@ -298,9 +479,12 @@ def run_stage(stage: str, config_path: tuple[Path, ...], overrides, force: bool,
 @config_options
 @click.option("--until", default=None, help="Last stage to run.")
 @click.option("--force", "force", multiple=True, help="Recompute this stage and everything after it (repeatable).")
-@click.option("--resume", is_flag=True,
-              help="Continue the stage that was interrupted from its .partial directory (training from its last "
-                   "checkpoint) instead of starting it again.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the stage that was interrupted from its .partial directory (training from its last "
+    "checkpoint) instead of starting it again.",
+)
 def run(config_path: tuple[Path, ...], overrides, until: str | None, force: tuple[str, ...], resume: bool):
     """Run the whole chain, skipping stages whose artifact is up to date.
 
@@ -311,6 +495,7 @@ def run(config_path: tuple[Path, ...], overrides, until: str | None, force: tupl
       wss run -c configs/demo.yaml --resume     # after Ctrl-C in the middle of a stage
     """
     from pipeline.runner import Pipeline
+
     cfg = load(config_path, overrides)
     reports = start_processes(cfg)
     pipeline = Pipeline(cfg)
@@ -325,6 +510,7 @@ def run(config_path: tuple[Path, ...], overrides, until: str | None, force: tupl
 def print_run_report(cfg, pipeline, outcomes) -> None:
     """The stage table, the overlay grid of the last stage and report.md."""
     from pipeline.report import print_outcomes, write_run_report
+
     print_outcomes(outcomes)
     grids = {}
     grid_stage = GRID_FOR_STAGE[outcomes[-1].stage]
@@ -333,8 +519,9 @@ def print_run_report(cfg, pipeline, outcomes) -> None:
     except Exception as error:  # a picture must never cost the user the run's results
         log.warning("could not draw the overlay grid: %s", error)
     try:
-        report = write_run_report(pipeline.store.root, cfg.source, outcomes,
-                                  {"train": cfg.data.train_split, "val": cfg.data.val_split}, grids)
+        report = write_run_report(
+            pipeline.store.root, cfg.source, outcomes, {"train": cfg.data.train_split, "val": cfg.data.val_split}, grids
+        )
     except OSError as error:  # e.g. a read-only workdir whose stages were all cached
         log.warning("could not write the run report in %s (%s)", pipeline.store.root, error.strerror)
         return
@@ -348,13 +535,13 @@ def overlay_grid(cfg, pipeline, stage: str, n: int, out: Path | None = None) -> 
     """The overlay grid of the first `n` train images over every up-to-date artifact."""
     from pipeline.visualize import draw_grid, grid_images
     from stages.common.runtime import resolve_device
+
     artifacts = {name: path for name in pipeline.stages if (path := pipeline.artifact(name)) is not None}
     if "cam" not in artifacts:
         raise WssError("no up-to-date cam artifact for this config: run `wss run` first (see `wss status`)")
     images = grid_images(pipeline.dataset, pipeline.dataset.split(cfg.data.train_split), n)
     out = out or pipeline.store.root / f"overlays-{stage}.png"
-    return draw_grid(pipeline.dataset, artifacts, stage, images, out, resolve_device(cfg.run.device),
-                     cfg.seg.threshold)
+    return draw_grid(pipeline.dataset, artifacts, stage, images, out, resolve_device(cfg.run.device), cfg.seg.threshold)
 
 
 @main.command("pseudo-labels")
@@ -373,6 +560,7 @@ def pseudo_labels(config_path: tuple[Path, ...], overrides, force: bool, resume:
     """
     from pipeline.report import print_outcomes
     from pipeline.runner import Pipeline
+
     cfg = load(config_path, overrides)
     reports = start_processes(cfg)
     pipeline = Pipeline(cfg)
@@ -384,11 +572,20 @@ def pseudo_labels(config_path: tuple[Path, ...], overrides, force: bool, resume:
 
 @main.command("visualize")
 @config_options
-@click.option("--stage", type=click.Choice(["cam", "irn", "seg"]), default="seg", show_default=True,
-              help="How far along the chain the columns go.")
+@click.option(
+    "--stage",
+    type=click.Choice(["cam", "irn", "seg"]),
+    default="seg",
+    show_default=True,
+    help="How far along the chain the columns go.",
+)
 @click.option("--n", default=16, show_default=True, type=click.IntRange(min=1), help="Number of images (rows).")
-@click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="PNG to write (default: <workdir>/<dataset>/overlays-<stage>.png).")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PNG to write (default: <workdir>/<dataset>/overlays-<stage>.png).",
+)
 def visualize(config_path: tuple[Path, ...], overrides, stage: str, n: int, out: Path | None):
     """A grid PNG: image, CAM heatmap, seeds, boundary, pseudo-label, prediction, ground truth.
 
@@ -397,6 +594,7 @@ def visualize(config_path: tuple[Path, ...], overrides, stage: str, n: int, out:
       wss visualize -c configs/demo.yaml --stage irn --n 16
     """
     from pipeline.runner import Pipeline
+
     cfg = load(config_path, overrides)
     path = overlay_grid(cfg, Pipeline(cfg), stage, n, out)
     click.echo(f"wrote {path}")
@@ -412,6 +610,7 @@ def status(config_path: tuple[Path, ...], overrides):
       wss status -c configs/demo.yaml
     """
     from pipeline.runner import Pipeline
+
     cfg = load(config_path, overrides)
     for item in Pipeline(cfg).status():
         where = f"  {item.path}" if item.path else ""
@@ -435,6 +634,7 @@ def clean(config_path: tuple[Path, ...], overrides, delete: bool):
     from pipeline.clean import clean as clean_artifacts
     from pipeline.runner import Pipeline
     from stages.common.tables import format_table
+
     cfg = load(config_path, overrides)
     pipeline = Pipeline(cfg)
     rows, freed, left = clean_artifacts(pipeline, delete)
@@ -462,6 +662,7 @@ def evaluate(config_path: tuple[Path, ...], overrides, which: str):
       wss evaluate -c configs/demo.yaml --stage cam
     """
     from pipeline.report import evaluate_artifacts
+
     cfg = load(config_path, overrides)
     evaluate_artifacts(cfg, which)
 

@@ -1,6 +1,7 @@
 """What every `wss` command shares: the -c/-o options, loading the run config, logging, and the
 one handler that turns user errors into a one-line message (no traceback) and Ctrl-C into
 advice and exit 130. The commands themselves are registered in pipeline/cli.py."""
+
 from __future__ import annotations
 
 import errno
@@ -28,14 +29,20 @@ from data.errors import WssError  # noqa: E402
 UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 # What a user can do after Ctrl-C, by command.
-RESUMABLE = ("unfinished work is left in a .partial directory that is never reused as a result; the same "
-             "command with `--resume` continues it (training from its last checkpoint, files already "
-             "written kept), without it the stage starts again")
-AFTER_INTERRUPT = {"run": RESUMABLE, "run-stage": RESUMABLE, "pseudo-labels": RESUMABLE,
-                   "compare": "rerun the same command: the methods already computed are reused from the cache, "
-                              "the interrupted one starts again",
-                   "prepare": "rerun the same command: the images already prepared are kept, the rest are "
-                              "prepared; the folder is not a dataset until it finishes"}
+RESUMABLE = (
+    "unfinished work is left in a .partial directory that is never reused as a result; the same "
+    "command with `--resume` continues it (training from its last checkpoint, files already "
+    "written kept), without it the stage starts again"
+)
+AFTER_INTERRUPT = {
+    "run": RESUMABLE,
+    "run-stage": RESUMABLE,
+    "pseudo-labels": RESUMABLE,
+    "compare": "rerun the same command: the methods already computed are reused from the cache, "
+    "the interrupted one starts again",
+    "prepare": "rerun the same command: the images already prepared are kept, the rest are "
+    "prepared; the folder is not a dataset until it finishes",
+}
 
 
 def command_name(ctx: click.Context) -> str | None:
@@ -75,6 +82,7 @@ class WssCommand(click.Command):
 class WssGroup(click.Group):
     """A group whose commands (and subgroups) are WssCommands (WssGroups); its own callback's
     user errors end in one line too."""
+
     command_class = WssCommand
     group_class = type  # subgroups of the same class
 
@@ -114,19 +122,29 @@ OVERRIDE_HELP = "Override a config value, e.g. -o cam.epochs=3 (repeatable)."
 def config_options(func=None, *, config_help: str = CONFIG_HELP, override_help: str = OVERRIDE_HELP):
     """The -c/--config (repeatable, required) and -o/--override (repeatable) options, as the
     `config_path` and `overrides` arguments; a command may word their help for itself."""
+
     def decorate(func):
-        func = click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
-                            help=override_help)(func)
-        return click.option("-c", "--config", "config_path", required=True, multiple=True,
-                            type=click.Path(dir_okay=False, path_type=Path), help=config_help)(func)
+        func = click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help=override_help)(
+            func
+        )
+        return click.option(
+            "-c",
+            "--config",
+            "config_path",
+            required=True,
+            multiple=True,
+            type=click.Path(dir_okay=False, path_type=Path),
+            help=config_help,
+        )(func)
+
     return decorate if func is None else decorate(func)
 
 
-def load(config_path: tuple[Path, ...] | list[Path], overrides: tuple[str, ...] | list[str], *,
-         show_logs: bool = True):
+def load(config_path: tuple[Path, ...] | list[Path], overrides: tuple[str, ...] | list[str], *, show_logs: bool = True):
     """The run config of the -c files (in order) and -o overrides; with `show_logs`, the log
     goes to stderr at the level run.verbose asks for."""
     from pipeline.config import load_config
+
     cfg = load_config(list(config_path), overrides)
     if show_logs:
         setup_logging(cfg.run.verbose)

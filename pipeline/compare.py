@@ -5,6 +5,7 @@ the -o overrides, then cam.method=<method>. Stage cam runs through the Pipeline 
 compare reuses every artifact); the extra scores (val-tuned threshold, point localization,
 parameter count) are cached in <out>/cache/ under the artifact's name, which holds its key.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,15 +30,25 @@ from stages.common.tables import format_table, markdown_table
 log = logging.getLogger("wss.compare")
 PRESETS = PACKAGE_ROOT / "configs" / "methods"
 DEFAULT_METHODS = "gap,dropblock,pcam,pylon,multiscale,minmax"
-COLUMNS = ["method", "state", "cls_mean_auc", "cls_mean_ap", "cam_miou", "tuned_threshold", "cam_miou_tuned",
-           "point_acc", "train_images_per_s", "parameters"]
+COLUMNS = [
+    "method",
+    "state",
+    "cls_mean_auc",
+    "cls_mean_ap",
+    "cam_miou",
+    "tuned_threshold",
+    "cam_miou_tuned",
+    "point_acc",
+    "train_images_per_s",
+    "parameters",
+]
 DIGITS = {"tuned_threshold": 2, "train_images_per_s": 1}
 GLOSSARY = {
     "state": "ran now, or reused from the cache",
     "cls_mean_auc / cls_mean_ap": "image classification on the val split (mean over classes)",
     "cam_miou": "CAM mIoU on the train split at the config's fixed cam.eval_bg_threshold",
     "tuned_threshold / cam_miou_tuned": "background threshold with the best CAM mIoU on the val split's "
-                                        "masks, and the train split's mIoU at that threshold",
+    "masks, and the train split's mIoU at that threshold",
     "point_acc": "point localization accuracy against boxes (NIH boxes.csv; '-' without boxes)",
     "train_images_per_s": "training throughput of stage cam",
     "parameters": "trainable and frozen parameters of the cam model",
@@ -53,11 +64,13 @@ def method_config(paths: list[Path], overrides: list[str], method: str):
 
 def parse_methods(text: str) -> list[str]:
     from stages.cam.methods import METHODS
+
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise WssError(f"--methods: unknown method {unknown[0] if unknown else '(none)'!r} "
-                       f"(available: {', '.join(METHODS)})")
+        raise WssError(
+            f"--methods: unknown method {unknown[0] if unknown else '(none)'!r} (available: {', '.join(METHODS)})"
+        )
     return list(dict.fromkeys(methods))
 
 
@@ -66,6 +79,7 @@ def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict
     from stages.cam.classifier import count_parameters, write_cams
     from stages.cam.scoring import tuned_miou
     from stages.common.runtime import resolve_device, worker_count
+
     cfg, dataset = pipeline.cfg, pipeline.dataset
     # the artifact's key leaves out the val split (it only scores stage 1), so the name holds it
     name = f"{artifact.name}-val-{cfg.data.val_split}" + (f"-limit{limit}" if limit is not None else "")
@@ -84,8 +98,11 @@ def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict
     val_ids = [i for i in dataset.split(cfg.data.val_split)[:limit] if dataset.has_mask(i) and i not in scored]
     scores = {"parameters": count_parameters(artifact)}
     if not val_ids:
-        log.warning("compare: no %s image with a mask outside the scored %s split: no tuned threshold",
-                    cfg.data.val_split, cfg.data.train_split)
+        log.warning(
+            "compare: no %s image with a mask outside the scored %s split: no tuned threshold",
+            cfg.data.val_split,
+            cfg.data.train_split,
+        )
     else:
         write_cams(artifact, dataset, val_ids, work / "val_cams", device, workers=workers)
         threshold, miou = tuned_miou(dataset, val_ids, work / "val_cams", train_ids, artifact / "cams")
@@ -110,20 +127,27 @@ def read_cached_scores(cache: Path, made_by: str) -> dict | None:
         cached = json.loads(cache.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(cached, dict) or cached.get("artifact_manifest") != made_by or \
-            not isinstance(cached.get("scores"), dict):
+    if (
+        not isinstance(cached, dict)
+        or cached.get("artifact_manifest") != made_by
+        or not isinstance(cached.get("scores"), dict)
+    ):
         return None
     return nan_for_null(cached["scores"])
 
 
 def compare_method(cfg, method: str, through: str, out: Path, limit: int | None) -> dict:
     from pipeline.runner import Pipeline
+
     pipeline = Pipeline(cfg)
     # one pass over the chain, so each stage is checked (and logged) once
     outcomes = pipeline.run(until="pseudo") if through == "irn" else [pipeline.run_stage("cam", limit=limit)]
     cam = next(o for o in outcomes if o.stage == "cam")
-    row = {"method": method, "state": "ran" if any(o.state == "ran" for o in outcomes) else cam.state,
-           "artifact": str(cam.path)}
+    row = {
+        "method": method,
+        "state": "ran" if any(o.state == "ran" for o in outcomes) else cam.state,
+        "artifact": str(cam.path),
+    }
     for key in ["cls_mean_auc", "cls_mean_ap", "cam_miou", "train_images_per_s"]:
         row[key] = cam.metrics.get(key, float("nan"))
     row["point_acc"] = cam.metrics.get("cam_point_accuracy", float("nan"))  # the stage scores the boxed images
@@ -142,9 +166,13 @@ def overlay_grid(rows: list[dict], dataset, train_ids: list[str], path: Path, n:
 
     from pipeline.visualize import heatmap
     from stages.cam.infer import load_cam, upsample_cam
+
     artifacts = [Path(r["artifact"]) for r in rows]
-    ids = [i for i in train_ids if dataset.label_vector(i).any()
-           and all((a / "cams" / f"{i}.npz").is_file() for a in artifacts)][:n]
+    ids = [
+        i
+        for i in train_ids
+        if dataset.label_vector(i).any() and all((a / "cams" / f"{i}.npz").is_file() for a in artifacts)
+    ][:n]
     if not ids:
         return
     header = 18
@@ -174,25 +202,46 @@ def write_report(rows: list[dict], columns: list[str], out: Path, cfg, argv: lis
         writer.writeheader()
         writer.writerows(rows)
     machine = f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, run.device={cfg.run.device}"
-    parts = [f"# Stage-1 methods on `{cfg.data.root}`", "",
-             f"Command: `{' '.join(shlex.quote(a) for a in argv)}`", "", f"Machine: {machine}", "",
-             markdown_table(rows, columns, DIGITS), ""]
-    parts += [f"- **{name}**: {text}" for name, text in GLOSSARY.items()
-              if any(c in name.split(" / ") for c in columns)]
+    parts = [
+        f"# Stage-1 methods on `{cfg.data.root}`",
+        "",
+        f"Command: `{' '.join(shlex.quote(a) for a in argv)}`",
+        "",
+        f"Machine: {machine}",
+        "",
+        markdown_table(rows, columns, DIGITS),
+        "",
+    ]
+    parts += [
+        f"- **{name}**: {text}" for name, text in GLOSSARY.items() if any(c in name.split(" / ") for c in columns)
+    ]
     if has_grid:
         parts += ["", "![CAMs of the same train images under each method](overlays.png)"]
     (out / "compare.md").write_text("\n".join(parts) + "\n")
 
 
 @click.command("compare", cls=WssCommand)
-@config_options(config_help="YAML run config (repeatable: later files win).",
-                override_help="Override a config value for every method, e.g. -o cam.epochs=3 (repeatable).")
+@config_options(
+    config_help="YAML run config (repeatable: later files win).",
+    override_help="Override a config value for every method, e.g. -o cam.epochs=3 (repeatable).",
+)
 @click.option("--methods", default=DEFAULT_METHODS, show_default=True, help="Comma-separated cam.method values.")
-@click.option("--through", type=click.Choice(["cam", "irn"]), default="cam", show_default=True,
-              help="irn: also run stage 2 up to the pseudo-labels and report their mIoU.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder (default <workdir>/<dataset>/compare).")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images of each split (quick tries).")
+@click.option(
+    "--through",
+    type=click.Choice(["cam", "irn"]),
+    default="cam",
+    show_default=True,
+    help="irn: also run stage 2 up to the pseudo-labels and report their mIoU.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output folder (default <workdir>/<dataset>/compare).",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images of each split (quick tries)."
+)
 def compare_command(config_path, overrides, methods: str, through: str, out: Path | None, limit: int | None):
     """Run stage 1 with each method (cached like any stage) and tabulate them side by side.
 
@@ -208,6 +257,7 @@ def compare_command(config_path, overrides, methods: str, through: str, out: Pat
     first = configs[names[0]]
     setup_logging(first.run.verbose)
     from pipeline.runner import Pipeline
+
     dataset = Pipeline(first).dataset
     out = out or Path(first.run.workdir) / dataset.name / "compare"
     create_folder(out)

@@ -5,6 +5,7 @@ stages.common.settings); this module composes them with `data` and `run`, reads 
 chains, layers, duplicate keys) and overrides, and names the file or override and the key in
 every error.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -33,13 +34,17 @@ class DataConfig(Section):
 
     root: str = Field("runs/data/synthetic", description="A prepared dataset (`wss prepare ...`).")
     train_split: str = Field(
-        "train", description="Stages 1-2 train on it and are scored on its masks, as in IRNet; the segmenter "
-                             "trains on its pseudo-labels.")
+        "train",
+        description="Stages 1-2 train on it and are scored on its masks, as in IRNet; the segmenter "
+        "trains on its pseudo-labels.",
+    )
     val_split: str = Field(
-        "val", description="The classifier's AUC and the segmenter are scored there. Another of the dataset's "
-                           "splits re-scores stage 1's classifier and has the trained segmenter predict it: nothing "
-                           "is retrained. Adding or editing a file in `splits/` changes the dataset's fingerprint, "
-                           "which retrains every stage.")
+        "val",
+        description="The classifier's AUC and the segmenter are scored there. Another of the dataset's "
+        "splits re-scores stage 1's classifier and has the trained segmenter predict it: nothing "
+        "is retrained. Adding or editing a file in `splits/` changes the dataset's fingerprint, "
+        "which retrains every stage.",
+    )
 
 
 def device_name(value: str) -> str:
@@ -53,11 +58,14 @@ class RunConfig(Section):
 
     workdir: str = Field("runs", description="Where artifacts, reports and evaluations go.")
     device: Annotated[str, AfterValidator(device_name)] = Field(
-        "auto", description="`auto` (a CUDA GPU if there is one), `cpu`, `cuda` or `cuda:N`.")
-    seed: int = Field(0, ge=0, description="Another seed trains other models; the runs repeat to the last digit "
-                                           "with one seed.")
-    workers: int = Field(-1, ge=-1, description="Data-loader and per-image worker processes; -1: one per core, at "
-                                                "most 8.")
+        "auto", description="`auto` (a CUDA GPU if there is one), `cpu`, `cuda` or `cuda:N`."
+    )
+    seed: int = Field(
+        0, ge=0, description="Another seed trains other models; the runs repeat to the last digit with one seed."
+    )
+    workers: int = Field(
+        -1, ge=-1, description="Data-loader and per-image worker processes; -1: one per core, at most 8."
+    )
     verbose: bool = Field(False, description="Debug logging.")
 
 
@@ -124,9 +132,11 @@ def check_across_fields(config: Config, where: str) -> None:
     under another, or one override of several, may hold half of a valid pair."""
     irn = config.irn
     if irn.conf_bg_threshold > irn.conf_fg_threshold:  # the pixels between them are the ignored band
-        raise ConfigError(f"{where}: irn.conf_bg_threshold ({irn.conf_bg_threshold}) must not be above "
-                          f"irn.conf_fg_threshold ({irn.conf_fg_threshold}): the CAM scores between them "
-                          f"are the seeds' ignored band")
+        raise ConfigError(
+            f"{where}: irn.conf_bg_threshold ({irn.conf_bg_threshold}) must not be above "
+            f"irn.conf_fg_threshold ({irn.conf_fg_threshold}): the CAM scores between them "
+            f"are the seeds' ignored band"
+        )
 
 
 def read_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -184,8 +194,9 @@ def refuse_duplicate_keys(node: yaml.Node, prefix: str, visited: set[int]) -> No
             line = key_node.start_mark.line + 1
             name = (key_node.tag, key_node.value)
             if name in lines:
-                raise DuplicateKeyError(f"key '{prefix}{key_node.value}' appears twice, at lines {lines[name]} "
-                                        f"and {line}; keep one")
+                raise DuplicateKeyError(
+                    f"key '{prefix}{key_node.value}' appears twice, at lines {lines[name]} and {line}; keep one"
+                )
             lines[name] = line
             refuse_duplicate_keys(value_node, f"{prefix}{key_node.value}.", visited)
     elif isinstance(node, yaml.SequenceNode):

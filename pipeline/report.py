@@ -1,4 +1,5 @@
 """Summary tables on screen and on disk."""
+
 from __future__ import annotations
 
 import csv
@@ -10,7 +11,6 @@ import click
 from data.layout import json_text
 from stages.common.tables import format_table, markdown_table
 
-
 STAGE_COLUMNS = ["stage", "state", "seconds", "metric", "value", "failures", "artifact"]
 
 
@@ -18,10 +18,17 @@ def outcome_rows(outcomes) -> list[dict]:
     rows = []
     for o in outcomes:
         value = o.metrics.get(o.headline, math.nan)
-        rows.append({"stage": o.stage, "state": "cache hit" if o.state == "cached" else "ran",
-                     "seconds": round(o.seconds, 1), "metric": o.headline or "-",
-                     "value": value if isinstance(value, (int, float)) else math.nan,
-                     "failures": len(o.failures), "artifact": str(o.path)})
+        rows.append(
+            {
+                "stage": o.stage,
+                "state": "cache hit" if o.state == "cached" else "ran",
+                "seconds": round(o.seconds, 1),
+                "metric": o.headline or "-",
+                "value": value if isinstance(value, (int, float)) else math.nan,
+                "failures": len(o.failures),
+                "artifact": str(o.path),
+            }
+        )
     return rows
 
 
@@ -36,8 +43,12 @@ def print_outcomes(outcomes) -> None:
 
 # Where each stage's metrics come from: (split, key prefix). Ground truth is read only here.
 # "boxed": the cam localization scores of the images with boxes (NIH puts them in its test split).
-SCORED = {"cam": [("train", "cam_"), ("boxed", "cam_")], "irn": [("train", "seed_")],
-          "pseudo": [("train", "pseudo_")], "seg": [("val", "seg_val_"), ("train", "seg_train_")]}
+SCORED = {
+    "cam": [("train", "cam_"), ("boxed", "cam_")],
+    "irn": [("train", "seed_")],
+    "pseudo": [("train", "pseudo_")],
+    "seg": [("val", "seg_val_"), ("train", "seg_train_")],
+}
 SUMMARY_METRICS = ["miou", "coverage", "kaggle_dice", "dice_pos", "iou_pos", "image_auc", "point_accuracy"]
 BOXED_SPLIT = "test (boxed)"
 
@@ -51,14 +62,14 @@ def metric_rows(stage: str, metrics: dict, splits: dict[str, str]) -> list[dict]
     images' row has point localization and the mean IoBB accuracy at each threshold."""
     rows = []
     for split_role, prefix in SCORED.get(stage, []):
-        values = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+        values = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
         boxed = split_role == "boxed"
         values = {k: v for k, v in values.items() if is_localization(k) == boxed}
         if not any(name in values for name in SUMMARY_METRICS):
             continue
         row = {"stage": stage, "split": BOXED_SPLIT if boxed else splits.get(split_role, split_role)}
         row.update({name: values[name] for name in SUMMARY_METRICS if name in values})
-        row.update({k[:-len("/mean")]: v for k, v in values.items() if k.startswith("iobb@") and k.endswith("/mean")})
+        row.update({k[: -len("/mean")]: v for k, v in values.items() if k.startswith("iobb@") and k.endswith("/mean")})
         row.update({k: v for k, v in values.items() if k.startswith("iou/")})
         rows.append(row)
     return rows
@@ -87,6 +98,7 @@ def evaluate_artifacts(cfg, which: str) -> list[dict]:
     """Re-score each up-to-date artifact against ground truth; one table, CSV + JSON on disk."""
     from pipeline.runner import Pipeline
     from stages.registry import STAGE_ORDER
+
     pipeline = Pipeline(cfg)
     names = STAGE_ORDER if which == "all" else [pipeline.stage(which).name]
     splits = {"train": cfg.data.train_split, "val": cfg.data.val_split}
@@ -105,8 +117,11 @@ def evaluate_artifacts(cfg, which: str) -> list[dict]:
         rows.extend(stage_rows)
     if not found:
         from data.errors import WssError
-        raise WssError(f"nothing to evaluate: no {'stage' if which == 'all' else which} artifact is up to date "
-                       f"for this config (run `wss run {cfg.cli_args()}`; `wss status` says why)")
+
+        raise WssError(
+            f"nothing to evaluate: no {'stage' if which == 'all' else which} artifact is up to date "
+            f"for this config (run `wss run {cfg.cli_args()}`; `wss status` says why)"
+        )
     if not rows:
         return rows
     columns = print_metric_table(rows)
@@ -122,16 +137,25 @@ def evaluate_artifacts(cfg, which: str) -> list[dict]:
     return rows
 
 
-def write_run_report(root: Path, config_source: str, outcomes, splits: dict[str, str],
-                     grids: dict[str, Path]) -> Path:
+def write_run_report(root: Path, config_source: str, outcomes, splits: dict[str, str], grids: dict[str, Path]) -> Path:
     """report.md + report.json in the dataset's workdir: stage table, metric table, grid links."""
     stage_rows = outcome_rows(outcomes)
     metric_table = [row for o in outcomes for row in metric_rows(o.stage, o.metrics, splits)]
     summary, per_class = metric_columns(metric_table)
-    lines = ["# wss run report", "", f"Config: `{config_source}`", "", "## Stages", "",
-             markdown_table(stage_rows, STAGE_COLUMNS, digits={"seconds": 1}),
-             "", "## Metrics (ground truth used for scoring only)", "",
-             markdown_table(metric_table, ["stage", "split", *summary]), ""]
+    lines = [
+        "# wss run report",
+        "",
+        f"Config: `{config_source}`",
+        "",
+        "## Stages",
+        "",
+        markdown_table(stage_rows, STAGE_COLUMNS, digits={"seconds": 1}),
+        "",
+        "## Metrics (ground truth used for scoring only)",
+        "",
+        markdown_table(metric_table, ["stage", "split", *summary]),
+        "",
+    ]
     if per_class:
         lines += [markdown_table(metric_table, ["stage", "split", *per_class]), ""]
     if grids:
@@ -142,8 +166,12 @@ def write_run_report(root: Path, config_source: str, outcomes, splits: dict[str,
         lines += ["", "## Failures", "", *failures]
     root.mkdir(parents=True, exist_ok=True)
     (root / "report.md").write_text("\n".join(lines) + "\n")
-    report = {"config": config_source, "stages": stage_rows, "metrics": metric_table,
-              "grids": {k: str(v) for k, v in grids.items()}}
+    report = {
+        "config": config_source,
+        "stages": stage_rows,
+        "metrics": metric_table,
+        "grids": {k: str(v) for k, v in grids.items()},
+    }
     (root / "report.json").write_text(json_text(report, indent=1))
     return root / "report.md"
 

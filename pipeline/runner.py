@@ -1,4 +1,5 @@
 """The stage graph: resolve order, compute keys, skip what is up to date, run the rest."""
+
 from __future__ import annotations
 
 import json
@@ -97,8 +98,10 @@ def scoring_values(stage: Stage, section: dict, data: dict) -> dict:
 
 def settings_text(values: dict, section: str = "") -> str:
     """`cam.eval_bg_threshold=0.6, data.val_split=val`: a dotted name is already whole."""
-    return ", ".join(f"{section + '.' if section and '.' not in k else ''}{k}={v}"
-                     for k, v in values.items()) or "other settings"
+    return (
+        ", ".join(f"{section + '.' if section and '.' not in k else ''}{k}={v}" for k, v in values.items())
+        or "other settings"
+    )
 
 
 def software_versions() -> dict:
@@ -147,9 +150,12 @@ class Pipeline:
             config["run"] = {"seed": self.cfg.run.seed}  # another seed trains other models
             if limit is not None:
                 config["limit"] = limit
-            parts = {"config": config, "dataset": self.fingerprint,
-                     "upstream": {need: self.key(need).digest for need in stage.needs},
-                     "code": stage.code_version()}
+            parts = {
+                "config": config,
+                "dataset": self.fingerprint,
+                "upstream": {need: self.key(need).digest for need in stage.needs},
+                "code": stage.code_version(),
+            }
             self._keys[(name, limit)] = StageKey(name, parts)
         return self._keys[(name, limit)]
 
@@ -165,15 +171,19 @@ class Pipeline:
         why = f" ({'; '.join(status.reasons)})" if status.reasons else ""
         raise StageInputError(
             f"{name}: no up-to-date artifact for this config; the latest is {status.summary}{why}. "
-            f"Run `wss run-stage {name} {self.cfg.cli_args()}` or `wss run {self.cfg.cli_args()}`.")
+            f"Run `wss run-stage {name} {self.cfg.cli_args()}` or `wss run {self.cfg.cli_args()}`."
+        )
 
     def status_of(self, name: str) -> StageStatus:
         key = self.key(name)
         path = self.store.complete(key)
         if path is not None:
             change = self.scoring_change(self.stage(name), self.store.read_manifest(path) or {})
-            notes = [f"scored with {settings_text(change[1])}; a run re-scores it with {settings_text(change[0])}"] \
-                if change else []
+            notes = (
+                [f"scored with {settings_text(change[1])}; a run re-scores it with {settings_text(change[0])}"]
+                if change
+                else []
+            )
             return StageStatus(name, "up to date", path, notes)
         partial = self.store.partial_dir(key)
         work = self.resumable_work(name, partial)
@@ -208,27 +218,34 @@ class Pipeline:
     def discarding(self, name: str):
         """For ArtifactStore.writing: says so when a run without `--resume` starts a stage again
         over an interrupted run that `--resume` would have continued."""
+
         def note(partial: Path) -> None:
             work = self.resumable_work(name, partial)
             if work:
-                log.warning("%s: starting again: discarding %s, an interrupted run (%s) that `--resume` "
-                            "would continue", name, partial, " ".join(work))
+                log.warning(
+                    "%s: starting again: discarding %s, an interrupted run (%s) that `--resume` would continue",
+                    name,
+                    partial,
+                    " ".join(work),
+                )
+
         return note
 
     def closest_artifact(self, name: str) -> tuple[Path, list[str]] | None:
         """The complete artifact of stage `name` whose key differs least from the current one
         (the newest among equals) and how it differs; `--limit` tries are not candidates."""
         key, section = self.key(name), self.stage(name).section
-        candidates = [(path, explain_difference(manifest.get("key_parts", {}), key.parts, section))
-                      for path, manifest in self.store.completed(name)
-                      if "limit" not in manifest.get("key_parts", {}).get("config", {})]
+        candidates = [
+            (path, explain_difference(manifest.get("key_parts", {}), key.parts, section))
+            for path, manifest in self.store.completed(name)
+            if "limit" not in manifest.get("key_parts", {}).get("config", {})
+        ]
         return min(candidates, key=lambda candidate: len(candidate[1]), default=None)
 
     def status(self) -> list[StageStatus]:
         return [self.status_of(name) for name in STAGE_ORDER]
 
-    def run_stage(self, name: str, force: bool = False, resume: bool = False,
-                  limit: int | None = None) -> Outcome:
+    def run_stage(self, name: str, force: bool = False, resume: bool = False, limit: int | None = None) -> Outcome:
         stage = self.stage(name)
         key = self.key(name, limit)
         done = distributed.broadcast(self.store.complete(key) if distributed.is_main() else None)
@@ -238,15 +255,19 @@ class Pipeline:
             metrics = distributed.broadcast(self.rescored(stage, done, manifest) if distributed.is_main() else None)
             return Outcome(name, "cached", done, manifest.get("seconds", 0.0), metrics, manifest.get("headline", ""))
         inputs = {need: self.require(need) for need in stage.needs}
-        twin = None if force else distributed.broadcast(self.trained_twin(name, limit) if distributed.is_main() else None)
+        twin = (
+            None if force else distributed.broadcast(self.trained_twin(name, limit) if distributed.is_main() else None)
+        )
         if twin is not None:
             inputs["trained"] = twin
         if twin is None:
             self.preflight(name)
         if not distributed.is_main():
             return self.run_beside_rank0(stage, inputs, resume, limit)
-        with self.store.reading(inputs.values()), \
-                self.store.writing(key, resume=resume, before_discard=self.discarding(name)) as partial:
+        with (
+            self.store.reading(inputs.values()),
+            self.store.writing(key, resume=resume, before_discard=self.discarding(name)) as partial,
+        ):
             distributed.broadcast(partial)
             distributed.check_shared_folder(partial)
             handler = logging.FileHandler(partial / "log.txt")
@@ -268,17 +289,28 @@ class Pipeline:
             seconds = before + time.time() - started
             for file_name in (*stage.resume_files, ELAPSED_FILE):  # finished: nothing to resume
                 (partial / file_name).unlink(missing_ok=True)
-            manifest = {"config": self.cfg.to_dict(), "config_file": self.cfg.source,
-                        "scored_with": self.score_values(stage),
-                        "inputs": {k: str(v) for k, v in inputs.items()},
-                        "dataset_root": str(Path(self.cfg.data.root).expanduser().resolve()),  # clean runs elsewhere
-                        "metrics": result.metrics,
-                        "headline": result.headline, "failures": result.failures,
-                        "started": started, "seconds": seconds, "versions": software_versions()}
+            manifest = {
+                "config": self.cfg.to_dict(),
+                "config_file": self.cfg.source,
+                "scored_with": self.score_values(stage),
+                "inputs": {k: str(v) for k, v in inputs.items()},
+                "dataset_root": str(Path(self.cfg.data.root).expanduser().resolve()),  # clean runs elsewhere
+                "metrics": result.metrics,
+                "headline": result.headline,
+                "failures": result.failures,
+                "started": started,
+                "seconds": seconds,
+                "versions": software_versions(),
+            }
             final = self.store.commit(key, partial, manifest)
         distributed.broadcast(final)
-        log.info("%s: done in %.1f s%s -> %s", name, seconds,
-                 f" ({before:.1f} s of them before the interruption)" if before else "", final)
+        log.info(
+            "%s: done in %.1f s%s -> %s",
+            name,
+            seconds,
+            f" ({before:.1f} s of them before the interruption)" if before else "",
+            final,
+        )
         return Outcome(name, "ran", final, seconds, result.metrics, result.headline, result.failures)
 
     def preflight(self, name: str) -> None:
@@ -317,8 +349,9 @@ class Pipeline:
         if not current:
             return None
         config = manifest.get("config", {})  # a manifest without scored_with: the config it ran with
-        scored_with = manifest.get("scored_with") or \
-            scoring_values(stage, config.get(stage.section, {}), config.get("data", {}))
+        scored_with = manifest.get("scored_with") or scoring_values(
+            stage, config.get(stage.section, {}), config.get("data", {})
+        )
         return None if scored_with == current else (current, scored_with)
 
     def rescored(self, stage: Stage, artifact: Path, manifest: dict) -> dict:
@@ -329,15 +362,21 @@ class Pipeline:
         if change is None:
             return metrics
         current, scored_with = change
-        log.info("%s: re-scoring the cached artifact with %s (it was scored with %s)", stage.name,
-                 settings_text(current, stage.section), settings_text(scored_with, stage.section))
+        log.info(
+            "%s: re-scoring the cached artifact with %s (it was scored with %s)",
+            stage.name,
+            settings_text(current, stage.section),
+            settings_text(scored_with, stage.section),
+        )
         limit = manifest.get("key_parts", {}).get("config", {}).get("limit")  # a `--limit` try scores its share
         with self.store.reading([artifact]):  # no `--force` or `wss clean` elsewhere replaces it meanwhile
             if (self.store.read_manifest(artifact) or {}).get("started") != manifest.get("started"):
                 raise CacheError(f"{artifact} was recomputed by another wss process; run again")
             metrics = stage.rescore(self.cfg, self.dataset, artifact, metrics, scored_with, limit=limit)
-            if self.store.update_manifest(artifact, metrics=metrics, scored_with=current) and \
-                    (artifact / "metrics.json").is_file():
+            if (
+                self.store.update_manifest(artifact, metrics=metrics, scored_with=current)
+                and (artifact / "metrics.json").is_file()
+            ):
                 write_json_atomic(artifact / "metrics.json", metrics)
         return metrics
 
@@ -349,8 +388,9 @@ class Pipeline:
         started = time.time()
         result = stage.run(self.cfg, self.dataset, inputs, partial, resume=resume, limit=limit)
         final = distributed.broadcast()
-        return Outcome(stage.name, "ran", final, time.time() - started, result.metrics, result.headline,
-                       result.failures)
+        return Outcome(
+            stage.name, "ran", final, time.time() - started, result.metrics, result.headline, result.failures
+        )
 
     def run(self, until: str | None = None, force: tuple[str, ...] = (), resume: bool = False) -> list[Outcome]:
         """Run the chain up to `until`; a forced stage forces everything after it too. `resume`:

@@ -5,6 +5,7 @@ prediction | ground truth. Label maps are drawn in the dataset palette over the 
 is a heatmap of the labelled classes' maximum. Images are the first `n` of the train split
 that have a labelled class (where the CAMs, seeds and pseudo-labels exist).
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,17 +19,19 @@ from data.transforms import resize_to, scaled_size
 
 log = logging.getLogger("wss.visualize")
 TILE = 192
-COLUMNS_UNTIL = {"cam": ["image", "CAM", "ground truth"],
-                 "irn": ["image", "CAM", "seeds", "boundary", "pseudo-label", "ground truth"],
-                 "seg": ["image", "CAM", "seeds", "boundary", "pseudo-label", "prediction", "ground truth"]}
-STAGE_FOR_COLUMN = {"CAM": "cam", "seeds": "irn", "boundary": "pseudo", "pseudo-label": "pseudo",
-                    "prediction": "seg"}
+COLUMNS_UNTIL = {
+    "cam": ["image", "CAM", "ground truth"],
+    "irn": ["image", "CAM", "seeds", "boundary", "pseudo-label", "ground truth"],
+    "seg": ["image", "CAM", "seeds", "boundary", "pseudo-label", "prediction", "ground truth"],
+}
+STAGE_FOR_COLUMN = {"CAM": "cam", "seeds": "irn", "boundary": "pseudo", "pseudo-label": "pseudo", "prediction": "seg"}
 
 
 def blend(image: np.ndarray, mask: np.ndarray | None, palette: list[list[int]]) -> np.ndarray:
     """The image with the label colours laid over it (as `wss predict` draws them), and
     ignored pixels (255, e.g. between seeds) whitened."""
     from stages.seg.predict import overlay
+
     if mask is None:
         return image
     out = overlay(image, mask, palette).astype(np.float32)
@@ -39,6 +42,7 @@ def blend(image: np.ndarray, mask: np.ndarray | None, palette: list[list[int]]) 
 
 def heatmap(image: np.ndarray, values: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     from matplotlib import colormaps
+
     colours = colormaps["jet"](np.clip(values, 0, 1))[..., :3] * 255
     return ((1 - alpha) * image + alpha * colours).clip(0, 255).astype(np.uint8)
 
@@ -49,7 +53,7 @@ def tile(array: np.ndarray) -> np.ndarray:
     height, width = array.shape[:2]
     size = scaled_size(height, width, TILE / max(height, width))
     out = np.full((TILE, TILE, 3), 255, np.uint8)
-    out[:size[0], :size[1]] = resize_to(array, size, nearest=True)
+    out[: size[0], : size[1]] = resize_to(array, size, nearest=True)
     return out
 
 
@@ -70,8 +74,11 @@ class Columns:
             return None if mask is None else blend(image, mask, palette)  # missing, not an empty mask
         if column == "CAM":
             return self.cam(image_id, image)
-        folder = {"seeds": ("irn", "seeds"), "pseudo-label": ("pseudo", "pseudo_labels"),
-                  "boundary": ("pseudo", "boundaries")}.get(column)
+        folder = {
+            "seeds": ("irn", "seeds"),
+            "pseudo-label": ("pseudo", "pseudo_labels"),
+            "boundary": ("pseudo", "boundaries"),
+        }.get(column)
         if folder is not None:
             path = self.artifacts.get(folder[0], Path("/nonexistent")) / folder[1] / f"{image_id}.png"
             if not path.is_file():
@@ -92,6 +99,7 @@ class Columns:
 
     def cam(self, image_id: str, image: np.ndarray) -> np.ndarray | None:
         from stages.cam.infer import load_cam, upsample_cam
+
         path = self.artifacts.get("cam", Path("/nonexistent")) / "cams" / f"{image_id}.npz"
         if not path.is_file():
             return None
@@ -101,6 +109,7 @@ class Columns:
 
     def prediction(self, image: np.ndarray) -> np.ndarray:
         from stages.seg.model import load_segmenter, predict_probabilities, probabilities_to_mask
+
         if self._segmenter is None:
             self._segmenter = load_segmenter(self.artifacts["seg"], self.device)
         model, meta = self._segmenter
@@ -123,24 +132,33 @@ def grid_images(dataset: PreparedDataset, ids: list[str], n: int) -> list[tuple[
     return chosen
 
 
-def draw_grid(dataset: PreparedDataset, artifacts: dict[str, Path], until: str,
-              images: list[tuple[str, np.ndarray]], out: Path, device, seg_threshold: float = 0.5) -> Path:
+def draw_grid(
+    dataset: PreparedDataset,
+    artifacts: dict[str, Path],
+    until: str,
+    images: list[tuple[str, np.ndarray]],
+    out: Path,
+    device,
+    seg_threshold: float = 0.5,
+) -> Path:
     """Write the grid PNG of (image id, image) rows for the stages up to `until`; return its path."""
     if not images:
         raise DataError("no image to draw: none of the split's images could be read")
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = [c for c in COLUMNS_UNTIL[until] if STAGE_FOR_COLUMN.get(c, "cam") in artifacts or c == "image"
-               or c == "ground truth"]
+    columns = [
+        c
+        for c in COLUMNS_UNTIL[until]
+        if STAGE_FOR_COLUMN.get(c, "cam") in artifacts or c == "image" or c == "ground truth"
+    ]
     left_out = [c for c in COLUMNS_UNTIL[until] if c not in columns]
     if left_out:
-        log.warning("overlay grid: no up-to-date artifact for %s (see `wss status`): left out",
-                    ", ".join(left_out))
+        log.warning("overlay grid: no up-to-date artifact for %s (see `wss status`): left out", ", ".join(left_out))
     reader = Columns(dataset, artifacts, device, seg_threshold)
-    figure, axes = plt.subplots(len(images), len(columns), figsize=(2 * len(columns), 2 * len(images)),
-                                squeeze=False)
+    figure, axes = plt.subplots(len(images), len(columns), figsize=(2 * len(columns), 2 * len(images)), squeeze=False)
     for row, (image_id, image) in enumerate(images):
         names = [dataset.classes[k] for k in np.nonzero(dataset.label_vector(image_id))[0]]
         for col, column in enumerate(columns):

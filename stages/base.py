@@ -1,4 +1,5 @@
 """The stage contract: what the pipeline needs to know about a stage, and nothing more."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -53,8 +54,10 @@ class Stage(ABC):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if (cls.score_settings or cls.score_splits) and cls.rescore is Stage.rescore:
-            raise TypeError(f"{cls.__name__} has settings that only score "
-                            f"({', '.join((*cls.score_settings, *cls.score_splits))}) but no rescore")
+            raise TypeError(
+                f"{cls.__name__} has settings that only score "
+                f"({', '.join((*cls.score_settings, *cls.score_splits))}) but no rescore"
+            )
 
     @abstractmethod
     def key_config(self, cfg: Any, task: str) -> dict:
@@ -63,8 +66,16 @@ class Stage(ABC):
         other's key), and score_settings stay out."""
 
     @abstractmethod
-    def run(self, cfg: Any, dataset: Any, inputs: dict[str, Path], out: Path, *,
-            resume: bool = False, limit: int | None = None) -> StageResult:
+    def run(
+        self,
+        cfg: Any,
+        dataset: Any,
+        inputs: dict[str, Path],
+        out: Path,
+        *,
+        resume: bool = False,
+        limit: int | None = None,
+    ) -> StageResult:
         """Compute the artifact into `out` (the partial folder) from the upstream artifacts in
         `inputs`; `resume` continues what an interrupted run left there, `limit` takes the first
         N images of each split."""
@@ -80,8 +91,9 @@ class Stage(ABC):
         first one starts, so that a typo in the last stage does not surface after hours of the
         first ones. Default: nothing to check."""
 
-    def rescore(self, cfg: Any, dataset: Any, artifact: Path, metrics: dict, scored_with: dict,
-                limit: int | None = None) -> dict:
+    def rescore(
+        self, cfg: Any, dataset: Any, artifact: Path, metrics: dict, scored_with: dict, limit: int | None = None
+    ) -> dict:
         """The cached artifact's `metrics` with the scores recomputed that the changed
         score_settings / score_splits values change (`scored_with` holds the values they were
         scored with, score_splits as `data.<name>`). A stage with either must override it; one

@@ -7,6 +7,7 @@ syntax tree without docstrings, so comments, docstrings and formatting never mak
 stale, and code does. The same walk gives the repository's import graph
 (tests/test_imports.py checks it for cycles and for the direction pipeline -> stages -> data).
 """
+
 from __future__ import annotations
 
 import ast
@@ -60,7 +61,7 @@ def imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
             base = node.module or ""
             if node.level:  # relative: from the package `level - 1` levels above this one's
                 parts = package.split(".")
-                anchor = ".".join(parts[:len(parts) - node.level + 1])
+                anchor = ".".join(parts[: len(parts) - node.level + 1])
                 base = f"{anchor}.{base}" if base else anchor
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
@@ -72,8 +73,12 @@ def without_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 node.body = body[1:]
     return tree
 
@@ -82,8 +87,11 @@ def syntax_text(node) -> str:
     """A syntax tree as text, without positions, empty fields left out (so that Python versions
     that add fields, such as 3.12's `type_params`, write the same code the same way)."""
     if isinstance(node, ast.AST):
-        fields = ", ".join(f"{name}={syntax_text(value)}" for name, value in ast.iter_fields(node)
-                           if not (value is None or (isinstance(value, list) and not value)))
+        fields = ", ".join(
+            f"{name}={syntax_text(value)}"
+            for name, value in ast.iter_fields(node)
+            if not (value is None or (isinstance(value, list) and not value))
+        )
         return f"{type(node).__name__}({fields})"
     if isinstance(node, list):
         return f"[{', '.join(syntax_text(item) for item in node)}]"
@@ -95,8 +103,7 @@ def module_code(name: str, path: Path, modules: dict[str, Path]) -> ModuleCode:
     stamp = (path, stat.st_mtime_ns, stat.st_size)
     if stamp not in _parsed:
         tree = ast.parse(path.read_bytes(), filename=str(path))
-        imports = {resolve(imported, modules)
-                   for imported in imported_names(tree, name, path.name == "__init__.py")}
+        imports = {resolve(imported, modules) for imported in imported_names(tree, name, path.name == "__init__.py")}
         imports = frozenset(m for m in imports if m is not None and m != name and not name.startswith(f"{m}."))
         digest = hashlib.sha256(syntax_text(without_docstrings(tree)).encode()).hexdigest()
         _parsed[stamp] = ModuleCode(imports, digest)

@@ -1,12 +1,13 @@
 """Shared fixtures: tiny synthetic datasets made once per test session, and the CLI runner.
 
-    synthetic_dataset(n=32, size=64, seed=0, variant="multiclass") -> Path
-        a prepared synthetic dataset; identical requests share one directory, so treat it as
-        read-only (copy it with shutil.copytree before changing files in it).
-    tiny_synthetic        the default one above (32 images of 64 px, 3 classes)
-    cli(*args)            invoke `wss ...` in-process; returns click's Result (also invoke_cli)
-    demo_overrides(root, workdir)   `-o` pairs that point configs/demo.yaml at a tiny, fast run
+synthetic_dataset(n=32, size=64, seed=0, variant="multiclass") -> Path
+    a prepared synthetic dataset; identical requests share one directory, so treat it as
+    read-only (copy it with shutil.copytree before changing files in it).
+tiny_synthetic        the default one above (32 images of 64 px, 3 classes)
+cli(*args)            invoke `wss ...` in-process; returns click's Result (also invoke_cli)
+demo_overrides(root, workdir)   `-o` pairs that point configs/demo.yaml at a tiny, fast run
 """
+
 from __future__ import annotations
 
 import os
@@ -19,9 +20,11 @@ from tests.helpers import FAST_CAM, invoke_cli, overrides
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as pipeline/cli.py: no spinning threads
 
+
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory):
     from data.synthetic import SyntheticSpec, write_synthetic
+
     made: dict[SyntheticSpec, Path] = {}
 
     def make(n: int = 32, size: int = 64, seed: int = 0, variant: str = "multiclass") -> Path:
@@ -58,6 +61,7 @@ def one_torch_thread():
     """On a shared, loaded CPU two OpenMP threads wait on each other: one is several times faster.
     Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
     import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

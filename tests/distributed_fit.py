@@ -5,6 +5,7 @@ With the global batch equal to the whole dataset every epoch is one step whose g
 mean over all images, does not depend on how the images are split over processes: the
 weights after N data-parallel processes must equal those of one process.
 """
+
 from __future__ import annotations
 
 import sys
@@ -31,6 +32,7 @@ class NoisySquares(Dataset):
 def train(out: Path) -> None:
     from stages.common import distributed
     from stages.common.training import TrainSettings, fit
+
     distributed.init_from_env("cpu")
     torch.manual_seed(0 if distributed.is_main() else 1)  # fit must start every rank from rank 0's weights
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))
@@ -42,8 +44,16 @@ def train(out: Path) -> None:
 
     work = out.parent / f"{out.stem}-work"
     work.mkdir(parents=True, exist_ok=True)
-    history = fit(model, NoisySquares(), [(list(model.parameters()), 1.0)], step, settings,
-                  torch.device("cpu"), work, desc="ddp-check")
+    history = fit(
+        model,
+        NoisySquares(),
+        [(list(model.parameters()), 1.0)],
+        step,
+        settings,
+        torch.device("cpu"),
+        work,
+        desc="ddp-check",
+    )
     if distributed.is_main():
         torch.save({"model": model.state_dict(), "history": history}, out)
     distributed.finish()  # as the CLI does: no rank leaves while another still uses the group

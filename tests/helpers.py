@@ -3,6 +3,7 @@
 Import it as `from tests.helpers import ...` (conftest.py holds only fixtures, which pytest
 finds by itself).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,6 +36,7 @@ def invoke_cli(*args):
     from click.testing import CliRunner
 
     from pipeline.cli import main
+
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, "_wss", False)]:
         # the CLI's log handler holds the stderr of the invocation that made it: start afresh

@@ -1,4 +1,5 @@
 """Pair geometry, affinities against a slow reference, pair labels and IRNet's loss."""
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,12 @@ def test_neighbour_offsets_cover_the_disc_once():
     for radius in (1, 3, 5, 10):
         half = set(neighbour_offsets(radius))
         assert not half & {(-dy, -dx) for dy, dx in half}
-        disc = {(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)
-                if 0 < dy * dy + dx * dx < radius * radius}
+        disc = {
+            (dy, dx)
+            for dy in range(-radius, radius + 1)
+            for dx in range(-radius, radius + 1)
+            if 0 < dy * dy + dx * dx < radius * radius
+        }
         assert half | {(-dy, -dx) for dy, dx in half} == disc
 
 
@@ -114,12 +119,16 @@ def slow_labels(labels: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray
 
 
 def test_affinity_labels_known_pairs_and_reference():
-    labels = torch.tensor([[
-        [0, 0, 0, 2, 2, 2],
-        [0, 0, 0, 2, 2, 2],
-        [0, 255, 0, 2, 2, 1],
-        [0, 0, 0, 1, 1, 1],
-    ]])
+    labels = torch.tensor(
+        [
+            [
+                [0, 0, 0, 2, 2, 2],
+                [0, 0, 0, 2, 2, 2],
+                [0, 255, 0, 2, 2, 1],
+                [0, 0, 0, 1, 1, 1],
+            ]
+        ]
+    )
     radius = 3
     bg_pos, fg_pos, neg = affinity_labels(labels, radius)
     index = {o: p for p, o in enumerate(neighbour_offsets(radius))}

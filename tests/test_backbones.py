@@ -1,4 +1,5 @@
 """ResNet trunks at output stride 16, and weight loading that never downloads in tests."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,14 @@ import torch
 from torchvision import models
 
 from data.errors import WssError
-from stages.common.backbones import (IMAGENET_WEIGHTS, STAGE_STRIDES, ResNetFeatures, WeightsError,
-                                     stage_channels, upsample_cells)
+from stages.common.backbones import (
+    IMAGENET_WEIGHTS,
+    STAGE_STRIDES,
+    ResNetFeatures,
+    WeightsError,
+    stage_channels,
+    upsample_cells,
+)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])

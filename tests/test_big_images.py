@@ -1,6 +1,7 @@
 """Large images: `wss predict` works in memory that follows the model's input size, refuses an
 image over its pixel bound in its own words (Pillow's decompression-bomb warning never reaches
 the user), and gives the results of the whole-image computation."""
+
 from __future__ import annotations
 
 import json
@@ -26,16 +27,18 @@ from data.errors import DataError
 from data.layout import PreparedDataset, read_index_png, read_rgb
 from data.transforms import resize_long
 from pipeline.predict import predict_command
-from stages.seg.model import (build_segmenter, predict_mask, predict_probabilities, probabilities_to_mask,
-                              save_segmenter)
+from stages.seg.model import build_segmenter, predict_mask, predict_probabilities, probabilities_to_mask, save_segmenter
 from stages.seg.predict import ProbabilityFile, load_input, overlay, predict_inputs, read_input
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
 BINARY = {"task": "binary", "classes": ["finding"], "palette": [[0, 0, 0], [255, 0, 0]]}
-MULTICLASS = {"task": "multiclass", "classes": ["ring", "cross", "square"],
-              "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]]}
+MULTICLASS = {
+    "task": "multiclass",
+    "classes": ["ring", "cross", "square"],
+    "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]],
+}
 
 
 def write_tiny_artifact(folder: Path, kind: dict = BINARY, long_side: int = 64, seed: int = 0) -> Path:
@@ -43,10 +46,17 @@ def write_tiny_artifact(folder: Path, kind: dict = BINARY, long_side: int = 64, 
     classes, which is all these tests need)."""
     torch.manual_seed(seed)
     channels = 1 if kind["task"] == "binary" else len(kind["classes"]) + 1
-    section = SimpleNamespace(arch="Unet", encoder="resnet18", arch_options={"decoder_channels": [16] * 5},
-                              threshold=0.5, predict_size=long_side, resize_long=[long_side, long_side])
-    info = SimpleNamespace(task=kind["task"], classes=kind["classes"], num_classes=len(kind["classes"]),
-                           palette=kind["palette"])
+    section = SimpleNamespace(
+        arch="Unet",
+        encoder="resnet18",
+        arch_options={"decoder_channels": [16] * 5},
+        threshold=0.5,
+        predict_size=long_side,
+        resize_long=[long_side, long_side],
+    )
+    info = SimpleNamespace(
+        task=kind["task"], classes=kind["classes"], num_classes=len(kind["classes"]), palette=kind["palette"]
+    )
     model = build_segmenter("Unet", "resnet18", None, channels, section.arch_options)
     folder.mkdir(parents=True, exist_ok=True)
     save_segmenter(model, folder / "model.pt", section, info)
@@ -67,15 +77,19 @@ def textured_image(height: int, width: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("big-models")
-    return {"binary": write_tiny_artifact(root / "binary", BINARY),
-            "multiclass": write_tiny_artifact(root / "multiclass", MULTICLASS)}
+    return {
+        "binary": write_tiny_artifact(root / "binary", BINARY),
+        "multiclass": write_tiny_artifact(root / "multiclass", MULTICLASS),
+    }
 
 
 # ------------------------------------------------------------------------------ probabilities
 
+
 @pytest.mark.parametrize("task", ["binary", "multiclass"])
 def test_mask_in_bands_of_rows_equals_the_whole_image_computation(models, monkeypatch, task):
     from stages.seg.model import load_segmenter
+
     model, meta = load_segmenter(models[task], CPU)
     image = textured_image(300, 210)
     resized = resize_long(image, 64)
@@ -108,7 +122,7 @@ def test_probability_file_written_in_bands_loads_as_one_array(tmp_path):
     probs = torch.rand(3, 10, 7)
     saved = ProbabilityFile(tmp_path / "p.npy", (3, 10, 7))
     for top in range(0, 10, 4):
-        saved.write_rows(top, probs[:, top:top + 4])
+        saved.write_rows(top, probs[:, top : top + 4])
     assert not (tmp_path / "p.npy").exists()  # not under its name until complete
     saved.commit()
     loaded = np.load(tmp_path / "p.npy")
@@ -117,6 +131,7 @@ def test_probability_file_written_in_bands_loads_as_one_array(tmp_path):
 
 
 # ------------------------------------------------------------------------------ reading
+
 
 def save_png(array: np.ndarray, path: Path) -> Path:
     Image.fromarray(array).save(path)
@@ -137,8 +152,10 @@ def test_an_image_above_the_overlay_size_is_never_a_full_array(models, monkeypat
     assert small.written == large.written == ["wide"]
     mask = read_index_png(tmp_path / "large" / "masks" / "wide.png")
     assert mask.shape == (150, 330) and np.array_equal(mask, read_index_png(tmp_path / "as-is" / "masks" / "wide.png"))
-    assert np.array_equal(np.load(tmp_path / "large" / "probabilities" / "wide.npy"),
-                          np.load(tmp_path / "as-is" / "probabilities" / "wide.npy"))
+    assert np.array_equal(
+        np.load(tmp_path / "large" / "probabilities" / "wide.npy"),
+        np.load(tmp_path / "as-is" / "probabilities" / "wide.npy"),
+    )
     assert (tmp_path / "large" / "submission.csv").read_text() == (tmp_path / "as-is" / "submission.csv").read_text()
     with Image.open(tmp_path / "large" / "overlays" / "wide.png") as shown:
         assert shown.size == (83, 38)
@@ -185,6 +202,7 @@ def test_a_large_turned_jpeg_is_decoded_reduced_and_shown_upright(monkeypatch, t
 
 # ------------------------------------------------------------------------------ the bound
 
+
 def test_pillows_bomb_guard_never_reaches_the_user(models, monkeypatch, tmp_path):
     """Pillow warns (raw) above its MAX_IMAGE_PIXELS and fails above twice that; wss applies
     its own bound instead, so both stay silent (here with Pillow's limit lowered to 1000)."""
@@ -211,8 +229,11 @@ def test_an_image_over_max_pixels_is_refused_in_one_line_before_decoding(models,
 
     monkeypatch.setattr("data.dicom._decode_pixels", no_decoding)
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
-    with pytest.raises(DataError, match=r"big.png: image of 48x64 pixels \(0.0 megapixels\) is larger than the "
-                                        r"3000 pixels accepted \(wss predict --max-pixels moves the bound\)"):
+    with pytest.raises(
+        DataError,
+        match=r"big.png: image of 48x64 pixels \(0.0 megapixels\) is larger than the "
+        r"3000 pixels accepted \(wss predict --max-pixels moves the bound\)",
+    ):
         read_input(png, max_pixels=3000)
     with pytest.raises(DataError, match=r"scan.dcm: image of 48x64 pixels .* larger than the 3000 pixels"):
         read_input(dicom, max_pixels=3000)
@@ -220,9 +241,22 @@ def test_an_image_over_max_pixels_is_refused_in_one_line_before_decoding(models,
 
     config = tmp_path / "run.yaml"
     config.write_text(f"data:\n  root: {tmp_path / 'none'}\nrun:\n  device: cpu\n  workers: 0\n")
-    result = CliRunner().invoke(predict_command, ["-c", str(config), str(png), str(dicom), str(fine), "--out",
-                                                  str(tmp_path / "out"), "--artifact", str(models["binary"]),
-                                                  "--max-pixels", "3000"])
+    result = CliRunner().invoke(
+        predict_command,
+        [
+            "-c",
+            str(config),
+            str(png),
+            str(dicom),
+            str(fine),
+            "--out",
+            str(tmp_path / "out"),
+            "--artifact",
+            str(models["binary"]),
+            "--max-pixels",
+            "3000",
+        ],
+    )
     assert result.exit_code == 1, result.output
     failed = [line for line in result.output.splitlines() if line.startswith("failed: ")]
     assert len(failed) == 2 and all("larger than the 3000 pixels accepted" in line for line in failed)
@@ -236,6 +270,7 @@ def test_prepare_and_prepared_datasets_refuse_an_image_over_the_bound(monkeypatc
     prepares the others; a prepared dataset's reader refuses one in one line."""
     from data.nih import prepare_nih
     from tests.test_nih import write_entries
+
     images = tmp_path / "images"
     images.mkdir()
     Image.fromarray(np.full((20, 30), 90, np.uint8)).save(images / "00000001_000.png")
@@ -243,8 +278,7 @@ def test_prepare_and_prepared_datasets_refuse_an_image_over_the_bound(monkeypatc
     write_entries(tmp_path / "entry.csv.gz", [("00000001_000.png", "Mass", "1"), ("00000002_000.png", "Mass", "2")])
     (tmp_path / "boxes.csv").write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n")
     monkeypatch.setattr(data.images, "MAX_IMAGE_PIXELS", 1000)
-    report = prepare_nih(images, tmp_path / "entry.csv.gz", tmp_path / "boxes.csv", tmp_path / "out",
-                         progress=False)
+    report = prepare_nih(images, tmp_path / "entry.csv.gz", tmp_path / "boxes.csv", tmp_path / "out", progress=False)
     assert report.counts["prepared"] == 1
     [problem] = report.problems
     assert problem.where.endswith("00000002_000.png")
@@ -256,6 +290,7 @@ def test_prepare_and_prepared_datasets_refuse_an_image_over_the_bound(monkeypatc
 
 
 # ------------------------------------------------------------------------------ memory
+
 
 def test_overlay_blends_in_uint8_as_in_float32():
     """The blend table gives the float32 blend of every pixel to the last digit, without a float
@@ -285,13 +320,20 @@ def test_overlay_blends_in_uint8_as_in_float32():
 
 def test_stretching_deep_grayscale_works_a_chunk_at_a_time():
     rng = np.random.default_rng(1)
-    arrays = [rng.integers(0, 65535, (37, 23)).astype(np.uint16), rng.normal(0, 1, (5, 4, 3)).astype(np.float32),
-              rng.integers(-5000, 5000, (1, 9)).astype(np.int32), np.full((4, 4), 7, np.uint16)]
+    arrays = [
+        rng.integers(0, 65535, (37, 23)).astype(np.uint16),
+        rng.normal(0, 1, (5, 4, 3)).astype(np.float32),
+        rng.integers(-5000, 5000, (1, 9)).astype(np.int32),
+        np.full((4, 4), 7, np.uint16),
+    ]
     for values in arrays:
         wide = values.astype(np.float64)
         low, high = wide.min(), wide.max()
-        expected = (np.zeros(values.shape, np.uint8) if high <= low
-                    else np.round((wide - low) * (255.0 / (high - low))).astype(np.uint8))
+        expected = (
+            np.zeros(values.shape, np.uint8)
+            if high <= low
+            else np.round((wide - low) * (255.0 / (high - low))).astype(np.uint8)
+        )
         assert np.array_equal(stretch_to_uint8(values), expected)
     values = rng.integers(0, 4096, (3000, 3000)).astype(np.uint16)
     tracemalloc.start()
@@ -346,8 +388,19 @@ def test_predicting_a_large_image_takes_memory_by_its_pixels_not_many_copies(mod
     save_png(textured_image(64, 64), tmp_path / "small.png")
     script = tmp_path / "measure.py"
     script.write_text(MEMORY_SCRIPT.format(repo=str(REPO)))
-    done = subprocess.run([sys.executable, str(script), str(models["binary"]), str(tmp_path / "small.png"),
-                           str(tmp_path / "large.png"), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(models["binary"]),
+            str(tmp_path / "small.png"),
+            str(tmp_path / "large.png"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["written"] == ["large"]
@@ -361,6 +414,7 @@ def test_the_folder_and_coco_readers_refuse_an_image_over_the_bound(monkeypatch,
     import data.images
     from data.errors import DataError
     from data.image_files import image_file_size, read_image_file
+
     path = tmp_path / "wide.png"
     Image.new("L", (50, 40)).save(path)
     monkeypatch.setattr(data.images, "MAX_IMAGE_PIXELS", 1000)

@@ -3,6 +3,7 @@
 A stage is replaced by a fake here (no training), so these tests exercise only the runner and
 the store: a run that raises or is killed must leave nothing that a later run would reuse.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,6 +31,7 @@ def make_pipeline(root, workdir, *overrides: str) -> Pipeline:
 
 class FakeCam(Stage):
     """Stands in for the cam stage: writes one file, optionally raises half way."""
+
     name, needs, section = "cam", (), "cam"
 
     def __init__(self, fail: BaseException | None = None):
@@ -37,6 +39,7 @@ class FakeCam(Stage):
 
     def key_config(self, cfg, task) -> dict:
         from stages.base import section_dict
+
         return section_dict(cfg.cam)
 
     def code_version(self) -> str:
@@ -60,6 +63,7 @@ def with_stage(pipeline: Pipeline, stage) -> Pipeline:
 
 # ----------------------------------------------------------------------------------- key parts
 
+
 def test_same_config_same_key(tiny_synthetic, tmp_path):
     first = make_pipeline(tiny_synthetic, tmp_path).key("cam")
     second = make_pipeline(tiny_synthetic, tmp_path).key("cam")
@@ -67,15 +71,16 @@ def test_same_config_same_key(tiny_synthetic, tmp_path):
     assert len(first.short) == 12
 
 
-@pytest.mark.parametrize("override", ["run.workers=7", "run.device=cpu", "run.verbose=true",
-                                      "run.workdir=/elsewhere"])
+@pytest.mark.parametrize("override", ["run.workers=7", "run.device=cpu", "run.verbose=true", "run.workdir=/elsewhere"])
 def test_how_to_run_does_not_change_the_key(tiny_synthetic, tmp_path, override):
     base = make_pipeline(tiny_synthetic, tmp_path).key("cam").digest
     assert make_pipeline(tiny_synthetic, tmp_path, override).key("cam").digest == base
 
 
-@pytest.mark.parametrize("override", ["cam.weight_decay=0.003", "cam.epochs=99", "cam.scales=[1.0,0.5]",
-                                      "data.train_split=val", "run.seed=3"])
+@pytest.mark.parametrize(
+    "override",
+    ["cam.weight_decay=0.003", "cam.epochs=99", "cam.scales=[1.0,0.5]", "data.train_split=val", "run.seed=3"],
+)
 def test_what_to_compute_changes_the_key(tiny_synthetic, tmp_path, override):
     base = make_pipeline(tiny_synthetic, tmp_path).key("cam").digest
     assert make_pipeline(tiny_synthetic, tmp_path, override).key("cam").digest != base
@@ -94,6 +99,7 @@ def test_giving_a_setting_its_own_value_keeps_every_key(tiny_synthetic, tmp_path
     """`-o irn.crf.gauss_compat=3` reads as 3.0: a default written 3 would hash differently and
     retrain irn and seg for nothing."""
     from pydantic import BaseModel
+
     pipeline = make_pipeline(tiny_synthetic, tmp_path)
     keys = {stage: pipeline.key(stage).digest for stage in ("cam", "irn", "seg")}
 
@@ -122,8 +128,12 @@ def test_the_val_split_is_in_the_key_of_the_stage_that_predicts_it_only(tiny_syn
     read it: another val split retrains nothing before seg, which predicts it."""
     base = make_pipeline(tiny_synthetic, tmp_path)
     other = make_pipeline(tiny_synthetic, tmp_path, "data.val_split=train")
-    assert [base.key(s).digest == other.key(s).digest for s in ("cam", "irn", "pseudo", "seg")] == \
-        [True, True, True, False]
+    assert [base.key(s).digest == other.key(s).digest for s in ("cam", "irn", "pseudo", "seg")] == [
+        True,
+        True,
+        True,
+        False,
+    ]
     assert make_pipeline(tiny_synthetic, tmp_path, "data.train_split=val").key("cam").digest != base.key("cam").digest
 
 
@@ -165,6 +175,7 @@ def test_artifact_directory_layout(tiny_synthetic, tmp_path):
 
 # ------------------------------------------------------------------------------ atomic commits
 
+
 def test_a_stage_that_raises_leaves_only_a_partial_dir(tiny_synthetic, tmp_path):
     failing = FakeCam(fail=RuntimeError("boom"))
     pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), failing)
@@ -181,8 +192,7 @@ def test_a_stage_that_raises_leaves_only_a_partial_dir(tiny_synthetic, tmp_path)
     outcome = pipeline.run_stage("cam")
     assert outcome.state == "ran" and good.calls == 1
     # a fresh start: nothing of the failed attempt was carried into the result
-    assert sorted(p.name for p in outcome.path.iterdir()) == ["half-1.txt", "log.txt", "manifest.json",
-                                                              "result.txt"]
+    assert sorted(p.name for p in outcome.path.iterdir()) == ["half-1.txt", "log.txt", "manifest.json", "result.txt"]
     assert not pipeline.store.partial_dir(key).exists()
 
 
@@ -209,6 +219,7 @@ def test_complete_artifact_is_reused_and_force_recomputes(tiny_synthetic, tmp_pa
 
 class FakeTrainingCam(FakeCam):
     """Leaves a training checkpoint behind, as the real stages do, and declares it resume state."""
+
     resume_files = ("checkpoint.pt",)
 
     def run(self, cfg, dataset, inputs, out, *, resume=False, limit=None) -> StageResult:
@@ -260,6 +271,7 @@ def test_status_explains_against_the_closest_artifact_not_the_newest(tiny_synthe
 
 
 # ------------------------------------------------------------------------ the store on its own
+
 
 def key(stage: str = "cam", value: int = 1) -> StageKey:
     return StageKey(stage, {"config": {"x": value}, "dataset": "d", "upstream": {}, "code": "c"})
@@ -371,8 +383,7 @@ def test_forked_workers_do_not_keep_a_lock_their_parent_let_go(tmp_path):
         with open(store.lock_path(store.final_dir(key()).name), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the worker held it
         with store.writing(key()):  # and the lock still excludes while held
-            with open(store.lock_path(store.final_dir(key()).name), "a") as lock, \
-                    pytest.raises(BlockingIOError):
+            with open(store.lock_path(store.final_dir(key()).name), "a") as lock, pytest.raises(BlockingIOError):
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         started.set()
@@ -414,6 +425,7 @@ def test_killed_writer_leaves_nothing_reusable(tmp_path):
 
 # ------------------------------------------------- what a failed or interrupted stage leaves
 
+
 class FailsAtOnce(FakeCam):
     """A stage that stops before writing anything (a missing input found at its start, Ctrl-C)."""
 
@@ -444,26 +456,35 @@ def test_a_resumed_partial_dir_with_work_in_it_stays_when_the_resumed_run_fails_
 class CheckpointingCam(FakeCam):
     """Trains `epochs_done` epochs (a real checkpoint, as the training loop saves it), writes
     `files` CAM files, then is interrupted; resumed, it finishes. `seconds` moves a fake clock."""
+
     resume_files = (CHECKPOINT,)
     resume_outputs = ("cams",)
 
-    def __init__(self, clock=None, seconds: float = 0.0, epochs_done: int | None = 2, files: int = 0,
-                 interrupt: bool = True):
+    def __init__(
+        self, clock=None, seconds: float = 0.0, epochs_done: int | None = 2, files: int = 0, interrupt: bool = True
+    ):
         super().__init__()
-        self.clock, self.seconds, self.epochs_done, self.files, self.interrupt = \
-            clock, seconds, epochs_done, files, interrupt
+        self.clock, self.seconds, self.epochs_done, self.files, self.interrupt = (
+            clock,
+            seconds,
+            epochs_done,
+            files,
+            interrupt,
+        )
 
     def run(self, cfg, dataset, inputs, out, *, resume=False, limit=None) -> StageResult:
         import torch
 
         from stages.common.model_files import write_checkpoint
+
         self.calls += 1
         if self.clock is not None:
             self.clock.now += self.seconds
         if self.epochs_done is not None:
             model = torch.nn.Linear(1, 1)
-            write_checkpoint(out / CHECKPOINT, model, torch.optim.SGD(model.parameters(), lr=0.1),
-                             self.epochs_done - 1, [])
+            write_checkpoint(
+                out / CHECKPOINT, model, torch.optim.SGD(model.parameters(), lr=0.1), self.epochs_done - 1, []
+            )
         (out / "cams").mkdir(exist_ok=True)
         for i in range(self.files):
             (out / "cams" / f"img{i}.npz").write_text("a CAM")
@@ -485,18 +506,23 @@ def test_status_of_an_interrupted_stage_says_what_resume_continues(tiny_syntheti
     files_only = with_stage(make_pipeline(tiny_synthetic, tmp_path / "b"), CheckpointingCam(epochs_done=None, files=3))
     with pytest.raises(KeyboardInterrupt):
         files_only.run_stage("cam")
-    assert files_only.status_of("cam").summary == \
-        "interrupted with 3 files in cams/ (resume with --resume, which keeps them)"
+    assert (
+        files_only.status_of("cam").summary
+        == "interrupted with 3 files in cams/ (resume with --resume, which keeps them)"
+    )
 
     both = with_stage(make_pipeline(tiny_synthetic, tmp_path / "c"), CheckpointingCam(epochs_done=epochs, files=5))
     with pytest.raises(KeyboardInterrupt):
         both.run_stage("cam")
-    assert both.status_of("cam").summary == \
+    expected = (
         f"interrupted after epoch {epochs} of {epochs} with 5 files in cams/ (resume with --resume, which keeps them)"
+    )
+    assert both.status_of("cam").summary == expected
 
 
 def test_a_rerun_without_resume_says_it_discards_the_interrupted_run(tiny_synthetic, tmp_path, caplog):
     import logging
+
     pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), CheckpointingCam(epochs_done=2))
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_stage("cam")
@@ -506,8 +532,10 @@ def test_a_rerun_without_resume_says_it_discards_the_interrupted_run(tiny_synthe
         with pytest.raises(KeyboardInterrupt):
             pipeline.run_stage("cam")
     warnings = [r.getMessage() for r in caplog.records if "discarding" in r.getMessage()]
-    assert warnings == [f"cam: starting again: discarding {partial}, an interrupted run (after epoch 2 of "
-                        f"{pipeline.cfg.cam.epochs}) that `--resume` would continue"]
+    assert warnings == [
+        f"cam: starting again: discarding {partial}, an interrupted run (after epoch 2 of "
+        f"{pipeline.cfg.cam.epochs}) that `--resume` would continue"
+    ]
     caplog.clear()
     with caplog.at_level(logging.INFO):
         resumed = with_stage(make_pipeline(tiny_synthetic, tmp_path), CheckpointingCam(interrupt=False))
@@ -525,14 +553,16 @@ class FakeClock:
 
 def test_a_resumed_stage_records_the_time_of_every_run(tiny_synthetic, tmp_path, monkeypatch):
     import time
+
     clock = FakeClock(1_000_000.0)
     monkeypatch.setattr(time, "time", clock)
     pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), CheckpointingCam(clock, seconds=30.0))
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_stage("cam")
     clock.now += 500  # between the runs: not counted
-    pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path),
-                          CheckpointingCam(clock, seconds=12.0, interrupt=False))
+    pipeline = with_stage(
+        make_pipeline(tiny_synthetic, tmp_path), CheckpointingCam(clock, seconds=12.0, interrupt=False)
+    )
     outcome = pipeline.run_stage("cam", resume=True)
     manifest = json.loads((outcome.path / "manifest.json").read_text())
     assert outcome.seconds == manifest["seconds"] == pytest.approx(42.0)
@@ -548,6 +578,7 @@ def test_time_up_to_the_last_checkpoint_counts_after_a_kill(tmp_path, monkeypatc
     import time
 
     from stages.common.elapsed import mark_elapsed, seconds_spent, start_clock
+
     clock = FakeClock(5000.0)
     monkeypatch.setattr(time, "time", clock)
     assert start_clock(tmp_path, clock()) == 0.0
@@ -563,6 +594,7 @@ def test_time_up_to_the_last_checkpoint_counts_after_a_kill(tmp_path, monkeypatc
 
 
 # ----------------------------------------------------------------------------- preflight checks
+
 
 class CheckedCam(FakeCam):
     def __init__(self, problem: str | None = None):
@@ -592,10 +624,13 @@ def test_run_stage_checks_its_stage_before_it_computes_and_run_checks_each_stage
 
 # ----------------------------------------------------------------------------- strict JSON
 
+
 def strict_json(text: str):
     """json.loads that refuses NaN / Infinity, as JSON.parse and jq do."""
+
     def refuse(constant):
         raise ValueError(f"not JSON: {constant}")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -605,8 +640,9 @@ def test_nan_metrics_are_null_in_the_manifest_and_nan_again_when_cached(tiny_syn
     class NanCam(FakeCam):
         def run(self, cfg, dataset, inputs, out, *, resume=False, limit=None) -> StageResult:
             self.calls += 1
-            return StageResult(metrics={"cam_miou": 0.5, "cam_iou/boat": math.nan, "cam_x": math.inf},
-                               headline="cam_miou")
+            return StageResult(
+                metrics={"cam_miou": 0.5, "cam_iou/boat": math.nan, "cam_x": math.inf}, headline="cam_miou"
+            )
 
     pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path), NanCam())
     ran = pipeline.run_stage("cam")
@@ -620,6 +656,7 @@ def test_json_text_writes_null_for_nan_and_infinity_at_any_depth(tmp_path):
     import math
 
     from data.layout import json_text, write_json_atomic
+
     value = {"a": math.nan, "b": [1.0, -math.inf, {"c": math.inf}], "d": (2, "x"), "e": None}
     assert strict_json(json_text(value)) == {"a": None, "b": [1.0, None, {"c": None}], "d": [2, "x"], "e": None}
     write_json_atomic(tmp_path / "m.json", value)
@@ -627,10 +664,12 @@ def test_json_text_writes_null_for_nan_and_infinity_at_any_depth(tmp_path):
 
 
 @pytest.mark.parametrize("code", ["ENOSYS", "ENOLCK"])  # Lustre without -o flock; NFSv3 without its lock daemon
-def test_a_file_system_that_refuses_locks_is_a_one_line_error(tiny_synthetic, tmp_path, monkeypatch, cli,
-                                                              demo_overrides, code):
+def test_a_file_system_that_refuses_locks_is_a_one_line_error(
+    tiny_synthetic, tmp_path, monkeypatch, cli, demo_overrides, code
+):
     import errno
     import fcntl
+
     number = getattr(errno, code)
 
     def refuse(file, operation):
@@ -641,8 +680,11 @@ def test_a_file_system_that_refuses_locks_is_a_one_line_error(tiny_synthetic, tm
         final = store.commit(key(), partial, {})
     monkeypatch.setattr(fcntl, "flock", refuse)
     for block in (lambda: store.writing(key(value=2)), lambda: store.reading([final])):
-        with pytest.raises(CacheError, match=rf"cannot lock \S+\.lock \({os.strerror(number)}\): the file "
-                                             rf"system of run.workdir does not support flock"):
+        with pytest.raises(
+            CacheError,
+            match=rf"cannot lock \S+\.lock \({os.strerror(number)}\): the file "
+            rf"system of run.workdir does not support flock",
+        ):
             with block():
                 pass
     result = cli("run-stage", "cam", "-c", DEMO_CONFIG, *demo_overrides(tiny_synthetic, tmp_path / "cli"))

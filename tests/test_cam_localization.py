@@ -1,4 +1,5 @@
 """`wss evaluate --stage cam` on NIH: point localization of CAMs against the prepared boxes."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,13 @@ def nih(tmp_path_factory) -> PreparedDataset:
     if not (SAMPLES / "images").is_dir():
         pytest.skip(f"NIH samples not found: {SAMPLES}")
     out = tmp_path_factory.mktemp("nih")
-    prepare_nih(SAMPLES / "images", SAMPLES / "Data_Entry_2017_v2020.csv.gz", SAMPLES / "BBox_List_2017.csv",
-                out, progress=False)
+    prepare_nih(
+        SAMPLES / "images",
+        SAMPLES / "Data_Entry_2017_v2020.csv.gz",
+        SAMPLES / "BBox_List_2017.csv",
+        out,
+        progress=False,
+    )
     return PreparedDataset(out)
 
 
@@ -70,6 +76,7 @@ def fake_nih(folder: Path) -> PreparedDataset:
     import csv
 
     from PIL import Image
+
     images = folder / "images"
     images.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -96,21 +103,25 @@ def test_the_cam_stage_scores_localization_on_the_held_out_boxed_images(cli, tmp
     """The boxed images are all in NIH's test split, never in train: the stage writes their CAMs
     to boxed_cams/ and `wss evaluate --stage cam` scores point localization on them."""
     from tests.helpers import DEMO_CONFIG, FAST_CAM, overrides
+
     dataset = fake_nih(tmp_path / "nih")
     boxed = {box.image_id for box in read_boxes(dataset.root / BOXES_NAME)}
     assert boxed and boxed <= set(dataset.split("test")) and not boxed & set(dataset.split("train"))
-    args = ["-c", DEMO_CONFIG, *overrides({**FAST_CAM, "cam.epochs": "1", "data.root": dataset.root,
-                                           "run.workdir": tmp_path / "runs"})]
+    args = [
+        "-c",
+        DEMO_CONFIG,
+        *overrides({**FAST_CAM, "cam.epochs": "1", "data.root": dataset.root, "run.workdir": tmp_path / "runs"}),
+    ]
     result = cli("run-stage", "cam", *args)
     assert result.exit_code == 0, result.output
-    artifact, = (tmp_path / "runs" / "nih").glob("cam-*")
+    (artifact,) = (tmp_path / "runs" / "nih").glob("cam-*")
     assert {p.stem for p in (artifact / "boxed_cams").glob("*.npz")} == boxed
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert 0.0 <= manifest["metrics"]["cam_point_accuracy"] <= 1.0
     assert manifest["headline"] == "cam_point_accuracy"  # no masks: localization is the stage's score
     result = cli("evaluate", *args, "--stage", "cam")
     assert result.exit_code == 0 and "point" in result.output, result.output
-    row, = json.loads((tmp_path / "runs" / "nih" / "evaluation.json").read_text())
+    (row,) = json.loads((tmp_path / "runs" / "nih" / "evaluation.json").read_text())
     assert row["split"] == "test (boxed)" and row["point_accuracy"] == manifest["metrics"]["cam_point_accuracy"]
     assert row["iobb@0.5"] == manifest["metrics"]["cam_iobb@0.5/mean"]
     rescored = cli("run-stage", "cam", *args, "-o", "cam.eval_bg_threshold=0.5")  # re-scored, not retrained

@@ -4,6 +4,7 @@ Per method: output shapes, gradients to every parameter, the unit check of its d
 piece, and training through the real cam stage beating both trivial baselines (gap and
 dropblock too: that is the cam stage's own end-to-end proof).
 """
+
 from __future__ import annotations
 
 import csv
@@ -73,8 +74,9 @@ def test_gradients_reach_every_trainable_parameter(method):
     loss, logs = net.loss(net(x), labels)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
-    dead = [name for name, p in net.named_parameters()
-            if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    dead = [
+        name for name, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert dead == []
     groups = net.param_groups(10.0)
     assert sum(len(params) for params, _ in groups) == len(list(net.parameters()))
@@ -100,6 +102,7 @@ def test_every_method_is_registered():
 # ------------------------------------------------------------------------------ PCAM
 def test_pcam_pooled_feature_is_the_explicit_weighted_sum(nets):
     from stages.cam.pcam import pcam_pool
+
     net = nets["pcam"].eval()
     with torch.no_grad():
         x = torch.randn(2, 3, 64, 80)
@@ -142,6 +145,7 @@ def test_pylon_attention_puts_a_pooled_cell_back_between_the_cells_it_pooled(siz
     """The pyramid's 2x2 max-pool is not centred as the trunk's strides are: cell m covers
     2m and 2m + 1, so on the way back it lands at 2m + 0.5."""
     from stages.cam.pylon import unpool
+
     pooled = torch.nn.MaxPool2d(2, ceil_mode=True)(torch.zeros(1, 1, *size))
     pooled[0, 0, 2, 1] = 1.0
     up = unpool(pooled, torch.zeros(1, 1, *size))[0, 0]
@@ -186,11 +190,10 @@ def test_multiscale_keeps_deep_cells_over_their_pixels(size, stages):
     for k, stage in enumerate(stages[1:], start=1):
         stride = STAGE_STRIDES[stage]
         cell = inner_cell(height, width, stride)
-        net.backbone.forward_stages = lambda x, last=4: impulse_stages(height, width, stage, cell)[:last + 1]
+        net.backbone.forward_stages = lambda x, last=4: impulse_stages(height, width, stage, cell)[: last + 1]
         with torch.no_grad():
             features = net.features(torch.zeros(1, 3, height, width))
-        assert features.shape == (1, len(stages), math.ceil(height / net.cam_stride),
-                                  math.ceil(width / net.cam_stride))
+        assert features.shape == (1, len(stages), math.ceil(height / net.cam_stride), math.ceil(width / net.cam_stride))
         y, x = centre_px(features[0, k], net.cam_stride)
         assert abs(y - cell_centre(cell[0], stride)) < 0.01 and abs(x - cell_centre(cell[1], stride)) < 0.01
 
@@ -211,6 +214,7 @@ def test_multiscale_rejects_bad_stages():
     """The config refuses a stage out of 0..4 (test_config); the net, built from code, refuses it too."""
     from data.errors import WssError
     from stages.cam.multiscale import MultiscaleNet
+
     for stages in ([2, 7], [2, 2]):
         with pytest.raises(WssError, match="multiscale_stages"):
             MultiscaleNet(NUM_CLASSES, "resnet18", None, stages=stages)
@@ -219,6 +223,7 @@ def test_multiscale_rejects_bad_stages():
 # ------------------------------------------------------------------------------ minmax
 def test_minmax_entropy_term_is_maximal_for_uniform_predictions():
     from stages.cam.minmax import binary_entropy, max_entropy_loss
+
     p = torch.tensor([0.01, 0.2, 0.5, 0.7, 0.999])
     logits = torch.log(p / (1 - p))
     explicit = -(p * torch.log(p) + (1 - p) * torch.log(1 - p))
@@ -232,6 +237,7 @@ def test_minmax_entropy_term_is_maximal_for_uniform_predictions():
 
 def test_minmax_masks_are_complementary_and_erasing_only_adds():
     from stages.cam.minmax import split_image
+
     net = tiny_net("minmax").eval()
     with torch.no_grad():
         x = torch.randn(2, 3, 64, 64)
@@ -253,6 +259,7 @@ def test_minmax_mask_cells_stay_over_their_pixels():
     """The stride-16 mask is upsampled onto the image cell by cell, also for sides that are not
     multiples of 16."""
     from stages.cam.minmax import split_image
+
     height, width = 75, 101
     mask = torch.zeros(1, 1, math.ceil(height / 16), math.ceil(width / 16))
     cell = inner_cell(height, width, 16)
@@ -265,6 +272,7 @@ def test_minmax_mask_cells_stay_over_their_pixels():
 
 def test_minmax_maps_are_rescaled_per_image_and_weighted_by_class_probability():
     from stages.cam.minmax import rescale
+
     maps = torch.tensor([[[[2.0, 4.0], [6.0, 10.0]], [[-1.0, -1.0], [-1.0, -1.0]]]])
     scaled = rescale(maps)
     assert torch.allclose(scaled[0, 0], torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
@@ -286,6 +294,7 @@ def test_minmax_mask_does_not_train_the_localizer_head():
     out = net(torch.randn(2, 3, 64, 64))
     from stages.cam.minmax import max_entropy_loss
     from stages.cam.nets import classification_loss
+
     masked = classification_loss(out["fg_logits"], labels, net.loss_kind) + max_entropy_loss(out["bg_logits"])
     masked.backward()
     assert net.localizer.weight.grad is None or not net.localizer.weight.grad.any()
@@ -298,14 +307,16 @@ def test_minmax_loss_is_the_sum_of_its_terms():
     labels = torch.tensor([[1, 0, 0], [0, 1, 1]], dtype=torch.float32)
     out = net(torch.randn(2, 3, 64, 64))
     loss, logs = net.loss(out, labels)
-    assert math.isclose(float(loss.detach()), float(logs["loc_loss"] + logs["fg_loss"] + 0.5 * logs["bg_entropy_gap"]),
-                        rel_tol=1e-5)
+    assert math.isclose(
+        float(loss.detach()), float(logs["loc_loss"] + logs["fg_loss"] + 0.5 * logs["bg_entropy_gap"]), rel_tol=1e-5
+    )
 
 
 # ------------------------------------------------------------------------------ compare's scores
 def _write_cam_files(cam_dir: Path, dataset, ids, inside: float, outside: float) -> None:
     """Stride-4 CAMs that are `inside` on each labelled class's ground truth and `outside` elsewhere."""
     from stages.cam.infer import save_cam
+
     cam_dir.mkdir(parents=True, exist_ok=True)
     for image_id in ids:
         gt = dataset.read_mask(image_id)
@@ -318,6 +329,7 @@ def _write_cam_files(cam_dir: Path, dataset, ids, inside: float, outside: float)
 def test_tuned_threshold_is_chosen_on_one_split_and_applied_to_the_other(synthetic_dataset, tmp_path):
     from data.layout import PreparedDataset
     from stages.cam.scoring import threshold_sweep, tuned_miou
+
     dataset = PreparedDataset(synthetic_dataset(n=16, size=64))
     val, train = dataset.split("val"), dataset.split("train")
     _write_cam_files(tmp_path / "val", dataset, val, inside=0.8, outside=0.1)
@@ -340,7 +352,7 @@ def test_point_localization_hits_where_the_peak_is_inside_the_box(tmp_path):
         classes = ["Mass", "Nodule"]
 
     cam = np.zeros((2, 16, 16), np.float32)
-    cam[0, 2, 3] = 1.0   # Mass peak: cell (2, 3) -> pixels x 12..16, y 8..12
+    cam[0, 2, 3] = 1.0  # Mass peak: cell (2, 3) -> pixels x 12..16, y 8..12
     cam[1, 10, 10] = 1.0  # Nodule peak at x 40..44, y 40..44
     save_cam(tmp_path / "a.npz", cam, [0, 1], (64, 64))
     boxes = {"a": [Box("a", "Mass", 10, 6, 8, 8), Box("a", "Nodule", 0, 0, 20, 20)]}
@@ -359,6 +371,7 @@ TRAIN_KW = {k.replace(".", "__"): v for k, v in TRAIN.items()}  # as demo_overri
 def preset_overrides(method: str) -> dict:
     """The preset's cam keys as -o values, so run-stage resolves the same config as compare."""
     import yaml
+
     preset = REPO / "configs" / "methods" / f"{method}.yaml"
     cam = yaml.safe_load(preset.read_text())["cam"] if preset.is_file() else {}
     return {f"cam__{k}": json.dumps(v) for k, v in cam.items()}
@@ -369,6 +382,7 @@ def learnable(tmp_path_factory):
     """A tiny set a from-scratch classifier learns in a few CPU epochs: the binary variant (is
     there a marked body?) with big marks. 48 images of 96 px, 38 for training, 17 positive."""
     from data.synthetic import SyntheticSpec, write_synthetic
+
     spec = SyntheticSpec(n=48, size=96, seed=0, variant="binary", mark_scale=3.0)
     return write_synthetic(tmp_path_factory.mktemp("methods-syn"), spec)
 
@@ -381,12 +395,19 @@ def workdir(tmp_path_factory):
 
 def trained_metrics(cli, demo_overrides, learnable, workdir, method) -> dict:
     """Train `method` through `wss run-stage cam` (cached across the tests of this module)."""
-    result = cli("run-stage", "cam", "-c", DEMO,
-                 *demo_overrides(learnable, workdir, **{**preset_overrides(method), "cam__method": method},
-                                 **TRAIN_KW))
+    result = cli(
+        "run-stage",
+        "cam",
+        "-c",
+        DEMO,
+        *demo_overrides(learnable, workdir, **{**preset_overrides(method), "cam__method": method}, **TRAIN_KW),
+    )
     assert result.exit_code == 0, result.output
-    artifacts = [p for p in workdir.glob("*/cam-*")
-                 if json.loads((p / "manifest.json").read_text())["config"]["cam"]["method"] == method]
+    artifacts = [
+        p
+        for p in workdir.glob("*/cam-*")
+        if json.loads((p / "manifest.json").read_text())["config"]["cam"]["method"] == method
+    ]
     assert len(artifacts) == 1
     return json.loads((artifacts[0] / "manifest.json").read_text())["metrics"] | {"artifact": artifacts[0]}
 
@@ -396,6 +417,7 @@ def trained_metrics(cli, demo_overrides, learnable, workdir, method) -> dict:
 def test_method_trains_through_the_cam_stage(cli, demo_overrides, learnable, workdir, method):
     from data.layout import PreparedDataset
     from stages.cam.infer import load_cam
+
     metrics = trained_metrics(cli, demo_overrides, learnable, workdir, method)
     dataset = PreparedDataset(learnable)
     ids = dataset.split("train")
@@ -412,33 +434,58 @@ def test_method_trains_through_the_cam_stage(cli, demo_overrides, learnable, wor
 MISSES_THE_BODIES = (
     "on this 6-epoch, 38-image set {} fits the labels (val AUC 1.0) but its map does not cover the marked "
     "body: CAM mIoU {} at the fixed threshold, against 0.481 for all background. "
-    "Why (measured on the same set drawn with --seed 1): {}. On the demo-sized benchmark {} (README, wss compare)")
+    "Why (measured on the same set drawn with --seed 1): {}. On the demo-sized benchmark {} (README, wss compare)"
+)
 PCAM_WHY = (
     "its probability map is ~0 on the marked body and peaks 50-65 px from the mark (12 epochs); every cell "
     "of a from-scratch trunk sees the whole 96 px image and the p-weighted pooling needs only a few high-p "
     "cells anywhere. The reference code's N(0, 0.01) classifier init puts the 12-epoch peak on the body "
     "(14 of 15 images) but spreads p over 78% of the image, and it underfits the demo-sized dev set "
-    "(CAM mIoU 0.252 against 0.347), so the default init stays")
+    "(CAM mIoU 0.252 against 0.347), so the default init stays"
+)
 PYLON_WHY = (
     "the one cell that global max pooling trains sits 20-50 px beside the mark, in a direction fixed per "
     "run in the network's own frame (rotating the input rotates the offset; random 90-degree rotations in "
     "training, align_corners=True upsampling or no pyramid attention leave it there): nothing but a "
-    "pretrained, local trunk ties the peak to the evidence")
+    "pretrained, local trunk ties the peak to the evidence"
+)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [
-    pytest.param("pcam", marks=pytest.mark.xfail(strict=False, reason=MISSES_THE_BODIES.format(
-        "PCAM", 0.347, PCAM_WHY, "it clears both baselines: 0.380 against 0.218"))),
-    pytest.param("pylon", marks=pytest.mark.xfail(strict=False, reason=MISSES_THE_BODIES.format(
-        "PYLON", 0.465, PYLON_WHY, "it clears them by 2.6 points at the fixed threshold (0.244 against 0.218) and at its tuned one (0.370)"))),
-    "gap",  # the cam stage's own proof: run-stage cam on a tiny set beats both baselines
-    "dropblock",
-    "multiscale",
-    "minmax",
-])
+@pytest.mark.parametrize(
+    "method",
+    [
+        pytest.param(
+            "pcam",
+            marks=pytest.mark.xfail(
+                strict=False,
+                reason=MISSES_THE_BODIES.format(
+                    "PCAM", 0.347, PCAM_WHY, "it clears both baselines: 0.380 against 0.218"
+                ),
+            ),
+        ),
+        pytest.param(
+            "pylon",
+            marks=pytest.mark.xfail(
+                strict=False,
+                reason=MISSES_THE_BODIES.format(
+                    "PYLON",
+                    0.465,
+                    PYLON_WHY,
+                    "it clears them by 2.6 points at the fixed threshold (0.244 against 0.218) "
+                    "and at its tuned one (0.370)",
+                ),
+            ),
+        ),
+        "gap",  # the cam stage's own proof: run-stage cam on a tiny set beats both baselines
+        "dropblock",
+        "multiscale",
+        "minmax",
+    ],
+)
 def test_method_beats_trivial_baselines(cli, demo_overrides, learnable, workdir, method):
     from data.layout import PreparedDataset
+
     metrics = trained_metrics(cli, demo_overrides, learnable, workdir, method)
     dataset = PreparedDataset(learnable)
     background, whole = trivial_baselines(dataset, dataset.split("train"))
@@ -450,8 +497,16 @@ def test_compare_writes_the_table_and_reuses_the_cache(demo_overrides, learnable
     from click.testing import CliRunner
 
     from pipeline.compare import compare_command
-    args = ["-c", str(DEMO), *[str(a) for a in demo_overrides(learnable, workdir, **TRAIN_KW)],
-            "--methods", "pcam,multiscale", "--out", str(tmp_path / "cmp")]
+
+    args = [
+        "-c",
+        str(DEMO),
+        *[str(a) for a in demo_overrides(learnable, workdir, **TRAIN_KW)],
+        "--methods",
+        "pcam,multiscale",
+        "--out",
+        str(tmp_path / "cmp"),
+    ]
     first = CliRunner().invoke(compare_command, args, catch_exceptions=False)
     assert first.exit_code == 0, first.output
     out = tmp_path / "cmp"
@@ -463,6 +518,7 @@ def test_compare_writes_the_table_and_reuses_the_cache(demo_overrides, learnable
         assert int(row["parameters"]) > 1_000_000 and float(row["train_images_per_s"]) > 0
     assert "| pcam |" in (out / "compare.md").read_text() and (out / "overlays.png").stat().st_size > 1000
     from PIL import Image
+
     assert Image.open(out / "overlays.png").size[0] == 160 * 3
 
     cached = sorted((out / "cache").glob("*.json"))
@@ -476,7 +532,8 @@ def test_compare_writes_the_table_and_reuses_the_cache(demo_overrides, learnable
     # a val split that is the scored split itself leaves no image to tune the threshold on
     from pipeline.compare import extra_scores, method_config
     from pipeline.runner import Pipeline
-    settings = [a for a in args[args.index("-c") + 2:args.index("--methods")] if a != "-o"]
+
+    settings = [a for a in args[args.index("-c") + 2 : args.index("--methods")] if a != "-o"]
     pcam = Pipeline(method_config([DEMO], settings, "pcam"))
     scores = extra_scores(pcam, pcam.artifact("cam"), tmp_path / "fresh", None)
     assert scores["cam_miou_tuned"] == pytest.approx(float(rows[0]["cam_miou_tuned"]))
@@ -486,22 +543,35 @@ def test_compare_writes_the_table_and_reuses_the_cache(demo_overrides, learnable
 
 @pytest.mark.slow  # one IRN epoch on top of the multiscale cam the tests above trained
 def test_compare_through_irn_adds_pseudo_label_miou_and_checks_each_stage_once(
-        demo_overrides, learnable, workdir, tmp_path, monkeypatch):
+    demo_overrides, learnable, workdir, tmp_path, monkeypatch
+):
     from click.testing import CliRunner
 
     from pipeline.compare import compare_command
     from pipeline.runner import Pipeline
+
     checked = []
     original = Pipeline.run_stage
-    monkeypatch.setattr(Pipeline, "run_stage", lambda self, name, **kw: checked.append(name) or original(self, name, **kw))
+    monkeypatch.setattr(
+        Pipeline, "run_stage", lambda self, name, **kw: checked.append(name) or original(self, name, **kw)
+    )
     irn = {"irn__epochs": 1, "irn__crop_size": 96, "irn__resize_long": "[84,108]"}
-    args = ["-c", str(DEMO), *[str(a) for a in demo_overrides(learnable, workdir, **TRAIN_KW, **irn)],
-            "--methods", "multiscale", "--through", "irn", "--out", str(tmp_path / "cmp")]
+    args = [
+        "-c",
+        str(DEMO),
+        *[str(a) for a in demo_overrides(learnable, workdir, **TRAIN_KW, **irn)],
+        "--methods",
+        "multiscale",
+        "--through",
+        "irn",
+        "--out",
+        str(tmp_path / "cmp"),
+    ]
     for state in ["ran", "cached"]:
         checked.clear()
         result = CliRunner().invoke(compare_command, args, catch_exceptions=False)
         assert result.exit_code == 0, result.output
-        row, = csv.DictReader(open(tmp_path / "cmp" / "compare.csv"))
+        (row,) = csv.DictReader(open(tmp_path / "cmp" / "compare.csv"))
         assert checked == ["cam", "irn", "pseudo"]
         assert 0.0 <= float(row["pseudo_miou"]) <= 1.0 and 0.0 <= float(row["cam_miou"]) <= 1.0
         assert row["state"] == state
@@ -511,15 +581,18 @@ def test_compare_rejects_an_unknown_method(learnable, tmp_path):
     from click.testing import CliRunner
 
     from pipeline.compare import compare_command
-    result = CliRunner().invoke(compare_command, ["-c", str(DEMO), "-o", f"data.root={learnable}",
-                                                  "--methods", "gap,nope"])
+
+    result = CliRunner().invoke(
+        compare_command, ["-c", str(DEMO), "-o", f"data.root={learnable}", "--methods", "gap,nope"]
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output
-    line, = result.output.strip().splitlines()
+    (line,) = result.output.strip().splitlines()
     assert line.startswith("error: --methods: unknown method 'nope' (available: gap, ")
 
 
 def test_compare_score_cache_is_used_only_for_the_artifact_that_made_it(tmp_path):
     from pipeline.compare import read_cached_scores
+
     cache = tmp_path / "cam-abc.json"
     assert read_cached_scores(cache, "m1") is None  # absent
     cache.write_text('{"artifact_manifest": "m1", "scores": {"point_acc": 0.5}}')
@@ -538,6 +611,7 @@ def test_compare_recomputes_its_cams_when_the_artifact_was_recomputed(tiny_synth
     from pipeline.compare import extra_scores
     from pipeline.config import load_config
     from stages.cam import classifier, scoring
+
     found_before_writing = []
 
     def write_cams(artifact, dataset, ids, cam_dir, device, keys_of=None, workers=0):
@@ -548,8 +622,9 @@ def test_compare_recomputes_its_cams_when_the_artifact_was_recomputed(tiny_synth
     monkeypatch.setattr(classifier, "write_cams", write_cams)
     monkeypatch.setattr(scoring, "tuned_miou", lambda *args: (0.5, 0.6))
     monkeypatch.setattr(classifier, "count_parameters", lambda artifact: 7)
-    pipeline = SimpleNamespace(cfg=load_config(DEMO, [f"data.root={tiny_synthetic}"]),
-                               dataset=PreparedDataset(tiny_synthetic))
+    pipeline = SimpleNamespace(
+        cfg=load_config(DEMO, [f"data.root={tiny_synthetic}"]), dataset=PreparedDataset(tiny_synthetic)
+    )
     artifact = tmp_path / "cam-0123456789ab"
     artifact.mkdir()
     out = tmp_path / "cmp"
@@ -560,7 +635,9 @@ def test_compare_recomputes_its_cams_when_the_artifact_was_recomputed(tiny_synth
 
 
 def test_limit_must_be_positive(cli):
-    for args in (["compare", "-c", "configs/demo.yaml", "--methods", "gap", "--limit", "0"],
-                 ["run-stage", "cam", "-c", "configs/demo.yaml", "--limit", "-5"]):
+    for args in (
+        ["compare", "-c", "configs/demo.yaml", "--methods", "gap", "--limit", "0"],
+        ["run-stage", "cam", "-c", "configs/demo.yaml", "--limit", "-5"],
+    ):
         result = cli(*args)
         assert result.exit_code == 2 and "--limit" in result.output

@@ -1,5 +1,6 @@
 """Stage `cam`: CAM inference maths on toy models, then the real stage through the CLI on a tiny
 synthetic set (training, caching, --force, --resume, status, bad inputs)."""
+
 from __future__ import annotations
 
 import json
@@ -16,18 +17,26 @@ from torch import nn
 
 from data.layout import PreparedDataset
 from pipeline.config import load_config
-from stages.cam.infer import (cam_to_label, gradcam_pp_maps, load_cam, multiscale_cam, save_cam, strided_size,
-                              upsample_cam)
-from stages.cam.nets import GapNet
+from stages.cam.infer import (
+    cam_to_label,
+    gradcam_pp_maps,
+    load_cam,
+    multiscale_cam,
+    save_cam,
+    strided_size,
+    upsample_cam,
+)
 from stages.cam.model_file import MODEL_FILE
-from stages.common.model_files import read_model_file
+from stages.cam.nets import GapNet
 from stages.common.metrics import ConfusionMatrix
+from stages.common.model_files import read_model_file
 from tests.helpers import DEMO_CONFIG, FAST_CAM, invoke_cli, overrides
 
 CPU = torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------ CAM inference
+
 
 @pytest.fixture(scope="module")
 def gap_net():
@@ -102,7 +111,7 @@ def test_multiscale_cam_stays_on_the_object_when_sizes_do_not_divide_the_stride(
     looser bound only because 16 px cells sample its 9 px blob coarsely."""
     height, width, centre_y, centre_x = 118, 202, 57.0, 131.0
     yy, xx = np.mgrid[:height, :width] + 0.5
-    blob = np.exp(-((yy - centre_y) ** 2 + (xx - centre_x) ** 2) / (2 * 18.0 ** 2))
+    blob = np.exp(-((yy - centre_y) ** 2 + (xx - centre_x) ** 2) / (2 * 18.0**2))
     image = np.zeros((height, width, 3), np.uint8)
     image[..., 0] = np.round(255 * blob)
     cam = multiscale_cam(BlobCam(), image, [0], [scale], flip, CPU)[0]
@@ -131,14 +140,19 @@ def write_flat_cams(dataset: PreparedDataset, count: int, folder: Path) -> list[
     for image_id in ids:
         keys = [int(k) for k in np.nonzero(dataset.label_vector(image_id))[0]]
         height, width = dataset.read_image(image_id).shape[:2]
-        save_cam(folder / f"{image_id}.npz", np.ones((len(keys), *strided_size(height, width)), np.float32),
-                 keys, (height, width))
+        save_cam(
+            folder / f"{image_id}.npz",
+            np.ones((len(keys), *strided_size(height, width)), np.float32),
+            keys,
+            (height, width),
+        )
     return ids
 
 
 def test_an_unreadable_cam_file_is_named_and_scoring_passes_over_it(tiny_synthetic, tmp_path, caplog):
     from stages.cam.infer import CamFileError
     from stages.cam.scoring import score_cams
+
     dataset = PreparedDataset(tiny_synthetic)
     ids = write_flat_cams(dataset, 3, tmp_path)
     broken = tmp_path / f"{ids[1]}.npz"
@@ -158,8 +172,7 @@ def test_upsample_cam_crops_to_the_image():
 
 
 def test_cam_to_label_known_answer():
-    cams = np.array([[[0.9, 0.1, 0.5, 0.0]],
-                     [[0.2, 0.1, 0.7, 0.0]]], np.float32)  # classes 0 and 2
+    cams = np.array([[[0.9, 0.1, 0.5, 0.0]], [[0.2, 0.1, 0.7, 0.0]]], np.float32)  # classes 0 and 2
     label = cam_to_label(cams, np.array([0, 2]), bg_threshold=0.15)
     assert label.tolist() == [[1, 0, 3, 0]]
 
@@ -211,6 +224,7 @@ def test_stage_inference_through_loader_workers_equals_multiscale_cam(gap_net, t
     multiscale_cam on the image in one process; an unreadable image is listed, the rest written."""
     from stages.cam.config import CamConfig
     from stages.cam.stage import CamStage
+
     root = shutil.copytree(tiny_synthetic, tmp_path / "data")
     dataset = PreparedDataset(root)
     ids = dataset.split("train")[:5]
@@ -231,6 +245,7 @@ def test_stage_inference_through_loader_workers_equals_multiscale_cam(gap_net, t
 def test_resumed_inference_keeps_the_cam_files_already_written(gap_net, tiny_synthetic, tmp_path):
     from stages.cam.config import CamConfig
     from stages.cam.stage import CamStage
+
     dataset = PreparedDataset(tiny_synthetic)
     ids = dataset.split("train")[:3]
     cam_dir = tmp_path / "cams"
@@ -242,6 +257,7 @@ def test_resumed_inference_keeps_the_cam_files_already_written(gap_net, tiny_syn
 
 
 # ------------------------------------------------------------------------- the stage, end to end
+
 
 def run_cli(*args):
     return invoke_cli(*args)
@@ -310,6 +326,7 @@ def scored_against_baselines(trained) -> tuple[float, float, float]:
 
 def test_trivial_baselines_known_answer(tmp_path):
     from data.layout import DatasetInfo, DatasetWriter
+
     writer = DatasetWriter(tmp_path, DatasetInfo("toy", "multiclass", ["a", "b"]))
     mask = np.zeros((4, 4), np.uint8)
     mask[:2, :2] = 1  # 4 pixels of class a, 12 of background
@@ -352,6 +369,7 @@ def test_second_run_is_up_to_date_and_skips(trained, monkeypatch, caplog):
 def test_force_recomputes(trained, tmp_path, monkeypatch):
     from stages.base import StageResult
     from stages.cam.stage import CamStage
+
     workdir = shutil.copytree(trained["workdir"], tmp_path / "work")
     calls = []
 
@@ -373,7 +391,9 @@ def test_new_inference_settings_reuse_the_trained_classifier(trained, tmp_path, 
     again with the classifier of the one trained with the same settings; --force retrains."""
     import stages.cam.stage as cam_stage
     from stages.cam.classifier import load_cam_net
+
     workdir = shutil.copytree(trained["workdir"], tmp_path / "work")
+
     def no_training(*args, **kwargs):
         raise RuntimeError("trained again")
 
@@ -381,7 +401,7 @@ def test_new_inference_settings_reuse_the_trained_classifier(trained, tmp_path, 
     result = run_cli(*stage_args(trained["root"], workdir, cam__flip="true", cam__scales="[1.0,0.5]"))
     assert result.exit_code == 0, result.output
     assert "reusing the model trained in" in result.output and trained["artifact"].name in result.output
-    new, = [p for p in (workdir / "synthetic").glob("cam-*") if p.name != trained["artifact"].name]
+    (new,) = [p for p in (workdir / "synthetic").glob("cam-*") if p.name != trained["artifact"].name]
     manifest = json.loads((new / "manifest.json").read_text())
     assert manifest["inputs"]["trained"].endswith(trained["artifact"].name)
     status = run_cli("status", *stage_args(trained["root"], workdir, cam__extract="gradcam++")[2:])
@@ -403,8 +423,11 @@ def test_new_inference_settings_reuse_the_trained_classifier(trained, tmp_path, 
 
 
 def test_status_up_to_date_stale_missing(trained, tmp_path):
-    base = ["-c", DEMO_CONFIG, *overrides({"data.root": trained["root"], "run.workdir": trained["workdir"],
-                                           **FAST_CAM})]
+    base = [
+        "-c",
+        DEMO_CONFIG,
+        *overrides({"data.root": trained["root"], "run.workdir": trained["workdir"], **FAST_CAM}),
+    ]
     result = run_cli("status", *base)
     assert result.exit_code == 0, result.output
     line = next(x for x in result.output.splitlines() if x.startswith("cam"))
@@ -429,6 +452,7 @@ def test_interrupt_then_resume_continues_training(trained, tmp_path, monkeypatch
     def command_args(root, workdir):
         args = stage_args(root, workdir)
         return args if command == "run-stage" else ["run", "--until", "cam", *args[2:]]
+
     root = shutil.copytree(trained["root"], tmp_path / "data")
     corrupt = PreparedDataset(root).image_path(PreparedDataset(root).split("val")[0])
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
@@ -467,6 +491,7 @@ def test_interrupt_then_resume_continues_training(trained, tmp_path, monkeypatch
 
 
 # ------------------------------------------------------------------------------------ bad input
+
 
 def one_line_error(result) -> str:
     """The single `error: ...` line of a failed command (log lines and progress bars aside)."""
@@ -549,6 +574,7 @@ def damage_masks(dataset: PreparedDataset, ids: list[str]) -> list[str]:
 
 def test_cam_scoring_leaves_out_bad_masks_and_lists_them(tiny_synthetic, tmp_path, caplog):
     from stages.cam.scoring import score_cams
+
     dataset = PreparedDataset(shutil.copytree(tiny_synthetic, tmp_path / "data"))
     ids = write_flat_cams(dataset, 5, tmp_path)
     bad = damage_masks(dataset, ids)
@@ -568,7 +594,7 @@ def test_bad_masks_do_not_cost_the_cam_stage(tiny_synthetic, tmp_path):
     result = run_cli(*stage_args(root, tmp_path / "w", cam__epochs=1), "--limit", "8")
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
-    artifact, = (tmp_path / "w" / "synthetic").glob("cam-*")
+    (artifact,) = (tmp_path / "w" / "synthetic").glob("cam-*")
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert [f.split(":")[0] for f in manifest["failures"]] == bad
     assert manifest["metrics"]["cam_scored_images"] == 5

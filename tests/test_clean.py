@@ -2,6 +2,7 @@
 
 The cam stage is a fake (tests/test_cache.py's FakeCam) so that artifacts take no training.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -95,7 +96,8 @@ def test_artifacts_of_another_live_dataset_of_the_same_name_are_left_alone(synth
 
 
 def test_another_dataset_given_as_a_relative_path_is_recognised_from_another_folder(
-        synthetic_dataset, tmp_path, monkeypatch):
+    synthetic_dataset, tmp_path, monkeypatch
+):
     other_root = synthetic_dataset(n=32, size=64, seed=1)
     monkeypatch.chdir(other_root.parent)
     _, other = cam_artifact(other_root.name, tmp_path, "cam.epochs=2")

@@ -1,6 +1,7 @@
 """`wss prepare coco`: the real-format sample (../shared/samples/coco) prepared, every mask pixel
 checked against pycocotools' own ``COCO.annToMask``; the overlap and crowd rules, every RLE form,
 bad annotations and files listed and left out, reruns, and a first stage run on the sample."""
+
 from __future__ import annotations
 
 import json
@@ -57,6 +58,7 @@ def expected_mask(coco, image: dict) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # The real-format sample
 # --------------------------------------------------------------------------------------------
+
 
 def test_every_mask_pixel_matches_pycocotools_ann_to_mask(sample):
     from pycocotools.coco import COCO
@@ -120,14 +122,38 @@ def test_splits_follow_the_annotation_files(sample):
 def test_cli_prepare_coco_and_a_first_stage_run(cli, tmp_path):
     need_samples()
     out = tmp_path / "coco"
-    result = cli("prepare", "coco", "--annotations", TRAIN_JSON, "--images", SAMPLES / "train2014",
-                 "--val-annotations", VAL_JSON, "--val-images", SAMPLES / "val2014", "--out", out, "--workers", "2")
+    result = cli(
+        "prepare",
+        "coco",
+        "--annotations",
+        TRAIN_JSON,
+        "--images",
+        SAMPLES / "train2014",
+        "--val-annotations",
+        VAL_JSON,
+        "--val-images",
+        SAMPLES / "val2014",
+        "--out",
+        out,
+        "--workers",
+        "2",
+    )
     assert result.exit_code == 0, result.output
     assert "coco: prepared 14 images" in result.output and "images without annotations: 1" in result.output
     assert not list(out.glob(".coco-index*"))
     small = {**FAST_CAM, "cam.epochs": "1", "cam.frozen_stages": "-1", "cam.freeze_bn": "false"}  # no ImageNet
-    run = cli("run", "-c", REPO / "configs" / "coco.yaml", "--until", "cam", "-o", f"data.root={out}",
-              "-o", f"run.workdir={tmp_path / 'runs'}", *overrides(small))
+    run = cli(
+        "run",
+        "-c",
+        REPO / "configs" / "coco.yaml",
+        "--until",
+        "cam",
+        "-o",
+        f"data.root={out}",
+        "-o",
+        f"run.workdir={tmp_path / 'runs'}",
+        *overrides(small),
+    )
     assert run.exit_code == 0, run.output
     cams = sorted(p.stem for p in (tmp_path / "runs" / "coco").glob("cam-*/cams/*.npz"))
     assert cams == PreparedDataset(out).split("train")
@@ -138,17 +164,33 @@ def test_the_sample_through_every_command_with_configs_coco_made_small(cli, samp
     """`wss pseudo-labels` and the folder format's other commands: tests/test_folder_e2e.py (the
     random walk over these 500 px photos takes ~2 s an image on a CPU)."""
     from tests.test_folder_e2e import SMALL, stage_table
-    small = {**SMALL, "cam.frozen_stages": "-1", "cam.freeze_bn": "false", "irn.backbone_init": "cam",
-             "seg.epochs": "1"}  # no ImageNet weights offline
-    args = ["-c", REPO / "configs" / "coco.yaml", "-o", f"data.root={sample}", "-o", f"run.workdir={tmp_path}",
-            *overrides(small)]
+
+    small = {
+        **SMALL,
+        "cam.frozen_stages": "-1",
+        "cam.freeze_bn": "false",
+        "irn.backbone_init": "cam",
+        "seg.epochs": "1",
+    }  # no ImageNet weights offline
+    args = [
+        "-c",
+        REPO / "configs" / "coco.yaml",
+        "-o",
+        f"data.root={sample}",
+        "-o",
+        f"run.workdir={tmp_path}",
+        *overrides(small),
+    ]
     run = cli("run", *args)
     assert run.exit_code == 0, run.output
     assert stage_table(run.output) == dict.fromkeys(["cam", "irn", "pseudo", "seg"], "ran")
-    for command in (["run-stage", "seg", "--limit", "6"], ["evaluate"],
-                    ["visualize", "--n", "3", "--out", tmp_path / "grid.png"],
-                    ["compare", "--methods", "gap", "--limit", "8", "--out", tmp_path / "compare"],
-                    ["predict", SAMPLES / "val2014", "--out", tmp_path / "pred"]):
+    for command in (
+        ["run-stage", "seg", "--limit", "6"],
+        ["evaluate"],
+        ["visualize", "--n", "3", "--out", tmp_path / "grid.png"],
+        ["compare", "--methods", "gap", "--limit", "8", "--out", tmp_path / "compare"],
+        ["predict", SAMPLES / "val2014", "--out", tmp_path / "pred"],
+    ):
         result = cli(command[0], *args, *command[1:])
         assert result.exit_code == 0, (command, result.output)
     rows = json.loads((tmp_path / "coco" / "evaluation.json").read_text())
@@ -160,13 +202,16 @@ def test_the_sample_through_every_command_with_configs_coco_made_small(cli, samp
 # Generated files: overlaps, RLE forms, bad input, reruns
 # --------------------------------------------------------------------------------------------
 
-CATEGORIES = [{"id": 1, "name": "person", "supercategory": "person"},
-              {"id": 18, "name": "dog", "supercategory": "animal"},
-              {"id": 90, "name": "toothbrush", "supercategory": "indoor"}]
+CATEGORIES = [
+    {"id": 1, "name": "person", "supercategory": "person"},
+    {"id": 18, "name": "dog", "supercategory": "animal"},
+    {"id": 90, "name": "toothbrush", "supercategory": "indoor"},
+]
 
 
-def write_case(root: Path, annotations: list[dict], images: list[tuple[int, int, int]] | None = None,
-               name: str = "instances.json") -> tuple[Path, Path]:
+def write_case(
+    root: Path, annotations: list[dict], images: list[tuple[int, int, int]] | None = None, name: str = "instances.json"
+) -> tuple[Path, Path]:
     """An instances file over JPEGs images/<id>.jpg of (id, width, height)."""
     folder = root / "images"
     folder.mkdir(parents=True, exist_ok=True)
@@ -181,8 +226,11 @@ def write_case(root: Path, annotations: list[dict], images: list[tuple[int, int,
             annotation.setdefault("id", 100 + k)
             annotation.setdefault("iscrowd", 0)
     path = root / name
-    path.write_text(json.dumps({"info": {}, "licenses": [], "images": entries, "annotations": annotations,
-                                "categories": CATEGORIES}))
+    path.write_text(
+        json.dumps(
+            {"info": {}, "licenses": [], "images": entries, "annotations": annotations, "categories": CATEGORIES}
+        )
+    )
     return path, folder
 
 
@@ -191,9 +239,10 @@ def box(x0, y0, x1, y1) -> list[list[float]]:
 
 
 def test_overlaps_take_the_later_instance_and_every_rle_form_decodes_as_pycocotools_does(tmp_path, monkeypatch):
-    import data.coco as coco_module
     from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
+
+    import data.coco as coco_module
 
     monkeypatch.setattr(coco_module, "_BATCH", 2)  # the file order must survive the index's insert batches
 
@@ -210,11 +259,21 @@ def test_overlaps_take_the_later_instance_and_every_rle_form_decodes_as_pycocoto
     annotations = [
         {"image_id": 1, "category_id": 1, "segmentation": box(2, 2, 30, 20)},
         {"image_id": 1, "category_id": 18, "segmentation": box(10, 10, 38, 28)},  # later: wins the overlap
-        {"image_id": 2, "category_id": 1, "iscrowd": 1,
-         "segmentation": {"size": [30, 40], "counts": uncompressed_counts}},
+        {
+            "image_id": 2,
+            "category_id": 1,
+            "iscrowd": 1,
+            "segmentation": {"size": [30, 40], "counts": uncompressed_counts},
+        },
         {"image_id": 2, "category_id": 18, "segmentation": box(0, 0, 25, 10)},
-        {"image_id": 2, "category_id": 90, "segmentation": {"size": [30, 40],       # later: over the dog
-                                                            "counts": compressed["counts"].decode()}},
+        {
+            "image_id": 2,
+            "category_id": 90,
+            "segmentation": {
+                "size": [30, 40],  # later: over the dog
+                "counts": compressed["counts"].decode(),
+            },
+        },
     ]
     path, images = write_case(tmp_path, annotations)
     report = prepare_coco(path, images, tmp_path / "out", progress=False)
@@ -249,16 +308,19 @@ def test_compressed_counts_read_pycocotools_strings():
         assert np.array_equal(rebuilt, flat)
 
 
-@pytest.mark.parametrize("segmentation, message", [
-    ({"size": [30, 40], "counts": [0, 10]}, "adding up to 1200"),      # pycocotools would decode unset memory
-    ({"size": [30, 40], "counts": "0"}, "do not add up to 1200"),
-    ({"size": [30, 40], "counts": "\x7f\x7f"}, "compressed RLE holds"),
-    ({"size": [10, 10], "counts": [100]}, "not the image's"),
-    ([[1, 2, 3]], "even number"),
-    ([[1, 2, float("nan"), 4]], "even number"),
-    ([], "empty polygon list"),
-    ("polygon", "neither a polygon list nor an RLE"),
-])
+@pytest.mark.parametrize(
+    "segmentation, message",
+    [
+        ({"size": [30, 40], "counts": [0, 10]}, "adding up to 1200"),  # pycocotools would decode unset memory
+        ({"size": [30, 40], "counts": "0"}, "do not add up to 1200"),
+        ({"size": [30, 40], "counts": "\x7f\x7f"}, "compressed RLE holds"),
+        ({"size": [10, 10], "counts": [100]}, "not the image's"),
+        ([[1, 2, 3]], "even number"),
+        ([[1, 2, float("nan"), 4]], "even number"),
+        ([], "empty polygon list"),
+        ("polygon", "neither a polygon list nor an RLE"),
+    ],
+)
 def test_bad_segmentations_are_refused_before_pycocotools_sees_them(segmentation, message):
     with pytest.raises(AnnotationError, match=message):
         instance_rle(segmentation, 30, 40)
@@ -267,14 +329,14 @@ def test_bad_segmentations_are_refused_before_pycocotools_sees_them(segmentation
 def test_bad_annotations_and_files_leave_their_image_out_and_the_rest_is_prepared(tmp_path):
     images = [(k, 40, 30) for k in range(1, 8)]
     annotations = [
-        {"image_id": 1, "category_id": 1, "segmentation": box(2, 2, 30, 20)},                  # fine
+        {"image_id": 1, "category_id": 1, "segmentation": box(2, 2, 30, 20)},  # fine
         {"image_id": 2, "category_id": 1, "segmentation": {"size": [30, 40], "counts": [5]}},  # runs too short
-        {"image_id": 3, "category_id": 55, "segmentation": box(2, 2, 30, 20)},                 # unknown category
-        {"image_id": 4, "category_id": 1},                                                      # no segmentation
-        {"image_id": 5, "category_id": 1, "segmentation": box(2, 2, 30, 20)},                  # file missing
-        {"image_id": 6, "category_id": 1, "segmentation": box(2, 2, 30, 20)},                  # other size
-        {"image_id": 7, "category_id": 18, "segmentation": box(2, 2, 30, 20)},                 # fine
-        {"image_id": 99, "category_id": 1, "segmentation": box(2, 2, 30, 20)},                 # no such image
+        {"image_id": 3, "category_id": 55, "segmentation": box(2, 2, 30, 20)},  # unknown category
+        {"image_id": 4, "category_id": 1},  # no segmentation
+        {"image_id": 5, "category_id": 1, "segmentation": box(2, 2, 30, 20)},  # file missing
+        {"image_id": 6, "category_id": 1, "segmentation": box(2, 2, 30, 20)},  # other size
+        {"image_id": 7, "category_id": 18, "segmentation": box(2, 2, 30, 20)},  # fine
+        {"image_id": 99, "category_id": 1, "segmentation": box(2, 2, 30, 20)},  # no such image
         "not an annotation",
     ]
     images.append((8, 40, 30))
@@ -287,8 +349,10 @@ def test_bad_annotations_and_files_leave_their_image_out_and_the_rest_is_prepare
     (folder / "COCO_train2014_000000000005.jpg").unlink()
     Image.fromarray(np.zeros((31, 40, 3), np.uint8)).save(folder / "COCO_train2014_000000000006.jpg")
     report = prepare_coco(path, folder, tmp_path / "out", progress=False)
-    assert sorted(PreparedDataset(tmp_path / "out").labels) == ["COCO_train2014_000000000001",
-                                                                "COCO_train2014_000000000007"]
+    assert sorted(PreparedDataset(tmp_path / "out").labels) == [
+        "COCO_train2014_000000000001",
+        "COCO_train2014_000000000007",
+    ]
     lines = [f"{p.where}: {p.message}" for p in report.problems]
     assert any(f"{path}: image 2: annotation 101: RLE counts" in line for line in lines)
     assert any(f"{path}: category_id 55" in line for line in lines)
@@ -298,19 +362,24 @@ def test_bad_annotations_and_files_leave_their_image_out_and_the_rest_is_prepare
     assert report.id_lists["listed_images_missing"] == ["COCO_train2014_000000000005"]
     assert any(line.startswith(str(jpeg)) and "truncated" in line for line in lines)
     assert report.counts["annotations_without_image"] == 1 and report.counts["failed"] == 3
-    assert report.id_lists["images_with_bad_annotations"] == ["COCO_train2014_000000000003",
-                                                              "COCO_train2014_000000000004"]
+    assert report.id_lists["images_with_bad_annotations"] == [
+        "COCO_train2014_000000000003",
+        "COCO_train2014_000000000004",
+    ]
 
 
 def test_files_that_are_not_coco_are_one_line_errors(tmp_path, cli):
     images = tmp_path / "images"
     images.mkdir()
-    for text, message in [('{"images": [], "annotations": [}', "not valid JSON at character"),
-                          ('{"images": [], "categories": []}', "no 'annotations' key"),
-                          ('[1, 2]', "expected a JSON object")]:
+    for text, message in [
+        ('{"images": [], "annotations": [}', "not valid JSON at character"),
+        ('{"images": [], "categories": []}', "no 'annotations' key"),
+        ("[1, 2]", "expected a JSON object"),
+    ]:
         (tmp_path / "a.json").write_text(text)
-        result = cli("prepare", "coco", "--annotations", tmp_path / "a.json", "--images", images, "--out",
-                     tmp_path / "out")
+        result = cli(
+            "prepare", "coco", "--annotations", tmp_path / "a.json", "--images", images, "--out", tmp_path / "out"
+        )
         assert result.exit_code == 2 and message in result.output and result.output.count("\n") <= 2, result.output
     with pytest.raises(DataError, match="go together"):
         prepare_coco(tmp_path / "a.json", images, tmp_path / "out", val_annotations=tmp_path / "a.json")
@@ -336,12 +405,12 @@ def test_coco_rerun_redoes_exactly_what_changed(tmp_path, monkeypatch):
     run()
     before = mtimes(out)
     data = json.loads(path.read_text())
-    data["annotations"][0]["category_id"] = 18                        # image 1: relabelled
+    data["annotations"][0]["category_id"] = 18  # image 1: relabelled
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 2]  # image 2: now unannotated
     path.write_text(json.dumps(data))
     Image.fromarray(np.full((30, 40, 3), 200, np.uint8)).save(folder / "COCO_train2014_000000000003.jpg")
-    later(folder / "COCO_train2014_000000000003.jpg")                 # image 3: another picture
-    (folder / "COCO_train2014_000000000004.jpg").unlink()             # image 4: gone
+    later(folder / "COCO_train2014_000000000003.jpg")  # image 3: another picture
+    (folder / "COCO_train2014_000000000004.jpg").unlink()  # image 4: gone
     checked = []
     original = coco_module._check_jpeg
     monkeypatch.setattr(coco_module, "_check_jpeg", lambda task: checked.append(task.coco_id) or original(task))
@@ -371,8 +440,11 @@ def test_coco_rerun_redoes_exactly_what_changed(tmp_path, monkeypatch):
 
 def test_pycocotools_is_imported_only_where_coco_is_read():
     sources = [p for package in ("pipeline", "stages", "data") for p in (REPO / package).glob("**/*.py")]
-    importing = sorted(str(p.relative_to(REPO)) for p in sources
-                       if "import pycocotools" in p.read_text() or "from pycocotools" in p.read_text())
+    importing = sorted(
+        str(p.relative_to(REPO))
+        for p in sources
+        if "import pycocotools" in p.read_text() or "from pycocotools" in p.read_text()
+    )
     assert importing == ["data/coco.py"]
     code = "import sys, pipeline.cli, data.folder, data.layout; assert 'pycocotools' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

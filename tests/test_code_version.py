@@ -1,5 +1,6 @@
 """Code versions follow the code a stage's results depend on: the import closure of its module,
 hashed without comments and docstrings. Edits are made to a copy of the repository's packages."""
+
 from __future__ import annotations
 
 import shutil
@@ -43,9 +44,18 @@ def test_the_copy_has_the_versions_of_the_repository(copy):
 def test_comments_docstrings_and_line_breaks_keep_every_version(copy):
     before = versions(copy)
     edit(copy, "stages.cam.stage", "class CamStage(Stage):\n", "class CamStage(Stage):  # stage 1\n")
-    edit(copy, "stages.cam.stage", '"""Stage `cam`: train the classifier', '"""Stage `cam` (edited): train the classifier')
-    edit(copy, "stages.common.scoring", "    def miou(self) -> float:\n",
-         '    def miou(self) -> float:\n        """The mean IoU so far."""\n')
+    edit(
+        copy,
+        "stages.cam.stage",
+        '"""Stage `cam`: train the classifier',
+        '"""Stage `cam` (edited): train the classifier',
+    )
+    edit(
+        copy,
+        "stages.common.scoring",
+        "    def miou(self) -> float:\n",
+        '    def miou(self) -> float:\n        """The mean IoU so far."""\n',
+    )
     edit(copy, "stages.irn.stage", 'needs = ("cam",)', 'needs = (\n        "cam",\n    )')
     assert versions(copy) == before
 
@@ -95,8 +105,10 @@ def test_a_voc_cam_key_follows_the_code_it_runs_not_the_nih_reader(tmp_path, cop
     """Through the key itself, on a prepared (tiny) VOC dataset."""
     from data.voc import prepare_voc
     from tests.test_voc import class_mask, make_tree
-    make_tree(tmp_path / "voc", ["a", "b"], {"a": class_mask(1), "b": class_mask(5)},
-              {"train": ["a"], "val": ["b"]}, {})
+
+    make_tree(
+        tmp_path / "voc", ["a", "b"], {"a": class_mask(1), "b": class_mask(5)}, {"train": ["a"], "val": ["b"]}, {}
+    )
     prepare_voc(tmp_path / "voc", tmp_path / "prepared", progress=False)
     monkeypatch.setattr(stages.code_version, "SOURCE_ROOT", copy)
 
@@ -104,10 +116,18 @@ def test_a_voc_cam_key_follows_the_code_it_runs_not_the_nih_reader(tmp_path, cop
         return make_pipeline(tmp_path / "prepared", tmp_path / "runs").key("cam").digest
 
     before = cam_key()
-    edit(copy, "data.nih", "    return [int(name in names) for name in FINDINGS]",
-         "    return [int(name in names) for name in reversed(FINDINGS)]")
-    edit(copy, "stages.cam.stage", "    return \"cam_miou\"\n", "    return \"cam_miou\"  # the default\n")
+    edit(
+        copy,
+        "data.nih",
+        "    return [int(name in names) for name in FINDINGS]",
+        "    return [int(name in names) for name in reversed(FINDINGS)]",
+    )
+    edit(copy, "stages.cam.stage", '    return "cam_miou"\n', '    return "cam_miou"  # the default\n')
     assert cam_key() == before
-    edit(copy, "stages.cam.scoring", "THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))",
-         "THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 19))")
+    edit(
+        copy,
+        "stages.cam.scoring",
+        "THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))",
+        "THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 19))",
+    )
     assert cam_key() != before

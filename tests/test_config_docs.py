@@ -1,4 +1,5 @@
 """docs/configs.md's "Every key" part is generated from the config models: it must be current."""
+
 from __future__ import annotations
 
 from pipeline.config import Config
@@ -20,6 +21,7 @@ def test_every_key_has_a_description():
                 yield from missing(nested, f"{prefix}{name}.")
             if not field.description:
                 yield f"{prefix}{name}"
+
     sections = {name: section_type(field.annotation) for name, field in Config.model_fields.items()}
     assert [key for name, model in sections.items() for key in missing(model, f"{name}.")] == []
     assert all(model.__doc__ for model in sections.values())

@@ -1,4 +1,5 @@
 """Dense CRF: snapping to image edges (known answers), output contracts, the missing-package error."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,6 +1,7 @@
 """The torch dense CRF: the lattice against a scalar reference, the whole CRF against pydensecrf2
 on real VOC photos and synthetic images, the backend choice and its contracts (CPU only; the
 CUDA == CPU check is in test_cuda.py)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -91,7 +92,7 @@ def reference_filter(features: np.ndarray, values: np.ndarray) -> np.ndarray:
                 if neighbour is not None:
                     blurred[index] += 0.5 * lattice[neighbour]
         lattice = blurred
-    alpha = 1.0 / (1.0 + 2.0 ** -d)
+    alpha = 1.0 / (1.0 + 2.0**-d)
     return np.stack([sum(w * alpha * lattice[v] for v, w in zip(vertices, bary)) for vertices, bary in points])
 
 
@@ -111,8 +112,9 @@ def test_lattice_filter_is_linear_and_approximates_a_gaussian():
     lattice = crf_torch.Lattice(torch.from_numpy(features))
     rng = np.random.default_rng(0)
     a, b = (torch.from_numpy(rng.random((len(features), 2)).astype(np.float32)) for _ in range(2))
-    torch.testing.assert_close(lattice.filter(2 * a - 3 * b), 2 * lattice.filter(a) - 3 * lattice.filter(b),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        lattice.filter(2 * a - 3 * b), 2 * lattice.filter(a) - 3 * lattice.filter(b), rtol=1e-5, atol=1e-5
+    )
     # up to a constant, the dense Gaussian exp(-|f_i - f_j|^2 / 2) (measured: correlation 0.998)
     dense = np.exp(-((features[:, None] - features[None]) ** 2).sum(-1) / 2) @ a.double().numpy()
     assert np.corrcoef(lattice.filter(a).double().numpy().ravel(), dense.ravel())[0, 1] > 0.995
@@ -142,27 +144,42 @@ def test_key_index_folds_huge_key_ranges_without_collisions():
 
 def reference_marginals(image: np.ndarray, unary: np.ndarray, params: CrfParams) -> np.ndarray:
     import pydensecrf.densecrf as dcrf
+
     height, width = image.shape[:2]
     crf = dcrf.DenseCRF2D(width, height, unary.shape[0])
     crf.setUnaryEnergy(np.ascontiguousarray(unary.reshape(unary.shape[0], -1), dtype=np.float32))
     crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
-    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb, rgbim=np.ascontiguousarray(image),
-                             compat=params.bilateral_compat)
+    crf.addPairwiseBilateral(
+        sxy=params.bilateral_sxy,
+        srgb=params.bilateral_srgb,
+        rgbim=np.ascontiguousarray(image),
+        compat=params.bilateral_compat,
+    )
     return np.asarray(crf.inference(params.iterations), np.float32).reshape(unary.shape[0], height, width)
 
 
 def torch_marginals(image: np.ndarray, unaries: list[np.ndarray], params: CrfParams) -> list[np.ndarray]:
     """Marginals of several (L, H, W) unaries of one image, with the image's kernels built once."""
-    kernels = crf_torch.image_kernels(torch.from_numpy(np.ascontiguousarray(image)), params.gauss_sxy,
-                                      params.gauss_compat, params.bilateral_sxy, params.bilateral_srgb,
-                                      params.bilateral_compat)
-    return [crf_torch.mean_field(torch.from_numpy(unary.reshape(1, unary.shape[0], -1)), kernels,
-                                 params.iterations)[0].reshape(unary.shape).numpy() for unary in unaries]
+    kernels = crf_torch.image_kernels(
+        torch.from_numpy(np.ascontiguousarray(image)),
+        params.gauss_sxy,
+        params.gauss_compat,
+        params.bilateral_sxy,
+        params.bilateral_srgb,
+        params.bilateral_compat,
+    )
+    return [
+        crf_torch.mean_field(torch.from_numpy(unary.reshape(1, unary.shape[0], -1)), kernels, params.iterations)[0]
+        .reshape(unary.shape)
+        .numpy()
+        for unary in unaries
+    ]
 
 
 def read_photo(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray, int]:
     """RGB photo, its mask as labels 0..n-1 (ignored pixels -> 0), n (>= 2)."""
     from PIL import Image
+
     if not image_path.exists() or not mask_path.exists():
         pytest.skip(f"VOC sample not found: {image_path}")
     image = np.array(Image.open(image_path).convert("RGB"))
@@ -178,7 +195,7 @@ def noisy_labels(labels: np.ndarray, n_labels: int, rng: np.random.Generator) ->
         noisy[ndimage.binary_dilation(labels == k, iterations=8)] = k
     for _ in range(12):
         y, x = rng.integers(0, labels.shape[0] - 24), rng.integers(0, labels.shape[1] - 24)
-        noisy[y:y + 24, x:x + 24] = rng.integers(0, n_labels)
+        noisy[y : y + 24, x : x + 24] = rng.integers(0, n_labels)
     return noisy
 
 
@@ -194,13 +211,19 @@ def assert_agrees_with_pydensecrf(image: np.ndarray, labels: np.ndarray, n_label
     equal; probability CRF: arg-max >= 98% equal; all marginals within 1e-3 (max) and 1e-6
     (mean). Measured on the 15 VOC photos: 100% and 100%, max |dQ| <= 1.9e-5, mean <= 4e-9."""
     import pydensecrf.utils as crf_utils
+
     params, rng = CrfParams(), np.random.default_rng(seed)
-    unaries = [crf_utils.unary_from_labels(label_map, n_labels, gt_prob=params.gt_prob, zero_unsure=False)
-               .reshape((n_labels,) + labels.shape) for label_map in (labels, noisy_labels(labels, n_labels, rng))]
+    unaries = [
+        crf_utils.unary_from_labels(label_map, n_labels, gt_prob=params.gt_prob, zero_unsure=False).reshape(
+            (n_labels,) + labels.shape
+        )
+        for label_map in (labels, noisy_labels(labels, n_labels, rng))
+    ]
     probs = soft_probs(labels, n_labels, rng)
     unaries.append(-np.log(np.clip(probs, 1e-5, 1.0)))
-    for number, (ours, theirs) in enumerate(zip(torch_marginals(image, unaries, params),
-                                                (reference_marginals(image, unary, params) for unary in unaries))):
+    for number, (ours, theirs) in enumerate(
+        zip(torch_marginals(image, unaries, params), (reference_marginals(image, unary, params) for unary in unaries))
+    ):
         assert (ours.argmax(0) == theirs.argmax(0)).mean() >= (0.99 if number < 2 else 0.98)
         assert np.abs(ours - theirs).max() < 1e-3 and np.abs(ours - theirs).mean() < 1e-6
 
@@ -213,11 +236,14 @@ def test_torch_crf_agrees_with_pydensecrf_on_a_500_px_voc_photo():
 
 
 @needs_crf
-@pytest.mark.parametrize("name", [pytest.param(name, marks=[] if name in QUICK_513 else [pytest.mark.slow])
-                                  for name in VAL_513] or ["missing"])
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(name, marks=[] if name in QUICK_513 else [pytest.mark.slow]) for name in VAL_513] or ["missing"],
+)
 def test_torch_crf_agrees_with_pydensecrf_on_513_px_voc_photos(name):
-    image, labels, n_labels = read_photo(VOC / "val513" / "images" / f"{name}_image.png",
-                                         VOC / "val513" / "masks" / f"{name}.png")
+    image, labels, n_labels = read_photo(
+        VOC / "val513" / "images" / f"{name}_image.png", VOC / "val513" / "masks" / f"{name}.png"
+    )
     assert image.shape[:2] == (513, 513)  # 513 * 513 is odd: pydensecrf's padding points take part
     assert_agrees_with_pydensecrf(image, labels, n_labels, seed=int(name))
 
@@ -229,8 +255,8 @@ def synthetic_scene(height: int, width: int, n_labels: int, seed: int, gray: boo
     labels = np.zeros((height, width), np.int64)
     for k in range(1, n_labels):
         y, x = rng.integers(0, height, 2), rng.integers(0, width, 2)
-        image[min(y):max(y) + 1, min(x):max(x) + 1] += rng.integers(40, 200, 3)
-        labels[min(y):max(y) + 1, min(x):max(x) + 1] = k
+        image[min(y) : max(y) + 1, min(x) : max(x) + 1] += rng.integers(40, 200, 3)
+        labels[min(y) : max(y) + 1, min(x) : max(x) + 1] = k
     image = np.clip(image, 0, 255).astype(np.uint8)
     if gray:
         image = image.mean(2).astype(np.uint8)
@@ -238,8 +264,10 @@ def synthetic_scene(height: int, width: int, n_labels: int, seed: int, gray: boo
 
 
 @needs_crf
-@pytest.mark.parametrize("height, width, n_labels, gray", [(64, 80, 3, False), (31, 17, 21, False),
-                                                           (45, 53, 5, True), (1, 1, 2, False), (1, 9, 3, False)])
+@pytest.mark.parametrize(
+    "height, width, n_labels, gray",
+    [(64, 80, 3, False), (31, 17, 21, False), (45, 53, 5, True), (1, 1, 2, False), (1, 9, 3, False)],
+)
 def test_torch_crf_agrees_with_pydensecrf_on_synthetic_images(height, width, n_labels, gray):
     image, labels, rng = synthetic_scene(height, width, n_labels, seed=height * width, gray=gray)
     noisy = np.where(rng.random(labels.shape) < 0.2, rng.integers(0, n_labels, labels.shape), labels)
@@ -260,8 +288,9 @@ def test_pydensecrf_padding_points_are_reproduced():
     image = rng.integers(1, 40, (31, 17, 3), dtype=np.uint8)
     unary = rng.random((3, 31, 17)).astype(np.float32) * 3
     params = CrfParams(bilateral_sxy=2, bilateral_srgb=7, iterations=5)
-    np.testing.assert_allclose(torch_marginals(image, [unary], params)[0], reference_marginals(image, unary, params),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        torch_marginals(image, [unary], params)[0], reference_marginals(image, unary, params), atol=1e-5
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,13 +300,17 @@ def test_pydensecrf_padding_points_are_reproduced():
 @needs_crf
 def test_label_unary_is_unary_from_labels_with_label_0_an_ordinary_label():
     import pydensecrf.utils as crf_utils
+
     labels = np.array([[0, 1, 2, 0], [2, 2, 1, 0]])
     ours = crf_torch.label_unary(torch.from_numpy(labels.reshape(1, -1)), 3, 0.7)[0].numpy()
     np.testing.assert_array_equal(ours, crf_utils.unary_from_labels(labels, 3, gt_prob=0.7, zero_unsure=False))
     assert ours[0, 0] == np.float32(-np.log(0.7))  # label 0 is certain, not "unsure"
     probs = np.random.default_rng(0).random((3, 4, 5)).astype(np.float32) * 1.2
-    np.testing.assert_allclose(crf_torch.prob_unary(torch.from_numpy(probs)).numpy(),
-                               crf_utils.unary_from_softmax(probs).reshape(probs.shape), rtol=1e-6)
+    np.testing.assert_allclose(
+        crf_torch.prob_unary(torch.from_numpy(probs)).numpy(),
+        crf_utils.unary_from_softmax(probs).reshape(probs.shape),
+        rtol=1e-6,
+    )
 
 
 def test_several_label_maps_in_one_batch_equal_one_at_a_time():
@@ -297,8 +330,9 @@ def test_torch_backend_snaps_an_overgrown_label_to_the_image_edge():
     labels = np.zeros((40, 40), np.int64)
     labels[8:32, 8:32] = 1
     np.testing.assert_array_equal(crf_label(image, labels, 2, backend="torch"), image[..., 0] > 0)
-    np.testing.assert_array_equal(crf_label(image[..., 0], labels, 2, backend="torch"),
-                                  crf_label(image, labels, 2, backend="torch"))  # grayscale
+    np.testing.assert_array_equal(
+        crf_label(image[..., 0], labels, 2, backend="torch"), crf_label(image, labels, 2, backend="torch")
+    )  # grayscale
 
 
 def test_one_label_probability_crf_is_certain():

@@ -3,6 +3,7 @@ stage's training and inference, the random walk's Triton kernel, a GPU-trained m
 
 Skipped without a GPU. `make gpu-check` runs this file and the benches on a machine with one.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,14 +14,28 @@ import torch
 
 from tests.helpers import DEMO_CONFIG, FAST_CAM
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(),
-                                 reason="needs a CUDA GPU (`make gpu-check` runs these on a machine with one)")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU (`make gpu-check` runs these on a machine with one)"
+    ),
+]
 
-CUDA_CHAIN = {**FAST_CAM, "run.device": "cuda", "run.workers": "2", "cam.epochs": "2",
-              "irn.epochs": "1", "irn.batch_size": "8", "irn.crop_size": "64", "irn.resize_long": "[56,72]",
-              "irn.exp_times": "4", "seg.epochs": "2", "seg.batch_size": "8", "seg.crop_size": "64",
-              "seg.resize_long": "[56,72]"}
+CUDA_CHAIN = {
+    **FAST_CAM,
+    "run.device": "cuda",
+    "run.workers": "2",
+    "cam.epochs": "2",
+    "irn.epochs": "1",
+    "irn.batch_size": "8",
+    "irn.crop_size": "64",
+    "irn.resize_long": "[56,72]",
+    "irn.exp_times": "4",
+    "seg.epochs": "2",
+    "seg.batch_size": "8",
+    "seg.crop_size": "64",
+    "seg.resize_long": "[56,72]",
+}
 
 
 def random_inputs(height: int, width: int, channels: int, dtype: torch.dtype, seed: int = 0):
@@ -33,6 +48,7 @@ def random_inputs(height: int, width: int, channels: int, dtype: torch.dtype, se
 def test_walk_kernel_on_cuda_equals_the_dense_walk_and_the_cpu():
     from stages.irn import walk_kernel
     from stages.irn.random_walk import random_walk, random_walk_dense
+
     assert walk_kernel.available(torch.device("cuda")), "Triton missing: the GPU walk would fall back to cuSPARSE"
     cams, edge = random_inputs(12, 17, 3, torch.float64)
     sparse = random_walk(cams, edge, radius=5, beta=10.0, exp_times=8)
@@ -55,6 +71,7 @@ def test_walk_kernel_on_cuda_equals_the_dense_walk_and_the_cpu():
 
 def peak_walk_memory(side: int, classes: int) -> int:
     from stages.irn.random_walk import random_walk
+
     cams, edge = random_inputs(side, side, classes, torch.float32)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -74,13 +91,15 @@ def test_sparse_walk_memory_grows_linearly_with_the_pixels():
 def test_multiscale_cam_on_cuda_in_bf16_matches_the_cpu():
     from stages.cam.infer import multiscale_cam
     from stages.cam.nets import GapNet
+
     torch.manual_seed(0)
     model = GapNet(3, "resnet18", None).eval()
     image = np.random.default_rng(0).integers(0, 256, (72, 88, 3), dtype=np.uint8)
     args = dict(keys=[0, 2], scales=[1.0, 0.5, 1.5], flip=True)
     on_cpu = multiscale_cam(model, image, device=torch.device("cpu"), **args)
-    on_gpu = multiscale_cam(model.to("cuda", memory_format=torch.channels_last), image,
-                            device=torch.device("cuda"), **args)
+    on_gpu = multiscale_cam(
+        model.to("cuda", memory_format=torch.channels_last), image, device=torch.device("cuda"), **args
+    )
     assert on_gpu.shape == on_cpu.shape == (2, 18, 22)
     for cpu_map, gpu_map in zip(on_cpu, on_gpu):  # bf16 moves values a little, not the picture
         assert np.isclose(gpu_map.max(), 1.0, atol=1e-3)
@@ -90,6 +109,7 @@ def test_multiscale_cam_on_cuda_in_bf16_matches_the_cpu():
 def test_whole_chain_trains_on_cuda_and_its_model_predicts_on_the_cpu(cli, synthetic_dataset, tmp_path):
     from data.layout import PreparedDataset, read_index_png
     from stages.seg.predict import predict_inputs
+
     root = synthetic_dataset()
     args = ["-c", str(DEMO_CONFIG), "-o", f"data.root={root}", "-o", f"run.workdir={tmp_path / 'runs'}"]
     for key, value in CUDA_CHAIN.items():
@@ -119,24 +139,32 @@ def crf_scene(height: int, width: int, n_labels: int, seed: int = 0):
     labels = np.zeros((height, width), np.int64)
     for k in range(1, n_labels):
         y, x = np.sort(rng.integers(0, height, 2)), np.sort(rng.integers(0, width, 2))
-        image[y[0]:y[1] + 1, x[0]:x[1] + 1] += rng.integers(40, 200, 3)
-        labels[y[0]:y[1] + 1, x[0]:x[1] + 1] = k
+        image[y[0] : y[1] + 1, x[0] : x[1] + 1] += rng.integers(40, 200, 3)
+        labels[y[0] : y[1] + 1, x[0] : x[1] + 1] = k
     noisy = np.where(rng.random(labels.shape) < 0.2, rng.integers(0, n_labels, labels.shape), labels)
-    probs = np.eye(n_labels, dtype=np.float32)[noisy].transpose(2, 0, 1) + rng.random((n_labels, height, width),
-                                                                                      dtype=np.float32)
+    probs = np.eye(n_labels, dtype=np.float32)[noisy].transpose(2, 0, 1) + rng.random(
+        (n_labels, height, width), dtype=np.float32
+    )
     return np.clip(image, 0, 255).astype(np.uint8), noisy, probs / probs.sum(0)
 
 
 def test_torch_crf_on_cuda_equals_the_torch_crf_on_the_cpu():
     from stages.common import crf_torch
     from stages.common.crf import CrfParams, crf_labels, crf_prob
+
     params = CrfParams()
     for height, width, n_labels in [(97, 83, 3), (256, 200, 21)]:  # 97 * 83 is odd: padding points
         image, labels, probs = crf_scene(height, width, n_labels, seed=height)
         # the lattices are built from the same float32 arithmetic: the same number of points
         for device in ("cpu", "cuda"):
-            kernels = crf_torch.image_kernels(torch.from_numpy(image).to(device), params.gauss_sxy, params.gauss_compat,
-                                              params.bilateral_sxy, params.bilateral_srgb, params.bilateral_compat)
+            kernels = crf_torch.image_kernels(
+                torch.from_numpy(image).to(device),
+                params.gauss_sxy,
+                params.gauss_compat,
+                params.bilateral_sxy,
+                params.bilateral_srgb,
+                params.bilateral_compat,
+            )
             sizes = [kernel.n_lattice for kernel in kernels]
             if device == "cpu":
                 cpu_sizes = sizes
@@ -154,15 +182,25 @@ def test_torch_crf_on_cuda_equals_the_torch_crf_on_the_cpu():
 def peak_crf_memory(side: int, n_labels: int) -> int:
     from stages.common.crf import CrfParams
     from stages.common.crf_torch import label_crf
+
     image, labels, _ = crf_scene(side, side, n_labels)
     image, labels = torch.from_numpy(image).cuda(), torch.from_numpy(np.stack([labels, labels])).cuda()
     params = CrfParams()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    label_crf(image, labels, n_labels, params.gt_prob, iterations=params.iterations, gauss_sxy=params.gauss_sxy,
-              gauss_compat=params.gauss_compat, bilateral_sxy=params.bilateral_sxy,
-              bilateral_srgb=params.bilateral_srgb, bilateral_compat=params.bilateral_compat)
+    label_crf(
+        image,
+        labels,
+        n_labels,
+        params.gt_prob,
+        iterations=params.iterations,
+        gauss_sxy=params.gauss_sxy,
+        gauss_compat=params.gauss_compat,
+        bilateral_sxy=params.bilateral_sxy,
+        bilateral_srgb=params.bilateral_srgb,
+        bilateral_compat=params.bilateral_compat,
+    )
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
 
@@ -179,4 +217,5 @@ def test_a_checkpoint_of_a_cuda_model_round_trips(tmp_path, optimizer):
     """channels_last weights and optimizer state on the GPU: written as contiguous CPU tensors,
     loaded back equal, and the resumed step continues as the original."""
     from tests.test_model_files import checkpoint_round_trip
+
     checkpoint_round_trip(tmp_path, optimizer, torch.device("cuda"))

@@ -1,5 +1,6 @@
 """Several processes under torchrun (Gloo on the CPU): data-parallel training equals one
 process, and `wss run` shards the per-image work, commits each artifact once and reuses it."""
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,9 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     if not TORCHRUN.is_file():
         pytest.skip(f"no torchrun beside {sys.executable}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", *args], cwd=cwd, env=env,
-                          capture_output=True, timeout=300)
+    done = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", *args], cwd=cwd, env=env, capture_output=True, timeout=300
+    )
     # decoded here, not with text=True: its universal newlines would turn each "\r" of a progress
     # bar's refresh into a line end, and a refresh at 100% would read as a second closing line
     done.stdout, done.stderr = done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
@@ -33,6 +35,7 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_fit_on_two_processes_equals_one_process(tmp_path):
     from tests.distributed_fit import train
+
     done = torchrun(str(REPO / "tests" / "distributed_fit.py"), str(tmp_path / "two.pt"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     train(tmp_path / "one.pt")
@@ -45,6 +48,7 @@ def test_fit_on_two_processes_equals_one_process(tmp_path):
 
 def test_wss_run_on_two_processes_shards_the_work_and_commits_once(tmp_path, synthetic_dataset, cli):
     from data.layout import PreparedDataset
+
     root = synthetic_dataset()
     args = ["-c", str(DEMO_CONFIG), "-o", f"data.root={root}", "-o", f"run.workdir={tmp_path / 'work'}"]
     for key, value in {**FAST_CHAIN, "seg.checkpoint": "pseudo_holdout"}.items():
@@ -59,9 +63,14 @@ def test_wss_run_on_two_processes_shards_the_work_and_commits_once(tmp_path, syn
 
     from pipeline.config import load_config
     from pipeline.runner import Pipeline
+
     pipeline = Pipeline(load_config([DEMO_CONFIG], [a for a in args[3::2]]))
-    per_image = {"cam": ("cams", ".npz"), "irn": ("seeds", ".png"), "pseudo": ("pseudo_labels", ".png"),
-                 "seg": ("predictions", ".png")}
+    per_image = {
+        "cam": ("cams", ".npz"),
+        "irn": ("seeds", ".png"),
+        "pseudo": ("pseudo_labels", ".png"),
+        "seg": ("predictions", ".png"),
+    }
     for stage, (folder, suffix) in per_image.items():
         artifact = pipeline.artifact(stage)
         assert artifact is not None, f"{stage}: no complete artifact"
@@ -87,6 +96,7 @@ def test_single_process_commands_refuse_torchrun(cli, monkeypatch, tmp_path):
 def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     from data.errors import WssError
     from stages.common import distributed
+
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -100,6 +110,7 @@ def test_global_batch_must_split_evenly(monkeypatch):
     from data.errors import WssError
     from stages.common import distributed
     from stages.common.training import per_process_batch
+
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     assert per_process_batch(12) == 4
     with pytest.raises(WssError, match="batch_size 16 does not split evenly over 3 processes"):
@@ -108,6 +119,7 @@ def test_global_batch_must_split_evenly(monkeypatch):
 
 def test_shard_covers_every_item_once(monkeypatch):
     from stages.common import distributed
+
     items = [f"id{i}" for i in range(11)]
     shares = []
     for rank in range(3):
@@ -115,4 +127,3 @@ def test_shard_covers_every_item_once(monkeypatch):
         monkeypatch.setattr(distributed, "world_size", lambda: 3)
         shares.append(distributed.shard(items))
     assert sorted(sum(shares, [])) == sorted(items) and [len(s) for s in shares] == [4, 4, 3]
-

@@ -4,6 +4,7 @@ Known answers on generated folders (nested ids, PNG / JPEG / 16-bit TIFF / DICOM
 CSVs, CheXpert's -1 and blanks, masks in both conventions), every bad input listed and left out
 while the rest is prepared, and reruns that redo exactly what changed.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,6 +32,7 @@ MULTI = ["ring", "cross", "square"]
 # A user's folder, generated
 # --------------------------------------------------------------------------------------------
 
+
 def user_path(k: int) -> str:
     """Nested relative paths (no suffix); ids 0 and 1 share their file name in two folders."""
     if k < 2:
@@ -38,8 +40,16 @@ def user_path(k: int) -> str:
     return f"site{k % 3}/patient{k % 4}/scan{k}"
 
 
-def make_user_folder(root: Path, n: int = 12, size: int = 48, variant: str = "multiclass", masks: bool = True,
-                     layout: str = "long", formats: bool = True, seed: int = 0) -> dict:
+def make_user_folder(
+    root: Path,
+    n: int = 12,
+    size: int = 48,
+    variant: str = "multiclass",
+    masks: bool = True,
+    layout: str = "long",
+    formats: bool = True,
+    seed: int = 0,
+) -> dict:
     """A folder as users have them: images/<nested>/<name>.<png|tif|dcm>, a label CSV, masks/.
     Image 2 is a 16-bit TIFF, image 3 a DICOM, image 4 a DICOM named by a UID without suffix
     (with ``formats``). Returns {relative id: (8-bit pixels, mask, label)} and the paths."""
@@ -71,15 +81,23 @@ def make_user_folder(root: Path, n: int = 12, size: int = 48, variant: str = "mu
         truth[rel] = (pixels, mask, label.astype(int))
     csv_path = root / "labels.csv"
     if layout == "long":
-        lines = ["image,labels"] + [f"{rel},{'|'.join(c for c, v in zip(classes, label) if v)}"
-                                    for rel, (_, _, label) in truth.items()]
+        lines = ["image,labels"] + [
+            f"{rel},{'|'.join(c for c, v in zip(classes, label) if v)}" for rel, (_, _, label) in truth.items()
+        ]
     else:
-        lines = ["Path,Sex," + ",".join(classes)] + [f"{rel},F," + ",".join(str(v) for v in label)
-                                                     for rel, (_, _, label) in truth.items()]
+        lines = ["Path,Sex," + ",".join(classes)] + [
+            f"{rel},F," + ",".join(str(v) for v in label) for rel, (_, _, label) in truth.items()
+        ]
     csv_path.write_text("\n".join(lines) + "\n")
     (root / "classes.txt").write_text("\n".join(classes) + "\n")  # the masks' index order
-    return {"truth": truth, "images": images, "masks": mask_dir if masks else None, "csv": csv_path,
-            "classes": classes, "classes_file": root / "classes.txt"}
+    return {
+        "truth": truth,
+        "images": images,
+        "masks": mask_dir if masks else None,
+        "csv": csv_path,
+        "classes": classes,
+        "classes_file": root / "classes.txt",
+    }
 
 
 def prepare(case: dict, out: Path, **kw):
@@ -99,14 +117,18 @@ def problems(report) -> list[str]:
 # Ids
 # --------------------------------------------------------------------------------------------
 
+
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.text(alphabet=st.sampled_from("ab/%\\_2F5C."), min_size=1, max_size=8), min_size=2, max_size=6,
-                unique=True))
+@given(
+    st.lists(
+        st.text(alphabet=st.sampled_from("ab/%\\_2F5C."), min_size=1, max_size=8), min_size=2, max_size=6, unique=True
+    )
+)
 def test_nested_ids_become_flat_reversible_names_without_collisions(paths):
     ids = [encode_id(p) for p in paths]
-    assert len(set(ids)) == len(paths)                      # no two paths share an id
+    assert len(set(ids)) == len(paths)  # no two paths share an id
     assert all("/" not in i and "\\" not in i for i in ids)  # every id is one file name
-    assert [decode_id(i) for i in ids] == paths             # and says which path it came from
+    assert [decode_id(i) for i in ids] == paths  # and says which path it came from
 
 
 def test_plain_names_are_their_own_ids():
@@ -116,6 +138,7 @@ def test_plain_names_are_their_own_ids():
 # --------------------------------------------------------------------------------------------
 # Preparing
 # --------------------------------------------------------------------------------------------
+
 
 def test_a_nested_multiclass_folder_with_every_format_is_prepared_exactly(tmp_path):
     case = make_user_folder(tmp_path, n=12)
@@ -142,10 +165,12 @@ def test_the_grayscale_dicom_and_16_bit_tiff_keep_their_pixels(tmp_path):
     dataset = PreparedDataset(tmp_path / "out")
     with Image.open(tmp_path / "out" / "images" / f"{encode_id(user_path(3))}.png") as im:
         assert im.mode == "L"  # gray stays gray
-    assert np.array_equal(dataset.read_image(encode_id(user_path(3)))[:, :, 0],
-                          read_dicom(case["images"] / f"{user_path(3)}.dcm"))
-    assert np.array_equal(dataset.read_image("site1%2F1.2.840.4")[:, :, 0],
-                          read_dicom(case["images"] / "site1/1.2.840.4"))  # a DICOM named by a UID
+    assert np.array_equal(
+        dataset.read_image(encode_id(user_path(3)))[:, :, 0], read_dicom(case["images"] / f"{user_path(3)}.dcm")
+    )
+    assert np.array_equal(
+        dataset.read_image("site1%2F1.2.840.4")[:, :, 0], read_dicom(case["images"] / "site1/1.2.840.4")
+    )  # a DICOM named by a UID
 
 
 def test_a_one_class_folder_is_the_binary_task_with_0_255_masks(tmp_path):
@@ -168,10 +193,12 @@ def test_chexpert_wide_layout_uncertain_and_blank_policies(tmp_path):
     (tmp_path / "images" / "patient2").mkdir()
     Image.fromarray(np.full((16, 20), 50, np.uint8)).save(tmp_path / "images" / "patient2" / "view1_frontal.jpg")
     csv_path = tmp_path / "train.csv"
-    csv_path.write_text("Path,Sex,Age,Frontal/Lateral,Edema,Pleural Effusion,Cardiomegaly\n"
-                        "patient1/study1/view1_frontal.jpg,Male,68,Frontal,1.0,-1.0,\n"
-                        "patient1/study1/view2_lateral.jpg,Male,68,Lateral,0.0,,1.0\n"
-                        "patient2/view1_frontal.jpg,Female,41,Frontal,-1.0,1.0,0.0\n")
+    csv_path.write_text(
+        "Path,Sex,Age,Frontal/Lateral,Edema,Pleural Effusion,Cardiomegaly\n"
+        "patient1/study1/view1_frontal.jpg,Male,68,Frontal,1.0,-1.0,\n"
+        "patient1/study1/view2_lateral.jpg,Male,68,Lateral,0.0,,1.0\n"
+        "patient2/view1_frontal.jpg,Female,41,Frontal,-1.0,1.0,0.0\n"
+    )
     run = lambda out, **kw: prepare_folder(tmp_path / "images", csv_path, tmp_path / out, progress=False, **kw)
     report = run("ignore")
     classes = ["Edema", "Pleural Effusion", "Cardiomegaly"]
@@ -234,7 +261,9 @@ def test_an_image_label_csv_of_zeros_and_ones_is_one_class(tmp_path):
 def test_long_layout_separators():
     assert split_names("cat|dog") == ["cat", "dog"] and split_names("cat; dog ;") == ["cat", "dog"]
     assert split_names("cat dog") == ["cat", "dog"] and split_names("Pleural Effusion|Edema") == [
-        "Pleural Effusion", "Edema"]
+        "Pleural Effusion",
+        "Edema",
+    ]
     assert split_names("") == [] and split_names("  ") == []
 
 
@@ -247,22 +276,25 @@ def test_bad_rows_and_files_are_listed_and_left_out_and_the_rest_prepared(tmp_pa
     (images / "notes.txt").write_text("not an image")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(images / "unlisted.png")
     rows = case["csv"].read_text().splitlines()
-    rows += ["site2/broken.png,ring",                # a file that does not decode: failed
-             "site2/twin,ring",                      # names the ambiguous id: matches nothing
-             "nowhere/image.png,ring",               # no such image
-             f"{user_path(5)},ring|circle",          # unknown class: this row out (the other kept)
-             f"{user_path(6)}.png,{rows[7].split(',')[1]}",  # duplicate, same labels: fine
-             f"{user_path(7)},",                     # duplicate with other labels: image out
-             ",ring",                                # no image named
-             f"{user_path(8)},ring,extra"]           # too many fields: this row out
+    rows += [
+        "site2/broken.png,ring",  # a file that does not decode: failed
+        "site2/twin,ring",  # names the ambiguous id: matches nothing
+        "nowhere/image.png,ring",  # no such image
+        f"{user_path(5)},ring|circle",  # unknown class: this row out (the other kept)
+        f"{user_path(6)}.png,{rows[7].split(',')[1]}",  # duplicate, same labels: fine
+        f"{user_path(7)},",  # duplicate with other labels: image out
+        ",ring",  # no image named
+        f"{user_path(8)},ring,extra",
+    ]  # too many fields: this row out
     case["csv"].write_text("\n".join(rows) + "\n")
     (tmp_path / "classes.txt").write_text("ring\ncross\nsquare\n")
     report = prepare(case, tmp_path / "out", classes_file=tmp_path / "classes.txt")
     lines = problems(report)
     csv_name = str(case["csv"])
     assert any(line.startswith(f"{csv_name}:{len(rows) - 4}:") and "unknown class 'circle'" in line for line in lines)
-    assert any(line.startswith(f"{csv_name}:{len(rows) - 2}:") and "also on line 9 with other labels" in line
-               for line in lines)
+    assert any(
+        line.startswith(f"{csv_name}:{len(rows) - 2}:") and "also on line 9 with other labels" in line for line in lines
+    )
     assert any(line.startswith(f"{csv_name}:{len(rows) - 1}:") and "no image named" in line for line in lines)
     assert any(line.startswith(f"{csv_name}:{len(rows)}:") and "expected 2 fields" in line for line in lines)
     assert sum("give the id 'site2/twin'" in line for line in lines) == 2
@@ -280,14 +312,15 @@ def test_bad_rows_and_files_are_listed_and_left_out_and_the_rest_prepared(tmp_pa
 def test_masks_are_checked_and_a_bad_one_costs_only_itself(tmp_path):
     case = make_user_folder(tmp_path, n=6, formats=False)
     masks = case["masks"]
-    Image.fromarray(np.zeros((10, 10), np.uint8)).save(masks / f"{user_path(2)}.png")        # another size
-    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(masks / f"{user_path(3)}.png")     # RGB
-    Image.fromarray(np.full((48, 48), 9, np.uint8)).save(masks / f"{user_path(4)}.png")      # index 9
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(masks / f"{user_path(2)}.png")  # another size
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(masks / f"{user_path(3)}.png")  # RGB
+    Image.fromarray(np.full((48, 48), 9, np.uint8)).save(masks / f"{user_path(4)}.png")  # index 9
     wrong = np.zeros((48, 48), np.uint8)
     wrong[:10, :10] = 3
-    Image.fromarray(wrong).save(masks / f"{user_path(5)}.png")                                # shows a square
-    rows = [f"{user_path(5)},ring" if r.startswith(f"{user_path(5)},") else r
-            for r in case["csv"].read_text().splitlines()]                                    # labelled ring
+    Image.fromarray(wrong).save(masks / f"{user_path(5)}.png")  # shows a square
+    rows = [
+        f"{user_path(5)},ring" if r.startswith(f"{user_path(5)},") else r for r in case["csv"].read_text().splitlines()
+    ]  # labelled ring
     case["csv"].write_text("\n".join(rows) + "\n")
     Image.fromarray(np.zeros((48, 48), np.uint8)).save(masks / "orphan.png")
     report = prepare(case, tmp_path / "out")
@@ -343,8 +376,9 @@ def test_size_resizes_the_longer_side_and_a_rerun_with_another_size_needs_force(
     (tmp_path / "masks").mkdir()
     Image.fromarray(mask).save(tmp_path / "masks" / "wide.png")
     (tmp_path / "l.csv").write_text("image,labels\nwide,a\ntall,\n")
-    run = lambda size, **kw: prepare_folder(images, tmp_path / "l.csv", tmp_path / "out", masks_dir=tmp_path / "masks",
-                                            size=size, progress=False, **kw)
+    run = lambda size, **kw: prepare_folder(
+        images, tmp_path / "l.csv", tmp_path / "out", masks_dir=tmp_path / "masks", size=size, progress=False, **kw
+    )
     run(30)
     assert Image.open(tmp_path / "out" / "images" / "wide.png").size == (30, 15)
     assert Image.open(tmp_path / "out" / "images" / "tall.png").size == (15, 30)
@@ -368,8 +402,7 @@ def test_exif_orientation_is_applied_and_masks_follow_the_displayed_image(tmp_pa
     (tmp_path / "masks").mkdir()
     Image.fromarray(np.ones((40, 20), np.uint8)).save(tmp_path / "masks" / "photo.png")  # as displayed
     (tmp_path / "l.csv").write_text("image,labels\nphoto.jpg,a\n")
-    report = prepare_folder(images, tmp_path / "l.csv", tmp_path / "out", masks_dir=tmp_path / "masks",
-                            progress=False)
+    report = prepare_folder(images, tmp_path / "l.csv", tmp_path / "out", masks_dir=tmp_path / "masks", progress=False)
     dataset = PreparedDataset(tmp_path / "out")
     shown = dataset.read_image("photo")
     assert shown.shape == (40, 20, 3) and shown[:10].mean() > 200 and shown[-10:].mean() < 50
@@ -407,9 +440,32 @@ def test_out_inside_the_images_folder_is_not_read_as_input(tmp_path):
 
 def test_cli_prepare_folder(cli, tmp_path):
     case = make_user_folder(tmp_path, n=6, variant="binary", layout="wide", formats=False)
-    result = cli("prepare", "folder", "--images", case["images"], "--labels", case["csv"], "--out", tmp_path / "out",
-                 "--masks", case["masks"], "--size", "32", "--val-fraction", "0.5", "--seed", "1", "--name", "mine",
-                 "--uncertain", "positive", "--blank", "negative", "--workers", "2")
+    result = cli(
+        "prepare",
+        "folder",
+        "--images",
+        case["images"],
+        "--labels",
+        case["csv"],
+        "--out",
+        tmp_path / "out",
+        "--masks",
+        case["masks"],
+        "--size",
+        "32",
+        "--val-fraction",
+        "0.5",
+        "--seed",
+        "1",
+        "--name",
+        "mine",
+        "--uncertain",
+        "positive",
+        "--blank",
+        "negative",
+        "--workers",
+        "2",
+    )
     assert result.exit_code == 0, result.output
     assert "folder: prepared 6 images" in result.output
     dataset = PreparedDataset(tmp_path / "out")
@@ -420,6 +476,7 @@ def test_cli_prepare_folder(cli, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Reruns (data.prepare_manifest)
 # --------------------------------------------------------------------------------------------
+
 
 def test_folder_rerun_redoes_exactly_what_changed(tmp_path, monkeypatch):
     case = make_user_folder(tmp_path, n=8)

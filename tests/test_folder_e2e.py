@@ -2,6 +2,7 @@
 (two images share a file name in two folders), a DICOM and a 16-bit TIFF among PNGs, masks or
 none, one class or several, CheXpert-style uncertain labels. Every per-image file of every
 artifact is named by the flat id, and every command finds them."""
+
 from __future__ import annotations
 
 import csv
@@ -20,13 +21,27 @@ CONFIG = REPO / "configs" / "folder.yaml"
 
 # What the test changes in configs/folder.yaml: offline, 64 px, seconds.
 SMALL = {
-    "cam.weights": "null", "cam.backbone": "resnet18", "cam.epochs": "2", "cam.batch_size": "8",
-    "cam.lr": "0.002", "cam.crop_size": "64", "cam.resize_long": "[56,72]", "cam.scales": "[1.0]",
-    "irn.epochs": "1", "irn.batch_size": "4", "irn.crop_size": "64", "irn.resize_long": "[56,72]",
+    "cam.weights": "null",
+    "cam.backbone": "resnet18",
+    "cam.epochs": "2",
+    "cam.batch_size": "8",
+    "cam.lr": "0.002",
+    "cam.crop_size": "64",
+    "cam.resize_long": "[56,72]",
+    "cam.scales": "[1.0]",
+    "irn.epochs": "1",
+    "irn.batch_size": "4",
+    "irn.crop_size": "64",
+    "irn.resize_long": "[56,72]",
     "irn.exp_times": "4",
-    "seg.encoder": "resnet18", "seg.encoder_weights": "null", "seg.epochs": "2", "seg.batch_size": "4",
-    "seg.crop_size": "64", "seg.resize_long": "[56,72]",
-    "run.workers": "0", "run.device": "cpu",
+    "seg.encoder": "resnet18",
+    "seg.encoder_weights": "null",
+    "seg.epochs": "2",
+    "seg.batch_size": "4",
+    "seg.crop_size": "64",
+    "seg.resize_long": "[56,72]",
+    "run.workers": "0",
+    "run.device": "cpu",
 }
 
 
@@ -42,8 +57,22 @@ def stage_table(output: str) -> dict[str, str]:
 def test_a_nested_multiclass_folder_with_masks_through_every_command(cli, tmp_path):
     case = make_user_folder(tmp_path / "user", n=24, size=64)
     root, workdir = tmp_path / "mine", tmp_path / "runs"
-    prepared = cli("prepare", "folder", "--images", case["images"], "--labels", case["csv"], "--masks", case["masks"],
-                   "--classes", case["classes_file"], "--out", root, "--val-fraction", "0.25")
+    prepared = cli(
+        "prepare",
+        "folder",
+        "--images",
+        case["images"],
+        "--labels",
+        case["csv"],
+        "--masks",
+        case["masks"],
+        "--classes",
+        case["classes_file"],
+        "--out",
+        root,
+        "--val-fraction",
+        "0.25",
+    )
     assert prepared.exit_code == 0, prepared.output
     dataset = PreparedDataset(root)
     train, val = dataset.split("train"), dataset.split("val")
@@ -59,8 +88,9 @@ def test_a_nested_multiclass_folder_with_masks_through_every_command(cli, tmp_pa
         assert (artifacts["cam"] / "cams" / f"{image_id}.npz").is_file()
         assert (artifacts["irn"] / "seeds" / f"{image_id}.png").is_file()
         assert (artifacts["pseudo"] / "pseudo_labels" / f"{image_id}.png").is_file()
-        assert (artifacts["pseudo"] / "boundaries" / f"{image_id}.png").is_file() or \
-            not dataset.label_vector(image_id).any()
+        assert (artifacts["pseudo"] / "boundaries" / f"{image_id}.png").is_file() or not dataset.label_vector(
+            image_id
+        ).any()
     for image_id in val:
         prediction = read_index_png(artifacts["seg"] / "predictions" / f"{image_id}.png")
         assert prediction.shape == dataset.read_mask(image_id).shape
@@ -79,8 +109,13 @@ def test_a_nested_multiclass_folder_with_masks_through_every_command(cli, tmp_pa
     evaluated = cli("evaluate", *args)
     assert evaluated.exit_code == 0, evaluated.output
     rows = json.loads((workdir / "mine" / "evaluation.json").read_text())
-    assert {(r["stage"], r["split"]) for r in rows} == {("cam", "train"), ("irn", "train"), ("pseudo", "train"),
-                                                        ("seg", "val"), ("seg", "train")}
+    assert {(r["stage"], r["split"]) for r in rows} == {
+        ("cam", "train"),
+        ("irn", "train"),
+        ("pseudo", "train"),
+        ("seg", "val"),
+        ("seg", "train"),
+    }
 
     inputs = [case["images"] / "site2", case["images"] / f"{user_path(3)}.dcm"]
     predicted = cli("predict", *args, *inputs, "--out", tmp_path / "pred")
@@ -107,8 +142,9 @@ def test_a_binary_folder_without_masks_and_with_uncertain_labels_runs_and_predic
         rows[k][-1] = "-1.0"
     case["csv"].write_text("\n".join(",".join(row) for row in rows) + "\n")
     root, workdir = tmp_path / "xrays", tmp_path / "runs"
-    prepared = cli("prepare", "folder", "--images", case["images"], "--labels", case["csv"], "--out", root,
-                   "--val-fraction", "0.2")
+    prepared = cli(
+        "prepare", "folder", "--images", case["images"], "--labels", case["csv"], "--out", root, "--val-fraction", "0.2"
+    )
     assert prepared.exit_code == 0, prepared.output
     dataset = PreparedDataset(root)
     assert dataset.task == "binary" and sorted(dataset.uncertain) == sorted(encode_id(r) for r in uncertain)

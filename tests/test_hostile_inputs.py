@@ -6,6 +6,7 @@ interrupted stage is named as such by `wss status`, a rerun without `--resume` s
 discards it, and a resumed stage's time is that of all its runs. metrics.json, manifest.json and
 metrics.jsonl are strict JSON: null where a class has no score.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,18 @@ import stages.common.training as training
 from pipeline.config import load_config
 from tests.helpers import DEMO_CONFIG, FAST_CAM, overrides
 
-FAST_CHAIN = {**FAST_CAM, "irn.epochs": "1", "irn.batch_size": "8", "irn.crop_size": "64",
-              "irn.resize_long": "[56,72]", "irn.exp_times": "4", "seg.epochs": "1", "seg.batch_size": "8",
-              "seg.crop_size": "64", "seg.resize_long": "[56,72]"}
+FAST_CHAIN = {
+    **FAST_CAM,
+    "irn.epochs": "1",
+    "irn.batch_size": "8",
+    "irn.crop_size": "64",
+    "irn.resize_long": "[56,72]",
+    "irn.exp_times": "4",
+    "seg.epochs": "1",
+    "seg.batch_size": "8",
+    "seg.crop_size": "64",
+    "seg.resize_long": "[56,72]",
+}
 
 
 class RunsCode:
@@ -42,13 +52,15 @@ def weights_files(folder) -> dict:
         pickle.dump(RunsCode(), handle, protocol=2)
     torch.save([1, 2, 3], folder / "list.pth")
     torch.save({"conv1.weight": torch.zeros(3)}, folder / "other.pth")
-    return {"missing": (folder / "absent.pth", "weights file not found"),
-            "random bytes": (folder / "random.pth", "not a PyTorch file: neither a zip archive nor a pickle"),
-            "text": (folder / "notes.pth", "not a PyTorch file: neither a zip archive nor a pickle"),
-            "empty": (folder / "empty.pth", "the file is empty"),
-            "code": (folder / "code.pth", "torch's weights-only loader refused it"),
-            "not a dict": (folder / "list.pth", "holds a list, not a state dict"),
-            "another network": (folder / "other.pth", "do not fit resnet18")}
+    return {
+        "missing": (folder / "absent.pth", "weights file not found"),
+        "random bytes": (folder / "random.pth", "not a PyTorch file: neither a zip archive nor a pickle"),
+        "text": (folder / "notes.pth", "not a PyTorch file: neither a zip archive nor a pickle"),
+        "empty": (folder / "empty.pth", "the file is empty"),
+        "code": (folder / "code.pth", "torch's weights-only loader refused it"),
+        "not a dict": (folder / "list.pth", "holds a list, not a state dict"),
+        "another network": (folder / "other.pth", "do not fit resnet18"),
+    }
 
 
 def chain_args(root, workdir, **extra) -> list[str]:
@@ -105,6 +117,7 @@ def test_the_irn_checks_the_imagenet_file_its_trunk_starts_from(tiny_synthetic, 
     from data.layout import PreparedDataset
     from stages.common.backbones import WeightsError
     from stages.irn.stage import IrnStage
+
     path, words = weights_files(tmp_path / "weights")["text"]
     cfg = load_config(DEMO_CONFIG, ["irn.backbone_init=imagenet", f"cam.weights={path}", "cam.backbone=resnet18"])
     with pytest.raises(WeightsError) as info:
@@ -116,18 +129,25 @@ def test_the_irn_checks_the_imagenet_file_its_trunk_starts_from(tiny_synthetic, 
 
 def strict_json(text: str):
     """json.loads that refuses NaN / Infinity, as JSON.parse and jq do."""
+
     def refuse(constant):
         raise ValueError(f"not JSON: {constant}")
+
     return json.loads(text, parse_constant=refuse)
 
 
 def test_metrics_of_a_class_absent_from_the_split_are_null(cli, tiny_synthetic, tmp_path):
     """The first two train images hold no ring: its IoU is undefined, NaN in Python, null on disk."""
     workdir = tmp_path / "runs"
-    result = cli("run-stage", "cam", *chain_args(tiny_synthetic, workdir, **{"cam.epochs": 1, "cam.batch_size": 2}),
-                 "--limit", "2")
+    result = cli(
+        "run-stage",
+        "cam",
+        *chain_args(tiny_synthetic, workdir, **{"cam.epochs": 1, "cam.batch_size": 2}),
+        "--limit",
+        "2",
+    )
     assert result.exit_code == 0, result.output
-    artifact, = (workdir / "synthetic").glob("cam-*")
+    (artifact,) = (workdir / "synthetic").glob("cam-*")
     metrics = strict_json((artifact / "metrics.json").read_text())
     assert metrics["cam_iou/ring"] is None and isinstance(metrics["cam_iou/cross"], float)
     assert strict_json((artifact / "manifest.json").read_text())["metrics"]["cam_iou/ring"] is None
@@ -137,11 +157,13 @@ def test_metrics_of_a_class_absent_from_the_split_are_null(cli, tiny_synthetic, 
     assert status.exit_code == 0, status.output
 
 
-def test_an_interrupted_stage_is_named_discarded_aloud_and_timed_whole(cli, tiny_synthetic, tmp_path, monkeypatch,
-                                                                        caplog):
+def test_an_interrupted_stage_is_named_discarded_aloud_and_timed_whole(
+    cli, tiny_synthetic, tmp_path, monkeypatch, caplog
+):
     """Interrupted after epoch 2: `wss status` says so; a rerun without --resume says it discards
     that run (interrupted in turn after epoch 1); the resumed run's seconds add both runs' time."""
     from stages.common.elapsed import seconds_spent
+
     workdir = tmp_path / "runs"
     args = ["run-stage", "cam", *chain_args(tiny_synthetic, workdir)]
     epochs = int(FAST_CAM["cam.epochs"])
@@ -155,11 +177,12 @@ def test_an_interrupted_stage_is_named_discarded_aloud_and_timed_whole(cli, tiny
             saved.append(path)
             if len(saved) == count:
                 raise KeyboardInterrupt
+
         return save
 
     monkeypatch.setattr(training, "write_checkpoint", interrupt_after(2))
     assert cli(*args).exit_code == 130
-    partial, = (workdir / "synthetic").glob(".cam-*.partial")
+    (partial,) = (workdir / "synthetic").glob(".cam-*.partial")
     status = cli("status", *args[2:])
     line = next(x for x in status.output.splitlines() if x.startswith("cam"))
     assert line == f"cam      interrupted after epoch 2 of {epochs} (resume with --resume)  {partial}"
@@ -168,8 +191,10 @@ def test_an_interrupted_stage_is_named_discarded_aloud_and_timed_whole(cli, tiny
     with caplog.at_level(logging.INFO):
         rerun = cli(*args)
     assert rerun.exit_code == 130
-    assert f"cam: starting again: discarding {partial}, an interrupted run (after epoch 2 of {epochs}) " \
-           f"that `--resume` would continue" in caplog.text
+    assert (
+        f"cam: starting again: discarding {partial}, an interrupted run (after epoch 2 of {epochs}) "
+        f"that `--resume` would continue" in caplog.text
+    )
     assert f"interrupted after epoch 1 of {epochs}" in cli("status", *args[2:]).output
     spent = seconds_spent(partial)
     assert spent > 0
@@ -177,7 +202,7 @@ def test_an_interrupted_stage_is_named_discarded_aloud_and_timed_whole(cli, tiny
     monkeypatch.setattr(training, "write_checkpoint", real_save)
     done = cli(*args, "--resume")
     assert done.exit_code == 0, done.output
-    artifact, = (workdir / "synthetic").glob("cam-*")
+    (artifact,) = (workdir / "synthetic").glob("cam-*")
     manifest = json.loads((artifact / "manifest.json").read_text())
     this_run = manifest["finished"] - manifest["started"]
     assert manifest["seconds"] == pytest.approx(spent + this_run, abs=0.5)

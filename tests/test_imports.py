@@ -1,5 +1,6 @@
 """The repository's import graph (imports inside functions included): no cycles, no stage module
 used as a library by another stage, and the direction pipeline -> stages -> data."""
+
 from __future__ import annotations
 
 import textwrap
@@ -50,17 +51,26 @@ def test_the_repository_has_no_import_cycle():
 def test_a_stage_module_is_imported_only_by_its_own_package_and_the_registry():
     """`stages/<x>/stage.py` is a stage, not a library: what other stages share lives in modules
     named for their job (model files, scoring, settings)."""
-    wrong = [f"{module} imports {imported}" for module, imports in import_graph(REPO).items()
-             for imported in imports
-             if imported.startswith("stages.") and imported.endswith(".stage")
-             and module != "stages.registry" and not module.startswith(imported.rpartition(".")[0] + ".")]
+    wrong = [
+        f"{module} imports {imported}"
+        for module, imports in import_graph(REPO).items()
+        for imported in imports
+        if imported.startswith("stages.")
+        and imported.endswith(".stage")
+        and module != "stages.registry"
+        and not module.startswith(imported.rpartition(".")[0] + ".")
+    ]
     assert wrong == []
 
 
 def test_imports_go_pipeline_to_stages_to_data():
     layer = {"data": 0, "stages": 1, "pipeline": 2}
-    wrong = [f"{module} imports {imported}" for module, imports in import_graph(REPO).items()
-             for imported in imports if layer[imported.split(".")[0]] > layer[module.split(".")[0]]]
+    wrong = [
+        f"{module} imports {imported}"
+        for module, imports in import_graph(REPO).items()
+        for imported in imports
+        if layer[imported.split(".")[0]] > layer[module.split(".")[0]]
+    ]
     assert wrong == []
 
 
@@ -74,16 +84,19 @@ def write_modules(root, files: dict[str, str]) -> None:
 def test_the_graph_sees_imports_inside_functions_and_relative_ones(tmp_path):
     """Known answer on a made-up repository: a cycle closed by an import inside a function, one
     by a relative import, and a module that is not in a cycle."""
-    write_modules(tmp_path, {
-        "data/__init__.py": "",
-        "stages/__init__.py": "",
-        "stages/a.py": "from stages.b import thing\n",
-        "stages/b.py": "def thing():\n    from stages import a\n    return a\n",
-        "pipeline/__init__.py": "",
-        "pipeline/x.py": "from . import y\nimport data\n",
-        "pipeline/y.py": "from .x import name\n",
-        "pipeline/z.py": "import pipeline.x\n",
-    })
+    write_modules(
+        tmp_path,
+        {
+            "data/__init__.py": "",
+            "stages/__init__.py": "",
+            "stages/a.py": "from stages.b import thing\n",
+            "stages/b.py": "def thing():\n    from stages import a\n    return a\n",
+            "pipeline/__init__.py": "",
+            "pipeline/x.py": "from . import y\nimport data\n",
+            "pipeline/y.py": "from .x import name\n",
+            "pipeline/z.py": "import pipeline.x\n",
+        },
+    )
     graph = import_graph(tmp_path)
     assert graph["stages.b"] == {"stages.a"} and graph["pipeline.x"] == {"pipeline.y", "data"}
     assert cycles(graph) == [["pipeline.x", "pipeline.y"], ["stages.a", "stages.b"]]
@@ -108,13 +121,17 @@ def test_every_module_imports_and_every_name_it_imports_exists(tmp_path):
         for node in ast.walk(ast.parse(open(module.__file__).read())):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in modules:
                 source = importlib.import_module(node.module)
-                missing += [f"{name}: {node.module}.{a.name}" for a in node.names
-                            if not hasattr(source, a.name) and not _is_submodule(f"{node.module}.{a.name}")]
+                missing += [
+                    f"{name}: {node.module}.{a.name}"
+                    for a in node.names
+                    if not hasattr(source, a.name) and not _is_submodule(f"{node.module}.{a.name}")
+                ]
     assert not missing, missing
 
 
 def _is_submodule(name: str) -> bool:
     import importlib.util
+
     try:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:

@@ -6,6 +6,7 @@ Ctrl-C signals the whole process group. A pool worker that took KeyboardInterrup
 the pool's queue lock left the main process blocked in terminate() (seen with the pseudo-label
 CRF pool); the workers ignore SIGINT, the main process handles it.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -48,8 +49,9 @@ def test_ctrl_c_stops_a_pool_at_once_without_worker_tracebacks(tmp_path, pool):
     script = tmp_path / "work.py"
     script.write_text(SCRIPT.format(repo=str(REPO), pool=pool))
     # a session of its own: the script's Ctrl-C reaches its process group, not pytest's
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-                          start_new_session=True, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, start_new_session=True, cwd=tmp_path
+    )
     assert done.returncode == 130 and "interrupted" in done.stdout, done.stderr
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
 
@@ -57,6 +59,7 @@ def test_ctrl_c_stops_a_pool_at_once_without_worker_tracebacks(tmp_path, pool):
 def test_after_ctrl_c_each_command_says_what_continues_the_work(cli, monkeypatch, tmp_path, tiny_synthetic):
     import data.synthetic
     from pipeline.runner import Pipeline
+
     calls = []
 
     def interrupted(self, name, **options):
@@ -64,8 +67,16 @@ def test_after_ctrl_c_each_command_says_what_continues_the_work(cli, monkeypatch
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Pipeline, "run_stage", interrupted)
-    result = cli("pseudo-labels", "-c", "configs/demo.yaml", "-o", f"data.root={tiny_synthetic}",
-                 "-o", f"run.workdir={tmp_path}", "--resume")
+    result = cli(
+        "pseudo-labels",
+        "-c",
+        "configs/demo.yaml",
+        "-o",
+        f"data.root={tiny_synthetic}",
+        "-o",
+        f"run.workdir={tmp_path}",
+        "--resume",
+    )
     assert result.exit_code == 130 and "the same command with `--resume` continues it" in result.output
     assert calls == [{"force": False, "resume": True}]
 

@@ -1,26 +1,32 @@
 """Stage irn + pseudo: the network, the label rule, and the stages through the CLI and the cache."""
+
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
-
-import math
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from tests.helpers import DEMO_CONFIG
 from data.layout import PreparedDataset, read_index_png
 from stages.common.backbones import STAGE_STRIDES, ResNetFeatures
-from tests.test_backbones import cell_centre, centre_px, impulse_stages, inner_cell
 from stages.irn.net import BoundaryNet
 from stages.irn.pseudo import walk_to_label
+from tests.helpers import DEMO_CONFIG
+from tests.test_backbones import cell_centre, centre_px, impulse_stages, inner_cell
 
-FAST_IRN = {"irn.epochs": "1", "irn.batch_size": "8", "irn.crop_size": "64", "irn.resize_long": "[56,72]",
-            "irn.lr": "0.05", "irn.exp_times": "4"}
+FAST_IRN = {
+    "irn.epochs": "1",
+    "irn.batch_size": "8",
+    "irn.crop_size": "64",
+    "irn.resize_long": "[56,72]",
+    "irn.lr": "0.05",
+    "irn.exp_times": "4",
+}
 
 
 def irn_overrides(demo_overrides, root, workdir, **extra):
@@ -91,8 +97,7 @@ def test_boundary_is_mirror_averaged_probability():
 # ----------------------------------------------------------------------------------- label rule
 def test_walk_to_label_known_answer():
     # two classes (keys 1 and 2) on a 2x3 stride-4 grid -> 8x12 image, cropped to 7x10
-    walked = torch.tensor([[[4.0, 4.0, 0.0], [0.0, 0.0, 0.0]],
-                           [[0.0, 0.0, 0.0], [0.0, 2.0, 2.0]]])
+    walked = torch.tensor([[[4.0, 4.0, 0.0], [0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0], [0.0, 2.0, 2.0]]])
     label = walk_to_label(walked, np.array([1, 2]), (7, 10), bg_threshold=0.25)
     assert label.shape == (7, 10)
     assert set(np.unique(label)) == {0, 2, 3}  # background, class 1 -> 2, class 2 -> 3
@@ -116,8 +121,9 @@ def chain(tmp_path_factory, synthetic_dataset):
     """A cam -> irn -> pseudo run on the tiny synthetic set, shared by the tests below."""
     from click.testing import CliRunner
 
-    from tests.helpers import FAST_CAM
     from pipeline.cli import main
+    from tests.helpers import FAST_CAM
+
     root = synthetic_dataset()
     workdir = tmp_path_factory.mktemp("irn-runs")
     args = ["-o", f"data.root={root}", "-o", f"run.workdir={workdir}"]
@@ -137,6 +143,7 @@ def artifact(workdir: Path, stage: str) -> Path:
 def test_chain_writes_seeds_and_pseudo_labels_for_every_train_image(chain):
     from pipeline.config import load_config
     from pipeline.runner import Pipeline
+
     root, workdir, args = chain
     dataset = PreparedDataset(root)
     ids = dataset.split("train")
@@ -164,9 +171,11 @@ def test_pseudo_threshold_change_reuses_the_trained_irn(chain, cli):
     for threshold in ["0.3", "0.6"]:
         result = cli("pseudo-labels", "-c", DEMO_CONFIG, *args, "-o", f"irn.sem_seg_bg_threshold={threshold}")
         assert result.exit_code == 0, result.output
-        made = [p for p in (workdir / "synthetic").glob("pseudo-*")
-                if str(json.loads((p / "manifest.json").read_text())["config"]["irn"]["sem_seg_bg_threshold"])
-                == threshold]
+        made = [
+            p
+            for p in (workdir / "synthetic").glob("pseudo-*")
+            if str(json.loads((p / "manifest.json").read_text())["config"]["irn"]["sem_seg_bg_threshold"]) == threshold
+        ]
         assert len(made) == 1
         foreground[threshold] = sum((read_index_png(p) > 0).sum() for p in (made[0] / "pseudo_labels").glob("*.png"))
     assert artifact(workdir, "irn") == irn_before
@@ -175,6 +184,7 @@ def test_pseudo_threshold_change_reuses_the_trained_irn(chain, cli):
 
 def test_interrupted_pseudo_labels_resume_where_they_stopped(chain, cli, tmp_path, monkeypatch):
     import stages.irn.pseudo as pseudo
+
     root, workdir, args = chain
     workdir2 = shutil.copytree(workdir, tmp_path / "runs")
     args = [a.replace(str(workdir), str(workdir2)) for a in args] + ["-o", "irn.sem_seg_bg_threshold=0.45"]
@@ -195,8 +205,11 @@ def test_interrupted_pseudo_labels_resume_where_they_stopped(chain, cli, tmp_pat
     monkeypatch.setattr(pseudo, "write_index_png", real_write)
     result = cli("run", "-c", DEMO_CONFIG, "--until", "pseudo", "--resume", *args)
     assert result.exit_code == 0, result.output
-    made = [p for p in (workdir2 / "synthetic").glob("pseudo-*")
-            if json.loads((p / "manifest.json").read_text())["config"]["irn"]["sem_seg_bg_threshold"] == 0.45]
+    made = [
+        p
+        for p in (workdir2 / "synthetic").glob("pseudo-*")
+        if json.loads((p / "manifest.json").read_text())["config"]["irn"]["sem_seg_bg_threshold"] == 0.45
+    ]
     assert len(made) == 1
     labels = sorted((made[0] / "pseudo_labels").glob("*.png"))
     assert len(labels) == len(PreparedDataset(root).split("train"))
@@ -253,12 +266,25 @@ def test_negative_images_get_all_background_pseudo_labels(synthetic_dataset, tmp
 @pytest.mark.parametrize("workers", ["2", "0"])  # the pool computes, the second is a cache hit
 def test_crf_refinement_in_process_and_in_workers(chain, cli, workers):
     root, workdir, args = chain
-    result = cli("pseudo-labels", "-c", DEMO_CONFIG, *args, "-o", "irn.refine_crf=true",
-                 "-o", f"run.workers={workers}", "-o", "irn.sem_seg_bg_threshold=0.2")
+    result = cli(
+        "pseudo-labels",
+        "-c",
+        DEMO_CONFIG,
+        *args,
+        "-o",
+        "irn.refine_crf=true",
+        "-o",
+        f"run.workers={workers}",
+        "-o",
+        "irn.sem_seg_bg_threshold=0.2",
+    )
     assert result.exit_code == 0, result.output + str(result.exception)
     dataset = PreparedDataset(root)
-    refined = [p for p in (workdir / "synthetic").glob("pseudo-*")
-               if json.loads((p / "manifest.json").read_text())["config"]["irn"]["refine_crf"]]
+    refined = [
+        p
+        for p in (workdir / "synthetic").glob("pseudo-*")
+        if json.loads((p / "manifest.json").read_text())["config"]["irn"]["refine_crf"]
+    ]
     assert len(refined) == 1  # the worker count is not part of the key: the second run is a cache hit
     for image_id in dataset.split("train"):
         label = read_index_png(refined[0] / "pseudo_labels" / f"{image_id}.png")
@@ -280,18 +306,30 @@ def test_irn_and_pseudo_keys_leave_out_settings_nothing_reads():
 
     irn, pseudo = keys("irn.use_crf=false", "irn.refine_crf=false", "irn.optimizer=adamw")
     assert not {"crf", "momentum"} & set(irn) and "refine_crf_params" not in pseudo
-    assert keys("irn.use_crf=false", "irn.crf.bilateral_sxy=50", "irn.refine_crf=false",
-                "irn.refine_crf_params.bilateral_sxy=50", "irn.optimizer=adamw", "irn.momentum=0.5") == (irn, pseudo)
+    assert keys(
+        "irn.use_crf=false",
+        "irn.crf.bilateral_sxy=50",
+        "irn.refine_crf=false",
+        "irn.refine_crf_params.bilateral_sxy=50",
+        "irn.optimizer=adamw",
+        "irn.momentum=0.5",
+    ) == (irn, pseudo)
     irn, pseudo = keys("irn.use_crf=true", "irn.refine_crf=true", "irn.optimizer=sgd")
     assert {"crf", "momentum"} <= set(irn) and "gt_prob" not in pseudo["refine_crf_params"]
-    assert keys("irn.use_crf=true", "irn.refine_crf=true", "irn.optimizer=sgd",
-                "irn.refine_crf_params.gt_prob=0.6") == (irn, pseudo)
-    assert keys("irn.use_crf=true", "irn.refine_crf=true", "irn.optimizer=sgd",
-                "irn.refine_crf_params.bilateral_sxy=37")[1] != pseudo
+    assert keys(
+        "irn.use_crf=true", "irn.refine_crf=true", "irn.optimizer=sgd", "irn.refine_crf_params.gt_prob=0.6"
+    ) == (irn, pseudo)
+    assert (
+        keys("irn.use_crf=true", "irn.refine_crf=true", "irn.optimizer=sgd", "irn.refine_crf_params.bilateral_sxy=37")[
+            1
+        ]
+        != pseudo
+    )
 
 
 def test_an_affinity_radius_without_pairs_is_a_config_error():
     from pipeline.config import ConfigError, load_config
+
     with pytest.raises(ConfigError, match="irn.radius must be >= 2, got 1"):
         load_config(DEMO_CONFIG, ["irn.radius=1"])
 
@@ -302,6 +340,7 @@ def test_label_scoring_leaves_out_bad_labels_and_masks_and_lists_them(synthetic_
     of another size, is named and left out; the others are scored."""
     from data.layout import write_index_png
     from stages.common.scoring import score_label_files
+
     dataset = PreparedDataset(shutil.copytree(synthetic_dataset(), tmp_path / "data"))
     ids = dataset.split("train")[:6]
     labels = tmp_path / "seeds"
@@ -325,6 +364,7 @@ def test_label_scoring_leaves_out_bad_labels_and_masks_and_lists_them(synthetic_
 def test_a_resumed_run_makes_a_garbled_label_again(tiny_synthetic, tmp_path, caplog):
     from data.layout import write_index_png
     from stages.irn.label_files import usable_label
+
     dataset = PreparedDataset(tiny_synthetic)
     good, garbled = dataset.split("train")[:2]
     write_index_png(tmp_path / f"{good}.png", dataset.read_mask(good), dataset.info.palette)
@@ -339,6 +379,7 @@ def test_a_resumed_run_makes_a_garbled_label_again(tiny_synthetic, tmp_path, cap
 def test_a_batch_larger_than_the_seeded_images_shrinks_to_a_multiple_of_the_processes(monkeypatch):
     from stages.common import distributed
     from stages.irn.stage import fitting_batch
+
     assert fitting_batch(8, 20) == 8 and fitting_batch(8, 7) == 7
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     assert fitting_batch(8, 7) == 6 and fitting_batch(8, 20) == 8 and fitting_batch(8, 1) == 2
@@ -348,6 +389,7 @@ def _reference_scores(dataset, ids, folder: Path, ignore_pred: bool) -> tuple[fl
     """(mIoU over the classes that occur, share of labelled pixels) counted here pixel by pixel,
     independently of stages/common/metrics.py."""
     from PIL import Image
+
     classes = dataset.info.num_classes + 1
     inter, union = np.zeros(classes), np.zeros(classes)
     labelled = total = 0
@@ -370,6 +412,7 @@ def test_stage2_scores_are_those_of_the_written_labels(chain):
     with anything else, fails here (and with it the stage-2 quality margin's meaning)."""
     from pipeline.config import load_config
     from pipeline.runner import Pipeline
+
     root, workdir, args = chain
     dataset = PreparedDataset(root)
     ids = dataset.split("train")
@@ -386,6 +429,7 @@ def test_stage2_scores_are_those_of_the_written_labels(chain):
 
 def test_a_crf_failure_on_one_image_is_listed_and_the_others_go_on(chain, cli, tmp_path, monkeypatch):
     import stages.irn.stage as irn_stage
+
     root, workdir, args = chain
     workdir2 = shutil.copytree(workdir, tmp_path / "runs")
     args = [a.replace(str(workdir), str(workdir2)) for a in args]
@@ -393,8 +437,11 @@ def test_a_crf_failure_on_one_image_is_listed_and_the_others_go_on(chain, cli, t
     real = irn_stage.make_seeds
 
     def failing(cam, keys, image, *rest):
-        if image is not None and image.shape == PreparedDataset(root).read_image(victim).shape and \
-                np.array_equal(image, PreparedDataset(root).read_image(victim)):
+        if (
+            image is not None
+            and image.shape == PreparedDataset(root).read_image(victim).shape
+            and np.array_equal(image, PreparedDataset(root).read_image(victim))
+        ):
             raise RuntimeError("simulated CRF failure")
         return real(cam, keys, image, *rest)
 
@@ -404,6 +451,7 @@ def test_a_crf_failure_on_one_image_is_listed_and_the_others_go_on(chain, cli, t
     assert f"{victim}: RuntimeError: simulated CRF failure" in result.output
     irn = artifact(workdir2, "irn")
     assert json.loads((irn / "manifest.json").read_text())["failures"] == [
-        f"{victim}: RuntimeError: simulated CRF failure"]
+        f"{victim}: RuntimeError: simulated CRF failure"
+    ]
     written = {p.stem for p in (irn / "seeds").glob("*.png")}
     assert written == set(PreparedDataset(root).split("train")) - {victim}

@@ -1,5 +1,6 @@
 """data.json_stream: the top-level arrays of a JSON object one element at a time, equal to
 json.load whatever the chunk size, with one-line errors for text that is not JSON."""
+
 import json
 
 import pytest
@@ -9,13 +10,23 @@ from hypothesis import strategies as st
 from data.errors import DataError
 from data.json_stream import iter_top_level
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
-                    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                       st.dictionaries(st.text(max_size=5), inner, max_size=4)),
-                      max_leaves=12)
-documents = st.dictionaries(st.sampled_from(["images", "annotations", "info", "categories", "x"]),
-                            st.one_of(st.lists(values, max_size=6), values), max_size=5)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=5), inner, max_size=4)),
+    max_leaves=12,
+)
+documents = st.dictionaries(
+    st.sampled_from(["images", "annotations", "info", "categories", "x"]),
+    st.one_of(st.lists(values, max_size=6), values),
+    max_size=5,
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -37,15 +48,18 @@ def test_elements_equal_json_load_for_any_chunk_size(tmp_path_factory, document,
     assert got == json.loads(path.read_text()) and keys == set(document)
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"a": [1, 2,, 3]}', "at character 12: Expecting value"),
-    ('{"a": 1} trailing', "text after the top-level object"),
-    ('[1, 2]', "expected a JSON object"),
-    ('{"a": 1', "expected ',' or '}' after a value, the file ends"),
-    ('{"images": [1, 2', "expected ',' or ']' in the 'images' array, the file ends"),
-    ('{"images": ["unterminated', "Unterminated string"),
-    ('', "expected a JSON object, the file ends"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"a": [1, 2,, 3]}', "at character 12: Expecting value"),
+        ('{"a": 1} trailing', "text after the top-level object"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"a": 1', "expected ',' or '}' after a value, the file ends"),
+        ('{"images": [1, 2', "expected ',' or ']' in the 'images' array, the file ends"),
+        ('{"images": ["unterminated', "Unterminated string"),
+        ("", "expected a JSON object, the file ends"),
+    ],
+)
 def test_text_that_is_not_a_json_object_is_one_line_error(tmp_path, text, message):
     path = tmp_path / "bad.json"
     path.write_text(text)

@@ -1,5 +1,6 @@
 """The prepared layout: the fingerprint sees replaced images, empty splits leave no file, and an
 output path that cannot be a folder is a one-line error."""
+
 import os
 import re
 
@@ -78,6 +79,7 @@ def test_fingerprint_reads_the_boxes_the_cam_stage_scores_against(tmp_path):
 def test_a_folder_being_prepared_again_is_not_a_dataset_until_it_is_finished(tiny_synthetic, tmp_path):
     """Re-preparing into an existing --out: until write_info, no mix of new and old splits is usable."""
     import shutil
+
     root = shutil.copytree(tiny_synthetic, tmp_path / "data")
     info = PreparedDataset(root).info
     writer = DatasetWriter(root, info)
@@ -91,6 +93,7 @@ def test_a_folder_being_prepared_again_is_not_a_dataset_until_it_is_finished(tin
 
 def test_a_mask_or_label_that_does_not_decode_or_fit_its_image_is_a_data_error_naming_it(tmp_path):
     from data.layout import read_index_png
+
     write_dataset(tmp_path / "d")
     dataset = PreparedDataset(tmp_path / "d")
     good = dataset.mask_path("i0").read_bytes()

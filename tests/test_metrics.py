@@ -1,4 +1,5 @@
 """Metric known answers (computed by hand in the comments) and agreement with smp.metrics."""
+
 from __future__ import annotations
 
 import math
@@ -51,6 +52,7 @@ def reference_iou(preds, targets, num_classes, ignore_index=255):
 
 
 # ----------------------------------------------------------------- confusion matrix, known answers
+
 
 def test_hand_made_multiclass_pair():
     matrix = scored(PRED, TARGET)
@@ -165,6 +167,7 @@ def test_accepts_torch_tensors():
 
 # ----------------------------------------------------------------- binary masks, known answers
 
+
 def test_dice_and_iou_of_one_image():
     # target 4 pixels, prediction 6 pixels, 3 shared: TP 3, FP 3, FN 1
     # Dice = 2*3 / (2*3 + 3 + 1) = 0.6, IoU = 3 / (3 + 3 + 1) = 3/7
@@ -202,12 +205,21 @@ def test_binary_scores_hand_made_split():
     # kaggle = (1 + 0 + 1 + 0.5 + 0) / 5 = 0.5; dice_pos = 1.5 / 3 = 0.5; iou_pos = (4/3) / 3
     # pooled over positives: TP 6, FP 2, FN 4 -> Dice 12 / 18, IoU 6 / 12
     z = np.zeros((4, 4), np.uint8)
-    four = z.copy(); four[0] = 1
-    half = z.copy(); half[0, :2] = 1; half[1, :2] = 1
-    two = z.copy(); two[3, :2] = 1
+    four = z.copy()
+    four[0] = 1
+    half = z.copy()
+    half[0, :2] = 1
+    half[1, :2] = 1
+    two = z.copy()
+    two[3, :2] = 1
     scores = BinarySegmentationScores()
-    per_image = [scores.update(z, z), scores.update(two, z), scores.update(four, four),
-                 scores.update(half, four), scores.update(z, two)]
+    per_image = [
+        scores.update(z, z),
+        scores.update(two, z),
+        scores.update(four, four),
+        scores.update(half, four),
+        scores.update(z, two),
+    ]
     assert per_image == pytest.approx([1, 0, 1, 0.5, 0])
     summary = scores.summary()
     assert summary["kaggle_dice"] == pytest.approx(0.5)
@@ -252,6 +264,7 @@ def test_binary_scores_of_nothing_and_partial_image_scores():
 
 # ----------------------------------------------------------------- agreement with smp.metrics
 
+
 @pytest.fixture(scope="module")
 def smp_metrics():
     pytest.importorskip("torch")
@@ -267,8 +280,9 @@ def test_multiclass_agrees_with_smp_including_ignore_and_unlabelled(smp_metrics)
     pred = np.where(rng.random(target.shape) < 0.6, target, rng.integers(0, num_classes, size=target.shape))
     target[rng.random(target.shape) < 0.1] = 255
     pred[rng.random(pred.shape) < 0.05] = 255  # unlabelled predictions: misses, as in smp
-    tp, fp, fn, tn = smp_metrics.get_stats(torch.from_numpy(pred), torch.from_numpy(target), mode="multiclass",
-                                           num_classes=num_classes, ignore_index=255)
+    tp, fp, fn, tn = smp_metrics.get_stats(
+        torch.from_numpy(pred), torch.from_numpy(target), mode="multiclass", num_classes=num_classes, ignore_index=255
+    )
     matrix = scored(pred, target, num_classes=num_classes)
     # per-class IoU = IoU of the class's counts summed over images (reduction "none" on sums)
     per_class = smp_metrics.iou_score(tp.sum(0), fp.sum(0), fn.sum(0), tn.sum(0), reduction="none")
@@ -313,6 +327,7 @@ def test_binary_agrees_with_smp(smp_metrics):
 
 # ----------------------------------------------------------------- classification
 
+
 def test_auc_and_ap_hand_made():
     # scores 0.1 0.4 0.35 0.8, labels 0 0 1 1: of the 4 (pos, neg) pairs, 3 are ordered -> AUC 0.75
     # ranked: 0.8 (1), 0.4 (0), 0.35 (1), 0.1 (0); precision at each positive 1/1 and 2/3
@@ -346,10 +361,13 @@ def test_classification_scores_rejects_bad_input():
 
 # ----------------------------------------------------------------- tables
 
+
 def test_format_table_aligns_columns():
-    rows = [{"stage": "cam", "miou": 0.41234, "images": 400},
-            {"stage": "pseudo-labels", "miou": float("nan")},
-            {"stage": "seg", "miou": 0.6}]
+    rows = [
+        {"stage": "cam", "miou": 0.41234, "images": 400},
+        {"stage": "pseudo-labels", "miou": float("nan")},
+        {"stage": "seg", "miou": 0.6},
+    ]
     assert format_table(rows, digits=3).splitlines() == [
         "stage           miou  images",
         "-------------  -----  ------",

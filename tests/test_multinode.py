@@ -8,6 +8,7 @@ where the arithmetic is the same (see test_two_nodes_commit_each_stage_once_and_
 With a workdir the nodes do not share, the run stops at its first stage instead of committing
 an artifact that holds one node's share.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,11 +51,29 @@ def two_nodes(args: list[str], cwds: tuple[Path, Path]) -> list[tuple[int, str, 
     if not TORCHRUN.is_file():
         pytest.skip(f"no torchrun beside {sys.executable}")
     port, run_id = free_port(), f"wss-test-{uuid.uuid4().hex[:8]}"
-    agents = [subprocess.Popen([str(TORCHRUN), "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
-                                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={run_id}",
-                                "--max_restarts=0", "--no-python", str(BIN / "wss"), "run", *args],
-                               cwd=cwd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-              for rank, cwd in enumerate(cwds)]
+    agents = [
+        subprocess.Popen(
+            [
+                str(TORCHRUN),
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={rank}",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                f"--rdzv_id={run_id}",
+                "--max_restarts=0",
+                "--no-python",
+                str(BIN / "wss"),
+                "run",
+                *args,
+            ],
+            cwd=cwd,
+            env=environment(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for rank, cwd in enumerate(cwds)
+    ]
     results = []
     try:
         for agent in agents:
@@ -68,8 +87,9 @@ def two_nodes(args: list[str], cwds: tuple[Path, Path]) -> list[tuple[int, str, 
 
 
 def one_process(args: list[str], cwd: Path) -> None:
-    done = subprocess.run([str(BIN / "wss"), "run", *args], cwd=cwd, env=environment(), capture_output=True,
-                          timeout=600)
+    done = subprocess.run(
+        [str(BIN / "wss"), "run", *args], cwd=cwd, env=environment(), capture_output=True, timeout=600
+    )
     assert done.returncode == 0, decoded(done)[1][-3000:]
 
 
@@ -77,9 +97,16 @@ def chain_args(root: Path, workdir: Path | str, train_images: int) -> list[str]:
     """FAST_CHAIN with a classifier that trains as one process does: each step takes the whole
     train split as its global batch (a data-parallel step then averages the same gradient), plain
     SGD, and BatchNorm that keeps its statistics (cam.freeze_bn)."""
-    values = {**FAST_CHAIN, "data.root": root, "run.workdir": workdir,
-              "cam.optimizer": "sgd", "cam.lr": "0.05", "cam.momentum": "0.9", "cam.freeze_bn": "true",
-              "cam.batch_size": train_images}
+    values = {
+        **FAST_CHAIN,
+        "data.root": root,
+        "run.workdir": workdir,
+        "cam.optimizer": "sgd",
+        "cam.lr": "0.05",
+        "cam.momentum": "0.9",
+        "cam.freeze_bn": "true",
+        "cam.batch_size": train_images,
+    }
     args = ["-c", str(DEMO_CONFIG)]
     for key, value in values.items():
         args += ["-o", f"{key}={value}"]
@@ -99,11 +126,13 @@ def artifacts(workdir: Path) -> dict[str, Path]:
 
 def tensors(path: Path) -> dict:
     from safetensors.torch import load_file
+
     return load_file(str(path))
 
 
 def pixels_equal(first: Path, second: Path) -> float:
     from data.layout import read_index_png
+
     a, b = read_index_png(first), read_index_png(second)
     assert a.shape == b.shape, (first, a.shape, b.shape)
     return float((a == b).mean())
@@ -122,6 +151,7 @@ def test_two_nodes_commit_each_stage_once_and_equal_one_process(tmp_path, synthe
 
     from data.layout import PreparedDataset
     from stages.cam.infer import load_cam
+
     root = synthetic_dataset()
     data = PreparedDataset(root)
     train, val = data.split("train"), data.split("val")
@@ -153,12 +183,15 @@ def test_two_nodes_commit_each_stage_once_and_equal_one_process(tmp_path, synthe
     for name, weights in tensors(two["cam"] / "model.safetensors").items():
         torch.testing.assert_close(weights, reference[name], rtol=1e-4, atol=1e-5, msg=name)
     for image_id in train:
-        (cam_two, keys_two, size_two), (cam_one, keys_one, size_one) = \
-            load_cam(two["cam"] / "cams" / f"{image_id}.npz"), load_cam(one["cam"] / "cams" / f"{image_id}.npz")
+        (cam_two, keys_two, size_two), (cam_one, keys_one, size_one) = (
+            load_cam(two["cam"] / "cams" / f"{image_id}.npz"),
+            load_cam(one["cam"] / "cams" / f"{image_id}.npz"),
+        )
         assert list(keys_two) == list(keys_one) and tuple(size_two) == tuple(size_one)
         np.testing.assert_allclose(cam_two.astype(np.float32), cam_one.astype(np.float32), atol=2e-3, err_msg=image_id)
-    agreement = np.mean([pixels_equal(two["irn"] / "seeds" / f"{i}.png", one["irn"] / "seeds" / f"{i}.png")
-                         for i in train])
+    agreement = np.mean(
+        [pixels_equal(two["irn"] / "seeds" / f"{i}.png", one["irn"] / "seeds" / f"{i}.png") for i in train]
+    )
     assert agreement >= 0.999, agreement
     for stage, folder, ids in (("pseudo", "pseudo_labels", train), ("seg", "predictions", train + val)):
         assert {p.stem for p in (two[stage] / folder).glob("*.png")} == set(ids), stage

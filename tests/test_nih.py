@@ -1,4 +1,5 @@
 """NIH ChestX-ray14: the box list's header quirk, labels, grayscale conversion, patient splits."""
+
 import gzip
 import json
 from pathlib import Path
@@ -22,14 +23,14 @@ def need_samples():
 
 def test_release_box_list_parses():
     need_samples()
-    assert (SAMPLES / "BBox_List_2017.csv").read_text().splitlines()[0] == \
-        "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+    assert (SAMPLES / "BBox_List_2017.csv").read_text().splitlines()[0] == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
     boxes = read_boxes(SAMPLES / "BBox_List_2017.csv")
     assert len(boxes) == 984 and len({b.image_id for b in boxes}) == 880
     assert {b.finding for b in boxes} <= set(FINDINGS) and "Infiltration" in {b.finding for b in boxes}
     first = boxes[0]
-    assert first == Box("00013118_008", "Atelectasis", 225.084745762712, 547.019216763771,
-                        86.7796610169491, 79.1864406779661)
+    assert first == Box(
+        "00013118_008", "Atelectasis", 225.084745762712, 547.019216763771, 86.7796610169491, 79.1864406779661
+    )
 
 
 def test_47_boxes_for_the_40_sample_images():
@@ -48,10 +49,16 @@ def test_clean_box_file_round_trips(tmp_path):
     assert read_boxes(tmp_path / "boxes.csv") == boxes
 
 
-@pytest.mark.parametrize("row, message", [
-    ("a.png,Mass,1,2,3", "expected image"), ("a.png,Mass,1,2,3,4,5", "expected image"),
-    ("a.png,Unicorn,1,2,3,4", "unknown finding"), ("a.png,Mass,1,2,x,4", "numbers"),
-    ("a.png,Mass,1,2,0,4", "positive")])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("a.png,Mass,1,2,3", "expected image"),
+        ("a.png,Mass,1,2,3,4,5", "expected image"),
+        ("a.png,Unicorn,1,2,3,4", "unknown finding"),
+        ("a.png,Mass,1,2,x,4", "numbers"),
+        ("a.png,Mass,1,2,0,4", "positive"),
+    ],
+)
 def test_bad_box_rows_name_the_line(tmp_path, row, message):
     path = tmp_path / "b.csv"
     path.write_text(f"Image Index,Finding Label,Bbox [x,y,w,h],,,\nok.png,Mass,1,2,3,4\n{row}\n")
@@ -61,8 +68,13 @@ def test_bad_box_rows_name_the_line(tmp_path, row, message):
 
 def test_samples_prepare(tmp_path):
     need_samples()
-    report = prepare_nih(SAMPLES / "images", SAMPLES / "Data_Entry_2017_v2020.csv.gz",
-                         SAMPLES / "BBox_List_2017.csv", tmp_path / "out", progress=False)
+    report = prepare_nih(
+        SAMPLES / "images",
+        SAMPLES / "Data_Entry_2017_v2020.csv.gz",
+        SAMPLES / "BBox_List_2017.csv",
+        tmp_path / "out",
+        progress=False,
+    )
     assert report.ok and report.counts["prepared"] == 40 and report.counts["boxes"] == 47
     assert report.id_counts["labels_without_images"] == 112120 - 40
     dataset = PreparedDataset(tmp_path / "out")
@@ -76,8 +88,9 @@ def test_samples_prepare(tmp_path):
         assert {FINDINGS[i] for i in np.flatnonzero(dataset.label_vector(image_id))} == expected
         assert dataset.read_mask(image_id) is None
     image_id = next(iter(dataset.labels))
-    assert np.array_equal(np.array(Image.open(dataset.image_path(image_id))),
-                          np.array(Image.open(SAMPLES / "images" / f"{image_id}.png")))
+    assert np.array_equal(
+        np.array(Image.open(dataset.image_path(image_id))), np.array(Image.open(SAMPLES / "images" / f"{image_id}.png"))
+    )
 
 
 def write_entries(path: Path, rows: list[tuple[str, str, str]]) -> None:
@@ -96,14 +109,20 @@ def test_conversion_bad_images_and_unknown_rows(tmp_path):
     (images / "00000002_000.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     Image.fromarray(gray).save(images / "00000003_000.png")
     Image.fromarray(gray).save(images / "00000009_000.png")  # not in the data entry
-    write_entries(tmp_path / "entry.csv.gz", [
-        ("00000001_000.png", "Mass|Nodule", "1"), ("00000001_001.png", "No Finding", "1"),
-        ("00000002_000.png", "Hernia", "2"), ("00000003_000.png", "Unicorn", "3"),
-        ("00000004_000.png", "Edema", "4")])
-    (tmp_path / "boxes.csv").write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
-                                        "00000001_000.png,Mass,1,2,3,4\n00000004_000.png,Edema,1,2,3,4\n")
-    report = prepare_nih(tmp_path, tmp_path / "entry.csv.gz", tmp_path / "boxes.csv", tmp_path / "out",
-                         progress=False)
+    write_entries(
+        tmp_path / "entry.csv.gz",
+        [
+            ("00000001_000.png", "Mass|Nodule", "1"),
+            ("00000001_001.png", "No Finding", "1"),
+            ("00000002_000.png", "Hernia", "2"),
+            ("00000003_000.png", "Unicorn", "3"),
+            ("00000004_000.png", "Edema", "4"),
+        ],
+    )
+    (tmp_path / "boxes.csv").write_text(
+        "Image Index,Finding Label,Bbox [x,y,w,h],,,\n00000001_000.png,Mass,1,2,3,4\n00000004_000.png,Edema,1,2,3,4\n"
+    )
+    report = prepare_nih(tmp_path, tmp_path / "entry.csv.gz", tmp_path / "boxes.csv", tmp_path / "out", progress=False)
     dataset = PreparedDataset(tmp_path / "out")
     assert sorted(dataset.labels) == ["00000001_000", "00000001_001"]
     converted = np.array(Image.open(dataset.image_path("00000001_000")))
@@ -160,13 +179,17 @@ def test_a_rerun_that_prepares_nothing_leaves_the_dataset_usable(tmp_path):
     """A data-entry file that names none of the images changes no file: the dataset prepared
     before keeps its dataset.json."""
     from data.layout import PreparedDataset
+
     images, entry, boxes = small_release(tmp_path, patients=2)
     out = tmp_path / "out"
     prepare_nih(images, entry, boxes, out, progress=False)
     other = tmp_path / "other.csv.gz"
     write_entries(other, [("99999999_000.png", "Mass", "99")])
-    with pytest.raises(DataError, match="no NIH image could be prepared from .*: no Image Index of .*other.csv.gz "
-                                        "matched a PNG file name .*'99999999_000'.*'00000000_000', '00000001_000'"):
+    with pytest.raises(
+        DataError,
+        match="no NIH image could be prepared from .*: no Image Index of .*other.csv.gz "
+        "matched a PNG file name .*'99999999_000'.*'00000000_000', '00000001_000'",
+    ):
         prepare_nih(images, other, boxes, out, progress=False)
     assert len(PreparedDataset(out).labels) == 2
     assert sorted(p.name for p in (out / "images").iterdir()) == ["00000000_000.png", "00000001_000.png"]
@@ -184,11 +207,13 @@ def test_val_fraction_zero_removes_an_old_val_split(tmp_path):
 
 def test_bad_box_rows_are_reported_and_skipped_by_prepare(tmp_path):
     images, entry, boxes = small_release(tmp_path, patients=2)
-    boxes.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
-                     "00000001_000.png,Mass,1,2,3,4\n"
-                     "00000001_000.png,Mass,10,20,abc,5,,,\n"  # line 3: not a number
-                     "00000001_000.png,Unicorn,1,2,3,4\n"      # line 4: unknown finding
-                     "00000001_000.png,Mass,1\n")              # line 5: too few fields
+    boxes.write_text(
+        "Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+        "00000001_000.png,Mass,1,2,3,4\n"
+        "00000001_000.png,Mass,10,20,abc,5,,,\n"  # line 3: not a number
+        "00000001_000.png,Unicorn,1,2,3,4\n"  # line 4: unknown finding
+        "00000001_000.png,Mass,1\n"
+    )  # line 5: too few fields
     report = prepare_nih(images, entry, boxes, tmp_path / "out", progress=False)
     saved = json.loads(report.path.read_text())
     wheres = {p["where"]: p["message"] for p in saved["problems"]}
@@ -215,8 +240,9 @@ def test_box_file_whose_header_was_cut_off_is_fatal_not_one_box_short(tmp_path):
 
 def test_non_utf8_box_file_is_a_data_error_naming_the_line(tmp_path):
     path = tmp_path / "b.csv"
-    path.write_bytes(b"Image Index,Finding Label,Bbox [x,y,w,h],,,\r\nok.png,Mass,1,2,3,4\r\n"
-                     b"caf\xe9.png,Mass,1,2,3,4\r\n")
+    path.write_bytes(
+        b"Image Index,Finding Label,Bbox [x,y,w,h],,,\r\nok.png,Mass,1,2,3,4\r\ncaf\xe9.png,Mass,1,2,3,4\r\n"
+    )
     with pytest.raises(DataError, match=r"b.csv:3: not UTF-8"):
         read_boxes(path)
 
@@ -236,6 +262,7 @@ def test_damaged_data_entry_gz_is_a_data_error(tmp_path, damage):
 
 # ------------------------------------------------------------------------------ --size
 
+
 def test_samples_resized_with_their_boxes_and_resumed(tmp_path):
     need_samples()
     inputs = (SAMPLES / "images", SAMPLES / "Data_Entry_2017_v2020.csv.gz", SAMPLES / "BBox_List_2017.csv")
@@ -248,11 +275,11 @@ def test_samples_resized_with_their_boxes_and_resumed(tmp_path):
     # BBox_samples.csv line 2: 00000468_033 Atelectasis 204.474576271186,502.544640492585,
     # 116.067796610169,53.1525423728814 on a 1024 x 1024 image, so a quarter of each at 256
     first = next(b for b in boxes if b.image_id == "00000468_033" and b.finding == "Atelectasis")
-    assert (first.x, first.y, first.w, first.h) == pytest.approx((51.118644067797, 125.636160123146,
-                                                                   29.016949152542, 13.288135593220))
+    assert (first.x, first.y, first.w, first.h) == pytest.approx(
+        (51.118644067797, 125.636160123146, 29.016949152542, 13.288135593220)
+    )
     released = sorted(read_boxes(SAMPLES / "BBox_samples.csv"), key=repr)
-    assert sorted(boxes, key=repr) == [Box(b.image_id, b.finding, b.x / 4, b.y / 4, b.w / 4, b.h / 4)
-                                      for b in released]
+    assert sorted(boxes, key=repr) == [Box(b.image_id, b.finding, b.x / 4, b.y / 4, b.w / 4, b.h / 4) for b in released]
     written = (out / "boxes.csv").read_bytes()
 
     again = prepare_nih(*inputs, out, progress=False, size=256)
@@ -268,7 +295,7 @@ def block_image(path: Path, width: int, height: int, box: tuple[int, int, int, i
     """A black 8-bit image with a white block exactly filling ``box`` (x, y, w, h)."""
     pixels = np.zeros((height, width), np.uint8)
     x, y, w, h = box
-    pixels[y:y + h, x:x + w] = 255
+    pixels[y : y + h, x : x + w] = 255
     Image.fromarray(pixels).save(path)
 
 
@@ -283,7 +310,7 @@ def centroid(pixels: np.ndarray) -> tuple[float, float]:
 SIZED_CASES = {
     "00000001_000": ((1024, 1024), (256, 512, 128, 64), (16.0, 32.0, 8.0, 4.0)),
     "00000002_000": ((300, 200), (30, 40, 60, 50), (6.4, 12.8, 12.8, 16.0)),  # 64/300 wide, 64/200 high
-    "00000003_000": ((40, 32), (12, 8, 10, 12), (19.2, 16.0, 16.0, 24.0)),    # enlarged: bilinear
+    "00000003_000": ((40, 32), (12, 8, 10, 12), (19.2, 16.0, 16.0, 24.0)),  # enlarged: bilinear
 }
 
 
@@ -346,12 +373,25 @@ def test_native_size_copies_and_keeps_boxes(tmp_path):
 
 def test_cli_size_option(cli, tmp_path):
     images, entry, boxes = sized_release(tmp_path)
-    result = cli("prepare", "nih", "--images", images, "--data-entry", entry, "--boxes", boxes,
-                 "--out", tmp_path / "out", "--size", "32")
+    result = cli(
+        "prepare",
+        "nih",
+        "--images",
+        images,
+        "--data-entry",
+        entry,
+        "--boxes",
+        boxes,
+        "--out",
+        tmp_path / "out",
+        "--size",
+        "32",
+    )
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "out" / "images" / "00000002_000.png").size == (32, 32)
-    box, = [b for b in read_boxes(tmp_path / "out" / "boxes.csv") if b.image_id == "00000002_000"]
+    (box,) = [b for b in read_boxes(tmp_path / "out" / "boxes.csv") if b.image_id == "00000002_000"]
     assert (box.x, box.y, box.w, box.h) == pytest.approx((3.2, 6.4, 6.4, 8.0))
-    result = cli("prepare", "nih", "--images", images, "--data-entry", entry, "--boxes", boxes,
-                 "--out", tmp_path / "out")
+    result = cli(
+        "prepare", "nih", "--images", images, "--data-entry", entry, "--boxes", boxes, "--out", tmp_path / "out"
+    )
     assert result.exit_code != 0 and "--size 32, this run asks for --size 0" in result.output

@@ -1,6 +1,7 @@
 """The pieces of bench/pipeline_scale.py that its figures rest on: the two-run model and the
 projection (known answers), the epoch records it reads from fit(), and the GPU-utilisation
 sampler's nvidia-smi fallback (a stand-in nvidia-smi on PATH)."""
+
 from __future__ import annotations
 
 import logging
@@ -41,6 +42,7 @@ def test_stage_model_projects_warm_up_epochs_and_the_rest():
 
 def test_targets_follow_each_config():
     from pipeline.config import load_config
+
     voc, siim = load_config([REPO / "configs/voc.yaml"]), load_config([REPO / "configs/siim.yaml"])
     assert target_counts("cam", voc, TARGETS["voc"]) == (5, 10_582, 10_582 + 1_449)
     assert target_counts("irn", voc, TARGETS["voc"]) == (3, 10_582, 10_582)
@@ -53,6 +55,7 @@ def test_targets_follow_each_config():
 
 def test_epoch_ends_are_read_from_fits_records(tmp_path):
     from stages.common.training import TrainSettings, fit
+
     logger = logging.getLogger("wss.train")
     ends, level = EpochEnds(), logging.getLogger("wss").level
     logger.addHandler(ends)
@@ -60,9 +63,16 @@ def test_epoch_ends_are_read_from_fits_records(tmp_path):
     try:
         data = [{"image": torch.rand(3, 8, 8), "label": torch.tensor(float(i % 2))} for i in range(8)]
         model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 1))
-        fit(model, data, [(list(model.parameters()), 1.0)],
+        fit(
+            model,
+            data,
+            [(list(model.parameters()), 1.0)],
             lambda net, b: (nn.functional.binary_cross_entropy_with_logits(net(b["image"])[:, 0], b["label"]), {}),
-            TrainSettings(epochs=2, batch_size=4, lr=0.1), torch.device("cpu"), tmp_path, desc="probe")
+            TrainSettings(epochs=2, batch_size=4, lr=0.1),
+            torch.device("cpu"),
+            tmp_path,
+            desc="probe",
+        )
     finally:
         logger.removeHandler(ends)
         logging.getLogger("wss").setLevel(level)
@@ -71,8 +81,10 @@ def test_epoch_ends_are_read_from_fits_records(tmp_path):
 
 def test_gpu_utilisation_falls_back_to_nvidia_smi(tmp_path, monkeypatch):
     fake = tmp_path / "nvidia-smi"
-    fake.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/args\"\n"
-                    "while true; do echo 40; echo '[N/A]'; echo 20; sleep 0.05; done\n")
+    fake.write_text(
+        '#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\n'
+        "while true; do echo 40; echo '[N/A]'; echo 20; sleep 0.05; done\n"
+    )
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")

@@ -1,4 +1,5 @@
 """`wss predict`: masks, overlays, probabilities and the Kaggle CSV for files, folders and DICOMs."""
+
 from __future__ import annotations
 
 import csv
@@ -24,9 +25,17 @@ from stages.seg.stage import SegStage
 
 REPO = Path(__file__).resolve().parents[1]
 SIIM_DICOMS = REPO.parent / "shared" / "samples" / "siim" / "dicom"
-TRAIN = ["seg.encoder=resnet18", "seg.encoder_weights=null", "seg.epochs=1", "seg.batch_size=4",
-         "seg.arch_options={decoder_channels: [64, 32, 16, 16, 16]}",
-         "seg.crop_size=32", "seg.resize_long=[32,48]", "run.device=cpu", "run.workers=0"]
+TRAIN = [
+    "seg.encoder=resnet18",
+    "seg.encoder_weights=null",
+    "seg.epochs=1",
+    "seg.batch_size=4",
+    "seg.arch_options={decoder_channels: [64, 32, 16, 16, 16]}",
+    "seg.crop_size=32",
+    "seg.resize_long=[32,48]",
+    "run.device=cpu",
+    "run.workers=0",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -103,8 +112,9 @@ def test_predict_files_and_nested_folders(multiclass_model, tmp_path):
     (tmp_path / "in" / "notes.txt").write_text("not an image, not picked from a folder")
     wide = np.concatenate([dataset.read_image(ids[2])] * 2, axis=1)  # 64x128: not square
     Image.fromarray(wide).save(tmp_path / "wide.png")
-    report = predict_inputs(artifact, [tmp_path / "in", tmp_path / "wide.png"], tmp_path / "out",
-                            probabilities=True, device="cpu")
+    report = predict_inputs(
+        artifact, [tmp_path / "in", tmp_path / "wide.png"], tmp_path / "out", probabilities=True, device="cpu"
+    )
     assert not report.failures and sorted(report.written) == ["deep", "gray", "wide"]
     assert report.submission is None and not (tmp_path / "out" / "submission.csv").exists()
     mask = read_index_png(tmp_path / "out" / "masks" / "wide.png")
@@ -198,14 +208,24 @@ def test_collect_inputs_into_the_input_folder_and_past_earlier_outputs(tmp_path)
     scans = tmp_path / "scans"
     for folder in ["pred1/masks", "pred1/overlays", "deep/er", "masks", "b"]:
         (scans / folder).mkdir(parents=True)
-    for name in ["zebra.png", "pred1/masks/zebra.png", "pred1/overlays/zebra.png", "masks/own.png",
-                 "deep/er/a.png", "b/a.png"]:
+    for name in [
+        "zebra.png",
+        "pred1/masks/zebra.png",
+        "pred1/overlays/zebra.png",
+        "masks/own.png",
+        "deep/er/a.png",
+        "b/a.png",
+    ]:
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(scans / name)
     files, failures = collect_inputs([scans], out_dir=scans)
     assert [p.relative_to(scans).as_posix() for p in files] == ["zebra.png", "b/a.png", "deep/er/a.png"]
     files, _ = collect_inputs([scans], out_dir=scans / "pred2")
-    assert [p.relative_to(scans).as_posix() for p in files] == ["zebra.png", "b/a.png", "masks/own.png",
-                                                                "deep/er/a.png"]
+    assert [p.relative_to(scans).as_posix() for p in files] == [
+        "zebra.png",
+        "b/a.png",
+        "masks/own.png",
+        "deep/er/a.png",
+    ]
 
 
 def write_config(path: Path, root: Path) -> Path:
@@ -221,43 +241,63 @@ def test_predict_command_exit_codes(binary_model, multiclass_model, tmp_path):
     Image.fromarray(dataset.read_image(dataset.split("val")[0])).save(good)
     runner = CliRunner()
 
-    result = runner.invoke(predict_command, ["-c", str(config), str(good), "--out", str(tmp_path / "ok"),
-                                             "--artifact", str(artifact)])
+    result = runner.invoke(
+        predict_command, ["-c", str(config), str(good), "--out", str(tmp_path / "ok"), "--artifact", str(artifact)]
+    )
     assert result.exit_code == 0, result.output
     assert read_submission(tmp_path / "ok" / "submission.csv").keys() == {"scan"}
 
     bad = tmp_path / "bad.png"
     bad.write_text("nope")
-    result = runner.invoke(predict_command, ["-c", str(config), str(good), str(bad), "--out", str(tmp_path / "mixed"),
-                                             "--artifact", str(artifact), "--probabilities"])
+    result = runner.invoke(
+        predict_command,
+        [
+            "-c",
+            str(config),
+            str(good),
+            str(bad),
+            "--out",
+            str(tmp_path / "mixed"),
+            "--artifact",
+            str(artifact),
+            "--probabilities",
+        ],
+    )
     assert result.exit_code == 1
     assert "bad.png" in result.output and (tmp_path / "mixed" / "probabilities" / "scan.npy").is_file()
     assert read_submission(tmp_path / "mixed" / "submission.csv") == {"scan": mock.ANY, "bad": "-1"}
 
     mc_root, mc_artifact = multiclass_model  # the binary config's dataset does not fit this model
-    result = runner.invoke(predict_command, ["-c", str(config), str(good), "--out", str(tmp_path / "x"),
-                                             "--artifact", str(mc_artifact)])
+    result = runner.invoke(
+        predict_command, ["-c", str(config), str(good), "--out", str(tmp_path / "x"), "--artifact", str(mc_artifact)]
+    )
     assert result.exit_code == 2 and "error:" in result.output and "trained for classes" in result.output
     assert "Traceback" not in result.output
 
-    result = runner.invoke(predict_command, ["-c", str(config), str(good), "--out", str(tmp_path / "t"),
-                                             "--artifact", str(artifact), "--threshold", "7"])
+    result = runner.invoke(
+        predict_command,
+        ["-c", str(config), str(good), "--out", str(tmp_path / "t"), "--artifact", str(artifact), "--threshold", "7"],
+    )
     assert result.exit_code == 2 and "--threshold" in result.output  # as seg.threshold: in [0, 1]
-    result = runner.invoke(predict_command, ["-c", str(config), str(good), "--out", str(good / "sub"),
-                                             "--artifact", str(artifact)])
+    result = runner.invoke(
+        predict_command, ["-c", str(config), str(good), "--out", str(good / "sub"), "--artifact", str(artifact)]
+    )
     assert result.exit_code == 2 and "cannot create the output folder" in result.output
     assert "Traceback" not in result.output
-    result = runner.invoke(predict_command, ["-c", str(config), str(good), "--out", str(tmp_path / "y"),
-                                             "--artifact", str(bad)])
+    result = runner.invoke(
+        predict_command, ["-c", str(config), str(good), "--out", str(tmp_path / "y"), "--artifact", str(bad)]
+    )
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_read_input_stretches_deep_grayscale_and_drops_alpha(tmp_path):
     ramp = np.arange(12 * 16).reshape(12, 16)
-    deep = {"i16.png": Image.fromarray((ramp * 300).astype(np.uint16)),  # mode I;16, up to 57000
-            "i16b.tif": Image.fromarray((ramp * 300).astype(">u2")),   # mode I;16B
-            "i32.tif": Image.fromarray((ramp * 1000 - 5000).astype(np.int32)),  # mode I
-            "float.tif": Image.fromarray((ramp / ramp.max()).astype(np.float32))}  # mode F in [0, 1]
+    deep = {
+        "i16.png": Image.fromarray((ramp * 300).astype(np.uint16)),  # mode I;16, up to 57000
+        "i16b.tif": Image.fromarray((ramp * 300).astype(">u2")),  # mode I;16B
+        "i32.tif": Image.fromarray((ramp * 1000 - 5000).astype(np.int32)),  # mode I
+        "float.tif": Image.fromarray((ramp / ramp.max()).astype(np.float32)),
+    }  # mode F in [0, 1]
     for name, image in deep.items():
         image.save(tmp_path / name)
         got = read_input(tmp_path / name)
@@ -293,8 +333,7 @@ def test_submission_has_placeholder_rows_and_full_dicom_uids(binary_model, tmp_p
     bad = tmp_path / "1.2.276.0.7230010.3.1.4.8323329.9999.1517875190.111.dcm"
     bad.write_bytes(b"not a dicom")
     with caplog.at_level(logging.WARNING, logger="wss.predict"):
-        report = predict_inputs(artifact, [tmp_path / uid, bad, tmp_path / "scan.dcm"], tmp_path / "out",
-                                device="cpu")
+        report = predict_inputs(artifact, [tmp_path / uid, bad, tmp_path / "scan.dcm"], tmp_path / "out", device="cpu")
     assert report.written == [uid, "scan"] and len(report.failures) == 1
     assert (tmp_path / "out" / "masks" / f"{uid}.png").is_file()
     assert (tmp_path / "out" / "overlays" / f"{uid}.png").is_file()

@@ -2,6 +2,7 @@
 exactly the items whose inputs changed are redone, the others keep their files (mtime included:
 the dataset fingerprint reads it), removed inputs lose their outputs, added ones are prepared,
 and the report lists each kind. The result must equal a fresh preparation of the new inputs."""
+
 import json
 import os
 import shutil
@@ -22,28 +23,33 @@ from data.prepare_manifest import MANIFEST_NAME
 from data.rle import siim_rle_encode
 from data.siim import prepare_siim
 from data.voc import CLASSES, prepare_voc
+from tests.test_nih import SAMPLES as NIH_SAMPLES
 from tests.test_siim import SAMPLES as SIIM_SAMPLES
 from tests.test_siim import block_mask, make_case
 from tests.test_voc import VOC, class_mask
-from tests.test_nih import SAMPLES as NIH_SAMPLES
 
 ID = "1.2.276.0.7230010.3.1.4.8323329.{}"
-POSITIVE = ID.format("4904.1517875185.355709")      # becomes -1
-NEGATIVE = ID.format("10000.1517875220.938530")     # gets a mask
-REPLACED = ID.format("1314.1517875167.222290")      # its DICOM replaced by another's
-TOUCHED = ID.format("10001.1517875220.930580")      # its DICOM touched, content the same
-REMOVED = ID.format("4440.1517875182.865105")       # its DICOM deleted
-ADDED = "added-image"                               # a new DICOM and row
+POSITIVE = ID.format("4904.1517875185.355709")  # becomes -1
+NEGATIVE = ID.format("10000.1517875220.938530")  # gets a mask
+REPLACED = ID.format("1314.1517875167.222290")  # its DICOM replaced by another's
+TOUCHED = ID.format("10001.1517875220.930580")  # its DICOM touched, content the same
+REMOVED = ID.format("4440.1517875182.865105")  # its DICOM deleted
+ADDED = "added-image"  # a new DICOM and row
 
 
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
 
+
 def mtimes(out: Path) -> dict[str, int]:
     """mtime_ns of every prepared image and mask, by path relative to ``out``."""
-    return {f"{sub}/{p.name}": p.stat().st_mtime_ns for sub in ["images", "masks"]
-            for p in sorted((out / sub).glob("*")) if not p.name.startswith(".")}
+    return {
+        f"{sub}/{p.name}": p.stat().st_mtime_ns
+        for sub in ["images", "masks"]
+        for p in sorted((out / sub).glob("*"))
+        if not p.name.startswith(".")
+    }
 
 
 def later(path: Path, seconds: int = 5) -> None:
@@ -98,6 +104,7 @@ def assert_rerun_rewrites_nothing(prepare, out: Path) -> None:
 # SIIM
 # --------------------------------------------------------------------------------------------
 
+
 def siim_rows() -> dict[str, str]:
     raw = (SIIM_SAMPLES / "train-rle-sample.csv").read_bytes().decode("utf-8-sig")
     return dict(line.split(",", 1) for line in raw.splitlines() if line.strip())
@@ -134,11 +141,11 @@ def test_siim_rerun_redoes_exactly_what_changed(tmp_path, siim_inputs, monkeypat
     before = mtimes(out)
     assert np.count_nonzero(np.array(Image.open(out / "masks" / f"{POSITIVE}.png"))) > 0
 
-    rows[POSITIVE] = "-1"                                   # positive -> negative
-    rows[NEGATIVE] = big_block_rle()                        # negative -> positive
+    rows[POSITIVE] = "-1"  # positive -> negative
+    rows[NEGATIVE] = big_block_rle()  # negative -> positive
     shutil.copyfile(dicoms / f"{ID.format('12743.1517875241.599591')}.dcm", dicoms / f"{REPLACED}.dcm")
-    later(dicoms / f"{REPLACED}.dcm")                       # another radiograph under its name
-    later(dicoms / f"{TOUCHED}.dcm")                        # same bytes, a later mtime
+    later(dicoms / f"{REPLACED}.dcm")  # another radiograph under its name
+    later(dicoms / f"{TOUCHED}.dcm")  # same bytes, a later mtime
     (dicoms / f"{REMOVED}.dcm").unlink()
     write_dicom(dicoms / f"{ADDED}.dcm", (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8))
     rows[ADDED] = " " + siim_rle_encode(block_mask((64, 64), 10, 10, 20, 20))
@@ -153,11 +160,16 @@ def test_siim_rerun_redoes_exactly_what_changed(tmp_path, siim_inputs, monkeypat
     assert ids["removed_source_gone"] == [REMOVED] and ids["added"] == [ADDED]
     assert (report.counts["relabelled"], report.counts["converted"], report.counts["resumed"]) == (2, 3, 5)
     after = mtimes(out)
-    redone = {f"masks/{POSITIVE}.png", f"masks/{NEGATIVE}.png", f"images/{REPLACED}.png",
-              f"images/{ADDED}.png", f"masks/{ADDED}.png"}
+    redone = {
+        f"masks/{POSITIVE}.png",
+        f"masks/{NEGATIVE}.png",
+        f"images/{REPLACED}.png",
+        f"images/{ADDED}.png",
+        f"masks/{ADDED}.png",
+    }
     gone = {f"images/{REMOVED}.png", f"masks/{REMOVED}.png"}
     assert set(after) == (set(before) - gone) | redone
-    for name in set(before) - gone:   # the touched DICOM gave the same bytes: its files are kept
+    for name in set(before) - gone:  # the touched DICOM gave the same bytes: its files are kept
         assert (after[name] == before[name]) == (name not in redone), name
     dataset = PreparedDataset(out)
     assert dataset.label_vector(POSITIVE)[0] == 0 and not dataset.read_mask(POSITIVE).any()
@@ -227,8 +239,11 @@ def test_siim_damaged_or_foreign_manifest_is_reported_and_everything_verified(tm
     out = tmp_path / "out"
     prepare_siim(dicoms, csv_path, out, size=16, progress=False)
     before = mtimes(out)
-    for text in ['{"items": [1, 2]', '{"dataset": "voc", "version": 1, "items": {}}',
-                 '{"dataset": "siim", "version": 1, "items": {"../../x": {"source": "1"}}}']:
+    for text in [
+        '{"items": [1, 2]',
+        '{"dataset": "voc", "version": 1, "items": {}}',
+        '{"dataset": "siim", "version": 1, "items": {"../../x": {"source": "1"}}}',
+    ]:
         (out / MANIFEST_NAME).write_text(text)
         report = prepare_siim(dicoms, csv_path, out, size=16, progress=False)
         assert report.counts["verified"] == 2 and mtimes(out) == before
@@ -265,6 +280,7 @@ def test_cli_force_option(cli, tmp_path):
 # VOC
 # --------------------------------------------------------------------------------------------
 
+
 def write_voc_image(voc: Path, image_id: str, value: int, mask: np.ndarray | None) -> None:
     pixels = np.zeros((12, 16, 3), np.uint8)
     pixels[:, :, 0] = value
@@ -289,17 +305,17 @@ def test_voc_rerun_redoes_exactly_what_changed(tmp_path, monkeypatch):
     prepare()
     before = mtimes(out)
 
-    picture = Image.fromarray(class_mask(7), mode="P")      # g1: a changed mask (class 7, not 1)
+    picture = Image.fromarray(class_mask(7), mode="P")  # g1: a changed mask (class 7, not 1)
     picture.putpalette(sum(default_palette(256), []))
     picture.save(voc / "SegmentationClass" / "g1.png")
     later(voc / "SegmentationClass" / "g1.png")
-    xml = voc / "Annotations" / "2011_003353.xml"           # XML-only image: person -> dog
+    xml = voc / "Annotations" / "2011_003353.xml"  # XML-only image: person -> dog
     xml.write_text(xml.read_text().replace("<name>person</name>", "<name>dog</name>"))
     later(xml)
-    write_voc_image(voc, "g2", 200, None)                   # g2: another picture, same mask
+    write_voc_image(voc, "g2", 200, None)  # g2: another picture, same mask
     later(voc / "JPEGImages" / "g2.jpg")
-    (voc / "JPEGImages" / "g3.jpg").unlink()                # g3: removed
-    write_voc_image(voc, "g4", 90, class_mask(4))           # g4: added
+    (voc / "JPEGImages" / "g3.jpg").unlink()  # g3: removed
+    write_voc_image(voc, "g4", 90, class_mask(4))  # g4: added
     decoded = count_calls(monkeypatch, voc_module, "_jpeg_size")
     report = prepare()
 
@@ -384,7 +400,7 @@ def test_nih_rerun_redoes_exactly_what_changed(tmp_path, monkeypatch):
     table.loc[row, "Finding Labels"] = table.loc[row, "Finding Labels"].iloc[0] + "|Hernia"
     k = next(k for k, line in enumerate(box_lines) if line.startswith(f"{reboxed}.png,"))
     cells = box_lines[k].split(",")
-    cells[2] = str(float(cells[2]) + 64.0)                  # the box moves 64 px right: 4 px at 64
+    cells[2] = str(float(cells[2]) + 64.0)  # the box moves 64 px right: 4 px at 64
     box_lines[k] = ",".join(cells)
     shutil.copyfile(NIH_SAMPLES / "images" / f"{NIH_IDS[4]}.png", images / f"{replaced}.png")
     later(images / f"{replaced}.png")
@@ -427,8 +443,7 @@ def test_nih_folder_without_manifest_keeps_its_images(tmp_path, monkeypatch):
     (tmp_path / "entry.csv").write_text("Image Index,Finding Labels,Follow-up #,Patient ID\n" + rows)
     (tmp_path / "boxes.csv").write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n")
     out = tmp_path / "out"
-    prepare = lambda: prepare_nih(images, tmp_path / "entry.csv", tmp_path / "boxes.csv", out, progress=False,
-                                  size=16)
+    prepare = lambda: prepare_nih(images, tmp_path / "entry.csv", tmp_path / "boxes.csv", out, progress=False, size=16)
     prepare()
     (out / MANIFEST_NAME).unlink()
     before, fingerprint = mtimes(out), PreparedDataset(out).fingerprint()

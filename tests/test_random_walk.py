@@ -1,5 +1,6 @@
 """The sparse random walk equals IRNet's dense formulation; the transition is column-stochastic;
 a closed boundary keeps the walk inside."""
+
 from __future__ import annotations
 
 import os
@@ -59,14 +60,17 @@ def test_dense_affinity_equals_a_pure_python_reference():
         np.testing.assert_array_equal(np.diag(got), 1.0)
 
 
-@pytest.mark.parametrize("height, width, radius, beta, exp_times", [
-    (12, 17, 5, 10.0, 8),
-    (12, 17, 3, 10.0, 8),
-    (9, 11, 5, 4.0, 5),
-    (16, 7, 7, 10.0, 6),
-    (1, 13, 5, 10.0, 4),  # a single row
-    (4, 4, 9, 2.0, 3),  # radius larger than the grid
-])
+@pytest.mark.parametrize(
+    "height, width, radius, beta, exp_times",
+    [
+        (12, 17, 5, 10.0, 8),
+        (12, 17, 3, 10.0, 8),
+        (9, 11, 5, 4.0, 5),
+        (16, 7, 7, 10.0, 6),
+        (1, 13, 5, 10.0, 4),  # a single row
+        (4, 4, 9, 2.0, 3),  # radius larger than the grid
+    ],
+)
 def test_sparse_walk_equals_the_dense_formulation(height, width, radius, beta, exp_times):
     cams, edge = random_inputs(height, width, seed=height * width + radius)
     sparse = random_walk(cams, edge, radius=radius, beta=beta, exp_times=exp_times)
@@ -81,8 +85,9 @@ def test_transition_is_column_stochastic_csr():
     transition = transition_csr(edge, radius=5, beta=10.0)
     assert transition.layout == torch.sparse_csr and transition.shape == (204, 204)
     with torch.sparse.check_sparse_tensor_invariants():  # sorted, in range, consistent
-        torch.sparse_csr_tensor(transition.crow_indices(), transition.col_indices(), transition.values(),
-                                transition.shape)
+        torch.sparse_csr_tensor(
+            transition.crow_indices(), transition.col_indices(), transition.values(), transition.shape
+        )
     dense = transition.to_dense()
     assert (dense >= 0).all()
     np.testing.assert_allclose(dense.sum(dim=0).numpy(), 1.0, atol=1e-12)
@@ -91,7 +96,8 @@ def test_transition_is_column_stochastic_csr():
     np.testing.assert_array_equal(transition_csr(edge, 5, 10.0, transpose=True).to_dense().numpy(), dense.T.numpy())
     # entries per column: the pixel itself plus every neighbour inside the image
     assert transition.values().numel() == sum(
-        1 for y in range(12) for x in range(17) for dy, dx in walk_offsets(5) if 0 <= y + dy < 12 and 0 <= x + dx < 17)
+        1 for y in range(12) for x in range(17) for dy, dx in walk_offsets(5) if 0 <= y + dy < 12 and 0 <= x + dx < 17
+    )
 
 
 def ring_edge(size: int, shape: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,14 +165,16 @@ def test_gpu_walk_kernel_equals_the_csr_walk_under_the_triton_interpreter():
     (more than one program's block), radii 3-5, non-square grids. tests/test_cuda.py runs it compiled."""
     pytest.importorskip("triton", reason="this torch build comes without Triton (the GPU walk kernel)")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", TRITON_WALK], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", TRITON_WALK], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 def test_a_failing_gpu_kernel_falls_back_to_the_csr_walk_once(monkeypatch, caplog):
     """Where Triton cannot build or launch the kernel (no C compiler, say), the walk still runs."""
     from stages.irn import walk_kernel
+
     cams, edge = random_inputs(12, 17)
     expected = random_walk(cams, edge, exp_times=4)  # on the CPU: the CSR walk
     calls = []
@@ -185,4 +193,5 @@ def test_a_failing_gpu_kernel_falls_back_to_the_csr_walk_once(monkeypatch, caplo
     assert torch.equal(first, expected) and torch.equal(second, expected)
     assert [r.getMessage() for r in caplog.records] == [
         "random walk: the Triton kernel failed (RuntimeError: Failed to find C compiler. Please specify via CC "
-        "environment variable.); using the slower CSR walk instead"]
+        "environment variable.); using the slower CSR walk instead"
+    ]

@@ -1,4 +1,5 @@
 """`wss run` over the whole chain: caching across stages, evaluate, visualize."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,18 @@ import pytest
 
 from tests.helpers import DEMO_CONFIG, FAST_CAM, REPO
 
-FAST_CHAIN = {**FAST_CAM, "irn.epochs": "1", "irn.batch_size": "8", "irn.crop_size": "64",
-              "irn.resize_long": "[56,72]", "irn.exp_times": "4", "seg.epochs": "1", "seg.batch_size": "8",
-              "seg.crop_size": "64", "seg.resize_long": "[56,72]"}
+FAST_CHAIN = {
+    **FAST_CAM,
+    "irn.epochs": "1",
+    "irn.batch_size": "8",
+    "irn.crop_size": "64",
+    "irn.resize_long": "[56,72]",
+    "irn.exp_times": "4",
+    "seg.epochs": "1",
+    "seg.batch_size": "8",
+    "seg.crop_size": "64",
+    "seg.resize_long": "[56,72]",
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +57,7 @@ def test_run_twice_then_change_seg_then_change_irn(cli, chain_args):
     assert states(second.output) == dict.fromkeys(["cam", "irn", "pseudo", "seg"], "cache hit")
 
     seg_changed = cli("run", *args, "-o", "seg.lr=0.0005")
-    assert states(seg_changed.output) == {"cam": "cache hit", "irn": "cache hit", "pseudo": "cache hit",
-                                          "seg": "ran"}
+    assert states(seg_changed.output) == {"cam": "cache hit", "irn": "cache hit", "pseudo": "cache hit", "seg": "ran"}
 
     irn_changed = cli("run", *args, "-o", "irn.conf_fg_threshold=0.5")
     assert states(irn_changed.output) == {"cam": "cache hit", "irn": "ran", "pseudo": "ran", "seg": "ran"}
@@ -58,9 +67,10 @@ def test_a_new_cam_scoring_threshold_rescores_the_cached_cams_without_retraining
     from data.layout import PreparedDataset
     from stages.cam.scoring import score_cams
     from stages.cam.stage import CamStage
+
     args, workdir = chain_args
     assert cli("run", *args, "--until", "cam").exit_code == 0
-    artifact, = (workdir / "synthetic").glob("cam-*")
+    (artifact,) = (workdir / "synthetic").glob("cam-*")
     manifest = json.loads((artifact / "manifest.json").read_text())
     trained = (artifact / "model.safetensors").stat().st_mtime_ns
     dataset = PreparedDataset(args[3].split("=", 1)[1])
@@ -73,7 +83,7 @@ def test_a_new_cam_scoring_threshold_rescores_the_cached_cams_without_retraining
         rescored = json.loads((artifact / "manifest.json").read_text())
         assert rescored["metrics"]["cam_miou"] == pytest.approx(expected)
         assert json.loads((artifact / "metrics.json").read_text())["cam_miou"] == pytest.approx(expected)
-        table_row, = [line for line in result.output.splitlines() if line.startswith("cam ") and "cam_miou" in line]
+        (table_row,) = [line for line in result.output.splitlines() if line.startswith("cam ") and "cam_miou" in line]
         assert f"{expected:.4f}" in table_row
         assert rescored["scored_with"] == {"eval_bg_threshold": threshold, "data.val_split": "val"}
         assert rescored["metrics"]["cls_mean_auc"] == manifest["metrics"]["cls_mean_auc"]  # kept, not rescored
@@ -81,14 +91,19 @@ def test_a_new_cam_scoring_threshold_rescores_the_cached_cams_without_retraining
     assert (artifact / "model.safetensors").stat().st_mtime_ns == trained
     status = cli("status", *args, "-o", "cam.eval_bg_threshold=0.45").output.splitlines()
     assert "up to date" in status[0]
-    assert "scored with eval_bg_threshold=0.6, data.val_split=val; a run re-scores it with " \
-           "eval_bg_threshold=0.45, data.val_split=val" in status[1]
+    assert (
+        "scored with eval_bg_threshold=0.6, data.val_split=val; a run re-scores it with "
+        "eval_bg_threshold=0.45, data.val_split=val" in status[1]
+    )
 
     # another val split: the saved classifier is scored on it, nothing is retrained
     classified = []
     original = CamStage.classify_split
-    monkeypatch.setattr(CamStage, "classify_split",
-                        lambda self, model, ds, ids, *a, **k: classified.append(ids) or original(self, model, ds, ids, *a, **k))
+    monkeypatch.setattr(
+        CamStage,
+        "classify_split",
+        lambda self, model, ds, ids, *a, **k: classified.append(ids) or original(self, model, ds, ids, *a, **k),
+    )
     on_train = cli("run", *args, "--until", "cam", "-o", "data.val_split=train")
     assert on_train.exit_code == 0, on_train.output
     assert states(on_train.output) == {"cam": "cache hit"}
@@ -106,6 +121,7 @@ def test_a_new_cam_scoring_threshold_rescores_the_cached_cams_without_retraining
     import fcntl
 
     from pipeline.cache import ArtifactStore
+
     before = (artifact / "manifest.json").read_text()
     with open(ArtifactStore(workdir, "synthetic").lock_path(artifact.name), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -117,13 +133,17 @@ def test_a_new_cam_scoring_threshold_rescores_the_cached_cams_without_retraining
 def test_a_limited_try_is_rescored_on_its_share_of_the_new_val_split(cli, chain_args, monkeypatch):
     from data.layout import PreparedDataset
     from stages.cam.stage import CamStage
+
     args, _ = chain_args
     first = cli("run-stage", "cam", *args, "--limit", "8")
     assert first.exit_code == 0, first.output
     classified = []
     original = CamStage.classify_split
-    monkeypatch.setattr(CamStage, "classify_split",
-                        lambda self, model, ds, ids, *a, **k: classified.append(ids) or original(self, model, ds, ids, *a, **k))
+    monkeypatch.setattr(
+        CamStage,
+        "classify_split",
+        lambda self, model, ds, ids, *a, **k: classified.append(ids) or original(self, model, ds, ids, *a, **k),
+    )
     result = cli("run-stage", "cam", *args, "--limit", "8", "-o", "data.val_split=train")
     assert result.exit_code == 0, result.output
     assert "up to date" in result.output
@@ -136,13 +156,19 @@ def test_evaluate_and_visualize_the_finished_chain(cli, chain_args):
     result = cli("evaluate", *args)
     assert result.exit_code == 0, result.output
     rows = json.loads((workdir / "synthetic" / "evaluation.json").read_text())
-    assert {(r["stage"], r["split"]) for r in rows} == {("cam", "train"), ("irn", "train"), ("pseudo", "train"),
-                                                        ("seg", "val"), ("seg", "train")}
+    assert {(r["stage"], r["split"]) for r in rows} == {
+        ("cam", "train"),
+        ("irn", "train"),
+        ("pseudo", "train"),
+        ("seg", "val"),
+        ("seg", "train"),
+    }
     assert all(0.0 <= r["miou"] <= 1.0 for r in rows)
     out = workdir / "grid.png"
     shown = cli("visualize", *args, "--stage", "seg", "--n", "3", "--out", out)
     assert shown.exit_code == 0, shown.output
     from PIL import Image
+
     assert Image.open(out).size[0] > Image.open(out).size[1]  # 7 columns, 3 rows
     blocked = cli("visualize", *args, "--stage", "cam", "--out", out / "under-a-file.png")
     assert blocked.exit_code == 2 and "cannot create the output folder" in blocked.output
@@ -160,14 +186,17 @@ def test_a_model_planted_in_a_copied_workdir_runs_no_code(cli, chain_args, tmp_p
     from stages.cam.model_file import MODEL_FILE as CAM_FILE
     from stages.seg.model import MODEL_FILE as SEG_FILE
     from tests.test_model_files import plant_payload
+
     args, workdir = chain_args
     assert cli("run", *args).exit_code == 0
     copy = tmp_path / "copied"
     shutil.copytree(workdir, copy)
     copied = [arg.replace(str(workdir), str(copy)) for arg in args]
     marker = tmp_path / "ran"
-    planted = {stage: [plant_payload(artifact / name, marker) for artifact in (copy / "synthetic").glob(f"{stage}-*")]
-               for stage, name in (("cam", CAM_FILE), ("seg", SEG_FILE))}  # every artifact of the folder
+    planted = {
+        stage: [plant_payload(artifact / name, marker) for artifact in (copy / "synthetic").glob(f"{stage}-*")]
+        for stage, name in (("cam", CAM_FILE), ("seg", SEG_FILE))
+    }  # every artifact of the folder
     for seg in (copy / "synthetic").glob("seg-*"):
         shutil.rmtree(seg / "predictions")  # visualize predicts what is not saved
     status = cli("status", *copied)
@@ -182,8 +211,9 @@ def test_a_model_planted_in_a_copied_workdir_runs_no_code(cli, chain_args, tmp_p
     shown = cli("visualize", *copied, "--stage", "seg", "--n", "2", "--out", tmp_path / "grid.png")
     assert shown.exit_code == 0, shown.output
     warnings = [line for line in shown.output.splitlines() if "prediction of" in line and "shown as missing" in line]
-    assert len(warnings) == 2 and all(any(str(path) in line for path in planted["seg"]) and "refuses" in line
-                                      for line in warnings), shown.output
+    assert len(warnings) == 2 and all(
+        any(str(path) in line for path in planted["seg"]) and "refuses" in line for line in warnings
+    ), shown.output
     assert not marker.exists()
 
 
@@ -191,6 +221,7 @@ def test_report_json_is_strict_json_when_a_metric_is_missing(tmp_path):
     """A stage without a metric (a dataset without masks) has NaN in the table: null in the JSON."""
     from pipeline.report import write_run_report
     from pipeline.runner import Outcome
+
     outcomes = [Outcome("cam", "ran", tmp_path / "cam-x", 1.0, {"cam_miou": float("nan")}, "cam_miou")]
     write_run_report(tmp_path, "demo.yaml", outcomes, {"train": "train", "val": "val"}, {})
     text = (tmp_path / "report.json").read_text()
@@ -203,13 +234,24 @@ def test_metric_table_columns_keep_the_class_order_whatever_the_hash_seed():
     first): not a set's order, which changes with each process's hash seed."""
     import subprocess
     import sys
-    script = ("from pipeline.report import metric_rows, metric_columns; "
-              "m = {'cam_miou': .5, 'cam_iou/background': .9, 'cam_iou/ring': .1, 'cam_iou/cross': .2, "
-              "'cam_iou/square': .3, 'cam_iou/disc': .4}; "
-              "print(metric_columns(metric_rows('cam', m, {'train': 'train'}))[1])")
-    outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                              env={**os.environ, "PYTHONHASHSEED": str(seed)}, cwd=REPO).stdout
-               for seed in range(6)}
+
+    script = (
+        "from pipeline.report import metric_rows, metric_columns; "
+        "m = {'cam_miou': .5, 'cam_iou/background': .9, 'cam_iou/ring': .1, 'cam_iou/cross': .2, "
+        "'cam_iou/square': .3, 'cam_iou/disc': .4}; "
+        "print(metric_columns(metric_rows('cam', m, {'train': 'train'}))[1])"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            cwd=REPO,
+        ).stdout
+        for seed in range(6)
+    }
     assert outputs == {"['iou/background', 'iou/ring', 'iou/cross', 'iou/square', 'iou/disc']\n"}
 
 
@@ -218,6 +260,7 @@ def test_overlay_grid_names_the_columns_it_leaves_out(tiny_synthetic, tmp_path, 
 
     from data.layout import PreparedDataset
     from pipeline.visualize import draw_grid, grid_images
+
     dataset = PreparedDataset(tiny_synthetic)
     images = grid_images(dataset, dataset.split("train"), 2)
     grid = draw_grid(dataset, {}, "seg", images, tmp_path / "grid.png", torch.device("cpu"))
@@ -233,6 +276,7 @@ def test_ground_truth_of_an_image_without_mask_is_missing_not_an_empty_mask(synt
 
     from data.layout import PreparedDataset
     from pipeline.visualize import Columns
+
     root = tmp_path / "data"
     shutil.copytree(synthetic_dataset(), root)
     dataset = PreparedDataset(root)
@@ -249,6 +293,7 @@ def test_overlay_grid_passes_over_an_image_that_does_not_decode(synthetic_datase
 
     from data.layout import PreparedDataset
     from pipeline.visualize import grid_images
+
     root = tmp_path / "data"
     shutil.copytree(synthetic_dataset(), root)
     dataset = PreparedDataset(root)
@@ -262,17 +307,29 @@ def test_overlay_grid_passes_over_an_image_that_does_not_decode(synthetic_datase
 
 
 def test_evaluate_with_nothing_up_to_date_is_an_error(cli, synthetic_dataset, tmp_path):
-    result = cli("evaluate", "-c", str(DEMO_CONFIG), "-o", f"data.root={synthetic_dataset()}",
-                 "-o", f"run.workdir={tmp_path}", "--stage", "seg")
+    result = cli(
+        "evaluate",
+        "-c",
+        str(DEMO_CONFIG),
+        "-o",
+        f"data.root={synthetic_dataset()}",
+        "-o",
+        f"run.workdir={tmp_path}",
+        "--stage",
+        "seg",
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "nothing to evaluate: no seg artifact is up to date" in result.output
 
 
-@pytest.mark.parametrize("override, message", [
-    ("seg.arch=Unett", "Wrong architecture type `Unett`"),
-    ("seg.losses={dise: 1.0}", "seg.losses: unknown loss 'dise'"),
-    ("seg.encoder_weights=/no/such/encoder.pth", "seg.encoder_weights: file not found"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("seg.arch=Unett", "Wrong architecture type `Unett`"),
+        ("seg.losses={dise: 1.0}", "seg.losses: unknown loss 'dise'"),
+        ("seg.encoder_weights=/no/such/encoder.pth", "seg.encoder_weights: file not found"),
+    ],
+)
 def test_a_seg_typo_stops_the_run_before_the_first_stage_computes(cli, synthetic_dataset, tmp_path, override, message):
     assert_stops_before_the_first_stage(cli, synthetic_dataset(), tmp_path, override, message)
 
@@ -287,12 +344,16 @@ def assert_stops_before_the_first_stage(cli, root, workdir, override: str, messa
     assert not list(workdir.glob("*/cam-*")) and not list(workdir.glob("*/.cam-*"))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("irn.backbone_init=imagenet", "irn.backbone_init: imagenet: could not download ImageNet weights for resnet18"),
-    ("seg.encoder_weights=imagenet", "could not download ImageNet weights for encoder resnet18"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("irn.backbone_init=imagenet", "irn.backbone_init: imagenet: could not download ImageNet weights for resnet18"),
+        ("seg.encoder_weights=imagenet", "could not download ImageNet weights for encoder resnet18"),
+    ],
+)
 def test_offline_imagenet_weights_of_a_later_stage_stop_the_run_before_the_first_stage(
-        cli, synthetic_dataset, tmp_path, monkeypatch, override, message):
+    cli, synthetic_dataset, tmp_path, monkeypatch, override, message
+):
     """Without internet the IRN's or the segmenter's ImageNet weights fail before the classifier
     trains, not hours later."""
     import segmentation_models_pytorch.encoders as encoders
@@ -315,6 +376,7 @@ def test_a_new_prediction_size_reuses_the_trained_segmenter(cli, chain_args, mon
     from pipeline.config import load_config
     from stages.common.model_files import read_model_file
     from stages.seg.model import MODEL_FILE
+
     args, workdir = chain_args
     assert cli("run", *args).exit_code == 0
     before = {p.name for p in (workdir / "synthetic").glob("seg-*")}
@@ -331,7 +393,7 @@ def test_a_new_prediction_size_reuses_the_trained_segmenter(cli, chain_args, mon
     assert result.exit_code == 0, result.output + str(result.exception)
     assert states(result.output) == {"cam": "cache hit", "irn": "cache hit", "pseudo": "cache hit", "seg": "ran"}
     assert "reusing the model trained in" in result.output
-    new, = [p for p in (workdir / "synthetic").glob("seg-*") if p.name not in before]
+    (new,) = [p for p in (workdir / "synthetic").glob("seg-*") if p.name not in before]
     twin = Path(json.loads((new / "manifest.json").read_text())["inputs"]["trained"])
     assert twin.name in before
     old_state = read_model_file(twin / MODEL_FILE, "seg", "model", "seg")
@@ -346,7 +408,7 @@ def test_a_new_prediction_size_reuses_the_trained_segmenter(cli, chain_args, mon
     assert on_train.exit_code == 0, on_train.output + str(on_train.exception)
     assert states(on_train.output) == {"cam": "cache hit", "irn": "cache hit", "pseudo": "cache hit", "seg": "ran"}
     assert "reusing the model trained in" in on_train.output
-    moved, = [p for p in (workdir / "synthetic").glob("seg-*") if p.name not in before | {new.name}]
+    (moved,) = [p for p in (workdir / "synthetic").glob("seg-*") if p.name not in before | {new.name}]
     assert Path(json.loads((moved / "manifest.json").read_text())["inputs"]["trained"]).name in before | {new.name}
     metrics = json.loads((moved / "metrics.json").read_text())
     assert metrics["seg_val_miou"] == pytest.approx(metrics["seg_train_miou"])
@@ -369,6 +431,7 @@ def test_overlay_grid_shows_a_bad_label_or_mask_as_missing(synthetic_dataset, tm
 
     from data.layout import PreparedDataset, write_index_png
     from pipeline.visualize import draw_grid, grid_images
+
     root = tmp_path / "data"
     shutil.copytree(synthetic_dataset(), root)
     dataset = PreparedDataset(root)
@@ -395,12 +458,19 @@ def test_evaluate_and_visualize_pass_over_garbled_labels_in_the_artifacts(cli, c
     args, workdir = chain_args
     assert cli("run", *args).exit_code == 0
     from data.layout import PreparedDataset
+
     dataset = PreparedDataset(args[3].split("=", 1)[1])
     shown_id = next(i for i in dataset.split("train") if dataset.label_vector(i).any())  # in the grid
-    found = {line.split()[0]: Path(line.split()[-1]) for line in cli("status", *args).output.splitlines()
-             if "up to date" in line}  # the artifacts of this config (earlier tests made others)
-    garbled = [found["irn"] / "seeds" / f"{shown_id}.png", found["pseudo"] / "pseudo_labels" / f"{shown_id}.png",
-               found["seg"] / "predictions" / f"{dataset.split('val')[0]}.png"]
+    found = {
+        line.split()[0]: Path(line.split()[-1])
+        for line in cli("status", *args).output.splitlines()
+        if "up to date" in line
+    }  # the artifacts of this config (earlier tests made others)
+    garbled = [
+        found["irn"] / "seeds" / f"{shown_id}.png",
+        found["pseudo"] / "pseudo_labels" / f"{shown_id}.png",
+        found["seg"] / "predictions" / f"{dataset.split('val')[0]}.png",
+    ]
     kept = {path: path.read_bytes() for path in garbled}
     try:
         for path in garbled:

@@ -2,6 +2,7 @@
 cam's CAM scores, irn's seed and pseudo-label scores, seg's prediction scores and compare's
 threshold sweep, each written out here as it was (a ConfusionMatrix and, on a binary dataset,
 BinarySegmentationScores, with the metric prefix added by hand)."""
+
 from __future__ import annotations
 
 import math
@@ -137,12 +138,16 @@ def test_cams_score_as_before(dataset, tmp_path):
     (tmp_path / f"{ids[0]}.npz").write_bytes(b"garbled")
     for threshold in (0.3, 0.6):
         new_failures, old_failures = [], []
-        assert_same(score_cams(dataset, ids, tmp_path, threshold, new_failures),
-                    old_evaluate_cams(dataset, ids, tmp_path, threshold, old_failures))
+        assert_same(
+            score_cams(dataset, ids, tmp_path, threshold, new_failures),
+            old_evaluate_cams(dataset, ids, tmp_path, threshold, old_failures),
+        )
         assert new_failures == old_failures and len(new_failures) == 1
     assert_same(score_cams(dataset, ids[-2:], tmp_path, 0.5), old_evaluate_cams(dataset, ids[-2:], tmp_path, 0.5))
     thresholds = (0.05, 0.5, 0.95)
-    assert threshold_sweep(dataset, ids, tmp_path, thresholds) == old_threshold_sweep(dataset, ids, tmp_path, thresholds)
+    assert threshold_sweep(dataset, ids, tmp_path, thresholds) == old_threshold_sweep(
+        dataset, ids, tmp_path, thresholds
+    )
     assert threshold_sweep(dataset, ids[-2:], tmp_path, thresholds) == {}
 
 
@@ -157,9 +162,12 @@ def test_seeds_and_pseudo_labels_score_as_before(dataset, tmp_path, prefix, unla
     assert_same(new, old_evaluate_labels(dataset, ids, tmp_path, prefix, seeds, old_failures))
     assert new_failures == old_failures and len(new_failures) == 1
     assert (f"{prefix}coverage" in new) == seeds and (f"{prefix}kaggle_dice" in new) == (
-        dataset.task == "binary" and not seeds)
-    assert_same(score_label_files(dataset, [], tmp_path, prefix, ignore_unlabelled=seeds),
-                old_evaluate_labels(dataset, [], tmp_path, prefix, seeds))
+        dataset.task == "binary" and not seeds
+    )
+    assert_same(
+        score_label_files(dataset, [], tmp_path, prefix, ignore_unlabelled=seeds),
+        old_evaluate_labels(dataset, [], tmp_path, prefix, seeds),
+    )
 
 
 @pytest.mark.parametrize("with_scores", [True, False])

@@ -3,6 +3,7 @@
 The "pseudo" input here is made from the synthetic masks: fine for testing the segmenter
 itself, which must never read masks before its model is fixed (checked below).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,19 +17,29 @@ import torch
 from data.errors import DataError, WssError
 from data.layout import IGNORE_INDEX, PreparedDataset, read_index_png, write_index_png
 from pipeline.config import load_config
+from stages.common.model_files import read_model_file, write_model_file
+from stages.common.scoring import SegmentationScorer
+from stages.common.training import CHECKPOINT
 from stages.seg import stage as seg_stage
 from stages.seg.data import PseudoLabelDataset, pseudo_label_items, read_pseudo_label
 from stages.seg.losses import LOSSES, SegLoss
-from stages.common.model_files import read_model_file, write_model_file
-from stages.common.training import CHECKPOINT
 from stages.seg.model import MODEL_FILE, SegModelError, build_segmenter, load_segmenter
-from stages.common.scoring import SegmentationScorer
 from stages.seg.stage import HOLDOUT_FILE, SegStage, split_holdout
 
 # Seconds on a CPU: tiny crops, resnet18 from scratch, main-process loading.
-FAST_SEG = ["seg.arch=Unet", "seg.encoder=resnet18", "seg.encoder_weights=null", "seg.epochs=2",
-            "seg.batch_size=4", "seg.crop_size=32", "seg.resize_long=[32,48]", "seg.lr=0.003",
-            "seg.losses={ce: 1.0, dice: 0.5}", "run.device=cpu", "run.workers=0"]
+FAST_SEG = [
+    "seg.arch=Unet",
+    "seg.encoder=resnet18",
+    "seg.encoder_weights=null",
+    "seg.epochs=2",
+    "seg.batch_size=4",
+    "seg.crop_size=32",
+    "seg.resize_long=[32,48]",
+    "seg.lr=0.003",
+    "seg.losses={ce: 1.0, dice: 0.5}",
+    "run.device=cpu",
+    "run.workers=0",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -60,8 +71,9 @@ def smp_iou(pred_dir: Path, dataset: PreparedDataset, ids: list[str]) -> np.ndar
     classes = dataset.info.num_classes + 1
     preds = torch.stack([torch.from_numpy(read_index_png(pred_dir / f"{i}.png").astype(np.int64)) for i in ids])
     masks = torch.stack([torch.from_numpy(dataset.read_mask(i).astype(np.int64)) for i in ids])
-    tp, fp, fn, tn = smp.metrics.get_stats(preds, masks, mode="multiclass", num_classes=classes,
-                                           ignore_index=IGNORE_INDEX)
+    tp, fp, fn, tn = smp.metrics.get_stats(
+        preds, masks, mode="multiclass", num_classes=classes, ignore_index=IGNORE_INDEX
+    )
     tp, fp, fn = tp.sum(0).double(), fp.sum(0).double(), fn.sum(0).double()
     return (tp / (tp + fp + fn)).numpy()
 
@@ -71,8 +83,9 @@ def multiclass_run(synthetic_dataset, tmp_path_factory):
     root = synthetic_dataset(n=24, size=64)
     base = tmp_path_factory.mktemp("seg-mc")
     pseudo = make_pseudo(root, base / "pseudo")
-    cfg, result = run_seg(root, pseudo, base / "out", "seg.epochs=3",
-                          "seg.arch_options={decoder_channels: [64, 32, 16, 16, 16]}")
+    cfg, result = run_seg(
+        root, pseudo, base / "out", "seg.epochs=3", "seg.arch_options={decoder_channels: [64, 32, 16, 16, 16]}"
+    )
     return root, base / "out", cfg, result
 
 
@@ -131,8 +144,9 @@ def test_binary_end_to_end(synthetic_dataset, tmp_path):
     assert meta["channels"] == 1 and meta["task"] == "binary"
     # the Kaggle score is the mean per-image Dice, empty vs empty = 1 (smp: zero_division=1)
     val = dataset.split("val")
-    preds = torch.stack([torch.from_numpy(read_index_png(tmp_path / "out" / "predictions" / f"{i}.png")
-                                          .astype(np.int64)) for i in val])
+    preds = torch.stack(
+        [torch.from_numpy(read_index_png(tmp_path / "out" / "predictions" / f"{i}.png").astype(np.int64)) for i in val]
+    )
     masks = torch.stack([torch.from_numpy(dataset.read_mask(i).astype(np.int64)) for i in val])
     assert set(np.unique(preds.numpy())) <= {0, 1}
     tp, fp, fn, tn = smp.metrics.get_stats(preds[:, None], masks[:, None], mode="binary", threshold=None)
@@ -213,10 +227,12 @@ def test_pseudo_holdout_chooses_by_pseudo_labels_without_masks(synthetic_dataset
 
     monkeypatch.setattr(PreparedDataset, "read_mask", guarded_read_mask)
     monkeypatch.setattr(SegStage, "predict_split", scoring_predict_split)
-    cfg, result = run_seg(root, pseudo, tmp_path / "out", "seg.checkpoint=pseudo_holdout",
-                          "seg.holdout_fraction=0.25", "seg.epochs=3")
-    state = seg_stage.read_holdout(tmp_path / "out" / HOLDOUT_FILE,
-                                   build_segmenter(cfg.seg.arch, cfg.seg.encoder, None, 4, cfg.seg.arch_options))
+    cfg, result = run_seg(
+        root, pseudo, tmp_path / "out", "seg.checkpoint=pseudo_holdout", "seg.holdout_fraction=0.25", "seg.epochs=3"
+    )
+    state = seg_stage.read_holdout(
+        tmp_path / "out" / HOLDOUT_FILE, build_segmenter(cfg.seg.arch, cfg.seg.encoder, None, 4, cfg.seg.arch_options)
+    )
     assert sorted(state["scores"]) == [0, 1, 2]
     best = max(state["scores"], key=state["scores"].get)
     assert result.metrics["seg_holdout_epoch"] == best + 1
@@ -243,24 +259,28 @@ def test_scorer_agrees_with_smp_on_random_masks():
     class Info:
         classes = ["a", "b", "c"]
         task = "multiclass"
+
     scorer = SegmentationScorer.of(Info)
     preds = rng.integers(0, 4, (6, 16, 16))
     targets = rng.integers(0, 4, (6, 16, 16))
     targets[rng.random(targets.shape) < 0.2] = IGNORE_INDEX
     for pred, target in zip(preds, targets):
         scorer.update(pred, target)
-    tp, fp, fn, tn = smp.metrics.get_stats(torch.from_numpy(preds), torch.from_numpy(targets), mode="multiclass",
-                                           num_classes=4, ignore_index=IGNORE_INDEX)
+    tp, fp, fn, tn = smp.metrics.get_stats(
+        torch.from_numpy(preds), torch.from_numpy(targets), mode="multiclass", num_classes=4, ignore_index=IGNORE_INDEX
+    )
     reference = smp.metrics.iou_score(tp.sum(0), fp.sum(0), fn.sum(0), tn.sum(0), reduction="none")
     metrics = scorer.metrics("seg_val_")
-    np.testing.assert_allclose([metrics[f"seg_val_iou/{n}"] for n in ["background", "a", "b", "c"]],
-                               reference.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        [metrics[f"seg_val_iou/{n}"] for n in ["background", "a", "b", "c"]], reference.numpy(), rtol=1e-6
+    )
 
 
 def test_scorer_known_answer_binary():
     class Info:
         classes = ["finding"]
         task = "binary"
+
     scorer = SegmentationScorer.of(Info)
     target = np.zeros((4, 4), np.uint8)
     target[:2, :2] = 1  # 4 pixels
@@ -342,6 +362,7 @@ def test_encoder_weights_from_a_local_file(tmp_path, suffix):
     path = tmp_path / f"encoder{suffix}"
     if suffix == ".safetensors":
         from safetensors.torch import save_file
+
         save_file(state, str(path))
     else:
         torch.save({**state, "fc.weight": torch.zeros(3, 3)}, path)  # a classifier head is dropped
@@ -358,6 +379,7 @@ def test_encoder_weights_from_a_local_file(tmp_path, suffix):
 def test_encoder_weights_of_another_depth_are_refused(tmp_path):
     """resnet34's blocks shared with resnet18 have the same shapes: only its extra keys tell."""
     from torchvision import models
+
     deeper, right = tmp_path / "resnet34.pth", tmp_path / "resnet18.pth"
     torch.save(models.resnet34(weights=None).state_dict(), deeper)
     torch.save(models.resnet18(weights=None).state_dict(), right)  # with its fc.* classifier
@@ -376,6 +398,7 @@ def test_timm_encoder_weights_from_a_timm_checkpoint(tmp_path):
     from the file; a deeper network's file is refused."""
     import timm
     from safetensors.torch import save_file
+
     for name in ("resnet18", "efficientnet_b0", "convnext_atto"):
         torch.manual_seed(3)
         network = timm.create_model(name, pretrained=False)
@@ -385,7 +408,7 @@ def test_timm_encoder_weights_from_a_timm_checkpoint(tmp_path):
         loaded = build_segmenter("Unet", f"tu-{name}", str(path), 2).encoder.state_dict()
         source = network.state_dict()
         for key, value in loaded.items():  # `model.` + the key, or with a flattened top module
-            inner = key[len("model."):]
+            inner = key[len("model.") :]
             original = inner if inner in source else inner.replace("_", ".", 1)
             assert torch.equal(value, source[original]), key
     deeper = tmp_path / "resnet34.pth"
@@ -410,9 +433,10 @@ def test_timm_encoder_offline_names_its_hub_repo(monkeypatch):
 def test_encoder_weights_from_the_stage1_classifier(tmp_path):
     """`encoder_weights: cam`: every trunk tensor of the cam model lands in smp's encoder, and the
     encoder then computes what the classifier's trunk computes up to its (dilated) layer4."""
-    from stages.cam.nets import GapNet
     from stages.cam.model_file import MODEL_FILE
+    from stages.cam.nets import GapNet
     from stages.seg.model import load_cam_encoder
+
     torch.manual_seed(3)
     classifier = GapNet(3, "resnet18").eval()
     write_model_file(tmp_path / MODEL_FILE, "cam", classifier, {"config": {"backbone": "resnet18"}, "classes": []})
@@ -423,8 +447,13 @@ def test_encoder_weights_from_the_stage1_classifier(tmp_path):
     assert torch.equal(model.encoder.layer4[1].conv2.weight, classifier.backbone.layer4[1].conv2.weight)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert torch.allclose(model.encoder(x)[4], classifier.backbone.layer3(classifier.backbone.layer2(
-            classifier.backbone.layer1(classifier.backbone.stem(x)))), atol=1e-5)
+        assert torch.allclose(
+            model.encoder(x)[4],
+            classifier.backbone.layer3(
+                classifier.backbone.layer2(classifier.backbone.layer1(classifier.backbone.stem(x)))
+            ),
+            atol=1e-5,
+        )
     with pytest.raises(SegModelError, match=r"classifier's backbone \(resnet18\), got resnet34"):
         load_cam_encoder(build_segmenter("Unet", "resnet34", "cam", 4), tmp_path, "resnet34")
     with pytest.raises(SegModelError, match=f"has no {MODEL_FILE}"):
@@ -483,8 +512,9 @@ def test_seg_key_leaves_out_settings_that_change_nothing():
     assert seg_stage.headline_metric("binary") == "seg_val_kaggle_dice"
 
 
-@pytest.mark.parametrize("arch, crop, nearest", [("FPN", 48, "32 or 64"), ("UnetPlusPlus", 20, "use 32"),
-                                                 ("DeepLabV3Plus", 40, "32 or 48")])
+@pytest.mark.parametrize(
+    "arch, crop, nearest", [("FPN", 48, "32 or 64"), ("UnetPlusPlus", 20, "use 32"), ("DeepLabV3Plus", 40, "32 or 48")]
+)
 def test_preflight_refuses_a_crop_the_architecture_cannot_take(synthetic_dataset, arch, crop, nearest):
     dataset = PreparedDataset(synthetic_dataset(n=24, size=64))
     cfg = load_config(None, [*FAST_SEG, f"seg.arch={arch}", f"seg.crop_size={crop}"])
@@ -497,6 +527,7 @@ def test_preflight_refuses_a_crop_the_architecture_cannot_take(synthetic_dataset
 def test_image_scores_cut_short_by_a_kill_are_read_as_none(tmp_path):
     """`--resume` of a binary seg stage killed while writing image_scores.json continues."""
     from stages.seg.stage import IMAGE_SCORES, read_image_scores
+
     (tmp_path / IMAGE_SCORES).write_text('{"a": 0.5, "b')
     assert read_image_scores(tmp_path) == {}
     (tmp_path / IMAGE_SCORES).write_text('{"a": 0.5}')
@@ -509,6 +540,7 @@ def test_bad_pseudo_labels_and_masks_are_listed_and_the_others_used(synthetic_da
     import shutil
 
     from PIL import Image
+
     root = shutil.copytree(synthetic_dataset(n=24, size=64), tmp_path / "data")
     dataset = PreparedDataset(root)
     pseudo = make_pseudo(root, tmp_path / "pseudo")

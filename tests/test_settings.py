@@ -1,6 +1,7 @@
 """The config models: bounds that belong to a field (never to a name), the CAM method registry
 that the `cam` section is derived from, the pseudo marker of irn settings, and the strict types
 of the shared Section base."""
+
 from __future__ import annotations
 
 import pickle
@@ -62,22 +63,29 @@ def test_every_default_passes_its_own_bounds():
 
 
 # ------------------------------------------------------------------------------ strict types
-@pytest.mark.parametrize("raw, problem", [
-    ({"threshold": True}, "threshold must be a number, got True"),
-    ({"threshold": "high"}, "threshold must be a number, got 'high'"),
-    ({"threshold": float("inf")}, "threshold must be a finite number, got inf"),
-    ({"thresholds": 0.3}, "unknown key 'thresholds' (did you mean 'threshold'?)"),
-])
+@pytest.mark.parametrize(
+    "raw, problem",
+    [
+        ({"threshold": True}, "threshold must be a number, got True"),
+        ({"threshold": "high"}, "threshold must be a number, got 'high'"),
+        ({"threshold": float("inf")}, "threshold must be a finite number, got inf"),
+        ({"thresholds": 0.3}, "unknown key 'thresholds' (did you mean 'threshold'?)"),
+    ],
+)
 def test_a_section_is_strict(raw, problem):
     assert refusal(Probability, raw) == problem
 
 
 def test_of_several_problems_the_first_as_a_reader_meets_them_is_told():
     """Sections and keys in their declared order; in a section, an unknown key before the values."""
-    assert refusal(TwoSections, {"b": {"threshold": -1, "zz": 1}, "a": {"threshold": 2}}) == \
-        "a.threshold must be in [0, 1], got 2.0"
-    assert refusal(TwoSections, {"a": {"threshold": 2, "treshold": 1}}) == \
-        "unknown key 'a.treshold' (did you mean 'a.threshold'?)"
+    assert (
+        refusal(TwoSections, {"b": {"threshold": -1, "zz": 1}, "a": {"threshold": 2}})
+        == "a.threshold must be in [0, 1], got 2.0"
+    )
+    assert (
+        refusal(TwoSections, {"a": {"threshold": 2, "treshold": 1}})
+        == "unknown key 'a.treshold' (did you mean 'a.threshold'?)"
+    )
 
 
 def test_yaml_spellings_of_numbers_and_an_empty_section():
@@ -103,8 +111,14 @@ def test_a_section_travels_to_worker_processes():
 
 # ------------------------------------------------------------------------------ the pseudo marker
 def test_the_pseudo_stage_settings_are_those_marked():
-    assert pseudo_settings() == {"walk_radius", "beta", "exp_times", "sem_seg_bg_threshold", "refine_crf",
-                                 "refine_crf_params"}
+    assert pseudo_settings() == {
+        "walk_radius",
+        "beta",
+        "exp_times",
+        "sem_seg_bg_threshold",
+        "refine_crf",
+        "refine_crf_params",
+    }
 
 
 # ------------------------------------------------------------------------------ the CAM method registry

@@ -7,6 +7,7 @@ Only what makes the run fit a test is overridden (no ImageNet download, small im
 epochs); the rest is the shipped file: DropBlock classifier with BCE, IRN on positive images
 only, a Unet with BCE + Dice, checkpoint chosen on held-out pseudo-labels.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,12 +31,25 @@ PRESETS = sorted((REPO / "configs" / "methods").glob("*.yaml"))
 
 # What a test changes in configs/siim.yaml: offline, 128 px, minutes -> seconds.
 SMALL_SIIM = {
-    "cam.weights": "null", "cam.backbone": "resnet18", "cam.epochs": "1", "cam.batch_size": "4",
-    "cam.crop_size": "128", "cam.resize_long": "[112,144]", "cam.scales": "[1.0]",
-    "irn.epochs": "1", "irn.batch_size": "4", "irn.crop_size": "128", "irn.resize_long": "[112,144]",
-    "seg.encoder": "resnet18", "seg.encoder_weights": "null", "seg.epochs": "2", "seg.batch_size": "4",
-    "seg.crop_size": "128", "seg.resize_long": "[128,128]",
-    "run.workers": "0", "run.device": "cpu",
+    "cam.weights": "null",
+    "cam.backbone": "resnet18",
+    "cam.epochs": "1",
+    "cam.batch_size": "4",
+    "cam.crop_size": "128",
+    "cam.resize_long": "[112,144]",
+    "cam.scales": "[1.0]",
+    "irn.epochs": "1",
+    "irn.batch_size": "4",
+    "irn.crop_size": "128",
+    "irn.resize_long": "[112,144]",
+    "seg.encoder": "resnet18",
+    "seg.encoder_weights": "null",
+    "seg.epochs": "2",
+    "seg.batch_size": "4",
+    "seg.crop_size": "128",
+    "seg.resize_long": "[128,128]",
+    "run.workers": "0",
+    "run.device": "cpu",
 }
 
 
@@ -62,8 +76,14 @@ def test_every_method_preset_layers_over_every_dataset_config(base, preset):
 def siim_samples(tmp_path_factory) -> Path:
     need(SAMPLES / "siim" / "dicom")
     out = tmp_path_factory.mktemp("siim") / "prepared"
-    prepare_siim(SAMPLES / "siim" / "dicom", SAMPLES / "siim" / "train-rle-sample.csv", out, size=128,
-                 val_fraction=0.2, progress=False)
+    prepare_siim(
+        SAMPLES / "siim" / "dicom",
+        SAMPLES / "siim" / "train-rle-sample.csv",
+        out,
+        size=128,
+        val_fraction=0.2,
+        progress=False,
+    )
     return out
 
 
@@ -80,17 +100,25 @@ def coco_samples(tmp_path_factory) -> Path:
     coco = SAMPLES / "coco"
     need(coco / "train2014")
     out = tmp_path_factory.mktemp("coco") / "prepared"
-    prepare_coco(coco / "annotations" / "instances_train2014.json", coco / "train2014", out,
-                 coco / "annotations" / "instances_val2014.json", coco / "val2014", progress=False)
+    prepare_coco(
+        coco / "annotations" / "instances_train2014.json",
+        coco / "train2014",
+        out,
+        coco / "annotations" / "instances_val2014.json",
+        coco / "val2014",
+        progress=False,
+    )
     return out
 
 
 def prepared_folder(tmp_path_factory, variant: str) -> Path:
     from tests.test_folder import make_user_folder
+
     case = make_user_folder(tmp_path_factory.mktemp("user"), n=8, variant=variant, formats=False)
     out = tmp_path_factory.mktemp("folder") / "prepared"
-    prepare_folder(case["images"], case["csv"], out, masks_dir=case["masks"], classes_file=case["classes_file"],
-                   progress=False)
+    prepare_folder(
+        case["images"], case["csv"], out, masks_dir=case["masks"], classes_file=case["classes_file"], progress=False
+    )
     return out
 
 
@@ -104,11 +132,19 @@ def folder_multiclass(tmp_path_factory) -> Path:
     return prepared_folder(tmp_path_factory, "multiclass")
 
 
-@pytest.mark.parametrize("name, dataset_fixture", [("siim", "siim_samples"), ("voc", "voc_samples"),
-                                                   ("coco", "coco_samples"), ("folder", "folder_binary"),
-                                                   ("folder", "folder_multiclass")])
-def test_the_segmenter_of_each_dataset_config_passes_its_checks_on_that_dataset(name, dataset_fixture, request,
-                                                                                 monkeypatch):
+@pytest.mark.parametrize(
+    "name, dataset_fixture",
+    [
+        ("siim", "siim_samples"),
+        ("voc", "voc_samples"),
+        ("coco", "coco_samples"),
+        ("folder", "folder_binary"),
+        ("folder", "folder_multiclass"),
+    ],
+)
+def test_the_segmenter_of_each_dataset_config_passes_its_checks_on_that_dataset(
+    name, dataset_fixture, request, monkeypatch
+):
     """What `wss run` checks before training (architecture, encoder, losses for the task, crop),
     up to the last check: getting the ImageNet encoder weights, which fails offline."""
     import segmentation_models_pytorch.encoders as encoders
@@ -126,12 +162,15 @@ def test_the_segmenter_of_each_dataset_config_passes_its_checks_on_that_dataset(
         SegStage().preflight(cfg, PreparedDataset(root))
 
 
-@pytest.mark.parametrize("name, dataset_fixture", [("voc", "voc_samples"), ("coco", "coco_samples"),
-                                                   ("folder", "folder_binary"), ("folder", "folder_multiclass")])
+@pytest.mark.parametrize(
+    "name, dataset_fixture",
+    [("voc", "voc_samples"), ("coco", "coco_samples"), ("folder", "folder_binary"), ("folder", "folder_multiclass")],
+)
 def test_dataset_config_status_on_its_prepared_dataset(cli, name, dataset_fixture, request, tmp_path):
     root = request.getfixturevalue(dataset_fixture)
-    result = cli("status", "-c", REPO / "configs" / f"{name}.yaml", "-o", f"data.root={root}",
-                 "-o", f"run.workdir={tmp_path}")
+    result = cli(
+        "status", "-c", REPO / "configs" / f"{name}.yaml", "-o", f"data.root={root}", "-o", f"run.workdir={tmp_path}"
+    )
     assert result.exit_code == 0, result.output
     for stage in ("cam", "irn", "pseudo", "seg"):
         assert stage in result.output
@@ -141,8 +180,15 @@ def test_dataset_config_status_on_its_prepared_dataset(cli, name, dataset_fixtur
 @pytest.mark.slow
 def test_siim_config_runs_the_whole_chain_on_the_real_samples(cli, siim_samples, tmp_path):
     dataset = PreparedDataset(siim_samples)
-    args = ["-c", REPO / "configs" / "siim.yaml", "-o", f"data.root={siim_samples}", "-o", f"run.workdir={tmp_path}",
-            *overrides(SMALL_SIIM)]
+    args = [
+        "-c",
+        REPO / "configs" / "siim.yaml",
+        "-o",
+        f"data.root={siim_samples}",
+        "-o",
+        f"run.workdir={tmp_path}",
+        *overrides(SMALL_SIIM),
+    ]
     result = cli("run", *args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "siim" / "report.json").read_text())

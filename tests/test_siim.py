@@ -1,4 +1,5 @@
 """SIIM preparation and DICOM reading: the Kaggle samples to the pixel, CSV quirks, bad inputs."""
+
 import json
 import re
 import shutil
@@ -31,6 +32,7 @@ def need_samples():
 # Synthetic inputs
 # --------------------------------------------------------------------------------------------
 
+
 def make_case(folder: Path, ids_and_masks: dict, size=(32, 24), nested=False, jpeg=False) -> tuple[Path, Path]:
     """DICOMs (one per id, a gradient image) and an RLE CSV with Kaggle's header."""
     dicoms = folder / "dicom"
@@ -48,7 +50,7 @@ def make_case(folder: Path, ids_and_masks: dict, size=(32, 24), nested=False, jp
 
 def block_mask(size=(32, 24), top=4, left=3, height=6, width=5):
     mask = np.zeros(size, dtype=np.uint8)
-    mask[top:top + height, left:left + width] = 1
+    mask[top : top + height, left : left + width] = 1
     return mask
 
 
@@ -60,13 +62,13 @@ def report_json(out: Path) -> dict:
 # The Kaggle samples
 # --------------------------------------------------------------------------------------------
 
+
 def test_sample_dicoms_and_csv_prepare_to_the_reference_masks(tmp_path):
     """BOM, no header, CRLF, ' -1': the 10 samples give masks identical to samples/siim/masks."""
     need_samples()
     raw = (SAMPLES / "train-rle-sample.csv").read_bytes()
     assert raw.startswith(b"\xef\xbb\xbf") and b"\r\n" in raw  # the quirks are really there
-    report = prepare_siim(SAMPLES / "dicom", SAMPLES / "train-rle-sample.csv", tmp_path / "out",
-                          progress=False)
+    report = prepare_siim(SAMPLES / "dicom", SAMPLES / "train-rle-sample.csv", tmp_path / "out", progress=False)
     assert report.ok and report.counts["prepared"] == 10 and report.counts["positive"] == 5
     assert not report.problems
     dataset = PreparedDataset(tmp_path / "out")
@@ -79,16 +81,17 @@ def test_sample_dicoms_and_csv_prepare_to_the_reference_masks(tmp_path):
         assert np.array_equal(prepared, (expected == 255).astype(np.uint8)), reference.name
         assert dataset.label_vector(reference.stem)[0] == float(expected.any())
     image_id = reference.stem
-    assert np.array_equal(np.array(Image.open(dataset.image_path(image_id))),
-                          pydicom.dcmread(SAMPLES / "dicom" / f"{image_id}.dcm").pixel_array)
+    assert np.array_equal(
+        np.array(Image.open(dataset.image_path(image_id))),
+        pydicom.dcmread(SAMPLES / "dicom" / f"{image_id}.dcm").pixel_array,
+    )
     assert sorted(dataset.split("train") + dataset.split("val")) == sorted(dataset.labels)
 
 
 def test_full_label_file_with_its_header(tmp_path):
     """Header 'ImageId, EncodedPixels' (.gz): same masks; the other 12,037 ids are counted."""
     need_samples()
-    report = prepare_siim(SAMPLES / "dicom", SAMPLES / "train-rle.csv.gz", tmp_path / "out",
-                          progress=False)
+    report = prepare_siim(SAMPLES / "dicom", SAMPLES / "train-rle.csv.gz", tmp_path / "out", progress=False)
     assert report.counts["prepared"] == 10 and not report.problems
     assert report.id_counts["labels_without_images"] == 12037
     assert report.id_counts["images_without_labels"] == 0
@@ -109,6 +112,7 @@ def test_read_dicom_matches_pydicom_on_the_jpeg_samples():
 # --------------------------------------------------------------------------------------------
 # DICOM conversions
 # --------------------------------------------------------------------------------------------
+
 
 def test_monochrome1_is_inverted(tmp_path):
     image = (np.arange(20 * 30).reshape(20, 30) % 256).astype(np.uint8)
@@ -159,8 +163,11 @@ def test_truncated_dicom_says_truncated_not_no_pixel_data(tmp_path, kind, where)
     dataset = pydicom.dcmread(whole)
     pixels_at = dataset.get_item("PixelData").value_tell
     uid = dataset.get_item("SOPInstanceUID")
-    cut = {"pixels": (pixels_at + len(raw)) // 2, "header value": uid.value_tell + 3,
-           "element header": uid.value_tell + uid.length + 3}[where]
+    cut = {
+        "pixels": (pixels_at + len(raw)) // 2,
+        "header value": uid.value_tell + 3,
+        "element header": uid.value_tell + uid.length + 3,
+    }[where]
     path = tmp_path / "cut.dcm"
     path.write_bytes(raw[:cut])
     with pytest.raises(DataError, match="cut.dcm: the DICOM file is truncated") as error:
@@ -188,8 +195,11 @@ def test_random_bytes_as_dicom_give_a_data_error(tmp_path, body, with_magic):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(cut=st.integers(0, 10_000), flips=st.lists(st.tuples(st.integers(128, 10_000), st.integers(0, 255)),
-                                                   max_size=6), kind=st.sampled_from(["raw", "jpeg", "window"]))
+@given(
+    cut=st.integers(0, 10_000),
+    flips=st.lists(st.tuples(st.integers(128, 10_000), st.integers(0, 255)), max_size=6),
+    kind=st.sampled_from(["raw", "jpeg", "window"]),
+)
 def test_damaged_dicoms_read_or_give_a_data_error(tmp_path, cut, flips, kind):
     """A valid file, truncated and with bytes overwritten: an image or a DataError, nothing else."""
     source = tmp_path / f"{kind}.dcm"
@@ -217,13 +227,17 @@ def test_damaged_dicoms_read_or_give_a_data_error(tmp_path, cut, flips, kind):
 # The label CSV
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("content", [
-    b"ImageId, EncodedPixels\na,1 2\nb,-1\na,5 1\n",
-    b"ImageId,EncodedPixels\r\na,1 2\r\nb,-1\r\na,5 1\r\n",
-    b"\xef\xbb\xbfa, 1 2\r\nb, -1\r\na, 5 1",
-    b"EncodedPixels,ImageId\n1 2,a\n-1,b\n5 1,a\n",
-    b'"ImageId","EncodedPixels"\n"a","1 2"\n"b","-1"\n\n"a","5 1"\n',
-])
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"ImageId, EncodedPixels\na,1 2\nb,-1\na,5 1\n",
+        b"ImageId,EncodedPixels\r\na,1 2\r\nb,-1\r\na,5 1\r\n",
+        b"\xef\xbb\xbfa, 1 2\r\nb, -1\r\na, 5 1",
+        b"EncodedPixels,ImageId\n1 2,a\n-1,b\n5 1,a\n",
+        b'"ImageId","EncodedPixels"\n"a","1 2"\n"b","-1"\n\n"a","5 1"\n',
+    ],
+)
 def test_csv_variants_read_alike(tmp_path, content):
     path = tmp_path / "labels.csv"
     path.write_bytes(content)
@@ -269,15 +283,15 @@ def test_random_bytes_as_csv_row_are_reported_never_a_crash(tmp_path, row):
 # Bad inputs in a preparation
 # --------------------------------------------------------------------------------------------
 
+
 def test_bad_inputs_are_reported_and_skipped(tmp_path):
-    masks = {"good": block_mask(), "odd": None, "overflow": None, "trunc": None, "nopix": None,
-             "neg": None}
+    masks = {"good": block_mask(), "odd": None, "overflow": None, "trunc": None, "nopix": None, "neg": None}
     dicoms, csv_path = make_case(tmp_path, masks, nested=True)
     lines = csv_path.read_text().splitlines()
-    lines[2] = "odd,1 2 3"                  # line 3
-    lines[3] = "overflow,700 100"           # line 4: 32*24 = 768 pixels
-    lines.append("good,-1")                 # line 8: a second row for "good", a union
-    lines.append("ghost,-1")                # line 9: a label without an image
+    lines[2] = "odd,1 2 3"  # line 3
+    lines[3] = "overflow,700 100"  # line 4: 32*24 = 768 pixels
+    lines.append("good,-1")  # line 8: a second row for "good", a union
+    lines.append("ghost,-1")  # line 9: a label without an image
     csv_path.write_text("\n".join(lines) + "\n")
     truncated = next(dicoms.rglob("trunc.dcm"))
     truncated.write_bytes(truncated.read_bytes()[:200])
@@ -285,7 +299,7 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
     dataset = pydicom.dcmread(no_pixels)
     del dataset.PixelData
     dataset.save_as(no_pixels)
-    duplicate = dicoms / "elsewhere" / "good.dcm"   # a second file with the same id
+    duplicate = dicoms / "elsewhere" / "good.dcm"  # a second file with the same id
     duplicate.parent.mkdir()
     shutil.copy(next(dicoms.rglob("good.dcm")), duplicate)
     (dicoms / "unlabelled.dcm").write_bytes(duplicate.read_bytes())
@@ -312,7 +326,9 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
 def test_nothing_usable_raises_after_writing_the_report(tmp_path):
     dicoms, csv_path = make_case(tmp_path, {"a": block_mask()})
     csv_path.write_text("ImageId, EncodedPixels\na,1 2 3\n")
-    with pytest.raises(DataError, match="every one of the 1 matched images failed, e.g. .*:2: a: .*prepare_report.json"):
+    with pytest.raises(
+        DataError, match="every one of the 1 matched images failed, e.g. .*:2: a: .*prepare_report.json"
+    ):
         prepare_siim(dicoms, csv_path, tmp_path / "out", progress=False)
     assert report_json(tmp_path / "out")["ok"] is False
     assert not (tmp_path / "out" / "dataset.json").exists()
@@ -322,15 +338,20 @@ def test_nothing_usable_raises_after_writing_the_report(tmp_path):
     assert prepare_siim(dicoms, csv_path, tmp_path / "out", size=8, progress=False).ok
 
 
-@pytest.mark.parametrize("content, reason", [
-    (b"", r".*/labels.csv holds no label rows"),
-    (b"ImageId, EncodedPixels\n", r".*/labels.csv holds no label rows"),
-    (b"\xef\xbb\xbfImageId, EncodedPixels\r\n\r\n", r".*/labels.csv holds no label rows"),
-    (b"ImageId, EncodedPixels\n,-1\n", r".*/labels.csv holds no label rows \(1 unusable, see problems\)"),
-    (b"ImageId, EncodedPixels\nx1,-1\nx2,-1\nx3,-1\nx4,-1\n",
-     r"no ImageId of .*labels.csv matched a DICOM file name under .*dicom \(ImageIds: 'x1', 'x2', 'x3', "
-     r"\.\.\. \(4 in all\); DICOM files: 'a', 'b'\)"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", r".*/labels.csv holds no label rows"),
+        (b"ImageId, EncodedPixels\n", r".*/labels.csv holds no label rows"),
+        (b"\xef\xbb\xbfImageId, EncodedPixels\r\n\r\n", r".*/labels.csv holds no label rows"),
+        (b"ImageId, EncodedPixels\n,-1\n", r".*/labels.csv holds no label rows \(1 unusable, see problems\)"),
+        (
+            b"ImageId, EncodedPixels\nx1,-1\nx2,-1\nx3,-1\nx4,-1\n",
+            r"no ImageId of .*labels.csv matched a DICOM file name under .*dicom \(ImageIds: 'x1', 'x2', 'x3', "
+            r"\.\.\. \(4 in all\); DICOM files: 'a', 'b'\)",
+        ),
+    ],
+)
 def test_nothing_prepared_says_why_in_its_line(tmp_path, content, reason):
     """No rows, or no id matching a DICOM, leave no problem to point at: the line says it."""
     dicoms, _ = make_case(tmp_path, {"a": None, "b": None})
@@ -380,6 +401,7 @@ def test_missing_inputs_are_data_errors(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Resizing, resuming, workers, splits
 # --------------------------------------------------------------------------------------------
+
 
 def test_resize_uses_nearest_for_masks_and_keeps_labels(tmp_path):
     tiny = np.zeros((32, 24), np.uint8)
@@ -487,8 +509,7 @@ def test_val_fraction_zero_removes_an_old_val_split(tmp_path):
 def test_out_below_a_regular_file_is_a_one_line_cli_error(cli, tmp_path):
     dicoms, csv_path = make_case(tmp_path, {"a": block_mask()})
     (tmp_path / "file").write_text("x")
-    result = cli("prepare", "siim", "--dicom-dir", dicoms, "--rle-csv", csv_path,
-                 "--out", tmp_path / "file" / "out")
+    result = cli("prepare", "siim", "--dicom-dir", dicoms, "--rle-csv", csv_path, "--out", tmp_path / "file" / "out")
     assert result.exit_code == 2, result.exception  # a user error, not an uncaught exception
     assert f"error: cannot create the output folder {tmp_path / 'file' / 'out'}" in result.output
 
@@ -546,14 +567,16 @@ def test_cli_exit_code_says_whether_anything_usable_was_prepared(cli, tmp_path):
     dicoms, csv_path = make_case(tmp_path, {"good": block_mask(), "odd": None})
     lines = csv_path.read_text().splitlines()
     csv_path.write_text("\n".join([line if not line.startswith("odd,") else "odd,1 2 3" for line in lines]) + "\n")
-    partly = cli("prepare", "siim", "--dicom-dir", dicoms, "--rle-csv", csv_path, "--out", tmp_path / "out",
-                 "--size", "32")
+    partly = cli(
+        "prepare", "siim", "--dicom-dir", dicoms, "--rle-csv", csv_path, "--out", tmp_path / "out", "--size", "32"
+    )
     assert partly.exit_code == 0, partly.output
     report = report_json(tmp_path / "out")
     assert report["ok"] is True and f"{csv_path.name}:" in json.dumps(report["problems"])
     csv_path.write_text("ImageId, EncodedPixels\ngood,1 2 3\nodd,1 2 3\n")
-    nothing = cli("prepare", "siim", "--dicom-dir", dicoms, "--rle-csv", csv_path, "--out", tmp_path / "none",
-                  "--size", "32")
+    nothing = cli(
+        "prepare", "siim", "--dicom-dir", dicoms, "--rle-csv", csv_path, "--out", tmp_path / "none", "--size", "32"
+    )
     assert nothing.exit_code == 2 and "error: no SIIM image could be prepared" in nothing.output
     assert report_json(tmp_path / "none")["ok"] is False
 

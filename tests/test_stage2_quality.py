@@ -16,6 +16,7 @@ Smaller benchmarks are not stable enough to test on: with 200 images the from-sc
 classifier found the marks for seeds 0 and 1 (0.505 -> 0.651, 0.513 -> 0.614) but not for
 seed 2 (CAM 0.360), and stage 2 cannot refine CAMs that point at the wrong place (0.236).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,9 @@ MARGIN = 0.08
 def chain(tmp_path_factory, synthetic_dataset):
     root = synthetic_dataset(n=400, size=128, seed=0)
     workdir = tmp_path_factory.mktemp("quality")
-    result = invoke_cli("run", "-c", DEMO_CONFIG, "-o", f"data.root={root}", "-o", f"run.workdir={workdir}",
-                        "--until", "pseudo")
+    result = invoke_cli(
+        "run", "-c", DEMO_CONFIG, "-o", f"data.root={root}", "-o", f"run.workdir={workdir}", "--until", "pseudo"
+    )
     assert result.exit_code == 0, result.output + str(result.exception)
     report = json.loads((workdir / "synthetic" / "report.json").read_text())
     return root, {row["metric"]: row["value"] for row in report["stages"]}

@@ -1,5 +1,6 @@
 """The stage contract (stages.base.Stage): every stage is a subclass, a new one needs only its
 name, section, key_config and run, and the runner, status, clean and evaluate use the defaults."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,6 +15,7 @@ from tests.test_cache import make_pipeline, with_stage
 
 class MinimalCam(Stage):
     """A stage that overrides nothing it need not."""
+
     name, section = "cam", "cam"
 
     def key_config(self, cfg, task) -> dict:
@@ -61,12 +63,14 @@ def test_a_stage_needs_its_own_key_config_and_run():
 
 def test_settings_that_only_score_need_a_rescore():
     with pytest.raises(TypeError, match="only score .*threshold.* but no rescore"):
+
         class Unscored(MinimalCam):
             score_settings = ("threshold",)
 
 
-def test_a_minimal_stage_runs_through_the_pipeline_status_clean_and_evaluate(tiny_synthetic, tmp_path, capsys,
-                                                                           monkeypatch):
+def test_a_minimal_stage_runs_through_the_pipeline_status_clean_and_evaluate(
+    tiny_synthetic, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setattr(runner, "all_stages", lambda: {**all_stages(), "cam": MinimalCam()})
     pipeline = with_stage(make_pipeline(tiny_synthetic, tmp_path, "cam.epochs=2"), MinimalCam())
     old = pipeline.run_stage("cam")

@@ -1,5 +1,6 @@
 """The synthetic benchmark: deterministic, labels agree with masks, marks are small evidence
 inside large bodies, and the binary variant has negatives."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,11 @@ from data.synthetic import SyntheticSpec, generate_image, generate_scene, write_
 
 
 def tree_digest(root) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_same_bytes(synthetic_dataset, tmp_path):
@@ -120,8 +124,7 @@ def test_smallest_dataset_has_both_splits(tmp_path):
     assert len(dataset.split("train")) == 1 and len(dataset.split("val")) == 1
 
 
-@pytest.mark.parametrize("option, value", [("--n", "0"), ("--size", "8"), ("--mark-scale", "0"),
-                                           ("--seed", "-1")])
+@pytest.mark.parametrize("option, value", [("--n", "0"), ("--size", "8"), ("--mark-scale", "0"), ("--seed", "-1")])
 def test_prepare_synthetic_refuses_sizes_that_make_no_dataset(cli, tmp_path, option, value):
     result = cli("prepare", "synthetic", "--out", tmp_path / "out", option, value)
     assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
@@ -138,6 +141,7 @@ def test_prepare_synthetic_into_a_path_below_a_file_is_one_line(cli, tmp_path):
 def test_a_killed_prepare_of_another_spec_is_not_taken_for_the_first(cli, tmp_path, monkeypatch):
     """seed 0 prepared, then seed 1 killed half way: seed 0 again must regenerate, not skip."""
     import data.synthetic
+
     out = tmp_path / "out"
     args = ["prepare", "synthetic", "--out", out, "--n", "6", "--size", "32"]
     assert cli(*args, "--seed", "0").exit_code == 0

@@ -1,5 +1,6 @@
 """The synthetic VOC 2012 release tree (data/synthetic_voc.py): what `wss prepare voc` reads, in
 VOC's split proportions, with labels that agree between masks and XML, and 255 outline bands."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,11 @@ def release(tmp_path_factory):
 
 
 def digests(root) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_splits_keep_voc_proportions():
@@ -67,7 +71,7 @@ def test_outline_band_surrounds_each_object_and_is_deterministic():
     np.testing.assert_array_equal(mask, again[1])
     ignored = mask == IGNORE_INDEX
     for y, x in zip(*np.nonzero(mask[1:-1, 1:-1] < IGNORE_INDEX)):
-        window = mask[y:y + 3, x:x + 3]  # around (y + 1, x + 1): two classes never touch without a band
+        window = mask[y : y + 3, x : x + 3]  # around (y + 1, x + 1): two classes never touch without a band
         assert len(set(window[window != IGNORE_INDEX].tolist())) == 1
     assert ignored.mean() < 0.2 and len(objects) >= 1
 

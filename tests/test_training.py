@@ -1,6 +1,7 @@
 """The shared training loop: an interrupted and resumed run ends where the uninterrupted one
 does, randomness of the model (dropout, DropBlock) included, and logs every epoch once; the
 batches do not depend on the number of (persistent) loader workers."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,9 @@ EPOCHS = 3
 
 def train(out, resume=False):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Dropout2d(0.5), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(8, 1))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Dropout2d(0.5), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1)
+    )
     settings = TrainSettings(epochs=EPOCHS, batch_size=4, lr=0.2, momentum=0.9, weight_decay=1e-4)
 
     def step(net, batch):
@@ -30,8 +32,17 @@ def train(out, resume=False):
         return nn.functional.binary_cross_entropy_with_logits(logits, batch["label"]), {}
 
     out.mkdir(parents=True, exist_ok=True)
-    fit(model, NoisySquares(), [(list(model.parameters()), 1.0)], step, settings, torch.device("cpu"), out,
-        resume=resume, desc="resume-check")
+    fit(
+        model,
+        NoisySquares(),
+        [(list(model.parameters()), 1.0)],
+        step,
+        settings,
+        torch.device("cpu"),
+        out,
+        resume=resume,
+        desc="resume-check",
+    )
     return model.state_dict()
 
 
@@ -73,6 +84,7 @@ def test_each_checkpoint_counts_the_time_so_far_for_a_resumed_stage(tmp_path, mo
     import time
 
     from stages.common.elapsed import seconds_spent, start_clock
+
     out = tmp_path / "out"
     out.mkdir()
     start_clock(out, time.time() - 100)  # the run started 100 s ago
@@ -112,8 +124,16 @@ def training_batches(dataset, workers, out):
         return nn.functional.binary_cross_entropy_with_logits(logits, batch["label"].float()), {}
 
     out.mkdir(parents=True)
-    fit(model, dataset, [(list(model.parameters()), 1.0)], step, settings, torch.device("cpu"), out,
-        desc="workers-check")
+    fit(
+        model,
+        dataset,
+        [(list(model.parameters()), 1.0)],
+        step,
+        settings,
+        torch.device("cpu"),
+        out,
+        desc="workers-check",
+    )
     return batches
 
 
@@ -125,8 +145,9 @@ def test_batches_do_not_depend_on_persistent_workers_and_change_per_epoch(synthe
         dataset = CountingEpochs(data, ids, (48, 80), 64, seed=3)
         runs[workers] = training_batches(dataset, workers, tmp_path / str(workers))
         assert dataset.set_epochs == [0, 1]  # once per epoch, in the main process
-    assert make_loader(dataset, TrainSettings(epochs=2, batch_size=4, lr=0.01, workers=2),
-                       torch.device("cpu")).persistent_workers
+    assert make_loader(
+        dataset, TrainSettings(epochs=2, batch_size=4, lr=0.01, workers=2), torch.device("cpu")
+    ).persistent_workers
     assert len(runs[0]) == len(runs[2]) == 6  # 3 batches of 4 per epoch
     for zero, two in zip(runs[0], runs[2]):
         assert zero.keys() == two.keys()
@@ -149,6 +170,7 @@ def test_reuse_trained_loads_the_weights_and_the_epoch_log_or_names_a_broken_fil
     from stages.cam.model_file import MODEL_FILE
     from stages.common.model_files import write_model_file
     from stages.common.training import reuse_trained
+
     torch.manual_seed(0)
     trained, fresh = nn.Linear(3, 2), nn.Linear(3, 2)
     twin, out = tmp_path / "twin", tmp_path / "out"
@@ -162,8 +184,11 @@ def test_reuse_trained_loads_the_weights_and_the_epoch_log_or_names_a_broken_fil
     for name, weights in trained.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], weights)
     (twin / MODEL_FILE).write_bytes(b"cut short")
-    with pytest.raises(WssError, match=r"model\.safetensors: unreadable model \(not a complete safetensors file: "
-                                       r".*; recompute it with wss run --force cam$"):
+    with pytest.raises(
+        WssError,
+        match=r"model\.safetensors: unreadable model \(not a complete safetensors file: "
+        r".*; recompute it with wss run --force cam$",
+    ):
         reuse_trained(fresh, twin, MODEL_FILE, out, "cam")
     (twin / MODEL_FILE).unlink()
     with pytest.raises(WssError, match="FileNotFoundError"):
@@ -187,29 +212,41 @@ def test_resume_from_an_unreadable_checkpoint_warns_and_trains_from_the_start(tm
 
 def garbled_model(folder, content: bytes):
     from stages.cam.model_file import MODEL_FILE
+
     folder.mkdir(exist_ok=True)
     (folder / MODEL_FILE).write_bytes(content)
     return folder
 
 
-@pytest.mark.parametrize("content, reason", [(b"garbled bytes", "not a complete safetensors file"),
-                                             (b"PK\x03\x04 cut short", "PytorchStreamReader")])
-@pytest.mark.parametrize("loader, what, stage", [
-    ("cam", "cam model", "cam"), ("irn_backbone", "cam model", "cam"), ("seg_encoder", "cam model", "cam"),
-    ("irn", "IRN model", "irn")])
+@pytest.mark.parametrize(
+    "content, reason",
+    [(b"garbled bytes", "not a complete safetensors file"), (b"PK\x03\x04 cut short", "PytorchStreamReader")],
+)
+@pytest.mark.parametrize(
+    "loader, what, stage",
+    [
+        ("cam", "cam model", "cam"),
+        ("irn_backbone", "cam model", "cam"),
+        ("seg_encoder", "cam model", "cam"),
+        ("irn", "IRN model", "irn"),
+    ],
+)
 def test_an_unreadable_model_file_is_one_line_naming_it_and_the_stage_to_recompute(
-        tmp_path, content, reason, loader, what, stage):
+    tmp_path, content, reason, loader, what, stage
+):
     from stages.base import StageInputError
     from stages.cam.classifier import load_cam_net
     from stages.cam.model_file import MODEL_FILE
-    from stages.irn.net import build_backbone
-    from stages.irn.net import load_boundary_net
+    from stages.irn.net import build_backbone, load_boundary_net
     from stages.seg.model import build_segmenter, load_cam_encoder
+
     artifact = garbled_model(tmp_path / "artifact", content)
-    load = {"cam": lambda: load_cam_net(artifact, torch.device("cpu")),
-            "irn_backbone": lambda: build_backbone("resnet18", "cam", artifact, None),
-            "seg_encoder": lambda: load_cam_encoder(build_segmenter("Unet", "resnet18", None, 2), artifact, "resnet18"),
-            "irn": lambda: load_boundary_net(artifact, torch.device("cpu"))}[loader]
+    load = {
+        "cam": lambda: load_cam_net(artifact, torch.device("cpu")),
+        "irn_backbone": lambda: build_backbone("resnet18", "cam", artifact, None),
+        "seg_encoder": lambda: load_cam_encoder(build_segmenter("Unet", "resnet18", None, 2), artifact, "resnet18"),
+        "irn": lambda: load_boundary_net(artifact, torch.device("cpu")),
+    }[loader]
     with pytest.raises(StageInputError) as raised:
         load()
     message = str(raised.value)

@@ -1,6 +1,7 @@
 """Uncertain labels (CheXpert's -1 under `wss prepare folder --uncertain ignore`): uncertain.csv in
 the layout, the classifier's loss leaving those entries out, and the IRN and the segmenter not
 training on such images; datasets without the file read and fingerprint as before."""
+
 import hashlib
 
 import numpy as np
@@ -65,7 +66,7 @@ def test_the_irn_and_the_segmenter_do_not_train_on_images_with_an_uncertain_clas
     binary = write(tmp_path / "binary", task="binary", classes=("finding",), uncertain={"i1": [1]})
     items, failures = pseudo_label_items(binary, ["i0", "i1", "i2"], tmp_path / "no-labels")
     assert [image_id for image_id, _ in items] == ["i2"]  # i2: a negative (all background); i1 uncertain
-    assert len(failures) == 1 and "i0" in failures[0]      # i0 positive without a pseudo-label: a failure
+    assert len(failures) == 1 and "i0" in failures[0]  # i0 positive without a pseudo-label: a failure
 
 
 def test_a_dataset_without_uncertain_labels_keeps_its_fingerprint(tmp_path):

@@ -1,5 +1,6 @@
 """A workdir wss cannot write to (read-only, no permission, full): one line naming the file, and
 what only records results (the run report, re-scored metrics) warns instead of failing the run."""
+
 from __future__ import annotations
 
 import errno

@@ -1,4 +1,5 @@
 """VOC 2012 (+ SBD) preparation: labels as IRNet's, palette and 255 kept, splits, bad masks, mIoU."""
+
 import json
 import shutil
 from pathlib import Path
@@ -32,6 +33,7 @@ def prepared(tmp_path_factory):
 # --------------------------------------------------------------------------------------------
 # The shared tree
 # --------------------------------------------------------------------------------------------
+
 
 def test_shared_tree_prepares(prepared):
     report, dataset = prepared
@@ -72,7 +74,7 @@ def test_mask_indices_255_and_palette_are_preserved(prepared):
     assert np.array_equal(dataset.read_mask("2007_000063"), original_indices)
     assert 255 in original_indices
     assert prepared_palette[: 21 * 3] == original_palette[: 21 * 3]
-    assert prepared_palette[255 * 3: 256 * 3] == original_palette[255 * 3: 256 * 3]
+    assert prepared_palette[255 * 3 : 256 * 3] == original_palette[255 * 3 : 256 * 3]
 
 
 def test_jpegs_are_copied_byte_for_byte(prepared):
@@ -97,6 +99,7 @@ def test_splits_and_missing_ids_are_reported(prepared):
 # mIoU on the prepared masks
 # --------------------------------------------------------------------------------------------
 
+
 def reference_miou(pred: np.ndarray, target: np.ndarray, num_classes: int = 21) -> float:
     """IoU per class straight from pixel sets (target 255 left out), mean over present classes."""
     scored = target != 255
@@ -116,7 +119,7 @@ def test_miou_of_a_mask_against_itself_and_a_shifted_copy(prepared):
     itself.update(np.where(target == 255, 0, target), target)
     assert itself.miou() == 1.0
     shifted = np.zeros_like(target)
-    shifted[:, 20:] = target[:, :-20]                # 20 pixels to the right
+    shifted[:, 20:] = target[:, :-20]  # 20 pixels to the right
     shifted[shifted == 255] = 0
     matrix = ConfusionMatrix(21)
     matrix.update(shifted, target)
@@ -136,6 +139,7 @@ def test_miou_hand_computed_example():
 # --------------------------------------------------------------------------------------------
 # Synthetic trees: SBD, computed train_aug, bad masks, XML details
 # --------------------------------------------------------------------------------------------
+
 
 def make_tree(root: Path, ids: list[str], masks: dict, lists: dict, xml_names: dict) -> Path:
     voc = root / "VOCdevkit" / "VOC2012"
@@ -165,8 +169,13 @@ def class_mask(*classes: int, shape=(12, 16)) -> np.ndarray:
 
 def test_sbd_masks_and_computed_train_aug(tmp_path):
     ids = ["a", "b", "c", "d"]
-    voc = make_tree(tmp_path / "voc", ids, {"a": class_mask(1), "d": class_mask(5)},
-                    {"train": ["a"], "val": ["d"]}, {"b": [("dog", 0)], "c": [("cat", 0)]})
+    voc = make_tree(
+        tmp_path / "voc",
+        ids,
+        {"a": class_mask(1), "d": class_mask(5)},
+        {"train": ["a"], "val": ["d"]},
+        {"b": [("dog", 0)], "c": [("cat", 0)]},
+    )
     sbd = tmp_path / "sbd"
     (sbd / "dataset").mkdir(parents=True)
     (sbd / "SegmentationClassAug").mkdir()
@@ -187,9 +196,13 @@ def test_sbd_masks_and_computed_train_aug(tmp_path):
 
 
 def test_wrong_size_and_bad_index_masks_are_reported_and_skipped(tmp_path):
-    voc = make_tree(tmp_path / "voc", ["good", "small", "index"],
-                    {"good": class_mask(2), "small": class_mask(2, shape=(5, 5)), "index": class_mask(42)},
-                    {"train": ["good", "small", "index", "gone"]}, {})
+    voc = make_tree(
+        tmp_path / "voc",
+        ["good", "small", "index"],
+        {"good": class_mask(2), "small": class_mask(2, shape=(5, 5)), "index": class_mask(42)},
+        {"train": ["good", "small", "index", "gone"]},
+        {},
+    )
     report = prepare_voc(voc, tmp_path / "out", progress=False)
     problems = {Path(p.where).name: p.message for p in report.problems}
     assert "mask is 5x5 but its image is 16x12" in problems["small.png"]
@@ -208,10 +221,12 @@ def test_nothing_usable_is_a_data_error(tmp_path):
 
 def test_xml_labels_include_difficult_objects_and_ignore_unknown_names(tmp_path):
     path = tmp_path / "x.xml"
-    path.write_text("<annotation><object><name>dog</name><difficult>1</difficult></object>"
-                    "<object><name> sheep </name><difficult>0</difficult>"
-                    "<part><name>head</name></part></object>"
-                    "<object><name>unicorn</name></object></annotation>")
+    path.write_text(
+        "<annotation><object><name>dog</name><difficult>1</difficult></object>"
+        "<object><name> sheep </name><difficult>0</difficult>"
+        "<part><name>head</name></part></object>"
+        "<object><name>unicorn</name></object></annotation>"
+    )
     assert [CLASSES[i] for i in np.flatnonzero(labels_from_xml(path))] == ["dog", "sheep"]
     path.write_text("<annotation><object>")
     with pytest.raises(DataError, match="x.xml"):
@@ -232,8 +247,13 @@ def test_rerun_gives_the_same_dataset(tmp_path):
 
 def test_rerun_without_a_split_removes_its_old_file(tmp_path):
     ids = ["a", "b", "c"]
-    voc = make_tree(tmp_path / "voc", ids, {"a": class_mask(1), "b": class_mask(2), "c": class_mask(3)},
-                    {"train": ["a", "b"], "val": ["c"], "train_aug": ["a", "b"]}, {})
+    voc = make_tree(
+        tmp_path / "voc",
+        ids,
+        {"a": class_mask(1), "b": class_mask(2), "c": class_mask(3)},
+        {"train": ["a", "b"], "val": ["c"], "train_aug": ["a", "b"]},
+        {},
+    )
     out = tmp_path / "out"
     prepare_voc(voc, out, progress=False)
     assert PreparedDataset(out).split("train_aug") == ["a", "b"]
@@ -245,8 +265,9 @@ def test_rerun_without_a_split_removes_its_old_file(tmp_path):
 
 
 def test_truncated_jpeg_is_reported_and_skipped(tmp_path):
-    voc = make_tree(tmp_path / "voc", ["good", "bad"], {"good": class_mask(1)}, {"train": ["good", "bad"]},
-                    {"bad": [("dog", 0)]})
+    voc = make_tree(
+        tmp_path / "voc", ["good", "bad"], {"good": class_mask(1)}, {"train": ["good", "bad"]}, {"bad": [("dog", 0)]}
+    )
     noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     Image.fromarray(noise).save(voc / "JPEGImages" / "bad.jpg", quality=95)
     raw = (voc / "JPEGImages" / "bad.jpg").read_bytes()
@@ -266,7 +287,8 @@ def test_deeplab_train_aug_lines_give_ids(tmp_path):
     ids = ["2007_000032", "2007_000039"]
     voc = make_tree(tmp_path / "voc", ids, {i: class_mask(1) for i in ids}, {"train": ids[:1]}, {})
     (voc / "ImageSets" / "Segmentation" / "train_aug.txt").write_text(
-        "".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in ids))
+        "".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in ids)
+    )
     prepare_voc(voc, tmp_path / "out", progress=False)
     assert PreparedDataset(tmp_path / "out").split("train_aug") == ids
     plain = tmp_path / "plain.txt"

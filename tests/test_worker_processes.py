@@ -7,6 +7,7 @@ Every command runs in a session of its own with a marker in its environment, whi
 workers inherit: after the command, any live process (zombies hold nothing) whose environment
 carries the marker is a leftover, whoever its parent now is.
 """
+
 from __future__ import annotations
 
 import os
@@ -81,15 +82,22 @@ def wait_for(condition, timeout: float, step: float = 0.1):
 class Command:
     """A `wss` command in its own session, marked; kills whatever of it is left at the end."""
 
-    def __init__(self, tmp_path: Path, args: list[str], module: str = "pipeline.cli", name: str = "main",
-                 body: str = "pass"):
+    def __init__(
+        self, tmp_path: Path, args: list[str], module: str = "pipeline.cli", name: str = "main", body: str = "pass"
+    ):
         self.marker = uuid.uuid4().hex
         script = tmp_path / f"wss_{self.marker[:8]}.py"
         script.write_text(CLI.format(repo=str(REPO), module=module, name=name, body=body))
         env = dict(os.environ, **{MARK: self.marker}, PYTHONPATH=str(REPO), TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
-        self.process = subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env, cwd=tmp_path,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            [sys.executable, str(script), *map(str, args)],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
 
     def workers(self) -> list[tuple[int, str, str]]:
         return [p for p in marked_processes(self.marker) if p[0] != self.process.pid]
@@ -135,8 +143,7 @@ def predict_inputs(root: Path, count: int) -> list:
     images.mkdir()
     rng = np.random.default_rng(0)
     for k in range(count):
-        Image.fromarray(rng.integers(0, 256, (800, 800, 3), dtype=np.uint8)).save(images / f"{k}.png",
-                                                                                 compress_level=0)
+        Image.fromarray(rng.integers(0, 256, (800, 800, 3), dtype=np.uint8)).save(images / f"{k}.png", compress_level=0)
     config = root / "predict.yaml"
     config.write_text(f"data:\n  root: {root / 'no-dataset'}\nrun:\n  device: cpu\n  workers: 2\n")
     return ["predict", "-c", config, images, "--out", root / "out", "--artifact", artifact]
@@ -152,8 +159,20 @@ def nih_release(tmp_path):
         rows.append((f"{k:08d}_000.png", "Mass" if k % 2 else "No Finding", str(k)))
     write_entries(tmp_path / "entry.csv.gz", rows)
     (tmp_path / "boxes.csv").write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n")
-    return ["prepare", "nih", "--images", images, "--data-entry", tmp_path / "entry.csv.gz",
-            "--boxes", tmp_path / "boxes.csv", "--out", tmp_path / "out", "--workers", "2"]
+    return [
+        "prepare",
+        "nih",
+        "--images",
+        images,
+        "--data-entry",
+        tmp_path / "entry.csv.gz",
+        "--boxes",
+        tmp_path / "boxes.csv",
+        "--out",
+        tmp_path / "out",
+        "--workers",
+        "2",
+    ]
 
 
 def started(command: Command, workers: int, timeout: float = 90) -> None:
@@ -208,8 +227,9 @@ def test_ctrl_c_ends_predict_and_its_workers_at_once(long_predict_inputs_folder,
 
 
 def test_an_error_inside_a_pool_worker_ends_the_command_and_every_worker(nih_release, tmp_path):
-    command = Command(tmp_path, nih_release, "data.nih", "_prepare_image",
-                      "raise RuntimeError('failed inside a worker')")
+    command = Command(
+        tmp_path, nih_release, "data.nih", "_prepare_image", "raise RuntimeError('failed inside a worker')"
+    )
     try:
         code, output = command.finish()
         assert code != 0 and "failed inside a worker" in output, output[-2000:]
@@ -219,8 +239,13 @@ def test_an_error_inside_a_pool_worker_ends_the_command_and_every_worker(nih_rel
 
 
 def test_an_error_in_the_main_process_ends_the_loader_workers(predict_inputs_folder, tmp_path):
-    command = Command(tmp_path, predict_inputs_folder, "stages.seg.predict", "predict_mask",
-                      "time.sleep(1); raise RuntimeError('failed in the main process')")
+    command = Command(
+        tmp_path,
+        predict_inputs_folder,
+        "stages.seg.predict",
+        "predict_mask",
+        "time.sleep(1); raise RuntimeError('failed in the main process')",
+    )
     try:
         code, output = command.finish()
         assert code != 0 and "failed in the main process" in output, output[-2000:]
@@ -230,8 +255,7 @@ def test_an_error_in_the_main_process_ends_the_loader_workers(predict_inputs_fol
 
 
 def test_a_successful_predict_leaves_no_worker(predict_inputs_folder, tmp_path):
-    command = Command(tmp_path, [*predict_inputs_folder[:-4], "--out", tmp_path / "out",
-                                 *predict_inputs_folder[-2:]])
+    command = Command(tmp_path, [*predict_inputs_folder[:-4], "--out", tmp_path / "out", *predict_inputs_folder[-2:]])
     try:
         code, output = command.finish()
         assert code == 0, output[-2000:]
@@ -266,7 +290,8 @@ def test_a_worker_whose_parent_is_gone_ends(tmp_path):
     race between the start of a worker and its first line), and one armed before is killed with
     the parent."""
     script = tmp_path / "orphans.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, signal, sys, time
         sys.path.insert(0, {str(REPO)!r})
         from data.workers import end_with_parent
@@ -282,10 +307,12 @@ def test_a_worker_whose_parent_is_gone_ends(tmp_path):
                 os._exit(0)
         time.sleep(0.3)
         os.kill(parent, signal.SIGKILL)
-    """))
+    """)
+    )
     marker = uuid.uuid4().hex
-    process = subprocess.Popen([sys.executable, str(script)], env=dict(os.environ, **{MARK: marker}),
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, str(script)], env=dict(os.environ, **{MARK: marker}), start_new_session=True
+    )
     try:
         process.wait(timeout=30)
         assert wait_for(lambda: not marked_processes(marker), 10)

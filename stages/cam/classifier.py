@@ -1,5 +1,6 @@
 """A finished cam artifact's classifier: loaded from its model file, measured, and run on
 images the stage wrote no CAMs for (`wss compare` scores the val split's CAMs)."""
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,10 @@ def load_cam_net(artifact: Path, device: torch.device):
     try:
         cfg = CamConfig.model_validate(state.meta["config"])
     except ValidationError as error:  # a setting this version does not know, or a value it refuses
-        raise StageInputError(f"{path}: unreadable cam model (its config: {describe_error(error, CamConfig, 'cam')}); "
-                              f"recompute it with wss run --force cam") from None
+        raise StageInputError(
+            f"{path}: unreadable cam model (its config: {describe_error(error, CamConfig, 'cam')}); "
+            f"recompute it with wss run --force cam"
+        ) from None
     classes = state.meta["classes"]
     model = build_cam_net(cfg, len(classes), weights=None)
     load_weights(model, state.tensors, path, f"{cfg.method}/{cfg.backbone} classifier", "cam")
@@ -41,14 +44,22 @@ def count_parameters(artifact: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def write_cams(artifact: Path, dataset: PreparedDataset, ids: list[str], cam_dir: Path,
-               device: torch.device, keys_of=None, workers: int = 0) -> None:
+def write_cams(
+    artifact: Path,
+    dataset: PreparedDataset,
+    ids: list[str],
+    cam_dir: Path,
+    device: torch.device,
+    keys_of=None,
+    workers: int = 0,
+) -> None:
     """CAMs of `ids` with the artifact's model and inference settings, saved like the stage's
     (stages.cam.infer.write_cam_files: existing files are kept, an unreadable image is logged
     and skipped). `keys_of(id)` picks the classes (default: the image's labels)."""
     if all((cam_dir / f"{i}.npz").is_file() for i in ids):
         return
     model, cfg, _ = load_cam_net(artifact, device)
-    for failure in write_cam_files(model, cfg, dataset, ids, cam_dir, device, workers, keys_of,
-                                   desc="cam inference (compare)", leave=False):
+    for failure in write_cam_files(
+        model, cfg, dataset, ids, cam_dir, device, workers, keys_of, desc="cam inference (compare)", leave=False
+    ):
         log.warning("compare: skipped %s", failure)

@@ -3,6 +3,7 @@
 Only the image's labelled classes are computed and stored (their indices are the `keys`).
 `extract="gradcam++"` replaces the method's own maps by Grad-CAM++ on its features.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,7 +41,7 @@ def gradcam_pp_maps(model, x: torch.Tensor, keys: list[int]) -> torch.Tensor:
         logits = model.classify(features)
         maps = []
         for key in keys:
-            grads, = torch.autograd.grad(logits[:, key].sum(), features, retain_graph=True)
+            (grads,) = torch.autograd.grad(logits[:, key].sum(), features, retain_graph=True)
             g2, g3 = grads.pow(2), grads.pow(3)
             denom = 2 * g2 + features.sum(dim=(2, 3), keepdim=True) * g3
             alpha = g2 / torch.where(denom != 0, denom, torch.ones_like(denom))
@@ -55,8 +56,9 @@ def class_maps(model, x: torch.Tensor, keys: list[int], extract: str) -> torch.T
     return F.relu(model.cam_maps(x)[:, keys].float())
 
 
-def stride4_grid(map_size: tuple[int, int], stride: int, scaled_size: tuple[int, int],
-                 image_size: tuple[int, int], flipped: bool) -> torch.Tensor:
+def stride4_grid(
+    map_size: tuple[int, int], stride: int, scaled_size: tuple[int, int], image_size: tuple[int, int], flipped: bool
+) -> torch.Tensor:
     """grid_sample coordinates (1, H4, W4, 2) that read a map of the scaled image at the centres
     of the image's stride-4 cells.
 
@@ -80,24 +82,39 @@ def stride4_grid(map_size: tuple[int, int], stride: int, scaled_size: tuple[int,
     return grid[None].float()
 
 
-def to_stride4(maps: torch.Tensor, stride: int, scaled_size: tuple[int, int],
-               image_size: tuple[int, int], flipped: bool) -> torch.Tensor:
+def to_stride4(
+    maps: torch.Tensor, stride: int, scaled_size: tuple[int, int], image_size: tuple[int, int], flipped: bool
+) -> torch.Tensor:
     """(B, K, h, w) maps of the scaled image -> (B, K, ceil(H/4), ceil(W/4)), bilinear."""
     grid = stride4_grid(tuple(maps.shape[-2:]), stride, scaled_size, image_size, flipped)
     grid = grid.to(maps.device).expand(maps.shape[0], -1, -1, -1)
     return F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def multiscale_cam(model, image: np.ndarray, keys: list[int], scales: list[float], flip: bool,
-                   device: torch.device, extract: str = "cam") -> np.ndarray:
+def multiscale_cam(
+    model,
+    image: np.ndarray,
+    keys: list[int],
+    scales: list[float],
+    flip: bool,
+    device: torch.device,
+    extract: str = "cam",
+) -> np.ndarray:
     """(K, ceil(H/4), ceil(W/4)) float32 in [0, 1] for one uint8 (H, W, 3) image: see scaled_cam."""
     scaled = [uint8_tensor(copy) for copy in scaled_copies(image, scales)]
     return scaled_cam(model, scaled, image.shape[:2], keys, flip, device, extract)
 
 
 @torch.no_grad()
-def scaled_cam(model, scaled: list[torch.Tensor], image_size: tuple[int, int], keys: list[int], flip: bool,
-               device: torch.device, extract: str = "cam") -> np.ndarray:
+def scaled_cam(
+    model,
+    scaled: list[torch.Tensor],
+    image_size: tuple[int, int],
+    keys: list[int],
+    flip: bool,
+    device: torch.device,
+    extract: str = "cam",
+) -> np.ndarray:
     """(K, ceil(H/4), ceil(W/4)) float32 in [0, 1]: the sum over the scaled copies of the image
     (uint8 (h, w, 3) tensors, see data.transforms.scaled_copies) and their flips, each resampled
     onto the image's stride-4 grid, then divided per class by its maximum. The float work
@@ -132,8 +149,18 @@ def scaled_image_loader(dataset, ids: list[str], scales: list[float], workers: i
     return image_loader(MultiScaleImageDataset(dataset, ids, scales), workers)
 
 
-def write_cam_files(model, section, dataset, ids: list[str], cam_dir: Path, device: torch.device, workers: int,
-                    keys_of=None, desc: str = "cam inference", leave: bool = True) -> list[str]:
+def write_cam_files(
+    model,
+    section,
+    dataset,
+    ids: list[str],
+    cam_dir: Path,
+    device: torch.device,
+    workers: int,
+    keys_of=None,
+    desc: str = "cam inference",
+    leave: bool = True,
+) -> list[str]:
     """cams/<id>.npz of `ids` with `section`'s scales, flip and extract; returns the errors of
     the images that could not be read (the others are written). A file already there is kept:
     each is written whole, so one a resumed run finds is complete. `keys_of(id)` picks the
@@ -141,8 +168,9 @@ def write_cam_files(model, section, dataset, ids: list[str], cam_dir: Path, devi
     cam_dir.mkdir(parents=True, exist_ok=True)
     todo = [i for i in ids if not (cam_dir / f"{i}.npz").is_file()]
     failures = []
-    for item in progress(scaled_image_loader(dataset, todo, section.scales, workers), desc=desc, unit="img",
-                         leave=leave):
+    for item in progress(
+        scaled_image_loader(dataset, todo, section.scales, workers), desc=desc, unit="img", leave=leave
+    ):
         if "error" in item:
             failures.append(item["error"])
             continue
@@ -156,8 +184,9 @@ def write_cam_files(model, section, dataset, ids: list[str], cam_dir: Path, devi
 def save_cam(path: Path, cam: np.ndarray, keys: list[int], size: tuple[int, int]) -> None:
     """cams/<id>.npz: float16 stride-4 maps, the class indices they belong to, the full size."""
     tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez_compressed(tmp, cam=cam.astype(np.float16), keys=np.asarray(keys, np.int64),
-                        size=np.asarray(size, np.int64))
+    np.savez_compressed(
+        tmp, cam=cam.astype(np.float16), keys=np.asarray(keys, np.int64), size=np.asarray(size, np.int64)
+    )
     tmp.replace(path)
 
 
@@ -178,9 +207,10 @@ def upsample_cam(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if cam.shape[0] == 0:
         return np.zeros((0, *size), np.float32)
     tensor = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None]
-    up = F.interpolate(tensor, size=(cam.shape[1] * CAM_STRIDE, cam.shape[2] * CAM_STRIDE),
-                       mode="bilinear", align_corners=False)[0]
-    return up[:, :size[0], :size[1]].numpy()
+    up = F.interpolate(
+        tensor, size=(cam.shape[1] * CAM_STRIDE, cam.shape[2] * CAM_STRIDE), mode="bilinear", align_corners=False
+    )[0]
+    return up[:, : size[0], : size[1]].numpy()
 
 
 def cam_to_label(cam_full: np.ndarray, keys: np.ndarray, bg_threshold: float) -> np.ndarray:

@@ -1,5 +1,6 @@
 """CAMs against NIH's boxes: which images have boxes, and the point localization and IoBB
 accuracy of their CAMs (the metrics are stages/common/localization.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path

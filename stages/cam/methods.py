@@ -9,6 +9,7 @@ from METHODS (stages/cam/config.py).
 This module imports no torch: the config reads it (`wss config show`, `wss prepare` load configs
 in a fraction of torch's import time); each builder imports its net when it runs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,22 +29,26 @@ class CamMethod:
 
 def build_gap(cfg, num_classes: int, weights: str | None):
     from stages.cam.nets import GapNet
+
     return GapNet(num_classes, cfg.backbone, weights, cfg.loss)
 
 
 class DropBlockSettings(Section):
-    dropblock_prob: Float = Field(0.1, ge=0, le=1, description="DropBlock's drop probability after layer3 and "
-                                                             "layer4 while training.")
+    dropblock_prob: Float = Field(
+        0.1, ge=0, le=1, description="DropBlock's drop probability after layer3 and layer4 while training."
+    )
     dropblock_size: int = Field(5, ge=1, description="DropBlock's block side, shrunk to fit a smaller map.")
 
 
 def build_dropblock(cfg, num_classes: int, weights: str | None):
     from stages.cam.nets import GapNet
+
     return GapNet(num_classes, cfg.backbone, weights, cfg.loss, cfg.dropblock_prob, cfg.dropblock_size)
 
 
 def build_pcam(cfg, num_classes: int, weights: str | None):
     from stages.cam.pcam import PcamNet
+
     return PcamNet(num_classes, cfg.backbone, weights, cfg.loss)
 
 
@@ -53,30 +58,36 @@ class PylonSettings(Section):
 
 def build_pylon(cfg, num_classes: int, weights: str | None):
     from stages.cam.pylon import PylonNet
+
     return PylonNet(num_classes, cfg.backbone, weights, cfg.loss, cfg.pylon_channels)
 
 
 class MultiscaleSettings(Section):
     multiscale_stages: list[Annotated[int, Field(ge=0, le=4)]] = Field(
-        [2, 3, 4], min_length=1, description="The trunk stages with a CAM classifier: 0 the stem, 1-4 layer1-4.")
+        [2, 3, 4], min_length=1, description="The trunk stages with a CAM classifier: 0 the stem, 1-4 layer1-4."
+    )
 
 
 def build_multiscale(cfg, num_classes: int, weights: str | None):
     from stages.cam.multiscale import MultiscaleNet
+
     return MultiscaleNet(num_classes, cfg.backbone, weights, cfg.loss, cfg.multiscale_stages)
 
 
 class MinMaxSettings(Section):
     minmax_k: Float = Field(10.0, gt=0, description="Sharpness of the soft mask M = sigmoid(k (S - 0.5)).")
     minmax_entropy_weight: Float = Field(1.0, ge=0, description="Weight of the max-entropy term on x*(1-M).")
-    minmax_erase_steps: int = Field(0, ge=0, description="Recursive erasing: extra localizer passes on the "
-                                                          "erased image (0: none).")
+    minmax_erase_steps: int = Field(
+        0, ge=0, description="Recursive erasing: extra localizer passes on the erased image (0: none)."
+    )
 
 
 def build_minmax(cfg, num_classes: int, weights: str | None):
     from stages.cam.minmax import MinMaxNet
-    return MinMaxNet(num_classes, cfg.backbone, weights, cfg.loss, cfg.minmax_k, cfg.minmax_entropy_weight,
-                     cfg.minmax_erase_steps)
+
+    return MinMaxNet(
+        num_classes, cfg.backbone, weights, cfg.loss, cfg.minmax_k, cfg.minmax_entropy_weight, cfg.minmax_erase_steps
+    )
 
 
 METHODS: dict[str, CamMethod] = {

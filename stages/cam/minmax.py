@@ -9,6 +9,7 @@ for AUC. Multi-label data use the per-class binary entropy. The heatmap of class
 logit map rescaled to [0, 1] the same way (a sigmoid of the logits saturates wherever they
 are large and gives no extent).
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,9 @@ def rescale(maps: torch.Tensor) -> torch.Tensor:
     return ((flat - low) / (high - low).clamp_min(1e-6)).view_as(maps)
 
 
-def split_image(x: torch.Tensor, mask: torch.Tensor,
-                stride: int = STAGE_STRIDES[-1]) -> tuple[torch.Tensor, torch.Tensor]:
+def split_image(
+    x: torch.Tensor, mask: torch.Tensor, stride: int = STAGE_STRIDES[-1]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x*M, x*(1-M)) with the stride-`stride` mask upsampled onto the image, each cell over its
     own pixels (upsample_cells): the two parts add up to x."""
     mask = upsample_cells(mask, stride, x.shape[-2:])
@@ -65,8 +67,16 @@ class MinMaxNet(CamNet):
     scale's map is in [0, 1], and the sum over scales and flips is max-normalised per class.
     """
 
-    def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = None,
-                 loss: str = "bce", k: float = 10.0, entropy_weight: float = 1.0, erase_steps: int = 0):
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet50",
+        weights: str | None = None,
+        loss: str = "bce",
+        k: float = 10.0,
+        entropy_weight: float = 1.0,
+        erase_steps: int = 0,
+    ):
         super().__init__()
         self.backbone = ResNetFeatures(backbone, weights)
         self.loss_kind = loss
@@ -117,8 +127,12 @@ class MinMaxNet(CamNet):
         foreground = classification_loss(outputs["fg_logits"], labels, self.loss_kind)
         background = max_entropy_loss(outputs["bg_logits"])
         total = localizer + foreground + self.entropy_weight * background
-        return total, {"loc_loss": localizer.detach(), "fg_loss": foreground.detach(),
-                       "bg_entropy_gap": background.detach(), "mask_area": outputs["mask"].detach().float().mean()}
+        return total, {
+            "loc_loss": localizer.detach(),
+            "fg_loss": foreground.detach(),
+            "bg_entropy_gap": background.detach(),
+            "mask_area": outputs["mask"].detach().float().mean(),
+        }
 
     def cam_maps(self, x: torch.Tensor) -> torch.Tensor:
         return self.localize(x)[1]

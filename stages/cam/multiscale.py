@@ -6,6 +6,7 @@ at inference the CAM is the same convex mix of the per-stage CAMs upsampled to t
 chosen stage. Shallow stages add resolution, deep stages add semantics, and each class learns
 how much to trust each.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,17 +30,24 @@ class MultiscaleNet(CamNet):
     stride 4 by the inference code).
     """
 
-    def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = None,
-                 loss: str = "soft_margin", stages: list[int] = (2, 3, 4)):
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet50",
+        weights: str | None = None,
+        loss: str = "soft_margin",
+        stages: list[int] = (2, 3, 4),
+    ):
         super().__init__()
         stages = list(stages)
         if not stages or len(set(stages)) != len(stages) or not all(0 <= s <= 4 for s in stages):
-            raise WssError(f"cam.multiscale_stages must be distinct indices in 0..4 "
-                           f"(stem, layer1..layer4), got {stages}")
+            raise WssError(
+                f"cam.multiscale_stages must be distinct indices in 0..4 (stem, layer1..layer4), got {stages}"
+            )
         self.backbone = ResNetFeatures(backbone, weights)
         self.loss_kind = loss
         self.stages = sorted(stages)
-        for name in STAGE_NAMES[self.stages[-1] + 1:]:
+        for name in STAGE_NAMES[self.stages[-1] + 1 :]:
             # never run, so frozen: no loss reaches them (multi-process training refuses such
             # parameters), and the trunk handed to stage 2 keeps their initial weights
             getattr(self.backbone, name).requires_grad_(False)
@@ -59,8 +67,7 @@ class MultiscaleNet(CamNet):
         all_stages = self.backbone.forward_stages(x, last=self.stages[-1])
         chosen = [all_stages[s] for s in self.stages]
         size = chosen[0].shape[-2:]  # sorted: the first is (one of) the finest
-        chosen = [upsample_cells(f, STAGE_STRIDES[s] // self.cam_stride, size)
-                  for f, s in zip(chosen, self.stages)]
+        chosen = [upsample_cells(f, STAGE_STRIDES[s] // self.cam_stride, size) for f, s in zip(chosen, self.stages)]
         return torch.cat(chosen, dim=1)
 
     def stage_cams(self, features: torch.Tensor) -> torch.Tensor:

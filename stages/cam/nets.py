@@ -8,6 +8,7 @@ Grad-CAM++ only use this interface, so each method's maps flow into stage 2 unch
     cam_maps(x)          -> (B, C, h, w) non-negative class maps at the method's own stride
     param_groups()       -> [(backbone params, 1.0), (new head params, head_lr_mult)]
 """
+
 from __future__ import annotations
 
 import torch
@@ -69,8 +70,15 @@ class GapNet(CamNet):
     chest X-ray pipeline, which spreads evidence beyond the single most discriminative spot.
     """
 
-    def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = None,
-                 loss: str = "soft_margin", dropblock_prob: float = 0.0, dropblock_size: int = 5):
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet50",
+        weights: str | None = None,
+        loss: str = "soft_margin",
+        dropblock_prob: float = 0.0,
+        dropblock_size: int = 5,
+    ):
         super().__init__()
         self.backbone = ResNetFeatures(backbone, weights)
         self.loss_kind = loss

@@ -6,6 +6,7 @@ p_c-weighted average of the feature map (weights normalised over space), and the
 classifier applied to that pooled feature gives the image logit of class c. Trained with
 the configured loss (the preset uses BCE). The heatmap is p itself: no extra parameters.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,7 @@ class PcamNet(CamNet):
     [0, 1], summed over scales and flips and divided by their per-class maximum like any CAM.
     """
 
-    def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = None,
-                 loss: str = "bce"):
+    def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = None, loss: str = "bce"):
         super().__init__()
         self.backbone = ResNetFeatures(backbone, weights)
         self.loss_kind = loss

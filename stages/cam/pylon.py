@@ -5,6 +5,7 @@ encoder skips down to stride 4 -> 1x1 head giving per-class logit maps; the imag
 the global *max* of the map. There is no global average pooling and no GroupNorm anywhere,
 so the stride-4 logit map itself is the heatmap.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,9 @@ from stages.common.backbones import STAGE_STRIDES, ResNetFeatures, upsample_cell
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 def upsample_like(x: torch.Tensor, ref: torch.Tensor, factor: int) -> torch.Tensor:
@@ -31,7 +33,7 @@ def unpool(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     centred between them, unlike a trunk's centred strides; bilinear x2 without aligned corners
     puts it there, and the crop drops the half cell ceil_mode added."""
     up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-    return up[..., :ref.shape[-2], :ref.shape[-1]]
+    return up[..., : ref.shape[-2], : ref.shape[-1]]
 
 
 class PyramidAttention(nn.Module):
@@ -87,16 +89,23 @@ class PylonNet(CamNet):
 
     cam_stride = 4
 
-    def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = None,
-                 loss: str = "bce", channels: int = 128):
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet50",
+        weights: str | None = None,
+        loss: str = "bce",
+        channels: int = 128,
+    ):
         super().__init__()
         self.backbone = ResNetFeatures(backbone, weights)
         self.loss_kind = loss
         enc = self.backbone.channels
         self.attention = PyramidAttention(enc[4], channels)
         # strides 16 (layer4) -> 16 (layer3) -> 8 (layer2) -> 4 (layer1)
-        self.up = nn.ModuleList([Upsample(enc[i], channels, STAGE_STRIDES[i + 1] // STAGE_STRIDES[i])
-                                 for i in (3, 2, 1)])
+        self.up = nn.ModuleList(
+            [Upsample(enc[i], channels, STAGE_STRIDES[i + 1] // STAGE_STRIDES[i]) for i in (3, 2, 1)]
+        )
         self.head = nn.Conv2d(channels, num_classes, 1)
 
     def head_modules(self) -> list[nn.Module]:

@@ -1,6 +1,7 @@
 """CAM files scored against the masks: one split at the stage's background threshold (the
 `cam_` metrics), or a sweep of thresholds, where the threshold is chosen on one split's masks
 and applied to another so that no number is tuned on the split it scores (`wss compare`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,9 @@ def read_scored_cam(dataset: PreparedDataset, image_id: str, cam_dir: Path, fail
     return (upsample_cam(cam, size), keys), gt
 
 
-def score_cams(dataset: PreparedDataset, ids: list[str], cam_dir: Path, bg_threshold: float,
-               failures: list[str] | None = None) -> dict:
+def score_cams(
+    dataset: PreparedDataset, ids: list[str], cam_dir: Path, bg_threshold: float, failures: list[str] | None = None
+) -> dict:
     """CAM mIoU (and per-class IoU; binary: Dice) on the images of `ids` that have masks. An
     unreadable CAM or mask, or a mask of another size, is left out and listed in `failures`."""
     scorer = SegmentationScorer.of(dataset)
@@ -44,8 +46,9 @@ def score_cams(dataset: PreparedDataset, ids: list[str], cam_dir: Path, bg_thres
     return scorer.metrics("cam_")
 
 
-def threshold_sweep(dataset: PreparedDataset, ids: list[str], cam_dir: Path,
-                    thresholds=THRESHOLDS) -> dict[float, float]:
+def threshold_sweep(
+    dataset: PreparedDataset, ids: list[str], cam_dir: Path, thresholds=THRESHOLDS
+) -> dict[float, float]:
     """mIoU (background + classes) of the CAMs of `ids` at every background threshold."""
     scorers = {t: SegmentationScorer(dataset.classes) for t in thresholds}
     for image_id in ids:
@@ -58,8 +61,9 @@ def threshold_sweep(dataset: PreparedDataset, ids: list[str], cam_dir: Path,
     return {t: float(s.miou()) for t, s in scorers.items() if s.matrix.counts.sum() > 0}
 
 
-def tuned_miou(dataset: PreparedDataset, tune_ids: list[str], tune_dir: Path, score_ids: list[str],
-               score_dir: Path) -> tuple[float, float]:
+def tuned_miou(
+    dataset: PreparedDataset, tune_ids: list[str], tune_dir: Path, score_ids: list[str], score_dir: Path
+) -> tuple[float, float]:
     """(threshold with the best mIoU on the tuning split, mIoU at it on the scored split)."""
     sweep = threshold_sweep(dataset, tune_ids, tune_dir)
     if not sweep:

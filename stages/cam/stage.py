@@ -1,4 +1,5 @@
 """Stage `cam`: train the classifier, score it, write the CAMs of the train split."""
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,8 @@ from stages.cam.model_file import MODEL_FILE, read_cam_model
 from stages.cam.scoring import score_cams
 from stages.common import distributed
 from stages.common.metrics import classification_scores
-from stages.common.runtime import image_loader, progress, resolve_device, seed_everything, worker_count
 from stages.common.model_files import load_weights, write_model_file
+from stages.common.runtime import image_loader, progress, resolve_device, seed_everything, worker_count
 from stages.common.tables import per_class_table
 from stages.common.training import CHECKPOINT, fit, reuse_trained, train_settings, unused_training_settings
 
@@ -49,8 +50,7 @@ class CamStage(Stage):
 
     def key_config(self, cfg, task: str) -> dict:
         skip = set(self.score_settings) | other_methods_settings(cfg.cam) | unused_training_settings(cfg.cam)
-        return {**section_dict(cfg.cam, skip=skip),
-                "weights_file": weights_file_stamp(cfg.cam.weights)}
+        return {**section_dict(cfg.cam, skip=skip), "weights_file": weights_file_stamp(cfg.cam.weights)}
 
     def preflight(self, cfg, dataset: PreparedDataset) -> None:
         """cam.weights loads into cam.backbone before any stage computes: a local file that is
@@ -59,51 +59,78 @@ class CamStage(Stage):
         if cfg.cam.weights is None:
             return
         from stages.common.backbones import ResNetFeatures, WeightsError
+
         try:
             ResNetFeatures(cfg.cam.backbone, cfg.cam.weights)
         except WeightsError as error:
             raise WeightsError(f"cam.weights: {error}") from None
 
-    def run(self, cfg, dataset: PreparedDataset, inputs: dict[str, Path], out: Path, *,
-            resume: bool = False, limit: int | None = None) -> StageResult:
+    def run(
+        self,
+        cfg,
+        dataset: PreparedDataset,
+        inputs: dict[str, Path],
+        out: Path,
+        *,
+        resume: bool = False,
+        limit: int | None = None,
+    ) -> StageResult:
         section = cfg.cam
         seed_everything(cfg.run.seed)
         device = resolve_device(cfg.run.device)
         train_ids = dataset.split(cfg.data.train_split)[:limit]
         val_ids = dataset.split(cfg.data.val_split)[:limit]
-        log.info("cam: %s/%s on %d train images (%s), device %s", section.method, section.backbone,
-                 len(train_ids), dataset.name, device)
+        log.info(
+            "cam: %s/%s on %d train images (%s), device %s",
+            section.method,
+            section.backbone,
+            len(train_ids),
+            dataset.name,
+            device,
+        )
 
         dataset.check_images_open(train_ids)
         twin = inputs.get("trained")
         if twin is None:
             if (section.freeze_bn or section.frozen_stages >= 0) and not section.weights:
-                log.warning("cam: frozen_stages / freeze_bn keep parts of a randomly initialised trunk as "
-                            "they are (cam.weights is null): they are meant for pretrained weights")
+                log.warning(
+                    "cam: frozen_stages / freeze_bn keep parts of a randomly initialised trunk as "
+                    "they are (cam.weights is null): they are meant for pretrained weights"
+                )
             model = build_cam_net(section, dataset.info.num_classes)
-            train_set = ClassificationDataset(dataset, train_ids, section.resize_long, section.crop_size,
-                                              cfg.run.seed)
-            history = fit(model, train_set, model.param_groups(section.head_lr_mult),
-                          lambda net, b: model.loss(net(normalize_batch(b["image"])), b["label"]),
-                          train_settings(section, cfg.run), device, out, resume=resume, desc="cam")
+            train_set = ClassificationDataset(dataset, train_ids, section.resize_long, section.crop_size, cfg.run.seed)
+            history = fit(
+                model,
+                train_set,
+                model.param_groups(section.head_lr_mult),
+                lambda net, b: model.loss(net(normalize_batch(b["image"])), b["label"]),
+                train_settings(section, cfg.run),
+                device,
+                out,
+                resume=resume,
+                desc="cam",
+            )
         else:
             model = build_cam_net(section, dataset.info.num_classes, weights=None)
             history = reuse_trained(model, Path(twin), MODEL_FILE, out, "cam")
             model.to(device)
         if distributed.is_main():
-            write_model_file(out / MODEL_FILE, "cam", model,
-                             {"config": section_dict(section), "classes": list(dataset.classes)})
+            write_model_file(
+                out / MODEL_FILE, "cam", model, {"config": section_dict(section), "classes": list(dataset.classes)}
+            )
         model = model.to(memory_format=torch.contiguous_format).eval()
 
         metrics = {"train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0}
         failures: list[str] = []
         metrics.update(self.classify_split(model, dataset, val_ids, device, cfg.run.workers, failures))
-        failures += self.write_cams(model, section, dataset, distributed.shard(train_ids), out / "cams", device,
-                                    cfg.run.workers)
+        failures += self.write_cams(
+            model, section, dataset, distributed.shard(train_ids), out / "cams", device, cfg.run.workers
+        )
         boxed = list(boxed_images(dataset))[:limit]  # NIH: held-out images with boxes, for localization
         if boxed:
-            failures += self.write_cams(model, section, dataset, distributed.shard(boxed), out / BOXED_CAMS,
-                                        device, cfg.run.workers)
+            failures += self.write_cams(
+                model, section, dataset, distributed.shard(boxed), out / BOXED_CAMS, device, cfg.run.workers
+            )
         failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its CAMs
         if distributed.is_main():
             metrics.update(score_cams(dataset, train_ids, out / "cams", section.eval_bg_threshold, failures))
@@ -113,21 +140,26 @@ class CamStage(Stage):
         metrics = distributed.broadcast(metrics)
         return StageResult(metrics=metrics, headline=headline_metric(metrics), failures=failures)
 
-    def rescore(self, cfg, dataset: PreparedDataset, artifact: Path, metrics: dict, scored_with: dict,
-                limit: int | None = None) -> dict:
+    def rescore(
+        self, cfg, dataset: PreparedDataset, artifact: Path, metrics: dict, scored_with: dict, limit: int | None = None
+    ) -> dict:
         """The run's metrics with the CAM scores recomputed at the current threshold (localization
         recomputed with them, as it also goes by the `cam_` prefix), and the classification scores
         with the saved model when the val split is another."""
-        metrics = {**{k: v for k, v in metrics.items() if not k.startswith("cam_")},
-                   **self.evaluate(cfg, dataset, artifact)}
+        metrics = {
+            **{k: v for k, v in metrics.items() if not k.startswith("cam_")},
+            **self.evaluate(cfg, dataset, artifact),
+        }
         if scored_with.get("data.val_split") != cfg.data.val_split:
             device = resolve_device(cfg.run.device)
             model = build_cam_net(cfg.cam, dataset.info.num_classes, weights=None)
             load_weights(model, read_cam_model(artifact).tensors, artifact / MODEL_FILE, "cam model", "cam")
             model = model.to(device).eval()
             val_ids = dataset.split(cfg.data.val_split)[:limit]
-            metrics = {**{k: v for k, v in metrics.items() if not k.startswith("cls_")},
-                       **self.classify_split(model, dataset, val_ids, device, cfg.run.workers, whole=True)}
+            metrics = {
+                **{k: v for k, v in metrics.items() if not k.startswith("cls_")},
+                **self.classify_split(model, dataset, val_ids, device, cfg.run.workers, whole=True),
+            }
         return metrics
 
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
@@ -137,8 +169,16 @@ class CamStage(Stage):
         return metrics
 
     @torch.no_grad()
-    def classify_split(self, model, dataset: PreparedDataset, ids: list[str], device, workers: int,
-                       failures: list[str] | None = None, whole: bool = False) -> dict:
+    def classify_split(
+        self,
+        model,
+        dataset: PreparedDataset,
+        ids: list[str],
+        device,
+        workers: int,
+        failures: list[str] | None = None,
+        whole: bool = False,
+    ) -> dict:
         """Image-level AUC / AP on a split, whole images at scale 1. Unreadable images are
         skipped and listed in `failures`. Under torchrun each rank scores its share, unless
         `whole` (one process re-scoring alone)."""
@@ -163,8 +203,9 @@ class CamStage(Stage):
         result = classification_scores(np.stack(scores), np.stack(targets), dataset.classes, prefix="cls_")
         return {k: float(v) for k, v in result.items()}
 
-    def write_cams(self, model, section, dataset: PreparedDataset, ids: list[str], cam_dir: Path, device,
-                   workers: int) -> list[str]:
+    def write_cams(
+        self, model, section, dataset: PreparedDataset, ids: list[str], cam_dir: Path, device, workers: int
+    ) -> list[str]:
         failures = write_cam_files(model, section, dataset, ids, cam_dir, device, worker_count(workers))
         for failure in failures:
             log.warning("cam: skipped %s", failure)

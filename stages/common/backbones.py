@@ -3,6 +3,7 @@
 `weights` is None (random init), "imagenet" (torchvision's download: needs internet once) or
 a path to a local state dict (.pth) of the same torchvision architecture.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -16,9 +17,11 @@ from torchvision import models
 from data.errors import WssError
 
 RESNETS = {"resnet18": models.resnet18, "resnet34": models.resnet34, "resnet50": models.resnet50}
-IMAGENET_WEIGHTS = {"resnet18": models.ResNet18_Weights.IMAGENET1K_V1,
-                    "resnet34": models.ResNet34_Weights.IMAGENET1K_V1,
-                    "resnet50": models.ResNet50_Weights.IMAGENET1K_V1}
+IMAGENET_WEIGHTS = {
+    "resnet18": models.ResNet18_Weights.IMAGENET1K_V1,
+    "resnet34": models.ResNet34_Weights.IMAGENET1K_V1,
+    "resnet50": models.ResNet50_Weights.IMAGENET1K_V1,
+}
 
 
 class WeightsError(WssError):
@@ -42,7 +45,8 @@ def load_state_dict(name: str, weights: str | None) -> dict | None:
             raise WeightsError(
                 f"could not download ImageNet weights for {name} ({type(error).__name__}: {error}). "
                 f"Offline? Download {url} elsewhere and set `cam.weights: /path/to/{url.rsplit('/', 1)[-1]}` "
-                f"(or `-o cam.weights=/path`), or `cam.weights: null` to train from scratch.") from None
+                f"(or `-o cam.weights=/path`), or `cam.weights: null` to train from scratch."
+            ) from None
     return read_weights_file(Path(weights).expanduser(), f"a torchvision {name} state dict")
 
 
@@ -58,6 +62,7 @@ def read_weights_file(path: Path, expected: str, error: type[WssError] = Weights
         try:
             if path.suffix == ".safetensors":
                 from safetensors.torch import load_file
+
                 state = load_file(str(path), device="cpu")
             else:
                 with warnings.catch_warnings():  # a legacy pickle's protocol: not the file's fault
@@ -94,8 +99,11 @@ def load_problem(reason: Exception) -> str:
     and the weights-only unpickler's advises loading the file in a way that can run its code."""
     text, prefix = str(reason), ""
     if text.startswith("Weights only load failed"):  # more than tensors (code, objects), or garbled
-        text = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else \
-            "\n".join(text.splitlines()[1:])
+        text = (
+            text.split("WeightsUnpickler error:", 1)[1]
+            if "WeightsUnpickler error:" in text
+            else "\n".join(text.splitlines()[1:])
+        )
         prefix = "torch's weights-only loader refused it: "
     first = next((line.strip() for line in text.splitlines() if line.strip()), "").rstrip(".")
     return prefix + first[:200] if first else type(reason).__name__
@@ -126,7 +134,7 @@ def upsample_cells(x: torch.Tensor, factor: int, size: tuple[int, int]) -> torch
     pad_bottom, pad_right = max(0, size[0] - out.shape[-2]), max(0, size[1] - out.shape[-1])
     if pad_bottom or pad_right:
         out = F.pad(out, (0, pad_right, 0, pad_bottom), mode="replicate")
-    return out[..., :size[0], :size[1]]
+    return out[..., : size[0], : size[1]]
 
 
 class ResNetFeatures(nn.Module):
@@ -151,9 +159,11 @@ class ResNetFeatures(nn.Module):
             # blocks) given for a resnet18, whose shared blocks have the same shapes
             extra = [k for k in unexpected if not k.startswith("fc.")]
             if extra:
-                raise WeightsError(f"weights {weights} do not fit {name}: {len(extra)} unexpected keys "
-                                   f"{', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''} "
-                                   f"(the weights of another network?)")
+                raise WeightsError(
+                    f"weights {weights} do not fit {name}: {len(extra)} unexpected keys "
+                    f"{', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''} "
+                    f"(the weights of another network?)"
+                )
         for module in net.layer4.modules():
             if isinstance(module, nn.Conv2d):
                 if module.kernel_size == (3, 3):
@@ -175,10 +185,11 @@ class ResNetFeatures(nn.Module):
         stage also keeps its statistics, so that its weights and its normalisation stay a pair.
         """
         if not -1 <= frozen_stages <= 4:
-            raise WssError(f"frozen_stages must be in -1..4 (-1 none, 0 stem, 1..4 up to layer1..4), "
-                           f"got {frozen_stages}")
+            raise WssError(
+                f"frozen_stages must be in -1..4 (-1 none, 0 stem, 1..4 up to layer1..4), got {frozen_stages}"
+            )
         self.frozen_stages, self.freeze_bn = frozen_stages, freeze_bn
-        for name in STAGE_NAMES[:frozen_stages + 1]:
+        for name in STAGE_NAMES[: frozen_stages + 1]:
             getattr(self, name).requires_grad_(False)
         self.train(self.training)
 
@@ -198,7 +209,7 @@ class ResNetFeatures(nn.Module):
     def forward_stages(self, x: torch.Tensor, last: int = 4) -> list[torch.Tensor]:
         """[stem (s4), layer1 (s4), layer2 (s8), layer3 (s16), layer4 (s16)], up to index `last`."""
         outputs = []
-        for name in STAGE_NAMES[:last + 1]:
+        for name in STAGE_NAMES[: last + 1]:
             x = getattr(self, name)(x)
             outputs.append(x)
         return outputs

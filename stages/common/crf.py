@@ -12,6 +12,7 @@ elsewhere (`resolve_backend`). Both are imported only when a CRF runs: this modu
 of torch (the CRF worker processes import it) and a missing pydensecrf is a clear user error,
 not an ImportError at import time of the whole stage.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -37,8 +38,12 @@ class CrfParams(Section):
 
     model_config = ConfigDict(frozen=True)
 
-    gt_prob: Float = Field(0.7, gt=0, le=0.99, description="The label CRF's confidence in the labels it is given "
-                                                           "(the seeds' CRF; `refine_crf` reads none).")
+    gt_prob: Float = Field(
+        0.7,
+        gt=0,
+        le=0.99,
+        description="The label CRF's confidence in the labels it is given (the seeds' CRF; `refine_crf` reads none).",
+    )
     gauss_sxy: Float = Field(3.0, gt=0, description="Spatial width of the smoothness kernel, in pixels.")
     gauss_compat: Float = Field(3.0, ge=0, description="Weight of the smoothness kernel.")
     bilateral_sxy: Float = Field(50.0, gt=0, description="Spatial width of the appearance kernel, in pixels.")
@@ -60,9 +65,14 @@ def resolve_backend(backend: str = "auto", device=None) -> str:
 
 def _kernel_args(params: CrfParams) -> dict:
     """The torch backend's keyword arguments: iterations and the two kernels' parameters."""
-    return {"iterations": params.iterations, "gauss_sxy": params.gauss_sxy, "gauss_compat": params.gauss_compat,
-            "bilateral_sxy": params.bilateral_sxy, "bilateral_srgb": params.bilateral_srgb,
-            "bilateral_compat": params.bilateral_compat}
+    return {
+        "iterations": params.iterations,
+        "gauss_sxy": params.gauss_sxy,
+        "gauss_compat": params.gauss_compat,
+        "bilateral_sxy": params.bilateral_sxy,
+        "bilateral_srgb": params.bilateral_srgb,
+        "bilateral_compat": params.bilateral_compat,
+    }
 
 
 def _densecrf():
@@ -101,8 +111,9 @@ def _run(image: np.ndarray, unary: np.ndarray, n_labels: int, params: CrfParams)
     crf = dcrf.DenseCRF2D(width, height, n_labels)
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
-    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb, rgbim=image,
-                             compat=params.bilateral_compat)
+    crf.addPairwiseBilateral(
+        sxy=params.bilateral_sxy, srgb=params.bilateral_srgb, rgbim=image, compat=params.bilateral_compat
+    )
     q = crf.inference(params.iterations)
     return np.asarray(q, dtype=np.float32).reshape(n_labels, height, width)
 
@@ -118,8 +129,15 @@ def _check_labels(labels: np.ndarray, image: np.ndarray, n_labels: int) -> np.nd
     return labels.astype(np.int64)
 
 
-def crf_labels(image_rgb: np.ndarray, label_maps: Sequence[np.ndarray], n_labels: int,
-               params: CrfParams = CrfParams(), *, backend: str = "auto", device=None) -> list[np.ndarray]:
+def crf_labels(
+    image_rgb: np.ndarray,
+    label_maps: Sequence[np.ndarray],
+    n_labels: int,
+    params: CrfParams = CrfParams(),
+    *,
+    backend: str = "auto",
+    device=None,
+) -> list[np.ndarray]:
     """`crf_label` of several label maps of one image (the seed pass's foreground and background
     maps); the torch backend builds the image's lattices once and runs the maps as one batch."""
     image = _crf_image(image_rgb)
@@ -128,19 +146,38 @@ def crf_labels(image_rgb: np.ndarray, label_maps: Sequence[np.ndarray], n_labels
         return []
     if resolve_backend(backend, device) == "pydensecrf":
         _, crf_utils = _densecrf()
-        return [_run(image, crf_utils.unary_from_labels(labels, n_labels, gt_prob=params.gt_prob, zero_unsure=False),
-                     n_labels, params).argmax(axis=0) for labels in maps]
+        return [
+            _run(
+                image,
+                crf_utils.unary_from_labels(labels, n_labels, gt_prob=params.gt_prob, zero_unsure=False),
+                n_labels,
+                params,
+            ).argmax(axis=0)
+            for labels in maps
+        ]
     import torch
 
     from stages.common import crf_torch
-    out = crf_torch.label_crf(torch.from_numpy(image).to(device or "cpu"),
-                              torch.from_numpy(np.stack(maps)).to(device or "cpu"), n_labels, params.gt_prob,
-                              **_kernel_args(params))
+
+    out = crf_torch.label_crf(
+        torch.from_numpy(image).to(device or "cpu"),
+        torch.from_numpy(np.stack(maps)).to(device or "cpu"),
+        n_labels,
+        params.gt_prob,
+        **_kernel_args(params),
+    )
     return list(out.cpu().numpy())
 
 
-def crf_label(image_rgb: np.ndarray, labels: np.ndarray, n_labels: int,
-              params: CrfParams = CrfParams(), *, backend: str = "auto", device=None) -> np.ndarray:
+def crf_label(
+    image_rgb: np.ndarray,
+    labels: np.ndarray,
+    n_labels: int,
+    params: CrfParams = CrfParams(),
+    *,
+    backend: str = "auto",
+    device=None,
+) -> np.ndarray:
     """Refine a hard label map (values in [0, n_labels)) along image edges; returns int64 HxW labels.
 
     Unary: probability ``gt_prob`` for the given label, the rest shared by the other labels;
@@ -150,8 +187,9 @@ def crf_label(image_rgb: np.ndarray, labels: np.ndarray, n_labels: int,
     return crf_labels(image_rgb, [labels], n_labels, params, backend=backend, device=device)[0]
 
 
-def crf_prob(image_rgb: np.ndarray, probs: np.ndarray, params: CrfParams = CrfParams(), *,
-             backend: str = "auto", device=None) -> np.ndarray:
+def crf_prob(
+    image_rgb: np.ndarray, probs: np.ndarray, params: CrfParams = CrfParams(), *, backend: str = "auto", device=None
+) -> np.ndarray:
     """Refine class probabilities (C, H, W); returns the CRF marginals (C, H, W) float32.
 
     Unary = -log(p) with p clipped at 1e-5 (``gt_prob`` is not used here). `backend` and
@@ -167,6 +205,10 @@ def crf_prob(image_rgb: np.ndarray, probs: np.ndarray, params: CrfParams = CrfPa
     import torch
 
     from stages.common import crf_torch
-    q = crf_torch.prob_crf(torch.from_numpy(image).to(device or "cpu"), torch.from_numpy(probs)[None].to(device or "cpu"),
-                           **_kernel_args(params))
+
+    q = crf_torch.prob_crf(
+        torch.from_numpy(image).to(device or "cpu"),
+        torch.from_numpy(probs)[None].to(device or "cpu"),
+        **_kernel_args(params),
+    )
     return q[0].cpu().numpy()

@@ -25,6 +25,7 @@ the image), `label_crf` / `prob_crf` (the two CRFs of crf.py on tensors), `label
 (pydensecrf.utils.unary_from_labels with zero_unsure=False) and `prob_unary` (-log of clipped
 probabilities).
 """
+
 from __future__ import annotations
 
 import math
@@ -158,8 +159,9 @@ class Lattice:
         # Barycentric weights: coordinate i adds v_i at slot d - rank_i and removes it at the next.
         v = (elevated - rem0.to(torch.float32)) * down
         slot = d - rank
-        barycentric = (torch.zeros(d + 2, n_points, dtype=torch.float32, device=device).scatter_(0, slot, v)
-                       - torch.zeros(d + 2, n_points, dtype=torch.float32, device=device).scatter_(0, slot + 1, v))
+        barycentric = torch.zeros(d + 2, n_points, dtype=torch.float32, device=device).scatter_(
+            0, slot, v
+        ) - torch.zeros(d + 2, n_points, dtype=torch.float32, device=device).scatter_(0, slot + 1, v)
         barycentric[0] += 1.0 + barycentric[d + 1]
         barycentric = barycentric[: d + 1]
 
@@ -176,7 +178,7 @@ class Lattice:
 
         # slice: row n holds the point's d + 1 vertices, columns sorted
         vertex, order = offsets.t().sort(dim=1)
-        weights = barycentric.t().gather(1, order) * (1.0 / (1.0 + 2.0 ** -d))
+        weights = barycentric.t().gather(1, order) * (1.0 / (1.0 + 2.0**-d))
         crow = torch.arange(0, n_points * (d + 1) + 1, d + 1, device=device)
         self.slice = _csr(crow, vertex.reshape(-1), weights.reshape(-1), (n_points, n_lattice))
         # splat: row m holds the points that have m as a vertex
@@ -194,8 +196,14 @@ class Lattice:
             step = torch.full((d, 1), -1, dtype=torch.int64, device=device)
             if j < d:
                 step[j] = d
-            columns = torch.stack([torch.arange(n_lattice, device=device),
-                                   index.lookup(lattice_keys + step), index.lookup(lattice_keys - step)], dim=1)
+            columns = torch.stack(
+                [
+                    torch.arange(n_lattice, device=device),
+                    index.lookup(lattice_keys + step),
+                    index.lookup(lattice_keys - step),
+                ],
+                dim=1,
+            )
             values = torch.tensor([1.0, 0.5, 0.5], device=device).expand(n_lattice, 3)
             present = columns >= 0
             columns, order = torch.where(present, columns, n_lattice).sort(dim=1)
@@ -238,8 +246,12 @@ class PairwiseKernel:
         self.compat = float(compat)
         self.n_points, self.n_lattice = lattice.n_points, lattice.n_lattice
         splat, slice_ = lattice.splat, lattice.slice
-        self.splat = _csr(splat.crow_indices(), splat.col_indices(),
-                          splat.values() * self.norm[splat.col_indices().long()], splat.shape)
+        self.splat = _csr(
+            splat.crow_indices(),
+            splat.col_indices(),
+            splat.values() * self.norm[splat.col_indices().long()],
+            splat.shape,
+        )
         row_scale = (self.compat * self.norm).repeat_interleave(lattice.d + 1)  # d + 1 entries per row
         self.slice = _csr(slice_.crow_indices(), slice_.col_indices(), slice_.values() * row_scale, slice_.shape)
         self.blur = lattice.blur
@@ -255,13 +267,22 @@ class PairwiseKernel:
 def pixel_grid(height: int, width: int, sxy: float, device: torch.device) -> torch.Tensor:
     """(H * W, 2) features (x / sxy, y / sxy) in row-major pixel order, float32 as pydensecrf."""
     scale = torch.tensor(sxy, dtype=torch.float32, device=device)
-    y, x = torch.meshgrid(torch.arange(height, dtype=torch.float32, device=device),
-                          torch.arange(width, dtype=torch.float32, device=device), indexing="ij")
+    y, x = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32, device=device),
+        torch.arange(width, dtype=torch.float32, device=device),
+        indexing="ij",
+    )
     return torch.stack([x.reshape(-1) / scale, y.reshape(-1) / scale], dim=1)
 
 
-def image_kernels(image: torch.Tensor, gauss_sxy: float, gauss_compat: float, bilateral_sxy: float,
-                  bilateral_srgb: float, bilateral_compat: float) -> list[PairwiseKernel]:
+def image_kernels(
+    image: torch.Tensor,
+    gauss_sxy: float,
+    gauss_compat: float,
+    bilateral_sxy: float,
+    bilateral_srgb: float,
+    bilateral_compat: float,
+) -> list[PairwiseKernel]:
     """The appearance-free Gaussian kernel and the bilateral kernel of an (H, W, 3) uint8 image,
     on the image tensor's device, in pydensecrf's order (Gaussian first)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != torch.uint8:
@@ -271,8 +292,9 @@ def image_kernels(image: torch.Tensor, gauss_sxy: float, gauss_compat: float, bi
     colour = image.reshape(-1, 3).to(torch.float32) / srgb
     return [
         PairwiseKernel(pixel_grid(height, width, gauss_sxy, image.device), gauss_compat),
-        PairwiseKernel(torch.cat([pixel_grid(height, width, bilateral_sxy, image.device), colour], dim=1),
-                       bilateral_compat),
+        PairwiseKernel(
+            torch.cat([pixel_grid(height, width, bilateral_sxy, image.device), colour], dim=1), bilateral_compat
+        ),
     ]
 
 
@@ -297,8 +319,9 @@ def mean_field(unary: torch.Tensor, kernels: list[PairwiseKernel], iterations: i
     return q.permute(1, 2, 0).contiguous()
 
 
-def label_crf(image: torch.Tensor, labels: torch.Tensor, n_labels: int, gt_prob: float, iterations: int,
-              **kernel: float) -> torch.Tensor:
+def label_crf(
+    image: torch.Tensor, labels: torch.Tensor, n_labels: int, gt_prob: float, iterations: int, **kernel: float
+) -> torch.Tensor:
     """Label CRF of (B, H, W) label maps of one (H, W, 3) uint8 image: (B, H, W) int64 labels.
 
     All B maps share one lattice per kernel and run as one mean field of B * n_labels channels
@@ -329,8 +352,9 @@ def label_unary(labels: torch.Tensor, n_labels: int, gt_prob: float) -> torch.Te
         raise ValueError(f"the label CRF needs at least 2 labels, got {n_labels}")
     other = np.float32(-math.log((1.0 - gt_prob) / (n_labels - 1)))
     given = np.float32(-math.log(gt_prob))
-    unary = torch.full((labels.shape[0], n_labels, labels.shape[1]), float(other),
-                       dtype=torch.float32, device=labels.device)
+    unary = torch.full(
+        (labels.shape[0], n_labels, labels.shape[1]), float(other), dtype=torch.float32, device=labels.device
+    )
     unary.scatter_(1, labels[:, None, :].to(torch.int64), float(given))
     return unary
 

@@ -6,6 +6,7 @@ writes its share of the images (`shard`); rank 0 alone owns the artifact cache, 
 the metrics, which it computes from the files every rank wrote and hands to the others.
 Without torchrun (WORLD_SIZE unset or 1) every helper is a no-op and nothing is initialised.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -31,8 +32,11 @@ def init_from_env(device_name: str) -> None:
         local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
         if local_rank >= gpus:
             from data.errors import WssError
-            raise WssError(f"torchrun started process {local_rank} on this machine but it has {gpus} GPU(s): "
-                           f"use --nproc_per_node={gpus} (or run.device=cpu)")
+
+            raise WssError(
+                f"torchrun started process {local_rank} on this machine but it has {gpus} GPU(s): "
+                f"use --nproc_per_node={gpus} (or run.device=cpu)"
+            )
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=BARRIER_TIMEOUT)
 
@@ -62,7 +66,7 @@ def local_device(device: torch.device) -> torch.device:
 
 def shard(items: list) -> list:
     """This rank's share of a list: every world_size-th item from its rank on."""
-    return list(items)[rank()::world_size()]
+    return list(items)[rank() :: world_size()]
 
 
 def broadcast(value=None):
@@ -105,9 +109,12 @@ def check_shared_folder(folder: Path) -> None:
     blind = [f"rank {rank} on {host}" for rank, (host, found) in enumerate(seen) if not found]
     if blind:
         from data.errors import WssError
-        raise WssError(f"run.workdir is not shared by every process: {', '.join(blind)} cannot see {folder}, "
-                       f"which rank 0 on {seen[0][0]} created; put run.workdir on a file system every node "
-                       f"mounts at the same path (see docs/distributed.md)")
+
+        raise WssError(
+            f"run.workdir is not shared by every process: {', '.join(blind)} cannot see {folder}, "
+            f"which rank 0 on {seen[0][0]} created; put run.workdir on a file system every node "
+            f"mounts at the same path (see docs/distributed.md)"
+        )
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ The runner starts a run's record and closes it when the stage stops on an error 
 training loop moves its end after every checkpoint, so that a run killed without warning
 (SIGKILL, a lost machine) still counts up to its last epoch.
 """
+
 from __future__ import annotations
 
 import json

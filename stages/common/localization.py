@@ -16,6 +16,7 @@ CAM cell (i, j) is the image area [j*W/w, (j+1)*W/w) x [i*H/h, (i+1)*H/h).
 - Aggregation: accuracy per finding over the (image, finding) pairs that have a box, and the
   mean over the findings that have at least one pair.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,6 +33,7 @@ BoxXYWH = tuple[float, float, float, float]
 @dataclass(frozen=True)
 class LocalizationCase:
     """The CAM of one finding on one image, with that finding's boxes on the image."""
+
     finding: str
     cam: np.ndarray
     boxes: Sequence[BoxXYWH]
@@ -59,8 +61,7 @@ def point_hit(cam: np.ndarray, boxes: Sequence[BoxXYWH], image_size: tuple[int, 
     return any(bx <= x <= bx + bw and by <= y <= by + bh for bx, by, bw, bh in boxes)
 
 
-def predicted_box(cam: np.ndarray, image_size: tuple[int, int], cam_threshold: float = 0.5
-                  ) -> BoxXYWH | None:
+def predicted_box(cam: np.ndarray, image_size: tuple[int, int], cam_threshold: float = 0.5) -> BoxXYWH | None:
     """Bounding box (image pixels) of the largest component of cam >= threshold * max(cam);
     None when the CAM has no positive maximum."""
     cam = np.asarray(cam, dtype=np.float64)
@@ -86,33 +87,37 @@ def iobb(predicted: BoxXYWH, truth: BoxXYWH) -> float:
     return overlap_w * overlap_h / area if area > 0 else 0.0
 
 
-def best_iobb(cam: np.ndarray, boxes: Sequence[BoxXYWH], image_size: tuple[int, int],
-              cam_threshold: float = 0.5) -> float:
+def best_iobb(
+    cam: np.ndarray, boxes: Sequence[BoxXYWH], image_size: tuple[int, int], cam_threshold: float = 0.5
+) -> float:
     box = predicted_box(cam, image_size, cam_threshold)
     return max((iobb(box, truth) for truth in boxes), default=0.0) if box is not None else 0.0
 
 
-def cases_for_image(cams: np.ndarray, classes: Sequence[str], boxes: Iterable,
-                    image_size: tuple[int, int]) -> list[LocalizationCase]:
+def cases_for_image(
+    cams: np.ndarray, classes: Sequence[str], boxes: Iterable, image_size: tuple[int, int]
+) -> list[LocalizationCase]:
     """One case per finding boxed on this image; ``cams`` is C x h x w in ``classes`` order and
     ``boxes`` are objects with ``finding, x, y, w, h`` (``data.nih.Box``)."""
     by_finding: dict[str, list[BoxXYWH]] = {}
     for box in boxes:
         by_finding.setdefault(box.finding, []).append((box.x, box.y, box.w, box.h))
-    return [LocalizationCase(finding, np.asarray(cams[classes.index(finding)]), found, image_size)
-            for finding, found in sorted(by_finding.items())]
+    return [
+        LocalizationCase(finding, np.asarray(cams[classes.index(finding)]), found, image_size)
+        for finding, found in sorted(by_finding.items())
+    ]
 
 
-def localization_accuracy(cases: Iterable[LocalizationCase], cam_threshold: float = 0.5,
-                          iobb_thresholds: Sequence[float] = IOBB_THRESHOLDS) -> dict[str, float]:
+def localization_accuracy(
+    cases: Iterable[LocalizationCase], cam_threshold: float = 0.5, iobb_thresholds: Sequence[float] = IOBB_THRESHOLDS
+) -> dict[str, float]:
     """Flat metrics: ``point/<finding>``, ``point/mean``, ``iobb@<T>/<finding>``, ``iobb@<T>/mean``
     and ``pairs/<finding>`` (how many image-finding pairs were scored)."""
     hits: dict[str, list[float]] = {}
     scores: dict[str, list[float]] = {}
     for case in cases:
         hits.setdefault(case.finding, []).append(float(point_hit(case.cam, case.boxes, case.image_size)))
-        scores.setdefault(case.finding, []).append(
-            best_iobb(case.cam, case.boxes, case.image_size, cam_threshold))
+        scores.setdefault(case.finding, []).append(best_iobb(case.cam, case.boxes, case.image_size, cam_threshold))
     findings = sorted(hits)
     metrics: dict[str, float] = {f"pairs/{f}": float(len(hits[f])) for f in findings}
     _add_accuracies(metrics, "point", {f: float(np.mean(hits[f])) for f in findings})

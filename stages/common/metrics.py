@@ -13,6 +13,7 @@ Conventions shared by the whole module:
 - binary masks follow the Kaggle SIIM convention: an empty prediction on an empty target
   scores 1, one empty and the other not scores 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,6 +55,7 @@ def _shown_values(values: np.ndarray, limit: int = 8) -> str:
 # Multiclass segmentation: one confusion matrix
 # --------------------------------------------------------------------------------------------
 
+
 class ConfusionMatrix:
     """Pixel counts of (target class, predicted class) over a whole split, for IoU and mIoU.
 
@@ -82,8 +84,7 @@ class ConfusionMatrix:
         """(target, prediction) counts over the pixels that got a class prediction."""
         return self.counts[:, : self.num_classes]
 
-    def update(self, pred: Any, target: Any, ignore_index: int = IGNORE_INDEX,
-               ignore_pred: bool = False) -> None:
+    def update(self, pred: Any, target: Any, ignore_index: int = IGNORE_INDEX, ignore_pred: bool = False) -> None:
         """Add one mask, or a batch of masks of any shape, to the counts.
 
         Raises DataError when the target holds a value that is neither a class nor
@@ -112,12 +113,15 @@ class ConfusionMatrix:
     def _check_ranges(self, pred: np.ndarray, target: np.ndarray, unlabelled: np.ndarray) -> None:
         bad_target = (target < 0) | (target >= self.num_classes)
         if bad_target.any():
-            raise DataError(f"mask holds values {_shown_values(target[bad_target])} that are not classes "
-                            f"0..{self.num_classes - 1} nor the ignore value")
+            raise DataError(
+                f"mask holds values {_shown_values(target[bad_target])} that are not classes "
+                f"0..{self.num_classes - 1} nor the ignore value"
+            )
         bad_pred = ((pred < 0) | (pred >= self.num_classes)) & ~unlabelled
         if bad_pred.any():
-            raise ValueError(f"prediction holds values {_shown_values(pred[bad_pred])} outside classes "
-                             f"0..{self.num_classes - 1}")
+            raise ValueError(
+                f"prediction holds values {_shown_values(pred[bad_pred])} outside classes 0..{self.num_classes - 1}"
+            )
 
     def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
         """Add another matrix's counts (from a worker or shard) into this one; returns self."""
@@ -177,6 +181,7 @@ def _class_names(class_names: Sequence[str] | None, count: int) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Binary segmentation: per-image Dice (Kaggle SIIM) and image-level detection
 # --------------------------------------------------------------------------------------------
+
 
 def binary_counts(pred: Any, target: Any, ignore_index: int = IGNORE_INDEX) -> tuple[int, int, int]:
     """(TP, FP, FN) pixels of one binary mask pair.
@@ -239,8 +244,7 @@ class BinarySegmentationScores:
         self.image_scores: list[float] = []
         self.image_labels: list[int] = []
 
-    def update(self, pred: Any, target: Any, score: float | None = None,
-               ignore_index: int = IGNORE_INDEX) -> float:
+    def update(self, pred: Any, target: Any, score: float | None = None, ignore_index: int = IGNORE_INDEX) -> float:
         """Add one image (an (H, W) mask pair); returns its Dice for per-image reports."""
         tp, fp, fn = binary_counts(pred, target, ignore_index)
         image_dice = _dice_from_counts(tp, fp, fn)
@@ -259,8 +263,9 @@ class BinarySegmentationScores:
             self.image_labels.append(int(target_positive))
         return image_dice
 
-    def update_batch(self, preds: Any, targets: Any, scores: Any = None,
-                     ignore_index: int = IGNORE_INDEX) -> list[float]:
+    def update_batch(
+        self, preds: Any, targets: Any, scores: Any = None, ignore_index: int = IGNORE_INDEX
+    ) -> list[float]:
         """Add a batch of (N, H, W) masks, optionally with N image scores; returns their Dice."""
         preds, targets = _to_numpy(preds), _to_numpy(targets)
         if preds.shape != targets.shape or preds.ndim != 3:
@@ -300,8 +305,10 @@ class BinarySegmentationScores:
             result[f"image_{outcome}"] = count
         if self.image_scores:
             if len(self.image_scores) != self.images:
-                raise ValueError(f"image scores were given for {len(self.image_scores)} of {self.images} images; "
-                                 "give one for every image or none")
+                raise ValueError(
+                    f"image scores were given for {len(self.image_scores)} of {self.images} images; "
+                    "give one for every image or none"
+                )
             result["image_auc"] = roc_auc(self.image_scores, self.image_labels)
         return {prefix + key: value for key, value in result.items()}
 
@@ -309,6 +316,7 @@ class BinarySegmentationScores:
 # --------------------------------------------------------------------------------------------
 # Image-level classification
 # --------------------------------------------------------------------------------------------
+
 
 def roc_auc(scores: Any, labels: Any) -> float:
     """ROC AUC of one class; nan when the labels hold only one value (AUC undefined)."""
@@ -330,8 +338,9 @@ def average_precision(scores: Any, labels: Any) -> float:
     return float(average_precision_score(labels, _to_numpy(scores).reshape(-1)))
 
 
-def classification_scores(scores: Any, targets: Any, class_names: Sequence[str] | None = None,
-                          prefix: str = "") -> dict[str, float]:
+def classification_scores(
+    scores: Any, targets: Any, class_names: Sequence[str] | None = None, prefix: str = ""
+) -> dict[str, float]:
     """Per-class ROC AUC and AP of multilabel scores (N, C) against 0/1 targets (N, C).
 
     A class whose targets are all 0 or all 1 has neither (nan) and is left out of the means

@@ -19,6 +19,7 @@ values pass, anything else is refused before it is built.
 Every problem with a file (missing, cut short, garbled, of another kind, weights that do not
 fit) is one line naming the file and, given the stage that made it, how to recompute it.
 """
+
 from __future__ import annotations
 
 import errno
@@ -41,14 +42,20 @@ FORMAT_VERSION = "1"
 LEGACY_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; the pickle of torch < 1.6
 OPTIMIZER = "optimizer/"  # prefix of a checkpoint's optimizer-state tensors (its weights: "model/")
 MODEL = "model/"
-KIND_NAMES = {"cam": "cam model", "irn": "IRN model", "seg": "segmenter model", "checkpoint": "training checkpoint",
-              "holdout": "held-out checkpoint"}
+KIND_NAMES = {
+    "cam": "cam model",
+    "irn": "IRN model",
+    "seg": "segmenter model",
+    "checkpoint": "training checkpoint",
+    "holdout": "held-out checkpoint",
+}
 
 
 @dataclass
 class StateFile:
     """The content of a model or checkpoint file: its tensors and its JSON metadata. `kind` is
     None for a model file of an earlier version (a pickled dict read with weights_only=True)."""
+
     tensors: dict[str, torch.Tensor]
     meta: dict
     kind: str | None
@@ -57,6 +64,7 @@ class StateFile:
 @dataclass
 class Checkpoint:
     """A training checkpoint checked against the model and optimizer it is to be loaded into."""
+
     weights: dict[str, torch.Tensor]
     optimizer: dict  # an optimizer state dict, for optimizer.load_state_dict
     epoch: int  # the last epoch trained (0-based)
@@ -67,13 +75,13 @@ class FileRefused(Exception):
     """Why a file cannot be used; `refusal` turns it into the caller's one-line error."""
 
 
-def refusal(path: Path, what: str, reason: str, stage: str | None,
-            error: type[WssError] = StageInputError) -> WssError:
+def refusal(path: Path, what: str, reason: str, stage: str | None, error: type[WssError] = StageInputError) -> WssError:
     advice = f"; recompute it with wss run --force {stage}" if stage else ""
     return error(f"{path}: unreadable {what} ({reason}){advice}")
 
 
 # ------------------------------------------------------------------------------------- writing
+
 
 def write_state_file(path: Path, kind: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Write `tensors` and the JSON-able `meta` as a safetensors file of `kind` (e.g. "cam",
@@ -130,8 +138,9 @@ def write_model_file(path: Path, kind: str, model: torch.nn.Module | dict, meta:
     write_state_file(path, kind, weights, meta)
 
 
-def write_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                     history: list[dict]) -> None:
+def write_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int, history: list[dict]
+) -> None:
     """The state `--resume` continues from: weights, optimizer state, last epoch, epoch log.
 
     The optimizer's state dict is flattened: its tensors (momentum buffers, Adam moments and
@@ -147,15 +156,20 @@ def write_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
                 tensors[f"{OPTIMIZER}{index}/{name}"] = value
             else:
                 plain_state[str(index)][name] = value
-    meta = {"epoch": epoch, "history": history,
-            "optimizer": {"param_groups": state["param_groups"], "state": plain_state}}
+    meta = {
+        "epoch": epoch,
+        "history": history,
+        "optimizer": {"param_groups": state["param_groups"], "state": plain_state},
+    }
     write_state_file(path, "checkpoint", tensors, meta)
 
 
 # ------------------------------------------------------------------------------------- reading
 
-def read_state_file(path: Path, kind: str, what: str, stage: str | None, error: type[WssError] = StageInputError,
-                    legacy: bool = False) -> StateFile:
+
+def read_state_file(
+    path: Path, kind: str, what: str, stage: str | None, error: type[WssError] = StageInputError, legacy: bool = False
+) -> StateFile:
     """The tensors and metadata of a file `write_state_file` wrote as `kind`, on the CPU.
 
     `legacy`: a pickled model file of an earlier version is read too, with weights_only=True
@@ -207,8 +221,10 @@ def _read_legacy(path: Path) -> StateFile:
     except pickle.UnpicklingError as problem:  # torch's own text advises loading it unsafely: not repeated
         named = re.search(r"GLOBAL ([\w.]+)", str(problem))
         detail = f" (it would call or build {named.group(1)})" if named else ""
-        raise FileRefused(f"a pickled file that torch's safe loader (weights_only=True) refuses{detail}; "
-                          f"loading it otherwise could run code in it") from None
+        raise FileRefused(
+            f"a pickled file that torch's safe loader (weights_only=True) refuses{detail}; "
+            f"loading it otherwise could run code in it"
+        ) from None
     except Exception as problem:  # a cut-short archive, EOFError, ...
         detail = str(problem).splitlines()[0] if str(problem) else ""
         raise FileRefused(f"{type(problem).__name__}: {detail}") from None
@@ -237,8 +253,14 @@ def checkpoint_epoch(path: Path) -> int | None:
     return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 else None
 
 
-def read_model_file(path: Path, kind: str, what: str, stage: str | None, error: type[WssError] = StageInputError,
-                    required: dict[str, type | tuple] | None = None) -> StateFile:
+def read_model_file(
+    path: Path,
+    kind: str,
+    what: str,
+    stage: str | None,
+    error: type[WssError] = StageInputError,
+    required: dict[str, type | tuple] | None = None,
+) -> StateFile:
     """A model file of `kind` (a pickled one of an earlier version too, read safely), its
     metadata checked to hold `required` {key: type(s)}."""
     state = read_state_file(path, kind, what, stage, error, legacy=True)
@@ -259,19 +281,29 @@ def weights_problem(model: torch.nn.Module, weights: dict[str, torch.Tensor]) ->
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
-        parts = [f"{len(names)} {label} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-                 for label, names in (("missing", missing), ("unexpected", unexpected)) if names]
+        parts = [
+            f"{len(names)} {label} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            for label, names in (("missing", missing), ("unexpected", unexpected))
+            if names
+        ]
         return "weights " + " and ".join(parts)
     for name, want in expected.items():  # in the model's order
         tensor = weights[name]
         if tensor.shape != want.shape or tensor.dtype != want.dtype:
-            return (f"weight {name} is {tuple(tensor.shape)} {tensor.dtype}, the model's "
-                    f"{tuple(want.shape)} {want.dtype}")
+            return (
+                f"weight {name} is {tuple(tensor.shape)} {tensor.dtype}, the model's {tuple(want.shape)} {want.dtype}"
+            )
     return None
 
 
-def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path, what: str,
-                 stage: str | None, error: type[WssError] = StageInputError) -> None:
+def load_weights(
+    model: torch.nn.Module,
+    weights: dict[str, torch.Tensor],
+    path: Path,
+    what: str,
+    stage: str | None,
+    error: type[WssError] = StageInputError,
+) -> None:
     """Load `weights` into `model` after checking that every name, shape and dtype fits (a
     model is never left half loaded); otherwise `error` in one line naming `path`."""
     problem = weights_problem(model, weights)
@@ -299,10 +331,13 @@ def _checkpoint(state: StateFile, model: torch.nn.Module, optimizer: torch.optim
         raise FileRefused(f"epoch {epoch!r} is not a count")
     if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
         raise FileRefused("its epoch history is not a list of records")
-    if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list) \
-            or not isinstance(saved.get("state"), dict):
+    if (
+        not isinstance(saved, dict)
+        or not isinstance(saved.get("param_groups"), list)
+        or not isinstance(saved.get("state"), dict)
+    ):
         raise FileRefused("no optimizer state")
-    weights = {k[len(MODEL):]: v for k, v in state.tensors.items() if k.startswith(MODEL)}
+    weights = {k[len(MODEL) :]: v for k, v in state.tensors.items() if k.startswith(MODEL)}
     problem = weights_problem(model, weights)
     if problem is not None:
         raise FileRefused(f"{problem}: it is the checkpoint of another model")
@@ -315,14 +350,17 @@ def optimizer_state(tensors: dict[str, torch.Tensor], saved: dict, optimizer: to
     (Adam's betas) a tuple again, as JSON cannot tell them from lists."""
     live = optimizer.param_groups
     groups = saved["param_groups"]
-    if len(groups) != len(live) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                                           and len(g["params"]) == len(l["params"]) for g, l in zip(groups, live)):
+    if len(groups) != len(live) or not all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) and len(g["params"]) == len(live_group["params"])
+        for g, live_group in zip(groups, live)
+    ):
         raise FileRefused("its optimizer parameter groups do not fit the model's")
     param_of = {}
     rebuilt_groups = []
     for group, current in zip(groups, live):
-        group = {k: tuple(v) if isinstance(current.get(k), tuple) and isinstance(v, list) else v
-                 for k, v in group.items()}
+        group = {
+            k: tuple(v) if isinstance(current.get(k), tuple) and isinstance(v, list) else v for k, v in group.items()
+        }
         for key, value in current.items():
             if key != "params" and not same_kind(group.get(key, KeyError), value):
                 raise FileRefused(f"optimizer setting {key!r} is {group.get(key, 'missing')!r}, not like {value!r}")
@@ -336,13 +374,12 @@ def optimizer_state(tensors: dict[str, torch.Tensor], saved: dict, optimizer: to
     for name, tensor in tensors.items():
         if not name.startswith(OPTIMIZER):
             continue
-        index, _, key = name[len(OPTIMIZER):].partition("/")
+        index, _, key = name[len(OPTIMIZER) :].partition("/")
         if not index.isdigit() or int(index) not in state or not key:
             raise FileRefused(f"optimizer tensor {name} of no parameter")
         param = param_of[int(index)]
         if tensor.dim() and tensor.shape != param.shape:
-            raise FileRefused(f"optimizer tensor {name} is {tuple(tensor.shape)}, its parameter "
-                              f"{tuple(param.shape)}")
+            raise FileRefused(f"optimizer tensor {name} is {tuple(tensor.shape)}, its parameter {tuple(param.shape)}")
         state[int(index)][key] = tensor
     return {"state": state, "param_groups": rebuilt_groups}
 
@@ -359,6 +396,9 @@ def same_kind(saved, current) -> bool:
     if isinstance(current, (int, float)):
         return isinstance(saved, (int, float))
     if isinstance(current, tuple):
-        return isinstance(saved, tuple) and len(saved) == len(current) and all(
-            same_kind(s, c) for s, c in zip(saved, current))
+        return (
+            isinstance(saved, tuple)
+            and len(saved) == len(current)
+            and all(same_kind(s, c) for s, c in zip(saved, current))
+        )
     return isinstance(saved, type(current))

@@ -1,4 +1,5 @@
 """Where and how a stage runs: device, seeding, worker counts."""
+
 from __future__ import annotations
 
 import os
@@ -16,11 +17,13 @@ from data.workers import loader_worker_init
 def resolve_device(name: str) -> torch.device:
     """The device of `run.device`; under torchrun on GPUs, this process's own GPU."""
     from stages.common.distributed import local_device
+
     if name == "auto":
         return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         from data.errors import WssError
+
         raise WssError(f"run.device is {name!r} but no CUDA GPU is available (use run.device=cpu or auto)")
     return local_device(device)
 
@@ -46,8 +49,13 @@ def autocast(device: torch.device):
 def image_loader(dataset: Dataset, workers: int) -> DataLoader:
     """Items one at a time, numpy arrays kept, read in `workers` processes (0: in this one)
     that end with this process even if it is killed (data.workers)."""
-    return DataLoader(dataset, batch_size=1, collate_fn=first_item, num_workers=workers,
-                      worker_init_fn=loader_worker_init() if workers else None)
+    return DataLoader(
+        dataset,
+        batch_size=1,
+        collate_fn=first_item,
+        num_workers=workers,
+        worker_init_fn=loader_worker_init() if workers else None,
+    )
 
 
 def progress(loader: DataLoader, **options) -> tqdm:

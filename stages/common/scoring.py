@@ -6,6 +6,7 @@ the Kaggle SIIM scores) and reports them under a metric prefix; `score_label_fil
 split's label PNGs with it. Which images are scored, and what becomes of one whose files cannot
 be read, is decided here too (`read_scored_pair`, `left_out_of_scores`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -68,8 +69,16 @@ class SegmentationScorer:
         return result
 
 
-def score_label_files(dataset, ids: list[str], label_dir: Path, prefix: str, *, ignore_unlabelled: bool = False,
-                      failures: list[str] | None = None, image_scores: dict | None = None) -> dict:
+def score_label_files(
+    dataset,
+    ids: list[str],
+    label_dir: Path,
+    prefix: str,
+    *,
+    ignore_unlabelled: bool = False,
+    failures: list[str] | None = None,
+    image_scores: dict | None = None,
+) -> dict:
     """Scores of the label PNGs `<label_dir>/<id>.png` of `ids` (seeds, pseudo-labels,
     predictions) that exist, against the masks that exist (evaluation only). A label or mask
     that does not decode, or the two of other sizes, is left out and listed in `failures`.
@@ -91,8 +100,9 @@ def left_out_of_scores(error: Exception, failures: list[str] | None = None) -> N
         failures.append(f"{error}; left out of the scores")
 
 
-def read_scored_pair(dataset, image_id: str, pred_path: Path, failures: list[str] | None = None
-                     ) -> tuple[np.ndarray, np.ndarray] | None:
+def read_scored_pair(
+    dataset, image_id: str, pred_path: Path, failures: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
     """(prediction, ground truth) of one image from a label PNG and the dataset's mask, or None
     where either is missing, or unreadable or of other sizes (see left_out_of_scores)."""
     if not dataset.has_mask(image_id) or not Path(pred_path).is_file():
@@ -103,4 +113,3 @@ def read_scored_pair(dataset, image_id: str, pred_path: Path, failures: list[str
     except DataError as error:
         left_out_of_scores(error, failures)
         return None
-

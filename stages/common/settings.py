@@ -6,6 +6,7 @@ Bounds belong to a field's type (`Annotated[float, Field(gt=0)]`), never to a na
 may each have a `threshold` with its own range. Torch-free: `wss config show` and `wss prepare`
 read configs without importing torch.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -59,8 +60,11 @@ def shortest_then_longest(value: list[int]) -> list[int]:
 
 Float = Annotated[float, BeforeValidator(yaml_number)]
 Keywords = Annotated[dict[str, Any], BeforeValidator(text_keys)]  # a library's keyword arguments
-NamedWeights = Annotated[dict[str, Annotated[Float, Field(ge=0)]], BeforeValidator(text_keys),  # e.g. seg.losses
-                         Field(min_length=1)]
+NamedWeights = Annotated[
+    dict[str, Annotated[Float, Field(ge=0)]],
+    BeforeValidator(text_keys),  # e.g. seg.losses
+    Field(min_length=1),
+]
 
 # The training settings of the cam, irn and seg sections. Each section writes `epochs: Epochs = 5`.
 Epochs = Annotated[int, Field(ge=1, description="Training epochs.")]
@@ -68,13 +72,19 @@ BatchSize = Annotated[int, Field(ge=1, description="Images per training step.")]
 Optimizer = Annotated[Literal["sgd", "adamw"], Field(description="The optimizer, with a poly learning-rate schedule.")]
 LearningRate = Annotated[Float, Field(gt=0, description="The learning rate.")]
 HeadLrMult = Annotated[Float, Field(gt=0, description="The new head's learning rate is `lr * head_lr_mult`.")]
-Momentum = Annotated[Float, Field(ge=0, le=1, description="SGD's momentum (AdamW reads none: left out of the "
-                                                         "cache key under `optimizer: adamw`).")]
+Momentum = Annotated[
+    Float,
+    Field(
+        ge=0, le=1, description="SGD's momentum (AdamW reads none: left out of the cache key under `optimizer: adamw`)."
+    ),
+]
 WeightDecay = Annotated[Float, Field(ge=0, description="Weight decay.")]
 CropSize = Annotated[int, Field(ge=16, description="Side of the square random training crop, in pixels.")]
-ResizeLong = Annotated[list[Annotated[int, Field(ge=16)]], AfterValidator(shortest_then_longest),
-                       Field(description="`[shortest, longest]` long side of the random rescale before the "
-                                         "crop, in pixels.")]
+ResizeLong = Annotated[
+    list[Annotated[int, Field(ge=16)]],
+    AfterValidator(shortest_then_longest),
+    Field(description="`[shortest, longest]` long side of the random rescale before the crop, in pixels."),
+]
 
 
 # ------------------------------------------------------------------------------ reading a field's type
@@ -139,9 +149,15 @@ def literal_choices(hint: Any) -> tuple | None:
 
 # ------------------------------------------------------------------------------ errors as one line
 TYPE_WORDS = {
-    "int_type": "an integer", "float_type": "a number", "finite_number": "a finite number",
-    "bool_type": "true or false", "string_type": "a string", "list_type": "a list",
-    "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
 }
 RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
 
@@ -176,10 +192,13 @@ def describe_problem(problem: dict, model: type[BaseModel], prefix: str = "") ->
     if kind == "extra_forbidden":
         known = list(owner.model_fields)
         name = str(problem["loc"][-1])
-        parent = key[:len(key) - len(name)].rstrip(".")
+        parent = key[: len(key) - len(name)].rstrip(".")
         close = difflib.get_close_matches(name, known, n=1)
-        hint_text = f" (did you mean '{parent + '.' if parent else ''}{close[0]}'?)" if close else \
-            f" (known: {', '.join(known)})"
+        hint_text = (
+            f" (did you mean '{parent + '.' if parent else ''}{close[0]}'?)"
+            if close
+            else f" (known: {', '.join(known)})"
+        )
         return f"unknown key '{key}'{hint_text}"
     if kind in RANGE_ERRORS:  # a bound is the setting's, whichever item broke it
         if unwrap(hint)[0] is float:  # the value as read: the error may hold the input before conversion

@@ -1,5 +1,6 @@
 """Plain-text and Markdown tables of metrics already computed, for the log, the terminal and
 report files. Presentation only: nothing here changes a result (stages.base.NOT_RESULT_BEARING)."""
+
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
 
 def _cell(value: Any, digits: int) -> str:
     if value is None:
@@ -28,8 +30,9 @@ def _digits_of(digits: int | Mapping[str, int], column: str) -> int:
     return digits.get(column, 4) if isinstance(digits, Mapping) else digits
 
 
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
-                 digits: int | Mapping[str, int] = 4) -> str:
+def format_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, digits: int | Mapping[str, int] = 4
+) -> str:
     """Rows of dicts as an aligned plain-text table: numbers right-aligned, text left.
 
     ``columns`` picks and orders the keys (default: every key, in first-seen order); a row
@@ -51,8 +54,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
     return "\n".join(lines)
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str],
-                   digits: int | Mapping[str, int] = 4) -> str:
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], digits: int | Mapping[str, int] = 4) -> str:
     """The same cells as `format_table`, as a Markdown (GitHub) table for report files."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(c), _digits_of(digits, c)) for c in columns) + " |" for row in rows]
@@ -61,7 +63,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str],
 
 def per_class_table(metrics: dict, prefix: str, dataset) -> str:
     """The IoU of every class (and the mean) of metrics named `<prefix>iou/<class>`, as text."""
-    rows = [{"class": name, "IoU": metrics.get(f"{prefix}iou/{name}", float("nan"))}
-            for name in ["background", *dataset.classes]]
+    rows = [
+        {"class": name, "IoU": metrics.get(f"{prefix}iou/{name}", float("nan"))}
+        for name in ["background", *dataset.classes]
+    ]
     rows.append({"class": "mean", "IoU": metrics.get(f"{prefix}miou", float("nan"))})
     return format_table(rows, ["class", "IoU"])

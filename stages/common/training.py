@@ -4,6 +4,7 @@ A stage supplies a model, a dataset, parameter groups with LR multipliers and a 
 function (model, batch) -> (loss, logs). The loop owns everything else, so that resume,
 mixed precision and progress reporting behave the same in every stage.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -26,8 +27,7 @@ from data.workers import loader_worker_init
 from stages.base import StageInputError
 from stages.common import distributed
 from stages.common.elapsed import mark_elapsed
-from stages.common.model_files import (Checkpoint, load_weights, read_checkpoint_file, read_model_file,
-                                       write_checkpoint)
+from stages.common.model_files import Checkpoint, load_weights, read_checkpoint_file, read_model_file, write_checkpoint
 from stages.common.runtime import autocast, worker_count
 
 log = logging.getLogger("wss.train")
@@ -51,9 +51,16 @@ class TrainSettings:
 def train_settings(section, run, batch_size: int | None = None) -> TrainSettings:
     """The TrainSettings of a stage's config section (epochs, batch_size, optimizer, lr, momentum,
     weight_decay) and of `run` (workers, seed); `batch_size` overrides the section's."""
-    return TrainSettings(epochs=section.epochs, batch_size=batch_size or section.batch_size, lr=section.lr,
-                         optimizer=section.optimizer, momentum=section.momentum,
-                         weight_decay=section.weight_decay, workers=worker_count(run.workers), seed=run.seed)
+    return TrainSettings(
+        epochs=section.epochs,
+        batch_size=batch_size or section.batch_size,
+        lr=section.lr,
+        optimizer=section.optimizer,
+        momentum=section.momentum,
+        weight_decay=section.weight_decay,
+        workers=worker_count(run.workers),
+        seed=run.seed,
+    )
 
 
 def unused_training_settings(section) -> set[str]:
@@ -63,13 +70,14 @@ def unused_training_settings(section) -> set[str]:
 
 def make_optimizer(groups: list[tuple[list, float]], settings: TrainSettings) -> torch.optim.Optimizer:
     """groups: (parameters, LR multiplier). The multiplier is kept for the poly schedule."""
-    param_groups = [{"params": [p for p in params if p.requires_grad], "lr": settings.lr * mult,
-                     "lr_mult": mult} for params, mult in groups]
+    param_groups = [
+        {"params": [p for p in params if p.requires_grad], "lr": settings.lr * mult, "lr_mult": mult}
+        for params, mult in groups
+    ]
     param_groups = [g for g in param_groups if g["params"]]
     if settings.optimizer == "adamw":
         return torch.optim.AdamW(param_groups, lr=settings.lr, weight_decay=settings.weight_decay)
-    return torch.optim.SGD(param_groups, lr=settings.lr, momentum=settings.momentum,
-                           weight_decay=settings.weight_decay)
+    return torch.optim.SGD(param_groups, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
 
 
 def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, total: int, power: float) -> float:
@@ -94,8 +102,14 @@ class EpochSampler(Sampler):
         self.size, self.seed, self.first, self.epochs, self.per_epoch = len(dataset), seed, first, epochs, per_epoch
         self.shard = None
         if distributed.active():
-            self.shard = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
-                                            shuffle=True, seed=seed, drop_last=True)
+            self.shard = DistributedSampler(
+                dataset,
+                num_replicas=distributed.world_size(),
+                rank=distributed.rank(),
+                shuffle=True,
+                seed=seed,
+                drop_last=True,
+            )
 
     def __len__(self) -> int:
         return (self.epochs - self.first) * self.per_epoch
@@ -107,7 +121,7 @@ class EpochSampler(Sampler):
         else:
             generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
             indices = torch.randperm(self.size, generator=generator).tolist()
-        return indices[:self.per_epoch]
+        return indices[: self.per_epoch]
 
     def __iter__(self):
         for epoch in range(self.first, self.epochs):
@@ -121,8 +135,10 @@ class EpochItems(Dataset):
 
     def __init__(self, dataset: Dataset):
         if hasattr(dataset, "set_epoch") and not hasattr(dataset, "item"):
-            raise TypeError(f"{type(dataset).__name__} has set_epoch but no item(index, epoch): "
-                            f"loader workers could not see the epoch")
+            raise TypeError(
+                f"{type(dataset).__name__} has set_epoch but no item(index, epoch): "
+                f"loader workers could not see the epoch"
+            )
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -138,20 +154,24 @@ class EpochItems(Dataset):
 PREFETCH_FACTOR = 4  # batches each loader worker keeps ready
 
 
-def make_loader(dataset: Dataset, settings: TrainSettings, device: torch.device, first_epoch: int = 0
-                ) -> DataLoader:
+def make_loader(dataset: Dataset, settings: TrainSettings, device: torch.device, first_epoch: int = 0) -> DataLoader:
     """One loader for epochs `first_epoch`.. of a fit, its workers kept throughout: iterate it
     once and take `steps_per_epoch(...)` batches per epoch. Under torchrun each process loads
     its own share of every epoch, `per_process_batch` at a time."""
     workers = settings.workers
     batch = per_process_batch(settings.batch_size)
     per_epoch = steps_per_epoch(dataset, settings) * batch
-    return DataLoader(EpochItems(dataset), batch_size=batch,
-                      sampler=EpochSampler(dataset, settings.seed, first_epoch, settings.epochs, per_epoch),
-                      num_workers=workers, pin_memory=device.type == "cuda",
-                      generator=torch.Generator().manual_seed(settings.seed),  # worker seeds; global RNG untouched
-                      persistent_workers=workers > 0, prefetch_factor=PREFETCH_FACTOR if workers else None,
-                      worker_init_fn=loader_worker_init() if workers else None)
+    return DataLoader(
+        EpochItems(dataset),
+        batch_size=batch,
+        sampler=EpochSampler(dataset, settings.seed, first_epoch, settings.epochs, per_epoch),
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(settings.seed),  # worker seeds; global RNG untouched
+        persistent_workers=workers > 0,
+        prefetch_factor=PREFETCH_FACTOR if workers else None,
+        worker_init_fn=loader_worker_init() if workers else None,
+    )
 
 
 def steps_per_epoch(dataset: Dataset, settings: TrainSettings) -> int:
@@ -164,8 +184,9 @@ def per_process_batch(batch_size: int) -> int:
     so the optimisation (and the cache key) does not depend on the number of processes."""
     world = distributed.world_size()
     if batch_size % world:
-        raise WssError(f"batch_size {batch_size} does not split evenly over {world} processes; "
-                       f"choose a multiple of {world}")
+        raise WssError(
+            f"batch_size {batch_size} does not split evenly over {world} processes; choose a multiple of {world}"
+        )
     return batch_size // world
 
 
@@ -206,6 +227,7 @@ def worker_message(text: str) -> str:
 def rewrite_epoch_log(path: Path, desc: str, history: list[dict]) -> None:
     """metrics.jsonl's `desc` epochs as the checkpoint has them: a run stopped between the
     checkpoint and the log line neither loses nor repeats an epoch."""
+
     def other_step(line: str) -> bool:  # a line cut short by the kill is dropped too
         try:
             return json.loads(line).get("stage_step") != desc
@@ -222,8 +244,11 @@ def reuse_trained(model: torch.nn.Module, twin: Path, model_file: str, out: Path
     """Load into `model` the weights that `twin`, an artifact of `stage` trained with the same
     settings (its key differs in inference settings only), saved in `model_file`, and copy its
     epoch log. Returns the log as fit's history: training is skipped."""
-    log.info("%s: reusing the model trained in %s (same training settings, other inference settings): "
-             "no training", stage, twin)
+    log.info(
+        "%s: reusing the model trained in %s (same training settings, other inference settings): no training",
+        stage,
+        twin,
+    )
     path = twin / model_file
     load_weights(model, read_model_file(path, stage, "model", stage).tensors, path, f"{stage} model", stage)
     epoch_log = twin / "metrics.jsonl"
@@ -233,8 +258,9 @@ def reuse_trained(model: torch.nn.Module, twin: Path, model_file: str, out: Path
     return [json.loads(line) for line in lines]
 
 
-def read_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    desc: str) -> Checkpoint | None:
+def read_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, desc: str
+) -> Checkpoint | None:
     """The checkpoint `--resume` continues from, checked to fit `model` and `optimizer`, or None:
     there is none, or it is unusable (a kill while the disk was full, a file of another run),
     which costs the epochs trained so far but not the run."""
@@ -247,9 +273,17 @@ def read_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         return None
 
 
-def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float]],
-        step: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]], settings: TrainSettings,
-        device: torch.device, out: Path, resume: bool = False, desc: str = "train") -> list[dict]:
+def fit(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    groups: list[tuple[list, float]],
+    step: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+    settings: TrainSettings,
+    device: torch.device,
+    out: Path,
+    resume: bool = False,
+    desc: str = "train",
+) -> list[dict]:
     """Train for settings.epochs, checkpointing into out/CHECKPOINT after every epoch.
 
     `step` gets the model to call (wrapped in DistributedDataParallel under torchrun, so call
@@ -262,8 +296,10 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
     world = distributed.world_size()
     steps = steps_per_epoch(dataset, settings)
     if steps == 0:
-        raise WssError(f"{desc}: {len(dataset)} training images is fewer than one batch "
-                       f"(batch_size {settings.batch_size}); lower the batch size")
+        raise WssError(
+            f"{desc}: {len(dataset)} training images is fewer than one batch "
+            f"(batch_size {settings.batch_size}); lower the batch size"
+        )
     total_steps = steps * settings.epochs
     start_epoch, history = 0, []
     checkpoint_path = out / CHECKPOINT
@@ -293,8 +329,13 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
         # lets the host queue the next step while the GPU still works on this one
         sums: dict[str, torch.Tensor | float] = {}
         started, seen = time.time(), 0
-        bar = tqdm(itertools.islice(batches, steps), total=steps, unit="batch", leave=False,
-                   desc=f"{desc} epoch {epoch + 1}/{settings.epochs}")
+        bar = tqdm(
+            itertools.islice(batches, steps),
+            total=steps,
+            unit="batch",
+            leave=False,
+            desc=f"{desc} epoch {epoch + 1}/{settings.epochs}",
+        )
         for i, batch in enumerate(bar):
             lr = set_poly_lr(optimizer, settings.lr, epoch * steps + i, total_steps, settings.poly_power)
             batch = to_device(batch, device, channels_last)
@@ -309,21 +350,33 @@ def fit(model: torch.nn.Module, dataset: Dataset, groups: list[tuple[list, float
             if (i + 1) % settings.log_every == 0 or i + 1 == steps:
                 mean_loss = float(sums["loss"]) / (i + 1)
                 if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"{desc}: loss became {mean_loss} in epoch {epoch + 1} "
-                                             f"(by step {i + 1}); lower the learning rate")
+                    raise FloatingPointError(
+                        f"{desc}: loss became {mean_loss} in epoch {epoch + 1} "
+                        f"(by step {i + 1}); lower the learning rate"
+                    )
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2g}")
         seconds = time.time() - started
         sums = distributed.mean_over_ranks(sums, device)  # the epoch's loss over all images
-        record = {"epoch": epoch + 1, **{k: float(v) / steps for k, v in sums.items()},
-                  "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
+        record = {
+            "epoch": epoch + 1,
+            **{k: float(v) / steps for k, v in sums.items()},
+            "images_per_s": seen / max(seconds, 1e-9),
+            "seconds": seconds,
+        }
         history.append(record)
         if distributed.is_main():  # checkpoint first: a resumed run never logs an epoch twice
             write_checkpoint(checkpoint_path, model, optimizer, epoch, history)
             mark_elapsed(out)  # a resumed stage's time counts the epochs trained before a kill
             with open(metrics_log, "a") as handle:
                 handle.write(json_text({"stage_step": desc, **record}) + "\n")
-            log.info("%s epoch %d/%d: loss %.4f, %.1f img/s", desc, epoch + 1, settings.epochs,
-                     record["loss"], record["images_per_s"])
+            log.info(
+                "%s epoch %d/%d: loss %.4f, %.1f img/s",
+                desc,
+                epoch + 1,
+                settings.epochs,
+                record["loss"],
+                record["images_per_s"],
+            )
     distributed.sync_module(model)  # under torchrun BatchNorm statistics differ per rank: keep rank 0's
     model.eval()
     return history

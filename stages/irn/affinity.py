@@ -9,6 +9,7 @@ they get affinity 0 and no label.
 The affinity of a pair is 1 minus the strongest boundary on the segment between the two
 pixels (IRNet): two pixels separated by a boundary do not belong together.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -32,8 +33,12 @@ def neighbour_offsets(radius: int) -> list[tuple[int, int]]:
 def _neighbour_offsets(radius: int) -> tuple[tuple[int, int], ...]:
     if radius < 1:
         raise ValueError(f"radius must be >= 1, got {radius}")
-    return tuple((dy, dx) for dy in range(radius) for dx in range(-radius + 1, radius)
-                 if 0 < dy * dy + dx * dx < radius * radius and (dy > 0 or dx > 0))
+    return tuple(
+        (dy, dx)
+        for dy in range(radius)
+        for dx in range(-radius + 1, radius)
+        if 0 < dy * dy + dx * dx < radius * radius and (dy > 0 or dx > 0)
+    )
 
 
 def path_offsets(dy: int, dx: int) -> list[tuple[int, int]]:
@@ -51,10 +56,12 @@ def _path_offsets(dy: int, dx: int) -> tuple[tuple[int, int], ...]:
     length_sq = dy * dy + dx * dx
     if length_sq == 0:
         return ((0, 0),)
-    pixels = [(y, x)
-              for y in range(min(0, dy), max(0, dy) + 1)
-              for x in range(min(0, dx), max(0, dx) + 1)
-              if (dy * x - dx * y) ** 2 < length_sq]  # squared distance to the line < 1
+    pixels = [
+        (y, x)
+        for y in range(min(0, dy), max(0, dy) + 1)
+        for x in range(min(0, dx), max(0, dx) + 1)
+        if (dy * x - dx * y) ** 2 < length_sq
+    ]  # squared distance to the line < 1
     return tuple(sorted(pixels, key=lambda p: p[0] * dy + p[1] * dx))
 
 
@@ -74,20 +81,23 @@ def _pad_for_partners(planes: torch.Tensor, radius: int, value: float) -> torch.
 
 
 def _partner_view(padded: torch.Tensor, dy: int, dx: int, radius: int, height: int, width: int) -> torch.Tensor:
-    return padded[..., dy:dy + height, radius + dx:radius + dx + width]
+    return padded[..., dy : dy + height, radius + dx : radius + dx + width]
 
 
 def _path_argmax_index(padded: torch.Tensor, radius: int, height: int, width: int) -> torch.Tensor:
     """(B, P, H, W) int64: flat index into `padded` (B, Hp, Wp) of the strongest edge on each pair's path."""
     padded_width = padded.shape[-1]
-    first = (torch.arange(height, device=padded.device).view(height, 1) * padded_width
-             + torch.arange(width, device=padded.device).view(1, width) + radius)
+    first = (
+        torch.arange(height, device=padded.device).view(height, 1) * padded_width
+        + torch.arange(width, device=padded.device).view(1, width)
+        + radius
+    )
     offsets = neighbour_offsets(radius)
     paths = [path_offsets(dy, dx) for dy, dx in offsets]
     # flat step from the first pixel to each path pixel, one row per offset (moved to the device once)
     path_steps = torch.zeros((len(paths), max(map(len, paths))), dtype=torch.long)
     for p, path in enumerate(paths):
-        path_steps[p, :len(path)] = torch.tensor([py * padded_width + px for py, px in path])
+        path_steps[p, : len(path)] = torch.tensor([py * padded_width + px for py, px in path])
     path_steps = path_steps.to(padded.device)
     index = torch.empty((padded.shape[0], len(offsets), height, width), dtype=torch.long, device=padded.device)
     for p, path in enumerate(paths):
@@ -117,8 +127,9 @@ def edge_to_affinity(edge: torch.Tensor, radius: int) -> torch.Tensor:
     return strongest.neg_().add_(1.0)  # 1 - strongest, in place (gather's backward does not need it)
 
 
-def affinity_labels(seed_labels: torch.Tensor, radius: int,
-                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def affinity_labels(
+    seed_labels: torch.Tensor, radius: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pair labels (bg_pos, fg_pos, neg), each (B, P, H, W) of `dtype` (1 = member), from seeds (B, H, W).
 
     bg_pos: both pixels background (0); fg_pos: same foreground label; neg: different labels.
@@ -132,8 +143,9 @@ def affinity_labels(seed_labels: torch.Tensor, radius: int,
     padded = _pad_for_partners(labels, radius, value=IGNORE)
     first_known = labels != IGNORE
     offsets = neighbour_offsets(radius)
-    bg_pos, fg_pos, neg = (torch.empty((batch, len(offsets), height, width), dtype=dtype, device=labels.device)
-                           for _ in range(3))
+    bg_pos, fg_pos, neg = (
+        torch.empty((batch, len(offsets), height, width), dtype=dtype, device=labels.device) for _ in range(3)
+    )
     for p, (dy, dx) in enumerate(offsets):
         partner = _partner_view(padded, dy, dx, radius, height, width)
         both_known = first_known & (partner != IGNORE)

@@ -5,6 +5,7 @@ unsafe) and a spawned worker imports the module of the function it runs. Importi
 pseudo-label stage (torch, torchvision, the network) took ~4 s per worker; this module, numpy,
 PIL and the CRF take ~0.2 s.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,9 @@ def planes_to_label(planes: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return lookup[planes.argmax(0)]
 
 
-def refine_and_write(image_id: str, image: np.ndarray, planes: np.ndarray, keys: np.ndarray, params,
-                     target: Path, palette) -> str | None:
+def refine_and_write(
+    image_id: str, image: np.ndarray, planes: np.ndarray, keys: np.ndarray, params, target: Path, palette
+) -> str | None:
     """CRF-refined label PNG of one image (runs in a worker process); an error message or None."""
     try:
         probs = planes / planes.sum(0, keepdims=True).clip(1e-5)
@@ -59,8 +61,9 @@ class CrfPool:
 
     def __enter__(self):
         if self.workers > 0:
-            self.pool = multiprocessing.get_context("spawn").Pool(self.workers, initializer=one_thread_worker,
-                                                                  initargs=(os.getpid(),))
+            self.pool = multiprocessing.get_context("spawn").Pool(
+                self.workers, initializer=one_thread_worker, initargs=(os.getpid(),)
+            )
         return self
 
     def submit(self, *job) -> None:

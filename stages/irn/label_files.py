@@ -1,5 +1,6 @@
 """The per-image label maps of the irn and pseudo stages (seeds, pseudo-labels), as a resumed
 run finds them in its partial folder."""
+
 from __future__ import annotations
 
 import logging

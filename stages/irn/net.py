@@ -1,11 +1,12 @@
 """The Inter-pixel Relation Network's boundary branch (IRNet, Ahn et al. 2019).
 
 Features of the five backbone stages each pass a 1x1 conv + GroupNorm + ReLU, are upsampled to
-stride 4 by their stride ratio (each cell over the pixel it is centred on: see upsample_cells) and fused by a 1x1 conv into
-one boundary map (sigmoid). Affinities between pixels are derived from it
+stride 4 by their stride ratio (each cell over the pixel it is centred on: see upsample_cells)
+and fused by a 1x1 conv into one boundary map (sigmoid). Affinities between pixels are derived from it
 (stages/irn/affinity.py), so the boundary map is all the network learns.
 The displacement branch (instance segmentation) is not part of wss.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +25,9 @@ MODEL_FILE = "model.safetensors"  # the irn artifact's trained boundary network
 
 
 def boundary_block(in_channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, BRANCH_CHANNELS, 1, bias=False),
-                         nn.GroupNorm(4, BRANCH_CHANNELS), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, BRANCH_CHANNELS, 1, bias=False), nn.GroupNorm(4, BRANCH_CHANNELS), nn.ReLU(inplace=True)
+    )
 
 
 class BoundaryNet(nn.Module):
@@ -98,8 +100,9 @@ def load_boundary_net(artifact: Path, device: torch.device) -> BoundaryNet:
     state = read_model_file(path, "irn", "IRN model", "irn", required={"backbone": str})
     backbone = state.meta["backbone"]
     if backbone not in RESNETS:
-        raise StageInputError(f"{path}: unreadable IRN model (unknown backbone {backbone!r}); "
-                              f"recompute it with wss run --force irn")
+        raise StageInputError(
+            f"{path}: unreadable IRN model (unknown backbone {backbone!r}); recompute it with wss run --force irn"
+        )
     model = BoundaryNet(ResNetFeatures(backbone, weights=None), freeze_backbone=False)
     load_weights(model, state.tensors, path, f"{backbone} IRN", "irn")
     return model.to(device).eval()

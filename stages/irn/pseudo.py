@@ -5,6 +5,7 @@ the irn and cam keys, so `wss pseudo-labels -o irn.sem_seg_bg_threshold=0.3` reg
 labels from the cached IRN without retraining. Artifact: `pseudo_labels/<id>.png`,
 `boundaries/<id>.png` (8-bit, stride 4, for looking at), `metrics.json`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,7 +46,7 @@ def walk_to_label(walked: torch.Tensor, keys: np.ndarray, size: tuple[int, int],
 def label_planes(walked: torch.Tensor, size: tuple[int, int], bg_threshold: float) -> np.ndarray:
     """(1 + K, H, W): the background plane and the normalised walked CAMs at full resolution."""
     up = F.interpolate(walked[None].float(), scale_factor=CAM_STRIDE, mode="bilinear", align_corners=False)[0]
-    up = up[:, :size[0], :size[1]]
+    up = up[:, : size[0], : size[1]]
     up = up / up.max().clamp_min(1e-5)
     return torch.cat([torch.full((1, *size), bg_threshold, dtype=up.dtype, device=up.device), up]).cpu().numpy()
 
@@ -66,8 +67,16 @@ class PseudoLabelStage(Stage):
     def key_config(self, cfg, task: str) -> dict:
         return irn_fields(cfg.irn, pseudo=True)
 
-    def run(self, cfg, dataset: PreparedDataset, inputs: dict[str, Path], out: Path, *,
-            resume: bool = False, limit: int | None = None) -> StageResult:
+    def run(
+        self,
+        cfg,
+        dataset: PreparedDataset,
+        inputs: dict[str, Path],
+        out: Path,
+        *,
+        resume: bool = False,
+        limit: int | None = None,
+    ) -> StageResult:
         section = cfg.irn
         device = resolve_device(cfg.run.device)
         ids = dataset.split(cfg.data.train_split)[:limit]
@@ -97,8 +106,9 @@ class PseudoLabelStage(Stage):
                     continue
                 target = label_dir / f"{image_id}.png"
                 try:
-                    planes, keys = self.walk_image(model, item["image"], cam_path, edge_dir / f"{image_id}.png",
-                                                   section, device, walk_seconds)
+                    planes, keys = self.walk_image(
+                        model, item["image"], cam_path, edge_dir / f"{image_id}.png", section, device, walk_seconds
+                    )
                 except Exception as error:  # one bad image does not stop the others
                     failures.append(f"{image_id}: {type(error).__name__}: {error}")
                     log.warning("pseudo: skipped %s (%s)", image_id, error)
@@ -121,8 +131,16 @@ class PseudoLabelStage(Stage):
         return StageResult(metrics=distributed.broadcast(metrics), headline="pseudo_miou", failures=failures)
 
     @torch.no_grad()
-    def walk_image(self, model, image: np.ndarray, cam_path: Path, edge_path: Path, section,
-                   device: torch.device, walk_seconds: list) -> tuple[np.ndarray, np.ndarray]:
+    def walk_image(
+        self,
+        model,
+        image: np.ndarray,
+        cam_path: Path,
+        edge_path: Path,
+        section,
+        device: torch.device,
+        walk_seconds: list,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(planes (1 + K, H, W), keys): background plane + walked, normalised CAMs at full size."""
         cam, keys, size = load_cam(cam_path)
         if len(keys) == 0:  # an image without a labelled class is all background
@@ -131,8 +149,9 @@ class PseudoLabelStage(Stage):
         edge = fit_edge(model.boundary(x), cam.shape[1:])
         atomic_save(Image.fromarray((edge.cpu().numpy() * 255).round().astype(np.uint8)), edge_path)
         started = time.perf_counter()
-        walked = random_walk(torch.from_numpy(cam).to(device), edge, section.walk_radius, section.beta,
-                             section.exp_times)
+        walked = random_walk(
+            torch.from_numpy(cam).to(device), edge, section.walk_radius, section.beta, section.exp_times
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         walk_seconds.append(time.perf_counter() - started)

@@ -16,6 +16,7 @@ variant; the dense walk takes 6 s at 64x64 already (bench/random_walk.py). On a 
 step is one Triton kernel over the (K, H, W) weights instead (stages/irn/walk_kernel.py):
 cuSPARSE's product took 61 us a step there.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -137,12 +138,14 @@ def _csr_from_table(values: torch.Tensor, columns: torch.Tensor, valid: torch.Te
 
 def _check_inputs(cams: torch.Tensor, edge: torch.Tensor) -> None:
     if cams.ndim != 3 or edge.ndim != 2 or cams.shape[1:] != edge.shape:
-        raise ValueError(f"cams must be (C, H, W) and edge (H, W) of the same H, W; got "
-                         f"{tuple(cams.shape)} and {tuple(edge.shape)}")
+        raise ValueError(
+            f"cams must be (C, H, W) and edge (H, W) of the same H, W; got {tuple(cams.shape)} and {tuple(edge.shape)}"
+        )
 
 
-def random_walk(cams: torch.Tensor, edge: torch.Tensor, radius: int = 5, beta: float = 10.0,
-                exp_times: int = 8) -> torch.Tensor:
+def random_walk(
+    cams: torch.Tensor, edge: torch.Tensor, radius: int = 5, beta: float = 10.0, exp_times: int = 8
+) -> torch.Tensor:
     """Propagate CAMs (C, H, W) within the regions closed by the boundary map `edge` (H, W); (C, H, W).
 
     Same result as `random_walk_dense` (IRNet's propagate_to_edge) with memory linear in H * W:
@@ -155,13 +158,14 @@ def random_walk(cams: torch.Tensor, edge: torch.Tensor, radius: int = 5, beta: f
     with torch.no_grad():
         if walk_kernel.available(cams.device):
             try:
-                return walk_kernel.stencil_walk(cams * (1 - edge), transition_stencil(edge, radius, beta),
-                                                walk_offsets(radius), 2 ** exp_times)
+                return walk_kernel.stencil_walk(
+                    cams * (1 - edge), transition_stencil(edge, radius, beta), walk_offsets(radius), 2**exp_times
+                )
             except Exception as error:  # noqa: BLE001 - any failure to build or launch it: the CSR walk runs anywhere
                 walk_kernel.disable(error)
         step = transition_csr(edge, radius, beta, transpose=True)
         walk = (cams * (1 - edge)).reshape(channels, height * width).T.contiguous()  # (N, C)
-        for _ in range(2 ** exp_times):
+        for _ in range(2**exp_times):
             walk = torch.sparse.mm(step, walk)
     return walk.T.reshape(channels, height, width)
 
@@ -177,8 +181,9 @@ def dense_affinity(edge: torch.Tensor, radius: int = 5) -> torch.Tensor:
     return dense
 
 
-def random_walk_dense(cams: torch.Tensor, edge: torch.Tensor, radius: int = 5, beta: float = 10.0,
-                      exp_times: int = 8) -> torch.Tensor:
+def random_walk_dense(
+    cams: torch.Tensor, edge: torch.Tensor, radius: int = 5, beta: float = 10.0, exp_times: int = 8
+) -> torch.Tensor:
     """The reference: IRNet's to_transition_matrix + propagate_to_edge with a dense N x N matrix.
 
     T = A^beta / colsum, squared exp_times times, walk = (cams * (1 - edge)) @ T. Memory and time

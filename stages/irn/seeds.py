@@ -4,6 +4,7 @@ A CAM is only trusted where it is clearly high (foreground) or clearly low (back
 band between the two thresholds is left to the IRN to decide (255 = ignored). Each of the two
 hard maps is snapped to image edges by the label CRF before they are combined.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,9 @@ from stages.common.crf import CrfParams, crf_label
 IGNORE = 255
 
 
-def _confident_labels(cams: np.ndarray, label_of: np.ndarray, threshold: float,
-                      image_rgb: np.ndarray | None, crf: CrfParams | None) -> np.ndarray:
+def _confident_labels(
+    cams: np.ndarray, label_of: np.ndarray, threshold: float, image_rgb: np.ndarray | None, crf: CrfParams | None
+) -> np.ndarray:
     """Argmax over (a constant background plane at `threshold`, the CAMs), CRF, then 0/k+1 labels."""
     with_background = np.concatenate([np.full((1,) + cams.shape[1:], threshold, dtype=cams.dtype), cams])
     index = with_background.argmax(axis=0)  # ties go to the background plane
@@ -23,9 +25,14 @@ def _confident_labels(cams: np.ndarray, label_of: np.ndarray, threshold: float,
     return label_of[index]
 
 
-def make_seeds(cams_fullres: np.ndarray, keys: np.ndarray, image_rgb: np.ndarray | None,
-               fg_threshold: float = 0.30, bg_threshold: float = 0.05,
-               crf: CrfParams | None = CrfParams()) -> np.ndarray:
+def make_seeds(
+    cams_fullres: np.ndarray,
+    keys: np.ndarray,
+    image_rgb: np.ndarray | None,
+    fg_threshold: float = 0.30,
+    bg_threshold: float = 0.05,
+    crf: CrfParams | None = CrfParams(),
+) -> np.ndarray:
     """Seed labels (H, W) uint8 from CAMs at image resolution.
 
     cams_fullres: (K, H, W) CAMs in [0, 1] of the image's labelled classes; keys: (K,) their

@@ -1,5 +1,6 @@
 """Which settings of the irn section make which artifact: the trained IRN (stage irn) or the
 pseudo-labels (stage pseudo, the fields marked PSEUDO in stages/irn/config.py)."""
+
 from __future__ import annotations
 
 from stages.base import section_dict

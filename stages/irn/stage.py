@@ -4,6 +4,7 @@ The artifact holds `seeds/<id>.png` (0 background, k+1 class k, 255 ignored), `m
 `metrics.json` (seed mIoU ignoring 255, seed coverage). Pseudo-labels are a separate stage
 (stages/irn/pseudo.py) so that their thresholds can change without retraining.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,16 +23,16 @@ from stages.base import Stage, StageInputError, StageResult
 from stages.cam.infer import CAM_STRIDE, load_cam, upsample_cam
 from stages.common import distributed
 from stages.common.crf import CrfParams
-from stages.common.scoring import score_label_files
-from stages.common.runtime import resolve_device, seed_everything, worker_count
 from stages.common.model_files import write_model_file
+from stages.common.runtime import resolve_device, seed_everything, worker_count
+from stages.common.scoring import score_label_files
 from stages.common.training import CHECKPOINT, fit, train_settings
 from stages.irn.affinity import affinity_labels, affinity_loss, edge_to_affinity
 from stages.irn.config import IrnConfig
 from stages.irn.label_files import usable_label
 from stages.irn.net import MODEL_FILE, BoundaryNet, build_backbone
-from stages.irn.settings import irn_fields
 from stages.irn.seeds import make_seeds
+from stages.irn.settings import irn_fields
 
 log = logging.getLogger("wss.irn")
 
@@ -50,8 +51,9 @@ def single_threaded_worker() -> None:
     torch.set_num_threads(1)
 
 
-def write_seed(image_id: str, root: str, cam_dir: str, seed_dir: str, fg: float, bg: float,
-               crf: CrfParams | None) -> tuple[str, str | None]:
+def write_seed(
+    image_id: str, root: str, cam_dir: str, seed_dir: str, fg: float, bg: float, crf: CrfParams | None
+) -> tuple[str, str | None]:
     """One image's seeds (runs in a worker process); returns (id, error message or None)."""
     try:
         dataset = PreparedDataset(root)
@@ -82,13 +84,15 @@ def affinity_step(radius: int):
         edge = torch.sigmoid(model(normalize_batch(batch["image"])).float())
         label = batch["label"]
         if edge.shape[-2:] != label.shape[-2:]:
-            raise WssError(f"irn: boundary map {tuple(edge.shape[-2:])} and stride-4 seeds "
-                           f"{tuple(label.shape[-2:])} differ; irn.crop_size must be a multiple of 4")
+            raise WssError(
+                f"irn: boundary map {tuple(edge.shape[-2:])} and stride-4 seeds "
+                f"{tuple(label.shape[-2:])} differ; irn.crop_size must be a multiple of 4"
+            )
         aff = edge_to_affinity(edge, radius)
         bg_pos, fg_pos, neg = affinity_labels(label, radius, dtype=torch.bool)
         loss = affinity_loss(aff, bg_pos, fg_pos, neg)
-        return loss.total, {"bg_pos": loss.bg_pos.detach(), "fg_pos": loss.fg_pos.detach(),
-                            "neg": loss.neg.detach()}
+        return loss.total, {"bg_pos": loss.bg_pos.detach(), "fg_pos": loss.fg_pos.detach(), "neg": loss.neg.detach()}
+
     return step
 
 
@@ -110,15 +114,26 @@ class IrnStage(Stage):
         if cfg.irn.backbone_init != "imagenet":
             return
         from stages.common.backbones import ResNetFeatures, WeightsError
+
         try:
             ResNetFeatures(cfg.cam.backbone, cfg.cam.weights or "imagenet")
         except WeightsError as error:
-            raise WeightsError(f"irn.backbone_init: imagenet: {error} The IRN's trunk reads the file of "
-                               f"cam.weights (setting it retrains the classifier); irn.backbone_init: cam "
-                               f"needs no download.") from None
+            raise WeightsError(
+                f"irn.backbone_init: imagenet: {error} The IRN's trunk reads the file of "
+                f"cam.weights (setting it retrains the classifier); irn.backbone_init: cam "
+                f"needs no download."
+            ) from None
 
-    def run(self, cfg, dataset: PreparedDataset, inputs: dict[str, Path], out: Path, *,
-            resume: bool = False, limit: int | None = None) -> StageResult:
+    def run(
+        self,
+        cfg,
+        dataset: PreparedDataset,
+        inputs: dict[str, Path],
+        out: Path,
+        *,
+        resume: bool = False,
+        limit: int | None = None,
+    ) -> StageResult:
         section = cfg.irn
         seed_everything(cfg.run.seed)
         device = resolve_device(cfg.run.device)
@@ -132,48 +147,81 @@ class IrnStage(Stage):
         seeded = [i for i in ids if (seed_dir / f"{i}.png").is_file()]
         train_ids = training_ids(dataset, seeded, section.positive_only)
         if not train_ids:
-            raise StageInputError(f"irn: no image of split {cfg.data.train_split!r} got seeds "
-                                  f"({len(failures)} failures, first: {failures[:1]})")
+            raise StageInputError(
+                f"irn: no image of split {cfg.data.train_split!r} got seeds "
+                f"({len(failures)} failures, first: {failures[:1]})"
+            )
         metrics = {}
         if distributed.is_main():
             metrics = score_label_files(dataset, seeded, seed_dir, "seed_", ignore_unlabelled=True, failures=failures)
         metrics = distributed.broadcast(metrics)
-        log.info("irn: seeds for %d images (mIoU %.4f ignoring 255, coverage %.3f); training on %d",
-                 len(seeded), metrics.get("seed_miou", float("nan")), metrics.get("seed_coverage", float("nan")),
-                 len(train_ids))
+        log.info(
+            "irn: seeds for %d images (mIoU %.4f ignoring 255, coverage %.3f); training on %d",
+            len(seeded),
+            metrics.get("seed_miou", float("nan")),
+            metrics.get("seed_coverage", float("nan")),
+            len(train_ids),
+        )
 
         cam_backbone = cfg.cam.backbone  # the cam artifact is current for this config, so it is this trunk
         backbone = build_backbone(cam_backbone, section.backbone_init, inputs["cam"], cfg.cam.weights)
         model = BoundaryNet(backbone, section.freeze_backbone)
         if section.crop_size % CAM_STRIDE:
             raise WssError(f"irn.crop_size must be a multiple of {CAM_STRIDE}, got {section.crop_size}")
-        train_set = LabelMapDataset(dataset, train_ids, seed_dir, section.resize_long, section.crop_size,
-                                    cfg.run.seed, label_stride=CAM_STRIDE)
+        train_set = LabelMapDataset(
+            dataset, train_ids, seed_dir, section.resize_long, section.crop_size, cfg.run.seed, label_stride=CAM_STRIDE
+        )
         settings = train_settings(section, cfg.run, batch_size=fitting_batch(section.batch_size, len(train_ids)))
-        history = fit(model, train_set, model.param_groups(section.head_lr_mult), affinity_step(section.radius),
-                      settings, device, out, resume=resume, desc="irn")
+        history = fit(
+            model,
+            train_set,
+            model.param_groups(section.head_lr_mult),
+            affinity_step(section.radius),
+            settings,
+            device,
+            out,
+            resume=resume,
+            desc="irn",
+        )
         if history:
             metrics["irn_final_loss"] = float(history[-1]["loss"])
             metrics["train_images_per_s"] = float(np.mean([h["images_per_s"] for h in history]))
         if distributed.is_main():
-            write_model_file(out / MODEL_FILE, "irn", model.to(memory_format=torch.contiguous_format),
-                             {"backbone": cam_backbone, "config": irn_fields(section, pseudo=False)})
+            write_model_file(
+                out / MODEL_FILE,
+                "irn",
+                model.to(memory_format=torch.contiguous_format),
+                {"backbone": cam_backbone, "config": irn_fields(section, pseudo=False)},
+            )
             write_json_atomic(out / "metrics.json", metrics)
         metrics = distributed.broadcast(metrics)
         return StageResult(metrics=metrics, headline="seed_miou", failures=failures)
 
-    def write_seeds(self, dataset: PreparedDataset, ids: list[str], cam_dir: Path, seed_dir: Path,
-                    section: IrnConfig, workers: int) -> list[str]:
+    def write_seeds(
+        self, dataset: PreparedDataset, ids: list[str], cam_dir: Path, seed_dir: Path, section: IrnConfig, workers: int
+    ) -> list[str]:
         if not cam_dir.is_dir():
             raise StageInputError(f"irn: the cam artifact has no cams/ directory ({cam_dir})")
-        job = functools.partial(write_seed, root=str(dataset.root), cam_dir=str(cam_dir), seed_dir=str(seed_dir),
-                                fg=section.conf_fg_threshold, bg=section.conf_bg_threshold,
-                                crf=section.crf if section.use_crf else None)
+        job = functools.partial(
+            write_seed,
+            root=str(dataset.root),
+            cam_dir=str(cam_dir),
+            seed_dir=str(seed_dir),
+            fg=section.conf_fg_threshold,
+            bg=section.conf_bg_threshold,
+            crf=section.crf if section.use_crf else None,
+        )
         todo = [i for i in ids if not usable_label(dataset, i, seed_dir, "irn")]
         failures = []
-        for image_id, error in parallel_map(job, todo, worker_count(workers), distributed.is_main(), "irn seeds",
-                                            start_method="spawn",
-                                            initializer=single_threaded_worker):
+        for image_id, error in parallel_map(
+            job,
+            todo,
+            worker_count(workers),
+            distributed.is_main(),
+            "irn seeds",
+            start_method="spawn",
+            initializer=single_threaded_worker,
+        ):
             if error:
                 failures.append(error)
                 log.warning("irn: skipped %s", error)
@@ -182,4 +230,3 @@ class IrnStage(Stage):
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
         ids = dataset.split(cfg.data.train_split)
         return score_label_files(dataset, ids, artifact / "seeds", "seed_", ignore_unlabelled=True)
-

@@ -6,6 +6,7 @@ zeros. The weights (K x N, a few MB) stay in the GPU's cache across the 2^exp_ti
 two ping-pong buffers are reused, so a step is one small launch. cuSPARSE's CSR product, the
 CPU path, took 61 us a step on an H200 at 128x128 and 21 classes; see bench/random_walk.py.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,9 +40,23 @@ def disable(error: Exception) -> None:
 
 
 if triton is not None:
+
     @triton.jit
-    def _stencil_step(source, target, weights, offsets, n_offsets, classes, height, width, padded_width,
-                      margin, plane_size, BLOCK_PIXELS: tl.constexpr, BLOCK_CLASSES: tl.constexpr):
+    def _stencil_step(
+        source,
+        target,
+        weights,
+        offsets,
+        n_offsets,
+        classes,
+        height,
+        width,
+        padded_width,
+        margin,
+        plane_size,
+        BLOCK_PIXELS: tl.constexpr,
+        BLOCK_CLASSES: tl.constexpr,
+    ):
         """target[c, j] = sum_k weights[k, j] * source[c, j + offsets[k]], in padded planes."""
         pixel = tl.program_id(0) * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
         channel = tl.program_id(1) * BLOCK_CLASSES + tl.arange(0, BLOCK_CLASSES)
@@ -57,8 +72,9 @@ if triton is not None:
         tl.store(target + planes + centre[None, :], total, mask=both_ok)
 
 
-def stencil_walk(start: torch.Tensor, weights: torch.Tensor, offsets: list[tuple[int, int]],
-                 steps: int) -> torch.Tensor:
+def stencil_walk(
+    start: torch.Tensor, weights: torch.Tensor, offsets: list[tuple[int, int]], steps: int
+) -> torch.Tensor:
     """Apply `steps` times x <- T^T x to `start` (C, H, W), with T^T[j, j + offsets[k]] = weights[k, j].
 
     `weights` (K, H, W) is 0 where the partner falls outside the image; |dy|, |dx| of every
@@ -70,14 +86,25 @@ def stencil_walk(start: torch.Tensor, weights: torch.Tensor, offsets: list[tuple
     margin = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
     padded_width = width + 2 * margin
     planes = torch.zeros((2, classes, height + 2 * margin, padded_width), dtype=start.dtype, device=start.device)
-    planes[0, :, margin:margin + height, margin:margin + width] = start
-    flat_offsets = torch.tensor([dy * padded_width + dx for dy, dx in offsets], dtype=torch.int32,
-                                device=start.device)
+    planes[0, :, margin : margin + height, margin : margin + width] = start
+    flat_offsets = torch.tensor([dy * padded_width + dx for dy, dx in offsets], dtype=torch.int32, device=start.device)
     weights = weights.to(start.dtype).contiguous()
     block_classes = min(MAX_CLASSES_PER_PROGRAM, max(2, triton.next_power_of_2(classes)))
     grid = (triton.cdiv(height * width, PIXELS_PER_PROGRAM), triton.cdiv(classes, block_classes))
     for step in range(steps):  # margins stay 0: the kernel writes interior pixels only
-        _stencil_step[grid](planes[step % 2], planes[1 - step % 2], weights, flat_offsets, len(offsets),
-                            classes, height, width, padded_width, margin, planes[0, 0].numel(),
-                            BLOCK_PIXELS=PIXELS_PER_PROGRAM, BLOCK_CLASSES=block_classes)
-    return planes[steps % 2, :, margin:margin + height, margin:margin + width].clone()
+        _stencil_step[grid](
+            planes[step % 2],
+            planes[1 - step % 2],
+            weights,
+            flat_offsets,
+            len(offsets),
+            classes,
+            height,
+            width,
+            padded_width,
+            margin,
+            planes[0, 0].numel(),
+            BLOCK_PIXELS=PIXELS_PER_PROGRAM,
+            BLOCK_CLASSES=block_classes,
+        )
+    return planes[steps % 2, :, margin : margin + height, margin : margin + width].clone()

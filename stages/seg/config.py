@@ -1,15 +1,30 @@
 """The `seg` section of a run config."""
+
 from __future__ import annotations
 
 from typing import Literal, Optional
 
 from pydantic import Field
 
-from stages.common.settings import (BatchSize, CropSize, Epochs, Float, Keywords, LearningRate, Momentum,
-                                    NamedWeights, Optimizer, ResizeLong, Section, WeightDecay)
+from stages.common.settings import (
+    BatchSize,
+    CropSize,
+    Epochs,
+    Float,
+    Keywords,
+    LearningRate,
+    Momentum,
+    NamedWeights,
+    Optimizer,
+    ResizeLong,
+    Section,
+    WeightDecay,
+)
 
-PREDICTION_ONLY = (" Used only to predict: a new value reuses the trained segmenter, unless `checkpoint: "
-                   "pseudo_holdout` predicts with it to choose the epoch.")
+PREDICTION_ONLY = (
+    " Used only to predict: a new value reuses the trained segmenter, unless `checkpoint: "
+    "pseudo_holdout` predicts with it to choose the epoch."
+)
 
 
 class SegConfig(Section):
@@ -18,14 +33,20 @@ class SegConfig(Section):
     arch: str = Field("Unet", description="Any segmentation-models-pytorch architecture name.")
     encoder: str = Field("resnet34", description="Any segmentation-models-pytorch encoder name.")
     encoder_weights: Optional[str] = Field(
-        "imagenet", description="The encoder's start: null (random), `imagenet` (downloaded once), `cam` (the stage-1 "
-                                "classifier's trunk, which needs `encoder` = `cam.backbone`) or a local weights "
-                                "file, whose size and modification time enter the key.")
+        "imagenet",
+        description="The encoder's start: null (random), `imagenet` (downloaded once), `cam` (the stage-1 "
+        "classifier's trunk, which needs `encoder` = `cam.backbone`) or a local weights "
+        "file, whose size and modification time enter the key.",
+    )
     arch_options: Keywords = Field(
-        {}, description="Keyword arguments of the smp architecture, e.g. `{decoder_channels: [64, 32, 16, 16, 16]}` "
-                        "for a lighter Unet decoder on a CPU.")
-    losses: NamedWeights = Field({"ce": 1.0, "dice": 1.0}, description="The loss: a weighted sum of `ce`, `bce`, "
-                                                                       "`dice`, `lovasz`, `focal` (from `smp.losses`).")
+        {},
+        description="Keyword arguments of the smp architecture, e.g. `{decoder_channels: [64, 32, 16, 16, 16]}` "
+        "for a lighter Unet decoder on a CPU.",
+    )
+    losses: NamedWeights = Field(
+        {"ce": 1.0, "dice": 1.0},
+        description="The loss: a weighted sum of `ce`, `bce`, `dice`, `lovasz`, `focal` (from `smp.losses`).",
+    )
     epochs: Epochs = 20
     batch_size: BatchSize = 16
     optimizer: Optimizer = "adamw"
@@ -36,14 +57,26 @@ class SegConfig(Section):
     resize_long: ResizeLong = [320, 640]
     # the checkpoint choice never looks at ground truth
     checkpoint: Literal["last", "pseudo_holdout"] = Field(
-        "last", description="The model kept: the last epoch's, or the best epoch on the *pseudo-labels* of a "
-                            "held-out `holdout_fraction` of the train split.")
-    holdout_fraction: Float = Field(0.1, gt=0, le=0.9, description="The share of the train split held out under "
-                                                                   "`checkpoint: pseudo_holdout` (else not in the "
-                                                                   "key).")
-    threshold: Float = Field(0.5, ge=0, le=1, description="Binary tasks: the probability above which a pixel is "
-                                                          "foreground (multiclass takes the argmax: not in the key)."
-                                                          + PREDICTION_ONLY)
-    predict_size: Optional[int] = Field(None, ge=16, description="The long side images are resized to for "
-                                                                 "prediction; null: the middle of `resize_long`."
-                                                                 + PREDICTION_ONLY)
+        "last",
+        description="The model kept: the last epoch's, or the best epoch on the *pseudo-labels* of a "
+        "held-out `holdout_fraction` of the train split.",
+    )
+    holdout_fraction: Float = Field(
+        0.1,
+        gt=0,
+        le=0.9,
+        description="The share of the train split held out under `checkpoint: pseudo_holdout` (else not in the key).",
+    )
+    threshold: Float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Binary tasks: the probability above which a pixel is "
+        "foreground (multiclass takes the argmax: not in the key)." + PREDICTION_ONLY,
+    )
+    predict_size: Optional[int] = Field(
+        None,
+        ge=16,
+        description="The long side images are resized to for "
+        "prediction; null: the middle of `resize_long`." + PREDICTION_ONLY,
+    )

@@ -1,4 +1,5 @@
 """What the segmenter trains on: images with their pseudo-labels (never the ground truth)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,9 @@ from data.layout import IGNORE_INDEX, PreparedDataset, read_label_map
 from data.transforms import train_augment, uint8_tensor
 
 
-def pseudo_label_items(dataset: PreparedDataset, ids: list[str], label_dir: Path
-                       ) -> tuple[list[tuple[str, Path | None]], list[str]]:
+def pseudo_label_items(
+    dataset: PreparedDataset, ids: list[str], label_dir: Path
+) -> tuple[list[tuple[str, Path | None]], list[str]]:
     """(id, pseudo-label path or None) to train on, and the ids left out with the reason.
 
     None means "all background": in a binary dataset an image labelled negative has no
@@ -58,8 +60,9 @@ class PseudoLabelDataset(AugmentedDataset):
     (what those workers call) never fires it.
     """
 
-    def __init__(self, dataset: PreparedDataset, items: list[tuple[str, Path | None]], long_range, crop: int,
-                 seed: int = 0):
+    def __init__(
+        self, dataset: PreparedDataset, items: list[tuple[str, Path | None]], long_range, crop: int, seed: int = 0
+    ):
         self.items = list(items)
         super().__init__(dataset, [image_id for image_id, _ in self.items], long_range, crop, seed)
         self.on_new_epoch = None

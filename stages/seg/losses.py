@@ -4,6 +4,7 @@ Pseudo-labels leave many pixels unlabelled (255). smp's cross-entropies zero tho
 still divide by every pixel, so a batch with more ignored pixels would get a smaller loss and
 gradient; here their summed loss is divided by the number of labelled pixels instead.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -25,6 +26,7 @@ def _cross_entropy(mode: str) -> LossFn:
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return summed(logits, target) / (target != IGNORE_INDEX).sum().clamp_min(1)
+
     return loss
 
 

@@ -3,6 +3,7 @@
 The task mode decides the head everywhere: "binary" is one sigmoid channel (foreground
 probability), "multiclass" is a softmax over background + the dataset's classes.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -18,8 +19,8 @@ from data.transforms import normalize, resize_long
 from stages.cam.model_file import MODEL_FILE as CAM_MODEL_FILE
 from stages.cam.model_file import read_cam_trunk
 from stages.common.backbones import read_weights_file
-from stages.common.runtime import autocast
 from stages.common.model_files import load_weights, read_model_file, write_model_file
+from stages.common.runtime import autocast
 
 MODEL_FILE = "model.safetensors"
 LEGACY_MODEL_FILE = "model.pt"  # a pickled model of an earlier wss version: read safely, never written
@@ -34,8 +35,9 @@ def output_channels(task: str, num_classes: int) -> int:
     return 1 if task == "binary" else num_classes + 1
 
 
-def build_segmenter(arch: str, encoder: str, encoder_weights: str | None, channels: int,
-                    options: dict | None = None) -> torch.nn.Module:
+def build_segmenter(
+    arch: str, encoder: str, encoder_weights: str | None, channels: int, options: dict | None = None
+) -> torch.nn.Module:
     """smp.create_model with user errors (unknown names, offline ImageNet) as one-line WssErrors."""
     options = dict(options or {})
     _check_options(arch, encoder, options)
@@ -59,7 +61,8 @@ def build_segmenter(arch: str, encoder: str, encoder_weights: str | None, channe
             f"{str(error).splitlines()[0] if str(error) else ''}). Offline? On a machine with internet run "
             f"`hf download {repo} model.safetensors`, copy the file here and set "
             f"`seg.encoder_weights: /path/to/model.safetensors` (a .pth state dict of the encoder works too), "
-            f"or `seg.encoder_weights: null` to train from scratch.") from None
+            f"or `seg.encoder_weights: null` to train from scratch."
+        ) from None
     if encoder_weights not in (None, "imagenet", "cam"):  # "cam" is loaded by the stage: it needs the artifact
         load_encoder_weights(model, Path(encoder_weights).expanduser(), encoder)
     return model
@@ -87,13 +90,14 @@ def load_cam_encoder(model: torch.nn.Module, cam_artifact: Path, encoder: str) -
     meta, cam_trunk = read_cam_trunk(path, required={"config": dict})
     backbone = meta["config"].get("backbone")
     if backbone != encoder:
-        raise SegModelError(f"seg.encoder_weights: cam needs seg.encoder to be the classifier's backbone "
-                            f"({backbone}), got {encoder}")
+        raise SegModelError(
+            f"seg.encoder_weights: cam needs seg.encoder to be the classifier's backbone ({backbone}), got {encoder}"
+        )
     renamed = {"stem.0.": "conv1.", "stem.1.": "bn1."}
     trunk = {}
     for key, value in cam_trunk.items():
         for old, new in renamed.items():
-            key = new + key[len(old):] if key.startswith(old) else key
+            key = new + key[len(old) :] if key.startswith(old) else key
         trunk[key] = value
     load_weights(model.encoder, trunk, path, f"{encoder} encoder (seg.encoder_weights: cam)", "cam", SegModelError)
 
@@ -114,8 +118,9 @@ def _check_options(arch: str, encoder: str, options: dict) -> None:
         return
     unknown = [key for key in options if key not in known]
     if unknown and not encoder.startswith("tu-"):
-        raise SegModelError(f"seg.arch_options: {arch} has no option {unknown[0]!r} "
-                            f"(options: {', '.join(sorted(known))})")
+        raise SegModelError(
+            f"seg.arch_options: {arch} has no option {unknown[0]!r} (options: {', '.join(sorted(known))})"
+        )
 
 
 def _hub_repo(encoder: str) -> str:
@@ -129,6 +134,7 @@ def _hub_repo(encoder: str) -> str:
 
 def _timm_network(encoder: str) -> torch.nn.Module:
     import timm
+
     return timm.create_model(encoder[3:], pretrained=False)
 
 
@@ -145,13 +151,24 @@ def _timm_encoder_from_file(arch: str, encoder: str, path: Path, channels: int, 
     unexpected = sorted(set(state) - known)
     missing = sorted(k for k in known - set(state) if not k.startswith(f"{head}."))
     if unexpected or missing:
-        problem = (f"{len(unexpected)} unexpected keys {', '.join(unexpected[:3])}" if unexpected
-                   else f"missing {', '.join(missing[:3])}")
-        raise SegModelError(f"seg.encoder_weights: {path} does not fit encoder {encoder}: {problem}"
-                            f"{', ...' if len(unexpected or missing) > 3 else ''} (the weights of another network?)")
+        problem = (
+            f"{len(unexpected)} unexpected keys {', '.join(unexpected[:3])}"
+            if unexpected
+            else f"missing {', '.join(missing[:3])}"
+        )
+        raise SegModelError(
+            f"seg.encoder_weights: {path} does not fit encoder {encoder}: {problem}"
+            f"{', ...' if len(unexpected or missing) > 3 else ''} (the weights of another network?)"
+        )
     try:
-        return smp.create_model(arch, encoder_name=encoder, encoder_weights=True, classes=channels,
-                                pretrained_cfg_overlay={"file": str(path)}, **options)
+        return smp.create_model(
+            arch,
+            encoder_name=encoder,
+            encoder_weights=True,
+            classes=channels,
+            pretrained_cfg_overlay={"file": str(path)},
+            **options,
+        )
     except Exception as error:  # timm's strict load_state_dict, unreadable files
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         detail = (lines[-1] if lines else type(error).__name__)[:300]
@@ -166,20 +183,25 @@ def load_encoder_weights(model: torch.nn.Module, path: Path, encoder: str) -> No
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing = sorted(wanted - set(state))
     if missing:
-        raise SegModelError(f"seg.encoder_weights: {path} does not fit encoder {encoder}: "
-                            f"missing {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+        raise SegModelError(
+            f"seg.encoder_weights: {path} does not fit encoder {encoder}: "
+            f"missing {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
+        )
     # keys the encoder lacks mean another architecture, e.g. a resnet34 file (its extra blocks)
     # given for a resnet18, whose shared blocks have the same shapes and would load silently
     unexpected = sorted(set(state) - wanted)
     if unexpected:
-        raise SegModelError(f"seg.encoder_weights: {path} does not fit encoder {encoder}: "
-                            f"{len(unexpected)} unexpected keys {', '.join(unexpected[:3])}"
-                            f"{', ...' if len(unexpected) > 3 else ''} (the weights of another network?)")
+        raise SegModelError(
+            f"seg.encoder_weights: {path} does not fit encoder {encoder}: "
+            f"{len(unexpected)} unexpected keys {', '.join(unexpected[:3])}"
+            f"{', ...' if len(unexpected) > 3 else ''} (the weights of another network?)"
+        )
     try:
         model.encoder.load_state_dict(state, strict=False)
     except RuntimeError as error:  # same names, other shapes
-        raise SegModelError(f"seg.encoder_weights: {path} does not fit encoder {encoder}: "
-                            f"{str(error).splitlines()[-1].strip()}") from None
+        raise SegModelError(
+            f"seg.encoder_weights: {path} does not fit encoder {encoder}: {str(error).splitlines()[-1].strip()}"
+        ) from None
 
 
 def inference_long_side(section) -> int:
@@ -196,13 +218,14 @@ def inference_long_side(section) -> int:
 # alone would take 0.7 GB. 2**24 covers every image of the supported datasets (SIIM 1024 x 1024
 # binary, VOC ~500 x 375 x 21 classes) and 4096 x 4096 binary, which therefore keep the result
 # of one whole-image upsampling bit for bit.
-WHOLE_IMAGE_VALUES = 2 ** 24
-BAND_VALUES = 2 ** 22
+WHOLE_IMAGE_VALUES = 2**24
+BAND_VALUES = 2**22
 
 
 @torch.no_grad()
-def predict_probabilities(model: torch.nn.Module, image: np.ndarray, task: str, long_side: int | None,
-                          device: torch.device) -> torch.Tensor:
+def predict_probabilities(
+    model: torch.nn.Module, image: np.ndarray, task: str, long_side: int | None, device: torch.device
+) -> torch.Tensor:
     """(C, H, W) float32 probabilities on the CPU at the image's own size.
 
     The image (uint8 HxWx3) is resized to `long_side`, zero-padded (the ImageNet mean after
@@ -229,8 +252,15 @@ def model_logits(model: torch.nn.Module, resized: np.ndarray, device: torch.devi
 
 
 @torch.no_grad()
-def predict_mask(model: torch.nn.Module, resized: np.ndarray, size: tuple[int, int], task: str, threshold: float,
-                 device: torch.device, probabilities=None) -> np.ndarray:
+def predict_mask(
+    model: torch.nn.Module,
+    resized: np.ndarray,
+    size: tuple[int, int],
+    task: str,
+    threshold: float,
+    device: torch.device,
+    probabilities=None,
+) -> np.ndarray:
     """uint8 (H, W) class indices at `size` for an image already resized to the model's input
     (`resized`, as `resize_long` makes it from the full image).
 
@@ -255,7 +285,7 @@ def predict_mask(model: torch.nn.Module, resized: np.ndarray, size: tuple[int, i
         probs = _activate(band, task)[0].cpu()
         if probabilities is not None:
             probabilities(top, probs)
-        mask[top:top + probs.shape[1]] = probabilities_to_mask(probs, task, threshold)
+        mask[top : top + probs.shape[1]] = probabilities_to_mask(probs, task, threshold)
     return mask
 
 
@@ -300,19 +330,37 @@ def probabilities_to_mask(probs: torch.Tensor | np.ndarray, task: str, threshold
 
 
 # the metadata a segmenter model file must hold, and its types
-SEGMENTER_META = {"arch": str, "encoder": str, "arch_options": dict, "task": str, "classes": list,
-                  "channels": int, "palette": list, "threshold": (int, float), "long_side": int}
+SEGMENTER_META = {
+    "arch": str,
+    "encoder": str,
+    "arch_options": dict,
+    "task": str,
+    "classes": list,
+    "channels": int,
+    "palette": list,
+    "threshold": (int, float),
+    "long_side": int,
+}
 
 
 def save_segmenter(model: torch.nn.Module, path: Path, section, dataset_info) -> None:
     """Weights plus everything `load_segmenter` needs to rebuild the model and check it fits."""
-    write_model_file(path, "seg", model, {
-        "arch": section.arch, "encoder": section.encoder, "arch_options": dict(section.arch_options),
-        "task": dataset_info.task, "classes": list(dataset_info.classes),
-        "channels": output_channels(dataset_info.task, dataset_info.num_classes),
-        "palette": [list(color) for color in dataset_info.palette], "threshold": section.threshold,
-        "long_side": inference_long_side(section),
-    })
+    write_model_file(
+        path,
+        "seg",
+        model,
+        {
+            "arch": section.arch,
+            "encoder": section.encoder,
+            "arch_options": dict(section.arch_options),
+            "task": dataset_info.task,
+            "classes": list(dataset_info.classes),
+            "channels": output_channels(dataset_info.task, dataset_info.num_classes),
+            "palette": [list(color) for color in dataset_info.palette],
+            "threshold": section.threshold,
+            "long_side": inference_long_side(section),
+        },
+    )
 
 
 def segmenter_file(path: Path) -> Path:
@@ -324,8 +372,9 @@ def segmenter_file(path: Path) -> Path:
     return path / MODEL_FILE if path.is_dir() else path
 
 
-def load_segmenter(path: Path, device: torch.device, classes: list[str] | None = None,
-                   task: str | None = None) -> tuple[torch.nn.Module, dict]:
+def load_segmenter(
+    path: Path, device: torch.device, classes: list[str] | None = None, task: str | None = None
+) -> tuple[torch.nn.Module, dict]:
     """The model of a seg artifact (eval mode) and its metadata; checks the classes when given."""
     file = segmenter_file(path)
     if not file.is_file():
@@ -333,11 +382,15 @@ def load_segmenter(path: Path, device: torch.device, classes: list[str] | None =
     state = read_model_file(file, "seg", "segmenter model", "seg", SegModelError, required=SEGMENTER_META)
     meta, channels = state.meta, state.meta["channels"]
     if meta["task"] not in ("binary", "multiclass") or not all(isinstance(c, str) for c in meta["classes"]):
-        raise SegModelError(f"{file}: unreadable segmenter model (task {meta['task']!r}, classes "
-                            f"{meta['classes']!r}); recompute it with wss run --force seg")
+        raise SegModelError(
+            f"{file}: unreadable segmenter model (task {meta['task']!r}, classes "
+            f"{meta['classes']!r}); recompute it with wss run --force seg"
+        )
     if classes is not None and list(classes) != list(meta["classes"]):
-        raise SegModelError(f"{file}: the model was trained for classes {meta['classes']} but the config's "
-                            f"dataset has {list(classes)}; use the seg artifact of this config")
+        raise SegModelError(
+            f"{file}: the model was trained for classes {meta['classes']} but the config's "
+            f"dataset has {list(classes)}; use the seg artifact of this config"
+        )
     if task is not None and task != meta["task"]:
         raise SegModelError(f"{file}: the model is {meta['task']} but the config's dataset is {task}")
     # a received file's options reach smp and, for a timm encoder, timm (whose keywords include
@@ -345,11 +398,19 @@ def load_segmenter(path: Path, device: torch.device, classes: list[str] | None =
     known = architecture_options(meta["arch"]) or set()
     foreign = sorted(set(meta["arch_options"]) - known)
     if foreign:
-        raise SegModelError(f"{file}: unreadable segmenter model (arch_options {foreign[0]!r} is not an option of "
-                            f"{meta['arch']}); recompute it with wss run --force seg")
+        raise SegModelError(
+            f"{file}: unreadable segmenter model (arch_options {foreign[0]!r} is not an option of "
+            f"{meta['arch']}); recompute it with wss run --force seg"
+        )
     model = build_segmenter(meta["arch"], meta["encoder"], None, channels, meta["arch_options"])
-    load_weights(model, state.tensors, file, f"{meta['arch']}/{meta['encoder']} segmenter with {channels} outputs",
-                 "seg", SegModelError)
+    load_weights(
+        model,
+        state.tensors,
+        file,
+        f"{meta['arch']}/{meta['encoder']} segmenter with {channels} outputs",
+        "seg",
+        SegModelError,
+    )
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

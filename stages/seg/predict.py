@@ -18,6 +18,7 @@ reduced scale directly). The mask is made at full size in bands of rows (stages.
 predict_mask), the probabilities are written band by band. An image of more than `max_pixels`
 pixels is refused from its header, before it is decoded.
 """
+
 from __future__ import annotations
 
 import csv
@@ -52,9 +53,15 @@ OVERLAY_MAX_SIDE = 4096
 MAX_PIXELS_HINT = "wss predict --max-pixels moves the bound"
 ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the transposition that displays the image (as PIL.ImageOps.exif_transpose)
-EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                  4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-                  6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 @dataclass
@@ -82,8 +89,7 @@ def collect_inputs(inputs: list[str | Path], out_dir: Path | None = None) -> tup
         if item.is_dir():
             found = sorted(input_files(item, skip), key=lambda p: (len(p.relative_to(item).parts), p))
             if not found:
-                failures.append(f"{item}: folder holds no image or DICOM files "
-                                f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+                failures.append(f"{item}: folder holds no image or DICOM files ({', '.join(sorted(IMAGE_SUFFIXES))})")
             files += found
         elif item.is_file():
             files.append(item)
@@ -101,7 +107,11 @@ def input_files(folder: Path, out_dir: Path | None):
         folders[:] = [f for f in folders if not f.startswith(".") and not (outputs and f in OUTPUT_FOLDERS)]
         for name in names:
             path = root / name
-            if not name.startswith(".") and path.is_file() and (path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path)):
+            if (
+                not name.startswith(".")
+                and path.is_file()
+                and (path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path))
+            ):
                 yield path
 
 
@@ -181,8 +191,12 @@ def _small_input(image: np.ndarray, long_side: int | None) -> dict:
 def _large_input(image: Image.Image, long_side: int | None) -> dict:
     """load_input above OVERLAY_MAX_SIDE: only the resized copies become arrays."""
     transpose = EXIF_TRANSPOSE.get(image.getexif().get(ORIENTATION_TAG, 1))
-    turned = transpose in (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
-                           Image.Transpose.ROTATE_90)
+    turned = transpose in (
+        Image.Transpose.TRANSPOSE,
+        Image.Transpose.ROTATE_270,
+        Image.Transpose.TRANSVERSE,
+        Image.Transpose.ROTATE_90,
+    )
     width, height = image.size
     shown = (width, height) if turned else (height, width)  # (H, W) as displayed
     factor = math.ceil(max(width, height) / OVERLAY_MAX_SIDE)
@@ -253,10 +267,20 @@ class InputFiles(Dataset):
             return {"path": path, "error": f"{path}: cannot read ({type(error).__name__}: {error})"}
 
 
-def predict_inputs(artifact_dir: Path, inputs: list[str | Path], out_dir: Path, *, probabilities: bool = False,
-                   device: str = "auto", classes: list[str] | None = None, task: str | None = None,
-                   threshold: float | None = None, long_side: int | None = None, workers: int = 0,
-                   max_pixels: int | None = None) -> PredictReport:
+def predict_inputs(
+    artifact_dir: Path,
+    inputs: list[str | Path],
+    out_dir: Path,
+    *,
+    probabilities: bool = False,
+    device: str = "auto",
+    classes: list[str] | None = None,
+    task: str | None = None,
+    threshold: float | None = None,
+    long_side: int | None = None,
+    workers: int = 0,
+    max_pixels: int | None = None,
+) -> PredictReport:
     """Predict every input with the model of `artifact_dir` (a seg artifact or its model file).
 
     `classes` / `task`, when given (the config's dataset), must match the model's: a model of
@@ -289,11 +313,21 @@ def predict_inputs(artifact_dir: Path, inputs: list[str | Path], out_dir: Path, 
                 rows.append((stem, "-1"))
                 report.placeholders.append(stem)
             continue
-        saved = (ProbabilityFile(out_dir / "probabilities" / f"{stem}.npy", (int(meta["channels"]), *item["size"]))
-                 if probabilities else None)
+        saved = (
+            ProbabilityFile(out_dir / "probabilities" / f"{stem}.npy", (int(meta["channels"]), *item["size"]))
+            if probabilities
+            else None
+        )
         try:
-            mask = predict_mask(model, item["resized"], item["size"], meta["task"], threshold, torch_device,
-                                saved.write_rows if saved else None)
+            mask = predict_mask(
+                model,
+                item["resized"],
+                item["size"],
+                meta["task"],
+                threshold,
+                torch_device,
+                saved.write_rows if saved else None,
+            )
         except BaseException:
             if saved:
                 saved.discard()
@@ -301,8 +335,9 @@ def predict_inputs(artifact_dir: Path, inputs: list[str | Path], out_dir: Path, 
         if saved:
             saved.commit()
         write_index_png(out_dir / "masks" / f"{stem}.png", mask, meta["palette"])
-        atomic_save(Image.fromarray(overlay_of(item["view"], mask, meta["palette"])),
-                    out_dir / "overlays" / f"{stem}.png")
+        atomic_save(
+            Image.fromarray(overlay_of(item["view"], mask, meta["palette"])), out_dir / "overlays" / f"{stem}.png"
+        )
         if meta["task"] == "binary":
             rows.append((stem, siim_rle_encode(mask)))
         report.written.append(stem)
@@ -312,9 +347,13 @@ def predict_inputs(artifact_dir: Path, inputs: list[str | Path], out_dir: Path, 
     for line in report.failures:
         log.warning("predict: %s", line)
     if report.placeholders:
-        log.warning("predict: %s has %d placeholder row(s) with EncodedPixels -1 for inputs that could not be "
-                    "read; they are not predictions: %s", report.submission, len(report.placeholders),
-                    ", ".join(report.placeholders))
+        log.warning(
+            "predict: %s has %d placeholder row(s) with EncodedPixels -1 for inputs that could not be "
+            "read; they are not predictions: %s",
+            report.submission,
+            len(report.placeholders),
+            ", ".join(report.placeholders),
+        )
     return report
 
 

@@ -4,6 +4,7 @@ Ground truth is read only after training, to score the finished model. The check
 last epoch, or (`checkpoint: pseudo_holdout`) the epoch that best fits the pseudo-labels of a
 held-out part of the train split.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,16 +21,25 @@ from data.layout import PreparedDataset, write_index_png, write_json_atomic
 from data.transforms import normalize_batch
 from stages.base import Stage, StageInputError, StageResult, section_dict, weights_file_stamp
 from stages.common import distributed
-from stages.common.runtime import image_loader, progress, resolve_device, seed_everything, worker_count
 from stages.common.model_files import FileRefused, read_state_file, refusal, weights_problem, write_state_file
+from stages.common.runtime import image_loader, progress, resolve_device, seed_everything, worker_count
 from stages.common.scoring import SegmentationScorer, score_label_files
 from stages.common.tables import per_class_table
 from stages.common.training import CHECKPOINT, fit, reuse_trained, train_settings, unused_training_settings
 from stages.seg.data import PseudoLabelDataset, pseudo_label_items, read_pseudo_label
 from stages.seg.losses import SegLoss
-from stages.seg.model import (MODEL_FILE, SegModelError, build_segmenter, inference_long_side, input_multiple,
-                              load_cam_encoder, output_channels, predict_probabilities, probabilities_to_mask,
-                              save_segmenter)
+from stages.seg.model import (
+    MODEL_FILE,
+    SegModelError,
+    build_segmenter,
+    inference_long_side,
+    input_multiple,
+    load_cam_encoder,
+    output_channels,
+    predict_probabilities,
+    probabilities_to_mask,
+    save_segmenter,
+)
 
 log = logging.getLogger("wss.seg")
 PREDICTIONS = "predictions"
@@ -69,21 +79,43 @@ class SegStage(Stage):
         which every smp output stride (8, 16, 32) divides."""
         section = cfg.seg
         SegLoss(section.losses, dataset.task)
-        model = build_segmenter(section.arch, section.encoder, None,
-                                output_channels(dataset.task, dataset.info.num_classes), section.arch_options)
+        model = build_segmenter(
+            section.arch,
+            section.encoder,
+            None,
+            output_channels(dataset.task, dataset.info.num_classes),
+            section.arch_options,
+        )
         check_crop_size(section, input_multiple(model))
         if section.encoder_weights == "cam" and section.encoder != cfg.cam.backbone:
-            raise SegModelError(f"seg.encoder_weights: cam needs seg.encoder to be the classifier's backbone "
-                                f"(cam.backbone {cfg.cam.backbone}), got {section.encoder}")
-        if section.encoder_weights not in (None, "imagenet", "cam") and \
-                not Path(section.encoder_weights).expanduser().is_file():
+            raise SegModelError(
+                f"seg.encoder_weights: cam needs seg.encoder to be the classifier's backbone "
+                f"(cam.backbone {cfg.cam.backbone}), got {section.encoder}"
+            )
+        if (
+            section.encoder_weights not in (None, "imagenet", "cam")
+            and not Path(section.encoder_weights).expanduser().is_file()
+        ):
             raise SegModelError(f"seg.encoder_weights: file not found: {section.encoder_weights}")
         if section.encoder_weights not in (None, "cam"):  # a garbled file, another encoder's; offline
-            build_segmenter(section.arch, section.encoder, section.encoder_weights,
-                            output_channels(dataset.task, dataset.info.num_classes), section.arch_options)
+            build_segmenter(
+                section.arch,
+                section.encoder,
+                section.encoder_weights,
+                output_channels(dataset.task, dataset.info.num_classes),
+                section.arch_options,
+            )
 
-    def run(self, cfg, dataset: PreparedDataset, inputs: dict[str, Path], out: Path, *,
-            resume: bool = False, limit: int | None = None) -> StageResult:
+    def run(
+        self,
+        cfg,
+        dataset: PreparedDataset,
+        inputs: dict[str, Path],
+        out: Path,
+        *,
+        resume: bool = False,
+        limit: int | None = None,
+    ) -> StageResult:
         section = cfg.seg
         seed_everything(cfg.run.seed)
         device = resolve_device(cfg.run.device)
@@ -98,12 +130,25 @@ class SegStage(Stage):
         holdout = []
         if section.checkpoint == "pseudo_holdout":
             items, holdout = split_holdout(items, section.holdout_fraction, cfg.run.seed)
-        log.info("seg: %s/%s (%s) on %d images with pseudo-labels (%d held out, %d skipped), device %s",
-                 section.arch, section.encoder, dataset.task, len(items), len(holdout), len(failures), device)
+        log.info(
+            "seg: %s/%s (%s) on %d images with pseudo-labels (%d held out, %d skipped), device %s",
+            section.arch,
+            section.encoder,
+            dataset.task,
+            len(items),
+            len(holdout),
+            len(failures),
+            device,
+        )
 
         twin = inputs.get("trained")
-        model = build_segmenter(section.arch, section.encoder, None if twin else section.encoder_weights,
-                                output_channels(dataset.task, dataset.info.num_classes), section.arch_options)
+        model = build_segmenter(
+            section.arch,
+            section.encoder,
+            None if twin else section.encoder_weights,
+            output_channels(dataset.task, dataset.info.num_classes),
+            section.arch_options,
+        )
         tracker = None
         if twin is not None:  # trained with these settings before: only predict again
             history = reuse_trained(model, Path(twin), MODEL_FILE, out, "seg")
@@ -118,11 +163,22 @@ class SegStage(Stage):
                 tracker = HoldoutTracker(model, dataset, holdout, section, device, out / HOLDOUT_FILE)
                 train_set.on_new_epoch = lambda epoch: tracker.score_epoch(epoch - 1)
             loss = SegLoss(section.losses, dataset.task)
-            history = fit(model, train_set, [(list(model.parameters()), 1.0)],
-                          lambda m, batch: loss(m(normalize_batch(batch["image"])), batch["label"].long()),
-                          train_settings(section, cfg.run), device, out, resume=resume, desc="seg")
-        metrics = {"train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0,
-                   "seg_trained_images": len(items), "seg_skipped_images": len(failures)}
+            history = fit(
+                model,
+                train_set,
+                [(list(model.parameters()), 1.0)],
+                lambda m, batch: loss(m(normalize_batch(batch["image"])), batch["label"].long()),
+                train_settings(section, cfg.run),
+                device,
+                out,
+                resume=resume,
+                desc="seg",
+            )
+        metrics = {
+            "train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0,
+            "seg_trained_images": len(items),
+            "seg_skipped_images": len(failures),
+        }
         if tracker is not None:
             tracker.score_epoch(section.epochs - 1)
             metrics.update(tracker.choose(model))
@@ -135,8 +191,9 @@ class SegStage(Stage):
 
         # Only now, with the model fixed, is the ground truth read: to score it.
         for split, ids in (("val", val_ids), ("train", train_ids)):
-            split_metrics, split_failures = self.predict_split(model, section, dataset, ids, out, device,
-                                                               cfg.run.workers, split)
+            split_metrics, split_failures = self.predict_split(
+                model, section, dataset, ids, out, device, cfg.run.workers, split
+            )
             metrics.update(split_metrics)
             failures += split_failures
         if distributed.is_main():
@@ -152,8 +209,9 @@ class SegStage(Stage):
         return metrics
 
     @torch.no_grad()
-    def predict_split(self, model, section, dataset: PreparedDataset, ids: list[str], out: Path, device,
-                      workers: int, split: str) -> tuple[dict, list[str]]:
+    def predict_split(
+        self, model, section, dataset: PreparedDataset, ids: list[str], out: Path, device, workers: int, split: str
+    ) -> tuple[dict, list[str]]:
         """Predict whole images (under torchrun, this rank's share) into predictions/<id>.png,
         then score the split from those files where masks exist."""
         pred_dir = out / PREDICTIONS
@@ -197,17 +255,21 @@ def check_crop_size(section, multiple: int) -> None:
     if crop % multiple:
         low = crop // multiple * multiple
         nearest = f"{low} or {low + multiple}" if low else f"{multiple}"
-        raise SegModelError(f"seg.crop_size: {section.arch}/{section.encoder} takes only multiples of {multiple}, "
-                            f"got {crop}; use {nearest}")
+        raise SegModelError(
+            f"seg.crop_size: {section.arch}/{section.encoder} takes only multiples of {multiple}, "
+            f"got {crop}; use {nearest}"
+        )
 
 
-def score_predictions(dataset: PreparedDataset, ids: list[str], artifact: Path, prefix: str,
-                      failures: list[str] | None = None) -> dict:
+def score_predictions(
+    dataset: PreparedDataset, ids: list[str], artifact: Path, prefix: str, failures: list[str] | None = None
+) -> dict:
     """Scores of the predictions/<id>.png of `ids` that exist, against the masks that exist. A
     prediction or mask that does not decode, or the two of other sizes, is left out and listed
     in `failures`."""
-    return score_label_files(dataset, ids, Path(artifact) / PREDICTIONS, prefix, failures=failures,
-                             image_scores=read_image_scores(artifact))
+    return score_label_files(
+        dataset, ids, Path(artifact) / PREDICTIONS, prefix, failures=failures, image_scores=read_image_scores(artifact)
+    )
 
 
 def headline_metric(task: str) -> str:
@@ -274,15 +336,21 @@ class HoldoutTracker:
             log.warning("seg: no epoch had a finite held-out score; keeping the last epoch")
             return {}
         model.load_state_dict(self.state["best_model"])
-        return {"seg_holdout_epoch": best + 1, "seg_holdout_miou": float(self.state["scores"][best]),
-                "seg_holdout_images": len(self.items)}
+        return {
+            "seg_holdout_epoch": best + 1,
+            "seg_holdout_miou": float(self.state["scores"][best]),
+            "seg_holdout_images": len(self.items),
+        }
 
 
 def write_holdout(path: Path, state: dict) -> None:
     """The held-out scores ({epoch: mIoU}) and the best epoch's weights, as a safe model file."""
-    write_state_file(path, "holdout", state["best_model"] or {},
-                     {"scores": {str(epoch): score for epoch, score in state["scores"].items()},
-                      "best_epoch": state["best_epoch"]})
+    write_state_file(
+        path,
+        "holdout",
+        state["best_model"] or {},
+        {"scores": {str(epoch): score for epoch, score in state["scores"].items()}, "best_epoch": state["best_epoch"]},
+    )
 
 
 def read_holdout(path: Path, model: torch.nn.Module) -> dict:
@@ -291,8 +359,9 @@ def read_holdout(path: Path, model: torch.nn.Module) -> dict:
     saved = read_state_file(path, "holdout", "held-out scores", None)
     scores, best = saved.meta.get("scores"), saved.meta.get("best_epoch")
     try:
-        if not isinstance(scores, dict) or not all(k.isdigit() and isinstance(v, (int, float)) and
-                                                    not isinstance(v, bool) for k, v in scores.items()):
+        if not isinstance(scores, dict) or not all(
+            k.isdigit() and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in scores.items()
+        ):
             raise FileRefused("its scores are not numbers by epoch")
         scores = {int(k): float(v) for k, v in scores.items()}
         if best is not None and (not isinstance(best, int) or isinstance(best, bool) or best not in scores):
