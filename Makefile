@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test install clean gpu-check device-wheels
+.PHONY: demo test test-fast lint format install clean gpu-check device-wheels
 
 $(BIN)/.installed: requirements.txt setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,22 @@ demo: $(BIN)/.installed
 	$(BIN)/wss prepare synthetic --out runs/data/synthetic --n 400 --size 128 --seed 0
 	$(BIN)/wss run -c configs/demo.yaml
 
-test: $(BIN)/.installed
+# The whole suite, after the lint and format checks (ruff, configured in pyproject.toml).
+test: lint
 	$(BIN)/python -m pytest
+
+# The inner loop: everything but the tests marked slow (they train models end to end).
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Rewrites the code as `make lint` expects it.
+format: $(BIN)/.installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 # On a machine with a CUDA GPU: the CUDA tests and the benches at GPU settings (bench/gpu_check.sh);
 # STEPS=scale runs the whole-pipeline projection (bench/pipeline_scale.py) instead.
