@@ -22,7 +22,7 @@ demo: $(BIN)/.installed
 test: lint
 	$(BIN)/python -m pytest
 
-# The inner loop: everything but the tests marked slow (they train models end to end).
+# The inner loop: everything but the tests marked slow (over ~10 s each on a CPU).
 test-fast: lint
 	$(BIN)/python -m pytest -m "not slow"
 

@@ -370,6 +370,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc (peak RSS reset)")
 def test_predicting_a_large_image_takes_memory_by_its_pixels_not_many_copies(models, tmp_path):
     """6000 x 6000 RGB: 36 megapixels, 144 MB as Pillow holds it decoded. The extra peak over

@@ -33,6 +33,7 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow
 def test_fit_on_two_processes_equals_one_process(tmp_path):
     from tests.distributed_fit import train
 
@@ -46,6 +47,7 @@ def test_fit_on_two_processes_equals_one_process(tmp_path):
     assert one["history"][0]["loss"] != pytest.approx(one["history"][-1]["loss"], rel=1e-4)  # it did train
 
 
+@pytest.mark.slow
 def test_wss_run_on_two_processes_shards_the_work_and_commits_once(tmp_path, synthetic_dataset, cli):
     from data.layout import PreparedDataset
 

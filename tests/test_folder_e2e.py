@@ -54,6 +54,7 @@ def stage_table(output: str) -> dict[str, str]:
     return found
 
 
+@pytest.mark.slow
 def test_a_nested_multiclass_folder_with_masks_through_every_command(cli, tmp_path):
     case = make_user_folder(tmp_path / "user", n=24, size=64)
     root, workdir = tmp_path / "mine", tmp_path / "runs"
@@ -134,6 +135,7 @@ def test_a_nested_multiclass_folder_with_masks_through_every_command(cli, tmp_pa
     assert status.exit_code == 0 and status.output.count("up to date") == 4, status.output
 
 
+@pytest.mark.slow
 def test_a_binary_folder_without_masks_and_with_uncertain_labels_runs_and_predicts(cli, tmp_path):
     case = make_user_folder(tmp_path / "user", n=20, size=64, variant="binary", layout="wide", masks=False)
     rows = list(csv.reader(case["csv"].read_text().splitlines()))

@@ -250,6 +250,7 @@ def test_image_without_cam_is_reported_and_skipped(chain, cli, tmp_path):
     assert missing.stem in result.output and "no CAM file" in result.output
 
 
+@pytest.mark.slow
 def test_negative_images_get_all_background_pseudo_labels(synthetic_dataset, tmp_path, demo_overrides, cli):
     root = synthetic_dataset(n=24, variant="binary")
     args = irn_overrides(demo_overrides, root, tmp_path, **{"irn.positive_only": "true"})

@@ -197,6 +197,7 @@ def test_two_nodes_commit_each_stage_once_and_equal_one_process(tmp_path, synthe
         assert {p.stem for p in (two[stage] / folder).glob("*.png")} == set(ids), stage
 
 
+@pytest.mark.slow
 def test_a_workdir_the_nodes_do_not_share_is_refused(tmp_path, synthetic_dataset):
     """A relative run.workdir resolves in each agent's own folder: two nodes with node-local
     storage. Each rank would write its share of the CAMs into its own folder and rank 0 would

@@ -160,6 +160,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_gpu_walk_kernel_equals_the_csr_walk_under_the_triton_interpreter():
     """The GPU path's Triton kernel, run by Triton's CPU interpreter: one class, 3 and 40 classes
     (more than one program's block), radii 3-5, non-square grids. tests/test_cuda.py runs it compiled."""

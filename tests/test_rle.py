@@ -79,6 +79,7 @@ def test_absolute_errors(text, message):
         rle_decode(text, 3, 4)
 
 
+@pytest.mark.slow
 def test_full_label_file_round_trips_exactly():
     """Every one of the 12,954 rows decodes and re-encodes to the identical string."""
     if not FULL_CSV.is_file():

@@ -45,6 +45,7 @@ def states(output: str) -> dict[str, str]:
     return found
 
 
+@pytest.mark.slow
 def test_run_twice_then_change_seg_then_change_irn(cli, chain_args):
     args, workdir = chain_args
     first = cli("run", *args)
@@ -369,6 +370,7 @@ def test_offline_imagenet_weights_of_a_later_stage_stop_the_run_before_the_first
     assert_stops_before_the_first_stage(cli, synthetic_dataset(), tmp_path, override, message)
 
 
+@pytest.mark.slow
 def test_a_new_prediction_size_reuses_the_trained_segmenter(cli, chain_args, monkeypatch):
     import torch
 

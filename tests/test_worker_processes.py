@@ -179,6 +179,7 @@ def started(command: Command, workers: int, timeout: float = 90) -> None:
     assert wait_for(lambda: len(command.workers()) >= workers, timeout), "the command's workers never started"
 
 
+@pytest.mark.slow
 def test_a_killed_predict_leaves_no_loader_worker(predict_inputs_folder, tmp_path):
     command = Command(tmp_path, predict_inputs_folder)
     try:
@@ -205,6 +206,7 @@ def test_a_killed_prepare_leaves_no_pool_worker(nih_release, tmp_path):
         command.cleanup()
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_predict_and_its_workers_at_once(long_predict_inputs_folder, tmp_path):
     """Loader workers leave Ctrl-C to the main process, whose shutdown ends them at once; a
     worker that took it waited at its exit to hand over an image nobody reads, and the shutdown
@@ -238,6 +240,7 @@ def test_an_error_inside_a_pool_worker_ends_the_command_and_every_worker(nih_rel
         command.cleanup()
 
 
+@pytest.mark.slow
 def test_an_error_in_the_main_process_ends_the_loader_workers(predict_inputs_folder, tmp_path):
     command = Command(
         tmp_path,
@@ -254,6 +257,7 @@ def test_an_error_in_the_main_process_ends_the_loader_workers(predict_inputs_fol
         command.cleanup()
 
 
+@pytest.mark.slow
 def test_a_successful_predict_leaves_no_worker(predict_inputs_folder, tmp_path):
     command = Command(tmp_path, [*predict_inputs_folder[:-4], "--out", tmp_path / "out", *predict_inputs_folder[-2:]])
     try:
