@@ -129,7 +129,9 @@ class CamStage(Stage):
             )
         failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its CAMs
         if distributed.is_main():
-            metrics.update(score_cams(dataset, train_ids, out / "cams", section.eval_bg_threshold, failures))
+            metrics.update(
+                score_cams(dataset, train_ids, out / "cams", section.eval_bg_threshold, failures, points=True)
+            )
             metrics.update(localization_metrics(dataset, boxed, out / BOXED_CAMS))
             write_json_atomic(out / "metrics.json", metrics)
             log.info("cam metrics on split %r:\n%s", cfg.data.train_split, per_class_table(metrics, "cam_", dataset))
@@ -160,7 +162,7 @@ class CamStage(Stage):
 
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
         ids = cam_ids(cfg, dataset, artifact)
-        metrics = score_cams(dataset, ids, artifact / "cams", cfg.cam.eval_bg_threshold)
+        metrics = score_cams(dataset, ids, artifact / "cams", cfg.cam.eval_bg_threshold, points=True)
         metrics.update(localization_metrics(dataset, list(boxed_images(dataset)), artifact / BOXED_CAMS))
         return metrics
 
