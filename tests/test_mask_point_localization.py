@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from stages.cam.infer import save_cam
+from stages.cam.infer import save_cam, strided_size
 from stages.cam.scoring import score_cams
 from stages.common.localization import IGNORE, MaskPointAccuracy, peak_in_mask
-from tests.helpers import DEMO_CONFIG, FAST_CAM, overrides
+from tests.helpers import DEMO_CONFIG, FAST_CAM, REPO, overrides
 
 
 def peak_at(shape, y, x, value=1.0) -> np.ndarray:
@@ -141,3 +142,73 @@ def test_the_cam_stage_and_compare_report_it(cli, tiny_synthetic, tmp_path):
     (row,) = csv.DictReader(open(tmp_path / "cmp" / "compare.csv"))
     assert float(row["point_acc"]) == pytest.approx(metrics["cam_mask_point_accuracy"])
     assert "inside the class' mask" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+# ------------------------------------------------------------------------------ real masks
+SAMPLES = REPO.parent / "shared" / "samples"
+
+
+def full_block(mask: np.ndarray, label: int) -> tuple[int, int] | None:
+    """A stride-4 cell whose 4 x 4 pixel block is all `label` in `mask` (the middle one), or None."""
+    rows, cols = mask.shape[0] // 4, mask.shape[1] // 4
+    blocks = mask[: rows * 4, : cols * 4].reshape(rows, 4, cols, 4)
+    found = np.argwhere((blocks == label).all(axis=(1, 3)))
+    return tuple(found[len(found) // 2]) if len(found) else None
+
+
+def peaks_on_real_masks(dataset, cam_dir: Path) -> dict[str, float]:
+    """CAM files for every image with a mask whose peaks are put, pair by pair in turn, on a block
+    of the class (a hit) or of the background (a miss); the accuracy each class must get."""
+    hits: dict[str, list[bool]] = {}
+    cam_dir.mkdir(parents=True, exist_ok=True)
+    turn = 0
+    for image_id in sorted(dataset.labels):
+        mask = dataset.read_mask(image_id)
+        if mask is None:
+            continue
+        keys = [int(k) for k in np.nonzero(dataset.label_vector(image_id))[0]]
+        cam = np.full((len(keys), *strided_size(*mask.shape)), 0.1, np.float32)
+        for n, key in enumerate(keys):
+            if not (mask == key + 1).any():
+                continue  # labelled, but no pixel to point at: not a pair
+            inside = full_block(mask, key + 1)
+            hit = inside is not None and turn % 2 == 0
+            turn += 1
+            cam[(n, *(inside if hit else full_block(mask, 0)))] = 1.0
+            hits.setdefault(dataset.classes[key], []).append(hit)
+        save_cam(cam_dir / f"{image_id}.npz", cam, keys, mask.shape)
+    return {name: float(np.mean(found)) for name, found in hits.items()}
+
+
+def assert_scores(dataset, cam_dir, expected):
+    metrics = score_cams(dataset, sorted(dataset.labels), cam_dir, 0.15, points=True)
+    assert {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("cam_mask_point/")} == expected
+    assert metrics["cam_mask_point_accuracy"] == pytest.approx(np.mean(list(expected.values())))
+
+
+def test_voc_masks_with_their_ignore_borders(tmp_path):
+    from data.layout import PreparedDataset
+    from data.voc import prepare_voc
+
+    if not (SAMPLES / "voc" / "VOCdevkit" / "VOC2012" / "JPEGImages").is_dir():
+        pytest.skip(f"VOC samples not found: {SAMPLES / 'voc'}")
+    prepare_voc(SAMPLES / "voc", tmp_path / "voc", progress=False)
+    dataset = PreparedDataset(tmp_path / "voc")
+    expected = peaks_on_real_masks(dataset, tmp_path / "cams")
+    assert expected and any(value > 0 for value in expected.values())
+    assert_scores(dataset, tmp_path / "cams", expected)
+
+
+def test_siim_masks_score_the_positive_class(tmp_path):
+    from data.layout import PreparedDataset
+    from data.siim import prepare_siim
+
+    if not (SAMPLES / "siim" / "dicom").is_dir():
+        pytest.skip(f"SIIM samples not found: {SAMPLES / 'siim'}")
+    prepare_siim(
+        SAMPLES / "siim" / "dicom", SAMPLES / "siim" / "train-rle-sample.csv", tmp_path / "siim", progress=False
+    )
+    dataset = PreparedDataset(tmp_path / "siim")
+    expected = peaks_on_real_masks(dataset, tmp_path / "cams")
+    assert list(expected) == ["pneumothorax"] and 0 < expected["pneumothorax"] < 1
+    assert_scores(dataset, tmp_path / "cams", expected)
