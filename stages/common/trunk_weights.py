@@ -75,7 +75,7 @@ def read_trunk(
     if backbone not in RESNETS:
         raise error(f"{where}no {backbone} trunk can be read (ResNet trunks: {', '.join(RESNETS)})")
     if source == "imagenet":
-        return check_trunk(imagenet_state(backbone), backbone, "ImageNet", where, depth_setting, error)
+        return check_trunk(imagenet_state(backbone, where), backbone, "ImageNet", where, depth_setting, error)
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / CAM_MODEL_FILE).is_file():
@@ -84,13 +84,15 @@ def read_trunk(
     return check_trunk(read_source(path, backbone, where, error), backbone, path, where, depth_setting, error)
 
 
-def imagenet_state(backbone: str) -> dict:
+def imagenet_state(backbone: str, where: str = "") -> dict:
+    """torchvision's ImageNet weights of `backbone`, downloaded once into torch's cache; offline,
+    a WeightsError that says how to use a downloaded file instead."""
     try:
         return IMAGENET_WEIGHTS[backbone].get_state_dict(progress=False)
     except Exception as error:  # urllib/ssl/socket errors differ by platform
         url = IMAGENET_WEIGHTS[backbone].url
         raise WeightsError(
-            f"could not download ImageNet weights for {backbone} ({type(error).__name__}: {error}). "
+            f"{where}could not download ImageNet weights for {backbone} ({type(error).__name__}: {error}). "
             f"Offline? Download {url} elsewhere and set `cam.weights: /path/to/{url.rsplit('/', 1)[-1]}` "
             f"(or `-o cam.weights=/path`), or `cam.weights: null` to train from scratch."
         ) from None
