@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,8 @@ from data.errors import WssError
 from stages.code_version import code_version
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+ARTIFACT_MANIFEST = "manifest.json"  # written last into a complete artifact (pipeline.cache.MANIFEST)
+ARTIFACT_MODEL_FILE = "model.safetensors"  # the trained model of a cam / irn / seg artifact
 
 
 class StageInputError(WssError):
@@ -136,13 +139,31 @@ def section_dict(section: Any, only: set[str] | None = None, skip: set[str] | No
 
 
 def weights_file_stamp(weights: str | None) -> str | None:
-    """Size and mtime of a local weights file, for the cache key: a file overwritten in place
-    under the same path (a re-trained encoder) makes the stage stale. None for null, imagenet
-    and seg's `cam` (the cam stage's key covers that)."""
+    """What identifies a local weights source in the cache key. A wss artifact (its folder, or its
+    model file beside its manifest) is its cache key: the same trained model wherever the run
+    folder was copied. Any other file is its size and mtime: a file overwritten in place under
+    the same path (a re-trained encoder) makes the stage stale. None for null, imagenet and
+    seg's `cam` (the cam stage's key covers that)."""
     if weights in (None, "imagenet", "cam"):
         return None
     path = Path(weights).expanduser()
+    artifact_key = wss_artifact_key(path.parent if path.is_file() and path.name == ARTIFACT_MODEL_FILE else path)
+    if artifact_key is not None:
+        return f"artifact:{artifact_key}"
+    if path.is_dir():
+        path = path / ARTIFACT_MODEL_FILE
     if not path.is_file():
         return "missing"  # the stage itself reports it when it runs
     stat = path.stat()
     return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def wss_artifact_key(folder: Path) -> str | None:
+    """The cache key in the manifest of a complete artifact folder holding a model file (the
+    manifest pipeline.cache writes last), or None."""
+    try:
+        manifest = json.loads((folder / ARTIFACT_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    key = manifest.get("key") if isinstance(manifest, dict) else None
+    return key if isinstance(key, str) and key and (folder / ARTIFACT_MODEL_FILE).is_file() else None

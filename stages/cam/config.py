@@ -38,7 +38,9 @@ class CamCommon(Section):
     weights: Optional[str] = Field(
         "imagenet",
         description="The trunk's start: null (random), `imagenet` (torchvision's weights, downloaded "
-        "once) or a local weights file, whose size and modification time enter the key.",
+        "once), a wss cam artifact (its folder or model file, of any method: its trunk is taken, the head "
+        "is new; its cache key enters the key) or a torchvision / timm ResNet checkpoint (.pth, .pt, "
+        ".safetensors; its size and modification time enter the key). Its depth must be `backbone`'s.",
     )
     loss: Literal["soft_margin", "bce"] = Field("soft_margin", description="The multilabel classification loss.")
     # training (IRNet's defaults)

@@ -1,6 +1,7 @@
 """CAM files scored against the masks: one split at the stage's background threshold (the
-`cam_` metrics), or a sweep of thresholds, where the threshold is chosen on one split's masks
-and applied to another so that no number is tuned on the split it scores (`wss compare`)."""
+`cam_` metrics, with the point localization of each labelled class' peak), or a sweep of
+thresholds, where the threshold is chosen on one split's masks and applied to another so that
+no number is tuned on the split it scores (`wss compare`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from tqdm.auto import tqdm
 from data.errors import DataError
 from data.layout import PreparedDataset
 from stages.cam.infer import CamFileError, cam_to_label, load_cam, upsample_cam
+from stages.common.localization import MaskPointAccuracy
 from stages.common.scoring import SegmentationScorer, left_out_of_scores
 
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
@@ -32,18 +34,28 @@ def read_scored_cam(dataset: PreparedDataset, image_id: str, cam_dir: Path, fail
 
 
 def score_cams(
-    dataset: PreparedDataset, ids: list[str], cam_dir: Path, bg_threshold: float, failures: list[str] | None = None
+    dataset: PreparedDataset,
+    ids: list[str],
+    cam_dir: Path,
+    bg_threshold: float,
+    failures: list[str] | None = None,
+    points: bool = False,
 ) -> dict:
-    """CAM mIoU (and per-class IoU; binary: Dice) on the images of `ids` that have masks. An
-    unreadable CAM or mask, or a mask of another size, is left out and listed in `failures`."""
+    """CAM mIoU (and per-class IoU; binary: Dice) on the images of `ids` that have masks, and with
+    `points` their point localization on the masks (stages.common.localization.MaskPointAccuracy)
+    in the same pass. An unreadable CAM or mask, or a mask of another size, is left out and
+    listed in `failures`."""
     scorer = SegmentationScorer.of(dataset)
+    peaks = MaskPointAccuracy(dataset.classes)
     for image_id in tqdm(ids, desc="cam evaluate", unit="img", leave=False):
         pair = read_scored_cam(dataset, image_id, cam_dir, failures)
         if pair is None:
             continue
         (cam, keys), gt = pair
         scorer.update(cam_to_label(cam, keys, bg_threshold), gt)
-    return scorer.metrics("cam_")
+        if points:
+            peaks.update(cam, keys, gt)
+    return {**scorer.metrics("cam_"), **peaks.metrics("cam_")}
 
 
 def threshold_sweep(

@@ -53,17 +53,13 @@ class CamStage(Stage):
         return {**section_dict(cfg.cam, skip=skip), "weights_file": weights_file_stamp(cfg.cam.weights)}
 
     def preflight(self, cfg, dataset: PreparedDataset) -> None:
-        """cam.weights loads into cam.backbone before any stage computes: a local file that is
-        missing, garbled or another network's stops the run here in one line, and ImageNet weights
-        are downloaded into torch's cache now (offline: they fail now, not after other stages)."""
-        if cfg.cam.weights is None:
-            return
-        from stages.common.backbones import ResNetFeatures, WeightsError
+        """cam.weights is read as a trunk of cam.backbone before any stage computes: a source
+        that is missing, garbled, another network's or of another depth stops the run here in one
+        line, and ImageNet weights are downloaded into torch's cache now (offline: they fail now,
+        not after other stages)."""
+        from stages.common.trunk_weights import read_trunk
 
-        try:
-            ResNetFeatures(cfg.cam.backbone, cfg.cam.weights)
-        except WeightsError as error:
-            raise WeightsError(f"cam.weights: {error}") from None
+        read_trunk(cfg.cam.weights, cfg.cam.backbone, setting="cam.weights", depth_setting="cam.backbone")
 
     def run(
         self,
@@ -133,7 +129,9 @@ class CamStage(Stage):
             )
         failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its CAMs
         if distributed.is_main():
-            metrics.update(score_cams(dataset, train_ids, out / "cams", section.eval_bg_threshold, failures))
+            metrics.update(
+                score_cams(dataset, train_ids, out / "cams", section.eval_bg_threshold, failures, points=True)
+            )
             metrics.update(localization_metrics(dataset, boxed, out / BOXED_CAMS))
             write_json_atomic(out / "metrics.json", metrics)
             log.info("cam metrics on split %r:\n%s", cfg.data.train_split, per_class_table(metrics, "cam_", dataset))
@@ -164,7 +162,7 @@ class CamStage(Stage):
 
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
         ids = cam_ids(cfg, dataset, artifact)
-        metrics = score_cams(dataset, ids, artifact / "cams", cfg.cam.eval_bg_threshold)
+        metrics = score_cams(dataset, ids, artifact / "cams", cfg.cam.eval_bg_threshold, points=True)
         metrics.update(localization_metrics(dataset, list(boxed_images(dataset)), artifact / BOXED_CAMS))
         return metrics
 

@@ -1,112 +1,27 @@
 """torchvision ResNets as stride-16 feature extractors, with honest weight loading.
 
-`weights` is None (random init), "imagenet" (torchvision's download: needs internet once) or
-a path to a local state dict (.pth) of the same torchvision architecture.
+`weights` is None (random init) or any source stages.common.trunk_weights reads: "imagenet"
+(torchvision's download: needs internet once), a wss cam artifact, or a torchvision / timm
+ResNet checkpoint of the same depth.
 """
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision import models
 
 from data.errors import WssError
-
-RESNETS = {"resnet18": models.resnet18, "resnet34": models.resnet34, "resnet50": models.resnet50}
-IMAGENET_WEIGHTS = {
-    "resnet18": models.ResNet18_Weights.IMAGENET1K_V1,
-    "resnet34": models.ResNet34_Weights.IMAGENET1K_V1,
-    "resnet50": models.ResNet50_Weights.IMAGENET1K_V1,
-}
-
-
-class WeightsError(WssError):
-    pass
+from stages.common.trunk_weights import IMAGENET_WEIGHTS as IMAGENET_WEIGHTS  # part of this module's interface
+from stages.common.trunk_weights import RESNETS, read_trunk
+from stages.common.trunk_weights import WeightsError as WeightsError
+from stages.common.trunk_weights import read_weights_file as read_weights_file
 
 
 def stage_channels(name: str) -> list[int]:
     """Output channels of [stem, layer1, layer2, layer3, layer4]."""
     expansion = 4 if name == "resnet50" else 1
     return [64] + [c * expansion for c in (64, 128, 256, 512)]
-
-
-def load_state_dict(name: str, weights: str | None) -> dict | None:
-    if weights is None:
-        return None
-    if weights == "imagenet":
-        try:
-            return IMAGENET_WEIGHTS[name].get_state_dict(progress=False)
-        except Exception as error:  # urllib/ssl/socket errors differ by platform
-            url = IMAGENET_WEIGHTS[name].url
-            raise WeightsError(
-                f"could not download ImageNet weights for {name} ({type(error).__name__}: {error}). "
-                f"Offline? Download {url} elsewhere and set `cam.weights: /path/to/{url.rsplit('/', 1)[-1]}` "
-                f"(or `-o cam.weights=/path`), or `cam.weights: null` to train from scratch."
-            ) from None
-    return read_weights_file(Path(weights).expanduser(), f"a torchvision {name} state dict")
-
-
-def read_weights_file(path: Path, expected: str, error: type[WssError] = WeightsError, setting: str = "") -> dict:
-    """A state dict from a local .pth / .pt (torch) or .safetensors file, unwrapped from a
-    {"state_dict": ...} checkpoint; a missing or unreadable file raises `error` in one line naming
-    it (after the `setting` that names it, when given)."""
-    where = f"{setting}: " if setting else ""
-    if not path.is_file():
-        raise error(f"{where}weights file not found: {path} (expected {expected})")
-    problem = file_problem(path)
-    if problem is None:
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                state = load_file(str(path), device="cpu")
-            else:
-                with warnings.catch_warnings():  # a legacy pickle's protocol: not the file's fault
-                    warnings.filterwarnings("ignore", message="Detected pickle protocol")
-                    state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as reason:
-            problem = load_problem(reason)
-    if problem is not None:
-        raise error(f"{where}{path}: not a readable PyTorch state dict ({problem}; expected {expected})") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise error(f"{where}{path}: holds a {type(state).__name__}, not a state dict (expected {expected})")
-    return state
-
-
-def file_problem(path: Path) -> str | None:
-    """What makes a weights file unreadable before any loader tries it: empty, or (a .pth / .pt)
-    neither of torch's formats, a zip archive or a pickle (a text file, random bytes)."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(2)
-    except OSError as failure:
-        return f"cannot read it: {failure.strerror}"
-    if not head:
-        return "the file is empty"
-    if path.suffix != ".safetensors" and not head.startswith((b"PK", b"\x80")):
-        return "not a PyTorch file: neither a zip archive nor a pickle"
-    return None
-
-
-def load_problem(reason: Exception) -> str:
-    """Why torch or safetensors refused a file, in one line: their messages span several lines,
-    and the weights-only unpickler's advises loading the file in a way that can run its code."""
-    text, prefix = str(reason), ""
-    if text.startswith("Weights only load failed"):  # more than tensors (code, objects), or garbled
-        text = (
-            text.split("WeightsUnpickler error:", 1)[1]
-            if "WeightsUnpickler error:" in text
-            else "\n".join(text.splitlines()[1:])
-        )
-        prefix = "torch's weights-only loader refused it: "
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "").rstrip(".")
-    return prefix + first[:200] if first else type(reason).__name__
 
 
 STAGE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
@@ -145,25 +60,9 @@ class ResNetFeatures(nn.Module):
         if name not in RESNETS:
             raise WssError(f"unknown backbone {name!r} (choose from {', '.join(RESNETS)})")
         net = RESNETS[name](weights=None)
-        state = load_state_dict(name, weights)
-        if state is not None:
-            try:
-                missing, unexpected = net.load_state_dict(state, strict=False)
-            except RuntimeError as error:  # tensor shapes differ: another architecture
-                first = str(error).strip().splitlines()[-1].strip()
-                raise WeightsError(f"weights {weights} do not fit {name}: {first}") from None
-            trunk_missing = [k for k in missing if not k.startswith("fc.")]
-            if trunk_missing:
-                raise WeightsError(f"weights {weights} do not fit {name}: missing {trunk_missing[:3]}...")
-            # keys the trunk lacks mean another architecture, e.g. a resnet34 file (its extra
-            # blocks) given for a resnet18, whose shared blocks have the same shapes
-            extra = [k for k in unexpected if not k.startswith("fc.")]
-            if extra:
-                raise WeightsError(
-                    f"weights {weights} do not fit {name}: {len(extra)} unexpected keys "
-                    f"{', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''} "
-                    f"(the weights of another network?)"
-                )
+        trunk = read_trunk(weights, name)  # complete and of this depth, or a one-line WeightsError
+        if trunk is not None:
+            net.load_state_dict(trunk, strict=False)  # all but the classifier (fc), which the trunk drops
         for module in net.layer4.modules():
             if isinstance(module, nn.Conv2d):
                 if module.kernel_size == (3, 3):

@@ -1,4 +1,5 @@
-"""CAM localization against bounding boxes (NIH ChestX-ray14), the chest X-ray papers' metrics.
+"""CAM localization against bounding boxes (NIH ChestX-ray14), the chest X-ray papers' metrics,
+and the same point localization against masks (every dataset with masks).
 
 Coordinates: boxes are (x, y, w, h) in pixels of the original image, x/y the top-left corner
 (``data.nih.Box``); a CAM may have any resolution and is taken to cover the whole image, so
@@ -15,6 +16,10 @@ CAM cell (i, j) is the image area [j*W/w, (j+1)*W/w) x [i*H/h, (i+1)*H/h).
   T when IoBB >= T; accuracy = correct pairs / pairs, for each T.
 - Aggregation: accuracy per finding over the (image, finding) pairs that have a box, and the
   mean over the findings that have at least one pair.
+- Point localization on masks (PYLON's metric with a mask in place of the boxes): a hit when
+  the CAM's maximum (its first argmax, the CAM at the mask's size) is a pixel of that class in
+  the mask. An ignore pixel (255) is not inside; an image whose mask has no pixel of the class
+  is not a pair (there is nothing to point at). Aggregated as the boxes are.
 """
 
 from __future__ import annotations
@@ -131,3 +136,45 @@ def _add_accuracies(metrics: dict[str, float], name: str, per_finding: dict[str,
     for finding, value in per_finding.items():
         metrics[f"{name}/{finding}"] = value
     metrics[f"{name}/mean"] = float(np.mean(list(per_finding.values()))) if per_finding else math.nan
+
+
+IGNORE = 255  # the masks' ignore label (data.layout)
+
+
+def peak_in_mask(cam: np.ndarray, mask: np.ndarray, label: int) -> bool | None:
+    """Whether the maximum of `cam` (H x W, its first argmax) falls on a pixel of `label` in
+    `mask` (H x W class indices); None when the mask has no pixel of `label`."""
+    cam, mask = np.asarray(cam), np.asarray(mask)
+    if cam.shape != mask.shape or cam.size == 0:
+        raise ValueError(f"a CAM of shape {cam.shape} cannot be scored against a mask of shape {mask.shape}")
+    if label == IGNORE or not (mask == label).any():
+        return None
+    return bool(mask.flat[int(np.argmax(cam))] == label)
+
+
+class MaskPointAccuracy:
+    """Point localization on masks, image by image: `update` with the full-size CAMs of an
+    image's labelled classes and its mask; `metrics` per class and their mean."""
+
+    def __init__(self, classes: Sequence[str]):
+        self.classes = list(classes)
+        self.hits: dict[str, list[float]] = {}
+
+    def update(self, cams: np.ndarray, keys: Sequence[int], mask: np.ndarray) -> None:
+        """`cams` (K x H x W) are the maps of the classes `keys` (indices into `classes`); the
+        mask holds background 0 and class index + 1 (binary: 1 the positive class)."""
+        for cam, key in zip(cams, keys):
+            hit = peak_in_mask(cam, mask, int(key) + 1)
+            if hit is not None:
+                self.hits.setdefault(self.classes[int(key)], []).append(float(hit))
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """`<prefix>mask_point/<class>`, `<prefix>mask_point_accuracy` (the mean over the classes
+        with a pair) and `<prefix>mask_point_pairs`; nothing when no pair was scored."""
+        if not self.hits:
+            return {}
+        per_class = {name: float(np.mean(found)) for name, found in self.hits.items()}
+        metrics = {f"{prefix}mask_point/{name}": value for name, value in per_class.items()}
+        metrics[f"{prefix}mask_point_accuracy"] = float(np.mean(list(per_class.values())))
+        metrics[f"{prefix}mask_point_pairs"] = float(sum(len(found) for found in self.hits.values()))
+        return metrics

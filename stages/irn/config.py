@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field
 
@@ -58,8 +58,13 @@ class IrnConfig(Section):
     )
     positive_only: bool = Field(False, description="Train the IRN on the images with a labelled class only.")
     # network and training
-    backbone_init: Literal["cam", "imagenet", "none"] = Field(
-        "cam", description="The IRN's trunk: the stage-1 classifier's, ImageNet's (downloaded once) or random."
+    backbone_init: str = Field(
+        "cam",
+        min_length=1,
+        description="The IRN's trunk (of `cam.backbone`'s depth): `cam` (the stage-1 classifier's), "
+        "`imagenet` (the weights `cam.weights` names, or ImageNet's, downloaded once), `none` (random), "
+        "or any source `cam.weights` takes: a wss cam artifact (its cache key enters the key) or a "
+        "torchvision / timm ResNet checkpoint (its size and modification time enter the key).",
     )
     freeze_backbone: bool = Field(True, description="Keep the trunk fixed and train the boundary branch only.")
     epochs: Epochs = 3

@@ -80,7 +80,8 @@ class BoundaryNet(nn.Module):
 
 
 def build_backbone(name: str, init: str, cam_artifact: Path | None, weights: str | None) -> ResNetFeatures:
-    """The IRN trunk: `init` cam (the stage-1 classifier's trunk), imagenet (`weights`), or none."""
+    """The IRN trunk: `init` cam (the stage-1 classifier's trunk), imagenet (`weights`), none, or
+    any other source stages.common.trunk_weights reads (a cam artifact, a ResNet checkpoint)."""
     if init == "cam":
         path = Path(cam_artifact) / CAM_MODEL_FILE
         if not path.is_file():
@@ -91,7 +92,7 @@ def build_backbone(name: str, init: str, cam_artifact: Path | None, weights: str
         return backbone
     if init == "imagenet":
         return ResNetFeatures(name, weights=weights or "imagenet")
-    return ResNetFeatures(name, weights=None)
+    return ResNetFeatures(name, weights=None if init == "none" else init)
 
 
 def load_boundary_net(artifact: Path, device: torch.device) -> BoundaryNet:

@@ -19,7 +19,7 @@ from data.errors import WssError
 from data.layout import PreparedDataset, write_index_png, write_json_atomic
 from data.parallel import parallel_map
 from data.transforms import normalize_batch
-from stages.base import Stage, StageInputError, StageResult
+from stages.base import Stage, StageInputError, StageResult, weights_file_stamp
 from stages.cam.infer import CAM_STRIDE, load_cam, upsample_cam
 from stages.common import distributed
 from stages.common.crf import CrfParams
@@ -104,13 +104,22 @@ class IrnStage(Stage):
     resume_outputs = ("seeds",)  # kept by --resume (a garbled one is made again)
 
     def key_config(self, cfg, task: str) -> dict:
-        return irn_fields(cfg.irn, pseudo=False)
+        fields = irn_fields(cfg.irn, pseudo=False)
+        if cfg.irn.backbone_init not in ("cam", "imagenet", "none"):  # a local trunk source
+            fields["backbone_init_file"] = weights_file_stamp(cfg.irn.backbone_init)
+        return fields
 
     def preflight(self, cfg, dataset: PreparedDataset) -> None:
-        """`backbone_init: imagenet` loads its weights into the trunk before any stage computes
-        (downloaded once into torch's cache when online; or the local file of cam.weights): offline,
-        or with a file that is missing, garbled or another network's, it fails here, not after the
-        classifier."""
+        """`backbone_init: imagenet` or a local source loads its weights into the trunk before any
+        stage computes (imagenet: downloaded once into torch's cache when online, or the local file
+        of cam.weights): offline, or with a file that is missing, garbled, another network's or of
+        another depth, it fails here, not after the classifier."""
+        if cfg.irn.backbone_init not in ("cam", "imagenet", "none"):  # a cam artifact, a checkpoint
+            from stages.common.trunk_weights import read_trunk
+
+            read_trunk(
+                cfg.irn.backbone_init, cfg.cam.backbone, setting="irn.backbone_init", depth_setting="cam.backbone"
+            )
         if cfg.irn.backbone_init != "imagenet":
             return
         from stages.common.backbones import ResNetFeatures, WeightsError

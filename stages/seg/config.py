@@ -35,8 +35,10 @@ class SegConfig(Section):
     encoder_weights: Optional[str] = Field(
         "imagenet",
         description="The encoder's start: null (random), `imagenet` (downloaded once), `cam` (the stage-1 "
-        "classifier's trunk, which needs `encoder` = `cam.backbone`) or a local weights "
-        "file, whose size and modification time enter the key.",
+        "classifier's trunk, which needs `encoder` = `cam.backbone`) or a local source: for the resnet18/34/50 "
+        "encoders any source `cam.weights` takes (a wss cam artifact, whose cache key enters the key; a "
+        "torchvision / timm ResNet checkpoint), for other encoders a state dict of the encoder (`tu-` "
+        "encoders: a timm checkpoint of the network); a file's size and modification time enter the key.",
     )
     arch_options: Keywords = Field(
         {},

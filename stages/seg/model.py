@@ -18,9 +18,9 @@ from data.errors import WssError
 from data.transforms import normalize, resize_long
 from stages.cam.model_file import MODEL_FILE as CAM_MODEL_FILE
 from stages.cam.model_file import read_cam_trunk
-from stages.common.backbones import read_weights_file
 from stages.common.model_files import load_weights, read_model_file, write_model_file
 from stages.common.runtime import autocast
+from stages.common.trunk_weights import RESNETS, read_trunk, read_weights_file
 
 MODEL_FILE = "model.safetensors"
 LEGACY_MODEL_FILE = "model.pt"  # a pickled model of an earlier wss version: read safely, never written
@@ -63,7 +63,12 @@ def build_segmenter(
             f"`seg.encoder_weights: /path/to/model.safetensors` (a .pth state dict of the encoder works too), "
             f"or `seg.encoder_weights: null` to train from scratch."
         ) from None
-    if encoder_weights not in (None, "imagenet", "cam"):  # "cam" is loaded by the stage: it needs the artifact
+    if encoder_weights not in (None, "imagenet", "cam") and encoder in RESNETS:  # a ResNet trunk of any source
+        trunk = read_trunk(
+            encoder_weights, encoder, setting="seg.encoder_weights", depth_setting="seg.encoder", error=SegModelError
+        )
+        model.encoder.load_state_dict(trunk)  # smp's resnet encoders are torchvision's trunk, names and all
+    elif encoder_weights not in (None, "imagenet", "cam"):  # "cam" is loaded by the stage: it needs the artifact
         load_encoder_weights(model, Path(encoder_weights).expanduser(), encoder)
     return model
 

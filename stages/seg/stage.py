@@ -94,7 +94,7 @@ class SegStage(Stage):
             )
         if (
             section.encoder_weights not in (None, "imagenet", "cam")
-            and not Path(section.encoder_weights).expanduser().is_file()
+            and not Path(section.encoder_weights).expanduser().exists()  # a file, or a cam artifact's folder
         ):
             raise SegModelError(f"seg.encoder_weights: file not found: {section.encoder_weights}")
         if section.encoder_weights not in (None, "cam"):  # a garbled file, another encoder's; offline
