@@ -164,7 +164,7 @@ def overlay_grid(rows: list[dict], dataset, train_ids: list[str], path: Path, n:
     labelled class as a heatmap over the image. Reads the stage's stride-4 CAM files."""
     from PIL import Image, ImageDraw
 
-    from pipeline.visualize import heatmap
+    from pipeline.visualize import fit_text, heatmap
     from stages.cam.infer import load_cam, upsample_cam
 
     artifacts = [Path(r["artifact"]) for r in rows]
@@ -189,7 +189,8 @@ def overlay_grid(rows: list[dict], dataset, train_ids: list[str], path: Path, n:
             cam, keys, size = load_cam(artifact / "cams" / f"{image_id}.npz")
             heat = upsample_cam(cam, size)[list(keys).index(first_class)]
             grid.paste(Image.fromarray(heatmap(image, heat)).resize((cell, cell)), (col * cell, top))
-        draw.text((4, top + 3), f"{image_id} ({dataset.classes[first_class]})", fill="yellow")
+        for line, text in enumerate([image_id, dataset.classes[first_class]]):  # long ids shortened to the cell
+            draw.text((4, top + 3 + 12 * line), fit_text(draw, text, cell - 8), fill="yellow")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     grid.save(tmp)
