@@ -25,6 +25,7 @@ COLUMNS_UNTIL = {
     "seg": ["image", "CAM", "seeds", "boundary", "pseudo-label", "prediction", "ground truth"],
 }
 STAGE_FOR_COLUMN = {"CAM": "cam", "seeds": "irn", "boundary": "pseudo", "pseudo-label": "pseudo", "prediction": "seg"}
+STAGE_OUTPUTS = {"cam": ["CAM"], "irn": ["seeds"], "pseudo": ["boundary", "pseudo-label"], "seg": ["prediction"]}
 LABEL_CHARS = 24  # a row label's line in the grid: 2-inch rows at 7 pt hold about 30 characters
 LABEL_LINES = 2  # lines of class names under the id
 MISSING_GREY = 235
@@ -161,6 +162,30 @@ class Columns:
         model, meta = self._segmenter
         probs = predict_probabilities(model, image, meta["task"], meta["long_side"], self.device)
         return probabilities_to_mask(probs, meta["task"], self.seg_threshold)
+
+
+def stage_strips(
+    dataset: PreparedDataset, stage: str, artifact: Path, images: list[tuple[str, np.ndarray]], device, seg_threshold
+) -> tuple[list[str], list[tuple[str, np.ndarray]]]:
+    """The columns and, per (image id, image), one strip of tiles side by side: the image, the
+    stage's own outputs (`STAGE_OUTPUTS`, read from `artifact`) and the ground truth where the
+    dataset has masks (for TensorBoard, after the stage)."""
+    columns = ["image", *STAGE_OUTPUTS[stage]]
+    if any(dataset.has_mask(image_id) for image_id, _ in images):
+        columns.append("ground truth")
+    reader = Columns(dataset, {stage: artifact}, device, seg_threshold)
+    strips = []
+    for image_id, image in images:
+        tiles = []
+        for column in columns:
+            try:
+                picture = reader.picture(column, image_id, image)
+            except WssError as error:  # one bad file costs its tile
+                log.warning("overlay strip: %s of %s shown as missing: %s", column, image_id, error)
+                picture = None
+            tiles.append(tile(picture) if picture is not None else np.full((TILE, TILE, 3), MISSING_GREY, np.uint8))
+        strips.append((image_id, np.concatenate(tiles, axis=1)))
+    return columns, strips
 
 
 def grid_images(dataset: PreparedDataset, ids: list[str], n: int) -> list[tuple[str, np.ndarray]]:
