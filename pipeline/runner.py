@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import platform
@@ -155,10 +156,15 @@ class Pipeline:
             config["limit"] = limit
         return config
 
+    @functools.cached_property
+    def reference(self) -> tuple[str, Config]:
+        """(name, config) of the shipped config the run started from (read once)."""
+        return reference_config(self.cfg)
+
     def setting_differences(self, name: str, limit: int | None = None) -> tuple[str, list[Difference]]:
         """(reference name, settings) of stage `name`'s key that differ from the shipped config the
         run started from (pipeline.settings_diff)."""
-        reference_name, reference = reference_config(self.cfg)
+        reference_name, reference = self.reference
         section = self.stage(name).section
         ours = sectioned(self.key_settings(name, self.cfg, limit), section)
         theirs = sectioned(self.key_settings(name, reference), section)

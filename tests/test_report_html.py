@@ -184,3 +184,20 @@ def test_wss_run_writes_report_html_with_curves_settings_and_the_grid(cli, tiny_
     assert "<td>cam.epochs</td><td>2</td><td>14</td>" in page  # demo.yaml trains 14
     assert "<td>run.tensorboard</td>" not in page  # not a setting of the artifact
     assert not (root / "tensorboard").exists()
+
+
+def test_wss_compare_writes_and_links_its_bar_chart(tiny_synthetic, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.compare import compare_command
+
+    values = {"data.root": tiny_synthetic, "run.workdir": tmp_path, **FAST_CAM, "cam.epochs": "1"}
+    args = ["-c", str(DEMO_CONFIG), *[str(a) for a in overrides(values)], "--methods", "gap", "--limit", "16"]
+    result = CliRunner().invoke(compare_command, [*args, "--out", str(tmp_path / "cmp")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert (
+        "![The table's scores as bars, one panel per column](compare.png)"
+        in (tmp_path / "cmp" / "compare.md").read_text()
+    )
+    assert decodes((tmp_path / "cmp" / "compare.png").read_bytes())[0] > 300
+    assert str(tmp_path / "cmp" / "compare.png") in result.output
