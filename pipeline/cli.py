@@ -508,20 +508,24 @@ def run(config_path: tuple[Path, ...], overrides, until: str | None, force: tupl
 
 
 def print_run_report(cfg, pipeline, outcomes) -> None:
-    """The stage table, the overlay grid of the last stage and report.md."""
+    """The stage table, the overlay grid of the last stage and report.md (with report.html)."""
     from pipeline.report import print_outcomes, write_run_report
 
     print_outcomes(outcomes)
-    grids = {}
+    grids, captions = {}, {}
     grid_stage = GRID_FOR_STAGE[outcomes[-1].stage]
     try:
-        grids[grid_stage] = overlay_grid(cfg, pipeline, grid_stage, n=8)
+        grids[grid_stage], captions[grid_stage] = overlay_grid(cfg, pipeline, grid_stage, n=8)
     except Exception as error:  # a picture must never cost the user the run's results
         log.warning("could not draw the overlay grid: %s", error)
     try:
-        report = write_run_report(
-            pipeline.store.root, cfg.source, outcomes, {"train": cfg.data.train_split, "val": cfg.data.val_split}, grids
-        )
+        settings = {o.stage: pipeline.setting_differences(o.stage) for o in outcomes}
+    except Exception as error:  # the report goes out without the settings
+        log.warning("could not compare the settings with the shipped config: %s", error)
+        settings = {}
+    try:
+        splits = {"train": cfg.data.train_split, "val": cfg.data.val_split}
+        report = write_run_report(pipeline.store.root, cfg.source, outcomes, splits, grids, settings, captions)
     except OSError as error:  # e.g. a read-only workdir whose stages were all cached
         log.warning("could not write the run report in %s (%s)", pipeline.store.root, error.strerror)
         return
@@ -531,9 +535,10 @@ def print_run_report(cfg, pipeline, outcomes) -> None:
 GRID_FOR_STAGE = {"cam": "cam", "irn": "irn", "pseudo": "irn", "seg": "seg"}
 
 
-def overlay_grid(cfg, pipeline, stage: str, n: int, out: Path | None = None) -> Path:
-    """The overlay grid of the first `n` train images over every up-to-date artifact."""
-    from pipeline.visualize import draw_grid, grid_images
+def overlay_grid(cfg, pipeline, stage: str, n: int, out: Path | None = None) -> tuple[Path, list[str]]:
+    """The overlay grid of the first `n` train images over every up-to-date artifact, and a caption
+    line per row (the full image id, which the picture may shorten)."""
+    from pipeline.visualize import draw_grid, grid_captions, grid_images
     from stages.common.runtime import resolve_device
 
     artifacts = {name: path for name in pipeline.stages if (path := pipeline.artifact(name)) is not None}
@@ -541,7 +546,9 @@ def overlay_grid(cfg, pipeline, stage: str, n: int, out: Path | None = None) -> 
         raise WssError("no up-to-date cam artifact for this config: run `wss run` first (see `wss status`)")
     images = grid_images(pipeline.dataset, pipeline.dataset.split(cfg.data.train_split), n)
     out = out or pipeline.store.root / f"overlays-{stage}.png"
-    return draw_grid(pipeline.dataset, artifacts, stage, images, out, resolve_device(cfg.run.device), cfg.seg.threshold)
+    device = resolve_device(cfg.run.device)
+    grid = draw_grid(pipeline.dataset, artifacts, stage, images, out, device, cfg.seg.threshold)
+    return grid, grid_captions(pipeline.dataset, images)
 
 
 @main.command("pseudo-labels")
@@ -596,7 +603,7 @@ def visualize(config_path: tuple[Path, ...], overrides, stage: str, n: int, out:
     from pipeline.runner import Pipeline
 
     cfg = load(config_path, overrides)
-    path = overlay_grid(cfg, Pipeline(cfg), stage, n, out)
+    path, _ = overlay_grid(cfg, Pipeline(cfg), stage, n, out)
     click.echo(f"wrote {path}")
 
 

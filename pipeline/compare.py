@@ -167,7 +167,7 @@ def overlay_grid(rows: list[dict], dataset, train_ids: list[str], path: Path, n:
     labelled class as a heatmap over the image. Reads the stage's stride-4 CAM files."""
     from PIL import Image, ImageDraw
 
-    from pipeline.visualize import heatmap
+    from pipeline.visualize import fit_text, heatmap
     from stages.cam.infer import load_cam, upsample_cam
 
     artifacts = [Path(r["artifact"]) for r in rows]
@@ -192,14 +192,17 @@ def overlay_grid(rows: list[dict], dataset, train_ids: list[str], path: Path, n:
             cam, keys, size = load_cam(artifact / "cams" / f"{image_id}.npz")
             heat = upsample_cam(cam, size)[list(keys).index(first_class)]
             grid.paste(Image.fromarray(heatmap(image, heat)).resize((cell, cell)), (col * cell, top))
-        draw.text((4, top + 3), f"{image_id} ({dataset.classes[first_class]})", fill="yellow")
+        for line, text in enumerate([image_id, dataset.classes[first_class]]):  # long ids shortened to the cell
+            draw.text((4, top + 3 + 12 * line), fit_text(draw, text, cell - 8), fill="yellow")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     grid.save(tmp)
     tmp.replace(path)
 
 
-def write_report(rows: list[dict], columns: list[str], out: Path, cfg, argv: list[str], has_grid: bool) -> None:
+def write_report(
+    rows: list[dict], columns: list[str], out: Path, cfg, argv: list[str], has_grid: bool, has_chart: bool = False
+) -> None:
     with open(out / "compare.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -218,6 +221,8 @@ def write_report(rows: list[dict], columns: list[str], out: Path, cfg, argv: lis
     parts += [
         f"- **{name}**: {text}" for name, text in GLOSSARY.items() if any(c in name.split(" / ") for c in columns)
     ]
+    if has_chart:
+        parts += ["", "![The table's scores as bars, one panel per column](compare.png)"]
     if has_grid:
         parts += ["", "![CAMs of the same train images under each method](overlays.png)"]
     (out / "compare.md").write_text("\n".join(parts) + "\n")
@@ -271,10 +276,23 @@ def compare_command(config_path, overrides, methods: str, through: str, out: Pat
     columns = COLUMNS + (["pseudo_miou"] if through == "irn" else [])
     overlay_grid(rows, dataset, dataset.split(first.data.train_split)[:limit], out / "overlays.png")
     has_grid = (out / "overlays.png").is_file()
+    chart = comparison_chart(rows, columns, out / "compare.png")
     argv = ["wss", "compare", *_argv_of(config_path, overrides, methods, through, limit)]
-    write_report(rows, columns, out, first, argv, has_grid)
+    write_report(rows, columns, out, first, argv, has_grid, chart is not None)
     click.echo(format_table(rows, columns, DIGITS))
-    click.echo(f"wrote {out / 'compare.md'}, {out / 'compare.csv'}" + (f", {out / 'overlays.png'}" if has_grid else ""))
+    pictures = [path for path in (chart, out / "overlays.png" if has_grid else None) if path is not None]
+    click.echo(f"wrote {out / 'compare.md'}, {out / 'compare.csv'}" + "".join(f", {path}" for path in pictures))
+
+
+def comparison_chart(rows: list[dict], columns: list[str], path: Path) -> Path | None:
+    """compare.png: the table's numeric columns as bars, one per method; None when it cannot be drawn."""
+    from pipeline.charts import bar_chart
+
+    try:
+        return bar_chart(rows, columns, "method", path, "wss compare: stage-1 methods on the same data")
+    except Exception as error:  # a picture must never cost the user the table
+        log.warning("could not draw %s: %s", path, error)
+        return None
 
 
 def _argv_of(config_paths, overrides, methods, through, limit) -> list[str]:

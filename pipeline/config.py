@@ -67,6 +67,11 @@ class RunConfig(Section):
         -1, ge=-1, description="Data-loader and per-image worker processes; -1: one per core, at most 8."
     )
     verbose: bool = Field(False, description="Debug logging.")
+    tensorboard: bool = Field(
+        True,
+        description="TensorBoard event files of every stage in `<workdir>/<dataset>/tensorboard/<stage>-<key12>/` "
+        "(`tensorboard --logdir runs/`); without the `tensorboard` package a warning and no files.",
+    )
 
 
 class Config(Section):
@@ -80,6 +85,7 @@ class Config(Section):
     seg: SegConfig = Field(default_factory=SegConfig)
     _source: str = PrivateAttr("<defaults>")
     _overrides: tuple[str, ...] = PrivateAttr(())
+    _files: tuple[Path, ...] = PrivateAttr(())
 
     @property
     def source(self) -> str:
@@ -88,6 +94,11 @@ class Config(Section):
     @property
     def overrides(self) -> tuple[str, ...]:
         return self._overrides
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file the config was read from, `base:` files included, resolved, bases first."""
+        return self._files
 
     def section(self, name: str) -> Any:
         return getattr(self, name)
@@ -111,8 +122,9 @@ def load_config(path: str | Path | list | tuple | None, overrides: list[str] | t
     """
     paths = [] if path is None else [Path(p) for p in (path if isinstance(path, (list, tuple)) else [path])]
     raw: dict = {}
+    files: list[Path] = []
     for one in paths:
-        layer = read_yaml_with_base(one)
+        layer = read_yaml_with_base(one, read=files)
         validate(layer, where=str(one))
         raw = deep_merge(raw, layer)
     where = " + ".join(str(p) for p in paths) or "<defaults>"
@@ -124,6 +136,7 @@ def load_config(path: str | Path | list | tuple | None, overrides: list[str] | t
     check_across_fields(config, where + "".join(f" + override {item!r}" for item in overrides))
     config._source = " -c ".join(str(p) for p in paths) or "<defaults>"
     config._overrides = tuple(overrides)
+    config._files = tuple(files)
     return config
 
 
@@ -139,8 +152,9 @@ def check_across_fields(config: Config, where: str) -> None:
         )
 
 
-def read_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """A file may name `base: other.yaml` (relative to itself); its keys override the base's."""
+def read_yaml_with_base(path: Path, seen: tuple[Path, ...] = (), read: list[Path] | None = None) -> dict:
+    """A file may name `base: other.yaml` (relative to itself); its keys override the base's.
+    `read` collects the files read, resolved, bases first."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
@@ -160,10 +174,14 @@ def read_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base = raw.pop("base", None)
     validate(raw, where=str(path))  # before merging, so that an error names this file
     if base is None:
+        if read is not None:
+            read.append(path.resolve())
         return raw
     if not isinstance(base, str) or not base.strip():
         raise ConfigError(f"{path}: base must be the path of one config file, got {base!r}")
-    merged = read_yaml_with_base(path.parent / base, seen + (path.resolve(),))
+    merged = read_yaml_with_base(path.parent / base, seen + (path.resolve(),), read)
+    if read is not None:
+        read.append(path.resolve())
     return deep_merge(merged, raw)
 
 

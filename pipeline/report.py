@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import datetime
+import json
+import logging
 import math
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import click
 from data.layout import json_text
 from stages.common.tables import format_table, markdown_table
 
+log = logging.getLogger("wss.report")
 STAGE_COLUMNS = ["stage", "state", "seconds", "metric", "value", "failures", "artifact"]
 
 
@@ -137,11 +141,74 @@ def evaluate_artifacts(cfg, which: str) -> list[dict]:
     return rows
 
 
-def write_run_report(root: Path, config_source: str, outcomes, splits: dict[str, str], grids: dict[str, Path]) -> Path:
-    """report.md + report.json in the dataset's workdir: stage table, metric table, grid links."""
+TIMING_COLUMNS = ["stage", "state", "started", "seconds", "epochs", "training_seconds", "images_per_s"]
+DIFFERENCE_COLUMNS = ["setting", "this run", "reference"]
+
+
+def stage_timings(outcome) -> dict:
+    """When the stage's artifact was computed and how long it took: the whole stage, and its
+    training epochs (from metrics.jsonl; none for a stage that does not train)."""
+    from pipeline.charts import epoch_records, is_number
+
+    row = {"stage": outcome.stage, "state": "cache hit" if outcome.state == "cached" else "ran"}
+    try:
+        started = json.loads((outcome.path / "manifest.json").read_text()).get("started")
+    except (OSError, ValueError, AttributeError):
+        started = None
+    if is_number(started):
+        row["started"] = datetime.datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M:%S")
+    row["seconds"] = round(outcome.seconds, 1)
+    records = [r for step in epoch_records(outcome.path / "metrics.jsonl").values() for r in step]
+    if records:
+        row["epochs"] = len(records)
+        row["training_seconds"] = sum(r["seconds"] for r in records if is_number(r.get("seconds")))
+        speeds = [r["images_per_s"] for r in records if is_number(r.get("images_per_s"))]
+        row["images_per_s"] = sum(speeds) / len(speeds) if speeds else math.nan
+    return row
+
+
+def draw_curves(root: Path, outcomes) -> dict[str, Path]:
+    """`curves-<stage>.png` in `root` for each trained stage (its metrics.jsonl has epochs)."""
+    from pipeline.charts import training_curves
+
+    curves = {}
+    for o in outcomes:
+        try:
+            path = training_curves(o.stage, o.path / "metrics.jsonl", root / f"curves-{o.stage}.png")
+        except Exception as error:  # a picture must never cost the user the report
+            log.warning("could not draw the training curves of %s: %s", o.stage, error)
+            continue
+        if path is not None:
+            curves[o.stage] = path
+    return curves
+
+
+def difference_rows(differences) -> list[dict]:
+    return [{"setting": d.name, "this run": str(d.value), "reference": str(d.reference)} for d in differences]
+
+
+def write_run_report(
+    root: Path,
+    config_source: str,
+    outcomes,
+    splits: dict[str, str],
+    grids: dict[str, Path],
+    settings: dict[str, tuple] | None = None,
+    captions: dict[str, list[str]] | None = None,
+) -> Path:
+    """report.md, report.json and report.html in the dataset's workdir: stage table, metric
+    table, timings, each stage's settings that differ from the shipped config (`settings`:
+    stage -> (reference name, differences)), training curves (drawn here) and overlay grids
+    (`captions`: stage -> one line per grid row, the full image id and classes)."""
+    from pipeline.report_html import write_html
+
+    settings, captions = settings or {}, captions or {}
     stage_rows = outcome_rows(outcomes)
     metric_table = [row for o in outcomes for row in metric_rows(o.stage, o.metrics, splits)]
     summary, per_class = metric_columns(metric_table)
+    timings = [stage_timings(o) for o in outcomes]
+    root.mkdir(parents=True, exist_ok=True)
+    curves = draw_curves(root, outcomes)
     lines = [
         "# wss run report",
         "",
@@ -158,22 +225,57 @@ def write_run_report(root: Path, config_source: str, outcomes, splits: dict[str,
     ]
     if per_class:
         lines += [markdown_table(metric_table, ["stage", "split", *per_class]), ""]
+    lines += ["## Timings", "", markdown_table(timings, TIMING_COLUMNS, digits=TIMING_DIGITS), ""]
+    if settings:
+        lines += ["## Settings", ""]
+        for stage, (reference, differences) in settings.items():
+            if differences:
+                table = markdown_table(difference_rows(differences), DIFFERENCE_COLUMNS)
+                lines += [f"{stage}: the settings that differ from {reference}", "", table, ""]
+            else:
+                lines += [f"{stage}: the settings of {reference}", ""]
+    if curves:
+        lines += ["## Training curves", ""]
+        lines += [f"![{stage}: loss and images/s per epoch]({path.name})" for stage, path in curves.items()]
+        lines += [""]
     if grids:
         lines += ["## Overlay grids", ""]
         lines += [f"- {stage}: [{path.name}]({path.name})" for stage, path in grids.items()]
     failures = [f"- {o.stage}: {f}" for o in outcomes for f in o.failures]
     if failures:
         lines += ["", "## Failures", "", *failures]
-    root.mkdir(parents=True, exist_ok=True)
     (root / "report.md").write_text("\n".join(lines) + "\n")
     report = {
         "config": config_source,
         "stages": stage_rows,
         "metrics": metric_table,
+        "timings": timings,
+        "settings": {
+            stage: {"reference": reference, "differences": difference_rows(differences)}
+            for stage, (reference, differences) in settings.items()
+        },
+        "curves": {k: str(v) for k, v in curves.items()},
         "grids": {k: str(v) for k, v in grids.items()},
     }
     (root / "report.json").write_text(json_text(report, indent=1))
+    write_html(
+        root / "report.html",
+        config_source,
+        tables={
+            "stages": (stage_rows, STAGE_COLUMNS, {"seconds": 1}),
+            "metrics": (metric_table, ["stage", "split", *summary], 4),
+            "per_class": (metric_table, ["stage", "split", *per_class], 4) if per_class else None,
+            "timings": (timings, TIMING_COLUMNS, TIMING_DIGITS),
+        },
+        settings={stage: (reference, difference_rows(d)) for stage, (reference, d) in settings.items()},
+        curves=curves,
+        grids={stage: (path, captions.get(stage, [])) for stage, path in grids.items()},
+        failures=[(o.stage, f) for o in outcomes for f in o.failures],
+    )
     return root / "report.md"
+
+
+TIMING_DIGITS = {"seconds": 1, "training_seconds": 1, "images_per_s": 1}
 
 
 def write_table(path: Path, rows: list[dict], columns: list[str]) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import platform
 import shutil
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -15,8 +17,10 @@ from data.errors import WssError
 from data.layout import PreparedDataset, nan_for_null, write_json_atomic
 from pipeline.cache import ArtifactStore, CacheError, StageKey, explain_difference
 from pipeline.config import Config
+from pipeline.settings_diff import Difference, differences, reference_config, sectioned
+from pipeline.tensorboard_log import log_finished_stage, open_run, run_folder
 from stages.base import Stage, StageInputError, section_dict
-from stages.common import distributed
+from stages.common import distributed, run_log
 from stages.common.elapsed import ELAPSED_FILE, mark_elapsed, start_clock
 from stages.common.model_files import checkpoint_epoch
 from stages.common.training import CHECKPOINT
@@ -142,16 +146,35 @@ class Pipeline:
             raise WssError(f"unknown stage {name!r} (stages: {', '.join(STAGE_ORDER)})")
         return self.stages[name]
 
+    def key_settings(self, name: str, cfg: Config, limit: int | None = None) -> dict:
+        """The settings of `cfg` that make stage `name`'s artifact: the config part of its key."""
+        stage = self.stage(name)
+        config = stage.key_config(cfg, self.dataset.info.task)
+        config["data"] = {split: getattr(cfg.data, split) for split in stage.splits}
+        config["run"] = {"seed": cfg.run.seed}  # another seed trains other models
+        if limit is not None:
+            config["limit"] = limit
+        return config
+
+    @functools.cached_property
+    def reference(self) -> tuple[str, Config]:
+        """(name, config) of the shipped config the run started from (read once)."""
+        return reference_config(self.cfg)
+
+    def setting_differences(self, name: str, limit: int | None = None) -> tuple[str, list[Difference]]:
+        """(reference name, settings) of stage `name`'s key that differ from the shipped config the
+        run started from (pipeline.settings_diff)."""
+        reference_name, reference = self.reference
+        section = self.stage(name).section
+        ours = sectioned(self.key_settings(name, self.cfg, limit), section)
+        theirs = sectioned(self.key_settings(name, reference), section)
+        return reference_name, differences(ours, theirs)
+
     def key(self, name: str, limit: int | None = None) -> StageKey:
         if (name, limit) not in self._keys:
             stage = self.stage(name)
-            config = stage.key_config(self.cfg, self.dataset.info.task)
-            config["data"] = {split: getattr(self.cfg.data, split) for split in stage.splits}
-            config["run"] = {"seed": self.cfg.run.seed}  # another seed trains other models
-            if limit is not None:
-                config["limit"] = limit
             parts = {
-                "config": config,
+                "config": self.key_settings(name, self.cfg, limit),
                 "dataset": self.fingerprint,
                 "upstream": {need: self.key(need).digest for need in stage.needs},
                 "code": stage.code_version(),
@@ -267,6 +290,8 @@ class Pipeline:
         with (
             self.store.reading(inputs.values()),
             self.store.writing(key, resume=resume, before_discard=self.discarding(name)) as partial,
+            # TensorBoard events (or a no-op), once this process holds the key's lock
+            closing(open_run(self.cfg.run.tensorboard, self.board_folder(key), resume)) as board,
         ):
             distributed.broadcast(partial)
             distributed.check_shared_folder(partial)
@@ -278,7 +303,8 @@ class Pipeline:
             failed = True
             try:
                 log.info("%s: computing %s", name, self.store.final_dir(key))
-                result = stage.run(self.cfg, self.dataset, inputs, partial, resume=resume, limit=limit)
+                with run_log.recording(board):
+                    result = stage.run(self.cfg, self.dataset, inputs, partial, resume=resume, limit=limit)
                 failed = False
             finally:
                 logging.getLogger().removeHandler(handler)
@@ -303,6 +329,7 @@ class Pipeline:
                 "versions": software_versions(),
             }
             final = self.store.commit(key, partial, manifest)
+            log_finished_stage(board, self, name, final, result.metrics, limit)
         distributed.broadcast(final)
         log.info(
             "%s: done in %.1f s%s -> %s",
@@ -312,6 +339,10 @@ class Pipeline:
             final,
         )
         return Outcome(name, "ran", final, seconds, result.metrics, result.headline, result.failures)
+
+    def board_folder(self, key: StageKey) -> Path:
+        """The TensorBoard run of the key's artifact."""
+        return run_folder(self.store.root, self.store.final_dir(key).name)
 
     def preflight(self, name: str) -> None:
         """The stage's cheap checks before it computes (names a library must know; weight files

@@ -25,6 +25,53 @@ COLUMNS_UNTIL = {
     "seg": ["image", "CAM", "seeds", "boundary", "pseudo-label", "prediction", "ground truth"],
 }
 STAGE_FOR_COLUMN = {"CAM": "cam", "seeds": "irn", "boundary": "pseudo", "pseudo-label": "pseudo", "prediction": "seg"}
+STAGE_OUTPUTS = {"cam": ["CAM"], "irn": ["seeds"], "pseudo": ["boundary", "pseudo-label"], "seg": ["prediction"]}
+LABEL_CHARS = 24  # a row label's line in the grid: 2-inch rows at 7 pt hold about 30 characters
+LABEL_LINES = 2  # lines of class names under the id
+MISSING_GREY = 235
+
+
+def short_id(image_id: str, chars: int = LABEL_CHARS) -> str:
+    """`1.2.276.0.7230010.3.1.4.8323329.5597.1517875188.959090` -> `1.2.276...1517875188.959090`:
+    the start and the end (where the ids of a series differ), the middle elided. The full id is
+    in the HTML report's caption."""
+    if len(image_id) <= chars:
+        return image_id
+    head = (chars - 3) // 3
+    return f"{image_id[:head]}...{image_id[len(image_id) - (chars - 3 - head) :]}"
+
+
+def class_lines(names: list[str], chars: int = LABEL_CHARS, lines: int = LABEL_LINES) -> list[str]:
+    """The class names wrapped at the commas into at most `lines` lines of `chars` characters;
+    what does not fit is counted (`+3 more`)."""
+    if not names:
+        return ["no finding"]
+    out: list[str] = []
+    for index, name in enumerate(names):
+        name = short_id(name, chars)
+        if out and len(out[-1]) + 2 + len(name) <= chars:
+            out[-1] += f", {name}"
+        elif len(out) < lines:
+            out.append(name)
+        else:
+            more = f" +{len(names) - index} more"
+            last = out[-1]
+            out[-1] = (last if len(last) + len(more) <= chars else short_id(last, chars - len(more))) + more
+            break
+    return out
+
+
+def fit_text(draw, text: str, width: int) -> str:
+    """`text` shortened by `short_id` until PIL draws it (default font) within `width` pixels."""
+    chars = len(text)
+    while chars > 5 and draw.textbbox((0, 0), short_id(text, chars))[2] > width:
+        chars -= 1
+    return short_id(text, chars)
+
+
+def row_label(image_id: str, names: list[str]) -> str:
+    """A grid row's label: the shortened id over the wrapped class names."""
+    return "\n".join([short_id(image_id), *class_lines(names)])
 
 
 def blend(image: np.ndarray, mask: np.ndarray | None, palette: list[list[int]]) -> np.ndarray:
@@ -117,6 +164,30 @@ class Columns:
         return probabilities_to_mask(probs, meta["task"], self.seg_threshold)
 
 
+def stage_strips(
+    dataset: PreparedDataset, stage: str, artifact: Path, images: list[tuple[str, np.ndarray]], device, seg_threshold
+) -> tuple[list[str], list[tuple[str, np.ndarray]]]:
+    """The columns and, per (image id, image), one strip of tiles side by side: the image, the
+    stage's own outputs (`STAGE_OUTPUTS`, read from `artifact`) and the ground truth where the
+    dataset has masks (for TensorBoard, after the stage)."""
+    columns = ["image", *STAGE_OUTPUTS[stage]]
+    if any(dataset.has_mask(image_id) for image_id, _ in images):
+        columns.append("ground truth")
+    reader = Columns(dataset, {stage: artifact}, device, seg_threshold)
+    strips = []
+    for image_id, image in images:
+        tiles = []
+        for column in columns:
+            try:
+                picture = reader.picture(column, image_id, image)
+            except WssError as error:  # one bad file costs its tile
+                log.warning("overlay strip: %s of %s shown as missing: %s", column, image_id, error)
+                picture = None
+            tiles.append(tile(picture) if picture is not None else np.full((TILE, TILE, 3), MISSING_GREY, np.uint8))
+        strips.append((image_id, np.concatenate(tiles, axis=1)))
+    return columns, strips
+
+
 def grid_images(dataset: PreparedDataset, ids: list[str], n: int) -> list[tuple[str, np.ndarray]]:
     """The first `n` images with a labelled class (any, if none has one) that decode; the others
     are named in a warning and passed over, so one bad file does not cost the picture."""
@@ -142,6 +213,34 @@ def draw_grid(
     seg_threshold: float = 0.5,
 ) -> Path:
     """Write the grid PNG of (image id, image) rows for the stages up to `until`; return its path."""
+    import matplotlib.pyplot as plt
+
+    figure = grid_figure(dataset, artifacts, until, images, device, seg_threshold)
+    create_folder(out.parent)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    try:
+        figure.savefig(tmp, dpi=GRID_DPI)
+        tmp.replace(out)
+    except OSError as error:  # e.g. --out names a folder
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write {out}: {error.strerror or error}") from None
+    finally:
+        plt.close(figure)
+    return out
+
+
+GRID_DPI = 80
+
+
+def grid_figure(
+    dataset: PreparedDataset,
+    artifacts: dict[str, Path],
+    until: str,
+    images: list[tuple[str, np.ndarray]],
+    device,
+    seg_threshold: float = 0.5,
+):
+    """The grid as a matplotlib figure (draw_grid saves it); each row labelled by `row_label`."""
     if not images:
         raise DataError("no image to draw: none of the split's images could be read")
     import matplotlib
@@ -168,7 +267,7 @@ def draw_grid(
             except WssError as error:  # one bad file (label, mask, CAM) costs its picture, not the grid
                 log.warning("overlay grid: %s of %s shown as missing: %s", column, image_id, error)
                 picture = None
-            axis.imshow(tile(picture) if picture is not None else np.full((TILE, TILE, 3), 235, np.uint8))
+            axis.imshow(tile(picture) if picture is not None else np.full((TILE, TILE, 3), MISSING_GREY, np.uint8))
             if picture is None:
                 axis.text(TILE / 2, TILE / 2, "missing", ha="center", va="center", fontsize=8)
             axis.set_xticks([])
@@ -176,16 +275,15 @@ def draw_grid(
             if row == 0:
                 axis.set_title(column, fontsize=9)
             if col == 0:
-                axis.set_ylabel(f"{image_id}\n{', '.join(names) or 'no finding'}", fontsize=7)
+                axis.set_ylabel(row_label(image_id, names), fontsize=7)
     figure.tight_layout()
-    create_folder(out.parent)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    try:
-        figure.savefig(tmp, dpi=80)
-        tmp.replace(out)
-    except OSError as error:  # e.g. --out names a folder
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"cannot write {out}: {error.strerror or error}") from None
-    finally:
-        plt.close(figure)
-    return out
+    return figure
+
+
+def grid_captions(dataset: PreparedDataset, images: list[tuple[str, np.ndarray]]) -> list[str]:
+    """Each grid row's full image id and class names, for a caption (the picture shortens them)."""
+    captions = []
+    for image_id, _ in images:
+        names = [dataset.classes[k] for k in np.nonzero(dataset.label_vector(image_id))[0]]
+        captions.append(f"{image_id}: {', '.join(names) or 'no finding'}")
+    return captions

@@ -125,6 +125,7 @@ class Stage(ABC):
 # whatever computes, reads or writes a stage's outputs or scores stays in its code version.
 NOT_RESULT_BEARING = {
     "stages.common.tables": "text and Markdown tables of metrics already computed, for the log and reports",
+    "stages.common.run_log": "the recorder the training loop reports values it already computed to (TensorBoard)",
 }
 
 

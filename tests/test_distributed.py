@@ -82,6 +82,9 @@ def test_wss_run_on_two_processes_shards_the_work_and_commits_once(tmp_path, syn
         for name, value in rescored.items():  # metrics from every rank's files, not rank 0's share
             assert manifest["metrics"][name] == pytest.approx(value, nan_ok=True), (stage, name)
     assert not list((tmp_path / "work").rglob("*.partial"))
+    for stage in per_image:  # one TensorBoard event file per artifact: rank 0's
+        events = list((tmp_path / "work" / "synthetic" / "tensorboard" / pipeline.artifact(stage).name).iterdir())
+        assert len(events) == 1 and events[0].name.startswith("events.out.tfevents."), (stage, events)
 
     again = cli("run", *args)  # one process finds what two computed: the key does not count processes
     assert again.exit_code == 0, again.output

@@ -69,3 +69,24 @@ def per_class_table(metrics: dict, prefix: str, dataset) -> str:
     ]
     rows.append({"class": "mean", "IoU": metrics.get(f"{prefix}miou", float("nan"))})
     return format_table(rows, ["class", "IoU"])
+
+
+def html_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], digits: int | Mapping[str, int] = 4, css_class: str = ""
+) -> str:
+    """The same cells as `format_table`, as an HTML table (text escaped; numbers right-aligned)."""
+    from html import escape
+
+    numeric = [any(_is_number(row.get(column)) for row in rows) for column in columns]
+    head = "".join(f"<th>{escape(str(c))}</th>" for c in columns)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td{' class=num' if right else ''}>{escape(_cell(row.get(c), _digits_of(digits, c)))}</td>"
+            for c, right in zip(columns, numeric)
+        )
+        + "</tr>"
+        for row in rows
+    )
+    klass = f' class="{escape(css_class)}"' if css_class else ""
+    return f"<table{klass}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

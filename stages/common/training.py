@@ -25,7 +25,7 @@ from data.errors import WssError
 from data.layout import json_text, write_text_atomic
 from data.workers import loader_worker_init
 from stages.base import StageInputError
-from stages.common import distributed
+from stages.common import distributed, run_log
 from stages.common.elapsed import mark_elapsed
 from stages.common.model_files import Checkpoint, load_weights, read_checkpoint_file, read_model_file, write_checkpoint
 from stages.common.runtime import autocast, worker_count
@@ -313,6 +313,10 @@ def fit(
             rewrite_epoch_log(out / "metrics.jsonl", desc, history)
     elif resume and distributed.is_main():  # no usable checkpoint (none yet, an unreadable one, or the
         rewrite_epoch_log(out / "metrics.jsonl", desc, [])  # stage finished and was killed before its commit)
+    recorder = run_log.current() if distributed.is_main() else run_log.RunLog()
+    recording = type(recorder) is not run_log.RunLog  # without a recorder the loop reads no more values
+    if resume:
+        recorder.resumed(start_epoch * steps, steps, history)
     net = model
     if distributed.active():  # DDP starts every rank from rank 0's weights, resumed or not
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -328,6 +332,7 @@ def fit(
         # running sums stay on the device: reading them (a GPU sync) only every `log_every` steps
         # lets the host queue the next step while the GPU still works on this one
         sums: dict[str, torch.Tensor | float] = {}
+        reported, reported_at = {}, 0  # the sums at the last report to the recorder
         started, seen = time.time(), 0
         bar = tqdm(
             itertools.islice(batches, steps),
@@ -355,6 +360,12 @@ def fit(
                         f"(by step {i + 1}); lower the learning rate"
                     )
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2g}")
+                if recording:  # the GPU has synchronised for the loss: the other sums cost no wait
+                    totals = {key: float(value) for key, value in sums.items()}
+                    window = i + 1 - reported_at
+                    means = {key: (total - reported.get(key, 0.0)) / window for key, total in totals.items()}
+                    recorder.step(epoch * steps + i + 1, means, lr)
+                    reported, reported_at = totals, i + 1
         seconds = time.time() - started
         sums = distributed.mean_over_ranks(sums, device)  # the epoch's loss over all images
         record = {
@@ -365,6 +376,8 @@ def fit(
         }
         history.append(record)
         if distributed.is_main():  # checkpoint first: a resumed run never logs an epoch twice
+            # (the recorder before it: a resumed run drops the recorder's points past its checkpoint)
+            recorder.epoch((epoch + 1) * steps, record)
             write_checkpoint(checkpoint_path, model, optimizer, epoch, history)
             mark_elapsed(out)  # a resumed stage's time counts the epochs trained before a kill
             with open(metrics_log, "a") as handle:
