@@ -53,7 +53,16 @@ SCORED = {
     "pseudo": [("train", "pseudo_")],
     "seg": [("val", "seg_val_"), ("train", "seg_train_")],
 }
-SUMMARY_METRICS = ["miou", "coverage", "kaggle_dice", "dice_pos", "iou_pos", "image_auc", "point_accuracy"]
+SUMMARY_METRICS = [
+    "miou",
+    "coverage",
+    "kaggle_dice",
+    "dice_pos",
+    "iou_pos",
+    "image_auc",
+    "mask_point_accuracy",
+    "point_accuracy",
+]
 BOXED_SPLIT = "test (boxed)"
 
 
