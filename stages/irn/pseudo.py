@@ -23,6 +23,7 @@ from data.transforms import normalize
 from stages.base import Stage, StageInputError, StageResult
 from stages.cam.infer import CAM_STRIDE, load_cam
 from stages.common import distributed
+from stages.common.crf import resolve_backend
 from stages.common.runtime import image_loader, progress, resolve_device, worker_count
 from stages.common.scoring import score_label_files
 from stages.irn.crf_pool import CrfPool, planes_to_label
@@ -65,7 +66,7 @@ class PseudoLabelStage(Stage):
     resume_outputs = ("pseudo_labels",)  # kept by --resume (a garbled one is made again)
 
     def key_config(self, cfg, task: str) -> dict:
-        return irn_fields(cfg.irn, pseudo=True)
+        return irn_fields(cfg.irn, pseudo=True, run_device=cfg.run.device)
 
     def run(
         self,
@@ -87,13 +88,18 @@ class PseudoLabelStage(Stage):
         label_dir, edge_dir = out / "pseudo_labels", out / "boundaries"
         label_dir.mkdir(parents=True, exist_ok=True)
         edge_dir.mkdir(exist_ok=True)
-        refine = section.refine_crf_params if section.refine_crf else None
+        refine, refine_device, crf_workers = None, None, 0
+        if section.refine_crf:  # pydensecrf in spawned workers; torch here, on the device (one CUDA context)
+            backend = resolve_backend(section.refine_crf_params.backend, device)
+            refine = section.refine_crf_params.model_copy(update={"backend": backend})
+            refine_device = device if backend == "torch" else None
+            crf_workers = worker_count(cfg.run.workers) if backend == "pydensecrf" else 0
 
         failures, walk_seconds = [], []
         # a label is written whole and after its boundary map, so those a resumed run finds are kept
         todo = [i for i in distributed.shard(ids) if not usable_label(dataset, i, label_dir, "pseudo")]
         loader = image_loader(SafeImageDataset(dataset, todo), min(2, worker_count(cfg.run.workers)))
-        with CrfPool(worker_count(cfg.run.workers) if refine else 0) as crf_pool:
+        with CrfPool(crf_workers) as crf_pool:
             for item in progress(loader, desc="pseudo-labels", unit="img"):
                 image_id = item["id"]
                 if "error" in item:
@@ -116,7 +122,9 @@ class PseudoLabelStage(Stage):
                 if refine is None or not len(keys):
                     write_index_png(target, planes_to_label(planes, keys), dataset.info.palette)
                 else:
-                    crf_pool.submit(image_id, item["image"], planes, keys, refine, target, dataset.info.palette)
+                    crf_pool.submit(
+                        image_id, item["image"], planes, keys, refine, target, dataset.info.palette, refine_device
+                    )
             failures += crf_pool.finish()
 
         failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its labels

@@ -22,7 +22,7 @@ from data.transforms import normalize_batch
 from stages.base import Stage, StageInputError, StageResult
 from stages.cam.infer import CAM_STRIDE, load_cam, upsample_cam
 from stages.common import distributed
-from stages.common.crf import CrfParams
+from stages.common.crf import CrfParams, resolve_backend
 from stages.common.model_files import write_model_file
 from stages.common.runtime import resolve_device, seed_everything, worker_count
 from stages.common.scoring import score_label_files
@@ -52,9 +52,17 @@ def single_threaded_worker() -> None:
 
 
 def write_seed(
-    image_id: str, root: str, cam_dir: str, seed_dir: str, fg: float, bg: float, crf: CrfParams | None
+    image_id: str,
+    root: str,
+    cam_dir: str,
+    seed_dir: str,
+    fg: float,
+    bg: float,
+    crf: CrfParams | None,
+    device: str | None = None,
 ) -> tuple[str, str | None]:
-    """One image's seeds (runs in a worker process); returns (id, error message or None)."""
+    """One image's seeds (in a worker process with pydensecrf, in the main one with the torch
+    CRF on `device`); returns (id, error message or None)."""
     try:
         dataset = PreparedDataset(root)
         cam_path = Path(cam_dir) / f"{image_id}.npz"
@@ -62,7 +70,7 @@ def write_seed(
             return image_id, f"{image_id}: no CAM file {cam_path}"
         cam, keys, size = load_cam(cam_path)
         image = dataset.read_image(image_id) if crf is not None and len(keys) else None
-        seeds = make_seeds(upsample_cam(cam, size), keys, image, fg, bg, crf)
+        seeds = make_seeds(upsample_cam(cam, size), keys, image, fg, bg, crf, device=device)
         write_index_png(Path(seed_dir) / f"{image_id}.png", seeds, dataset.info.palette)
         return image_id, None
     except Exception as error:  # one bad image (or CRF failure) must not stop the others
@@ -104,7 +112,7 @@ class IrnStage(Stage):
     resume_outputs = ("seeds",)  # kept by --resume (a garbled one is made again)
 
     def key_config(self, cfg, task: str) -> dict:
-        return irn_fields(cfg.irn, pseudo=False)
+        return irn_fields(cfg.irn, pseudo=False, run_device=cfg.run.device)
 
     def preflight(self, cfg, dataset: PreparedDataset) -> None:
         """`backbone_init: imagenet` loads its weights into the trunk before any stage computes
@@ -142,7 +150,9 @@ class IrnStage(Stage):
         seed_dir = out / "seeds"
         seed_dir.mkdir(parents=True, exist_ok=True)
 
-        failures = self.write_seeds(dataset, distributed.shard(ids), cam_dir, seed_dir, section, cfg.run.workers)
+        failures = self.write_seeds(
+            dataset, distributed.shard(ids), cam_dir, seed_dir, section, cfg.run.workers, device
+        )
         failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its seeds
         seeded = [i for i in ids if (seed_dir / f"{i}.png").is_file()]
         train_ids = training_ids(dataset, seeded, section.positive_only)
@@ -191,17 +201,33 @@ class IrnStage(Stage):
                 out / MODEL_FILE,
                 "irn",
                 model.to(memory_format=torch.contiguous_format),
-                {"backbone": cam_backbone, "config": irn_fields(section, pseudo=False)},
+                {"backbone": cam_backbone, "config": irn_fields(section, pseudo=False, run_device=cfg.run.device)},
             )
             write_json_atomic(out / "metrics.json", metrics)
         metrics = distributed.broadcast(metrics)
         return StageResult(metrics=metrics, headline="seed_miou", failures=failures)
 
     def write_seeds(
-        self, dataset: PreparedDataset, ids: list[str], cam_dir: Path, seed_dir: Path, section: IrnConfig, workers: int
+        self,
+        dataset: PreparedDataset,
+        ids: list[str],
+        cam_dir: Path,
+        seed_dir: Path,
+        section: IrnConfig,
+        workers: int,
+        device: torch.device,
     ) -> list[str]:
+        """The seed PNGs of `ids`; the failures. The seed CRF runs on the backend `crf.backend`
+        resolves to on `device`: pydensecrf in spawned worker processes, torch in this process
+        on `device` (a worker would open a CUDA context of its own)."""
         if not cam_dir.is_dir():
             raise StageInputError(f"irn: the cam artifact has no cams/ directory ({cam_dir})")
+        crf, crf_device = None, None
+        if section.use_crf:
+            backend = resolve_backend(section.crf.backend, device)
+            crf = section.crf.model_copy(update={"backend": backend})
+            if backend == "torch":
+                crf_device, workers = str(device), 0
         job = functools.partial(
             write_seed,
             root=str(dataset.root),
@@ -209,7 +235,8 @@ class IrnStage(Stage):
             seed_dir=str(seed_dir),
             fg=section.conf_fg_threshold,
             bg=section.conf_bg_threshold,
-            crf=section.crf if section.use_crf else None,
+            crf=crf,
+            device=crf_device,
         )
         todo = [i for i in ids if not usable_label(dataset, i, seed_dir, "irn")]
         failures = []
