@@ -54,9 +54,10 @@ class CrfParams(Section):
     backend: Literal["auto", "pydensecrf", "torch"] = Field(
         "auto",
         description="Where the CRF runs: `pydensecrf` (the compiled extension, in CPU worker processes), `torch` "
-        "(the same model in PyTorch, on `run.device`, in the main process) or `auto`: torch on a CUDA device, "
+        "(the same model in PyTorch, on `run.device`) or `auto`: torch on a CUDA device, "
         "pydensecrf elsewhere. The cache key holds the backend `auto` resolves to (the two agree to float "
-        "rounding, not bit for bit).",
+        "rounding, not bit for bit). On torch, the pass that uses this CRF (seeds, or pseudo-labels) runs on "
+        "the device from the CAM file to the label PNG; on pydensecrf, image by image with CRF worker processes.",
     )
 
 
@@ -93,7 +94,7 @@ def _densecrf():
     return dcrf, crf_utils
 
 
-def _crf_image(image: np.ndarray) -> np.ndarray:
+def crf_image(image: np.ndarray) -> np.ndarray:
     """The image as the C-contiguous uint8 HxWx3 array the bilateral kernel requires.
 
     Grayscale images (HxW or HxWx1, e.g. X-rays) are repeated to three channels.
@@ -148,7 +149,7 @@ def crf_labels(
 ) -> list[np.ndarray]:
     """`crf_label` of several label maps of one image (the seed pass's foreground and background
     maps); the torch backend builds the image's lattices once and runs the maps as one batch."""
-    image = _crf_image(image_rgb)
+    image = crf_image(image_rgb)
     maps = [_check_labels(labels, image, n_labels) for labels in label_maps]
     if not maps:
         return []
@@ -208,7 +209,7 @@ def crf_prob(
     Unary = -log(p) with p clipped at 1e-5 (``gt_prob`` is not used here). `backend` (default
     `params.backend`) and `device`: see `resolve_backend`.
     """
-    image = _crf_image(image_rgb)
+    image = crf_image(image_rgb)
     probs = np.asarray(probs, dtype=np.float32)
     if probs.ndim != 3 or probs.shape[1:] != image.shape[:2] or probs.shape[0] == 0:
         raise ValueError(f"probs must be (C, H, W) with C >= 1 and H, W = {image.shape[:2]}, got {probs.shape}")

@@ -29,13 +29,12 @@ def planes_to_label(planes: np.ndarray, keys: np.ndarray) -> np.ndarray:
 
 
 def refine_and_write(
-    image_id: str, image: np.ndarray, planes: np.ndarray, keys: np.ndarray, params, target: Path, palette, device=None
+    image_id: str, image: np.ndarray, planes: np.ndarray, keys: np.ndarray, params, target: Path, palette
 ) -> str | None:
-    """CRF-refined label PNG of one image (in a worker process with pydensecrf, in the main one
-    with the torch CRF on `device`); an error message or None."""
+    """CRF-refined label PNG of one image (runs in a worker process); an error message or None."""
     try:
         probs = planes / planes.sum(0, keepdims=True).clip(1e-5)
-        write_index_png(target, planes_to_label(crf_prob(image, probs, params, device=device), keys), palette)
+        write_index_png(target, planes_to_label(crf_prob(image, probs, params), keys), palette)
         return None
     except Exception as error:
         return f"{image_id}: CRF refinement failed: {type(error).__name__}: {error}"

@@ -31,6 +31,7 @@ from stages.irn.affinity import affinity_labels, affinity_loss, edge_to_affinity
 from stages.irn.config import IrnConfig
 from stages.irn.label_files import usable_label
 from stages.irn.net import MODEL_FILE, BoundaryNet, build_backbone
+from stages.irn.resident import LOADER_WORKERS, on_device, write_seeds_on_device
 from stages.irn.seeds import make_seeds
 from stages.irn.settings import irn_fields
 
@@ -59,10 +60,8 @@ def write_seed(
     fg: float,
     bg: float,
     crf: CrfParams | None,
-    device: str | None = None,
 ) -> tuple[str, str | None]:
-    """One image's seeds (in a worker process with pydensecrf, in the main one with the torch
-    CRF on `device`); returns (id, error message or None)."""
+    """One image's seeds (runs in a worker process); returns (id, error message or None)."""
     try:
         dataset = PreparedDataset(root)
         cam_path = Path(cam_dir) / f"{image_id}.npz"
@@ -70,7 +69,7 @@ def write_seed(
             return image_id, f"{image_id}: no CAM file {cam_path}"
         cam, keys, size = load_cam(cam_path)
         image = dataset.read_image(image_id) if crf is not None and len(keys) else None
-        seeds = make_seeds(upsample_cam(cam, size), keys, image, fg, bg, crf, device=device)
+        seeds = make_seeds(upsample_cam(cam, size), keys, image, fg, bg, crf)
         write_index_png(Path(seed_dir) / f"{image_id}.png", seeds, dataset.info.palette)
         return image_id, None
     except Exception as error:  # one bad image (or CRF failure) must not stop the others
@@ -218,16 +217,18 @@ class IrnStage(Stage):
         device: torch.device,
     ) -> list[str]:
         """The seed PNGs of `ids`; the failures. The seed CRF runs on the backend `crf.backend`
-        resolves to on `device`: pydensecrf in spawned worker processes, torch in this process
-        on `device` (a worker would open a CUDA context of its own)."""
+        resolves to on `device`: with torch (or without a CRF on a CUDA device) the seeds are
+        made on the device (stages/irn/resident.py), with pydensecrf in spawned worker processes."""
         if not cam_dir.is_dir():
             raise StageInputError(f"irn: the cam artifact has no cams/ directory ({cam_dir})")
-        crf, crf_device = None, None
+        crf = None
         if section.use_crf:
-            backend = resolve_backend(section.crf.backend, device)
-            crf = section.crf.model_copy(update={"backend": backend})
-            if backend == "torch":
-                crf_device, workers = str(device), 0
+            crf = section.crf.model_copy(update={"backend": resolve_backend(section.crf.backend, device)})
+        todo = [i for i in ids if not usable_label(dataset, i, seed_dir, "irn")]
+        if on_device(device, crf):
+            fg, bg = section.conf_fg_threshold, section.conf_bg_threshold
+            loaders = min(LOADER_WORKERS, worker_count(workers))
+            return write_seeds_on_device(dataset, todo, cam_dir, seed_dir, fg, bg, crf, device, loaders)
         job = functools.partial(
             write_seed,
             root=str(dataset.root),
@@ -236,9 +237,7 @@ class IrnStage(Stage):
             fg=section.conf_fg_threshold,
             bg=section.conf_bg_threshold,
             crf=crf,
-            device=crf_device,
         )
-        todo = [i for i in ids if not usable_label(dataset, i, seed_dir, "irn")]
         failures = []
         for image_id, error in parallel_map(
             job,
