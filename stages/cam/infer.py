@@ -7,6 +7,7 @@ Only the image's labelled classes are computed and stored (their indices are the
 from __future__ import annotations
 
 import math
+import threading
 import zipfile
 from pathlib import Path
 
@@ -173,9 +174,9 @@ def cam_batch_images(image_size: tuple[int, int], scales: list[float], flip: boo
 
     On a CUDA device as many as keep one forward pass (the largest scale, both flips) within
     CAM_BATCH_PIXELS: a ResNet-50 pass over a few small copies is too short to keep the GPU
-    busy, and memory grows with the pixels of the pass. On a CPU one: there a convolution costs
-    the same per pixel at any batch (bench/stage_cam.py), and a batched one rounds otherwise
-    than the one-image pass.
+    busy, and memory grows with the pixels of the pass. On a CPU one: a batched convolution
+    rounds otherwise than the one-image pass, and the CPU path keeps its CAM files (and the
+    demo's figures) bit for bit; `write_cam_files(images_per_batch=N)` batches there too.
     """
     if device.type != "cuda":
         return 1
@@ -258,7 +259,7 @@ def write_cam_files(
 
 def save_cam(path: Path, cam: np.ndarray, keys: list[int], size: tuple[int, int]) -> None:
     """cams/<id>.npz: float16 stride-4 maps, the class indices they belong to, the full size."""
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    tmp = path.with_name(f".{path.stem}.tmp{threading.get_ident()}.npz")  # one per writer thread
     np.savez_compressed(
         tmp, cam=cam.astype(np.float16), keys=np.asarray(keys, np.int64), size=np.asarray(size, np.int64)
     )
