@@ -275,3 +275,26 @@ def test_cam_batches_on_cuda_equal_one_image_at_a_time(synthetic_dataset, tmp_pa
     for image_id in ids:
         one, batched = (load_cam(tmp_path / kind / f"{image_id}.npz")[0] for kind in ("one", "batched"))
         np.testing.assert_allclose(batched, one, atol=3e-2)
+
+
+def test_a_cam_batch_at_512_px_fits_16_gb():
+    """The default CAM batch (cam_batch_images) of 512 px images at configs/voc.yaml's scales and
+    flip, through a ResNet-50 in bf16, peaks well below 16 GB of GPU memory."""
+    from stages.cam.infer import cam_batch_images, scaled_cam_batch
+    from stages.cam.nets import GapNet
+
+    gpu, scales = torch.device("cuda"), [1.0, 0.5, 1.5, 2.0]
+    images = cam_batch_images((512, 512), scales, True, gpu)
+    net = GapNet(20, "resnet50", None).eval().cuda().to(memory_format=torch.channels_last)
+    batch = torch.randint(0, 256, (images, 512, 512, 3), dtype=torch.uint8)
+    scaled = [
+        torch.nn.functional.interpolate(batch.permute(0, 3, 1, 2).float(), scale_factor=s).permute(0, 2, 3, 1)
+        for s in scales
+    ]
+    scaled = [copy.round().clamp(0, 255).to(torch.uint8).contiguous() for copy in scaled]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    cams = scaled_cam_batch(net, scaled, (512, 512), [[0, 5, 19]] * images, True, gpu)
+    peak = torch.cuda.max_memory_allocated() - base
+    assert len(cams) == images and peak < 12 * 2**30, f"{images} images: {peak / 2**30:.1f} GiB"
