@@ -1,8 +1,9 @@
 """From the walked CAMs of one image to its pseudo-label (IRNet's rule), on the walk's device.
 
-`label_planes` / `walk_to_label` give numpy arrays (the per-image path and `wss tune`);
-`label_planes_tensor` / `planes_to_label_tensor` keep them on the device (the pass on a device,
-stages/irn/pseudo_pass.py). Both are the same computation.
+`label_planes` / `walk_to_label` give numpy arrays (the per-image path, and any caller that
+walks one image: `random_walk` then `walk_to_label`); `label_planes_tensor` /
+`planes_to_label_tensor` keep them on the device (stages/irn/resident.py). Both are the same
+computation.
 """
 
 from __future__ import annotations
