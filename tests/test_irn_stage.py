@@ -293,6 +293,22 @@ def test_crf_refinement_in_process_and_in_workers(chain, cli, workers):
         assert set(np.unique(label)) <= allowed
 
 
+def test_torch_seed_crf_makes_its_own_seeds_that_agree_with_pydensecrf(chain, cli, tmp_path):
+    """`irn.crf.backend: torch` on the CPU makes the seeds on the device path: an irn artifact of
+    its own (the backend is in the key) whose seeds are pydensecrf's on >= 99% of the pixels."""
+    root, workdir, args = chain
+    workdir = shutil.copytree(workdir, tmp_path / "runs")  # the other tests find one irn artifact
+    args = [a.replace(str(chain[1]), str(workdir)) for a in args]
+    result = cli("run", "-c", DEMO_CONFIG, *args, "--until", "irn", "-o", "irn.crf.backend=torch")
+    assert result.exit_code == 0, result.output + str(result.exception)
+    configs = {p: json.loads((p / "manifest.json").read_text())["config"]["irn"] for p in workdir.glob("*/irn-*")}
+    made = {irn["crf"]["backend"]: p for p, irn in configs.items() if irn.get("use_crf")}
+    assert set(made) == {"auto", "torch"}  # the manifest holds the config as written; auto is pydensecrf here
+    ids = PreparedDataset(root).split("train")
+    seeds = {b: np.stack([read_index_png(p / "seeds" / f"{i}.png") for i in ids]) for b, p in made.items()}
+    assert (seeds["torch"] == seeds["auto"]).mean() >= 0.99
+
+
 def test_torch_crf_refinement_agrees_with_pydensecrf_refinement(chain, cli):
     """`refine_crf_params.backend: torch` on the CPU refines in this process: an artifact of its
     own (the backend is in the key) whose labels are pydensecrf's on >= 99% of the pixels."""
