@@ -49,8 +49,8 @@ wanted walk && step walk 90 "$PY" bench/random_walk.py --device cuda --sizes 64,
 wanted crf && step crf 90 "$PY" bench/crf.py --device cuda --repeats 3
 wanted cam && step cam 120 "$PY" bench/stage_cam.py --device cuda
 wanted seg && step seg 90 "$PY" bench/stage_seg.py --device cuda
-wanted irn && step irn 60 "$PY" bench/stage_irn.py --device cuda --size 512 --images 32 --backbone resnet50 \
-    --crf-workers none,8
+wanted irn && step irn 60 "$PY" bench/stage_irn.py --device cuda --size 512 --images 16 --backbone resnet50 \
+    --crf-workers none,8 --loaders 4
 wanted scale && step scale 540 "$PY" bench/pipeline_scale.py --device cuda --out "$OUT/pipeline-scale"
 
 if [ ${#failed[@]} -gt 0 ]; then

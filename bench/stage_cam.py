@@ -11,8 +11,10 @@
   excluded) at the same batch and crop size. Both epochs are reported: the first pays for
   worker start-up and the first step's warm-up (cuDNN autotuning), the second is the steady
   state (fit keeps its workers between epochs);
-- CAM inference: the stage's own (CamStage.write_cams: resizing in loader workers, the float
-  work on the device, .npz files written) at --cam-scales with flip.
+- CAM inference: the stage's own (stages.cam.infer.write_cam_files: resizing in loader
+  workers, batches of one image size on CUDA, the float work on the device, .npz files written
+  by writer threads) at --cam-scales with flip; `--cam-batch N` forces N images a batch
+  (default: the stage's rule, one image at a time on a CPU).
 
 The images are a few synthetic ones written to a temporary prepared dataset and listed
 repeatedly, so the loader decodes real PNG files of the requested size. Defaults: on a CPU
@@ -39,8 +41,8 @@ from data.layout import PreparedDataset  # noqa: E402
 from data.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
 from data.transforms import normalize_batch  # noqa: E402
 from stages.cam.config import CamConfig  # noqa: E402
+from stages.cam.infer import write_cam_files  # noqa: E402
 from stages.cam.methods import build_cam_net  # noqa: E402
-from stages.cam.stage import CamStage  # noqa: E402
 from stages.common.runtime import resolve_device, seed_everything, worker_count  # noqa: E402
 from stages.common.tables import format_table  # noqa: E402
 from stages.common.training import PREFETCH_FACTOR, TrainSettings, fit, make_optimizer  # noqa: E402
@@ -95,17 +97,27 @@ def loop_steps(steps: int, workers: int) -> int:
     return max(steps, 8 * workers * PREFETCH_FACTOR)
 
 
-def cam_rate(model, cfg: CamConfig, data: PreparedDataset, device, count: int, workers: int, out: Path) -> float:
-    """images/s of the stage's own CAM inference (CamStage.write_cams: loader workers read and
-    resize, the device normalises, flips and runs every scale, the files are written), worker
-    start-up included; after one warm-up image."""
+def cam_rate(
+    model,
+    cfg: CamConfig,
+    data: PreparedDataset,
+    device,
+    count: int,
+    workers: int,
+    out: Path,
+    images_per_batch: int | None = None,
+) -> float:
+    """images/s of the stage's own CAM inference (write_cam_files: loader workers read and
+    resize, the device normalises, flips and runs every scale over a batch of one image size,
+    writer threads write the files), worker start-up included; after one warm-up batch."""
     model = model.to(memory_format=torch.contiguous_format).eval()
     ids = data.split("train")
-    CamStage().write_cams(model, cfg, data, ids[:1], out / "warm-up", device, 0)
+    warm_up = ids[: images_per_batch or 1]
+    write_cam_files(model, cfg, data, warm_up, out / "warm-up", device, 0, images_per_batch=images_per_batch)
     ids = (ids * math.ceil(count / len(ids)))[:count]
     synchronize(device)
     start = time.perf_counter()
-    failures = CamStage().write_cams(model, cfg, data, ids, out / "cams", device, workers)
+    failures = write_cam_files(model, cfg, data, ids, out / "cams", device, workers, images_per_batch=images_per_batch)
     synchronize(device)
     assert not failures, failures
     return count / (time.perf_counter() - start)
@@ -127,6 +139,10 @@ def main() -> None:
     parser.add_argument("--method", default="gap")
     parser.add_argument("--cam-images", type=int, default=None, help="CPU 16, CUDA 200")
     parser.add_argument("--cam-scales", default="1.0,0.5,1.5,2.0")
+    parser.add_argument(
+        "--cam-batch", type=int, default=None, help="images a CAM batch (default: the stage's rule, 1 on a CPU)"
+    )
+    parser.add_argument("--skip-training", action="store_true", help="time the CAM inference only")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -155,28 +171,35 @@ def main() -> None:
         data = PreparedDataset(write_synthetic(Path(tmp) / "data", SyntheticSpec(n=40, size=size, seed=0)))
         print(f"wrote 40 synthetic {size}px images in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         model = build_cam_net(cfg, len(data.classes))
-        bare = bare_step_rate(model, cfg, device, batch, size, steps, warmup=3 if cuda else 1)
-        first, loop = loop_rate(model, cfg, data, device, batch, size, loop_steps(steps, workers), workers, Path(tmp))
-        cams = cam_rate(model, cfg, data, device, cam_images, workers, Path(tmp))
+        rows = []
+        if not args.skip_training:
+            bare = bare_step_rate(model, cfg, device, batch, size, steps, warmup=3 if cuda else 1)
+            first, loop = loop_rate(
+                model, cfg, data, device, batch, size, loop_steps(steps, workers), workers, Path(tmp)
+            )
+            rows = [
+                {"measure": "bare model step (train)", "images/s": f"{bare:.1f}", "vs bare": "100%"},
+                {
+                    "measure": f"real loop ({workers} workers), epoch 1 (worker start, autotune)",
+                    "images/s": f"{first:.1f}",
+                    "vs bare": f"{100 * first / bare:.0f}%",
+                },
+                {
+                    "measure": f"real loop ({workers} workers), epoch 2",
+                    "images/s": f"{loop:.1f}",
+                    "vs bare": f"{100 * loop / bare:.0f}%",
+                },
+            ]
+        cams = cam_rate(model, cfg, data, device, cam_images, workers, Path(tmp), args.cam_batch)
 
-    rows = [
-        {"measure": "bare model step (train)", "images/s": f"{bare:.1f}", "vs bare": "100%"},
+    per_batch = args.cam_batch or ("by size" if cuda else 1)
+    rows.append(
         {
-            "measure": f"real loop ({workers} workers), epoch 1 (worker start, autotune)",
-            "images/s": f"{first:.1f}",
-            "vs bare": f"{100 * first / bare:.0f}%",
-        },
-        {
-            "measure": f"real loop ({workers} workers), epoch 2",
-            "images/s": f"{loop:.1f}",
-            "vs bare": f"{100 * loop / bare:.0f}%",
-        },
-        {
-            "measure": f"CAM inference (scales {args.cam_scales}, flip, {workers} workers)",
+            "measure": f"CAM inference (scales {args.cam_scales}, flip, {workers} workers, {per_batch} img/batch)",
             "images/s": f"{cams:.2f}",
             "vs bare": "-",
-        },
-    ]
+        }
+    )
     name = (
         torch.cuda.get_device_name(device)
         if cuda

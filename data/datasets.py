@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from data.errors import WssError
 from data.layout import IGNORE_INDEX, PreparedDataset, read_index_png
 from data.transforms import scaled_copies, train_augment, uint8_tensor
+from data.workers import loader_worker_init
 
 
 class AugmentedDataset(Dataset):
@@ -129,6 +131,65 @@ class MultiScaleImageDataset(SafeImageDataset):
             "size": tuple(image.shape[:2]),
             "scaled": [uint8_tensor(copy) for copy in scaled_copies(image, self.scales)],
         }
+
+
+def stack_scaled(items: list[dict]) -> dict:
+    """collate_fn of MultiScaleImageDataset in batches: {"errors": the error items, "groups": one
+    {"ids", "size", "scaled": uint8 (B, h, w, 3) tensors, one per scale} per image size}. The
+    batches are made of one size (same_size_batches); an image whose file changed size since its
+    header was read makes a group of its own instead of failing the batch."""
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for item in items:
+        if "error" not in item:
+            groups.setdefault(item["size"], []).append(item)
+    return {
+        "errors": [item for item in items if "error" in item],
+        "groups": [
+            {
+                "ids": [item["id"] for item in group],
+                "size": size,
+                "scaled": [torch.stack(copies) for copies in zip(*(item["scaled"] for item in group))],
+            }
+            for size, group in groups.items()
+        ],
+    }
+
+
+def same_size_batches(
+    sizes: Sequence[tuple[int, int] | None], images_per_batch: Callable[[tuple[int, int]], int]
+) -> list[list[int]]:
+    """The indices of `sizes` in batches of one image size (H, W) each, at most
+    `images_per_batch(size)` long, so that a batch is one tensor and costs memory in proportion
+    to its pixels. A batch is complete as soon as it is full, so the images of a common size go
+    in about their order; what is left of each size comes last. An unknown size (None: a header
+    that did not read) is a batch of its own, where the loader reports the image."""
+    open_batches: dict[tuple[int, int], list[int]] = {}
+    batches = []
+    for index, size in enumerate(sizes):
+        if size is None:
+            batches.append([index])
+            continue
+        batch = open_batches.setdefault(tuple(size), [])
+        batch.append(index)
+        if len(batch) >= max(1, images_per_batch(tuple(size))):
+            batches.append(open_batches.pop(tuple(size)))
+    return batches + list(open_batches.values())
+
+
+def batch_loader(
+    dataset: Dataset, batches: list[list[int]], collate: Callable, workers: int, pin_memory: bool = False
+) -> DataLoader:
+    """A loader of the given batches of `dataset`, collated (and stacked) in `workers` processes
+    (0: in this one) that end with this process even if it is killed (data.workers); `pin_memory`
+    for copies to a CUDA device that overlap the computation."""
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collate,
+        num_workers=workers,
+        worker_init_fn=loader_worker_init() if workers else None,
+        pin_memory=pin_memory,
+    )
 
 
 def first_item(batch: list[dict]) -> dict:

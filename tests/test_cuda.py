@@ -219,3 +219,82 @@ def test_a_checkpoint_of_a_cuda_model_round_trips(tmp_path, optimizer):
     from tests.test_model_files import checkpoint_round_trip
 
     checkpoint_round_trip(tmp_path, optimizer, torch.device("cuda"))
+
+
+# ------------------------------------------------ stage 2 on the device, CAMs in batches (GPU)
+def test_seeds_on_cuda_agree_with_the_cpu_path(synthetic_dataset, tmp_path):
+    """The seeds made on the GPU (auto = the torch CRF there) agree with the per-image path's
+    pydensecrf seeds on >= 99% of the pixels; without a CRF on >= 99% too (float rounding of
+    the upsampling on another device)."""
+    from stages.common.crf import CrfParams
+    from stages.irn.resident import write_seeds_on_device
+    from tests.test_resident import cam_files, per_image_seeds, read_all
+
+    dataset, ids, cam_dir = cam_files(synthetic_dataset(), tmp_path)
+    for name, crf in (("crf", CrfParams()), ("plain", None)):
+        reference = CrfParams(backend="pydensecrf") if crf is not None else None
+        per_image_seeds(dataset, ids, cam_dir, tmp_path / f"pool-{name}", reference)
+        (tmp_path / f"gpu-{name}").mkdir()
+        gpu = torch.device("cuda")
+        assert write_seeds_on_device(dataset, ids, cam_dir, tmp_path / f"gpu-{name}", 0.30, 0.05, crf, gpu, 2) == []
+        agree = read_all(tmp_path / f"gpu-{name}", ids) == read_all(tmp_path / f"pool-{name}", ids)
+        assert agree.mean() >= 0.99, name
+
+
+def test_pseudo_labels_on_cuda_agree_with_the_cpu_path(synthetic_dataset, tmp_path):
+    """Pseudo-labels on the GPU (boundary net, Triton walk, torch CRF) against the per-image
+    path on the CPU (pydensecrf refinement): >= 99% of the pixels, with and without refinement."""
+    from stages.common.crf import CrfParams
+    from tests.test_resident import cam_files, device_pseudo, per_image_pseudo, random_boundary_net, read_all
+
+    dataset, ids, cam_dir = cam_files(synthetic_dataset(), tmp_path)
+    for name, refine in (("crf", CrfParams()), ("plain", None)):
+        reference = CrfParams(backend="pydensecrf") if refine is not None else None
+        per_image_pseudo(random_boundary_net(), dataset, ids, cam_dir, tmp_path / f"pool-{name}", reference)
+        model = random_boundary_net()
+        device_pseudo(model, dataset, ids, cam_dir, tmp_path / f"gpu-{name}", refine, device=torch.device("cuda"))
+        gpu = read_all(tmp_path / f"gpu-{name}" / "labels", ids)
+        assert (gpu == read_all(tmp_path / f"pool-{name}" / "labels", ids)).mean() >= 0.99, name
+
+
+def test_cam_batches_on_cuda_equal_one_image_at_a_time(synthetic_dataset, tmp_path):
+    """CAM inference in batches of one size (the default rule on a GPU) writes each image's maps
+    as one image at a time does, to bf16 rounding."""
+    from data.layout import PreparedDataset
+    from stages.cam.config import CamConfig
+    from stages.cam.infer import load_cam, write_cam_files
+    from stages.cam.nets import GapNet
+
+    dataset = PreparedDataset(synthetic_dataset())
+    ids = dataset.split("train")[:20]
+    torch.manual_seed(0)
+    net = GapNet(len(dataset.classes), "resnet18", None).eval().cuda()
+    section, gpu = CamConfig(scales=[1.0, 0.5, 1.5, 2.0], flip=True), torch.device("cuda")
+    assert write_cam_files(net, section, dataset, ids, tmp_path / "one", gpu, 2, images_per_batch=1) == []
+    assert write_cam_files(net, section, dataset, ids, tmp_path / "batched", gpu, 2) == []
+    for image_id in ids:
+        one, batched = (load_cam(tmp_path / kind / f"{image_id}.npz")[0] for kind in ("one", "batched"))
+        np.testing.assert_allclose(batched, one, atol=3e-2)
+
+
+def test_a_cam_batch_at_512_px_fits_16_gb():
+    """The default CAM batch (cam_batch_images) of 512 px images at configs/voc.yaml's scales and
+    flip, through a ResNet-50 in bf16, peaks well below 16 GB of GPU memory."""
+    from stages.cam.infer import cam_batch_images, scaled_cam_batch
+    from stages.cam.nets import GapNet
+
+    gpu, scales = torch.device("cuda"), [1.0, 0.5, 1.5, 2.0]
+    images = cam_batch_images((512, 512), scales, True, gpu)
+    net = GapNet(20, "resnet50", None).eval().cuda().to(memory_format=torch.channels_last)
+    batch = torch.randint(0, 256, (images, 512, 512, 3), dtype=torch.uint8)
+    scaled = [
+        torch.nn.functional.interpolate(batch.permute(0, 3, 1, 2).float(), scale_factor=s).permute(0, 2, 3, 1)
+        for s in scales
+    ]
+    scaled = [copy.round().clamp(0, 255).to(torch.uint8).contiguous() for copy in scaled]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    cams = scaled_cam_batch(net, scaled, (512, 512), [[0, 5, 19]] * images, True, gpu)
+    peak = torch.cuda.max_memory_allocated() - base
+    assert len(cams) == images and peak < 12 * 2**30, f"{images} images: {peak / 2**30:.1f} GiB"

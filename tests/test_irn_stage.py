@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from data.errors import WssError
 from data.layout import PreparedDataset, read_index_png
 from stages.common.backbones import STAGE_STRIDES, ResNetFeatures
 from stages.irn.net import BoundaryNet
@@ -293,6 +294,57 @@ def test_crf_refinement_in_process_and_in_workers(chain, cli, workers):
         assert set(np.unique(label)) <= allowed
 
 
+def test_torch_seed_crf_makes_its_own_seeds_that_agree_with_pydensecrf(chain, cli, tmp_path):
+    """`irn.crf.backend: torch` on the CPU makes the seeds on the device path: an irn artifact of
+    its own (the backend is in the key) whose seeds are pydensecrf's on >= 99% of the pixels."""
+    root, workdir, args = chain
+    workdir = shutil.copytree(workdir, tmp_path / "runs")  # the other tests find one irn artifact
+    args = [a.replace(str(chain[1]), str(workdir)) for a in args]
+    result = cli("run", "-c", DEMO_CONFIG, *args, "--until", "irn", "-o", "irn.crf.backend=torch")
+    assert result.exit_code == 0, result.output + str(result.exception)
+    configs = {p: json.loads((p / "manifest.json").read_text())["config"]["irn"] for p in workdir.glob("*/irn-*")}
+    made = {irn["crf"]["backend"]: p for p, irn in configs.items() if irn.get("use_crf")}
+    assert set(made) == {"auto", "torch"}  # the manifest holds the config as written; auto is pydensecrf here
+    ids = PreparedDataset(root).split("train")
+    seeds = {b: np.stack([read_index_png(p / "seeds" / f"{i}.png") for i in ids]) for b, p in made.items()}
+    assert (seeds["torch"] == seeds["auto"]).mean() >= 0.99
+
+
+def test_torch_crf_refinement_agrees_with_pydensecrf_refinement(chain, cli):
+    """`refine_crf_params.backend: torch` on the CPU refines in this process: an artifact of its
+    own (the backend is in the key) whose labels are pydensecrf's on >= 99% of the pixels."""
+    root, workdir, args = chain
+    labels = {}
+    for backend in ("pydensecrf", "torch"):
+        result = cli(
+            "pseudo-labels",
+            "-c",
+            DEMO_CONFIG,
+            *args,
+            "-o",
+            "irn.refine_crf=true",
+            "-o",
+            f"irn.refine_crf_params.backend={backend}",
+            "-o",
+            "run.workers=0",
+            "-o",
+            "irn.sem_seg_bg_threshold=0.35",  # this test's own artifacts
+        )
+        assert result.exit_code == 0, result.output + str(result.exception)
+        configs = {
+            p: json.loads((p / "manifest.json").read_text())["config"]["irn"] for p in workdir.glob("*/pseudo-*")
+        }
+        [made] = [
+            p
+            for p, irn in configs.items()
+            if irn["sem_seg_bg_threshold"] == 0.35 and irn.get("refine_crf_params", {}).get("backend") == backend
+        ]
+        labels[backend] = np.stack(
+            [read_index_png(made / "pseudo_labels" / f"{i}.png") for i in PreparedDataset(root).split("train")]
+        )
+    assert (labels["torch"] == labels["pydensecrf"]).mean() >= 0.99
+
+
 def test_irn_and_pseudo_keys_leave_out_settings_nothing_reads():
     """Another value of a CRF that is switched off, of the probability CRF's unused gt_prob or
     of AdamW's momentum must not retrain the IRN or redo the pseudo-labels; the same settings in
@@ -326,6 +378,36 @@ def test_irn_and_pseudo_keys_leave_out_settings_nothing_reads():
         ]
         != pseudo
     )
+
+
+def test_the_keys_hold_the_crf_backend_that_runs_on_the_device(monkeypatch):
+    """`crf.backend: auto` is pydensecrf on a CPU and torch on a CUDA device: the keys hold the
+    resolved backend, so one config makes different seeds and pseudo-labels there (the two CRFs
+    agree to float rounding, not bit for bit) and the same ones as naming that backend."""
+    from pipeline.config import load_config
+    from stages.irn.pseudo import PseudoLabelStage
+    from stages.irn.stage import IrnStage
+
+    def keys(*overrides):
+        cfg = load_config(DEMO_CONFIG, ["irn.use_crf=true", "irn.refine_crf=true", *overrides])
+        return IrnStage().key_config(cfg, "multiclass"), PseudoLabelStage().key_config(cfg, "multiclass")
+
+    def backends(pair):
+        return pair[0]["crf"]["backend"], pair[1]["refine_crf_params"]["backend"]
+
+    on_cpu, on_gpu = keys("run.device=cpu"), keys("run.device=cuda:1")  # a key never starts CUDA
+    assert backends(on_cpu) == ("pydensecrf", "pydensecrf") and backends(on_gpu) == ("torch", "torch")
+    assert on_cpu[0] != on_gpu[0] and on_cpu[1] != on_gpu[1]
+    assert keys("run.device=cpu", "irn.crf.backend=pydensecrf", "irn.refine_crf_params.backend=pydensecrf") == on_cpu
+    assert keys("run.device=cuda", "irn.crf.backend=auto") == on_gpu
+    torch_on_cpu = keys("run.device=cpu", "irn.crf.backend=torch", "irn.refine_crf_params.backend=torch")
+    assert backends(torch_on_cpu) == ("torch", "torch")
+    assert backends(keys("run.device=cuda", "irn.crf.backend=pydensecrf")) == ("pydensecrf", "torch")
+    for available, backend in ((False, "pydensecrf"), (True, "torch")):  # run.device=auto: where it runs
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        assert backends(keys("run.device=auto")) == (backend, backend)
+    with pytest.raises(WssError, match="backend"):
+        keys("irn.crf.backend=cuda")
 
 
 def test_an_affinity_radius_without_pairs_is_a_config_error():
@@ -437,14 +519,14 @@ def test_a_crf_failure_on_one_image_is_listed_and_the_others_go_on(chain, cli, t
     victim = PreparedDataset(root).split("train")[1]
     real = irn_stage.make_seeds
 
-    def failing(cam, keys, image, *rest):
+    def failing(cam, keys, image, *rest, **options):
         if (
             image is not None
             and image.shape == PreparedDataset(root).read_image(victim).shape
             and np.array_equal(image, PreparedDataset(root).read_image(victim))
         ):
             raise RuntimeError("simulated CRF failure")
-        return real(cam, keys, image, *rest)
+        return real(cam, keys, image, *rest, **options)
 
     monkeypatch.setattr(irn_stage, "make_seeds", failing)
     result = cli("run", "-c", DEMO_CONFIG, "--until", "irn", "--force", "irn", *args)

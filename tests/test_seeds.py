@@ -96,3 +96,47 @@ def test_seeds_with_crf_snap_to_the_object():
     assert not (seeds[~square] == 4).any()
     assert (seeds[square] == 4).mean() > 0.9
     assert (seeds[:4, :4] == 0).all() and (seeds[-4:, -4:] == 0).all()
+
+
+def seed_scene(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An image with two coloured boxes on noise and their CAMs (classes 1 and 6), blurred past
+    the boxes' edges so that the CRF has edges to snap to."""
+    rng = np.random.default_rng(seed)
+    height, width = 72, 96
+    image = rng.integers(0, 40, (height, width, 3)).astype(np.int64)
+    cams = np.zeros((2, height, width), np.float32)
+    for plane, (y0, y1, x0, x1) in enumerate([(8, 40, 10, 50), (30, 66, 45, 90)]):
+        image[y0:y1, x0:x1] += rng.integers(60, 200, 3)
+        cams[plane, y0:y1, x0:x1] = 1.0
+        cams[plane] = ndimage.gaussian_filter(cams[plane], 4)
+    cams /= cams.max(axis=(1, 2), keepdims=True)
+    return np.clip(image, 0, 255).astype(np.uint8), cams, np.array([1, 6])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pydensecrf") is None, reason="pydensecrf2 is not installed")
+def test_pydensecrf_seeds_are_the_two_label_crfs_one_at_a_time():
+    """With pydensecrf the seeds are bit for bit IRNet's rule written with numpy and one
+    `crf_label` per threshold (the process-pool path keeps its results)."""
+    from stages.common.crf import crf_label
+
+    image, cams, keys = seed_scene()
+    params = CrfParams(backend="pydensecrf")
+    label_of = np.concatenate([[0], keys + 1])
+    conf = []
+    for threshold in (0.30, 0.05):
+        index = np.concatenate([np.full((1, *cams.shape[1:]), threshold, np.float32), cams]).argmax(0)
+        conf.append(label_of[crf_label(image, index, len(label_of), params)])
+    expected = np.where(conf[0] == 0, np.where(conf[1] == 0, 0, IGNORE), conf[0]).astype(np.uint8)
+    assert np.array_equal(make_seeds(cams, keys, image, crf=params), expected)
+    assert np.array_equal(make_seeds(cams, keys, image, crf=CrfParams()), expected)  # auto on the CPU
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pydensecrf") is None, reason="pydensecrf2 is not installed")
+def test_torch_crf_seeds_agree_with_pydensecrf_seeds():
+    """The torch backend (both label maps on one lattice, here on the CPU) gives the seeds of
+    pydensecrf on >= 99% of the pixels (the CRFs agree to float rounding)."""
+    image, cams, keys = seed_scene(seed=3)
+    reference = make_seeds(cams, keys, image, crf=CrfParams(backend="pydensecrf"))
+    on_torch = make_seeds(cams, keys, image, crf=CrfParams(backend="torch"), device="cpu")
+    assert {0, 2, 7} <= set(np.unique(reference))
+    assert (on_torch == reference).mean() >= 0.99

@@ -5,17 +5,18 @@ Three entry points: `crf_label` snaps a hard label map to image edges (IRNet's
 one image at once (the seed pass's two maps: one lattice, one batched mean field on the torch
 backend) and `crf_prob` refines class probabilities (optional pseudo-label refinement).
 
-Backends (`backend=`): ``pydensecrf`` (pip package ``pydensecrf2``, a compiled extension on
-the CPU) and ``torch`` (`stages.common.crf_torch`: the same model and the same lattice in
-plain PyTorch, on any torch device); ``auto`` is torch on a CUDA device and pydensecrf
-elsewhere (`resolve_backend`). Both are imported only when a CRF runs: this module stays free
-of torch (the CRF worker processes import it) and a missing pydensecrf is a clear user error,
-not an ImportError at import time of the whole stage.
+Backends (`CrfParams.backend`, or the `backend=` argument): ``pydensecrf`` (pip package
+``pydensecrf2``, a compiled extension on the CPU) and ``torch`` (`stages.common.crf_torch`: the
+same model and the same lattice in plain PyTorch, on any torch device); ``auto`` is torch on a
+CUDA device and pydensecrf elsewhere (`resolve_backend`). Both are imported only when a CRF
+runs: this module stays free of torch (the CRF worker processes import it) and a missing
+pydensecrf is a clear user error, not an ImportError at import time of the whole stage.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 from pydantic import ConfigDict, Field
@@ -50,6 +51,14 @@ class CrfParams(Section):
     bilateral_srgb: Float = Field(5.0, gt=0, description="Colour width of the appearance kernel.")
     bilateral_compat: Float = Field(10.0, ge=0, description="Weight of the appearance kernel.")
     iterations: int = Field(10, ge=1, description="Mean-field iterations.")
+    backend: Literal["auto", "pydensecrf", "torch"] = Field(
+        "auto",
+        description="Where the CRF runs: `pydensecrf` (the compiled extension, in CPU worker processes), `torch` "
+        "(the same model in PyTorch, on `run.device`) or `auto`: torch on a CUDA device, "
+        "pydensecrf elsewhere. The cache key holds the backend `auto` resolves to (the two agree to float "
+        "rounding, not bit for bit). On torch, the pass that uses this CRF (seeds, or pseudo-labels) runs on "
+        "the device from the CAM file to the label PNG; on pydensecrf, image by image with CRF worker processes.",
+    )
 
 
 def resolve_backend(backend: str = "auto", device=None) -> str:
@@ -63,7 +72,7 @@ def resolve_backend(backend: str = "auto", device=None) -> str:
     return "torch" if str(device or "cpu").split(":")[0] == "cuda" else "pydensecrf"
 
 
-def _kernel_args(params: CrfParams) -> dict:
+def kernel_args(params: CrfParams) -> dict:
     """The torch backend's keyword arguments: iterations and the two kernels' parameters."""
     return {
         "iterations": params.iterations,
@@ -85,7 +94,7 @@ def _densecrf():
     return dcrf, crf_utils
 
 
-def _crf_image(image: np.ndarray) -> np.ndarray:
+def crf_image(image: np.ndarray) -> np.ndarray:
     """The image as the C-contiguous uint8 HxWx3 array the bilateral kernel requires.
 
     Grayscale images (HxW or HxWx1, e.g. X-rays) are repeated to three channels.
@@ -135,16 +144,16 @@ def crf_labels(
     n_labels: int,
     params: CrfParams = CrfParams(),
     *,
-    backend: str = "auto",
+    backend: str | None = None,
     device=None,
 ) -> list[np.ndarray]:
     """`crf_label` of several label maps of one image (the seed pass's foreground and background
     maps); the torch backend builds the image's lattices once and runs the maps as one batch."""
-    image = _crf_image(image_rgb)
+    image = crf_image(image_rgb)
     maps = [_check_labels(labels, image, n_labels) for labels in label_maps]
     if not maps:
         return []
-    if resolve_backend(backend, device) == "pydensecrf":
+    if resolve_backend(backend or params.backend, device) == "pydensecrf":
         _, crf_utils = _densecrf()
         return [
             _run(
@@ -164,7 +173,7 @@ def crf_labels(
         torch.from_numpy(np.stack(maps)).to(device or "cpu"),
         n_labels,
         params.gt_prob,
-        **_kernel_args(params),
+        **kernel_args(params),
     )
     return list(out.cpu().numpy())
 
@@ -175,31 +184,36 @@ def crf_label(
     n_labels: int,
     params: CrfParams = CrfParams(),
     *,
-    backend: str = "auto",
+    backend: str | None = None,
     device=None,
 ) -> np.ndarray:
     """Refine a hard label map (values in [0, n_labels)) along image edges; returns int64 HxW labels.
 
     Unary: probability ``gt_prob`` for the given label, the rest shared by the other labels;
     label 0 is an ordinary label (``zero_unsure=False``), as in IRNet's ``crf_inference_label``.
-    `backend` and `device`: see `resolve_backend`.
+    `backend` (default `params.backend`) and `device`: see `resolve_backend`.
     """
     return crf_labels(image_rgb, [labels], n_labels, params, backend=backend, device=device)[0]
 
 
 def crf_prob(
-    image_rgb: np.ndarray, probs: np.ndarray, params: CrfParams = CrfParams(), *, backend: str = "auto", device=None
+    image_rgb: np.ndarray,
+    probs: np.ndarray,
+    params: CrfParams = CrfParams(),
+    *,
+    backend: str | None = None,
+    device=None,
 ) -> np.ndarray:
     """Refine class probabilities (C, H, W); returns the CRF marginals (C, H, W) float32.
 
-    Unary = -log(p) with p clipped at 1e-5 (``gt_prob`` is not used here). `backend` and
-    `device`: see `resolve_backend`.
+    Unary = -log(p) with p clipped at 1e-5 (``gt_prob`` is not used here). `backend` (default
+    `params.backend`) and `device`: see `resolve_backend`.
     """
-    image = _crf_image(image_rgb)
+    image = crf_image(image_rgb)
     probs = np.asarray(probs, dtype=np.float32)
     if probs.ndim != 3 or probs.shape[1:] != image.shape[:2] or probs.shape[0] == 0:
         raise ValueError(f"probs must be (C, H, W) with C >= 1 and H, W = {image.shape[:2]}, got {probs.shape}")
-    if resolve_backend(backend, device) == "pydensecrf":
+    if resolve_backend(backend or params.backend, device) == "pydensecrf":
         unary = -np.log(np.clip(probs, 1e-5, 1.0)).reshape(probs.shape[0], -1)
         return _run(image, unary, probs.shape[0], params)
     import torch
@@ -209,6 +223,6 @@ def crf_prob(
     q = crf_torch.prob_crf(
         torch.from_numpy(image).to(device or "cpu"),
         torch.from_numpy(probs)[None].to(device or "cpu"),
-        **_kernel_args(params),
+        **kernel_args(params),
     )
     return q[0].cpu().numpy()

@@ -14,48 +14,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from data.datasets import SafeImageDataset
 from data.layout import PreparedDataset, atomic_save, write_index_png, write_json_atomic
 from data.transforms import normalize
 from stages.base import Stage, StageInputError, StageResult
-from stages.cam.infer import CAM_STRIDE, load_cam
+from stages.cam.infer import load_cam
 from stages.common import distributed
+from stages.common.crf import resolve_backend
 from stages.common.runtime import image_loader, progress, resolve_device, worker_count
 from stages.common.scoring import score_label_files
 from stages.irn.crf_pool import CrfPool, planes_to_label
 from stages.irn.label_files import usable_label
 from stages.irn.net import load_boundary_net
 from stages.irn.random_walk import random_walk
+from stages.irn.resident import LOADER_WORKERS, on_device, write_pseudo_labels_on_device
 from stages.irn.settings import irn_fields
+from stages.irn.walk_labels import fit_edge, label_planes
+from stages.irn.walk_labels import walk_to_label as walk_to_label  # re-exported for callers of this stage
 
 log = logging.getLogger("wss.pseudo")
-
-
-def walk_to_label(walked: torch.Tensor, keys: np.ndarray, size: tuple[int, int], bg_threshold: float) -> np.ndarray:
-    """Walked CAMs (K, h, w) at stride 4 -> class-index label (H, W), IRNet's rule.
-
-    Upsample x4 and crop, divide by the overall maximum, add a constant background plane at
-    `bg_threshold`, take the argmax over background + the labelled classes only.
-    """
-    return planes_to_label(label_planes(walked, size, bg_threshold), keys)
-
-
-def label_planes(walked: torch.Tensor, size: tuple[int, int], bg_threshold: float) -> np.ndarray:
-    """(1 + K, H, W): the background plane and the normalised walked CAMs at full resolution."""
-    up = F.interpolate(walked[None].float(), scale_factor=CAM_STRIDE, mode="bilinear", align_corners=False)[0]
-    up = up[:, : size[0], : size[1]]
-    up = up / up.max().clamp_min(1e-5)
-    return torch.cat([torch.full((1, *size), bg_threshold, dtype=up.dtype, device=up.device), up]).cpu().numpy()
-
-
-def fit_edge(edge: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """The boundary map on the CAM grid (they agree for any image size; this guards odd cases)."""
-    if tuple(edge.shape) == tuple(shape):
-        return edge
-    return F.interpolate(edge[None, None], size=shape, mode="bilinear", align_corners=False)[0, 0]
 
 
 class PseudoLabelStage(Stage):
@@ -65,7 +44,7 @@ class PseudoLabelStage(Stage):
     resume_outputs = ("pseudo_labels",)  # kept by --resume (a garbled one is made again)
 
     def key_config(self, cfg, task: str) -> dict:
-        return irn_fields(cfg.irn, pseudo=True)
+        return irn_fields(cfg.irn, pseudo=True, run_device=cfg.run.device)
 
     def run(
         self,
@@ -87,13 +66,61 @@ class PseudoLabelStage(Stage):
         label_dir, edge_dir = out / "pseudo_labels", out / "boundaries"
         label_dir.mkdir(parents=True, exist_ok=True)
         edge_dir.mkdir(exist_ok=True)
-        refine = section.refine_crf_params if section.refine_crf else None
+        refine = None
+        if section.refine_crf:
+            backend = resolve_backend(section.refine_crf_params.backend, device)
+            refine = section.refine_crf_params.model_copy(update={"backend": backend})
 
-        failures, walk_seconds = [], []
         # a label is written whole and after its boundary map, so those a resumed run finds are kept
         todo = [i for i in distributed.shard(ids) if not usable_label(dataset, i, label_dir, "pseudo")]
-        loader = image_loader(SafeImageDataset(dataset, todo), min(2, worker_count(cfg.run.workers)))
-        with CrfPool(worker_count(cfg.run.workers) if refine else 0) as crf_pool:
+        workers = worker_count(cfg.run.workers)
+        if on_device(device, refine):  # torch refinement, or none on a CUDA device: stages/irn/resident.py
+            failures, walk_seconds = write_pseudo_labels_on_device(
+                model,
+                dataset,
+                todo,
+                cam_dir,
+                label_dir,
+                edge_dir,
+                section,
+                refine,
+                device,
+                min(LOADER_WORKERS, workers),
+            )
+        else:
+            failures, walk_seconds = self.walk_per_image(
+                model, dataset, todo, cam_dir, label_dir, edge_dir, section, refine, device, workers
+            )
+
+        failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its labels
+        walk_seconds = distributed.all_ranks_list(walk_seconds)
+        metrics = {}
+        if distributed.is_main():
+            metrics = score_label_files(dataset, ids, label_dir, "pseudo_", failures=failures)
+            metrics["pseudo_images"] = sum(1 for _ in label_dir.glob("*.png"))
+            if walk_seconds:
+                metrics["walk_seconds_per_image"] = float(np.mean(walk_seconds))
+            write_json_atomic(out / "metrics.json", metrics)
+        return StageResult(metrics=distributed.broadcast(metrics), headline="pseudo_miou", failures=failures)
+
+    def walk_per_image(
+        self,
+        model,
+        dataset: PreparedDataset,
+        todo: list[str],
+        cam_dir: Path,
+        label_dir: Path,
+        edge_dir: Path,
+        section,
+        refine,
+        device: torch.device,
+        workers: int,
+    ) -> tuple[list[str], list[float]]:
+        """The per-image path (pydensecrf refinement, or none on a CPU): the walk on `device`, the
+        label's arg-max in numpy, the CRF in `workers` spawned processes; (failures, walk seconds)."""
+        failures, walk_seconds = [], []
+        loader = image_loader(SafeImageDataset(dataset, todo), min(2, workers))
+        with CrfPool(workers if refine else 0) as crf_pool:
             for item in progress(loader, desc="pseudo-labels", unit="img"):
                 image_id = item["id"]
                 if "error" in item:
@@ -118,17 +145,7 @@ class PseudoLabelStage(Stage):
                 else:
                     crf_pool.submit(image_id, item["image"], planes, keys, refine, target, dataset.info.palette)
             failures += crf_pool.finish()
-
-        failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its labels
-        walk_seconds = distributed.all_ranks_list(walk_seconds)
-        metrics = {}
-        if distributed.is_main():
-            metrics = score_label_files(dataset, ids, label_dir, "pseudo_", failures=failures)
-            metrics["pseudo_images"] = sum(1 for _ in label_dir.glob("*.png"))
-            if walk_seconds:
-                metrics["walk_seconds_per_image"] = float(np.mean(walk_seconds))
-            write_json_atomic(out / "metrics.json", metrics)
-        return StageResult(metrics=distributed.broadcast(metrics), headline="pseudo_miou", failures=failures)
+        return failures, walk_seconds
 
     @torch.no_grad()
     def walk_image(

@@ -22,7 +22,7 @@ from data.transforms import normalize_batch
 from stages.base import Stage, StageInputError, StageResult, weights_file_stamp
 from stages.cam.infer import CAM_STRIDE, load_cam, upsample_cam
 from stages.common import distributed
-from stages.common.crf import CrfParams
+from stages.common.crf import CrfParams, resolve_backend
 from stages.common.model_files import write_model_file
 from stages.common.runtime import resolve_device, seed_everything, worker_count
 from stages.common.scoring import score_label_files
@@ -31,6 +31,7 @@ from stages.irn.affinity import affinity_labels, affinity_loss, edge_to_affinity
 from stages.irn.config import IrnConfig
 from stages.irn.label_files import usable_label
 from stages.irn.net import MODEL_FILE, BoundaryNet, build_backbone
+from stages.irn.resident import LOADER_WORKERS, on_device, write_seeds_on_device
 from stages.irn.seeds import make_seeds
 from stages.irn.settings import irn_fields
 
@@ -52,7 +53,13 @@ def single_threaded_worker() -> None:
 
 
 def write_seed(
-    image_id: str, root: str, cam_dir: str, seed_dir: str, fg: float, bg: float, crf: CrfParams | None
+    image_id: str,
+    root: str,
+    cam_dir: str,
+    seed_dir: str,
+    fg: float,
+    bg: float,
+    crf: CrfParams | None,
 ) -> tuple[str, str | None]:
     """One image's seeds (runs in a worker process); returns (id, error message or None)."""
     try:
@@ -104,7 +111,7 @@ class IrnStage(Stage):
     resume_outputs = ("seeds",)  # kept by --resume (a garbled one is made again)
 
     def key_config(self, cfg, task: str) -> dict:
-        fields = irn_fields(cfg.irn, pseudo=False)
+        fields = irn_fields(cfg.irn, pseudo=False, run_device=cfg.run.device)
         if cfg.irn.backbone_init not in ("cam", "imagenet", "none"):  # a local trunk source
             fields["backbone_init_file"] = weights_file_stamp(cfg.irn.backbone_init)
         return fields
@@ -151,7 +158,9 @@ class IrnStage(Stage):
         seed_dir = out / "seeds"
         seed_dir.mkdir(parents=True, exist_ok=True)
 
-        failures = self.write_seeds(dataset, distributed.shard(ids), cam_dir, seed_dir, section, cfg.run.workers)
+        failures = self.write_seeds(
+            dataset, distributed.shard(ids), cam_dir, seed_dir, section, cfg.run.workers, device
+        )
         failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its seeds
         seeded = [i for i in ids if (seed_dir / f"{i}.png").is_file()]
         train_ids = training_ids(dataset, seeded, section.positive_only)
@@ -200,17 +209,35 @@ class IrnStage(Stage):
                 out / MODEL_FILE,
                 "irn",
                 model.to(memory_format=torch.contiguous_format),
-                {"backbone": cam_backbone, "config": irn_fields(section, pseudo=False)},
+                {"backbone": cam_backbone, "config": irn_fields(section, pseudo=False, run_device=cfg.run.device)},
             )
             write_json_atomic(out / "metrics.json", metrics)
         metrics = distributed.broadcast(metrics)
         return StageResult(metrics=metrics, headline="seed_miou", failures=failures)
 
     def write_seeds(
-        self, dataset: PreparedDataset, ids: list[str], cam_dir: Path, seed_dir: Path, section: IrnConfig, workers: int
+        self,
+        dataset: PreparedDataset,
+        ids: list[str],
+        cam_dir: Path,
+        seed_dir: Path,
+        section: IrnConfig,
+        workers: int,
+        device: torch.device,
     ) -> list[str]:
+        """The seed PNGs of `ids`; the failures. The seed CRF runs on the backend `crf.backend`
+        resolves to on `device`: with torch (or without a CRF on a CUDA device) the seeds are
+        made on the device (stages/irn/resident.py), with pydensecrf in spawned worker processes."""
         if not cam_dir.is_dir():
             raise StageInputError(f"irn: the cam artifact has no cams/ directory ({cam_dir})")
+        crf = None
+        if section.use_crf:
+            crf = section.crf.model_copy(update={"backend": resolve_backend(section.crf.backend, device)})
+        todo = [i for i in ids if not usable_label(dataset, i, seed_dir, "irn")]
+        if on_device(device, crf):
+            fg, bg = section.conf_fg_threshold, section.conf_bg_threshold
+            loaders = min(LOADER_WORKERS, worker_count(workers))
+            return write_seeds_on_device(dataset, todo, cam_dir, seed_dir, fg, bg, crf, device, loaders)
         job = functools.partial(
             write_seed,
             root=str(dataset.root),
@@ -218,9 +245,8 @@ class IrnStage(Stage):
             seed_dir=str(seed_dir),
             fg=section.conf_fg_threshold,
             bg=section.conf_bg_threshold,
-            crf=section.crf if section.use_crf else None,
+            crf=crf,
         )
-        todo = [i for i in ids if not usable_label(dataset, i, seed_dir, "irn")]
         failures = []
         for image_id, error in parallel_map(
             job,
