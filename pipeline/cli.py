@@ -99,8 +99,17 @@ def prepare():
     type=click.FloatRange(min=0.1),
     help="Size of the class marks; smaller is harder for the classifier.",
 )
+@click.option(
+    "--negatives",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="binary variant: the share of images without a finding (SIIM: about 0.78).",
+)
 @click.option("--force", is_flag=True, help="Rewrite even if an identical dataset is already there.")
-def prepare_synthetic(out: Path, n: int, size: int, seed: int, variant: str, mark_scale: float, force: bool):
+def prepare_synthetic(
+    out: Path, n: int, size: int, seed: int, variant: str, mark_scale: float, negatives: float, force: bool
+):
     """Generate the synthetic benchmark (deterministic in --seed).
 
     \b
@@ -115,7 +124,9 @@ def prepare_synthetic(out: Path, n: int, size: int, seed: int, variant: str, mar
     from data.synthetic import SyntheticSpec, write_synthetic
 
     setup_logging()
-    spec = SyntheticSpec(n=n, size=size, seed=seed, variant=variant, mark_scale=mark_scale)
+    spec = SyntheticSpec(
+        n=n, size=size, seed=seed, variant=variant, mark_scale=mark_scale, positive_fraction=round(1 - negatives, 6)
+    )
     stamp = out / "synthetic.json"
     wanted = json.dumps(spec.__dict__, sort_keys=True)
     if not force and stamp.is_file() and stamp.read_text() == wanted and (out / "dataset.json").is_file():
