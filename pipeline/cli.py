@@ -1,4 +1,4 @@
-"""The `wss` command line: every command is registered here, one per job (`compare` and
+"""The `wss` command line: every command is registered here, one per job (`compare`, `tune` and
 `predict` are written in their own modules). What the commands share (-c/-o, config loading,
 logging, one-line user errors) is pipeline/commandline.py."""
 
@@ -16,6 +16,7 @@ from data.errors import WssError
 from pipeline.commandline import WssGroup, config_options, load, setup_logging
 from pipeline.compare import compare_command
 from pipeline.predict import predict_command
+from pipeline.tune import tune_command
 
 log = logging.getLogger("wss")
 
@@ -698,6 +699,7 @@ def config_show(config_path: tuple[Path, ...], overrides):
 
 
 main.add_command(compare_command)
+main.add_command(tune_command)
 main.add_command(predict_command)
 
 if __name__ == "__main__":
