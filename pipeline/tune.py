@@ -231,6 +231,17 @@ def choose_rule(rows: list[dict], current: dict, with_masks: bool) -> dict | Non
     return best_row(rows, "balanced_accuracy", current, tie_break=tie_break)
 
 
+def missing_labels(rows: list[dict]) -> str | None:
+    """ "positive" or "negative" when the rule's images lack that label: balanced accuracy on one
+    label alone would choose a rule that empties (or keeps) every mask."""
+    if not rows:
+        return "labelled"
+    for label, rate in (("positive", "nonempty_positives"), ("negative", "nonempty_negatives")):
+        if not isinstance(rows[0].get(rate), (int, float)) or math.isnan(rows[0][rate]):
+            return label
+    return None
+
+
 def stage2_search(cfg, pipeline, grid: dict, tune_ids: list[str], out: Path, device, timings: dict):
     from stages.tuning.stage2 import WalkGrid, cam_threshold_rows, tuning_cams, walk_rows
 
@@ -333,9 +344,13 @@ def tune(cfg, params: dict[str, list], limit: int | None = None, force: bool = F
             t0 = time.perf_counter()
             rows["rule"] = rule_search(cfg, pipeline, grid, tune_ids, limit, device, notes)
             timings["rule_seconds"] = time.perf_counter() - t0
-            best = choose_rule(rows["rule"], current, bool(tune_ids))
-            if best is not None:
-                chosen.update({name: best[name] for name in RULE})
+            missing = missing_labels(rows["rule"])
+            if missing:
+                notes.append(f"the empty-mask rule is not chosen: its images include no {missing} image")
+            else:
+                best = choose_rule(rows["rule"], current, bool(tune_ids))
+                if best is not None:
+                    chosen.update({name: best[name] for name in RULE})
         shutil.rmtree(partial / "cams", ignore_errors=True)
         write_json_atomic(partial / ROWS, rows, indent=None)
         write_text_atomic(partial / "table.md", markdown_tables(rows, dataset.task) + "\n")

@@ -165,3 +165,14 @@ def test_tune_end_to_end_walks_as_the_pseudo_stage_and_is_cached(cli, synthetic_
     assert walk[0]["miou"] == pytest.approx(stage["miou"], abs=1e-9)
     again = cli("tune", *args, *params, "--out", out)
     assert again.exit_code == 0 and "tune (cached)" in again.output
+
+
+def test_the_rule_is_not_chosen_on_one_label_alone():
+    """Balanced accuracy over negatives alone is won by emptying every mask: no choice then."""
+    from pipeline.tune import missing_labels
+
+    nan = float("nan")
+    assert missing_labels([{"nonempty_positives": nan, "nonempty_negatives": 0.0}]) == "positive"
+    assert missing_labels([{"nonempty_positives": 1.0, "nonempty_negatives": nan}]) == "negative"
+    assert missing_labels([{"nonempty_positives": 1.0, "nonempty_negatives": 0.5}]) is None
+    assert missing_labels([]) == "labelled"
