@@ -372,9 +372,16 @@ def score_columns(rows: list[dict]) -> list[str]:
     return names
 
 
-def top_rows(rows: list[dict], score: str, count: int) -> list[dict]:
+def top_rows(rows: list[dict], score: str, count: int, tie_break: str | None = None) -> list[dict]:
+    """The best `count` rows by `score`, then `tie_break` (the order the choice ranks them in)."""
+
+    def rank(row):
+        second = row.get(tie_break) if tie_break else None
+        second = second if isinstance(second, (int, float)) and not math.isnan(second) else -math.inf
+        return (-row[score], -second)
+
     ranked = [row for row in rows if isinstance(row.get(score), (int, float)) and not math.isnan(row[score])]
-    return sorted(ranked, key=lambda row: -row[score])[:count]
+    return sorted(ranked, key=rank)[:count]
 
 
 SEARCH_SCORE = {"cam": None, "walk": None, "rule": "balanced_accuracy"}
@@ -392,7 +399,12 @@ def tables(rows: dict, task: str, count: int = 10) -> list[tuple[str, list[str],
         score = SEARCH_SCORE[search] or objective(task)
         names = [n for n in found[0] if n in TUNABLE]
         columns = [score, *names, *(c for c in score_columns(found) if c != score)]
-        best = top_rows(found, score, count)
+        tie_break = (
+            ("tune_kaggle_dice" if "tune_kaggle_dice" in found[0] else "holdout_kaggle_dice")
+            if search == "rule"
+            else None
+        )
+        best = top_rows(found, score, count, tie_break)
         out.append((f"{search}: best {len(best)} of {len(found)} by {score}", columns, best))
     return out
 
@@ -421,6 +433,11 @@ def overlay_text(cfg, chosen: dict, current: dict, tune_ids: list[str], rows: di
         )
     lines += [f"# {note}" for note in notes]
     changed = {n: v for n, v in chosen.items() if v != current.get(n)}
+    if any(n.startswith("irn.") for n in changed) and any(n in RULE for n in chosen):
+        lines.append(
+            "# the irn changes make new pseudo-labels, on which the segmenter trains again: the empty-mask rule here "
+            "was chosen for the config's segmenter; run `wss tune` again with this overlay to choose it for the new one"
+        )
     lines.append(
         "# changed from the config: "
         + (", ".join(f"{n} {current.get(n)!r} -> {v!r}" for n, v in changed.items()) or "nothing")
