@@ -421,7 +421,8 @@ def overlay_text(cfg, chosen: dict, current: dict, tune_ids: list[str], rows: di
         f"# dataset {cfg.data.root}; train split {cfg.data.train_split!r}, val split {cfg.data.val_split!r}",
     ]
     if tune_ids:
-        lines.append(f"# stage-2 settings and seg.threshold: on the masks of {len(tune_ids)} image(s) of the tuning")
+        what = "stage-2 settings and seg.threshold" if rows.get("rule") else "stage-2 settings"
+        lines.append(f"# {what}: on the masks of {len(tune_ids)} image(s) of the tuning")
         more = " ..." if len(tune_ids) > 20 else ""
         lines.append(f"#   split {cfg.data.tune_split!r}: {', '.join(tune_ids[:20])}{more}")
     if rows.get("rule"):

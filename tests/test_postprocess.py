@@ -110,3 +110,29 @@ def test_predict_refuses_a_classifier_rule_without_its_classifier(binary_segment
     bad = with_rule(artifact, tmp_path, image_score="max")
     with pytest.raises(SegModelError, match="image_score"):
         predict_inputs(bad, [root / "images"], tmp_path / "out", device="cpu")
+
+
+def test_the_seg_stage_predicts_with_the_rule(binary_segmenter, tmp_path):
+    """predict_split: an image threshold no score reaches empties every mask; the image scores
+    stay the segmenter's (seg.image_score: seg)."""
+    import json
+
+    import torch
+
+    from data.layout import PreparedDataset
+    from stages.seg.model import load_segmenter
+
+    root, artifact = binary_segmenter
+    dataset = PreparedDataset(root)
+    model, _ = load_segmenter(artifact, torch.device("cpu"))
+    ids = dataset.split("val")
+    stage = SegStage()
+    for name, rule in (("plain", []), ("ruled", ["seg.image_threshold=1.0"])):
+        section = load_config(None, ["seg.resize_long=[32,48]", "seg.threshold=0.0", *rule]).seg
+        out = tmp_path / name
+        metrics, failures = stage.predict_split(model, section, dataset, ids, out, torch.device("cpu"), 0, "val")
+        masks = [read_index_png(out / "predictions" / f"{i}.png") for i in ids]
+        assert not failures and metrics["seg_val_scored_images"] == len(ids)
+        assert all(mask.any() for mask in masks) if name == "plain" else not any(mask.any() for mask in masks)
+        scores = json.loads((out / "image_scores.json").read_text())
+        assert set(scores) == set(ids) and all(0 <= s < 1 for s in scores.values())
