@@ -1,4 +1,4 @@
-"""The `wss` command line: every command is registered here, one per job (`compare` and
+"""The `wss` command line: every command is registered here, one per job (`compare`, `tune` and
 `predict` are written in their own modules). What the commands share (-c/-o, config loading,
 logging, one-line user errors) is pipeline/commandline.py."""
 
@@ -16,6 +16,7 @@ from data.errors import WssError
 from pipeline.commandline import WssGroup, config_options, load, setup_logging
 from pipeline.compare import compare_command
 from pipeline.predict import predict_command
+from pipeline.tune import tune_command
 
 log = logging.getLogger("wss")
 
@@ -99,8 +100,17 @@ def prepare():
     type=click.FloatRange(min=0.1),
     help="Size of the class marks; smaller is harder for the classifier.",
 )
+@click.option(
+    "--negatives",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="binary variant: the share of images without a finding (SIIM: about 0.78).",
+)
 @click.option("--force", is_flag=True, help="Rewrite even if an identical dataset is already there.")
-def prepare_synthetic(out: Path, n: int, size: int, seed: int, variant: str, mark_scale: float, force: bool):
+def prepare_synthetic(
+    out: Path, n: int, size: int, seed: int, variant: str, mark_scale: float, negatives: float, force: bool
+):
     """Generate the synthetic benchmark (deterministic in --seed).
 
     \b
@@ -115,7 +125,9 @@ def prepare_synthetic(out: Path, n: int, size: int, seed: int, variant: str, mar
     from data.synthetic import SyntheticSpec, write_synthetic
 
     setup_logging()
-    spec = SyntheticSpec(n=n, size=size, seed=seed, variant=variant, mark_scale=mark_scale)
+    spec = SyntheticSpec(
+        n=n, size=size, seed=seed, variant=variant, mark_scale=mark_scale, positive_fraction=round(1 - negatives, 6)
+    )
     stamp = out / "synthetic.json"
     wanted = json.dumps(spec.__dict__, sort_keys=True)
     if not force and stamp.is_file() and stamp.read_text() == wanted and (out / "dataset.json").is_file():
@@ -694,6 +706,7 @@ def config_show(config_path: tuple[Path, ...], overrides):
 
 
 main.add_command(compare_command)
+main.add_command(tune_command)
 main.add_command(predict_command)
 
 if __name__ == "__main__":

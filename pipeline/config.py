@@ -12,7 +12,7 @@ import shlex
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Optional, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, Field, PrivateAttr, ValidationError
@@ -44,6 +44,14 @@ class DataConfig(Section):
         "splits re-scores stage 1's classifier and has the trained segmenter predict it: nothing "
         "is retrained. Adding or editing a file in `splits/` changes the dataset's fingerprint, "
         "which retrains every stage.",
+    )
+    tune_split: Optional[str] = Field(
+        None,
+        description="A split with masks on which `wss tune` chooses settings that need no retraining "
+        "(a few annotated images, e.g. a split of `wss prepare folder --splits`, or VOC's `train` when "
+        "`train_aug` trains); null: none. Its images are left out of every stage's scores (scoring "
+        "only: a new value re-scores the cached artifacts), and `wss tune` refuses one that is the "
+        "train split or shares an image with the val split.",
     )
 
 

@@ -84,6 +84,7 @@ def predict_command(
         threshold=threshold,
         workers=min(4, worker_count(cfg.run.workers)),
         max_pixels=max_pixels,
+        cam_artifact=cam_artifact_of(artifact),
     )
     click.echo(
         f"predicted {len(report.written)} file(s) into {out}"
@@ -94,6 +95,20 @@ def predict_command(
     if report.failures:
         click.echo(f"{len(report.failures)} input(s) failed", err=True)
         click.get_current_context().exit(1)
+
+
+def cam_artifact_of(artifact: Path) -> Path | None:
+    """The cam artifact a seg artifact was computed from, as its manifest names it (the
+    classifier of `seg.image_score: cam | mean`); None for a model file shared without its run
+    folder, or a cam artifact no longer there."""
+    import json
+
+    folder = Path(artifact) if Path(artifact).is_dir() else Path(artifact).parent
+    try:
+        cam = json.loads((folder / "manifest.json").read_text())["inputs"]["cam"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Path(cam) if isinstance(cam, str) and Path(cam).is_dir() else None
 
 
 def _dataset_or_none(root: str):

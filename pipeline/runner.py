@@ -96,7 +96,8 @@ def scoring_values(stage: Stage, section: dict, data: dict) -> dict:
     """A stage's scoring-only settings among its section's values, and the splits it only scores
     (cam's val split) as `data.<name>`."""
     values = {k: v for k, v in section.items() if k in stage.score_settings}
-    values.update({f"data.{split}": data.get(split) for split in stage.score_splits})
+    # a split left unset (data.tune_split: null) is recorded by its absence, as before it existed
+    values.update({f"data.{split}": data.get(split) for split in stage.score_splits if data.get(split) is not None})
     return values
 
 
@@ -377,7 +378,7 @@ class Pipeline:
         """(current, scored with) values of the stage's scoring-only settings when the artifact's
         metrics used others."""
         current = self.score_values(stage)
-        if not current:
+        if not (stage.score_settings or stage.score_splits):
             return None
         config = manifest.get("config", {})  # a manifest without scored_with: the config it ran with
         scored_with = manifest.get("scored_with") or scoring_values(

@@ -220,6 +220,9 @@ def test_the_stages_model_files_round_trip(tmp_path):
         "palette": SEG_DATA.palette,
         "threshold": 0.5,
         "long_side": 64,
+        "min_area": 0,  # the empty-mask rule: none
+        "image_threshold": 0.0,
+        "image_score": "seg",
     }
 
 

@@ -416,9 +416,15 @@ def test_a_new_prediction_size_reuses_the_trained_segmenter(cli, chain_args, mon
     assert metrics["seg_val_miou"] == pytest.approx(metrics["seg_train_miou"])
 
     # pseudo_holdout chooses its checkpoint by predicting with threshold and predict_size: only the
-    # val split may change under it, and the reusing artifact reports the twin's choice
+    # val split and the empty-mask rule (which that choice does not apply) may change under it,
+    # and the reusing artifact reports the twin's choice
     holdout = load_config([DEMO_CONFIG], [*args[3::2], "seg.checkpoint=pseudo_holdout"])
-    assert seg_stage.SegStage().inference_settings(holdout) == ("data.val_split",)
+    assert seg_stage.SegStage().inference_settings(holdout) == (
+        "min_area",
+        "image_threshold",
+        "image_score",
+        "data.val_split",
+    )
     chosen = workdir / "holdout-artifact"
     chosen.mkdir()
     (chosen / "metrics.json").write_text(json.dumps({**metrics, "seg_holdout_epoch": 3}))

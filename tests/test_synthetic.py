@@ -156,3 +156,15 @@ def test_a_killed_prepare_of_another_spec_is_not_taken_for_the_first(cli, tmp_pa
     monkeypatch.setattr(data.synthetic, "write_synthetic", real)
     again = cli(*args, "--seed", "0")
     assert again.exit_code == 0 and "skipping" not in again.output
+
+
+def test_prepare_synthetic_negatives_sets_the_share_of_images_without_a_finding(cli, tmp_path):
+    out = tmp_path / "data"
+    args = ("prepare", "synthetic", "--variant", "binary", "--n", "60", "--size", "32", "--out", out)
+    result = cli(*args, "--negatives", "0.8")
+    assert result.exit_code == 0, result.output
+    data = PreparedDataset(out)
+    ids = data.split("train") + data.split("val")
+    negatives = sum(1 for i in ids if data.label_vector(i)[0] == 0)
+    assert 0.65 < negatives / len(ids) < 0.95
+    assert cli(*args, "--negatives", "1.5").exit_code != 0

@@ -22,6 +22,7 @@ from stages.common import distributed
 from stages.common.metrics import classification_scores
 from stages.common.model_files import load_weights, write_model_file
 from stages.common.runtime import image_loader, progress, resolve_device, seed_everything, worker_count
+from stages.common.scoring import scored_ids
 from stages.common.tables import per_class_table
 from stages.common.training import CHECKPOINT, fit, reuse_trained, train_settings, unused_training_settings
 
@@ -41,7 +42,9 @@ class CamStage(Stage):
     # Only scores the CAMs: left out of the key, so that a new threshold re-scores the cached
     # CAMs (Pipeline.rescored) instead of retraining stage 1 and everything after it.
     score_settings = ("eval_bg_threshold",)
-    score_splits = ("val_split",)  # classification AUC / AP only: another val split re-scores the model
+    # classification AUC / AP only: another val split re-scores the model; the tuning split's images
+    # are left out of the CAM scores
+    score_splits = ("val_split", "tune_split")
 
     def inference_settings(self, cfg) -> tuple[str, ...]:
         """Used only after training: a new value reuses the classifier of an artifact trained with
@@ -129,9 +132,8 @@ class CamStage(Stage):
             )
         failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its CAMs
         if distributed.is_main():
-            metrics.update(
-                score_cams(dataset, train_ids, out / "cams", section.eval_bg_threshold, failures, points=True)
-            )
+            scored = scored_ids(dataset, train_ids, cfg.data.tune_split)
+            metrics.update(score_cams(dataset, scored, out / "cams", section.eval_bg_threshold, failures, points=True))
             metrics.update(localization_metrics(dataset, boxed, out / BOXED_CAMS))
             write_json_atomic(out / "metrics.json", metrics)
             log.info("cam metrics on split %r:\n%s", cfg.data.train_split, per_class_table(metrics, "cam_", dataset))
@@ -161,7 +163,7 @@ class CamStage(Stage):
         return metrics
 
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
-        ids = cam_ids(cfg, dataset, artifact)
+        ids = scored_ids(dataset, cam_ids(cfg, dataset, artifact), cfg.data.tune_split)
         metrics = score_cams(dataset, ids, artifact / "cams", cfg.cam.eval_bg_threshold, points=True)
         metrics.update(localization_metrics(dataset, list(boxed_images(dataset)), artifact / BOXED_CAMS))
         return metrics

@@ -23,6 +23,23 @@ from stages.common.metrics import BinarySegmentationScores, ConfusionMatrix
 log = logging.getLogger("wss.scoring")
 
 
+def scored_ids(dataset, ids: list[str], tune_split: str | None) -> list[str]:
+    """`ids` without the images of the tuning split (`data.tune_split`): `wss tune` chooses
+    settings on their masks, so no score a stage reports may include them."""
+    if not tune_split:
+        return list(ids)
+    tuned = set(dataset.split(tune_split))
+    return [image_id for image_id in ids if image_id not in tuned]
+
+
+def replace_scores(metrics: dict, prefixes: tuple[str, ...], scores: dict, keep: tuple[str, ...] = ()) -> dict:
+    """A stage's `metrics` with every score under `prefixes` replaced by `scores` (re-scoring:
+    a score the new scoring no longer gives must not survive); the metrics named in `keep` and
+    those under other prefixes stay."""
+    kept = {k: v for k, v in metrics.items() if k in keep or not k.startswith(prefixes)}
+    return {**kept, **scores}
+
+
 class SegmentationScorer:
     """mIoU, pixel accuracy and per-class IoU over background + `classes`; with `binary`, also
     the Kaggle SIIM scores (stages.common.metrics.BinarySegmentationScores), and their image AUC

@@ -24,7 +24,7 @@ from stages.cam.infer import load_cam
 from stages.common import distributed
 from stages.common.crf import resolve_backend
 from stages.common.runtime import image_loader, progress, resolve_device, worker_count
-from stages.common.scoring import score_label_files
+from stages.common.scoring import replace_scores, score_label_files, scored_ids
 from stages.irn.crf_pool import CrfPool, planes_to_label
 from stages.irn.label_files import usable_label
 from stages.irn.net import load_boundary_net
@@ -42,6 +42,7 @@ class PseudoLabelStage(Stage):
     needs = ("cam", "irn")
     section = "irn"
     resume_outputs = ("pseudo_labels",)  # kept by --resume (a garbled one is made again)
+    score_splits = ("tune_split",)  # its images are left out of the pseudo-label scores
 
     def key_config(self, cfg, task: str) -> dict:
         return irn_fields(cfg.irn, pseudo=True, run_device=cfg.run.device)
@@ -96,7 +97,8 @@ class PseudoLabelStage(Stage):
         walk_seconds = distributed.all_ranks_list(walk_seconds)
         metrics = {}
         if distributed.is_main():
-            metrics = score_label_files(dataset, ids, label_dir, "pseudo_", failures=failures)
+            scored = scored_ids(dataset, ids, cfg.data.tune_split)
+            metrics = score_label_files(dataset, scored, label_dir, "pseudo_", failures=failures)
             metrics["pseudo_images"] = sum(1 for _ in label_dir.glob("*.png"))
             if walk_seconds:
                 metrics["walk_seconds_per_image"] = float(np.mean(walk_seconds))
@@ -175,5 +177,9 @@ class PseudoLabelStage(Stage):
         return label_planes(walked, size, section.sem_seg_bg_threshold), keys
 
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
-        ids = dataset.split(cfg.data.train_split)
+        ids = scored_ids(dataset, dataset.split(cfg.data.train_split), cfg.data.tune_split)
         return score_label_files(dataset, ids, artifact / "pseudo_labels", "pseudo_")
+
+    def rescore(self, cfg, dataset, artifact: Path, metrics: dict, scored_with: dict, limit=None) -> dict:
+        """The pseudo-label scores again, with the current tuning split left out."""
+        return replace_scores(metrics, ("pseudo_",), self.evaluate(cfg, dataset, artifact), keep=("pseudo_images",))

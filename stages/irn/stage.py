@@ -25,7 +25,7 @@ from stages.common import distributed
 from stages.common.crf import CrfParams, resolve_backend
 from stages.common.model_files import write_model_file
 from stages.common.runtime import resolve_device, seed_everything, worker_count
-from stages.common.scoring import score_label_files
+from stages.common.scoring import replace_scores, score_label_files, scored_ids
 from stages.common.training import CHECKPOINT, fit, train_settings
 from stages.irn.affinity import affinity_labels, affinity_loss, edge_to_affinity
 from stages.irn.config import IrnConfig
@@ -109,6 +109,7 @@ class IrnStage(Stage):
     section = "irn"
     resume_files = (CHECKPOINT,)
     resume_outputs = ("seeds",)  # kept by --resume (a garbled one is made again)
+    score_splits = ("tune_split",)  # its images are left out of the seed scores
 
     def key_config(self, cfg, task: str) -> dict:
         fields = irn_fields(cfg.irn, pseudo=False, run_device=cfg.run.device)
@@ -171,7 +172,8 @@ class IrnStage(Stage):
             )
         metrics = {}
         if distributed.is_main():
-            metrics = score_label_files(dataset, seeded, seed_dir, "seed_", ignore_unlabelled=True, failures=failures)
+            scored = scored_ids(dataset, seeded, cfg.data.tune_split)
+            metrics = score_label_files(dataset, scored, seed_dir, "seed_", ignore_unlabelled=True, failures=failures)
         metrics = distributed.broadcast(metrics)
         log.info(
             "irn: seeds for %d images (mIoU %.4f ignoring 255, coverage %.3f); training on %d",
@@ -263,5 +265,9 @@ class IrnStage(Stage):
         return failures
 
     def evaluate(self, cfg, dataset: PreparedDataset, artifact: Path) -> dict:
-        ids = dataset.split(cfg.data.train_split)
+        ids = scored_ids(dataset, dataset.split(cfg.data.train_split), cfg.data.tune_split)
         return score_label_files(dataset, ids, artifact / "seeds", "seed_", ignore_unlabelled=True)
+
+    def rescore(self, cfg, dataset, artifact: Path, metrics: dict, scored_with: dict, limit=None) -> dict:
+        """The seed scores again, with the current tuning split left out."""
+        return replace_scores(metrics, ("seed_",), self.evaluate(cfg, dataset, artifact))

@@ -21,6 +21,11 @@ from stages.common.settings import (
     WeightDecay,
 )
 
+EMPTY_MASK_RULE = (
+    " Binary tasks only (multiclass: not in the key). Used only to predict (the seg stage's masks, "
+    "`wss predict` and submission.csv): a new value reuses the trained segmenter, under either "
+    "`checkpoint`. `wss tune` chooses it from image labels, without masks."
+)
 PREDICTION_ONLY = (
     " Used only to predict: a new value reuses the trained segmenter, unless `checkpoint: "
     "pseudo_holdout` predicts with it to choose the epoch."
@@ -75,6 +80,26 @@ class SegConfig(Section):
         le=1,
         description="Binary tasks: the probability above which a pixel is "
         "foreground (multiclass takes the argmax: not in the key)." + PREDICTION_ONLY,
+    )
+    min_area: int = Field(
+        0,
+        ge=0,
+        description="The empty-mask rule: connected foreground regions (8-connected) smaller than this many "
+        "pixels are removed; counted at the prediction size (the prepared size on SIIM), scaled with "
+        "the image's area by `wss predict`; 0: none." + EMPTY_MASK_RULE,
+    )
+    image_threshold: Float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="The empty-mask rule: an image whose score (`image_score`) is below it gets an empty "
+        "mask; 0: never." + EMPTY_MASK_RULE,
+    )
+    image_score: Literal["seg", "cam", "mean"] = Field(
+        "seg",
+        description="The empty-mask rule's image score, also what `image_scores.json` and the image AUC "
+        "hold: `seg` the segmenter's largest foreground probability, `cam` the stage-1 classifier's "
+        "probability (of the image resized to the prediction size), `mean` their mean." + EMPTY_MASK_RULE,
     )
     predict_size: Optional[int] = Field(
         None,

@@ -346,6 +346,19 @@ SEGMENTER_META = {
     "threshold": (int, float),
     "long_side": int,
 }
+# the empty-mask rule (stages.seg.postprocess) and its settings that change no mask; a file
+# written without it has none
+RULE_META = {"min_area": int, "image_threshold": (int, float), "image_score": str}
+NO_RULE = {"min_area": 0, "image_threshold": 0.0, "image_score": "seg"}
+
+
+def rule_value_fits(name: str, value) -> bool:
+    """Whether a model file's empty-mask rule setting has a type and range the rule accepts."""
+    if not isinstance(value, RULE_META[name]) or isinstance(value, bool):
+        return False
+    if name == "image_score":
+        return value in ("seg", "cam", "mean")
+    return value >= 0 and (name != "image_threshold" or value <= 1)
 
 
 def save_segmenter(model: torch.nn.Module, path: Path, section, dataset_info) -> None:
@@ -364,6 +377,7 @@ def save_segmenter(model: torch.nn.Module, path: Path, section, dataset_info) ->
             "palette": [list(color) for color in dataset_info.palette],
             "threshold": section.threshold,
             "long_side": inference_long_side(section),
+            **{name: getattr(section, name, NO_RULE[name]) for name in RULE_META},
         },
     )
 
@@ -380,7 +394,8 @@ def segmenter_file(path: Path) -> Path:
 def load_segmenter(
     path: Path, device: torch.device, classes: list[str] | None = None, task: str | None = None
 ) -> tuple[torch.nn.Module, dict]:
-    """The model of a seg artifact (eval mode) and its metadata; checks the classes when given."""
+    """The model of a seg artifact (eval mode) and its metadata (with the empty-mask rule's
+    settings, none for a file written without them); checks the classes when given."""
     file = segmenter_file(path)
     if not file.is_file():
         raise SegModelError(f"no segmenter model at {file} (run `wss run-stage seg` first)")
@@ -396,6 +411,12 @@ def load_segmenter(
             f"{file}: the model was trained for classes {meta['classes']} but the config's "
             f"dataset has {list(classes)}; use the seg artifact of this config"
         )
+    wrong = [name for name in RULE_META if name in meta and not rule_value_fits(name, meta[name])]
+    if wrong:
+        raise SegModelError(
+            f"{file}: unreadable segmenter model ({wrong[0]} {meta[wrong[0]]!r}); recompute it with wss run --force seg"
+        )
+    meta = {**NO_RULE, **meta}  # a file written without the rule has none
     if task is not None and task != meta["task"]:
         raise SegModelError(f"{file}: the model is {meta['task']} but the config's dataset is {task}")
     # a received file's options reach smp and, for a timm encoder, timm (whose keywords include

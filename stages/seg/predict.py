@@ -42,6 +42,7 @@ from data.rle import siim_rle_encode
 from data.transforms import resize_long, resize_to, scaled_size
 from stages.common.runtime import image_loader, progress, resolve_device
 from stages.seg.model import load_segmenter, predict_mask
+from stages.seg.postprocess import ClassifierScore, EmptyMaskRule
 
 log = logging.getLogger("wss.predict")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
@@ -280,18 +281,32 @@ def predict_inputs(
     long_side: int | None = None,
     workers: int = 0,
     max_pixels: int | None = None,
+    cam_artifact: Path | None = None,
 ) -> PredictReport:
     """Predict every input with the model of `artifact_dir` (a seg artifact or its model file).
 
     `classes` / `task`, when given (the config's dataset), must match the model's: a model of
     another config is refused as a whole (WssError). `threshold` and `long_side` default to
     the model's own; `workers` processes read and decode the files; an image of more than
-    `max_pixels` pixels is refused (one failure line) before it is decoded.
+    `max_pixels` pixels is refused (one failure line) before it is decoded. A binary model's
+    masks (and submission rows) follow its empty-mask rule (stages.seg.postprocess); a rule that
+    empties images by the stage-1 classifier's score reads the classifier of `cam_artifact`,
+    without which it is refused (WssError).
     """
     torch_device = resolve_device(device)
     model, meta = load_segmenter(Path(artifact_dir), torch_device, classes, task)
     threshold = meta["threshold"] if threshold is None else threshold
     long_side = meta["long_side"] if long_side is None else long_side
+    rule = EmptyMaskRule.of(meta) if meta["task"] == "binary" else EmptyMaskRule()
+    classifier = None
+    if rule.decides_with_classifier:
+        if cam_artifact is None:
+            raise WssError(
+                f"{artifact_dir}: the segmenter empties images whose stage-1 classifier score is low "
+                f"(seg.image_score: {rule.image_score}), but its cam artifact is not known here; predict "
+                f"with the config whose artifact it is (-c), or set seg.image_score: seg"
+            )
+        classifier = ClassifierScore(cam_artifact, torch_device)
     out_dir = Path(out_dir)
     files, failures = collect_inputs(inputs, out_dir)
     unique: dict[str, Path] = {}
@@ -318,15 +333,10 @@ def predict_inputs(
             if probabilities
             else None
         )
+        peak = PeakProbability(saved.write_rows if saved else None)
         try:
             mask = predict_mask(
-                model,
-                item["resized"],
-                item["size"],
-                meta["task"],
-                threshold,
-                torch_device,
-                saved.write_rows if saved else None,
+                model, item["resized"], item["size"], meta["task"], threshold, torch_device, peak.write_rows
             )
         except BaseException:
             if saved:
@@ -334,6 +344,9 @@ def predict_inputs(
             raise
         if saved:
             saved.commit()
+        if rule.active:
+            cam_score = classifier(item["resized"]) if classifier is not None else None
+            mask = rule.apply(mask, rule.score(peak.value, cam_score), long_side)
         write_index_png(out_dir / "masks" / f"{stem}.png", mask, meta["palette"])
         atomic_save(
             Image.fromarray(overlay_of(item["view"], mask, meta["palette"])), out_dir / "overlays" / f"{stem}.png"
@@ -355,6 +368,19 @@ def predict_inputs(
             ", ".join(report.placeholders),
         )
     return report
+
+
+class PeakProbability:
+    """The largest foreground probability of an image, taken from the bands predict_mask hands
+    over (the binary channel), and passed on to `forward` (a ProbabilityFile's write_rows)."""
+
+    def __init__(self, forward=None):
+        self.forward, self.value = forward, 0.0
+
+    def write_rows(self, top: int, probs: torch.Tensor) -> None:
+        self.value = max(self.value, float(probs[0].max())) if probs.numel() else self.value
+        if self.forward is not None:
+            self.forward(top, probs)
 
 
 class ProbabilityFile:

@@ -16,17 +16,17 @@ import numpy as np
 import torch
 
 from data.datasets import SafeImageDataset
-from data.errors import WssError
 from data.layout import PreparedDataset, write_index_png, write_json_atomic
-from data.transforms import normalize_batch
+from data.transforms import normalize_batch, resize_long
 from stages.base import Stage, StageInputError, StageResult, section_dict, weights_file_stamp
 from stages.common import distributed
 from stages.common.model_files import FileRefused, read_state_file, refusal, weights_problem, write_state_file
 from stages.common.runtime import image_loader, progress, resolve_device, seed_everything, worker_count
-from stages.common.scoring import SegmentationScorer, score_label_files
+from stages.common.scoring import SegmentationScorer, replace_scores, score_label_files, scored_ids
 from stages.common.tables import per_class_table
 from stages.common.training import CHECKPOINT, fit, reuse_trained, train_settings, unused_training_settings
 from stages.seg.data import PseudoLabelDataset, pseudo_label_items, read_pseudo_label
+from stages.seg.holdout import split_holdout
 from stages.seg.losses import SegLoss
 from stages.seg.model import (
     MODEL_FILE,
@@ -40,10 +40,13 @@ from stages.seg.model import (
     probabilities_to_mask,
     save_segmenter,
 )
+from stages.seg.postprocess import ClassifierScore, EmptyMaskRule
+
+RULE_SETTINGS = ("min_area", "image_threshold", "image_score")  # the empty-mask rule, binary tasks only
 
 log = logging.getLogger("wss.seg")
 PREDICTIONS = "predictions"
-IMAGE_SCORES = "image_scores.json"  # binary: each image's largest foreground probability (for AUC)
+IMAGE_SCORES = "image_scores.json"  # binary: each image's score under seg.image_score (for AUC)
 HOLDOUT_FILE = "holdout_best.safetensors"
 
 
@@ -53,6 +56,7 @@ class SegStage(Stage):
     splits = ("train_split", "val_split")  # trained on train, predicts val too
     section = "seg"
     resume_files = (CHECKPOINT, HOLDOUT_FILE)  # the held-out scores of the epochs trained so far
+    score_splits = ("tune_split",)  # its images are left out of the val and train scores
 
     def key_config(self, cfg, task: str) -> dict:
         section = cfg.seg
@@ -60,17 +64,18 @@ class SegStage(Stage):
         if section.checkpoint == "last":
             unused.add("holdout_fraction")
         if task != "binary":
-            unused.add("threshold")  # multiclass takes the argmax
+            unused.update(("threshold", *RULE_SETTINGS))  # multiclass takes the argmax
         return {**section_dict(section, skip=unused), "weights_file": weights_file_stamp(section.encoder_weights)}
 
     def inference_settings(self, cfg) -> tuple[str, ...]:
         """Used only after training (to predict): a new value reuses the segmenter of an artifact
-        trained with the same settings (Pipeline.trained_twin). The val split always (the held-out
-        part comes from train); threshold and predict_size not under pseudo_holdout, whose
-        checkpoint choice predicts with them."""
+        trained with the same settings (Pipeline.trained_twin). The val split and the empty-mask
+        rule always (the held-out part comes from train, and the checkpoint choice does not apply
+        the rule); threshold and predict_size not under pseudo_holdout, whose checkpoint choice
+        predicts with them."""
         if cfg.seg.checkpoint == "last":
-            return ("threshold", "predict_size", "data.val_split")
-        return ("data.val_split",)
+            return ("threshold", "predict_size", *RULE_SETTINGS, "data.val_split")
+        return (*RULE_SETTINGS, "data.val_split")
 
     def preflight(self, cfg, dataset: PreparedDataset) -> None:
         """Architecture, encoder, options and loss names exist; the crop fits the model; the encoder
@@ -184,6 +189,8 @@ class SegStage(Stage):
             metrics.update(tracker.choose(model))
         elif twin is not None:  # the epoch the twin chose on its held-out part, which is this one's
             metrics.update(holdout_choice(Path(twin)))
+        rule = EmptyMaskRule.of(section) if dataset.task == "binary" else None
+        classifier = ClassifierScore(inputs["cam"], device) if rule is not None and rule.reads_classifier else None
         distributed.sync_module(model)  # every rank predicts with the weights rank 0 chose
         model.eval()  # still channels_last on CUDA, as predict_probabilities feeds it
         if distributed.is_main():
@@ -192,7 +199,7 @@ class SegStage(Stage):
         # Only now, with the model fixed, is the ground truth read: to score it.
         for split, ids in (("val", val_ids), ("train", train_ids)):
             split_metrics, split_failures = self.predict_split(
-                model, section, dataset, ids, out, device, cfg.run.workers, split
+                model, section, dataset, ids, out, device, cfg.run.workers, split, classifier, cfg.data.tune_split
             )
             metrics.update(split_metrics)
             failures += split_failures
@@ -205,19 +212,37 @@ class SegStage(Stage):
         """Re-score the saved predictions of a finished artifact against the masks."""
         metrics = {}
         for split, name in (("val", cfg.data.val_split), ("train", cfg.data.train_split)):
-            metrics.update(score_predictions(dataset, dataset.split(name), Path(artifact), f"seg_{split}_"))
+            ids = scored_ids(dataset, dataset.split(name), cfg.data.tune_split)
+            metrics.update(score_predictions(dataset, ids, Path(artifact), f"seg_{split}_"))
         return metrics
+
+    def rescore(self, cfg, dataset, artifact: Path, metrics: dict, scored_with: dict, limit=None) -> dict:
+        """The val and train scores again, with the current tuning split left out."""
+        return replace_scores(metrics, ("seg_val_", "seg_train_"), self.evaluate(cfg, dataset, artifact))
 
     @torch.no_grad()
     def predict_split(
-        self, model, section, dataset: PreparedDataset, ids: list[str], out: Path, device, workers: int, split: str
+        self,
+        model,
+        section,
+        dataset: PreparedDataset,
+        ids: list[str],
+        out: Path,
+        device,
+        workers: int,
+        split: str,
+        classifier: ClassifierScore | None = None,
+        tune_split: str | None = None,
     ) -> tuple[dict, list[str]]:
         """Predict whole images (under torchrun, this rank's share) into predictions/<id>.png,
-        then score the split from those files where masks exist."""
+        with the empty-mask rule of a binary task (`classifier`: the stage-1 classifier, for
+        seg.image_score cam / mean), then score the split from those files where masks exist,
+        the tuning split's images left out."""
         pred_dir = out / PREDICTIONS
         pred_dir.mkdir(parents=True, exist_ok=True)
         image_scores, failures = {}, []
         long_side = inference_long_side(section)
+        rule = EmptyMaskRule.of(section)
         loader = image_loader(SafeImageDataset(dataset, distributed.shard(ids)), min(2, worker_count(workers)))
         for item in progress(loader, desc=f"seg predict {split}", unit="img", leave=False):
             if "error" in item:
@@ -226,16 +251,19 @@ class SegStage(Stage):
                 continue
             probs = predict_probabilities(model, item["image"], dataset.task, long_side, device)
             pred = probabilities_to_mask(probs, dataset.task, section.threshold)
-            write_index_png(pred_dir / f"{item['id']}.png", pred, dataset.info.palette)
             if dataset.task == "binary":
-                image_scores[item["id"]] = float(probs.max())
+                cam_score = classifier(resize_long(item["image"], long_side)) if classifier is not None else None
+                score = rule.score(float(probs.max()), cam_score)
+                pred = rule.apply(pred, score, long_side)
+                image_scores[item["id"]] = score
+            write_index_png(pred_dir / f"{item['id']}.png", pred, dataset.info.palette)
         failures = distributed.all_ranks_list(failures)  # also waits until every rank wrote its share
         image_scores = {k: v for part in distributed.gather(image_scores) for k, v in part.items()}
         metrics = {}
         if distributed.is_main():
             if dataset.task == "binary":
                 write_json_atomic(out / IMAGE_SCORES, {**read_image_scores(out), **image_scores}, indent=None)
-            metrics = score_predictions(dataset, ids, out, f"seg_{split}_", failures)
+            metrics = score_predictions(dataset, scored_ids(dataset, ids, tune_split), out, f"seg_{split}_", failures)
         return distributed.broadcast(metrics), failures
 
 
@@ -274,18 +302,6 @@ def score_predictions(
 
 def headline_metric(task: str) -> str:
     return "seg_val_kaggle_dice" if task == "binary" else "seg_val_miou"
-
-
-def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, held out): a seeded random `fraction` of the items (at least one) is held out."""
-    if not 0 < fraction < 1:
-        raise WssError(f"seg.holdout_fraction must lie between 0 and 1, got {fraction}")
-    if len(items) < 2:
-        raise WssError(f"seg.checkpoint pseudo_holdout needs at least 2 images with pseudo-labels, got {len(items)}")
-    count = min(len(items) - 1, max(1, round(fraction * len(items))))
-    order = np.random.default_rng(seed).permutation(len(items))
-    held = set(order[:count].tolist())
-    return ([it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held])
 
 
 class HoldoutTracker:

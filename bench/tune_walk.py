@@ -1,0 +1,70 @@
+"""Time of `wss tune`'s stage-2 search (stages.tuning.stage2.walk_rows) on a config's cached
+cam and irn artifacts, to set against one epoch of the irn stage on the same data.
+
+    python bench/tune_walk.py -c CONFIG [-o KEY=VALUE ...] [--images 40] [--betas 3] [--thresholds 10] [--crf]
+
+The first --images train images with a mask stand in for a tuning split (timing only: the scores
+it prints choose nothing). The grid is --thresholds values of irn.sem_seg_bg_threshold x --betas
+values of irn.beta (the config's beta halved, kept, doubled, ...), one exp_times; --crf adds the
+CRF rows (three thresholds at the best walk). One irn epoch: the `irn epoch k/N` progress bars
+of the run's log, or bench/stage_irn.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.runner import Pipeline  # noqa: E402
+from stages.common.runtime import resolve_device  # noqa: E402
+from stages.tuning.stage2 import WalkGrid, tuning_cams, walk_rows  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", action="append", required=True)
+    parser.add_argument("-o", "--override", action="append", default=[])
+    parser.add_argument("--images", type=int, default=40)
+    parser.add_argument("--betas", type=int, default=3)
+    parser.add_argument("--thresholds", type=int, default=10)
+    parser.add_argument("--crf", action="store_true")
+    args = parser.parse_args()
+    cfg = load_config([Path(c) for c in args.config], args.override)
+    pipeline = Pipeline(cfg)
+    dataset = pipeline.dataset
+    ids = [i for i in dataset.split(cfg.data.train_split) if dataset.has_mask(i)][: args.images]
+    device = resolve_device(cfg.run.device)
+    cam_files, _ = tuning_cams(pipeline.require("cam"), dataset, ids, Path(tempfile.mkdtemp()), device, 0)
+    betas = tuple(cfg.irn.beta * 2.0 ** (k - args.betas // 2) for k in range(args.betas))
+    thresholds = tuple(round(0.05 + 0.9 * k / max(1, args.thresholds - 1), 4) for k in range(args.thresholds))
+    grid = WalkGrid(
+        betas, (cfg.irn.exp_times,), thresholds, cfg.irn.walk_radius, cfg.irn.refine_crf_params if args.crf else None
+    )
+    timings: dict = {}
+    started = time.perf_counter()
+    rows = walk_rows(dataset, cam_files, pipeline.require("irn"), grid, device, timings)
+    total = time.perf_counter() - started
+    print(
+        json.dumps(
+            {
+                "images": len(cam_files),
+                "grid": f"{len(thresholds)} thresholds x {len(betas)} betas" + (" + CRF" if args.crf else ""),
+                "rows": len(rows),
+                "seconds": round(total, 2),
+                "walk_seconds": round(timings.get("walk_seconds", 0.0), 2),
+                "crf_seconds": round(timings.get("crf_seconds", 0.0), 2),
+                "device": str(device),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
