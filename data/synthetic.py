@@ -176,9 +176,28 @@ def _write_one(index: int, spec: SyntheticSpec, out: str) -> tuple[str, np.ndarr
     return image_id, label
 
 
-def write_synthetic(out: str | Path, spec: SyntheticSpec, progress=None, workers: int = 1) -> Path:
+def train_size(spec: SyntheticSpec) -> int:
+    """Images in the train split: the val split takes val_fraction of them, neither split empty."""
+    return spec.n - min(spec.n - 1, max(1, int(round(spec.n * spec.val_fraction))))
+
+
+def tune_split(train: list[str], count: int, seed: int) -> list[str]:
+    """`count` train images drawn with `seed` (for `data.tune_split`, on whose masks `wss tune`
+    chooses the settings downstream of the networks). They stay in the train split, whose image
+    labels the networks train on; every stage leaves them out of its scores. Drawn from a stream
+    of their own, so the train and val splits are the same with or without them."""
+    if count > len(train):
+        raise ValueError(f"a tuning split of {count} images from a train split of {len(train)}")
+    if count <= 0:
+        return []
+    drawn = np.random.default_rng([seed, 10**9 + 1]).choice(len(train), size=count, replace=False)
+    return sorted(train[i] for i in drawn)
+
+
+def write_synthetic(out: str | Path, spec: SyntheticSpec, progress=None, workers: int = 1, tune: int = 0) -> Path:
     """Write the prepared layout (images, eval masks, labels, train/val splits). `workers`
-    processes generate the images (the same ones whatever their number)."""
+    processes generate the images (the same ones whatever their number). `tune` > 0 also writes
+    a tuning split (splits/tune.txt, see tune_split)."""
     writer = DatasetWriter(out, synthetic_info(spec))
     ids = [f"syn{i:05d}" for i in range(spec.n)]
     job = functools.partial(_write_one, spec=spec, out=str(out))
@@ -186,12 +205,13 @@ def write_synthetic(out: str | Path, spec: SyntheticSpec, progress=None, workers
         labels = dict(parallel_map(job, list(range(spec.n)), workers, progress is not None, "synthetic"))
     else:
         labels = dict(job(i) for i, _ in enumerate(progress(ids) if progress else ids))
-    n_val = min(spec.n - 1, max(1, int(round(spec.n * spec.val_fraction))))  # neither split empty
+    n_val = spec.n - train_size(spec)
     order = np.random.default_rng([spec.seed, 10**9]).permutation(spec.n)
     val = sorted(ids[i] for i in order[:n_val])
     train = sorted(ids[i] for i in order[n_val:])
     writer.write_labels(labels)
     writer.write_split("train", train)
     writer.write_split("val", val)
+    writer.write_split("tune", tune_split(train, tune, spec.seed))
     writer.write_info()
     return Path(out)

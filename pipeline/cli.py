@@ -107,38 +107,60 @@ def prepare():
     type=click.FloatRange(0, 1),
     help="binary variant: the share of images without a finding (SIIM: about 0.78).",
 )
+@click.option(
+    "--tune",
+    "tune_count",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Also write splits/tune.txt: this many train images drawn with --seed, for data.tune_split "
+    "(they stay in train; every stage leaves them out of its scores).",
+)
 @click.option("--force", is_flag=True, help="Rewrite even if an identical dataset is already there.")
 def prepare_synthetic(
-    out: Path, n: int, size: int, seed: int, variant: str, mark_scale: float, negatives: float, force: bool
+    out: Path,
+    n: int,
+    size: int,
+    seed: int,
+    variant: str,
+    mark_scale: float,
+    negatives: float,
+    tune_count: int,
+    force: bool,
 ):
     """Generate the synthetic benchmark (deterministic in --seed).
 
     \b
     Example:
       wss prepare synthetic --out runs/data/synthetic --n 400 --size 128 --seed 0
+      wss prepare synthetic --out runs/data/synthetic-tune --tune 16
     """
     import json
 
     from tqdm.auto import tqdm
 
     from data.layout import create_folder, write_text_atomic
-    from data.synthetic import SyntheticSpec, write_synthetic
+    from data.synthetic import SyntheticSpec, train_size, write_synthetic
 
     setup_logging()
     spec = SyntheticSpec(
         n=n, size=size, seed=seed, variant=variant, mark_scale=mark_scale, positive_fraction=round(1 - negatives, 6)
     )
+    if tune_count > train_size(spec):
+        raise WssError(f"--tune {tune_count}: the train split has only {train_size(spec)} images")
     stamp = out / "synthetic.json"
-    wanted = json.dumps(spec.__dict__, sort_keys=True)
+    # the stamp names the tuning split only when there is one: a dataset prepared without it keeps its stamp
+    wanted = json.dumps({**spec.__dict__, **({"tune": tune_count} if tune_count else {})}, sort_keys=True)
     if not force and stamp.is_file() and stamp.read_text() == wanted and (out / "dataset.json").is_file():
         click.echo(f"synthetic dataset already prepared in {out} (same spec), skipping")
         return
     create_folder(out)
     (out / "dataset.json").unlink(missing_ok=True)  # until rewritten, it is not a dataset,
     stamp.unlink(missing_ok=True)  # and its spec is unknown: a killed run leaves neither behind
-    write_synthetic(out, spec, progress=lambda ids: tqdm(ids, desc="synthetic", unit="img"))
+    write_synthetic(out, spec, progress=lambda ids: tqdm(ids, desc="synthetic", unit="img"), tune=tune_count)
     write_text_atomic(stamp, wanted)
-    click.echo(f"wrote {n} images to {out}")
+    tuned = f" (tuning split: {tune_count} train images in splits/tune.txt, for -o data.tune_split=tune)"
+    click.echo(f"wrote {n} images to {out}" + (tuned if tune_count else ""))
 
 
 def finish_prepare(report) -> None:

@@ -4,6 +4,13 @@ For each method: the run config(s), then configs/methods/<method>.yaml when it e
 the -o overrides, then cam.method=<method>. Stage cam runs through the Pipeline (so a second
 compare reuses every artifact); the extra scores (val-tuned threshold, point localization,
 parameter count) are cached in <out>/cache/ under the artifact's name, which holds its key.
+
+With `--through irn` and a tuning split (`data.tune_split`), each method is also judged with its
+own stage-2 settings: `wss tune`'s stage-2 search (pipeline.tune, cached as its artifact) chooses
+them on the tuning split's masks from that method's CAMs, and the pseudo stage runs again at them
+(a cached artifact like any run's, scored on train without the tuning images). Stage 2's
+settings suit each method's maps differently, so a method is not ranked by the settings another
+one was tuned for.
 """
 
 from __future__ import annotations
@@ -55,7 +62,11 @@ GLOSSARY = {
     "train_images_per_s": "training throughput of stage cam",
     "parameters": "trainable and frozen parameters of the cam model",
     "pseudo_miou": "mIoU of the pseudo-labels (stage pseudo) on the train split",
+    "tuned_stage2": "the stage-2 settings `wss tune` chose for the method on the tuning split's masks "
+    "(the searched ones; the others are the config's)",
+    "pseudo_miou_tuned": "mIoU of the method's pseudo-labels at its tuned stage-2 settings, on the train split",
 }
+TUNED_COLUMNS = ["tuned_stage2", "pseudo_miou_tuned"]
 
 
 def method_config(paths: list[Path], overrides: list[str], method: str):
@@ -162,6 +173,98 @@ def compare_method(cfg, method: str, through: str, out: Path, limit: int | None)
     return row
 
 
+def compare_grid(cfg, params: dict[str, list]) -> dict[str, list]:
+    """The stage-2 search of one method: a few walks (irn.beta halved, as configured, doubled),
+    every sem_seg_bg_threshold on each walk's output, the other settings as configured; `params`
+    (`--tune-params`) replaces any of them."""
+    from pipeline.tune import steps
+
+    beta = cfg.irn.beta
+    grid = {
+        "cam.eval_bg_threshold": [cfg.cam.eval_bg_threshold],
+        "irn.beta": sorted({round(beta / 2, 6), beta, round(beta * 2, 6)}),
+        "irn.exp_times": [cfg.irn.exp_times],
+        "irn.sem_seg_bg_threshold": sorted({*steps(0.05, 0.95, 0.1), cfg.irn.sem_seg_bg_threshold}),
+        "irn.refine_crf": [cfg.irn.refine_crf],
+    }
+    return {**grid, **params}
+
+
+def parse_tune_params(items: tuple[str, ...] | list[str]) -> dict[str, list]:
+    """`--tune-params` in `wss tune --params` syntax, limited to the settings of the walk that
+    makes the pseudo-labels (irn.*)."""
+    from pipeline.tune import STAGE2, parse_params
+
+    grid = parse_params(items)
+    other = [name for name in grid if name not in STAGE2 or not name.startswith("irn.")]
+    if other:
+        walk = ", ".join(name for name in STAGE2 if name.startswith("irn."))
+        raise WssError(f"--tune-params: {other[0]} is not a stage-2 setting of the pseudo-labels ({walk})")
+    return grid
+
+
+def setting_text(value) -> str:
+    """A setting as a -o value and as the table shows it: 10.0 -> 10, True -> true."""
+    from pipeline.tune import plain
+
+    value = plain(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def tuned_stage2(cfg, grid: dict[str, list]) -> tuple[dict, Path]:
+    """The irn settings `wss tune`'s stage-2 search chooses for this config's method (cached as
+    its tune artifact), and that artifact."""
+    from pipeline.tune import tune
+
+    result = tune(cfg, grid, stage2_only=True)
+    chosen = {name: value for name, value in result.chosen.items() if name.startswith("irn.")}
+    if not chosen:
+        raise WssError(f"compare: the stage-2 search in {result.artifact} chose nothing (no scored tuning image)")
+    return chosen, result.artifact
+
+
+def tuned_pseudo(paths, overrides, method: str, grid: dict[str, list]) -> dict:
+    """The method's stage-2 settings tuned on the tuning split, and its pseudo-labels at them
+    through the cached pipeline (as `wss run -o <settings> --until pseudo` makes them)."""
+    from pipeline.runner import Pipeline
+
+    chosen, artifact = tuned_stage2(method_config(paths, overrides, method), grid)
+    settings = [f"{name}={setting_text(value)}" for name, value in chosen.items()]
+    outcomes = Pipeline(method_config(paths, [*overrides, *settings], method)).run(until="pseudo")
+    searched = [name for name in chosen if len(grid.get(name, [])) > 1] or list(chosen)
+    return {
+        "tuned_stage2": ", ".join(f"{name.split('.', 1)[1]}={setting_text(chosen[name])}" for name in searched),
+        "pseudo_miou_tuned": outcomes[-1].metrics.get("pseudo_miou", float("nan")),
+        "tune_artifact": str(artifact),
+        "tuned_settings": settings,
+        "tuned_state": "ran" if any(o.state == "ran" for o in outcomes) else "cached",
+    }
+
+
+def stage2_note(cfg, tuned: bool, grid: dict[str, list] | None) -> str:
+    """The report's line on which stage-2 settings the pseudo-labels were made with."""
+    config = ", ".join(
+        f"{name}={setting_text(getattr(cfg.irn, name))}"
+        for name in ("beta", "exp_times", "sem_seg_bg_threshold", "refine_crf")
+    )
+    if not tuned:
+        return f"Stage 2: every method's pseudo-labels at the config's settings ({config}); no tuning split."
+    searched = "; ".join(
+        f"{name}: {', '.join(setting_text(v) for v in values)}"
+        for name, values in (grid or {}).items()
+        if name.startswith("irn.") and len(values) > 1
+    )
+    return (
+        f"Stage 2: `pseudo_miou` at the config's settings ({config}) for every method; `pseudo_miou_tuned` at "
+        f"each method's own, chosen by `wss tune` on the masks of the tuning split `{cfg.data.tune_split}` "
+        f"(searched: {searched}); its images are left out of every score."
+    )
+
+
 def overlay_grid(rows: list[dict], dataset, train_ids: list[str], path: Path, n: int = 8, cell: int = 160) -> None:
     """The same `n` train images (rows) under each method (columns): the CAM of the image's first
     labelled class as a heatmap over the image. Reads the stage's stride-4 CAM files."""
@@ -201,7 +304,14 @@ def overlay_grid(rows: list[dict], dataset, train_ids: list[str], path: Path, n:
 
 
 def write_report(
-    rows: list[dict], columns: list[str], out: Path, cfg, argv: list[str], has_grid: bool, has_chart: bool = False
+    rows: list[dict],
+    columns: list[str],
+    out: Path,
+    cfg,
+    argv: list[str],
+    has_grid: bool,
+    has_chart: bool = False,
+    notes: tuple[str, ...] = (),
 ) -> None:
     with open(out / "compare.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
@@ -217,6 +327,7 @@ def write_report(
         "",
         markdown_table(rows, columns, DIGITS),
         "",
+        *[line for note in notes for line in (note, "")],
     ]
     parts += [
         f"- **{name}**: {text}" for name, text in GLOSSARY.items() if any(c in name.split(" / ") for c in columns)
@@ -250,35 +361,88 @@ def write_report(
 @click.option(
     "--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images of each split (quick tries)."
 )
-def compare_command(config_path, overrides, methods: str, through: str, out: Path | None, limit: int | None):
+@click.option(
+    "--tune/--no-tune",
+    default=None,
+    help="With --through irn: tune each method's stage-2 settings on data.tune_split and report its pseudo-label "
+    "mIoU at them too [default: tune when data.tune_split is set].",
+)
+@click.option(
+    "--tune-params",
+    multiple=True,
+    metavar="NAME=VALUES",
+    help="A searched irn setting and its values, as wss tune --params (repeatable) [default: irn.beta halved, as "
+    "configured and doubled; irn.sem_seg_bg_threshold=0.05:0.95:0.1].",
+)
+def compare_command(
+    config_path,
+    overrides,
+    methods: str,
+    through: str,
+    out: Path | None,
+    limit: int | None,
+    tune: bool | None,
+    tune_params: tuple[str, ...],
+):
     """Run stage 1 with each method (cached like any stage) and tabulate them side by side.
 
     \b
     Example:
       wss compare -c configs/demo.yaml --methods gap,pcam,pylon,multiscale,minmax
       wss compare -c configs/siim.yaml --methods gap,pylon --through irn
+      wss compare -c configs/demo.yaml -o data.tune_split=tune --through irn --tune-params irn.beta=5,10
     """
     if through == "irn" and limit is not None:
         raise WssError("--limit works with --through cam only (stage 2 reads the full cam artifact)")
+    if tune and through != "irn":
+        raise WssError("--tune tunes the stage-2 settings: it needs --through irn")
+    if tune is False and tune_params:
+        raise WssError("--tune-params with --no-tune: nothing would be tuned")
+    params = parse_tune_params(tune_params)
     names = parse_methods(methods)
     configs = {m: method_config(list(config_path), list(overrides), m) for m in names}
     first = configs[names[0]]
+    if tune and not first.data.tune_split:
+        raise WssError(
+            "--tune needs a tuning split: set data.tune_split to a split of a few images with masks "
+            "(e.g. `wss prepare synthetic --tune N` writes splits/tune.txt)"
+        )
+    tuning = through == "irn" and bool(first.data.tune_split) and tune is not False
+    if tune_params and not tuning:
+        raise WssError("--tune-params needs --through irn and data.tune_split")
     setup_logging(first.run.verbose)
     from pipeline.runner import Pipeline
+    from pipeline.tune import check_tune_split
 
-    dataset = Pipeline(first).dataset
+    pipeline = Pipeline(first)
+    dataset = pipeline.dataset
+    if tuning:
+        check_tune_split(first, dataset)  # refused before any stage runs
     out = out or Path(first.run.workdir) / dataset.name / "compare"
     create_folder(out)
     rows = []
+    grid = None
     for method in names:
         log.info("compare: method %s", method)
-        rows.append(compare_method(configs[method], method, through, out, limit))
-    columns = COLUMNS + (["pseudo_miou"] if through == "irn" else [])
+        row = compare_method(configs[method], method, through, out, limit)
+        if tuning:
+            grid = compare_grid(configs[method], params)
+            log.info("compare: method %s, its stage-2 settings on the tuning split", method)
+            row.update(tuned_pseudo(list(config_path), list(overrides), method, grid))
+            row["state"] = "ran" if "ran" in (row["state"], row.pop("tuned_state")) else row["state"]
+        rows.append(row)
+    columns = COLUMNS + (["pseudo_miou"] if through == "irn" else []) + (TUNED_COLUMNS if tuning else [])
     overlay_grid(rows, dataset, dataset.split(first.data.train_split)[:limit], out / "overlays.png")
     has_grid = (out / "overlays.png").is_file()
     chart = comparison_chart(rows, columns, out / "compare.png")
-    argv = ["wss", "compare", *_argv_of(config_path, overrides, methods, through, limit)]
-    write_report(rows, columns, out, first, argv, has_grid, chart is not None)
+    argv = ["wss", "compare", *_argv_of(config_path, overrides, methods, through, limit, tune, tune_params)]
+    notes = (stage2_note(first, tuning, grid),) if through == "irn" else ()
+    write_report(rows, columns, out, first, argv, has_grid, chart is not None, notes)
+    if tuning:
+        write_json_atomic(
+            out / "tuned.json",
+            {r["method"]: {"settings": r["tuned_settings"], "tune_artifact": r["tune_artifact"]} for r in rows},
+        )
     click.echo(format_table(rows, columns, DIGITS))
     pictures = [path for path in (chart, out / "overlays.png" if has_grid else None) if path is not None]
     click.echo(f"wrote {out / 'compare.md'}, {out / 'compare.csv'}" + "".join(f", {path}" for path in pictures))
@@ -295,7 +459,9 @@ def comparison_chart(rows: list[dict], columns: list[str], path: Path) -> Path |
         return None
 
 
-def _argv_of(config_paths, overrides, methods, through, limit) -> list[str]:
+def _argv_of(config_paths, overrides, methods, through, limit, tune=None, tune_params=()) -> list[str]:
     args = [a for p in config_paths for a in ("-c", str(p))] + [a for o in overrides for a in ("-o", o)]
     args += ["--methods", methods] + (["--through", through] if through != "cam" else [])
+    args += {True: ["--tune"], False: ["--no-tune"], None: []}[tune]
+    args += [a for p in tune_params for a in ("--tune-params", p)]
     return args + (["--limit", str(limit)] if limit is not None else [])

@@ -263,8 +263,13 @@ def stage2_search(cfg, pipeline, grid: dict, tune_ids: list[str], out: Path, dev
     return cam_rows, rows
 
 
-def tune(cfg, params: dict[str, list], limit: int | None = None, force: bool = False) -> TuneResult:
-    """Run what the search needs, search (or reuse the cached search) and write its artifact."""
+def tune(
+    cfg, params: dict[str, list], limit: int | None = None, force: bool = False, stage2_only: bool = False
+) -> TuneResult:
+    """Run what the search needs, search (or reuse the cached search) and write its artifact.
+
+    `stage2_only` searches the stage-2 settings alone (`wss compare` judges each stage-1 method
+    by its own): no segmenter is trained for the empty-mask rule, and a tuning split is required."""
     from pipeline.cache import StageKey
     from pipeline.runner import Pipeline
     from stages.common.runtime import resolve_device
@@ -277,19 +282,21 @@ def tune(cfg, params: dict[str, list], limit: int | None = None, force: bool = F
     tune_ids = [i for i in check_tune_split(cfg, dataset) if dataset.has_mask(i)][:limit]
     if cfg.data.tune_split and not tune_ids:
         raise TuneError(f"data.tune_split {cfg.data.tune_split!r} has no image with a mask to tune on")
+    if stage2_only and not tune_ids:
+        raise TuneError("the stage-2 settings are tuned on the masks of data.tune_split: set it")
     if not tune_ids and not binary:
         raise TuneError(
             "nothing to tune without masks on a multiclass task: set data.tune_split to a split of a few "
             "images annotated with masks (e.g. one of `wss prepare folder --splits`)"
         )
     grid = {**default_grid(cfg, bool(tune_ids)), **params}
-    if not binary:
+    rule = binary and not stage2_only
+    if not rule:
         grid = {name: values for name, values in grid.items() if name in STAGE2}
     if not tune_ids:
         grid = {name: values for name, values in grid.items() if name in RULE}
-    until = "seg" if binary else "irn"
-    pipeline.run(until=until)
-    needs = ("cam", "irn", "pseudo", "seg") if binary else ("cam", "irn")
+    pipeline.run(until="seg" if rule else "irn")
+    needs = ("cam", "irn", "pseudo", "seg") if rule else ("cam", "irn")
     key = StageKey(
         TUNE,
         {
@@ -340,7 +347,7 @@ def tune(cfg, params: dict[str, list], limit: int | None = None, force: bool = F
             for best, names in ((cam_best, ("cam.eval_bg_threshold",)), (walk_best, tuple(STAGE2)[1:])):
                 if best is not None:
                     chosen.update({name: best[name] for name in names})
-        if binary:
+        if rule:
             t0 = time.perf_counter()
             rows["rule"] = rule_search(cfg, pipeline, grid, tune_ids, limit, device, notes)
             timings["rule_seconds"] = time.perf_counter() - t0
