@@ -381,9 +381,9 @@ class Pipeline:
         if not (stage.score_settings or stage.score_splits):
             return None
         config = manifest.get("config", {})  # a manifest without scored_with: the config it ran with
-        scored_with = manifest.get("scored_with") or scoring_values(
-            stage, config.get(stage.section, {}), config.get("data", {})
-        )
+        scored_with = manifest.get("scored_with")
+        if not isinstance(scored_with, dict):  # {} is a record too: scored with no tuning split
+            scored_with = scoring_values(stage, config.get(stage.section, {}), config.get("data", {}))
         return None if scored_with == current else (current, scored_with)
 
     def rescored(self, stage: Stage, artifact: Path, manifest: dict) -> dict:
