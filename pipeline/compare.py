@@ -55,7 +55,7 @@ GLOSSARY = {
     "cls_mean_auc / cls_mean_ap": "image classification on the val split (mean over classes)",
     "cam_miou": "CAM mIoU on the train split at the config's fixed cam.eval_bg_threshold",
     "tuned_threshold / cam_miou_tuned": "background threshold with the best CAM mIoU on the val split's "
-    "masks, and the train split's mIoU at that threshold",
+    "masks, and the train split's mIoU at that threshold (without the tuning split's images)",
     "point_acc": "point localization accuracy on the train split: the share of (image, labelled class) pairs whose "
     "CAM maximum falls inside the class' mask (ignore pixels do not count; mean over the classes), or inside one "
     "of its boxes on NIH's boxed images; '-' without masks or boxes",
@@ -92,10 +92,12 @@ def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict
     from stages.cam.classifier import count_parameters, write_cams
     from stages.cam.scoring import tuned_miou
     from stages.common.runtime import resolve_device, worker_count
+    from stages.common.scoring import scored_ids
 
     cfg, dataset = pipeline.cfg, pipeline.dataset
-    # the artifact's key leaves out the val split (it only scores stage 1), so the name holds it
+    # the artifact's key leaves out the val and tuning splits (they only score stage 1), so the name holds them
     name = f"{artifact.name}-val-{cfg.data.val_split}" + (f"-limit{limit}" if limit is not None else "")
+    name += f"-tune-{cfg.data.tune_split}" if cfg.data.tune_split else ""
     cache = out / "cache" / f"{name}.json"
     made_by = computation_id(artifact)
     cached = read_cached_scores(cache, made_by)
@@ -107,8 +109,9 @@ def extra_scores(pipeline, artifact: Path, out: Path, limit: int | None) -> dict
     shutil.rmtree(work, ignore_errors=True)  # CAMs of an earlier computation under the same name
     train_ids = dataset.split(cfg.data.train_split)[:limit]
     # the threshold is chosen on masks of images that are not scored (data.val_split may overlap train)
-    scored = set(train_ids)
-    val_ids = [i for i in dataset.split(cfg.data.val_split)[:limit] if dataset.has_mask(i) and i not in scored]
+    in_train = set(train_ids)
+    val_ids = [i for i in dataset.split(cfg.data.val_split)[:limit] if dataset.has_mask(i) and i not in in_train]
+    train_ids = scored_ids(dataset, train_ids, cfg.data.tune_split)  # as every stage scores them
     scores = {"parameters": count_parameters(artifact)}
     if not val_ids:
         log.warning(

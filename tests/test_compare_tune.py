@@ -122,6 +122,8 @@ def test_compare_tunes_each_method_as_wss_tune_and_wss_run_would(cli, synthetic_
     tuned = json.loads((tmp_path / "cmp" / "tuned.json").read_text())
     report = (tmp_path / "cmp" / "compare.md").read_text()
     assert "tuning split `tune`" in report and "irn.beta: 5, 10" in report
+    # the val-tuned CAM threshold's train score leaves the tuning images out too, cached under that split
+    assert len(list((tmp_path / "cmp" / "cache").glob("cam-*-val-val-tune-tune.json"))) == 2
     train = dataset.split("train")
     scored = [i for i in train if i not in tune_ids]
     for row in rows:
@@ -180,3 +182,16 @@ def test_compare_tunes_each_method_as_wss_tune_and_wss_run_would(cli, synthetic_
         assert "the config's settings" in (tmp_path / "cmp" / "compare.md").read_text()
         if extra == ["--no-tune"]:
             assert [r["pseudo_miou"] for r in untuned] == [r["pseudo_miou"] for r in rows]
+
+
+def test_an_artifact_rescored_without_the_tuning_split_is_rescored_with_it_again(tiny_synthetic):
+    """pseudo (irn too) records `scored_with: {}` once re-scored without a tuning split: that
+    record, not the config the artifact was computed with, says what its scores left out."""
+    from pipeline.runner import Pipeline
+
+    pipeline = Pipeline(load_config(DEMO_CONFIG, [f"data.root={tiny_synthetic}", "data.tune_split=tune"]))
+    stage = pipeline.stage("pseudo")
+    computed_with_tune = {"config": {"data": {"tune_split": "tune"}, "irn": {}}}
+    assert pipeline.scoring_change(stage, computed_with_tune) is None
+    rescored_without = {**computed_with_tune, "scored_with": {}}
+    assert pipeline.scoring_change(stage, rescored_without) == ({"data.tune_split": "tune"}, {})
