@@ -61,7 +61,7 @@ GLOSSARY = {
     "of its boxes on NIH's boxed images; '-' without masks or boxes",
     "train_images_per_s": "training throughput of stage cam",
     "parameters": "trainable and frozen parameters of the cam model",
-    "pseudo_miou": "mIoU of the pseudo-labels (stage pseudo) on the train split",
+    "pseudo_miou": "mIoU of the pseudo-labels (stage pseudo) on the train split (without the tuning split's images)",
     "tuned_stage2": "the stage-2 settings `wss tune` chose for the method on the tuning split's masks "
     "(the searched ones; the others are the config's)",
     "pseudo_miou_tuned": "mIoU of the method's pseudo-labels at its tuned stage-2 settings, on the train split",
@@ -255,7 +255,8 @@ def stage2_note(cfg, tuned: bool, grid: dict[str, list] | None) -> str:
         for name in ("beta", "exp_times", "sem_seg_bg_threshold", "refine_crf")
     )
     if not tuned:
-        return f"Stage 2: every method's pseudo-labels at the config's settings ({config}); no tuning split."
+        why = "--no-tune" if cfg.data.tune_split else "no tuning split (data.tune_split)"
+        return f"Stage 2: every method's pseudo-labels at the config's settings ({config}); not tuned: {why}."
     searched = "; ".join(
         f"{name}: {', '.join(setting_text(v) for v in values)}"
         for name, values in (grid or {}).items()
@@ -446,6 +447,8 @@ def compare_command(
             out / "tuned.json",
             {r["method"]: {"settings": r["tuned_settings"], "tune_artifact": r["tune_artifact"]} for r in rows},
         )
+    else:
+        (out / "tuned.json").unlink(missing_ok=True)  # an earlier compare's: not this table's
     click.echo(format_table(rows, columns, DIGITS))
     pictures = [path for path in (chart, out / "overlays.png" if has_grid else None) if path is not None]
     click.echo(f"wrote {out / 'compare.md'}, {out / 'compare.csv'}" + "".join(f", {path}" for path in pictures))

@@ -88,7 +88,7 @@ def test_the_compare_grid_is_a_few_walks_and_takes_tune_params(tiny_synthetic):
     assert mine["irn.beta"] == [5.0, 20.0] and mine["irn.refine_crf"] == [True, False]
     assert [setting_text(v) for v in (10.0, 0.45, True, 8)] == ["10", "0.45", "true", "8"]
     note = stage2_note(cfg, False, None)
-    assert "config's settings" in note and "sem_seg_bg_threshold=0.3" in note
+    assert "config's settings" in note and "sem_seg_bg_threshold=0.3" in note and "no tuning split" in note
 
 
 # ------------------------------------------------------------------------------- end to end
@@ -180,6 +180,7 @@ def test_compare_tunes_each_method_as_wss_tune_and_wss_run_would(cli, synthetic_
         untuned = list(csv.DictReader(open(tmp_path / "cmp" / "compare.csv")))
         assert list(untuned[0]) == [*COLUMNS, "pseudo_miou"]
         assert "the config's settings" in (tmp_path / "cmp" / "compare.md").read_text()
+        assert not (tmp_path / "cmp" / "tuned.json").exists()
         if extra == ["--no-tune"]:
             assert [r["pseudo_miou"] for r in untuned] == [r["pseudo_miou"] for r in rows]
 
