@@ -470,7 +470,9 @@ def test_interrupt_then_resume_continues_training(trained, tmp_path, monkeypatch
     result = run_cli(*command_args(root, workdir))
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.output and "--resume" in result.output
-    entries = [p.name for p in (workdir / "synthetic").iterdir() if not p.name.endswith(".lock") and p.name != "tensorboard"]
+    entries = [
+        p.name for p in (workdir / "synthetic").iterdir() if not p.name.endswith(".lock") and p.name != "tensorboard"
+    ]
     assert len(entries) == 1 and entries[0].startswith(".cam-") and entries[0].endswith(".partial")
     status = run_cli("status", "-c", DEMO_CONFIG, *stage_args(root, workdir)[4:]).output
     assert f"cam      interrupted after epoch 2 of {FAST_CAM['cam.epochs']} (resume with --resume)" in status
