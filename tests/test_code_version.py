@@ -62,9 +62,14 @@ def test_comments_docstrings_and_line_breaks_keep_every_version(copy):
 
 def test_code_of_an_imported_module_changes_the_versions_that_import_it(copy):
     before = versions(copy)
-    edit(copy, "stages.cam.infer", "CAM_STRIDE = 4", "CAM_STRIDE = 8")  # imported by cam, irn and pseudo
+    # imported by cam, irn and pseudo, and by seg through the classifier its empty-mask rule can score with
+    edit(copy, "stages.cam.infer", "CAM_STRIDE = 4", "CAM_STRIDE = 8")
     after = versions(copy)
-    assert {name for name in STAGES if after[name] != before[name]} == {"cam", "irn", "pseudo"}
+    assert {name for name in STAGES if after[name] != before[name]} == {"cam", "irn", "pseudo", "seg"}
+    edit(copy, "stages.irn.random_walk", "def random_walk(", "def random_walk_one(")  # the walk: irn, pseudo only
+    again = versions(copy)
+    assert {name for name in STAGES if again[name] != after[name]} <= {"irn", "pseudo"}
+    assert again["pseudo"] != after["pseudo"] and again["seg"] == after["seg"] and again["cam"] == after["cam"]
 
 
 def test_a_stage_module_changes_only_its_own_version(copy):
@@ -95,7 +100,9 @@ def test_the_closures_hold_what_the_stages_run_and_nothing_of_the_cli(copy):
     closures = {name: import_closure(stage.code_modules(), copy, NOT_RESULT_BEARING) for name, stage in STAGES.items()}
     assert {"stages.cam.localization", "data.boxes", "stages.cam.pylon"} <= set(closures["cam"])
     assert {"stages.irn.random_walk", "stages.irn.walk_kernel", "stages.irn.net"} <= set(closures["pseudo"])
-    assert "stages.cam.model_file" in closures["seg"] and "stages.cam.nets" not in closures["seg"]
+    # seg reads the cam trunk file (encoder_weights: cam) and the classifier (seg.image_score: cam)
+    assert {"stages.cam.model_file", "stages.cam.classifier", "stages.seg.postprocess"} <= set(closures["seg"])
+    assert "stages.irn.random_walk" not in closures["seg"]
     for name, closure in closures.items():
         assert not [m for m in closure if m.startswith("pipeline") or m in ("data.nih", "stages.common.tables")]
         assert not [m for m in closure if m.endswith(".stage") and m != STAGES[name].code_modules()[0]]
