@@ -2,7 +2,7 @@
 cam and irn artifacts, to set against one epoch of the irn stage on the same data.
 
     python bench/tune_walk.py -c CONFIG [-o KEY=VALUE ...] [--images 40] [--betas 3] [--exp-times 6,8]
-        [--thresholds 10] [--crf] [--threads 1]
+        [--thresholds 10] [--crf] [--threads 1] [--rows FILE]
 
 The first --images train images with a mask stand in for a tuning split (timing only: the scores
 it prints choose nothing). The grid is --thresholds values of irn.sem_seg_bg_threshold x --betas
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--exp-times", default="", help="comma-separated irn.exp_times values (default: the config's)")
     parser.add_argument("--thresholds", type=int, default=10)
     parser.add_argument("--crf", action="store_true")
+    parser.add_argument("--rows", type=Path, help="also write the search's rows to this JSON file")
     parser.add_argument("--threads", type=int, default=0, help="torch's CPU threads (0: its default)")
     args = parser.parse_args()
     if args.threads:
@@ -58,6 +59,8 @@ def main() -> None:
     started = time.perf_counter()
     rows = walk_rows(dataset, cam_files, pipeline.require("irn"), grid, device, timings)
     total = time.perf_counter() - started
+    if args.rows:
+        args.rows.write_text(json.dumps(rows, indent=1))
     print(
         json.dumps(
             {
