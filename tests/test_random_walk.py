@@ -186,7 +186,7 @@ def test_a_failing_gpu_kernel_falls_back_to_the_csr_walk_once(monkeypatch, caplo
 
     monkeypatch.setattr(walk_kernel, "_failure", None)
     monkeypatch.setattr(walk_kernel, "available", lambda device: walk_kernel._failure is None)  # as on a GPU
-    monkeypatch.setattr(walk_kernel, "stencil_walk", broken)
+    monkeypatch.setattr(walk_kernel, "stencil_walk_stops", broken)
     with caplog.at_level("WARNING", logger="wss.walk"):
         first = random_walk(cams, edge, exp_times=4)
         second = random_walk(cams, edge, exp_times=4)

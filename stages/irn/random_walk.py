@@ -15,11 +15,17 @@ gather stencil (neighbour table (N, K), y_j = sum_k w_jk x_nbr(j,k)) and 30 s fo
 variant; the dense walk takes 6 s at 64x64 already (bench/random_walk.py). On a CUDA GPU each
 step is one Triton kernel over the (K, H, W) weights instead (stages/irn/walk_kernel.py):
 cuSPARSE's product took 61 us a step there.
+
+The walk is iterated step by step, so the result for exp_times = k is the state after 2^k steps
+of any longer walk, to the bit; `random_walk_many` serves a grid of (beta, exp_times), as the
+walk search of `wss tune` needs, from one set of beta-free tables and one walk per beta.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -75,16 +81,25 @@ def _path_max_edge(edge: torch.Tensor, radius: int) -> torch.Tensor:
     return strongest.view(-1, height, width)
 
 
-def _neighbour_table(edge: torch.Tensor, radius: int, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Weights A^beta, partner flat indices and validity, each (K, H, W), for `walk_offsets(radius)`.
+@dataclass(frozen=True)
+class _PairTable:
+    """What the transition takes from the boundary map whatever beta is, each (K, H, W) over
+    `walk_offsets(radius)`: A before the power (1 - the strongest boundary on the pair's path,
+    at least 0), partner flat indices and validity. Built once per image, it serves every beta."""
 
-    Plane k at pixel (y, x) describes the pair (y, x) -> (y + dy_k, x + dx_k). Invalid entries
-    (partner outside the image) have weight 0 and point at the pixel itself.
-    """
+    openness: torch.Tensor
+    partner: torch.Tensor
+    valid: torch.Tensor
+    centre: int  # the plane of offset (0, 0): A_ii = 1
+
+
+def _pair_table(edge: torch.Tensor, radius: int) -> _PairTable:
+    """Plane k at pixel (y, x) describes the pair (y, x) -> (y + dy_k, x + dx_k). Invalid entries
+    (partner outside the image) point at the pixel itself."""
     height, width = edge.shape
     offsets = walk_offsets(radius)
-    weights = (1 - _path_max_edge(edge, radius)).clamp_min(0).pow(beta)
-    weights[offsets.index((0, 0))] = 1.0  # A_ii = 1
+    openness = (1 - _path_max_edge(edge, radius)).clamp_min(0)
+    centre = offsets.index((0, 0))
 
     offsets = torch.tensor(offsets, device=edge.device).view(-1, 2, 1, 1)
     ys = torch.arange(height, device=edge.device).view(1, height, 1)
@@ -92,7 +107,24 @@ def _neighbour_table(edge: torch.Tensor, radius: int, beta: float) -> tuple[torc
     partner_y, partner_x = ys + offsets[:, 0], xs + offsets[:, 1]
     valid = (partner_y >= 0) & (partner_y < height) & (partner_x >= 0) & (partner_x < width)
     partner = torch.where(valid, partner_y * width + partner_x, ys * width + xs)
-    return weights * valid, partner, valid
+    return _PairTable(openness, partner, valid, centre)
+
+
+def _pair_weights(pairs: _PairTable, beta: float) -> torch.Tensor:
+    """A^beta (K, H, W): 1 on the centre plane, 0 where the partner is outside the image."""
+    weights = pairs.openness.pow(beta)
+    weights[pairs.centre] = 1.0  # A_ii = 1
+    return weights * pairs.valid
+
+
+def _neighbour_table(edge: torch.Tensor, radius: int, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weights A^beta, partner flat indices and validity, each (K, H, W), for `walk_offsets(radius)`.
+
+    Plane k at pixel (y, x) describes the pair (y, x) -> (y + dy_k, x + dx_k). Invalid entries
+    (partner outside the image) have weight 0 and point at the pixel itself.
+    """
+    pairs = _pair_table(edge, radius)
+    return _pair_weights(pairs, beta), pairs.partner, pairs.valid
 
 
 def transition_csr(edge: torch.Tensor, radius: int = 5, beta: float = 10.0, transpose: bool = False) -> torch.Tensor:
@@ -117,23 +149,42 @@ def transition_stencil(edge: torch.Tensor, radius: int = 5, beta: float = 10.0) 
     return weights / weights.sum(dim=0)
 
 
-def _csr_from_table(values: torch.Tensor, columns: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """CSR (N, N) whose row n holds values[k, n] at columns[k, n] for the valid k (tables are (K, H, W)).
+@dataclass(frozen=True)
+class _CsrLayout:
+    """The sparsity structure of a CSR (N, N) built from (K, H, W) tables, the same for every beta."""
 
-    walk_offsets is lexicographic, so each row's columns come out sorted.
-    """
-    n = values[0].numel()
+    crow: torch.Tensor
+    col: torch.Tensor
+    by_row: torch.Tensor  # (N, K): which table entries the rows hold
+    size: int
+
+
+def _csr_layout(columns: torch.Tensor, valid: torch.Tensor) -> _CsrLayout:
+    """Row n holds the columns[k, n] of the valid k; walk_offsets is lexicographic, so each
+    row's columns come out sorted."""
+    n = columns[0].numel()
     by_row = valid.flatten(1).T  # (N, K)
     counts = by_row.sum(dim=1)
-    crow = torch.zeros(n + 1, dtype=torch.long, device=values.device)
+    crow = torch.zeros(n + 1, dtype=torch.long, device=columns.device)
     crow[1:] = counts.cumsum(dim=0)
-    col = columns.flatten(1).T[by_row]
-    val = values.flatten(1).T[by_row]
+    return _CsrLayout(crow, columns.flatten(1).T[by_row], by_row, n)
+
+
+def _csr(layout: _CsrLayout, values: torch.Tensor) -> torch.Tensor:
+    """CSR (N, N) of `layout` whose row n holds values[k, n] (values (K, H, W))."""
+    val = values.flatten(1).T[layout.by_row]
     with warnings.catch_warnings():  # torch warns that CSR support is "beta" and (torch 2.11) that the
         # invariant checks are off: they are, on purpose, for a table built valid by construction
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
-        return torch.sparse_csr_tensor(crow, col, val, size=(n, n), check_invariants=False)
+        return torch.sparse_csr_tensor(
+            layout.crow, layout.col, val, size=(layout.size, layout.size), check_invariants=False
+        )
+
+
+def _csr_from_table(values: torch.Tensor, columns: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """CSR (N, N) whose row n holds values[k, n] at columns[k, n] for the valid k (tables are (K, H, W))."""
+    return _csr(_csr_layout(columns, valid), values)
 
 
 def _check_inputs(cams: torch.Tensor, edge: torch.Tensor) -> None:
@@ -152,22 +203,62 @@ def random_walk(
     2^exp_times sparse products with T^T for all classes at once, as CSR products on the CPU and
     as a stencil kernel on a CUDA GPU. Runs on the device and in the dtype of `cams`.
     """
+    return random_walk_many(cams, edge, radius, (beta,), (exp_times,))[(beta, exp_times)]
+
+
+def random_walk_many(
+    cams: torch.Tensor,
+    edge: torch.Tensor,
+    radius: int = 5,
+    betas: Sequence[float] = (10.0,),
+    exp_times: Sequence[int] = (8,),
+) -> dict[tuple[float, int], torch.Tensor]:
+    """`random_walk` for every (beta, exp_times) of the two lists: {(beta, exp_times): (C, H, W)},
+    each bit for bit the tensor `random_walk(cams, edge, radius, beta, exp_times)` returns.
+
+    The search over walk settings (`wss tune`) pays once per image for what beta does not change
+    (the boundary maxima on every pair's path, the neighbour table, the CSR structure), and once
+    per beta for the walk of the largest 2^exp_times steps: the walk is x <- x T applied step by
+    step, so the state after 2^k steps is, operation for operation, the result for exp_times = k.
+    """
     _check_inputs(cams, edge)
-    channels, height, width = cams.shape
+    if any(exp < 0 for exp in exp_times):
+        raise ValueError(f"exp_times must be >= 0; got {list(exp_times)}")
+    stops = sorted({2**exp for exp in exp_times})
     edge = edge.to(device=cams.device, dtype=cams.dtype)
+    walks: dict[tuple[float, int], torch.Tensor] = {}
     with torch.no_grad():
-        if walk_kernel.available(cams.device):
-            try:
-                return walk_kernel.stencil_walk(
-                    cams * (1 - edge), transition_stencil(edge, radius, beta), walk_offsets(radius), 2**exp_times
-                )
-            except Exception as error:  # noqa: BLE001 - any failure to build or launch it: the CSR walk runs anywhere
-                walk_kernel.disable(error)
-        step = transition_csr(edge, radius, beta, transpose=True)
-        walk = (cams * (1 - edge)).reshape(channels, height * width).T.contiguous()  # (N, C)
-        for _ in range(2**exp_times):
-            walk = torch.sparse.mm(step, walk)
-    return walk.T.reshape(channels, height, width)
+        pairs = _pair_table(edge, radius)
+        start = cams * (1 - edge)
+        layout: _CsrLayout | None = None
+        for beta in dict.fromkeys(betas):
+            weights = _pair_weights(pairs, beta)
+            by_steps = None
+            if walk_kernel.available(cams.device):
+                try:
+                    by_steps = walk_kernel.stencil_walk_stops(
+                        start, weights / weights.sum(dim=0), walk_offsets(radius), stops
+                    )
+                except Exception as error:  # noqa: BLE001 - any failure to build or launch it: the CSR walk runs anywhere
+                    walk_kernel.disable(error)
+            if by_steps is None:
+                if layout is None:
+                    layout = _csr_layout(pairs.partner, pairs.valid)
+                by_steps = _csr_walk_stops(_csr(layout, weights / weights.sum(dim=0)), start, stops)
+            walks.update({(beta, exp): by_steps[2**exp] for exp in exp_times})
+    return walks
+
+
+def _csr_walk_stops(step: torch.Tensor, start: torch.Tensor, stops: list[int]) -> dict[int, torch.Tensor]:
+    """{s: start (C, H, W) after s products with the CSR `step` (T^T)} for the step counts (>= 1) in `stops`."""
+    channels, height, width = start.shape
+    walk = start.reshape(channels, height * width).T.contiguous()  # (N, C)
+    by_steps = {}
+    for done in range(1, max(stops, default=0) + 1):
+        walk = torch.sparse.mm(step, walk)
+        if done in stops:
+            by_steps[done] = walk.T.reshape(channels, height, width)
+    return by_steps
 
 
 def dense_affinity(edge: torch.Tensor, radius: int = 5) -> torch.Tensor:

@@ -80,9 +80,19 @@ def stencil_walk(
     `weights` (K, H, W) is 0 where the partner falls outside the image; |dy|, |dx| of every
     offset must not exceed the margin the planes are padded by.
     """
+    return stencil_walk_stops(start, weights, offsets, [steps])[steps]
+
+
+def stencil_walk_stops(
+    start: torch.Tensor, weights: torch.Tensor, offsets: list[tuple[int, int]], stops: list[int]
+) -> dict[int, torch.Tensor]:
+    """{s: `stencil_walk(start, weights, offsets, s)`} for every s in `stops`, from one walk of
+    max(stops) steps: the state after s steps is the same launches on the same buffers whether
+    the walk ends there or goes on, so each is bit for bit the walk of s steps alone."""
     classes, height, width = start.shape
+    steps = max(stops, default=0)
     if classes == 0 or steps == 0:
-        return start.clone()
+        return {s: start.clone() for s in stops}
     margin = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
     padded_width = width + 2 * margin
     planes = torch.zeros((2, classes, height + 2 * margin, padded_width), dtype=start.dtype, device=start.device)
@@ -91,6 +101,11 @@ def stencil_walk(
     weights = weights.to(start.dtype).contiguous()
     block_classes = min(MAX_CLASSES_PER_PROGRAM, max(2, triton.next_power_of_2(classes)))
     grid = (triton.cdiv(height * width, PIXELS_PER_PROGRAM), triton.cdiv(classes, block_classes))
+
+    def interior(buffer: int) -> torch.Tensor:
+        return planes[buffer, :, margin : margin + height, margin : margin + width].clone()
+
+    by_steps = {0: interior(0)} if 0 in stops else {}
     for step in range(steps):  # margins stay 0: the kernel writes interior pixels only
         _stencil_step[grid](
             planes[step % 2],
@@ -107,4 +122,6 @@ def stencil_walk(
             BLOCK_PIXELS=PIXELS_PER_PROGRAM,
             BLOCK_CLASSES=block_classes,
         )
-    return planes[steps % 2, :, margin : margin + height, margin : margin + width].clone()
+        if step + 1 in stops:
+            by_steps[step + 1] = interior((step + 1) % 2)
+    return by_steps

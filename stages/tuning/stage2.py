@@ -3,10 +3,12 @@
 - `cam.eval_bg_threshold` from the CAM files: the cam artifact's where the tuning split lies in
   train, else CAMs its classifier writes for the tuning images.
 - The walk (`irn.beta`, `irn.exp_times`), `irn.sem_seg_bg_threshold` and `irn.refine_crf`, with
-  the pseudo stage's own computation (stages.irn.pseudo): each image's boundary map is computed
-  once, the walk runs once per (beta, exp_times), and every threshold is applied to the walked
-  maps it left (stride 4, small). A grid of T thresholds and B betas costs B walks per image, not
-  T x B pseudo-label runs. The CRF refinement, which costs far more than a walk, is tried at the
+  the pseudo stage's own computation (stages.irn.pseudo): each image's boundary map and the
+  walk's beta-free tables are computed once, the walk runs once per beta to the largest
+  exp_times and leaves the smaller ones on its way (`random_walk_many`, bit for bit the single
+  walks), and every threshold is applied to the walked maps (stride 4, small). A grid of T
+  thresholds, B betas and E exp_times costs B walks of the longest length per image, not
+  T x B x E pseudo-label runs. The CRF refinement, which costs far more than a walk, is tried at the
   best (beta, exp_times) only, for its best few thresholds.
 
 Scores are those of the stages (stages.common.scoring): mIoU, and on a binary task the Kaggle
@@ -35,7 +37,7 @@ from stages.common.scoring import SegmentationScorer, left_out_of_scores
 from stages.irn.crf_pool import planes_to_label
 from stages.irn.net import load_boundary_net
 from stages.irn.pseudo import fit_edge, label_planes
-from stages.irn.random_walk import random_walk
+from stages.irn.random_walk import random_walk, random_walk_many
 
 log = logging.getLogger("wss.tune")
 CRF_THRESHOLDS = 3  # the CRF is tried at the best (beta, exp_times) for this many of its best thresholds
@@ -139,8 +141,9 @@ def walk_rows(
             x = normalize(dataset.read_image(image_id)).unsqueeze(0).to(device)
             edge = fit_edge(model.boundary(x), cam.shape[1:])
         cams = torch.from_numpy(cam).to(device)
+        walked = random_walk_many(cams, edge, grid.walk_radius, grid.betas, grid.exp_times)
         for beta, exp in walks:
-            planes = label_planes(random_walk(cams, edge, grid.walk_radius, beta, exp), size, 0.0)
+            planes = label_planes(walked[(beta, exp)], size, 0.0)
             for t in grid.thresholds:
                 planes[0] = t
                 scorers[(beta, exp, t)].update(planes_to_label(planes, keys), gt)
