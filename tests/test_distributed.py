@@ -24,13 +24,26 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     if not TORCHRUN.is_file():
         pytest.skip(f"no torchrun beside {sys.executable}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", *args], cwd=cwd, env=env, capture_output=True, timeout=300
-    )
-    # decoded here, not with text=True: its universal newlines would turn each "\r" of a progress
-    # bar's refresh into a line end, and a refresh at 100% would read as a second closing line
-    done.stdout, done.stderr = done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
+    for _ in range(3):
+        done = subprocess.run(
+            [str(TORCHRUN), "--standalone", "--nproc_per_node=2", *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            timeout=300,
+        )
+        # decoded here, not with text=True: its universal newlines would turn each "\r" of a progress
+        # bar's refresh into a line end, and a refresh at 100% would read as a second closing line
+        done.stdout, done.stderr = done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
+        if done.returncode == 0 or EXIT_ABORT not in done.stderr:
+            return done
     return done
+
+
+# About one run in ten to twenty on a loaded 2-core machine, rank 0 aborts in torch's C++
+# teardown at interpreter exit, after its work, the barrier and destroy_process_group have all
+# returned (a thread still joinable at exit). Nothing of wss runs then; such a run is repeated.
+EXIT_ABORT = "terminate called without an active exception"
 
 
 @pytest.mark.slow
