@@ -187,6 +187,25 @@ def test_a_model_file_round_trips_bit_for_bit(tmp_path):
     same_weights(load_file(str(tmp_path / MODEL_FILE)), tensors)
 
 
+@pytest.mark.parametrize("first_byte", [0x80, 0x50])  # a pickle's and a zip archive's first byte
+def test_a_model_file_whose_header_length_starts_like_a_pickle_is_read_as_safetensors(tmp_path, first_byte):
+    """A safetensors file starts with its header's length: for one length in 256 its first byte
+    is 0x80, a pickle's first byte. Such a file (met in a real run: a pcam classifier whose header
+    was 12,672 bytes) is read as the safetensors file it is, never handed to the pickle reader."""
+    from stages.common.model_files import read_model_file, write_model_file
+
+    tensors = {"w": torch.arange(6.0).reshape(2, 3)}
+    path = tmp_path / "model.safetensors"
+    for padding in range(0, 2048, 8):
+        write_model_file(path, "cam", tensors, {"note": "x" * padding})
+        if path.read_bytes()[0] == first_byte:
+            break
+    else:
+        pytest.fail(f"no padding gives a header length whose first byte is {first_byte:#x}")
+    state = read_model_file(path, "cam", "cam model", "cam")
+    assert torch.equal(state.tensors["w"], tensors["w"]) and state.meta["note"].startswith("x")
+
+
 def test_the_stages_model_files_round_trip(tmp_path):
     """cam, IRN and segmenter as their stages save and load them: identical weights and metadata."""
     from stages.cam.classifier import load_cam_net

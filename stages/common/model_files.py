@@ -39,7 +39,10 @@ from stages.base import StageInputError
 
 FORMAT = "wss"
 FORMAT_VERSION = "1"
-LEGACY_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; the pickle of torch < 1.6
+# torch.save's zip archive; the pickle of torch < 1.6. Tried only when the file is not a
+# safetensors file: a safetensors file starts with its header's length, whose first byte is
+# 0x80 for one header length in 256 (multiples of 8 ending in 0x80).
+LEGACY_MAGIC = (b"PK\x03\x04", b"\x80")
 OPTIMIZER = "optimizer/"  # prefix of a checkpoint's optimizer-state tensors (its weights: "model/")
 MODEL = "model/"
 KIND_NAMES = {
@@ -188,13 +191,13 @@ def _read(path: Path, kind: str, legacy: bool) -> StateFile:
             head = handle.read(8)
     except OSError as problem:
         raise FileRefused(f"{type(problem).__name__}: {problem.strerror or problem}") from None
-    if legacy and head.startswith(LEGACY_MAGIC):
-        return _read_legacy(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             header = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as problem:  # SafetensorError and friends: the header does not parse or fit the file
+        if legacy and head.startswith(LEGACY_MAGIC):
+            return _read_legacy(path)
         detail = str(problem).splitlines()[0] if str(problem) else ""
         raise FileRefused(f"not a complete safetensors file: {type(problem).__name__}: {detail}") from None
     if header.get("format") != FORMAT or "meta" not in header:
