@@ -20,7 +20,7 @@ from stages.cam.model_file import MODEL_FILE as CAM_MODEL_FILE
 from stages.cam.model_file import read_cam_trunk
 from stages.common.model_files import load_weights, read_model_file, write_model_file
 from stages.common.runtime import autocast
-from stages.common.trunk_weights import RESNETS, read_trunk, read_weights_file
+from stages.common.trunk_weights import RESNETS, read_trunk, read_weights_file, rename_cam_key
 
 MODEL_FILE = "model.safetensors"
 LEGACY_MODEL_FILE = "model.pt"  # a pickled model of an earlier wss version: read safely, never written
@@ -98,12 +98,7 @@ def load_cam_encoder(model: torch.nn.Module, cam_artifact: Path, encoder: str) -
         raise SegModelError(
             f"seg.encoder_weights: cam needs seg.encoder to be the classifier's backbone ({backbone}), got {encoder}"
         )
-    renamed = {"stem.0.": "conv1.", "stem.1.": "bn1."}
-    trunk = {}
-    for key, value in cam_trunk.items():
-        for old, new in renamed.items():
-            key = new + key[len(old) :] if key.startswith(old) else key
-        trunk[key] = value
+    trunk = {rename_cam_key(key): value for key, value in cam_trunk.items()}
     load_weights(model.encoder, trunk, path, f"{encoder} encoder (seg.encoder_weights: cam)", "cam", SegModelError)
 
 
