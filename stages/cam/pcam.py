@@ -4,12 +4,21 @@ A bias-carrying 1x1 classifier turns the feature map into a logit map; p = sigmo
 says how likely each position shows the class; the pooled feature of class c is the
 p_c-weighted average of the feature map (weights normalised over space), and the *same*
 classifier applied to that pooled feature gives the image logit of class c. Trained with
-the configured loss (the preset uses BCE). The heatmap is p itself: no extra parameters.
+the configured loss (the preset uses BCE).
+
+The heatmap is the logit map (ReLU'd like any CAM), not p. Both rank the positions alike, but
+p saturates: sigmoid is 1.0 in float32 above a logit of about 17, and the CAM files' float16
+cannot tell 0.9995 from 1. A trained PCAM's maps held ~160 cells tied at their maximum, the peak
+was the first of them (the top-left corner of a plateau) and it fell inside the object 14% of
+the time; the logit map of the same model put it inside 100% of the time (docs/methods.md).
+The image logit is the p-weighted mean of the logit map, so a confidently present class has a
+positive peak there.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stages.cam.nets import CamNet
@@ -26,8 +35,8 @@ def pcam_pool(features: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
 class PcamNet(CamNet):
     """ResNet (stride 16) -> 1x1 conv with bias -> sigmoid map -> PCAM pooling -> same 1x1 conv.
 
-    Multi-scale + flip inference is used as it is: the per-scale maps are probabilities in
-    [0, 1], summed over scales and flips and divided by their per-class maximum like any CAM.
+    Multi-scale + flip inference is used as it is: the per-scale ReLU'd logit maps are summed
+    over scales and flips and divided by their per-class maximum like any CAM.
     """
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = None, loss: str = "bce"):
@@ -42,8 +51,11 @@ class PcamNet(CamNet):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
+    def logit_map(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(features)
+
     def probability_map(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.classifier(features))
+        return torch.sigmoid(self.logit_map(features))
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         pooled = pcam_pool(features, self.probability_map(features))  # (B, C, D)
@@ -54,4 +66,4 @@ class PcamNet(CamNet):
         return {"logits": self.classify(self.features(x))}
 
     def cam_maps(self, x: torch.Tensor) -> torch.Tensor:
-        return self.probability_map(self.features(x))
+        return F.relu(self.logit_map(self.features(x)))

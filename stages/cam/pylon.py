@@ -69,11 +69,14 @@ class PyramidAttention(nn.Module):
 
 class Upsample(nn.Module):
     """Bilinearly upsample the top-down path by `factor` (its stride / the skip's stride) onto
-    the skip's grid and add a 1x1-conv-BN-ReLU skip."""
+    the skip's grid and add the skip through two 1x1 conv-BN-ReLU (the first keeps its width):
+    the published model's default "2layer" UP module."""
 
     def __init__(self, skip_channels: int, channels: int, factor: int):
         super().__init__()
-        self.skip = conv_bn_relu(skip_channels, channels, 1)
+        self.skip = nn.Sequential(
+            conv_bn_relu(skip_channels, skip_channels, 1), conv_bn_relu(skip_channels, channels, 1)
+        )
         self.factor = factor
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
