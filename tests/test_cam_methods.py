@@ -323,6 +323,28 @@ def test_minmax_mask_does_not_train_the_localizer_head():
     assert net.backbone.layer1[0].conv1.weight.grad.abs().sum() > 0
 
 
+def test_minmax_running_statistics_come_from_the_whole_images_only():
+    """A training step's BatchNorm running statistics are those of the localizer's pass over
+    the images: the passes over x*M and x*(1-M) use their batch statistics but record none."""
+    import copy
+
+    from stages.cam.minmax import split_image
+
+    net = tiny_net("minmax").train()
+    twin = copy.deepcopy(net)
+    x = torch.randn(4, 3, 64, 64) * 2 + 1
+    out = net(x)
+    twin.localize(x)
+    for (name, ours), theirs in zip(net.backbone.state_dict().items(), twin.backbone.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+    assert not torch.equal(net.backbone.stem[1].running_mean, tiny_net("minmax").backbone.stem[1].running_mean)
+    kept, rest = split_image(x, out["mask"].detach())
+    with torch.no_grad():  # the same forward with statistics recorded: batch statistics, same outputs
+        assert torch.allclose(twin.judge(kept), out["fg_logits"], atol=1e-5)
+        assert torch.allclose(twin.judge(rest), out["bg_logits"], atol=1e-5)
+    assert {m.momentum for m in net.modules() if isinstance(m, nn.BatchNorm2d)} == {0.1}  # restored
+
+
 def test_minmax_loss_is_the_sum_of_its_terms():
     net = tiny_net("minmax", minmax_entropy_weight=0.5).train()
     labels = torch.tensor([[1, 0, 0], [0, 1, 1]], dtype=torch.float32)

@@ -13,6 +13,7 @@ are large and gives no extent).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,22 @@ def split_image(
     return x * mask, x * (1 - mask)
 
 
+@contextmanager
+def statistics_kept(module: nn.Module):
+    """Within the block, the BatchNorm layers of `module` normalise as usual (batch statistics
+    while training) but leave their running statistics as they are (momentum 0)."""
+    layers = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(layers, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
 class MinMaxNet(CamNet):
     """One ResNet trunk (stride 16) shared by the localizer (1x1 conv with bias -> class logit
     maps) and the classifier of the masked parts (GAP -> linear), as in the authors' code.
@@ -65,6 +82,10 @@ class MinMaxNet(CamNet):
     passes can add regions the first one missed; inference does the same passes so that the
     heatmap matches what was trained. Multi-scale + flip inference is used as it is: each
     scale's map is in [0, 1], and the sum over scales and flips is max-normalised per class.
+
+    The passes over x*M and x*(1-M) leave the trunk's BatchNorm running statistics alone:
+    those statistics normalise the whole images the maps are made from, and two of the three
+    passes per step (half-blanked images) would otherwise make up two thirds of them.
     """
 
     def __init__(
@@ -120,7 +141,9 @@ class MinMaxNet(CamNet):
     def forward(self, x: torch.Tensor) -> dict:
         logits, _, mask = self.localize(x)
         kept, rest = split_image(x, mask.detach())
-        return {"logits": logits, "fg_logits": self.judge(kept), "bg_logits": self.judge(rest), "mask": mask}
+        with statistics_kept(self.backbone):
+            fg_logits, bg_logits = self.judge(kept), self.judge(rest)
+        return {"logits": logits, "fg_logits": fg_logits, "bg_logits": bg_logits, "mask": mask}
 
     def loss(self, outputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         localizer = classification_loss(outputs["logits"], labels, self.loss_kind)
