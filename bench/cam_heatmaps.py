@@ -11,7 +11,7 @@ and the mean number of cells tied at each map's maximum.
 
 Score it on a split you are not reporting on (a development set), not on the figures you publish.
 
-    python bench/cam_heatmaps.py runs/dev/synthetic/cam-1a2b3c4d5e6f [--split train] [--n 150]
+    python bench/cam_heatmaps.py runs/dev/synthetic/cam-1a2b3c4d5e6f [--split train] [--n 150] [--device cuda]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def heatmaps(net, method: str) -> dict:
     return maps
 
 
-def score(net, cfg, dataset: PreparedDataset, ids: list[str], maps) -> dict:
+def score(net, cfg, dataset: PreparedDataset, ids: list[str], maps, device: torch.device) -> dict:
     net.cam_maps = maps
     scorer, peaks, ties = SegmentationScorer.of(dataset), MaskPointAccuracy(dataset.classes), []
     for image_id in ids:
@@ -53,7 +53,7 @@ def score(net, cfg, dataset: PreparedDataset, ids: list[str], maps) -> dict:
         if mask is None:
             continue
         copies = [uint8_tensor(copy)[None] for copy in scaled_copies(image, cfg.scales)]
-        cam = scaled_cam_batch(net, copies, image.shape[:2], [keys], cfg.flip, torch.device("cpu"))[0]
+        cam = scaled_cam_batch(net, copies, image.shape[:2], [keys], cfg.flip, device)[0]
         cam = cam.astype(np.float16).astype(np.float32)  # as stored in cams/<id>.npz
         ties += [int((c == c.max()).sum()) for c in cam if c.max() > 0]
         full = upsample_cam(cam, image.shape[:2])
@@ -73,8 +73,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="the prepared dataset (default: the artifact's own)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--n", type=int, default=150, help="the first N images of the split")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
-    net, cfg, _ = load_cam_net(args.artifact, torch.device("cpu"))
+    device = torch.device(args.device)
+    net, cfg, _ = load_cam_net(args.artifact, device)
     root = args.data or Path(json.loads((args.artifact / "manifest.json").read_text())["dataset_root"])
     dataset = PreparedDataset(root)
     ids = dataset.split(args.split)[: args.n]
@@ -82,7 +84,7 @@ def main() -> None:
     print(f"{'heatmap':<12} {'point_acc':>9} {'cam_miou':>9} {'tied_at_max':>11}")
     with torch.no_grad():
         for name, maps in heatmaps(net, cfg.method).items():
-            result = score(net, cfg, dataset, ids, maps)
+            result = score(net, cfg, dataset, ids, maps, device)
             print(f"{name:<12} {result['point_acc']:>9.3f} {result['cam_miou']:>9.3f} {result['tied_at_max']:>11.1f}")
 
 
