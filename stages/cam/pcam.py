@@ -8,11 +8,10 @@ the configured loss (the preset uses BCE).
 
 The heatmap is the logit map (ReLU'd like any CAM), not p. Both rank the positions alike, but
 p saturates: sigmoid is 1.0 in float32 above a logit of about 17, and the CAM files' float16
-cannot tell 0.9995 from 1. A trained PCAM's maps held ~160 cells tied at their maximum, the peak
-was the first of them (the top-left corner of a plateau) and it fell inside the object 14% of
-the time; the logit map of the same model put it inside 100% of the time (docs/methods.md).
-The image logit is the p-weighted mean of the logit map, so a confidently present class has a
-positive peak there.
+cannot tell 0.9995 from 1, so a trained PCAM's p has many cells tied at its maximum, over the
+object and beyond, and its peak is merely the first of them (measured in docs/methods.md;
+`bench/cam_heatmaps.py` compares the two on any model). The image logit is the p-weighted mean
+of the logit map, so a confidently present class has a positive peak there.
 """
 
 from __future__ import annotations
