@@ -5,9 +5,9 @@ PYLON's logit map or its sigmoid. Both of each pair rank the positions alike in 
 arithmetic, but a sigmoid saturates (1.0 in float32 above a logit of ~17, and the CAM files'
 float16 holds no value between 0.9995 and 1), so ties at the maximum put the peak on the first
 tied cell. This script re-makes the maps of one trained model (no training) with each heatmap,
-at the artifact's scales and flip, stores them as float16 as the cam stage does, and prints per
-heatmap: the point accuracy on the masks, the CAM mIoU at the artifact's `eval_bg_threshold`,
-and the mean number of cells tied at each map's maximum.
+at the artifact's scales and flip, through the cam stage's own writer and scorer (float16 files in
+a temporary folder), and prints per heatmap: the point accuracy on the masks, the CAM mIoU at
+the artifact's `eval_bg_threshold`, and the mean number of cells tied at each map's maximum.
 
 Score it on a split you are not reporting on (a development set), not on the figures you publish.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.layout import PreparedDataset  # noqa: E402
-from data.transforms import scaled_copies, uint8_tensor  # noqa: E402
 from stages.cam.classifier import load_cam_net  # noqa: E402
-from stages.cam.infer import cam_to_label, scaled_cam_batch, upsample_cam  # noqa: E402
-from stages.common.localization import MaskPointAccuracy  # noqa: E402
-from stages.common.scoring import SegmentationScorer  # noqa: E402
+from stages.cam.infer import load_cam, write_cam_files  # noqa: E402
+from stages.cam.scoring import score_cams  # noqa: E402
 
 
 def heatmaps(net, method: str) -> dict:
@@ -44,25 +43,18 @@ def heatmaps(net, method: str) -> dict:
     return maps
 
 
-def score(net, cfg, dataset: PreparedDataset, ids: list[str], maps, device: torch.device) -> dict:
-    net.cam_maps = maps
-    scorer, peaks, ties = SegmentationScorer.of(dataset), MaskPointAccuracy(dataset.classes), []
+def score(net, cfg, dataset: PreparedDataset, ids: list[str], cam_dir: Path, device: torch.device) -> dict:
+    """The maps of `ids` written by the cam stage's own writer into `cam_dir` (float16, as
+    stored), scored as the cam stage scores them, and the cells tied at each map's maximum."""
+    write_cam_files(net, cfg, dataset, ids, cam_dir, device, workers=0, leave=False)
+    metrics = score_cams(dataset, ids, cam_dir, cfg.eval_bg_threshold, points=True)
+    ties = []
     for image_id in ids:
-        keys = [int(k) for k in np.nonzero(dataset.label_vector(image_id))[0]]
-        image, mask = dataset.read_image(image_id), dataset.read_mask(image_id)
-        if mask is None:
-            continue
-        copies = [uint8_tensor(copy)[None] for copy in scaled_copies(image, cfg.scales)]
-        cam = scaled_cam_batch(net, copies, image.shape[:2], [keys], cfg.flip, device)[0]
-        cam = cam.astype(np.float16).astype(np.float32)  # as stored in cams/<id>.npz
+        cam = load_cam(cam_dir / f"{image_id}.npz")[0]
         ties += [int((c == c.max()).sum()) for c in cam if c.max() > 0]
-        full = upsample_cam(cam, image.shape[:2])
-        scorer.update(cam_to_label(full, np.asarray(keys), cfg.eval_bg_threshold), mask)
-        peaks.update(full, keys, mask)
-    points = peaks.metrics("")
     return {
-        "point_acc": points.get("mask_point_accuracy", float("nan")),
-        "cam_miou": float(scorer.miou()),
+        "point_acc": metrics.get("cam_mask_point_accuracy", float("nan")),
+        "cam_miou": metrics["cam_miou"],
         "tied_at_max": float(np.mean(ties)) if ties else float("nan"),
     }
 
@@ -82,9 +74,10 @@ def main() -> None:
     ids = dataset.split(args.split)[: args.n]
     print(f"{args.artifact} ({cfg.method}), {len(ids)} {args.split} images of {root}")
     print(f"{'heatmap':<12} {'point_acc':>9} {'cam_miou':>9} {'tied_at_max':>11}")
-    with torch.no_grad():
+    with tempfile.TemporaryDirectory() as scratch:
         for name, maps in heatmaps(net, cfg.method).items():
-            result = score(net, cfg, dataset, ids, maps, device)
+            net.cam_maps = maps
+            result = score(net, cfg, dataset, ids, Path(scratch) / name, device)
             print(f"{name:<12} {result['point_acc']:>9.3f} {result['cam_miou']:>9.3f} {result['tied_at_max']:>11.1f}")
 
 
