@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import median_seconds  # noqa: E402
 from stages.common import crf_torch  # noqa: E402
 from stages.common.crf import CrfParams, crf_label, crf_labels  # noqa: E402
 
@@ -60,20 +60,6 @@ def label_maps(size: int, n_labels: int, count: int) -> list[np.ndarray]:
     fields = torch.rand(count, n_labels, size // 16 + 1, size // 16 + 1, generator=generator)
     fields = torch.nn.functional.interpolate(fields, size=(size, size), mode="bilinear", align_corners=False)
     return list(fields.argmax(dim=1).numpy())
-
-
-def median_seconds(run, repeats: int, device: torch.device) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def pydensecrf_job(image: np.ndarray, labels: np.ndarray, n_labels: int, iterations: int) -> None:

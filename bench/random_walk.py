@@ -19,36 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import median_seconds  # noqa: E402
 from stages.irn import walk_kernel  # noqa: E402
 from stages.irn.random_walk import random_walk, random_walk_dense, transition_csr, transition_stencil  # noqa: E402
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def resident_bytes(field: str = "VmRSS") -> int:
@@ -77,7 +58,7 @@ def measure_one(method: str, size: int, args: argparse.Namespace) -> dict:
         before = torch.cuda.memory_allocated(device)
     else:
         before = resident_bytes()
-    seconds = timed(run, device, args.repeats if method == "sparse" else max(1, args.repeats // 3))
+    seconds = median_seconds(run, args.repeats if method == "sparse" else max(1, args.repeats // 3), device)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - before
     else:
@@ -85,7 +66,7 @@ def measure_one(method: str, size: int, args: argparse.Namespace) -> dict:
     result = {"seconds": seconds, "peak_bytes": max(peak, 0)}
     if method == "sparse":
         build = transition_stencil if walk_kernel.available(device) else lambda *a: transition_csr(*a, transpose=True)
-        result["build_seconds"] = timed(lambda: build(edge, args.radius, args.beta), device, args.repeats)
+        result["build_seconds"] = median_seconds(lambda: build(edge, args.radius, args.beta), args.repeats, device)
     return result
 
 

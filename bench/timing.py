@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable
 
@@ -11,6 +12,21 @@ import torch
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def call_seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of `fn`, CUDA synchronised before and after."""
+    synchronize(device)
+    started = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median seconds of `repeats` calls of `fn` after one untimed warm-up call."""
+    fn()
+    return statistics.median(call_seconds(fn, device) for _ in range(repeats))
 
 
 def training_step(model, optimizer, loss_of: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], None]:

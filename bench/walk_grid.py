@@ -16,13 +16,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import call_seconds  # noqa: E402
 from stages.irn.random_walk import random_walk, random_walk_many  # noqa: E402
 
 
@@ -34,13 +34,7 @@ def timed(fns: dict, device: torch.device, repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(call_seconds(fn, device))
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
